@@ -1,0 +1,154 @@
+//! The embedded default: the first-party plugins baked into this binary, installed for a local
+//! tenant with exactly the grants a run needs. No server, no config files.
+
+use crate::factory::Pipeline;
+use crate::router::Router;
+use crate::runtime::{Grants, HostPattern, Installed, Runtime, Secret};
+use anyhow::{Context as _, bail};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// The tenant used by local CLI runs.
+pub const LOCAL_TENANT: &str = "local";
+
+/// The first-party plugins baked in by the build script.
+pub mod bundled {
+    include!(concat!(env!("OUT_DIR"), "/bundled.rs"));
+}
+
+/// The baked-in component of a first-party plugin, by manifest name.
+pub fn bundled_plugin(name: &str) -> Option<&'static [u8]> {
+    bundled::PLUGINS.iter().find(|(n, _)| *n == name).map(|(_, wasm)| *wasm)
+}
+
+/// Which model provider a run uses.
+#[derive(Debug, Clone)]
+pub enum ProviderChoice {
+    /// The offline test double.
+    Scripted {
+        /// A script (JSON) to answer from instead of the built-in rules.
+        script: Option<String>,
+    },
+    /// Any OpenAI-compatible endpoint.
+    OpenAi {
+        /// e.g. `http://127.0.0.1:11434/v1` for Ollama.
+        base_url: String,
+        /// The model to ask for.
+        model: Option<String>,
+        /// Sent as a bearer token when set.
+        api_key: Option<Secret>,
+    },
+}
+
+impl ProviderChoice {
+    /// Parses `--provider` with its options.
+    pub fn from_flags(
+        provider: &str,
+        base_url: Option<String>,
+        model: Option<String>,
+        api_key: Option<String>,
+        script: Option<String>,
+    ) -> anyhow::Result<Self> {
+        match provider {
+            "scripted" => {
+                if base_url.is_some() {
+                    bail!("--base-url is for --provider openai; the scripted provider is offline");
+                }
+                Ok(ProviderChoice::Scripted { script })
+            }
+            "openai" => {
+                if script.is_some() {
+                    bail!("--script is for --provider scripted");
+                }
+                let base_url = base_url.unwrap_or_else(|| "https://api.openai.com/v1".into());
+                let parsed =
+                    url::Url::parse(&base_url).with_context(|| format!("--base-url `{base_url}` is not a URL"))?;
+                if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+                    bail!("--base-url `{base_url}` must be an http:// or https:// URL with a host");
+                }
+                Ok(ProviderChoice::OpenAi {
+                    base_url,
+                    model,
+                    api_key: api_key.filter(|k| !k.is_empty()).map(Secret::new),
+                })
+            }
+            other => bail!(
+                "unknown provider `{other}`: expected `scripted` (offline test double) or `openai` (any OpenAI-compatible endpoint)"
+            ),
+        }
+    }
+
+    /// A name for reports.
+    pub fn label(&self) -> String {
+        match self {
+            ProviderChoice::Scripted { script: None } => "scripted (built-in rules; offline test double)".into(),
+            ProviderChoice::Scripted { script: Some(_) } => "scripted (script; offline test double)".into(),
+            ProviderChoice::OpenAi { base_url, model, .. } => {
+                format!("openai at {base_url}{}", model.as_ref().map(|m| format!(" ({m})")).unwrap_or_default())
+            }
+        }
+    }
+}
+
+/// Where compiled components are cached: `$QLAYER_DATA_DIR/cache`, else the user's data dir.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("QLAYER_DATA_DIR") {
+        return PathBuf::from(dir);
+    }
+    if let Some(dir) = std::env::var_os("XDG_DATA_HOME") {
+        return PathBuf::from(dir).join("qlayer");
+    }
+    match std::env::var_os("HOME") {
+        Some(home) => PathBuf::from(home).join(".local/share/qlayer"),
+        None => std::env::temp_dir().join("qlayer"),
+    }
+}
+
+fn install_bundled(runtime: &Runtime, name: &str, grants: Grants) -> anyhow::Result<Installed> {
+    let wasm = bundled_plugin(name).with_context(|| format!("the first-party plugin `{name}` is not in this build"))?;
+    let plugin = runtime.load(wasm).with_context(|| format!("loading the bundled `{name}` plugin"))?;
+    Ok(plugin.install(grants)?)
+}
+
+/// Installs the provider for `choice`, granting only what it needs: the scripted provider gets its
+/// script; the openai provider gets its base URL's host, model and key.
+pub fn install_provider(runtime: &Runtime, choice: &ProviderChoice) -> anyhow::Result<Installed> {
+    let mut grants = Grants::default();
+    match choice {
+        ProviderChoice::Scripted { script } => {
+            if let Some(script) = script {
+                grants.config.insert("script".into(), script.clone());
+            }
+            install_bundled(runtime, "scripted", grants)
+        }
+        ProviderChoice::OpenAi { base_url, model, api_key } => {
+            let url = url::Url::parse(base_url)?;
+            let host = url.host_str().context("the base URL has no host")?;
+            let host = match url.port() {
+                Some(port) => format!("{host}:{port}"),
+                None => host.to_string(),
+            };
+            grants.outbound_hosts.push(HostPattern::parse(&host).map_err(anyhow::Error::msg)?);
+            grants.config.insert("base_url".into(), base_url.clone());
+            if let Some(model) = model {
+                grants.config.insert("model".into(), model.clone());
+            }
+            if let Some(key) = api_key {
+                grants.secrets.insert("api_key".into(), key.clone());
+            }
+            install_bundled(runtime, "openai", grants)
+        }
+    }
+}
+
+/// The default pipeline on the bundled plugins.
+pub fn pipeline(runtime: &Runtime, choice: &ProviderChoice, token_budget: Option<u64>) -> anyhow::Result<Pipeline> {
+    let provider = install_provider(runtime, choice)?;
+    Ok(Pipeline {
+        product_manager: install_bundled(runtime, "product-manager", Grants::default())?,
+        developer: install_bundled(runtime, "developer", Grants::default())?,
+        validators: vec![install_bundled(runtime, "syntax", Grants::default())?],
+        router: Arc::new(Router::new(vec![provider], token_budget)),
+        provider: choice.label(),
+    })
+}

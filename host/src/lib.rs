@@ -1,0 +1,8 @@
+//! The QuantumLayer plugin host: runs sandboxed WebAssembly plugins (LLM providers, agents,
+//! validators, tools) per tenant, and the software-factory pipeline built on them.
+
+pub mod embedded;
+pub mod factory;
+pub mod router;
+pub mod runtime;
+pub mod scaffold;

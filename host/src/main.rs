@@ -1,0 +1,247 @@
+//! `qlayer`: the QuantumLayer plugin host's command line.
+#![allow(clippy::print_stdout)] // this is the CLI's own output code
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use qlayer_host::embedded::{self, ProviderChoice};
+use qlayer_host::factory::{self, Progress, RunRequest};
+use qlayer_host::runtime::{Kind, Runtime, RuntimeConfig};
+use qlayer_host::scaffold;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "qlayer",
+    version,
+    about = "QuantumLayer: a sandboxed WebAssembly plugin host for AI software factories"
+)]
+struct Cli {
+    /// Log filter (tracing's env-filter syntax), e.g. `info` or `qlayer_host=debug`.
+    #[arg(long, env = "QLAYER_LOG", default_value = "warn", global = true)]
+    log: String,
+    /// Log as JSON lines instead of text.
+    #[arg(long, env = "QLAYER_LOG_JSON", global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Turn a requirement into a validated project: product-manager → developer → validators,
+    /// with bounded repair rounds. Writes the files and qlayer-run.json into --out.
+    Run(RunArgs),
+    /// Write, build and inspect plugins.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// What to build, in plain words.
+    requirement: String,
+    /// Directory for the generated files and the report (created if missing; must be empty).
+    #[arg(long, short)]
+    out: PathBuf,
+    /// Overwrite files in a non-empty --out.
+    #[arg(long)]
+    force: bool,
+    /// `scripted` (offline test double) or `openai` (any OpenAI-compatible endpoint). Defaults to
+    /// openai when a base URL is given, else scripted.
+    #[arg(long, env = "QLAYER_PROVIDER")]
+    provider: Option<String>,
+    /// Base URL of an OpenAI-compatible API, e.g. http://127.0.0.1:11434/v1 for Ollama.
+    #[arg(long, env = "QLAYER_BASE_URL")]
+    base_url: Option<String>,
+    /// Model name to ask the provider for.
+    #[arg(long, env = "QLAYER_MODEL")]
+    model: Option<String>,
+    /// API key for the provider (sent as a bearer token; never logged).
+    #[arg(long, env = "QLAYER_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// A script (JSON) for the scripted provider.
+    #[arg(long)]
+    script: Option<PathBuf>,
+    /// Programming language to ask for (passed to the agents as an option).
+    #[arg(long)]
+    language: Option<String>,
+    /// Repair rounds after the first validation.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(0..=10))]
+    max_repair_rounds: u32,
+    /// Tokens the whole run may spend.
+    #[arg(long, default_value_t = 500_000)]
+    token_budget: u64,
+    /// Where compiled plugins are cached.
+    #[arg(long, env = "QLAYER_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Scaffold a plugin crate that builds as is.
+    New {
+        /// provider, agent, validator or tool.
+        kind: Kind,
+        /// The plugin's name (lowercase letters, digits, `-`).
+        name: String,
+        /// Where to create it (default: ./<name>).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The qlayer-sdk crate to depend on (default: the SDK this binary was built with).
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
+    /// Build a plugin crate into a component with its manifest embedded.
+    Build {
+        /// The plugin crate (default: the current directory).
+        dir: Option<PathBuf>,
+        /// Where to write the component.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Show a component's manifest, world, imports and exports.
+    Inspect {
+        /// The component file.
+        file: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if cli.log_json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Plugin(cmd) => plugin(cmd).map(|()| ExitCode::SUCCESS),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let script = match &args.script {
+        Some(path) => {
+            Some(std::fs::read_to_string(path).with_context(|| format!("reading --script {}", path.display()))?)
+        }
+        None => None,
+    };
+    let provider = args
+        .provider
+        .clone()
+        .unwrap_or_else(|| if args.base_url.is_some() { "openai".into() } else { "scripted".into() });
+    let choice =
+        ProviderChoice::from_flags(&provider, args.base_url.clone(), args.model.clone(), args.api_key.clone(), script)?;
+    factory::prepare(&args.requirement, &args.out, args.force)?;
+    let options = match &args.language {
+        Some(language) => serde_json::json!({ "language": language }).to_string(),
+        None => "{}".to_string(),
+    };
+
+    let tokio = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    tokio.block_on(async {
+        let data_dir = args.data_dir.clone().unwrap_or_else(embedded::default_data_dir);
+        let runtime = Runtime::new(RuntimeConfig { cache_dir: Some(data_dir.join("cache")), ..Default::default() })?;
+        let pipeline = embedded::pipeline(&runtime, &choice, Some(args.token_budget))?;
+        println!("qlayer run: {:?}", args.requirement);
+        println!("  provider: {}", choice.label());
+        let request = RunRequest {
+            requirement: args.requirement.clone(),
+            options_json: options,
+            max_repair_rounds: args.max_repair_rounds,
+            tenant: embedded::LOCAL_TENANT.into(),
+        };
+        let progress = |p: Progress| match p {
+            Progress::Started { step } => println!("  … {step}"),
+            Progress::Finished(s) => println!(
+                "  {} {:<24} {}  [{} ms, {} tokens]",
+                if s.outcome == "ok" { "✓" } else { "✗" },
+                s.step,
+                s.summary,
+                s.duration_ms,
+                s.tokens.total()
+            ),
+        };
+        let report = factory::run(&pipeline, &request, &args.out, &progress).await?;
+        for d in report.diagnostics.iter().filter(|d| d.severity != "info") {
+            let place = match (&d.path, d.line) {
+                (Some(p), Some(l)) => format!("{p}:{l}"),
+                (Some(p), None) => p.clone(),
+                _ => String::new(),
+            };
+            println!("  {} [{}] {place} {}", d.severity, d.rule, d.message);
+        }
+        println!(
+            "{}: {} — {} files and {} in {} ({} tokens, {:.2}s)",
+            report.status,
+            report.stop_reason,
+            report.files.len(),
+            factory::REPORT_FILE,
+            args.out.display(),
+            report.tokens.total(),
+            report.duration_ms as f64 / 1000.0
+        );
+        Ok(if report.passed() { ExitCode::SUCCESS } else { ExitCode::from(3) })
+    })
+}
+
+fn plugin(cmd: PluginCommand) -> anyhow::Result<()> {
+    match cmd {
+        PluginCommand::New { kind, name, dir, sdk } => {
+            let dir = dir.unwrap_or_else(|| PathBuf::from(&name));
+            let sdk = sdk.unwrap_or_else(|| PathBuf::from(embedded::bundled::SDK_PATH));
+            scaffold::new_plugin(kind, &name, &dir, &sdk)?;
+            println!("created {kind} plugin `{name}` in {}", dir.display());
+            println!("build it with: qlayer plugin build {}", dir.display());
+        }
+        PluginCommand::Build { dir, out } => {
+            let dir = dir.unwrap_or_else(|| PathBuf::from("."));
+            let path = scaffold::build_plugin(&dir, out.as_deref())?;
+            let info = scaffold::inspect(&path)?;
+            println!("built {} ({} bytes, {})", path.display(), info.size, info.digest);
+        }
+        PluginCommand::Inspect { file, json } => {
+            let info = scaffold::inspect(&file)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&info)?);
+            } else {
+                let m = &info.manifest;
+                println!("{} {} ({} plugin, world {})", m.name, m.version, m.kind, info.world);
+                println!("  {}", m.description);
+                println!("  digest:  {}  ({} bytes)", info.digest, info.size);
+                println!(
+                    "  asks for: outbound hosts [{}], config [{}], secrets [{}]",
+                    m.capabilities.outbound_hosts.join(", "),
+                    m.capabilities.config.join(", "),
+                    m.capabilities.secrets.join(", ")
+                );
+                println!(
+                    "  limits:  memory {} MiB, timeout {} ms",
+                    m.limits.memory_mb.map(|v| v.to_string()).unwrap_or_else(|| "default".into()),
+                    m.limits.timeout_ms.map(|v| v.to_string()).unwrap_or_else(|| "default".into())
+                );
+                println!("  loads:   {}", info.load_error.as_deref().unwrap_or("yes"));
+                println!("  imports: {}", info.imports.join(", "));
+                println!("  exports: {}", info.exports.join(", "));
+            }
+            if info.load_error.is_some() {
+                anyhow::bail!("the host would refuse this component");
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,75 @@
+//! Compiled components cached on disk, keyed by the component's digest and by the engine's
+//! compatibility hash (wasmtime version, compiler settings, CPU features), so a cache written by
+//! another build or another engine configuration is never used.
+
+use anyhow::Context as _;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use wasmtime::Engine;
+use wasmtime::component::Component;
+
+pub(crate) struct CompiledCache {
+    dir: PathBuf,
+    engine_key: String,
+}
+
+impl CompiledCache {
+    pub(crate) fn open(dir: PathBuf, engine: &Engine) -> anyhow::Result<Self> {
+        create_private_dir(&dir).with_context(|| format!("creating the compile cache {}", dir.display()))?;
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        Ok(CompiledCache { dir, engine_key: format!("{:016x}", hasher.finish()) })
+    }
+
+    fn path(&self, digest: &str) -> PathBuf {
+        let hex = digest.trim_start_matches("sha256:");
+        self.dir.join(format!("{hex}-{}.cwasm", self.engine_key))
+    }
+
+    /// Loads the cached compilation of `digest`, or compiles `wasm` and caches it. A cache entry
+    /// that fails to load (truncated, from another engine) is recompiled and replaced.
+    pub(crate) fn load_or_compile(&self, engine: &Engine, digest: &str, wasm: &[u8]) -> anyhow::Result<Component> {
+        let path = self.path(digest);
+        if path.exists() {
+            match deserialize(engine, &path) {
+                Ok(component) => return Ok(component),
+                Err(e) => tracing::warn!(path = %path.display(), "ignoring unusable compile cache entry: {e:#}"),
+            }
+        }
+        let component = Component::new(engine, wasm).map_err(anyhow::Error::from)?;
+        match component.serialize() {
+            Ok(bytes) => {
+                if let Err(e) = write_atomically(&path, &bytes) {
+                    tracing::warn!(path = %path.display(), "could not write the compile cache: {e:#}");
+                }
+            }
+            Err(e) => tracing::warn!("could not serialize a compiled component: {e:#}"),
+        }
+        Ok(component)
+    }
+}
+
+#[allow(unsafe_code)]
+fn deserialize(engine: &Engine, path: &Path) -> anyhow::Result<Component> {
+    // SAFETY: `deserialize_file` trusts the file to be wasmtime's own output. The cache directory
+    // is created by this process with owner-only permissions, entries are written atomically
+    // (temp file + rename) from `Component::serialize`, and wasmtime itself checks the header
+    // against this engine's version and configuration before using an entry.
+    Ok(unsafe { Component::deserialize_file(engine, path) }?)
+}
+
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}

@@ -1,0 +1,793 @@
+//! The sandbox: one wasmtime `Engine` for the process, a plugin per loaded component, and a fresh
+//! `Store` per tenant instance.
+//!
+//! - The pooling allocator pre-reserves instance slots, so instantiating from an `InstancePre`
+//!   costs microseconds. A permit per live instance keeps the pool from overflowing: a caller
+//!   beyond the pool waits for a slot instead of failing.
+//! - Epoch interruption bounds guest execution: a ticker thread bumps the epoch every
+//!   [`EPOCH_TICK`]; on each tick a running guest yields to the async executor (so one busy plugin
+//!   never starves other tasks on its thread) and is stopped once its call's deadline has passed.
+//!   Time spent waiting in host calls (HTTP, the `llm` import) is bounded by a timer around the
+//!   whole call.
+//! - Each store gets a memory limit from the manifest, clamped by [`HostPolicy`]. A refused
+//!   growth is remembered so the trap it causes is reported as out-of-memory.
+//! - Tenants never share a store or linear memory: every instance has its own store.
+
+mod bindings;
+mod cache;
+mod grants;
+mod state;
+
+pub use bindings::types::{
+    AgentOutput, Artifact, Completion, CompletionChunk, CompletionRequest, Diagnostic, EmbeddingRequest, Embeddings,
+    Message, ModelInfo, PluginError, Role, Severity, Task, Usage,
+};
+pub use grants::{GrantError, Grants, Secret};
+pub use qlayer_manifest::{HostPattern, Kind, Manifest};
+
+use anyhow::Context as _;
+use bindings::{
+    agent::AgentPluginPre, provider::ProviderPluginPre, tool::ToolPluginPre, validator::ValidatorPluginPre,
+};
+use futures::future::BoxFuture;
+use sha2::{Digest, Sha256};
+use state::StoreState;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use wasmtime::component::{Component, Linker, ResourceAny};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, UpdateDeadline};
+
+/// How often the epoch advances. A running guest yields to the executor once per tick and is
+/// checked against its deadline, so a deadline is enforced to within about one tick.
+pub const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// Limits the host imposes whatever a manifest asks for.
+#[derive(Debug, Clone)]
+pub struct HostPolicy {
+    /// Memory a plugin gets when its manifest does not say, in MiB.
+    pub default_memory_mb: u32,
+    /// The most memory any plugin gets, in MiB.
+    pub max_memory_mb: u32,
+    /// Call deadline when the manifest does not say.
+    pub default_timeout: Duration,
+    /// The longest deadline any call gets.
+    pub max_timeout: Duration,
+    /// Live instances the pool holds at once; more callers wait for a slot.
+    pub max_instances: u32,
+}
+
+impl Default for HostPolicy {
+    fn default() -> Self {
+        HostPolicy {
+            default_memory_mb: 64,
+            max_memory_mb: 512,
+            default_timeout: Duration::from_secs(30),
+            max_timeout: Duration::from_secs(300),
+            max_instances: 1000,
+        }
+    }
+}
+
+/// How to build a [`Runtime`].
+#[derive(Debug, Clone, Default)]
+pub struct RuntimeConfig {
+    /// Where compiled components are cached; `None` compiles every time.
+    pub cache_dir: Option<PathBuf>,
+    /// Limits for every plugin.
+    pub policy: HostPolicy,
+}
+
+/// Why a component could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The manifest is missing or malformed.
+    #[error(transparent)]
+    Manifest(#[from] qlayer_manifest::ManifestError),
+    /// A core module where a component is expected.
+    #[error(
+        "`{0}` is a core WebAssembly module, not a component; build it for wasm32-wasip2 (or with `qlayer plugin build`)"
+    )]
+    NotComponent(String),
+    /// The component does not match the world its manifest declares.
+    #[error("plugin `{plugin}` declares kind `{kind}` (world `{world}`) but {problem}")]
+    WrongWorld {
+        /// The plugin.
+        plugin: String,
+        /// The declared kind.
+        kind: Kind,
+        /// The kind's world.
+        world: &'static str,
+        /// What does not match.
+        problem: String,
+    },
+    /// wasmtime refused the component.
+    #[error("plugin `{plugin}` could not be compiled: {message}")]
+    Compile {
+        /// The plugin.
+        plugin: String,
+        /// wasmtime's message.
+        message: String,
+    },
+}
+
+/// What went wrong in one plugin call. The host and every other tenant carry on.
+#[derive(Debug)]
+pub struct CallError {
+    /// The plugin that was called.
+    pub plugin: Arc<str>,
+    /// The tenant it was called for.
+    pub tenant: Arc<str>,
+    /// What happened.
+    pub kind: CallErrorKind,
+}
+
+/// The kinds of [`CallError`].
+#[derive(Debug)]
+pub enum CallErrorKind {
+    /// The plugin returned an error of the contract's `plugin-error` variant.
+    Plugin(PluginError),
+    /// The call ran past its deadline and was stopped.
+    Timeout(Duration),
+    /// The plugin tried to grow its memory past its limit.
+    OutOfMemory {
+        /// The limit, in bytes.
+        limit: usize,
+        /// The size it asked for, in bytes.
+        requested: usize,
+    },
+    /// The guest trapped (a panic, an `unreachable`, a bad memory access...).
+    Trap(String),
+    /// The instance was left unusable by an earlier trap, timeout or out-of-memory.
+    Poisoned,
+}
+
+impl CallError {
+    /// Whether retrying the same call may succeed (rate limits, unavailability, timeouts).
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self.kind,
+            CallErrorKind::Timeout(_)
+                | CallErrorKind::Plugin(
+                    PluginError::RateLimited(_) | PluginError::Unavailable(_) | PluginError::Timeout
+                )
+        )
+    }
+
+    /// The error as the contract's variant, for handing to another plugin (an agent's `llm` call).
+    pub fn to_plugin_error(&self) -> PluginError {
+        match &self.kind {
+            CallErrorKind::Plugin(e) => e.clone(),
+            CallErrorKind::Timeout(_) => PluginError::Timeout,
+            _ => PluginError::Internal(self.to_string()),
+        }
+    }
+}
+
+/// A plugin error in words.
+pub fn describe(e: &PluginError) -> String {
+    match e {
+        PluginError::InvalidInput(m) => format!("invalid input: {m}"),
+        PluginError::Unauthorized(m) => format!("unauthorized: {m}"),
+        PluginError::RateLimited(Some(ms)) => format!("rate limited: retry after {ms} ms"),
+        PluginError::RateLimited(None) => "rate limited".to_string(),
+        PluginError::Unavailable(m) => format!("unavailable: {m}"),
+        PluginError::Timeout => "timed out".to_string(),
+        PluginError::Internal(m) => format!("internal error: {m}"),
+    }
+}
+
+impl fmt::Display for CallError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let who = format!("plugin `{}` (tenant `{}`)", self.plugin, self.tenant);
+        match &self.kind {
+            CallErrorKind::Plugin(e) => write!(f, "{who}: {}", describe(e)),
+            CallErrorKind::Timeout(d) => write!(f, "{who} ran past its {} ms deadline and was stopped", d.as_millis()),
+            CallErrorKind::OutOfMemory { limit, requested } => {
+                write!(f, "{who} ran out of memory: it asked for {requested} bytes, past its limit of {limit} bytes")
+            }
+            CallErrorKind::Trap(m) => write!(f, "{who} trapped: {m}"),
+            CallErrorKind::Poisoned => write!(f, "{who}: this instance failed earlier and cannot be used again"),
+        }
+    }
+}
+
+impl std::error::Error for CallError {}
+
+/// Something that answers an agent's `llm.complete` for a tenant: the host's router.
+pub trait LlmHandler: Send + Sync {
+    /// One completion for `tenant`.
+    fn complete<'a>(
+        &'a self,
+        tenant: &'a str,
+        request: CompletionRequest,
+    ) -> BoxFuture<'a, Result<Completion, PluginError>>;
+}
+
+struct Shared {
+    engine: Engine,
+    linkers: [Linker<StoreState>; 4],
+    policy: HostPolicy,
+    cache: Option<cache::CompiledCache>,
+    slots: Arc<Semaphore>,
+    stop_ticker: Arc<AtomicBool>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.stop_ticker.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The plugin host runtime. Cheap to clone; clones share the engine and the instance pool.
+#[derive(Clone)]
+pub struct Runtime {
+    shared: Arc<Shared>,
+}
+
+impl Runtime {
+    /// Builds the engine, the linkers for each world, and starts the epoch ticker.
+    pub fn new(config: RuntimeConfig) -> anyhow::Result<Self> {
+        let policy = config.policy;
+        let instances = policy.max_instances.max(1);
+        let mut pool = PoolingAllocationConfig::default();
+        // A Rust component built for wasm32-wasip2 has a few core instances (the program and the
+        // adapter shims), one memory and a couple of tables.
+        pool.total_component_instances(instances)
+            .total_core_instances(instances * 4)
+            .total_memories(instances * 2)
+            .total_tables(instances * 4)
+            .total_stacks(instances)
+            .max_memory_size(policy.max_memory_mb as usize * 1024 * 1024);
+        let mut wasm = Config::new();
+        wasm.epoch_interruption(true)
+            .wasm_component_model(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&wasm).map_err(anyhow::Error::from).context("creating the wasmtime engine")?;
+
+        let linkers = [
+            linker_for(&engine, Kind::Provider)?,
+            linker_for(&engine, Kind::Agent)?,
+            linker_for(&engine, Kind::Validator)?,
+            linker_for(&engine, Kind::Tool)?,
+        ];
+        let cache = match config.cache_dir {
+            Some(dir) => Some(cache::CompiledCache::open(dir, &engine)?),
+            None => None,
+        };
+        let stop_ticker = Arc::new(AtomicBool::new(false));
+        {
+            let (engine, stop) = (engine.weak(), stop_ticker.clone());
+            std::thread::Builder::new()
+                .name("qlayer-epoch".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(EPOCH_TICK);
+                        match engine.upgrade() {
+                            Some(engine) => engine.increment_epoch(),
+                            None => return,
+                        }
+                    }
+                })
+                .context("starting the epoch ticker")?;
+        }
+        Ok(Runtime {
+            shared: Arc::new(Shared {
+                engine,
+                linkers,
+                policy,
+                cache,
+                slots: Arc::new(Semaphore::new(instances as usize)),
+                stop_ticker,
+            }),
+        })
+    }
+
+    /// The engine (for benchmarks and tools).
+    pub fn engine(&self) -> &Engine {
+        &self.shared.engine
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> &HostPolicy {
+        &self.shared.policy
+    }
+
+    /// Loads a plugin: reads its manifest, compiles it (or loads the cached compilation), checks
+    /// that it matches its declared world, and pre-links it. Nothing of the plugin runs.
+    pub fn load(&self, wasm: &[u8]) -> Result<Arc<Plugin>, LoadError> {
+        let manifest = qlayer_manifest::extract(wasm)?;
+        if !qlayer_manifest::is_component(wasm) {
+            return Err(LoadError::NotComponent(manifest.name));
+        }
+        let digest = format!("sha256:{}", hex::encode(Sha256::digest(wasm)));
+        let compile_error =
+            |e: anyhow::Error| LoadError::Compile { plugin: manifest.name.clone(), message: format!("{e:#}") };
+        let component = match &self.shared.cache {
+            Some(cache) => cache.load_or_compile(&self.shared.engine, &digest, wasm).map_err(compile_error)?,
+            None => Component::new(&self.shared.engine, wasm).map_err(|e| compile_error(e.into()))?,
+        };
+        check_world(&self.shared.engine, &component, &manifest)?;
+        let linker = &self.shared.linkers[kind_index(manifest.kind)];
+        let pre = linker.instantiate_pre(&component).map_err(|e| LoadError::WrongWorld {
+            plugin: manifest.name.clone(),
+            kind: manifest.kind,
+            world: manifest.kind.world(),
+            problem: format!("cannot be linked: {e:#}"),
+        })?;
+        let wrong = |e: wasmtime::Error| LoadError::WrongWorld {
+            plugin: manifest.name.clone(),
+            kind: manifest.kind,
+            world: manifest.kind.world(),
+            problem: format!("its exports do not match: {e:#}"),
+        };
+        let pre = match manifest.kind {
+            Kind::Provider => Pre::Provider(ProviderPluginPre::new(pre).map_err(wrong)?),
+            Kind::Agent => Pre::Agent(AgentPluginPre::new(pre).map_err(wrong)?),
+            Kind::Validator => Pre::Validator(ValidatorPluginPre::new(pre).map_err(wrong)?),
+            Kind::Tool => Pre::Tool(ToolPluginPre::new(pre).map_err(wrong)?),
+        };
+        Ok(Arc::new(Plugin { manifest, digest, size: wasm.len(), pre, shared: self.shared.clone() }))
+    }
+
+    /// Reads and loads a component file.
+    pub fn load_file(&self, path: &std::path::Path) -> anyhow::Result<Arc<Plugin>> {
+        let wasm = std::fs::read(path).with_context(|| format!("reading plugin {}", path.display()))?;
+        self.load(&wasm).with_context(|| format!("loading plugin {}", path.display()))
+    }
+}
+
+fn kind_index(kind: Kind) -> usize {
+    match kind {
+        Kind::Provider => 0,
+        Kind::Agent => 1,
+        Kind::Validator => 2,
+        Kind::Tool => 3,
+    }
+}
+
+fn linker_for(engine: &Engine, kind: Kind) -> anyhow::Result<Linker<StoreState>> {
+    use wasmtime::component::HasSelf;
+    let mut linker = Linker::new(engine);
+    // Every WASI interface is linked so that components built by ordinary toolchains load, but
+    // the context behind them grants nothing: no preopened directories, no environment, no
+    // sockets. Only providers get wasi:http, and their requests pass the outbound policy.
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+    bindings::host::add_to_linker::<_, HasSelf<StoreState>>(&mut linker, |s| s)?;
+    bindings::types::add_to_linker::<_, HasSelf<StoreState>>(&mut linker, |s| s)?;
+    match kind {
+        Kind::Provider => wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?,
+        Kind::Agent => bindings::llm::add_to_linker::<_, HasSelf<StoreState>>(&mut linker, |s| s)?,
+        Kind::Validator | Kind::Tool => {}
+    }
+    Ok(linker)
+}
+
+/// Import namespaces each kind may use. Anything else is refused at load with its name.
+fn import_allowed(kind: Kind, name: &str) -> bool {
+    let base = name.split('@').next().unwrap_or(name);
+    let common = ["quantumlayer:plugin/host", "quantumlayer:plugin/types"];
+    let wasi = ["wasi:cli/", "wasi:io/", "wasi:clocks/", "wasi:random/", "wasi:filesystem/"];
+    common.contains(&base)
+        || wasi.iter().any(|p| base.starts_with(p))
+        || (kind == Kind::Agent && base == "quantumlayer:plugin/llm")
+        || (kind == Kind::Provider && base.starts_with("wasi:http/"))
+}
+
+/// Functions each kind's export must contain.
+fn required_functions(kind: Kind) -> &'static [&'static str] {
+    match kind {
+        Kind::Provider => &["models", "complete", "stream", "embed", "[method]completion-stream.next"],
+        Kind::Agent => &["role", "run"],
+        Kind::Validator => &["validate"],
+        Kind::Tool => &["invoke"],
+    }
+}
+
+fn check_world(engine: &Engine, component: &Component, manifest: &Manifest) -> Result<(), LoadError> {
+    use wasmtime::component::types::ComponentItem;
+    let kind = manifest.kind;
+    let wrong =
+        |problem: String| LoadError::WrongWorld { plugin: manifest.name.clone(), kind, world: kind.world(), problem };
+    let ty = component.component_type();
+    let want = format!("quantumlayer:plugin/{}", kind.export());
+    let exports: Vec<(String, ComponentItem)> = ty.exports(engine).map(|(n, i)| (n.to_string(), i.ty)).collect();
+    let Some((_, item)) = exports.iter().find(|(n, _)| n.split('@').next() == Some(&want)) else {
+        let names: Vec<&str> = exports.iter().map(|(n, _)| n.as_str()).collect();
+        return Err(wrong(format!(
+            "does not export `{want}@0.1.0` (it exports: {})",
+            if names.is_empty() { "nothing".to_string() } else { names.join(", ") }
+        )));
+    };
+    let ComponentItem::ComponentInstance(instance) = item else {
+        return Err(wrong(format!("exports `{want}` as something other than an interface")));
+    };
+    let members: Vec<String> = instance.exports(engine).map(|(n, _)| n.to_string()).collect();
+    let missing: Vec<&str> =
+        required_functions(kind).iter().copied().filter(|f| !members.iter().any(|m| m == f)).collect();
+    if !missing.is_empty() {
+        return Err(wrong(format!("its `{want}` export lacks {}", missing.join(", "))));
+    }
+    for (name, _) in ty.imports(engine) {
+        if !import_allowed(kind, name) {
+            return Err(wrong(format!("imports `{name}`, which a {kind} plugin may not use")));
+        }
+    }
+    Ok(())
+}
+
+enum Pre {
+    Provider(ProviderPluginPre<StoreState>),
+    Agent(AgentPluginPre<StoreState>),
+    Validator(ValidatorPluginPre<StoreState>),
+    Tool(ToolPluginPre<StoreState>),
+}
+
+/// A loaded plugin: its manifest, digest and pre-linked component. Install it to use it.
+pub struct Plugin {
+    manifest: Manifest,
+    digest: String,
+    size: usize,
+    pre: Pre,
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Plugin").field("name", &self.manifest.name).field("digest", &self.digest).finish()
+    }
+}
+
+impl Plugin {
+    /// The manifest read from the component.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+    /// `sha256:<hex>` of the component bytes.
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+    /// Size of the component in bytes.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// Records what this install may use, after checking every grant was asked for. The limits
+    /// are the manifest's, clamped by the host policy.
+    pub fn install(self: &Arc<Self>, grants: Grants) -> Result<Installed, GrantError> {
+        grants.check(&self.manifest)?;
+        let policy = &self.shared.policy;
+        let memory_mb = self.manifest.limits.memory_mb.unwrap_or(policy.default_memory_mb).min(policy.max_memory_mb);
+        let timeout = self
+            .manifest
+            .limits
+            .timeout_ms
+            .map(Duration::from_millis)
+            .unwrap_or(policy.default_timeout)
+            .min(policy.max_timeout);
+        Ok(Installed {
+            plugin: self.clone(),
+            grants: Arc::new(grants),
+            memory_bytes: memory_mb as usize * 1024 * 1024,
+            timeout,
+        })
+    }
+}
+
+/// A plugin with the grants and limits of one install. Instantiate it per tenant.
+#[derive(Clone)]
+pub struct Installed {
+    plugin: Arc<Plugin>,
+    grants: Arc<Grants>,
+    memory_bytes: usize,
+    timeout: Duration,
+}
+
+impl fmt::Debug for Installed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Installed")
+            .field("plugin", &self.plugin.manifest.name)
+            .field("memory_bytes", &self.memory_bytes)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+impl Installed {
+    /// The plugin.
+    pub fn plugin(&self) -> &Arc<Plugin> {
+        &self.plugin
+    }
+    /// The memory limit in force, in bytes.
+    pub fn memory_limit(&self) -> usize {
+        self.memory_bytes
+    }
+    /// The per-call deadline in force.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Overrides the per-call deadline (still clamped by the host policy).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout.min(self.plugin.shared.policy.max_timeout);
+        self
+    }
+
+    fn store(&self, tenant: &str, llm: Option<Arc<dyn LlmHandler>>) -> Store<StoreState> {
+        let state = StoreState::new(
+            Arc::from(tenant),
+            Arc::from(self.plugin.manifest.name.as_str()),
+            self.grants.clone(),
+            self.memory_bytes,
+            llm,
+        );
+        let mut store = Store::new(&self.plugin.shared.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(|ctx| {
+            if Instant::now() >= ctx.data().deadline {
+                Ok(UpdateDeadline::Interrupt)
+            } else {
+                Ok(UpdateDeadline::Yield(1))
+            }
+        });
+        store
+    }
+
+    async fn slot(&self) -> OwnedSemaphorePermit {
+        // The semaphore is never closed, so acquiring only waits.
+        loop {
+            if let Ok(permit) = self.plugin.shared.slots.clone().acquire_owned().await {
+                return permit;
+            }
+        }
+    }
+
+    /// Takes a pool slot and prepares a store for `tenant`, with this install's limits.
+    async fn begin(&self, tenant: &str, llm: Option<Arc<dyn LlmHandler>>) -> (OwnedSemaphorePermit, Store<StoreState>) {
+        let permit = self.slot().await;
+        let mut store = self.store(tenant, llm);
+        store.data_mut().deadline = Instant::now() + self.timeout;
+        (permit, store)
+    }
+
+    /// Finishes an instantiation started by [`Installed::begin`].
+    fn finish<B>(
+        &self,
+        (slot, store): (OwnedSemaphorePermit, Store<StoreState>),
+        outcome: Result<wasmtime::Result<B>, tokio::time::error::Elapsed>,
+    ) -> Result<Instance<B>, CallError> {
+        match outcome {
+            Ok(Ok(bindings)) => Ok(Instance { store, bindings, timeout: self.timeout, poisoned: false, _slot: slot }),
+            Ok(Err(e)) => Err(classify(&store, e, self.timeout)),
+            Err(_) => Err(error_of(&store, CallErrorKind::Timeout(self.timeout))),
+        }
+    }
+
+    fn grace(&self) -> Duration {
+        self.timeout + EPOCH_TICK * 4
+    }
+
+    /// A live provider instance for `tenant`.
+    pub async fn provider(&self, tenant: &str) -> Result<ProviderInstance, CallError> {
+        let Pre::Provider(pre) = &self.plugin.pre else { return Err(self.wrong_kind(tenant, Kind::Provider)) };
+        let mut begun = self.begin(tenant, None).await;
+        let outcome = tokio::time::timeout(self.grace(), pre.instantiate_async(&mut begun.1)).await;
+        self.finish(begun, outcome)
+    }
+
+    /// A live agent instance for `tenant`, whose `llm` calls go to `llm`.
+    pub async fn agent(&self, tenant: &str, llm: Arc<dyn LlmHandler>) -> Result<AgentInstance, CallError> {
+        let Pre::Agent(pre) = &self.plugin.pre else { return Err(self.wrong_kind(tenant, Kind::Agent)) };
+        let mut begun = self.begin(tenant, Some(llm)).await;
+        let outcome = tokio::time::timeout(self.grace(), pre.instantiate_async(&mut begun.1)).await;
+        self.finish(begun, outcome)
+    }
+
+    /// A live validator instance for `tenant`.
+    pub async fn validator(&self, tenant: &str) -> Result<ValidatorInstance, CallError> {
+        let Pre::Validator(pre) = &self.plugin.pre else { return Err(self.wrong_kind(tenant, Kind::Validator)) };
+        let mut begun = self.begin(tenant, None).await;
+        let outcome = tokio::time::timeout(self.grace(), pre.instantiate_async(&mut begun.1)).await;
+        self.finish(begun, outcome)
+    }
+
+    /// A live tool instance for `tenant`.
+    pub async fn tool(&self, tenant: &str) -> Result<ToolInstance, CallError> {
+        let Pre::Tool(pre) = &self.plugin.pre else { return Err(self.wrong_kind(tenant, Kind::Tool)) };
+        let mut begun = self.begin(tenant, None).await;
+        let outcome = tokio::time::timeout(self.grace(), pre.instantiate_async(&mut begun.1)).await;
+        self.finish(begun, outcome)
+    }
+
+    fn wrong_kind(&self, tenant: &str, wanted: Kind) -> CallError {
+        CallError {
+            plugin: Arc::from(self.plugin.manifest.name.as_str()),
+            tenant: Arc::from(tenant),
+            kind: CallErrorKind::Plugin(PluginError::InvalidInput(format!(
+                "plugin is a {} plugin, not a {wanted} plugin",
+                self.plugin.manifest.kind
+            ))),
+        }
+    }
+}
+
+fn error_of(store: &Store<StoreState>, kind: CallErrorKind) -> CallError {
+    CallError { plugin: store.data().plugin.clone(), tenant: store.data().tenant.clone(), kind }
+}
+
+/// Turns a wasmtime error from a call into the kind of failure it was.
+fn classify(store: &Store<StoreState>, e: wasmtime::Error, timeout: Duration) -> CallError {
+    let limiter = &store.data().limiter;
+    let kind = if let Some(requested) = limiter.refused_growth {
+        CallErrorKind::OutOfMemory { limit: limiter.memory_bytes, requested }
+    } else if matches!(e.downcast_ref::<wasmtime::Trap>(), Some(wasmtime::Trap::Interrupt)) {
+        CallErrorKind::Timeout(timeout)
+    } else {
+        CallErrorKind::Trap(format!("{e:#}"))
+    };
+    error_of(store, kind)
+}
+
+/// A live plugin instance in its own store, for one tenant. A trap, timeout or out-of-memory
+/// poisons it; later calls fail fast with [`CallErrorKind::Poisoned`], so take a new instance.
+pub struct Instance<B> {
+    store: Store<StoreState>,
+    bindings: B,
+    timeout: Duration,
+    poisoned: bool,
+    _slot: OwnedSemaphorePermit,
+}
+
+/// A live provider.
+pub type ProviderInstance = Instance<bindings::provider::ProviderPlugin>;
+/// A live agent.
+pub type AgentInstance = Instance<bindings::agent::AgentPlugin>;
+/// A live validator.
+pub type ValidatorInstance = Instance<bindings::validator::ValidatorPlugin>;
+/// A live tool.
+pub type ToolInstance = Instance<bindings::tool::ToolPlugin>;
+
+impl<B: Send + Sync> Instance<B> {
+    /// The tenant this instance belongs to.
+    pub fn tenant(&self) -> &str {
+        &self.store.data().tenant
+    }
+
+    /// Whether an earlier failure left this instance unusable.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
+    }
+
+    /// Arms the deadline for one guest call; fails fast on a poisoned instance.
+    fn begin(&mut self) -> Result<Duration, CallError> {
+        if self.poisoned {
+            return Err(error_of(&self.store, CallErrorKind::Poisoned));
+        }
+        self.store.data_mut().deadline = Instant::now() + self.timeout;
+        self.store.data_mut().limiter.refused_growth = None;
+        // The epoch callback stops guest code at the deadline; the caller's timer (this grace)
+        // also bounds time spent waiting inside host calls (an upstream that never answers).
+        Ok(self.timeout + EPOCH_TICK * 4)
+    }
+
+    /// Turns the outcome of one guest call into a typed result; a trap, timeout or
+    /// out-of-memory poisons the instance.
+    fn finish<T>(
+        &mut self,
+        outcome: Result<wasmtime::Result<Result<T, PluginError>>, tokio::time::error::Elapsed>,
+    ) -> Result<T, CallError> {
+        match outcome {
+            Ok(Ok(Ok(value))) => Ok(value),
+            Ok(Ok(Err(plugin_error))) => Err(error_of(&self.store, CallErrorKind::Plugin(plugin_error))),
+            Ok(Err(e)) => {
+                self.poisoned = true;
+                Err(classify(&self.store, e, self.timeout))
+            }
+            Err(_) => {
+                self.poisoned = true;
+                Err(error_of(&self.store, CallErrorKind::Timeout(self.timeout)))
+            }
+        }
+    }
+}
+
+/// Calls one export of an instance under its deadline: `guest_call!(self, iface().call_x(args..))`.
+macro_rules! guest_call {
+    ($inst:ident, $($call:tt)+) => {{
+        let grace = $inst.begin()?;
+        let outcome = tokio::time::timeout(grace, $inst.bindings.$($call)+).await;
+        $inst.finish(outcome)
+    }};
+}
+
+impl ProviderInstance {
+    /// The models the provider serves.
+    pub async fn models(&mut self) -> Result<Vec<ModelInfo>, CallError> {
+        guest_call!(self, quantumlayer_plugin_provider().call_models(&mut self.store))
+    }
+
+    /// One completion.
+    pub async fn complete(&mut self, request: &CompletionRequest) -> Result<Completion, CallError> {
+        guest_call!(self, quantumlayer_plugin_provider().call_complete(&mut self.store, request))
+    }
+
+    /// Embeddings.
+    pub async fn embed(&mut self, request: &EmbeddingRequest) -> Result<Embeddings, CallError> {
+        guest_call!(self, quantumlayer_plugin_provider().call_embed(&mut self.store, request))
+    }
+
+    /// Starts a streamed completion; read it with [`ChunkStream::next`].
+    pub async fn stream(&mut self, request: &CompletionRequest) -> Result<ChunkStream<'_>, CallError> {
+        let handle = guest_call!(self, quantumlayer_plugin_provider().call_stream(&mut self.store, request))?;
+        Ok(ChunkStream { instance: self, handle: Some(handle) })
+    }
+
+    /// Calls a trivial export (`models`) and discards the answer; for measuring call overhead.
+    #[doc(hidden)]
+    pub async fn ping(&mut self) -> Result<usize, CallError> {
+        self.models().await.map(|m| m.len())
+    }
+}
+
+/// A streamed completion being read from a provider instance.
+pub struct ChunkStream<'a> {
+    instance: &'a mut ProviderInstance,
+    handle: Option<ResourceAny>,
+}
+
+impl ChunkStream<'_> {
+    /// The next chunk, or `None` once the stream has ended cleanly.
+    pub async fn next(&mut self) -> Result<Option<CompletionChunk>, CallError> {
+        let Some(handle) = self.handle else { return Ok(None) };
+        let inst = &mut *self.instance;
+        let grace = inst.begin()?;
+        let guest = inst.bindings.quantumlayer_plugin_provider().completion_stream();
+        let outcome = tokio::time::timeout(grace, guest.call_next(&mut inst.store, handle)).await;
+        let chunk = inst.finish(outcome);
+        match chunk {
+            Ok(Some(chunk)) => Ok(Some(chunk)),
+            other => {
+                // Ended or failed: release the guest's resource (best effort; a poisoned store is
+                // dropped with its instance anyway).
+                self.handle = None;
+                if !self.instance.poisoned {
+                    let _ = handle.resource_drop_async(&mut self.instance.store).await;
+                }
+                other
+            }
+        }
+    }
+}
+
+impl AgentInstance {
+    /// The role the agent plays.
+    pub async fn role(&mut self) -> Result<String, CallError> {
+        let grace = self.begin()?;
+        let outcome =
+            tokio::time::timeout(grace, self.bindings.quantumlayer_plugin_agent().call_role(&mut self.store)).await;
+        self.finish(outcome.map(|r| r.map(Ok)))
+    }
+
+    /// Runs the agent on a task.
+    pub async fn run(&mut self, task: &Task) -> Result<AgentOutput, CallError> {
+        guest_call!(self, quantumlayer_plugin_agent().call_run(&mut self.store, task))
+    }
+}
+
+impl ValidatorInstance {
+    /// Validates artifacts.
+    pub async fn validate(&mut self, artifacts: &[Artifact]) -> Result<Vec<Diagnostic>, CallError> {
+        guest_call!(self, quantumlayer_plugin_validator().call_validate(&mut self.store, artifacts))
+    }
+}
+
+impl ToolInstance {
+    /// Invokes the tool.
+    pub async fn invoke(&mut self, input_json: &str) -> Result<String, CallError> {
+        guest_call!(self, quantumlayer_plugin_tool().call_invoke(&mut self.store, input_json))
+    }
+}

@@ -1,0 +1,280 @@
+//! What one `Store` holds: the tenant and plugin it belongs to, the WASI context (with nothing
+//! granted but captured stdout/stderr), the outbound-HTTP policy, the memory limiter and the
+//! host imports (`host`, `llm`).
+
+use super::LlmHandler;
+use super::bindings::{host, llm, types};
+use super::grants::Grants;
+use qlayer_manifest::HostPattern;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
+
+pub(crate) struct StoreState {
+    pub(crate) tenant: Arc<str>,
+    pub(crate) plugin: Arc<str>,
+    /// When the current call must be finished; read by the epoch callback.
+    pub(crate) deadline: Instant,
+    pub(crate) limiter: Limiter,
+    grants: Arc<Grants>,
+    llm: Option<Arc<dyn LlmHandler>>,
+    wasi: WasiCtx,
+    http: WasiHttpCtx,
+    hooks: OutboundPolicy,
+    table: ResourceTable,
+}
+
+impl StoreState {
+    pub(crate) fn new(
+        tenant: Arc<str>,
+        plugin: Arc<str>,
+        grants: Arc<Grants>,
+        memory_bytes: usize,
+        llm: Option<Arc<dyn LlmHandler>>,
+    ) -> Self {
+        // Nothing is inherited from the host process: no environment, no arguments, no preopened
+        // directories, no sockets. Guest stdout/stderr become tracing events.
+        let wasi = WasiCtx::builder()
+            .stdout(GuestOutput { tenant: tenant.clone(), plugin: plugin.clone(), stream: "stdout" })
+            .stderr(GuestOutput { tenant: tenant.clone(), plugin: plugin.clone(), stream: "stderr" })
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        StoreState {
+            hooks: OutboundPolicy {
+                tenant: tenant.clone(),
+                plugin: plugin.clone(),
+                allowed: grants.outbound_hosts.clone(),
+            },
+            tenant,
+            plugin,
+            deadline: Instant::now(),
+            limiter: Limiter::new(memory_bytes),
+            grants,
+            llm,
+            wasi,
+            http: WasiHttpCtx::new(),
+            table: ResourceTable::new(),
+        }
+    }
+}
+
+impl WasiView for StoreState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl WasiHttpView for StoreState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.hooks }
+    }
+}
+
+/// Caps one store's linear memories, tables and instances, and remembers a refused growth so a
+/// resulting trap can be reported as "out of memory" rather than as a bare `unreachable`.
+pub(crate) struct Limiter {
+    pub(crate) memory_bytes: usize,
+    pub(crate) refused_growth: Option<usize>,
+}
+
+const MAX_TABLE_ELEMENTS: usize = 100_000;
+const MAX_INSTANCES: usize = 32;
+const MAX_TABLES: usize = 32;
+const MAX_MEMORIES: usize = 4;
+
+impl Limiter {
+    fn new(memory_bytes: usize) -> Self {
+        Limiter { memory_bytes, refused_growth: None }
+    }
+}
+
+impl wasmtime::ResourceLimiter for Limiter {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.memory_bytes {
+            self.refused_growth = Some(desired);
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+
+    fn instances(&self) -> usize {
+        MAX_INSTANCES
+    }
+    fn tables(&self) -> usize {
+        MAX_TABLES
+    }
+    fn memories(&self) -> usize {
+        MAX_MEMORIES
+    }
+}
+
+/// Decides where a plugin's outbound HTTP requests may go. It runs on every request the guest
+/// sends, on the URL the request actually goes to: wasi:http never follows redirects by itself, so
+/// each hop of a redirect chain is a new request that passes through here again. The `Host`
+/// header is forbidden to guests (wasmtime's default list) and set from this same authority, so
+/// it cannot be used to reach another virtual host.
+struct OutboundPolicy {
+    tenant: Arc<str>,
+    plugin: Arc<str>,
+    allowed: Vec<HostPattern>,
+}
+
+impl OutboundPolicy {
+    fn permits(&self, uri: &http::Uri) -> bool {
+        let Some(host) = uri.host() else { return false };
+        let port = uri.port_u16().unwrap_or(if uri.scheme() == Some(&http::uri::Scheme::HTTP) { 80 } else { 443 });
+        self.allowed.iter().any(|p| p.matches(host, port))
+    }
+}
+
+type SendFuture = Box<
+    dyn Future<
+            Output = wasmtime_wasi_http::Result<(
+                http::Response<wasmtime_wasi_http::WasiBody>,
+                Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
+            )>,
+        > + Send,
+>;
+
+impl WasiHttpHooks for OutboundPolicy {
+    fn send_request(
+        &mut self,
+        request: http::Request<wasmtime_wasi_http::WasiBody>,
+        options: Option<wasmtime_wasi_http::RequestOptions>,
+        _fut: Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
+    ) -> SendFuture {
+        if !self.permits(request.uri()) {
+            tracing::warn!(
+                tenant = %self.tenant,
+                plugin = %self.plugin,
+                host = request.uri().authority().map(|a| a.as_str()).unwrap_or(""),
+                "outbound request refused: host not granted to this plugin"
+            );
+            return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
+        }
+        Box::new(async move {
+            use http_body_util::BodyExt;
+            let (res, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
+            Ok((
+                res.map(BodyExt::boxed_unsync),
+                Box::new(io) as Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
+            ))
+        })
+    }
+}
+
+/// Guest stdout or stderr, forwarded line by line to tracing with the tenant and plugin.
+#[derive(Clone)]
+struct GuestOutput {
+    tenant: Arc<str>,
+    plugin: Arc<str>,
+    stream: &'static str,
+}
+
+impl IsTerminal for GuestOutput {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for GuestOutput {
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(LineLogger { out: self.clone(), pending: Vec::new() })
+    }
+}
+
+/// Longest guest output line kept; longer lines are cut so a guest cannot balloon the log.
+const MAX_LINE: usize = 4096;
+
+struct LineLogger {
+    out: GuestOutput,
+    pending: Vec<u8>,
+}
+
+impl LineLogger {
+    fn emit(&self, line: &[u8]) {
+        let text = String::from_utf8_lossy(&line[..line.len().min(MAX_LINE)]);
+        tracing::info!(tenant = %self.out.tenant, plugin = %self.out.plugin, stream = self.out.stream, "{}", text.trim_end());
+    }
+}
+
+impl tokio::io::AsyncWrite for LineLogger {
+    fn poll_write(mut self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let mut rest = buf;
+        while let Some(i) = rest.iter().position(|b| *b == b'\n') {
+            let mut line = std::mem::take(&mut self.pending);
+            line.extend_from_slice(&rest[..i]);
+            self.emit(&line);
+            rest = &rest[i + 1..];
+        }
+        if self.pending.len() < MAX_LINE {
+            let room = MAX_LINE - self.pending.len();
+            self.pending.extend_from_slice(&rest[..rest.len().min(room)]);
+        }
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if !self.pending.is_empty() {
+            let line = std::mem::take(&mut self.pending);
+            self.emit(&line);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Drop for LineLogger {
+    fn drop(&mut self) {
+        if !self.pending.is_empty() {
+            self.emit(&self.pending);
+        }
+    }
+}
+
+impl types::Host for StoreState {}
+
+impl host::Host for StoreState {
+    async fn log(&mut self, level: types::LogLevel, message: String) {
+        let message: String = message.chars().take(MAX_LINE).collect();
+        let (tenant, plugin) = (&*self.tenant, &*self.plugin);
+        match level {
+            types::LogLevel::Trace => tracing::trace!(tenant, plugin, "{message}"),
+            types::LogLevel::Debug => tracing::debug!(tenant, plugin, "{message}"),
+            types::LogLevel::Info => tracing::info!(tenant, plugin, "{message}"),
+            types::LogLevel::Warn => tracing::warn!(tenant, plugin, "{message}"),
+            types::LogLevel::Error => tracing::error!(tenant, plugin, "{message}"),
+        }
+    }
+
+    async fn config(&mut self, key: String) -> Option<String> {
+        self.grants.config.get(&key).cloned()
+    }
+
+    async fn secret(&mut self, key: String) -> Option<String> {
+        self.grants.secrets.get(&key).map(|s| s.expose().to_string())
+    }
+}
+
+impl llm::Host for StoreState {
+    async fn complete(&mut self, request: types::CompletionRequest) -> Result<types::Completion, types::PluginError> {
+        match &self.llm {
+            Some(llm) => llm.complete(&self.tenant, request).await,
+            None => Err(types::PluginError::Unavailable("no LLM is routed to this plugin".into())),
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! `qlayer run` end to end on the embedded default, its bad-input errors, and the plugin
+//! authoring commands (`new` → `build` → `inspect` → loads in the host).
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn qlayer(args: &[&str], data: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_qlayer"))
+        .args(args)
+        .env("QLAYER_DATA_DIR", data)
+        .env_remove("QLAYER_BASE_URL")
+        .env_remove("QLAYER_PROVIDER")
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> (String, String) {
+    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+#[test]
+fn run_builds_a_validated_project_offline_with_progress_and_a_report() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("todo");
+    let o = qlayer(
+        &["run", "A todo list CLI, with due dates and tags", "--out", out.to_str().unwrap()],
+        &tmp.path().join("data"),
+    );
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stdout.contains("scripted"), "the provider in use is named: {stdout}");
+    assert!(stdout.contains("✓ product-manager"), "{stdout}");
+    assert!(stdout.contains("✓ developer"), "{stdout}");
+    assert!(stdout.contains("passed"), "{stdout}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("qlayer-run.json")).unwrap()).unwrap();
+    assert_eq!(report["status"], "passed");
+    assert!(report["tokens"]["prompt"].as_u64().unwrap() > 0);
+    for file in report["files"].as_array().unwrap() {
+        assert!(out.join(file["path"].as_str().unwrap()).is_file(), "{file}");
+    }
+    // The compile cache was filled: a second run loads compiled plugins from disk.
+    assert!(std::fs::read_dir(tmp.path().join("data/cache")).unwrap().count() >= 4);
+    let again = qlayer(
+        &["run", "A todo list CLI", "--out", tmp.path().join("second").to_str().unwrap()],
+        &tmp.path().join("data"),
+    );
+    assert!(again.status.success(), "{:?}", text(&again));
+}
+
+#[test]
+fn run_rejects_bad_input_with_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let out = tmp.path().join("out");
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["run".into(), "   ".into(), "--out".into(), out.display().to_string()], "requirement is empty"),
+        (
+            vec![
+                "run".into(),
+                "x".into(),
+                "--out".into(),
+                out.display().to_string(),
+                "--provider".into(),
+                "gpt5".into(),
+            ],
+            "unknown provider `gpt5`",
+        ),
+        (
+            vec![
+                "run".into(),
+                "x".into(),
+                "--out".into(),
+                out.display().to_string(),
+                "--provider".into(),
+                "openai".into(),
+                "--base-url".into(),
+                "not a url".into(),
+            ],
+            "--base-url `not a url` is not a URL",
+        ),
+        (
+            vec!["run".into(), "x".into(), "--out".into(), "/proc/qlayer-cannot-write-here".into()],
+            "cannot create the output directory",
+        ),
+    ];
+    for (args, expected) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = qlayer(&args, &data);
+        let (_, stderr) = text(&o);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: expected {expected:?} in {stderr}");
+    }
+
+    // A file where a directory is expected, and a non-empty directory without --force.
+    let file = tmp.path().join("file");
+    std::fs::write(&file, "x").unwrap();
+    let o = qlayer(&["run", "x", "--out", file.to_str().unwrap()], &data);
+    assert!(text(&o).1.contains("is not a directory"), "{:?}", text(&o));
+    let full = tmp.path().join("full");
+    std::fs::create_dir(&full).unwrap();
+    std::fs::write(full.join("keep.txt"), "mine").unwrap();
+    let o = qlayer(&["run", "x", "--out", full.to_str().unwrap()], &data);
+    assert!(text(&o).1.contains("is not empty"), "{:?}", text(&o));
+    assert_eq!(std::fs::read_to_string(full.join("keep.txt")).unwrap(), "mine", "nothing of the user's is touched");
+
+    // A missing required argument is clap's usage error.
+    let o = qlayer(&["run", "x"], &data);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).1.contains("--out"));
+}
+
+#[test]
+fn a_run_whose_files_stay_invalid_exits_3_and_still_writes_the_report() {
+    let tmp = tempfile::tempdir().unwrap();
+    let script = tmp.path().join("script.json");
+    let broken = serde_json::json!({"files": [{"path": "src/main.rs", "content": "fn main( {"}]}).to_string();
+    std::fs::write(&script, serde_json::json!({"rules": [{"role": "developer", "reply": broken}]}).to_string())
+        .unwrap();
+    let out = tmp.path().join("out");
+    let o = qlayer(
+        &["run", "x", "--out", out.to_str().unwrap(), "--script", script.to_str().unwrap(), "--max-repair-rounds", "1"],
+        &tmp.path().join("data"),
+    );
+    let (stdout, _) = text(&o);
+    assert_eq!(o.status.code(), Some(3), "{stdout}");
+    assert!(stdout.contains("error [rust-syntax] src/main.rs:1"), "{stdout}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("qlayer-run.json")).unwrap()).unwrap();
+    assert_eq!(report["status"], "failed-validation");
+}
+
+#[test]
+fn plugin_new_then_build_produces_a_component_the_host_loads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let dir = tmp.path().join("echo-tool");
+    let o = qlayer(&["plugin", "new", "tool", "echo-tool", "--dir", dir.to_str().unwrap()], &data);
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert!(dir.join("qlayer-plugin.toml").is_file());
+
+    let wasm = tmp.path().join("echo-tool.wasm");
+    let build = Command::new(env!("CARGO_BIN_EXE_qlayer"))
+        .args(["plugin", "build", dir.to_str().unwrap(), "--out", wasm.to_str().unwrap()])
+        // Reuse the workspace's compiled plugin dependencies.
+        .env("CARGO_TARGET_DIR", qlayer_host::embedded::bundled::PLUGIN_TARGET_DIR)
+        .output()
+        .unwrap();
+    assert!(build.status.success(), "{:?}", text(&build));
+    assert!(text(&build).0.contains("built"), "{:?}", text(&build));
+
+    let inspect = qlayer(&["plugin", "inspect", wasm.to_str().unwrap(), "--json"], &data);
+    assert!(inspect.status.success(), "{:?}", text(&inspect));
+    let info: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    assert_eq!(info["manifest"]["name"], "echo-tool");
+    assert_eq!(info["manifest"]["kind"], "tool");
+    assert_eq!(info["world"], "tool-plugin");
+    assert!(info["load_error"].is_null(), "{info}");
+    assert!(
+        info["exports"].as_array().unwrap().iter().any(|e| e.as_str().unwrap().starts_with("quantumlayer:plugin/tool"))
+    );
+
+    // And it runs in the host.
+    let rt = qlayer_host::runtime::Runtime::new(Default::default()).unwrap();
+    let installed = rt.load(&std::fs::read(&wasm).unwrap()).unwrap().install(Default::default()).unwrap();
+    let reply = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(async { installed.tool("t").await.unwrap().invoke(r#"{"a":1}"#).await })
+        .unwrap();
+    assert_eq!(reply, r#"{"echo":{"a":1}}"#);
+}
+
+#[test]
+fn plugin_commands_reject_bad_input() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let o = qlayer(&["plugin", "new", "widget", "x"], &data);
+    assert_ne!(o.status.code(), Some(0));
+    assert!(text(&o).1.contains("unknown plugin kind `widget`"), "{:?}", text(&o));
+    let o = qlayer(&["plugin", "new", "tool", "Bad_Name", "--dir", tmp.path().join("b").to_str().unwrap()], &data);
+    assert!(text(&o).1.contains("`name`"), "{:?}", text(&o));
+    let junk = tmp.path().join("junk.wasm");
+    std::fs::write(&junk, b"\0asm\x01\0\0\0").unwrap();
+    let o = qlayer(&["plugin", "inspect", junk.to_str().unwrap()], &data);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).1.contains("no plugin manifest"), "{:?}", text(&o));
+    let o = qlayer(&["plugin", "build", tmp.path().to_str().unwrap()], &data);
+    assert!(text(&o).1.contains("qlayer-plugin.toml"), "{:?}", text(&o));
+}

@@ -1,0 +1,4 @@
+//! The `qlayer` binary, as a user runs it.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod cli;

@@ -1,0 +1,121 @@
+//! Write QuantumLayer plugins in Rust: LLM providers, role agents, validators and tools, built as
+//! WebAssembly components for the `quantumlayer:plugin@0.1.0` contract.
+//!
+//! Enable the feature of the one world your plugin targets (`provider`, `agent`, `validator` or
+//! `tool`), implement its trait, and export it with its macro:
+//!
+//! ```
+//! # #[cfg(feature = "tool")] mod example {
+//! use qlayer_sdk::{PluginError, tool::Tool};
+//!
+//! struct Echo;
+//!
+//! impl Tool for Echo {
+//!     fn invoke(input_json: String) -> Result<String, PluginError> {
+//!         Ok(input_json)
+//!     }
+//! }
+//!
+//! qlayer_sdk::export_tool!(Echo);
+//! # }
+//! ```
+//!
+//! `qlayer plugin new tool echo` scaffolds such a crate and `qlayer plugin build` turns it into a
+//! component with its manifest (`qlayer-plugin.toml`) embedded.
+#![deny(missing_docs)]
+
+#[doc(hidden)]
+#[allow(missing_docs, unsafe_code, clippy::all)]
+pub mod __bindings {
+    // The shared types and the `host` import, generated once; each world module below reuses
+    // them so that one `Completion` type serves every world.
+    wit_bindgen::generate!({
+        inline: "package qlayer:sdk; world base { import quantumlayer:plugin/host@0.1.0; }",
+        path: "../wit",
+        world: "qlayer:sdk/base",
+        generate_all,
+        generate_unused_types: true,
+        additional_derives: [PartialEq],
+    });
+}
+
+pub use __bindings::quantumlayer::plugin::types::{
+    AgentOutput, Artifact, Completion, CompletionChunk, CompletionRequest, Diagnostic, EmbeddingRequest, Embeddings,
+    LogLevel, Message, ModelInfo, PluginError, Role, Severity, Task, Usage,
+};
+
+pub mod host;
+pub mod json;
+
+#[cfg(feature = "provider")]
+pub mod http;
+#[cfg(feature = "provider")]
+pub mod provider;
+
+#[cfg(feature = "agent")]
+pub mod agent;
+
+#[cfg(feature = "validator")]
+pub mod validator;
+
+#[cfg(feature = "tool")]
+pub mod tool;
+
+impl Message {
+    /// A message with the given role.
+    ///
+    /// ```
+    /// use qlayer_sdk::{Message, Role};
+    /// let m = Message::new(Role::User, "hello");
+    /// assert_eq!(m.content, "hello");
+    /// ```
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        Message { role, content: content.into() }
+    }
+}
+
+impl Artifact {
+    /// A text file artifact; the media type is guessed from the extension.
+    ///
+    /// ```
+    /// let a = qlayer_sdk::Artifact::text("src/main.rs", "fn main() {}");
+    /// assert_eq!(a.media_type, "text/x-rust");
+    /// ```
+    pub fn text(path: impl Into<String>, content: impl Into<String>) -> Self {
+        let path = path.into();
+        Artifact { media_type: media_type(&path).to_string(), path, content: content.into().into_bytes() }
+    }
+
+    /// The content as UTF-8 text, if it is.
+    ///
+    /// ```
+    /// let a = qlayer_sdk::Artifact::text("a.txt", "hi");
+    /// assert_eq!(a.as_text(), Some("hi"));
+    /// ```
+    pub fn as_text(&self) -> Option<&str> {
+        std::str::from_utf8(&self.content).ok()
+    }
+}
+
+/// A media type for a file path, from its extension.
+///
+/// ```
+/// assert_eq!(qlayer_sdk::media_type("Cargo.toml"), "application/toml");
+/// ```
+pub fn media_type(path: &str) -> &'static str {
+    match path.rsplit('.').next().unwrap_or("") {
+        "rs" => "text/x-rust",
+        "py" => "text/x-python",
+        "js" | "mjs" => "text/javascript",
+        "ts" => "text/x-typescript",
+        "go" => "text/x-go",
+        "json" => "application/json",
+        "toml" => "application/toml",
+        "yaml" | "yml" => "application/yaml",
+        "md" => "text/markdown",
+        "html" => "text/html",
+        "css" => "text/css",
+        "sh" => "text/x-shellscript",
+        _ => "text/plain",
+    }
+}

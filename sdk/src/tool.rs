@@ -1,0 +1,59 @@
+//! Marketplace tools: implement [`Tool`] and export it with [`export_tool!`](crate::export_tool).
+//! See the crate docs for an example.
+
+use crate::PluginError;
+use std::marker::PhantomData;
+
+#[doc(hidden)]
+#[allow(missing_docs, unsafe_code, clippy::all)]
+pub mod bindings {
+    wit_bindgen::generate!({
+        path: "../wit",
+        world: "quantumlayer:plugin/tool-plugin",
+        with: {
+            "quantumlayer:plugin/types@0.1.0": crate::__bindings::quantumlayer::plugin::types,
+            "quantumlayer:plugin/host@0.1.0": crate::__bindings::quantumlayer::plugin::host,
+        },
+        pub_export_macro: true,
+        export_macro_name: "__export_tool_world",
+        default_bindings_module: "qlayer_sdk::tool::bindings",
+    });
+}
+
+/// A tool: JSON in, JSON out.
+pub trait Tool: 'static {
+    /// Runs the tool on its JSON input.
+    fn invoke(input_json: String) -> Result<String, PluginError>;
+}
+
+#[doc(hidden)]
+pub struct Adapter<T>(PhantomData<T>);
+
+impl<T: Tool> bindings::exports::quantumlayer::plugin::tool::Guest for Adapter<T> {
+    fn invoke(input_json: String) -> Result<String, PluginError> {
+        T::invoke(input_json)
+    }
+}
+
+/// Exports a [`Tool`] as this component's `tool` interface.
+///
+/// ```ignore
+/// qlayer_sdk::export_tool!(MyTool);
+/// ```
+#[macro_export]
+macro_rules! export_tool {
+    ($tool:ty) => {
+        // The component exports exist only in the wasm build; natively (unit tests of a plugin
+        // crate) the type is just checked against the trait.
+        #[cfg(target_arch = "wasm32")]
+        const _: () = {
+            type __QlayerExport = $crate::tool::Adapter<$tool>;
+    $crate::tool::bindings::__export_tool_world!(__QlayerExport with_types_in $crate::tool::bindings);
+        };
+        #[cfg(not(target_arch = "wasm32"))]
+        const _: fn() = || {
+            fn exported<T: $crate::tool::Tool>() {}
+            exported::<$tool>();
+        };
+    };
+}

@@ -1,0 +1,73 @@
+//! Validators: implement [`Validator`] and export it with [`export_validator!`](crate::export_validator).
+//!
+//! ```
+//! use qlayer_sdk::{validator::Validator, *};
+//!
+//! struct NoTabs;
+//! impl Validator for NoTabs {
+//!     fn validate(artifacts: Vec<Artifact>) -> Result<Vec<Diagnostic>, PluginError> {
+//!         Ok(artifacts.iter().filter(|a| a.content.contains(&b'\t')).map(|a| Diagnostic {
+//!             severity: Severity::Warning, rule: "no-tabs".into(), path: Some(a.path.clone()),
+//!             line: None, message: "contains a tab".into(),
+//!         }).collect())
+//!     }
+//! }
+//! qlayer_sdk::export_validator!(NoTabs);
+//! ```
+
+use crate::{Artifact, Diagnostic, PluginError};
+use std::marker::PhantomData;
+
+#[doc(hidden)]
+#[allow(missing_docs, unsafe_code, clippy::all)]
+pub mod bindings {
+    wit_bindgen::generate!({
+        path: "../wit",
+        world: "quantumlayer:plugin/validator-plugin",
+        with: {
+            "quantumlayer:plugin/types@0.1.0": crate::__bindings::quantumlayer::plugin::types,
+            "quantumlayer:plugin/host@0.1.0": crate::__bindings::quantumlayer::plugin::host,
+        },
+        pub_export_macro: true,
+        export_macro_name: "__export_validator_world",
+        default_bindings_module: "qlayer_sdk::validator::bindings",
+    });
+}
+
+/// A validator of artifacts.
+pub trait Validator: 'static {
+    /// Findings for the artifacts; an empty list when all is well.
+    fn validate(artifacts: Vec<Artifact>) -> Result<Vec<Diagnostic>, PluginError>;
+}
+
+#[doc(hidden)]
+pub struct Adapter<T>(PhantomData<T>);
+
+impl<T: Validator> bindings::exports::quantumlayer::plugin::validator::Guest for Adapter<T> {
+    fn validate(artifacts: Vec<Artifact>) -> Result<Vec<Diagnostic>, PluginError> {
+        T::validate(artifacts)
+    }
+}
+
+/// Exports a [`Validator`] as this component's `validator` interface.
+///
+/// ```ignore
+/// qlayer_sdk::export_validator!(MyValidator);
+/// ```
+#[macro_export]
+macro_rules! export_validator {
+    ($validator:ty) => {
+        // The component exports exist only in the wasm build; natively (unit tests of a plugin
+        // crate) the type is just checked against the trait.
+        #[cfg(target_arch = "wasm32")]
+        const _: () = {
+            type __QlayerExport = $crate::validator::Adapter<$validator>;
+            $crate::validator::bindings::__export_validator_world!(__QlayerExport with_types_in $crate::validator::bindings);
+        };
+        #[cfg(not(target_arch = "wasm32"))]
+        const _: fn() = || {
+            fn exported<T: $crate::validator::Validator>() {}
+            exported::<$validator>();
+        };
+    };
+}

@@ -1,0 +1,6 @@
+//! Workspace integration tests, one binary.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod factory;
+mod provider;
+mod sandbox;

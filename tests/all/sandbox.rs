@@ -1,0 +1,313 @@
+//! The sandbox holds: runaway guests are stopped, memory is capped, the network is closed except
+//! for granted hosts, tenants are isolated, and bad components are refused at load.
+
+use qlayer_host::runtime::{
+    CallErrorKind, CompletionRequest, Grants, HostPattern, LoadError, Message, PluginError, Role,
+};
+use qlayer_tests::{TestServer, fetcher, guest, guest_with, hostile, runtime};
+use std::time::Duration;
+
+fn ask(url: &str) -> CompletionRequest {
+    CompletionRequest {
+        model: String::new(),
+        messages: vec![Message { role: Role::User, content: url.to_string() }],
+        max_tokens: None,
+        temperature: None,
+        stop: vec![],
+        json_output: false,
+    }
+}
+
+fn grant(hosts: &[String]) -> Grants {
+    Grants { outbound_hosts: hosts.iter().map(|h| HostPattern::parse(h).unwrap()).collect(), ..Default::default() }
+}
+
+#[tokio::test]
+async fn a_guest_that_loops_forever_is_stopped_at_its_deadline() {
+    let rt = runtime();
+    let installed = rt.load(&hostile(32, 300)).unwrap().install(Grants::default()).unwrap();
+    let mut tool = installed.tool("t1").await.unwrap();
+    let err = tool.invoke("loop").await.unwrap_err();
+    assert!(matches!(err.kind, CallErrorKind::Timeout(d) if d == Duration::from_millis(300)), "{err}");
+    assert!(err.to_string().contains("300 ms deadline"), "{err}");
+    // The instance is poisoned; a new one works.
+    assert!(matches!(tool.invoke("again").await.unwrap_err().kind, CallErrorKind::Poisoned));
+    let mut fresh = installed.tool("t1").await.unwrap();
+    assert_eq!(fresh.invoke("hello").await.unwrap(), "hello");
+}
+
+#[tokio::test]
+async fn a_guest_that_grows_memory_past_its_cap_fails_cleanly() {
+    let rt = runtime();
+    let installed = rt.load(&hostile(16, 10_000)).unwrap().install(Grants::default()).unwrap();
+    assert_eq!(installed.memory_limit(), 16 << 20);
+    let mut tool = installed.tool("t1").await.unwrap();
+    let err = tool.invoke("alloc").await.unwrap_err();
+    match err.kind {
+        CallErrorKind::OutOfMemory { limit, requested } => {
+            assert_eq!(limit, 16 << 20);
+            assert!(requested > limit);
+        }
+        ref other => panic!("expected out-of-memory, got {other:?}: {err}"),
+    }
+    assert!(err.to_string().contains("ran out of memory"), "{err}");
+    let mut fresh = installed.tool("t1").await.unwrap();
+    assert_eq!(fresh.invoke("still here").await.unwrap(), "still here");
+}
+
+#[tokio::test]
+async fn manifest_limits_are_clamped_by_host_policy() {
+    let rt = qlayer_host::runtime::Runtime::new(qlayer_host::runtime::RuntimeConfig {
+        cache_dir: None,
+        policy: qlayer_host::runtime::HostPolicy {
+            max_memory_mb: 8,
+            max_timeout: Duration::from_millis(200),
+            max_instances: 4,
+            ..Default::default()
+        },
+    })
+    .unwrap();
+    let installed = rt.load(&hostile(64, 60_000)).unwrap().install(Grants::default()).unwrap();
+    assert_eq!(installed.memory_limit(), 8 << 20);
+    assert_eq!(installed.timeout(), Duration::from_millis(200));
+    let err = installed.tool("t").await.unwrap().invoke("loop").await.unwrap_err();
+    assert!(matches!(err.kind, CallErrorKind::Timeout(d) if d == Duration::from_millis(200)), "{err}");
+}
+
+#[tokio::test]
+async fn a_plugin_has_no_environment_and_no_filesystem() {
+    // SAFETY of the assertion: the host process certainly has environment variables.
+    assert!(std::env::vars().count() > 0);
+    let rt = runtime();
+    let installed = rt.load(&hostile(32, 5000)).unwrap().install(Grants::default()).unwrap();
+    assert_eq!(installed.tool("t").await.unwrap().invoke("env").await.unwrap(), "0");
+    let fs = installed.tool("t").await.unwrap().invoke("fs").await.unwrap();
+    assert!(fs.starts_with("no filesystem"), "{fs}");
+}
+
+#[tokio::test]
+async fn a_granted_host_works_and_an_ungranted_host_is_refused() {
+    let server = TestServer::start().await;
+    let rt = runtime();
+    let plugin = rt.load(&fetcher()).unwrap();
+
+    let granted = plugin.install(grant(&[server.addr.to_string()])).unwrap();
+    let reply = granted.provider("t").await.unwrap().complete(&ask(&format!("{}/plain", server.url()))).await.unwrap();
+    assert_eq!(reply.text, "200 granted host answered");
+
+    let other = plugin.install(grant(&["api.example.com".into()])).unwrap();
+    let before = server.requests().len();
+    let err = other.provider("t").await.unwrap().complete(&ask(&format!("{}/plain", server.url()))).await.unwrap_err();
+    match &err.kind {
+        CallErrorKind::Plugin(PluginError::Unauthorized(m)) => assert!(m.contains("not granted"), "{m}"),
+        other => panic!("expected unauthorized, got {other:?}"),
+    }
+    assert_eq!(server.requests().len(), before, "a refused request must never reach the server");
+
+    // No grant at all: no network.
+    let none = plugin.install(Grants::default()).unwrap();
+    let err = none.provider("t").await.unwrap().complete(&ask(&format!("{}/plain", server.url()))).await.unwrap_err();
+    assert!(matches!(err.kind, CallErrorKind::Plugin(PluginError::Unauthorized(_))), "{err}");
+}
+
+#[tokio::test]
+async fn a_redirect_to_an_ungranted_host_is_refused() {
+    let granted_server = TestServer::start().await;
+    let other_server = TestServer::start().await;
+    let rt = runtime();
+    let installed = rt.load(&fetcher()).unwrap().install(grant(&[granted_server.addr.to_string()])).unwrap();
+
+    // A redirect that stays on the granted host is followed.
+    let url = format!("{}/redirect?to={}/plain", granted_server.url(), granted_server.url());
+    let reply = installed.provider("t").await.unwrap().complete(&ask(&url)).await.unwrap();
+    assert_eq!(reply.text, "200 granted host answered");
+
+    // Same IP, another port: a different host, refused.
+    let url = format!("{}/redirect?to={}/plain", granted_server.url(), other_server.url());
+    let err = installed.provider("t").await.unwrap().complete(&ask(&url)).await.unwrap_err();
+    assert!(matches!(err.kind, CallErrorKind::Plugin(PluginError::Unauthorized(_))), "{err}");
+    assert!(other_server.requests().is_empty(), "the ungranted host must never be reached");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trap_in_one_tenant_does_not_disturb_another_tenant() {
+    let rt = runtime();
+    let installed = rt.load(&hostile(32, 5000)).unwrap().install(Grants::default()).unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let installed = installed.clone();
+        tasks.push(tokio::spawn(async move {
+            let (tenant, input) =
+                if i % 2 == 0 { ("tenant-a", "panic".to_string()) } else { ("tenant-b", format!("echo {i}")) };
+            let result = installed.tool(tenant).await.unwrap().invoke(&input).await;
+            (tenant, input, result)
+        }));
+    }
+    let (mut a_traps, mut b_ok) = (0, 0);
+    for t in tasks {
+        let (tenant, input, result) = t.await.unwrap();
+        match tenant {
+            "tenant-a" => {
+                let err = result.unwrap_err();
+                assert!(matches!(err.kind, CallErrorKind::Trap(_)), "{err}");
+                assert_eq!(&*err.tenant, "tenant-a");
+                a_traps += 1;
+            }
+            _ => {
+                assert_eq!(result.unwrap(), input);
+                b_ok += 1;
+            }
+        }
+    }
+    assert_eq!((a_traps, b_ok), (20, 20));
+}
+
+#[tokio::test]
+async fn a_plugin_error_is_typed_not_a_trap() {
+    let rt = runtime();
+    let installed = rt.load(&hostile(32, 5000)).unwrap().install(Grants::default()).unwrap();
+    let mut tool = installed.tool("t").await.unwrap();
+    let err = tool.invoke("fail-retryable").await.unwrap_err();
+    assert!(err.is_retryable(), "{err}");
+    let err = tool.invoke("fail-fatal").await.unwrap_err();
+    assert!(!err.is_retryable(), "{err}");
+    // A plugin error does not poison the instance.
+    assert_eq!(tool.invoke("ok").await.unwrap(), "ok");
+}
+
+#[test]
+fn a_component_of_the_wrong_world_is_refused_with_what_is_missing() {
+    let rt = runtime();
+    let as_provider = guest_with(
+        "qlayer-test-hostile",
+        "name = \"liar\"\nversion = \"0.1.0\"\nkind = \"provider\"\ndescription = \"a tool pretending\"\n",
+    );
+    let err = rt.load(&as_provider).unwrap_err();
+    assert!(matches!(err, LoadError::WrongWorld { .. }), "{err}");
+    let text = err.to_string();
+    assert!(text.contains("does not export `quantumlayer:plugin/provider@0.1.0`"), "{text}");
+    assert!(text.contains("quantumlayer:plugin/tool@0.1.0"), "it should say what it does export: {text}");
+
+    // A provider (which imports wasi:http) declared as a validator: refused too.
+    let as_validator = guest_with(
+        "qlayer-test-fetcher",
+        "name = \"liar\"\nversion = \"0.1.0\"\nkind = \"validator\"\ndescription = \"d\"\n",
+    );
+    let text = rt.load(&as_validator).unwrap_err().to_string();
+    assert!(text.contains("validator"), "{text}");
+}
+
+fn append_section(wasm: &[u8], name: &str, data: &[u8]) -> Vec<u8> {
+    fn leb(out: &mut Vec<u8>, mut v: usize) {
+        loop {
+            let b = (v & 0x7f) as u8;
+            v >>= 7;
+            if v == 0 {
+                out.push(b);
+                return;
+            }
+            out.push(b | 0x80);
+        }
+    }
+    let mut payload = Vec::new();
+    leb(&mut payload, name.len());
+    payload.extend_from_slice(name.as_bytes());
+    payload.extend_from_slice(data);
+    let mut out = wasm.to_vec();
+    out.push(0);
+    leb(&mut out, payload.len());
+    out.extend_from_slice(&payload);
+    out
+}
+
+#[test]
+fn a_missing_or_malformed_manifest_is_refused() {
+    let rt = runtime();
+    let raw = guest("qlayer-test-hostile");
+    let err = rt.load(&raw).unwrap_err();
+    assert!(err.to_string().contains("has no plugin manifest"), "{err}");
+
+    let broken = append_section(&raw, "qlayer-plugin", b"name = \"x\"\nversion = ");
+    let err = rt.load(&broken).unwrap_err();
+    assert!(err.to_string().starts_with("malformed plugin manifest"), "{err}");
+
+    let unknown = append_section(
+        &raw,
+        "qlayer-plugin",
+        b"name='x'\nversion='1.0.0'\nkind='tool'\ndescription='d'\nsandbox='off'\n",
+    );
+    let err = rt.load(&unknown).unwrap_err();
+    assert!(err.to_string().contains("sandbox"), "the unknown key must be named: {err}");
+
+    let not_wasm = rt.load(b"definitely not wasm").unwrap_err();
+    assert!(not_wasm.to_string().contains("not a WebAssembly binary"), "{not_wasm}");
+}
+
+#[test]
+fn an_ungranted_capability_is_refused_at_install() {
+    let rt = runtime();
+    let plugin = rt.load(&hostile(32, 1000)).unwrap();
+    let mut grants = Grants::default();
+    grants.config.insert("base_url".into(), "x".into());
+    let err = plugin.install(grants).unwrap_err();
+    assert!(err.to_string().contains("does not ask for config key `base_url`"), "{err}");
+}
+
+#[test]
+fn compiled_components_are_cached_on_disk_and_a_bad_entry_is_recompiled() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = || qlayer_host::runtime::RuntimeConfig {
+        cache_dir: Some(dir.path().to_path_buf()),
+        policy: qlayer_host::runtime::HostPolicy { max_instances: 4, ..Default::default() },
+    };
+    let wasm = hostile(32, 1000);
+    let first = qlayer_host::runtime::Runtime::new(config()).unwrap();
+    let digest = first.load(&wasm).unwrap().digest().to_string();
+    let entries: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert!(entries[0].file_name().unwrap().to_string_lossy().starts_with(digest.trim_start_matches("sha256:")));
+
+    // A second runtime (a restart) loads the cached compilation.
+    let second = qlayer_host::runtime::Runtime::new(config()).unwrap();
+    assert_eq!(second.load(&wasm).unwrap().digest(), digest);
+
+    // A corrupted entry is not trusted: it is recompiled and replaced.
+    std::fs::write(&entries[0], b"garbage").unwrap();
+    let third = qlayer_host::runtime::Runtime::new(config()).unwrap();
+    third.load(&wasm).unwrap();
+    assert!(std::fs::metadata(&entries[0]).unwrap().len() > 1000);
+}
+
+#[test]
+fn guest_output_and_host_log_reach_tracing_with_tenant_and_plugin() {
+    use std::sync::{Arc, Mutex};
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let capture = Capture::default();
+    let writer = capture.clone();
+    let subscriber = tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).finish();
+    tracing::subscriber::with_default(subscriber, || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let host = runtime();
+            let installed = host.load(&hostile(32, 5000)).unwrap().install(Grants::default()).unwrap();
+            let mut tool = installed.tool("tenant-7").await.unwrap();
+            assert_eq!(tool.invoke("print").await.unwrap(), "printed");
+            drop(tool);
+        });
+    });
+    let text = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    assert!(text.contains("hello from the guest's stdout"), "{text}");
+    assert!(text.contains("hello from host.log"), "{text}");
+    assert!(text.contains("tenant=\"tenant-7\"") || text.contains("tenant=tenant-7"), "{text}");
+    assert!(text.contains("plugin=\"hostile\"") || text.contains("plugin=hostile"), "{text}");
+}

@@ -1,0 +1,231 @@
+//! The test harness: fixtures (test guests with the manifests a test needs) and a local
+//! **OpenAI-compatible test server** — a test double that the tests start on a loopback port, so
+//! providers are exercised over real HTTP without any real LLM API.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::Frame;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use qlayer_host::runtime::{Runtime, RuntimeConfig};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The raw component (no manifest) of a test guest package.
+pub fn guest(package: &str) -> Vec<u8> {
+    let path = qlayer_host::embedded::bundled::TEST_GUESTS
+        .iter()
+        .find(|(p, _)| *p == package)
+        .map(|(_, path)| PathBuf::from(path))
+        .unwrap_or_else(|| panic!("no test guest {package}"));
+    std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+/// A test guest with a manifest embedded.
+pub fn guest_with(package: &str, manifest_toml: &str) -> Vec<u8> {
+    let manifest = qlayer_manifest::Manifest::from_toml(manifest_toml).unwrap_or_else(|e| panic!("{e}"));
+    qlayer_manifest::embed(&guest(package), &manifest).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The hostile tool guest with a given memory limit and timeout.
+pub fn hostile(memory_mb: u32, timeout_ms: u64) -> Vec<u8> {
+    guest_with(
+        "qlayer-test-hostile",
+        &format!(
+            "name = \"hostile\"\nversion = \"0.1.0\"\nkind = \"tool\"\ndescription = \"misbehaves on request\"\n[limits]\nmemory-mb = {memory_mb}\ntimeout-ms = {timeout_ms}\n"
+        ),
+    )
+}
+
+/// The fetcher provider guest, asking for any host.
+pub fn fetcher() -> Vec<u8> {
+    guest_with(
+        "qlayer-test-fetcher",
+        "name = \"fetcher\"\nversion = \"0.1.0\"\nkind = \"provider\"\ndescription = \"fetches URLs\"\n[capabilities]\noutbound-hosts = [\"*\"]\n[limits]\ntimeout-ms = 10000\n",
+    )
+}
+
+/// A runtime with a small pool, for tests.
+pub fn runtime() -> Runtime {
+    Runtime::new(RuntimeConfig {
+        cache_dir: None,
+        policy: qlayer_host::runtime::HostPolicy { max_instances: 64, ..Default::default() },
+    })
+    .unwrap_or_else(|e| panic!("runtime: {e:#}"))
+}
+
+/// One request the test server saw.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    /// Path and query.
+    pub path: String,
+    /// The Authorization header, if any.
+    pub authorization: Option<String>,
+    /// The body.
+    pub body: String,
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+
+/// A local HTTP server on a free loopback port, serving the OpenAI-compatible API as a test
+/// double, plus `/plain` (200) and `/redirect?to=URL` (302) for grant tests.
+///
+/// The chat behaviour is chosen by the request's `model`: `ok` (default), `rate-limit` (429 with
+/// Retry-After: 2), `error-500`, `malformed` (200 with a broken body), `slow` (answers after 3 s),
+/// `cut-stream` (a stream that stops before `[DONE]`), `unauthorized` (401).
+pub struct TestServer {
+    /// `127.0.0.1:<port>`.
+    pub addr: SocketAddr,
+    /// Every request seen, in order.
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    _shutdown: tokio::sync::oneshot::Sender<()>,
+}
+
+impl TestServer {
+    /// Starts the server on a free port.
+    pub async fn start() -> TestServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("bind: {e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
+        let log = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    a = listener.accept() => a,
+                    _ = &mut rx => return,
+                };
+                let Ok((stream, _)) = accepted else { continue };
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| handle(req, log.clone()));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        TestServer { addr, seen, _shutdown: tx }
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The requests seen so far.
+    pub fn requests(&self) -> Vec<Seen> {
+        self.seen.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(Full::new(body.into()).boxed());
+    *r.status_mut() = status;
+    r.headers_mut().insert("content-type", content_type.parse().unwrap_or_else(|_| unreachable!()));
+    r
+}
+
+fn json(status: StatusCode, v: serde_json::Value) -> Response<Body> {
+    full(status, "application/json", v.to_string())
+}
+
+async fn handle(req: Request<hyper::body::Incoming>, log: Arc<Mutex<Vec<Seen>>>) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
+    let authorization = req.headers().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_string);
+    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body = String::from_utf8_lossy(&body).into_owned();
+    if let Ok(mut l) = log.lock() {
+        l.push(Seen { path: path.clone(), authorization, body: body.clone() });
+    }
+    let request: serde_json::Value = serde_json::from_str(&body).unwrap_or(serde_json::Value::Null);
+    let model = request["model"].as_str().unwrap_or("ok").to_string();
+    let route = path.split('?').next().unwrap_or("");
+    Ok(match route {
+        "/plain" => full(StatusCode::OK, "text/plain", "granted host answered"),
+        "/redirect" => {
+            let to = path.split_once("to=").map(|(_, t)| t.to_string()).unwrap_or_default();
+            let mut r = full(StatusCode::FOUND, "text/plain", "");
+            r.headers_mut().insert("location", to.parse().unwrap_or_else(|_| unreachable!()));
+            r
+        }
+        "/v1/models" => json(
+            StatusCode::OK,
+            serde_json::json!({"object": "list", "data": [
+            {"id": "ok", "object": "model", "owned_by": "test-server"},
+            {"id": "slow", "object": "model", "owned_by": "test-server"}]}),
+        ),
+        "/v1/embeddings" => {
+            let n = request["input"].as_array().map(Vec::len).unwrap_or(1);
+            let data: Vec<_> =
+                (0..n).rev().map(|i| serde_json::json!({"index": i, "embedding": [i as f32, 0.5, -0.5]})).collect();
+            json(
+                StatusCode::OK,
+                serde_json::json!({"data": data, "model": model, "usage": {"prompt_tokens": 3, "total_tokens": 3}}),
+            )
+        }
+        "/v1/chat/completions" => chat(&model, request["stream"].as_bool().unwrap_or(false), &request).await,
+        _ => json(StatusCode::NOT_FOUND, serde_json::json!({"error": {"message": format!("no route {route}")}})),
+    })
+}
+
+async fn chat(model: &str, stream: bool, request: &serde_json::Value) -> Response<Body> {
+    let last = request["messages"].as_array().and_then(|m| m.last()).and_then(|m| m["content"].as_str()).unwrap_or("");
+    match model {
+        "rate-limit" => {
+            let mut r = json(StatusCode::TOO_MANY_REQUESTS, serde_json::json!({"error": {"message": "slow down"}}));
+            r.headers_mut().insert("retry-after", "2".parse().unwrap_or_else(|_| unreachable!()));
+            r
+        }
+        "error-500" => {
+            json(StatusCode::INTERNAL_SERVER_ERROR, serde_json::json!({"error": {"message": "upstream exploded"}}))
+        }
+        "unauthorized" => json(StatusCode::UNAUTHORIZED, serde_json::json!({"error": {"message": "bad key"}})),
+        "malformed" => full(StatusCode::OK, "application/json", "{\"choices\": [ {\"mess"),
+        "slow" => {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            json(StatusCode::OK, reply(model, "late"))
+        }
+        _ if stream => {
+            let words = vec!["echo: ".to_string(), last.to_string()];
+            let cut = model == "cut-stream";
+            let mut events: Vec<String> =
+                vec![format!("data: {}\n\n", serde_json::json!({"choices": [{"delta": {"role": "assistant"}}]}))];
+            for w in words {
+                events.push(format!(
+                    "data: {}\n\n",
+                    serde_json::json!({"choices": [{"delta": {"content": w}, "finish_reason": null}]})
+                ));
+            }
+            if !cut {
+                events.push(format!(
+                    "data: {}\n\n",
+                    serde_json::json!({"choices": [{"delta": {}, "finish_reason": "stop"}]})
+                ));
+                events.push(format!(
+                    "data: {}\n\n",
+                    serde_json::json!({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2}})
+                ));
+                events.push("data: [DONE]\n\n".to_string());
+            }
+            let frames =
+                futures::stream::iter(events.into_iter().map(|e| Ok::<_, Infallible>(Frame::data(Bytes::from(e)))));
+            let mut r = Response::new(BodyExt::boxed(StreamBody::new(frames)));
+            r.headers_mut().insert("content-type", "text/event-stream".parse().unwrap_or_else(|_| unreachable!()));
+            r
+        }
+        _ => json(StatusCode::OK, reply(model, &format!("echo: {last}"))),
+    }
+}
+
+fn reply(model: &str, text: &str) -> serde_json::Value {
+    serde_json::json!({
+        "id": "test", "object": "chat.completion", "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+    })
+}

@@ -41,6 +41,19 @@ fn main() {
     let installed = runtime.load(scripted).unwrap().install(Grants::default()).unwrap();
 
     tokio.block_on(async {
+        // Baseline for this machine and this run: a native async call that returns a String.
+        #[inline(never)]
+        async fn native(n: u64) -> String {
+            std::hint::black_box(format!("role-{n}"))
+        }
+        let mut base = Vec::new();
+        for i in 0..20000 {
+            let t = Instant::now();
+            std::hint::black_box(native(i).await);
+            base.push(t.elapsed());
+        }
+        stats("baseline: native async fn returning a String", base);
+
         // Warm up the pool slots and caches.
         for _ in 0..200 {
             installed.provider("warm").await.unwrap().ping().await.unwrap();
@@ -68,6 +81,23 @@ fn main() {
         }
         stats("warm call `models` (host → guest → host)", warm);
         drop(p);
+
+        // The most trivial export in the contract: `agent.role()`, no arguments, a short string back.
+        let agent =
+            runtime.load(bundled_plugin("product-manager").unwrap()).unwrap().install(Grants::default()).unwrap();
+        let router = std::sync::Arc::new(qlayer_host::router::Router::new(vec![], None));
+        let mut a = agent.agent("warm", router).await.unwrap();
+        for _ in 0..1000 {
+            a.role().await.unwrap();
+        }
+        let mut trivial = Vec::new();
+        for _ in 0..20000 {
+            let t = Instant::now();
+            a.role().await.unwrap();
+            trivial.push(t.elapsed());
+        }
+        stats("warm call `role` (no args, short string)", trivial);
+        drop(a);
 
         let before = rss_kib();
         let mut live = Vec::with_capacity(tenants as usize);

@@ -401,18 +401,22 @@ pub fn embed(wasm: &[u8], manifest: &Manifest) -> Result<Vec<u8>, ManifestError>
         0 => {}
         n => return Err(ManifestError::Duplicate(n + 1)),
     }
-    let text = manifest.to_toml();
-    let mut payload = Vec::with_capacity(text.len() + 32);
-    leb128(&mut payload, SECTION_NAME.len() as u64);
-    payload.extend_from_slice(SECTION_NAME.as_bytes());
-    payload.extend_from_slice(text.as_bytes());
+    Ok(append_custom_section(wasm, SECTION_NAME, manifest.to_toml().as_bytes()))
+}
+
+/// Returns `wasm` with a custom section `name` holding `data` appended. Custom sections may
+/// appear anywhere, in modules and components alike, and do not change what the binary does.
+pub fn append_custom_section(wasm: &[u8], name: &str, data: &[u8]) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(name.len() + data.len() + 8);
+    leb128(&mut payload, name.len() as u64);
+    payload.extend_from_slice(name.as_bytes());
+    payload.extend_from_slice(data);
     let mut out = Vec::with_capacity(wasm.len() + payload.len() + 8);
     out.extend_from_slice(wasm);
-    // Custom sections may appear anywhere, in modules and components alike: append one.
     out.push(0);
     leb128(&mut out, payload.len() as u64);
     out.extend_from_slice(&payload);
-    Ok(out)
+    out
 }
 
 fn leb128(out: &mut Vec<u8>, mut value: u64) {

@@ -145,17 +145,6 @@ impl<T: Agent> bindings::exports::quantumlayer::plugin::agent::Guest for Adapter
 #[macro_export]
 macro_rules! export_agent {
     ($agent:ty) => {
-        // The component exports exist only in the wasm build; natively (unit tests of a plugin
-        // crate) the type is just checked against the trait.
-        #[cfg(target_arch = "wasm32")]
-        const _: () = {
-            type __QlayerExport = $crate::agent::Adapter<$agent>;
-    $crate::agent::bindings::__export_agent_world!(__QlayerExport with_types_in $crate::agent::bindings);
-        };
-        #[cfg(not(target_arch = "wasm32"))]
-        const _: fn() = || {
-            fn exported<T: $crate::agent::Agent>() {}
-            exported::<$agent>();
-        };
+        $crate::__export_world!(agent, Agent, __export_agent_world, $agent);
     };
 }

@@ -119,3 +119,22 @@ pub fn media_type(path: &str) -> &'static str {
         _ => "text/plain",
     }
 }
+
+/// Shared body of the `export_*!` macros: the component exports exist only in the wasm build;
+/// natively (unit tests of a plugin crate) the type is only checked against the world's trait.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __export_world {
+    ($module:ident, $trait:ident, $world_macro:ident, $ty:ty) => {
+        #[cfg(target_arch = "wasm32")]
+        const _: () = {
+            type __QlayerExport = $crate::$module::Adapter<$ty>;
+    $crate::$module::bindings::$world_macro!(__QlayerExport with_types_in $crate::$module::bindings);
+        };
+        #[cfg(not(target_arch = "wasm32"))]
+        const _: fn() = || {
+            fn exported<T: $crate::$module::$trait>() {}
+            exported::<$ty>();
+        };
+    };
+}

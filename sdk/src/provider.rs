@@ -105,17 +105,6 @@ impl<T: Provider> wit::Guest for Adapter<T> {
 #[macro_export]
 macro_rules! export_provider {
     ($provider:ty) => {
-        // The component exports exist only in the wasm build; natively (unit tests of a plugin
-        // crate) the type is just checked against the trait.
-        #[cfg(target_arch = "wasm32")]
-        const _: () = {
-            type __QlayerExport = $crate::provider::Adapter<$provider>;
-            $crate::provider::bindings::__export_provider_world!(__QlayerExport with_types_in $crate::provider::bindings);
-        };
-        #[cfg(not(target_arch = "wasm32"))]
-        const _: fn() = || {
-            fn exported<T: $crate::provider::Provider>() {}
-            exported::<$provider>();
-        };
+        $crate::__export_world!(provider, Provider, __export_provider_world, $provider);
     };
 }

@@ -43,17 +43,6 @@ impl<T: Tool> bindings::exports::quantumlayer::plugin::tool::Guest for Adapter<T
 #[macro_export]
 macro_rules! export_tool {
     ($tool:ty) => {
-        // The component exports exist only in the wasm build; natively (unit tests of a plugin
-        // crate) the type is just checked against the trait.
-        #[cfg(target_arch = "wasm32")]
-        const _: () = {
-            type __QlayerExport = $crate::tool::Adapter<$tool>;
-    $crate::tool::bindings::__export_tool_world!(__QlayerExport with_types_in $crate::tool::bindings);
-        };
-        #[cfg(not(target_arch = "wasm32"))]
-        const _: fn() = || {
-            fn exported<T: $crate::tool::Tool>() {}
-            exported::<$tool>();
-        };
+        $crate::__export_world!(tool, Tool, __export_tool_world, $tool);
     };
 }

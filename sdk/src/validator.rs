@@ -57,17 +57,6 @@ impl<T: Validator> bindings::exports::quantumlayer::plugin::validator::Guest for
 #[macro_export]
 macro_rules! export_validator {
     ($validator:ty) => {
-        // The component exports exist only in the wasm build; natively (unit tests of a plugin
-        // crate) the type is just checked against the trait.
-        #[cfg(target_arch = "wasm32")]
-        const _: () = {
-            type __QlayerExport = $crate::validator::Adapter<$validator>;
-            $crate::validator::bindings::__export_validator_world!(__QlayerExport with_types_in $crate::validator::bindings);
-        };
-        #[cfg(not(target_arch = "wasm32"))]
-        const _: fn() = || {
-            fn exported<T: $crate::validator::Validator>() {}
-            exported::<$validator>();
-        };
+        $crate::__export_world!(validator, Validator, __export_validator_world, $validator);
     };
 }

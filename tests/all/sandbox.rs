@@ -197,29 +197,6 @@ fn a_component_of_the_wrong_world_is_refused_with_what_is_missing() {
     assert!(text.contains("validator"), "{text}");
 }
 
-fn append_section(wasm: &[u8], name: &str, data: &[u8]) -> Vec<u8> {
-    fn leb(out: &mut Vec<u8>, mut v: usize) {
-        loop {
-            let b = (v & 0x7f) as u8;
-            v >>= 7;
-            if v == 0 {
-                out.push(b);
-                return;
-            }
-            out.push(b | 0x80);
-        }
-    }
-    let mut payload = Vec::new();
-    leb(&mut payload, name.len());
-    payload.extend_from_slice(name.as_bytes());
-    payload.extend_from_slice(data);
-    let mut out = wasm.to_vec();
-    out.push(0);
-    leb(&mut out, payload.len());
-    out.extend_from_slice(&payload);
-    out
-}
-
 #[test]
 fn a_missing_or_malformed_manifest_is_refused() {
     let rt = runtime();
@@ -227,11 +204,11 @@ fn a_missing_or_malformed_manifest_is_refused() {
     let err = rt.load(&raw).unwrap_err();
     assert!(err.to_string().contains("has no plugin manifest"), "{err}");
 
-    let broken = append_section(&raw, "qlayer-plugin", b"name = \"x\"\nversion = ");
+    let broken = qlayer_manifest::append_custom_section(&raw, "qlayer-plugin", b"name = \"x\"\nversion = ");
     let err = rt.load(&broken).unwrap_err();
     assert!(err.to_string().starts_with("malformed plugin manifest"), "{err}");
 
-    let unknown = append_section(
+    let unknown = qlayer_manifest::append_custom_section(
         &raw,
         "qlayer-plugin",
         b"name='x'\nversion='1.0.0'\nkind='tool'\ndescription='d'\nsandbox='off'\n",

@@ -241,7 +241,13 @@ impl Runtime {
             .total_memories(instances * 2)
             .total_tables(instances * 4)
             .total_stacks(instances)
-            .max_memory_size(policy.max_memory_mb as usize * 1024 * 1024);
+            .max_memory_size(policy.max_memory_mb as usize * 1024 * 1024)
+            // Freed slots are reset with madvise; batching those calls and resetting the first
+            // pages with memset instead (they are the ones every instance touches) keeps
+            // instantiation cheap when slots are reused at a high rate.
+            .decommit_batch_size(16)
+            .linear_memory_keep_resident(128 * 1024)
+            .table_keep_resident(64 * 1024);
         let mut wasm = Config::new();
         wasm.epoch_interruption(true)
             .wasm_component_model(true)
@@ -558,24 +564,24 @@ impl Installed {
     fn finish<B>(
         &self,
         (slot, store): (OwnedSemaphorePermit, Store<StoreState>),
-        outcome: Result<wasmtime::Result<B>, tokio::time::error::Elapsed>,
+        outcome: Option<wasmtime::Result<B>>,
     ) -> Result<Instance<B>, CallError> {
         match outcome {
-            Ok(Ok(bindings)) => Ok(Instance { store, bindings, timeout: self.timeout, poisoned: false, _slot: slot }),
-            Ok(Err(e)) => Err(classify(&store, e, self.timeout)),
-            Err(_) => Err(error_of(&store, CallErrorKind::Timeout(self.timeout))),
+            Some(Ok(bindings)) => Ok(Instance { store, bindings, timeout: self.timeout, poisoned: false, _slot: slot }),
+            Some(Err(e)) => Err(classify(&store, e, self.timeout)),
+            None => Err(error_of(&store, CallErrorKind::Timeout(self.timeout))),
         }
     }
 
-    fn grace(&self) -> Duration {
-        self.timeout + EPOCH_TICK * 4
+    fn grace(&self) -> tokio::time::Instant {
+        tokio::time::Instant::now() + self.timeout + EPOCH_TICK * 4
     }
 
     /// A live provider instance for `tenant`.
     pub async fn provider(&self, tenant: &str) -> Result<ProviderInstance, CallError> {
         let Pre::Provider(pre) = &self.plugin.pre else { return Err(self.wrong_kind(tenant, Kind::Provider)) };
         let mut begun = self.begin(tenant, None).await;
-        let outcome = tokio::time::timeout(self.grace(), pre.instantiate_async(&mut begun.1)).await;
+        let outcome = bounded(self.grace(), pre.instantiate_async(&mut begun.1)).await;
         self.finish(begun, outcome)
     }
 
@@ -583,7 +589,7 @@ impl Installed {
     pub async fn agent(&self, tenant: &str, llm: Arc<dyn LlmHandler>) -> Result<AgentInstance, CallError> {
         let Pre::Agent(pre) = &self.plugin.pre else { return Err(self.wrong_kind(tenant, Kind::Agent)) };
         let mut begun = self.begin(tenant, Some(llm)).await;
-        let outcome = tokio::time::timeout(self.grace(), pre.instantiate_async(&mut begun.1)).await;
+        let outcome = bounded(self.grace(), pre.instantiate_async(&mut begun.1)).await;
         self.finish(begun, outcome)
     }
 
@@ -591,7 +597,7 @@ impl Installed {
     pub async fn validator(&self, tenant: &str) -> Result<ValidatorInstance, CallError> {
         let Pre::Validator(pre) = &self.plugin.pre else { return Err(self.wrong_kind(tenant, Kind::Validator)) };
         let mut begun = self.begin(tenant, None).await;
-        let outcome = tokio::time::timeout(self.grace(), pre.instantiate_async(&mut begun.1)).await;
+        let outcome = bounded(self.grace(), pre.instantiate_async(&mut begun.1)).await;
         self.finish(begun, outcome)
     }
 
@@ -599,7 +605,7 @@ impl Installed {
     pub async fn tool(&self, tenant: &str) -> Result<ToolInstance, CallError> {
         let Pre::Tool(pre) = &self.plugin.pre else { return Err(self.wrong_kind(tenant, Kind::Tool)) };
         let mut begun = self.begin(tenant, None).await;
-        let outcome = tokio::time::timeout(self.grace(), pre.instantiate_async(&mut begun.1)).await;
+        let outcome = bounded(self.grace(), pre.instantiate_async(&mut begun.1)).await;
         self.finish(begun, outcome)
     }
 
@@ -613,6 +619,17 @@ impl Installed {
             ))),
         }
     }
+}
+
+/// Runs `fut` until `deadline`. Guest code is already bounded by the epoch deadline, so the
+/// timer is armed only if the first poll does not finish the call, i.e. when the guest waits on
+/// the host (an HTTP response, an `llm` call, a sleep). Most calls never pay for a timer.
+async fn bounded<F: Future>(deadline: tokio::time::Instant, fut: F) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    if let std::task::Poll::Ready(out) = futures::poll!(fut.as_mut()) {
+        return Some(out);
+    }
+    tokio::time::timeout_at(deadline, fut).await.ok()
 }
 
 fn error_of(store: &Store<StoreState>, kind: CallErrorKind) -> CallError {
@@ -663,31 +680,28 @@ impl<B: Send + Sync> Instance<B> {
     }
 
     /// Arms the deadline for one guest call; fails fast on a poisoned instance.
-    fn begin(&mut self) -> Result<Duration, CallError> {
+    fn begin(&mut self) -> Result<tokio::time::Instant, CallError> {
         if self.poisoned {
             return Err(error_of(&self.store, CallErrorKind::Poisoned));
         }
         self.store.data_mut().deadline = Instant::now() + self.timeout;
         self.store.data_mut().limiter.refused_growth = None;
-        // The epoch callback stops guest code at the deadline; the caller's timer (this grace)
-        // also bounds time spent waiting inside host calls (an upstream that never answers).
-        Ok(self.timeout + EPOCH_TICK * 4)
+        // The epoch callback stops guest code at the deadline; the caller's timer (armed at this
+        // instant, a few ticks later) bounds time spent waiting inside host calls.
+        Ok(tokio::time::Instant::now() + self.timeout + EPOCH_TICK * 4)
     }
 
     /// Turns the outcome of one guest call into a typed result; a trap, timeout or
     /// out-of-memory poisons the instance.
-    fn finish<T>(
-        &mut self,
-        outcome: Result<wasmtime::Result<Result<T, PluginError>>, tokio::time::error::Elapsed>,
-    ) -> Result<T, CallError> {
+    fn finish<T>(&mut self, outcome: Option<wasmtime::Result<Result<T, PluginError>>>) -> Result<T, CallError> {
         match outcome {
-            Ok(Ok(Ok(value))) => Ok(value),
-            Ok(Ok(Err(plugin_error))) => Err(error_of(&self.store, CallErrorKind::Plugin(plugin_error))),
-            Ok(Err(e)) => {
+            Some(Ok(Ok(value))) => Ok(value),
+            Some(Ok(Err(plugin_error))) => Err(error_of(&self.store, CallErrorKind::Plugin(plugin_error))),
+            Some(Err(e)) => {
                 self.poisoned = true;
                 Err(classify(&self.store, e, self.timeout))
             }
-            Err(_) => {
+            None => {
                 self.poisoned = true;
                 Err(error_of(&self.store, CallErrorKind::Timeout(self.timeout)))
             }
@@ -698,8 +712,8 @@ impl<B: Send + Sync> Instance<B> {
 /// Calls one export of an instance under its deadline: `guest_call!(self, iface().call_x(args..))`.
 macro_rules! guest_call {
     ($inst:ident, $($call:tt)+) => {{
-        let grace = $inst.begin()?;
-        let outcome = tokio::time::timeout(grace, $inst.bindings.$($call)+).await;
+        let deadline = $inst.begin()?;
+        let outcome = bounded(deadline, $inst.bindings.$($call)+).await;
         $inst.finish(outcome)
     }};
 }
@@ -744,9 +758,9 @@ impl ChunkStream<'_> {
     pub async fn next(&mut self) -> Result<Option<CompletionChunk>, CallError> {
         let Some(handle) = self.handle else { return Ok(None) };
         let inst = &mut *self.instance;
-        let grace = inst.begin()?;
+        let deadline = inst.begin()?;
         let guest = inst.bindings.quantumlayer_plugin_provider().completion_stream();
-        let outcome = tokio::time::timeout(grace, guest.call_next(&mut inst.store, handle)).await;
+        let outcome = bounded(deadline, guest.call_next(&mut inst.store, handle)).await;
         let chunk = inst.finish(outcome);
         match chunk {
             Ok(Some(chunk)) => Ok(Some(chunk)),
@@ -766,9 +780,8 @@ impl ChunkStream<'_> {
 impl AgentInstance {
     /// The role the agent plays.
     pub async fn role(&mut self) -> Result<String, CallError> {
-        let grace = self.begin()?;
-        let outcome =
-            tokio::time::timeout(grace, self.bindings.quantumlayer_plugin_agent().call_role(&mut self.store)).await;
+        let deadline = self.begin()?;
+        let outcome = bounded(deadline, self.bindings.quantumlayer_plugin_agent().call_role(&mut self.store)).await;
         self.finish(outcome.map(|r| r.map(Ok)))
     }
 

@@ -184,3 +184,21 @@ async fn the_scripted_provider_is_deterministic_and_streams() {
     }
     assert_eq!(text, a.text);
 }
+
+#[test]
+fn secrets_never_reach_the_logs_even_at_trace_level() {
+    let key = "sk-very-secret-4f1d2a";
+    let logs = qlayer_tests::capture_logs(tracing::Level::TRACE, || {
+        qlayer_tests::current_thread().block_on(async {
+            let server = TestServer::start().await;
+            let rt = runtime();
+            let installed = openai(&rt, &server, Some(key));
+            let mut p = installed.provider("t").await.unwrap();
+            p.complete(&request("ok")).await.unwrap();
+            let _ = p.complete(&request("unauthorized")).await;
+            assert_eq!(server.requests()[0].authorization.as_deref(), Some(format!("Bearer {key}").as_str()));
+        });
+    });
+    assert!(!logs.is_empty(), "trace logging was captured");
+    assert!(!logs.contains(key), "the API key leaked into the logs");
+}

@@ -257,34 +257,34 @@ fn compiled_components_are_cached_on_disk_and_a_bad_entry_is_recompiled() {
 
 #[test]
 fn guest_output_and_host_log_reach_tracing_with_tenant_and_plugin() {
-    use std::sync::{Arc, Mutex};
-    #[derive(Clone, Default)]
-    struct Capture(Arc<Mutex<Vec<u8>>>);
-    impl std::io::Write for Capture {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let capture = Capture::default();
-    let writer = capture.clone();
-    let subscriber = tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).finish();
-    tracing::subscriber::with_default(subscriber, || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        rt.block_on(async {
+    let text = qlayer_tests::capture_logs(tracing::Level::INFO, || {
+        qlayer_tests::current_thread().block_on(async {
             let host = runtime();
             let installed = host.load(&hostile(32, 5000)).unwrap().install(Grants::default()).unwrap();
             let mut tool = installed.tool("tenant-7").await.unwrap();
             assert_eq!(tool.invoke("print").await.unwrap(), "printed");
-            drop(tool);
         });
     });
-    let text = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
     assert!(text.contains("hello from the guest's stdout"), "{text}");
     assert!(text.contains("hello from host.log"), "{text}");
     assert!(text.contains("tenant=\"tenant-7\"") || text.contains("tenant=tenant-7"), "{text}");
     assert!(text.contains("plugin=\"hostile\"") || text.contains("plugin=hostile"), "{text}");
+}
+
+#[tokio::test]
+async fn a_full_pool_queues_instead_of_failing() {
+    let rt = qlayer_host::runtime::Runtime::new(qlayer_host::runtime::RuntimeConfig {
+        cache_dir: None,
+        policy: qlayer_host::runtime::HostPolicy { max_instances: 2, ..Default::default() },
+    })
+    .unwrap();
+    let installed = rt.load(&hostile(16, 5000)).unwrap().install(Grants::default()).unwrap();
+    let first = installed.tool("a").await.unwrap();
+    let _second = installed.tool("b").await.unwrap();
+    // The pool is full: a third instance waits for a slot rather than failing.
+    let mut third = Box::pin(installed.tool("c"));
+    assert!(futures::poll!(third.as_mut()).is_pending(), "a full pool must queue");
+    drop(first);
+    let mut third = third.await.unwrap();
+    assert_eq!(third.invoke("served").await.unwrap(), "served");
 }

@@ -257,7 +257,7 @@ fn compiled_components_are_cached_on_disk_and_a_bad_entry_is_recompiled() {
 
 #[test]
 fn guest_output_and_host_log_reach_tracing_with_tenant_and_plugin() {
-    let text = qlayer_tests::capture_logs(tracing::Level::INFO, || {
+    let text = qlayer_tests::capture_logs(|| {
         qlayer_tests::current_thread().block_on(async {
             let host = runtime();
             let installed = host.load(&hostile(32, 5000)).unwrap().install(Grants::default()).unwrap();

@@ -58,28 +58,46 @@ pub fn runtime() -> Runtime {
     .unwrap_or_else(|e| panic!("runtime: {e:#}"))
 }
 
-/// Runs `f` with every tracing event up to `level` captured (on this thread), and returns the
-/// log text. `f` should run its async work on a current-thread runtime so events stay on it.
-pub fn capture_logs(level: tracing::Level, f: impl FnOnce()) -> String {
-    #[derive(Clone, Default)]
-    struct Capture(Arc<Mutex<Vec<u8>>>);
-    impl std::io::Write for Capture {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            if let Ok(mut b) = self.0.lock() {
-                b.extend_from_slice(buf);
+thread_local! {
+    static CAPTURE: std::cell::RefCell<Option<Vec<u8>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Writes tracing output into the current thread's capture buffer, if one is set.
+struct ThreadCapture;
+
+impl std::io::Write for ThreadCapture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        CAPTURE.with(|c| {
+            if let Some(out) = c.borrow_mut().as_mut() {
+                out.extend_from_slice(buf);
             }
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
+        });
+        Ok(buf.len())
     }
-    let capture = Capture::default();
-    let writer = capture.clone();
-    let subscriber =
-        tracing_subscriber::fmt().with_max_level(level).with_writer(move || writer.clone()).with_ansi(false).finish();
-    tracing::subscriber::with_default(subscriber, f);
-    let bytes = capture.0.lock().map(|b| b.clone()).unwrap_or_default();
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Runs `f` and returns every tracing event (all levels) emitted on this thread meanwhile. `f`
+/// should run its async work on a [`current_thread`] runtime so the events stay on this thread.
+///
+/// One global subscriber serves the whole test binary: a scoped `with_default` subscriber is
+/// unreliable when other test threads hit the same callsites (tracing caches callsite interest
+/// globally), and would miss events.
+pub fn capture_logs(f: impl FnOnce()) -> String {
+    static INIT: std::sync::Once = std::sync::Once::new();
+    INIT.call_once(|| {
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(|| ThreadCapture)
+            .with_ansi(false)
+            .finish();
+        let _ = tracing::subscriber::set_global_default(subscriber);
+    });
+    CAPTURE.with(|c| *c.borrow_mut() = Some(Vec::new()));
+    f();
+    let bytes = CAPTURE.with(|c| c.borrow_mut().take()).unwrap_or_default();
     String::from_utf8_lossy(&bytes).into_owned()
 }
 

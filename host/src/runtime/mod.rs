@@ -251,6 +251,10 @@ impl Runtime {
         let mut wasm = Config::new();
         wasm.epoch_interruption(true)
             .wasm_component_model(true)
+            // Plugins target WASI p2 and sync-lowered exports; the component-model-async
+            // machinery (p3 streams, concurrent calls) is not used, and leaving its per-store
+            // state out makes instantiation and every call cheaper.
+            .concurrency_support(false)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&wasm).map_err(anyhow::Error::from).context("creating the wasmtime engine")?;
 

@@ -163,6 +163,14 @@ impl WasiHttpHooks for OutboundPolicy {
             );
             return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
         }
+        // Never log headers: they carry the credentials the plugin was granted.
+        tracing::debug!(
+            tenant = %self.tenant,
+            plugin = %self.plugin,
+            method = %request.method(),
+            uri = %request.uri(),
+            "outbound request"
+        );
         Box::new(async move {
             use http_body_util::BodyExt;
             let (res, io) = wasmtime_wasi_http::default_send_request(request, options).await?;

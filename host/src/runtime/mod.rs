@@ -557,11 +557,16 @@ impl Installed {
     }
 
     /// Takes a pool slot and prepares a store for `tenant`, with this install's limits.
-    async fn begin(&self, tenant: &str, llm: Option<Arc<dyn LlmHandler>>) -> (OwnedSemaphorePermit, Store<StoreState>) {
+    async fn begin(
+        &self,
+        tenant: &str,
+        llm: Option<Arc<dyn LlmHandler>>,
+    ) -> ((OwnedSemaphorePermit, Store<StoreState>), tokio::time::Instant) {
         let permit = self.slot().await;
         let mut store = self.store(tenant, llm);
-        store.data_mut().deadline = Instant::now() + self.timeout;
-        (permit, store)
+        let deadline = Instant::now() + self.timeout;
+        store.data_mut().deadline = deadline;
+        ((permit, store), host_wait_deadline(deadline))
     }
 
     /// Finishes an instantiation started by [`Installed::begin`].
@@ -577,39 +582,35 @@ impl Installed {
         }
     }
 
-    fn grace(&self) -> tokio::time::Instant {
-        tokio::time::Instant::now() + self.timeout + EPOCH_TICK * 4
-    }
-
     /// A live provider instance for `tenant`.
     pub async fn provider(&self, tenant: &str) -> Result<ProviderInstance, CallError> {
         let Pre::Provider(pre) = &self.plugin.pre else { return Err(self.wrong_kind(tenant, Kind::Provider)) };
-        let mut begun = self.begin(tenant, None).await;
-        let outcome = bounded(self.grace(), pre.instantiate_async(&mut begun.1)).await;
+        let (mut begun, deadline) = self.begin(tenant, None).await;
+        let outcome = bounded(deadline, pre.instantiate_async(&mut begun.1)).await;
         self.finish(begun, outcome)
     }
 
     /// A live agent instance for `tenant`, whose `llm` calls go to `llm`.
     pub async fn agent(&self, tenant: &str, llm: Arc<dyn LlmHandler>) -> Result<AgentInstance, CallError> {
         let Pre::Agent(pre) = &self.plugin.pre else { return Err(self.wrong_kind(tenant, Kind::Agent)) };
-        let mut begun = self.begin(tenant, Some(llm)).await;
-        let outcome = bounded(self.grace(), pre.instantiate_async(&mut begun.1)).await;
+        let (mut begun, deadline) = self.begin(tenant, Some(llm)).await;
+        let outcome = bounded(deadline, pre.instantiate_async(&mut begun.1)).await;
         self.finish(begun, outcome)
     }
 
     /// A live validator instance for `tenant`.
     pub async fn validator(&self, tenant: &str) -> Result<ValidatorInstance, CallError> {
         let Pre::Validator(pre) = &self.plugin.pre else { return Err(self.wrong_kind(tenant, Kind::Validator)) };
-        let mut begun = self.begin(tenant, None).await;
-        let outcome = bounded(self.grace(), pre.instantiate_async(&mut begun.1)).await;
+        let (mut begun, deadline) = self.begin(tenant, None).await;
+        let outcome = bounded(deadline, pre.instantiate_async(&mut begun.1)).await;
         self.finish(begun, outcome)
     }
 
     /// A live tool instance for `tenant`.
     pub async fn tool(&self, tenant: &str) -> Result<ToolInstance, CallError> {
         let Pre::Tool(pre) = &self.plugin.pre else { return Err(self.wrong_kind(tenant, Kind::Tool)) };
-        let mut begun = self.begin(tenant, None).await;
-        let outcome = bounded(self.grace(), pre.instantiate_async(&mut begun.1)).await;
+        let (mut begun, deadline) = self.begin(tenant, None).await;
+        let outcome = bounded(deadline, pre.instantiate_async(&mut begun.1)).await;
         self.finish(begun, outcome)
     }
 
@@ -623,6 +624,12 @@ impl Installed {
             ))),
         }
     }
+}
+
+/// When waiting on the host must give up: a few epoch ticks after the guest's own deadline, so
+/// that a guest running at its deadline is stopped by the epoch (and reported as such) first.
+fn host_wait_deadline(guest_deadline: Instant) -> tokio::time::Instant {
+    tokio::time::Instant::from_std(guest_deadline + EPOCH_TICK * 4)
 }
 
 /// Runs `fut` until `deadline`. Guest code is already bounded by the epoch deadline, so the
@@ -688,11 +695,12 @@ impl<B: Send + Sync> Instance<B> {
         if self.poisoned {
             return Err(error_of(&self.store, CallErrorKind::Poisoned));
         }
-        self.store.data_mut().deadline = Instant::now() + self.timeout;
+        let deadline = Instant::now() + self.timeout;
+        self.store.data_mut().deadline = deadline;
         self.store.data_mut().limiter.refused_growth = None;
-        // The epoch callback stops guest code at the deadline; the caller's timer (armed at this
-        // instant, a few ticks later) bounds time spent waiting inside host calls.
-        Ok(tokio::time::Instant::now() + self.timeout + EPOCH_TICK * 4)
+        // The epoch callback stops guest code at the deadline; the caller's timer bounds time
+        // spent waiting inside host calls.
+        Ok(host_wait_deadline(deadline))
     }
 
     /// Turns the outcome of one guest call into a typed result; a trap, timeout or

@@ -3,6 +3,7 @@
 
 pub mod embedded;
 pub mod factory;
+pub mod marketplace;
 pub mod router;
 pub mod runtime;
 pub mod scaffold;

@@ -5,6 +5,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use qlayer_host::embedded::{self, ProviderChoice};
 use qlayer_host::factory::{self, Progress, RunRequest};
+use qlayer_host::marketplace::{self, GrantSpec, Marketplace, MarketplaceConfig};
 use qlayer_host::runtime::{Kind, Runtime, RuntimeConfig};
 use qlayer_host::scaffold;
 use std::path::PathBuf;
@@ -108,6 +109,141 @@ enum PluginCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Publish a plugin to an OCI registry (wasm artifact layout), optionally signed.
+    Push {
+        /// A built plugin file, or `bundled:<name>` for a first-party plugin of this binary.
+        file: String,
+        /// Where to push, with a tag: registry.example.com/tools/name:1.0.0
+        reference: String,
+        /// Sign the pushed digest with this private key (PKCS#8 PEM, from `qlayer plugin keygen`).
+        #[arg(long)]
+        sign: Option<PathBuf>,
+        #[command(flatten)]
+        market: MarketArgs,
+    },
+    /// List the plugins in a registry (repositories, tags and manifests), filtered by text.
+    Search {
+        /// The registry (host[:port]); default $QLAYER_REGISTRY.
+        registry: Option<String>,
+        /// Words to look for in names and descriptions.
+        text: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        market: MarketArgs,
+    },
+    /// Show what a plugin in a registry is and asks for, and whether its signature verifies.
+    Info {
+        /// registry/repository:tag or registry/repository@sha256:...
+        reference: String,
+        #[command(flatten)]
+        market: MarketArgs,
+    },
+    /// Install a plugin from a registry for a tenant, pinned to its digest.
+    Install {
+        /// registry/repository:tag or registry/repository@sha256:...
+        reference: String,
+        /// The tenant to install for.
+        #[arg(long, default_value = embedded::LOCAL_TENANT)]
+        tenant: String,
+        /// Grant a capability: host:<host[:port]>, config:<key>=<value>, secret:<key>=<ENV_VAR>.
+        #[arg(long)]
+        grant: Vec<String>,
+        #[command(flatten)]
+        market: MarketArgs,
+    },
+    /// List a tenant's installed plugins.
+    List {
+        /// The tenant.
+        #[arg(long, default_value = embedded::LOCAL_TENANT)]
+        tenant: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        market: MarketArgs,
+    },
+    /// Move an installed plugin to the newest version (semver tags), keeping its grants.
+    Upgrade {
+        /// The installed plugin's name.
+        name: String,
+        /// The tenant.
+        #[arg(long, default_value = embedded::LOCAL_TENANT)]
+        tenant: String,
+        /// Extra grants, for a version that asks for more.
+        #[arg(long)]
+        grant: Vec<String>,
+        #[command(flatten)]
+        market: MarketArgs,
+    },
+    /// Remove an installed plugin.
+    Remove {
+        /// The installed plugin's name.
+        name: String,
+        /// The tenant.
+        #[arg(long, default_value = embedded::LOCAL_TENANT)]
+        tenant: String,
+        #[command(flatten)]
+        market: MarketArgs,
+    },
+    /// Invoke an installed tool plugin with a JSON input and print its output.
+    Call {
+        /// The installed tool's name.
+        name: String,
+        /// The input JSON.
+        input: String,
+        /// The tenant.
+        #[arg(long, default_value = embedded::LOCAL_TENANT)]
+        tenant: String,
+        #[command(flatten)]
+        market: MarketArgs,
+    },
+    /// Create a signing key pair: <prefix>.key (private) and <prefix>.pub (give it to operators).
+    Keygen {
+        /// Path prefix for the two files.
+        prefix: PathBuf,
+    },
+}
+
+/// Where the marketplace keeps its state and how it trusts registries and publishers. Each flag
+/// adds to `<data dir>/marketplace.toml`.
+#[derive(clap::Args)]
+struct MarketArgs {
+    /// Data directory (installs, local store, compile cache, marketplace.toml).
+    #[arg(long, env = "QLAYER_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// A registry (host:port) that may be used over plain HTTP.
+    #[arg(long, env = "QLAYER_INSECURE_REGISTRIES", value_delimiter = ',')]
+    insecure_registry: Vec<String>,
+    /// require, warn or off (overrides marketplace.toml for this command).
+    #[arg(long, env = "QLAYER_SIGNATURE_POLICY")]
+    signature_policy: Option<qlayer_registry::SignaturePolicy>,
+    /// A trusted publisher's public key (PEM).
+    #[arg(long)]
+    trusted_key: Vec<PathBuf>,
+}
+
+impl MarketArgs {
+    fn data_dir(&self) -> PathBuf {
+        self.data_dir.clone().unwrap_or_else(embedded::default_data_dir)
+    }
+
+    fn open(&self) -> anyhow::Result<Marketplace> {
+        let data_dir = self.data_dir();
+        let mut config = MarketplaceConfig::load(&data_dir)?;
+        config.insecure_registries.extend(self.insecure_registry.iter().filter(|r| !r.is_empty()).cloned());
+        if let Some(policy) = self.signature_policy {
+            config.signature_policy = policy;
+            config.tenants.clear();
+        }
+        config.trusted_keys.extend(self.trusted_key.iter().cloned());
+        Marketplace::open(data_dir, config)
+    }
+
+    fn runtime(&self) -> anyhow::Result<Runtime> {
+        Runtime::new(RuntimeConfig { cache_dir: Some(self.data_dir().join("cache")), ..Default::default() })
+    }
 }
 
 fn main() -> ExitCode {
@@ -201,6 +337,25 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 
 fn plugin(cmd: PluginCommand) -> anyhow::Result<()> {
     match cmd {
+        PluginCommand::Push { .. }
+        | PluginCommand::Search { .. }
+        | PluginCommand::Info { .. }
+        | PluginCommand::Install { .. }
+        | PluginCommand::List { .. }
+        | PluginCommand::Upgrade { .. }
+        | PluginCommand::Remove { .. }
+        | PluginCommand::Call { .. } => {
+            let tokio = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            return tokio.block_on(market(cmd));
+        }
+        PluginCommand::Keygen { prefix } => {
+            let (private, public) = marketplace::keygen(&prefix)?;
+            println!("private key: {} (keep it secret; pass it to `qlayer plugin push --sign`)", private.display());
+            println!(
+                "public key:  {} (operators trust it with --trusted-key or <data dir>/trusted-keys/)",
+                public.display()
+            );
+        }
         PluginCommand::New { kind, name, dir, sdk } => {
             let dir = dir.unwrap_or_else(|| PathBuf::from(&name));
             let sdk = sdk.unwrap_or_else(|| PathBuf::from(embedded::bundled::SDK_PATH));
@@ -242,6 +397,138 @@ fn plugin(cmd: PluginCommand) -> anyhow::Result<()> {
                 anyhow::bail!("the host would refuse this component");
             }
         }
+    }
+    Ok(())
+}
+
+fn print_manifest(m: &qlayer_host::runtime::Manifest) {
+    println!("{} {} ({} plugin, {} format)", m.name, m.version, m.kind, m.format);
+    println!("  {}", m.description);
+    let list = |v: &[String]| if v.is_empty() { "none".to_string() } else { v.join(", ") };
+    println!(
+        "  asks for: outbound hosts [{}], config [{}], secrets [{}]",
+        list(&m.capabilities.outbound_hosts),
+        list(&m.capabilities.config),
+        list(&m.capabilities.secrets)
+    );
+}
+
+async fn market(cmd: PluginCommand) -> anyhow::Result<()> {
+    match cmd {
+        PluginCommand::Push { file, reference, sign, market } => {
+            let wasm = match file.strip_prefix("bundled:") {
+                Some(name) => embedded::bundled_plugin(name)
+                    .with_context(|| {
+                        let names: Vec<&str> = embedded::bundled::PLUGINS.iter().map(|(n, _)| *n).collect();
+                        format!("no bundled plugin `{name}` (this build has: {})", names.join(", "))
+                    })?
+                    .to_vec(),
+                None => std::fs::read(&file).with_context(|| format!("reading {file}"))?,
+            };
+            let key = sign.as_deref().map(marketplace::read_key).transpose()?;
+            let digest = market.open()?.push(&wasm, &reference, key.as_ref()).await?;
+            println!("pushed {reference}@{digest}{}", if key.is_some() { " (signed)" } else { "" });
+        }
+        PluginCommand::Search { registry, text, json, market } => {
+            let registry = registry
+                .or_else(|| std::env::var("QLAYER_REGISTRY").ok())
+                .context("give a registry (host[:port]) or set QLAYER_REGISTRY")?;
+            let entries = market.open()?.search(&registry, text.as_deref()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&entries)?);
+            } else if entries.is_empty() {
+                println!(
+                    "no plugins found in {registry}{}",
+                    text.map(|t| format!(" matching `{t}`")).unwrap_or_default()
+                );
+            } else {
+                for e in entries {
+                    if let Some(m) = &e.latest {
+                        println!(
+                            "{}:{}  {} {} ({}, {})",
+                            e.repository,
+                            e.latest_tag.as_deref().unwrap_or(""),
+                            m.name,
+                            m.version,
+                            m.kind,
+                            m.format
+                        );
+                        println!("    {}", m.description);
+                        println!("    tags: {}", e.tags.join(", "));
+                    }
+                }
+            }
+        }
+        PluginCommand::Info { reference, market } => {
+            let info = market.open()?.info(&reference).await?;
+            print_manifest(&info.resolved.manifest);
+            println!("  digest:    {}", info.resolved.digest);
+            println!("  binary:    {} ({} bytes)", info.resolved.layer.digest, info.resolved.layer.size);
+            println!("  signature: {}", info.verification);
+        }
+        PluginCommand::Install { reference, tenant, grant, market } => {
+            let grants = GrantSpec::parse(&grant)?;
+            let outcome = market.open()?.install(&market.runtime()?, &reference, &tenant, &grants).await?;
+            print_manifest(&outcome.manifest);
+            if let Some(w) = &outcome.warning {
+                eprintln!("warning: {w}");
+            }
+            let i = &outcome.install;
+            println!("installed {} {} for tenant `{}`, pinned to {}", i.name, i.version, i.tenant, i.pinned());
+            println!("  signature: {}", i.signature);
+            let unset = i.grants.not_granted(&outcome.manifest);
+            if !unset.is_empty() {
+                println!("  not granted (the plugin does without): {}", unset.join(" "));
+            }
+            println!(
+                "  granted: hosts [{}], config [{}], secrets [{}]",
+                i.grants.hosts.join(", "),
+                i.grants.config.keys().cloned().collect::<Vec<_>>().join(", "),
+                i.grants.secrets.keys().cloned().collect::<Vec<_>>().join(", ")
+            );
+        }
+        PluginCommand::List { tenant, json, market } => {
+            let installs = market.open()?.list(&tenant)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&installs)?);
+            } else if installs.is_empty() {
+                println!("no plugins installed for tenant `{tenant}`");
+            } else {
+                for i in installs {
+                    println!("{} {} ({}, {})  {}", i.name, i.version, i.kind, i.format, i.pinned());
+                }
+            }
+        }
+        PluginCommand::Upgrade { name, tenant, grant, market } => {
+            let grants = GrantSpec::parse(&grant)?;
+            match market.open()?.upgrade(&market.runtime()?, &tenant, &name, &grants).await? {
+                Some(outcome) => {
+                    if let Some(w) = &outcome.warning {
+                        eprintln!("warning: {w}");
+                    }
+                    let i = &outcome.install;
+                    println!(
+                        "upgraded {} {} → {} for tenant `{}`, pinned to {}",
+                        i.name,
+                        outcome.replaced.as_deref().unwrap_or("?"),
+                        i.version,
+                        i.tenant,
+                        i.pinned()
+                    );
+                }
+                None => println!("{name} is already the newest version for tenant `{tenant}`"),
+            }
+        }
+        PluginCommand::Remove { name, tenant, market } => {
+            let removed = market.open()?.remove(&tenant, &name)?;
+            println!("removed {} {} for tenant `{}`", removed.name, removed.version, removed.tenant);
+        }
+        PluginCommand::Call { name, input, tenant, market } => {
+            let installed = market.open()?.load(&market.runtime()?, &tenant, &name)?;
+            let mut tool = installed.any_tool(&tenant).await?;
+            println!("{}", tool.invoke(&input).await?);
+        }
+        _ => anyhow::bail!("not a marketplace command"),
     }
     Ok(())
 }

@@ -20,6 +20,7 @@ pub fn new_plugin(kind: Kind, name: &str, dir: &Path, sdk: &Path) -> anyhow::Res
         name: name.to_string(),
         version: "0.1.0".into(),
         kind,
+        format: Default::default(),
         description: format!("A {kind} plugin."),
         capabilities: Default::default(),
         limits: Default::default(),
@@ -243,15 +244,20 @@ pub fn build_plugin(dir: &Path, out: Option<&Path>) -> anyhow::Result<PathBuf> {
         })?
         .replace('-', "_");
 
+    // Components target WASI p2; Extism modules are plain core modules with no WASI.
+    let target = match manifest.format {
+        qlayer_manifest::Format::Component => "wasm32-wasip2",
+        qlayer_manifest::Format::Extism => "wasm32-unknown-unknown",
+    };
     let status = Command::new("cargo")
         .current_dir(dir)
-        .args(["build", "--release", "--target", "wasm32-wasip2", "-p", package_name])
+        .args(["build", "--release", "--target", target, "-p", package_name])
         .status()
         .context("running cargo build")?;
     if !status.success() {
-        bail!("cargo build of `{package_name}` for wasm32-wasip2 failed (see above)");
+        bail!("cargo build of `{package_name}` for {target} failed (see above)");
     }
-    let raw = target_dir.join("wasm32-wasip2/release").join(format!("{lib_name}.wasm"));
+    let raw = target_dir.join(target).join("release").join(format!("{lib_name}.wasm"));
     let wasm = std::fs::read(&raw).with_context(|| format!("reading the built component {}", raw.display()))?;
     let component = qlayer_manifest::embed(&wasm, &manifest)?;
 
@@ -298,14 +304,23 @@ pub fn inspect(path: &Path) -> anyhow::Result<Inspection> {
         cache_dir: None,
     })?;
     let (mut imports, mut exports) = (Vec::new(), Vec::new());
-    if let Ok(component) = wasmtime::component::Component::new(runtime.engine(), &wasm) {
+    if !qlayer_manifest::is_component(&wasm) {
+        // A core module (an Extism plugin): list its imports and exported functions.
+        if let Ok(module) = wasmtime::Module::new(&wasmtime::Engine::default(), &wasm) {
+            imports = module.imports().map(|i| format!("{}::{}", i.module(), i.name())).collect();
+            exports = module.exports().map(|e| e.name().to_string()).collect();
+        }
+    } else if let Ok(component) = wasmtime::component::Component::new(runtime.engine(), &wasm) {
         let ty = component.component_type();
         imports = ty.imports(runtime.engine()).map(|(n, _)| n.to_string()).collect();
         exports = ty.exports(runtime.engine()).map(|(n, _)| n.to_string()).collect();
     }
     let load_error = runtime.load(&wasm).err().map(|e| e.to_string());
     Ok(Inspection {
-        world: manifest.kind.world(),
+        world: match manifest.format {
+            qlayer_manifest::Format::Extism => "extism tool (exports `invoke`)",
+            qlayer_manifest::Format::Component => manifest.kind.world(),
+        },
         manifest,
         digest: format!("sha256:{}", hex::encode(Sha256::digest(&wasm))),
         size: wasm.len(),

@@ -27,6 +27,9 @@ pub struct Manifest {
     pub version: String,
     /// Which world the component targets.
     pub kind: Kind,
+    /// How the plugin is built: a WIT component (the default) or an Extism core module.
+    #[serde(default, skip_serializing_if = "Format::is_component")]
+    pub format: Format,
     /// One or two sentences for catalogs and `qlayer plugin inspect`.
     pub description: String,
     /// What the plugin asks to be granted.
@@ -102,13 +105,45 @@ impl std::str::FromStr for Kind {
     }
 }
 
+/// How a plugin is built, and so how the host runs it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Format {
+    /// A WebAssembly component targeting one of the contract's worlds (`wasm32-wasip2`).
+    #[default]
+    Component,
+    /// A core module built with an Extism PDK, run through the `extism` runtime. Only tools.
+    Extism,
+}
+
+impl Format {
+    /// Whether this is the default, component format.
+    pub fn is_component(&self) -> bool {
+        *self == Format::Component
+    }
+
+    /// The format's name as written in manifests.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Component => "component",
+            Format::Extism => "extism",
+        }
+    }
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Capabilities a plugin asks for. Nothing is granted by asking: the install decides.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Capabilities {
     /// Hosts it wants to reach over HTTP: `api.example.com`, `api.example.com:8443`,
     /// `*.example.com`, or `*` for "whatever host the operator configures" (a provider whose base
-    /// URL is configuration). Only providers may ask.
+    /// URL is configuration). Only providers and tools may ask.
     #[serde(default)]
     pub outbound_hosts: Vec<String>,
     /// Configuration keys it reads through `host.config`.
@@ -192,10 +227,19 @@ impl Manifest {
         if self.description.trim().is_empty() || self.description.len() > 1024 {
             return invalid("description", "must be 1-1024 characters");
         }
-        if self.kind != Kind::Provider && !self.capabilities.outbound_hosts.is_empty() {
+        if !matches!(self.kind, Kind::Provider | Kind::Tool) && !self.capabilities.outbound_hosts.is_empty() {
             return invalid(
                 "capabilities.outbound-hosts",
-                &format!("is only for providers; a {} plugin has no network", self.kind),
+                &format!("is only for providers and tools; a {} plugin has no network", self.kind),
+            );
+        }
+        if self.format == Format::Extism && self.kind != Kind::Tool {
+            return invalid("format", &format!("`extism` is only for tool plugins, not a {} plugin", self.kind));
+        }
+        if self.format == Format::Extism && !self.capabilities.secrets.is_empty() {
+            return invalid(
+                "capabilities.secrets",
+                "an Extism plugin has no secret store; ask for config keys, or build a component",
             );
         }
         for host in &self.capabilities.outbound_hosts {

@@ -47,7 +47,7 @@ pub use __bindings::quantumlayer::plugin::types::{
 pub mod host;
 pub mod json;
 
-#[cfg(feature = "provider")]
+#[cfg(feature = "http")]
 pub mod http;
 #[cfg(feature = "provider")]
 pub mod provider;

@@ -2,5 +2,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod factory;
+mod marketplace;
 mod provider;
 mod sandbox;

@@ -277,3 +277,143 @@ fn reply(model: &str, text: &str) -> serde_json::Value {
         "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
     })
 }
+
+/// The hostile Extism guest with a manifest: `loop`, `grow`, `fetch:<url>`, `fail`, echo.
+pub fn extism_hostile(memory_mb: u32, timeout_ms: u64) -> Vec<u8> {
+    guest_with(
+        "qlayer-test-extism-hostile",
+        &format!(
+            "name = \"extism-hostile\"\nversion = \"0.1.0\"\nkind = \"tool\"\nformat = \"extism\"\ndescription = \"misbehaves on request\"\n[capabilities]\noutbound-hosts = [\"*\"]\n[limits]\nmemory-mb = {memory_mb}\ntimeout-ms = {timeout_ms}\n"
+        ),
+    )
+}
+
+/// A marketplace example plugin (manifest embedded), by name.
+pub fn marketplace_plugin(name: &str) -> Vec<u8> {
+    let path = qlayer_host::embedded::bundled::MARKETPLACE
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, path)| PathBuf::from(path))
+        .unwrap_or_else(|| panic!("no marketplace plugin {name}"));
+    std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+static APT: Mutex<()> = Mutex::new(());
+
+/// Makes sure a Debian package's program exists, installing the package with apt-get when it is
+/// missing (the test machines are Debian; tests run as root there). Panics with what to do.
+pub fn ensure_program(program: &str, package: &str) -> PathBuf {
+    let path = PathBuf::from("/usr/bin").join(program);
+    let _guard = APT.lock().unwrap_or_else(|e| e.into_inner());
+    if !path.exists() {
+        let status = std::process::Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends", package])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status();
+        if !matches!(status, Ok(s) if s.success()) || !path.exists() {
+            panic!(
+                "{} is needed by this test: install the Debian package `{package}` (apt-get install {package})",
+                path.display()
+            );
+        }
+    }
+    path
+}
+
+/// A free loopback port (bound and released; good enough for a test server started right after).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("no free port: {e}"))
+}
+
+/// A real CNCF distribution registry (Debian's `docker-registry`) on a free loopback port with
+/// its storage in a temp dir. Plain HTTP: clients must list it as insecure. Stopped on drop.
+pub struct TestRegistry {
+    child: Option<std::process::Child>,
+    /// `127.0.0.1:<port>`.
+    pub addr: String,
+    /// The registry's storage root.
+    pub storage: tempfile::TempDir,
+    _config: tempfile::TempDir,
+}
+
+impl TestRegistry {
+    /// Starts a registry and waits until it answers `/v2/`.
+    pub fn start() -> TestRegistry {
+        Self::start_inner(None)
+    }
+
+    /// Starts a registry that requires HTTP basic auth (htpasswd, bcrypt) for `user`:`password`.
+    pub fn start_with_basic_auth(user: &str, password: &str) -> TestRegistry {
+        Self::start_inner(Some((user, password)))
+    }
+
+    fn start_inner(auth: Option<(&str, &str)>) -> TestRegistry {
+        let binary = ensure_program("docker-registry", "docker-registry");
+        let storage = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let config_dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let config = format!(
+            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+            storage.path().display()
+        );
+        let mut config = config;
+        if let Some((user, password)) = auth {
+            let htpasswd = ensure_program("htpasswd", "apache2-utils");
+            let out = std::process::Command::new(htpasswd)
+                .args(["-Bbn", user, password])
+                .output()
+                .unwrap_or_else(|e| panic!("htpasswd: {e}"));
+            let file = config_dir.path().join("htpasswd");
+            std::fs::write(&file, out.stdout).unwrap_or_else(|e| panic!("{e}"));
+            config.push_str(&format!("auth:\n  htpasswd:\n    realm: qlayer-test\n    path: {}\n", file.display()));
+        }
+        let config_path = config_dir.path().join("config.yml");
+        std::fs::write(&config_path, config).unwrap_or_else(|e| panic!("{e}"));
+        let child = std::process::Command::new(binary)
+            .arg("serve")
+            .arg(&config_path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting docker-registry: {e}"));
+        let registry = TestRegistry { child: Some(child), addr, storage, _config: config_dir };
+        for _ in 0..200 {
+            if let Ok(mut stream) = std::net::TcpStream::connect(&registry.addr) {
+                use std::io::{Read, Write};
+                let _ = stream.write_all(b"GET /v2/ HTTP/1.0\r\n\r\n");
+                let mut response = String::new();
+                let _ = stream.read_to_string(&mut response);
+                let status = response.split(' ').nth(1).unwrap_or("");
+                if status == "200" || (auth.is_some() && status == "401") {
+                    return registry;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("docker-registry did not start on {}", registry.addr)
+    }
+
+    /// Where the registry keeps the blob `sha256:<hex>` on disk.
+    pub fn blob_path(&self, digest: &str) -> PathBuf {
+        let hex = digest.trim_start_matches("sha256:");
+        self.storage.path().join("docker/registry/v2/blobs/sha256").join(&hex[..2]).join(hex).join("data")
+    }
+
+    /// Stops the registry (the data stays until drop).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for TestRegistry {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -61,6 +61,14 @@ pub enum GrantError {
         /// The plugin.
         plugin: String,
     },
+    /// The plugin could not be prepared with these grants (an Extism module failed to compile).
+    #[error("plugin `{plugin}` could not be prepared: {message}")]
+    Prepare {
+        /// The plugin.
+        plugin: String,
+        /// Why.
+        message: String,
+    },
     /// A config or secret key the plugin did not ask for.
     #[error("plugin `{plugin}` does not ask for {what} `{key}` (it asks for: {asked})")]
     KeyNotRequested {

@@ -15,15 +15,18 @@
 
 mod bindings;
 mod cache;
+mod extism_tool;
 mod grants;
 mod state;
+
+pub use extism_tool::ExtismInstance;
 
 pub use bindings::types::{
     AgentOutput, Artifact, Completion, CompletionChunk, CompletionRequest, Diagnostic, EmbeddingRequest, Embeddings,
     Message, ModelInfo, PluginError, Role, Severity, Task, Usage,
 };
 pub use grants::{GrantError, Grants, Secret};
-pub use qlayer_manifest::{HostPattern, Kind, Manifest};
+pub use qlayer_manifest::{Format, HostPattern, Kind, Manifest};
 
 use anyhow::Context as _;
 use bindings::{
@@ -186,6 +189,9 @@ impl fmt::Display for CallError {
         match &self.kind {
             CallErrorKind::Plugin(e) => write!(f, "{who}: {}", describe(e)),
             CallErrorKind::Timeout(d) => write!(f, "{who} ran past its {} ms deadline and was stopped", d.as_millis()),
+            CallErrorKind::OutOfMemory { limit, requested: 0 } => {
+                write!(f, "{who} ran out of memory: it asked for more than its limit of {limit} bytes")
+            }
             CallErrorKind::OutOfMemory { limit, requested } => {
                 write!(f, "{who} ran out of memory: it asked for {requested} bytes, past its limit of {limit} bytes")
             }
@@ -310,10 +316,29 @@ impl Runtime {
     /// that it matches its declared world, and pre-links it. Nothing of the plugin runs.
     pub fn load(&self, wasm: &[u8]) -> Result<Arc<Plugin>, LoadError> {
         let manifest = qlayer_manifest::extract(wasm)?;
-        if !qlayer_manifest::is_component(wasm) {
+        let digest = format!("sha256:{}", hex::encode(Sha256::digest(wasm)));
+        let is_component = qlayer_manifest::is_component(wasm);
+        if manifest.format == Format::Extism {
+            if is_component {
+                return Err(LoadError::WrongWorld {
+                    plugin: manifest.name.clone(),
+                    kind: manifest.kind,
+                    world: manifest.kind.world(),
+                    problem: "its manifest says `format = \"extism\"` but it is a component".into(),
+                });
+            }
+            extism_tool::check_module(wasm).map_err(|problem| LoadError::WrongWorld {
+                plugin: manifest.name.clone(),
+                kind: manifest.kind,
+                world: "extism tool",
+                problem,
+            })?;
+            let pre = Pre::Extism(Arc::from(wasm));
+            return Ok(Arc::new(Plugin { manifest, digest, size: wasm.len(), pre, shared: self.shared.clone() }));
+        }
+        if !is_component {
             return Err(LoadError::NotComponent(manifest.name));
         }
-        let digest = format!("sha256:{}", hex::encode(Sha256::digest(wasm)));
         let compile_error =
             |e: anyhow::Error| LoadError::Compile { plugin: manifest.name.clone(), message: format!("{e:#}") };
         let component = match &self.shared.cache {
@@ -364,14 +389,15 @@ fn linker_for(engine: &Engine, kind: Kind) -> anyhow::Result<Linker<StoreState>>
     let mut linker = Linker::new(engine);
     // Every WASI interface is linked so that components built by ordinary toolchains load, but
     // the context behind them grants nothing: no preopened directories, no environment, no
-    // sockets. Only providers get wasi:http, and their requests pass the outbound policy.
+    // sockets. Only providers and tools get wasi:http, and their requests pass the outbound
+    // policy (with no host granted, every request is refused).
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
     bindings::host::add_to_linker::<_, HasSelf<StoreState>>(&mut linker, |s| s)?;
     bindings::types::add_to_linker::<_, HasSelf<StoreState>>(&mut linker, |s| s)?;
     match kind {
-        Kind::Provider => wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?,
+        Kind::Provider | Kind::Tool => wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?,
         Kind::Agent => bindings::llm::add_to_linker::<_, HasSelf<StoreState>>(&mut linker, |s| s)?,
-        Kind::Validator | Kind::Tool => {}
+        Kind::Validator => {}
     }
     Ok(linker)
 }
@@ -384,7 +410,7 @@ fn import_allowed(kind: Kind, name: &str) -> bool {
     common.contains(&base)
         || wasi.iter().any(|p| base.starts_with(p))
         || (kind == Kind::Agent && base == "quantumlayer:plugin/llm")
-        || (kind == Kind::Provider && base.starts_with("wasi:http/"))
+        || (matches!(kind, Kind::Provider | Kind::Tool) && base.starts_with("wasi:http/"))
 }
 
 /// Functions each kind's export must contain.
@@ -434,6 +460,8 @@ enum Pre {
     Agent(AgentPluginPre<StoreState>),
     Validator(ValidatorPluginPre<StoreState>),
     Tool(ToolPluginPre<StoreState>),
+    /// An Extism module: compiled per install, since its grants and config are bound at compile.
+    Extism(Arc<[u8]>),
 }
 
 /// A loaded plugin: its manifest, digest and pre-linked component. Install it to use it.
@@ -478,12 +506,17 @@ impl Plugin {
             .map(Duration::from_millis)
             .unwrap_or(policy.default_timeout)
             .min(policy.max_timeout);
-        Ok(Installed {
-            plugin: self.clone(),
-            grants: Arc::new(grants),
-            memory_bytes: memory_mb as usize * 1024 * 1024,
-            timeout,
-        })
+        let grants = Arc::new(grants);
+        let memory_bytes = memory_mb as usize * 1024 * 1024;
+        let extism = match &self.pre {
+            Pre::Extism(wasm) => Some(Arc::new(
+                extism_tool::compile(&self.manifest.name, wasm, grants.clone(), memory_bytes, timeout).map_err(
+                    |e| GrantError::Prepare { plugin: self.manifest.name.clone(), message: format!("{e:#}") },
+                )?,
+            )),
+            _ => None,
+        };
+        Ok(Installed { plugin: self.clone(), grants, memory_bytes, timeout, extism })
     }
 }
 
@@ -494,6 +527,7 @@ pub struct Installed {
     grants: Arc<Grants>,
     memory_bytes: usize,
     timeout: Duration,
+    extism: Option<Arc<extism::CompiledPlugin>>,
 }
 
 impl fmt::Debug for Installed {
@@ -608,10 +642,47 @@ impl Installed {
 
     /// A live tool instance for `tenant`.
     pub async fn tool(&self, tenant: &str) -> Result<ToolInstance, CallError> {
-        let Pre::Tool(pre) = &self.plugin.pre else { return Err(self.wrong_kind(tenant, Kind::Tool)) };
+        let Pre::Tool(pre) = &self.plugin.pre else {
+            if let Pre::Extism(_) = &self.plugin.pre {
+                return Err(CallError {
+                    plugin: Arc::from(self.plugin.manifest.name.as_str()),
+                    tenant: Arc::from(tenant),
+                    kind: CallErrorKind::Plugin(PluginError::InvalidInput(
+                        "this tool is an Extism module; open it with `any_tool`".into(),
+                    )),
+                });
+            }
+            return Err(self.wrong_kind(tenant, Kind::Tool));
+        };
         let (mut begun, deadline) = self.begin(tenant, None).await;
         let outcome = bounded(deadline, pre.instantiate_async(&mut begun.1)).await;
         self.finish(begun, outcome)
+    }
+
+    /// A live tool instance for `tenant`, whatever its format (component or Extism).
+    pub async fn any_tool(&self, tenant: &str) -> Result<AnyTool, CallError> {
+        let Some(compiled) = &self.extism else { return self.tool(tenant).await.map(AnyTool::Component) };
+        let slot = self.slot().await;
+        let compiled = compiled.clone();
+        let (name, tenant): (Arc<str>, Arc<str>) = (Arc::from(self.plugin.manifest.name.as_str()), Arc::from(tenant));
+        let plugin = tokio::task::spawn_blocking(move || extism_tool::instantiate(&compiled))
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .and_then(|r| r)
+            .map_err(|e| CallError {
+                plugin: name.clone(),
+                tenant: tenant.clone(),
+                kind: CallErrorKind::Trap(format!("instantiation failed: {e:#}")),
+            })?;
+        Ok(AnyTool::Extism(Box::new(ExtismInstance {
+            plugin: Some(plugin),
+            name,
+            tenant,
+            timeout: self.timeout,
+            memory_bytes: self.memory_bytes,
+            poisoned: false,
+            _slot: slot,
+        })))
     }
 
     fn wrong_kind(&self, tenant: &str, wanted: Kind) -> CallError {
@@ -678,6 +749,24 @@ pub type AgentInstance = Instance<bindings::agent::AgentPlugin>;
 pub type ValidatorInstance = Instance<bindings::validator::ValidatorPlugin>;
 /// A live tool.
 pub type ToolInstance = Instance<bindings::tool::ToolPlugin>;
+
+/// A live tool of either format.
+pub enum AnyTool {
+    /// A `tool-plugin` component.
+    Component(ToolInstance),
+    /// An Extism module (boxed: an `extism::Plugin` is large).
+    Extism(Box<ExtismInstance>),
+}
+
+impl AnyTool {
+    /// Invokes the tool with `input_json`.
+    pub async fn invoke(&mut self, input_json: &str) -> Result<String, CallError> {
+        match self {
+            AnyTool::Component(tool) => tool.invoke(input_json).await,
+            AnyTool::Extism(tool) => tool.invoke(input_json).await,
+        }
+    }
+}
 
 impl<B: Send + Sync> Instance<B> {
     /// The tenant this instance belongs to.

@@ -1,0 +1,637 @@
+//! The marketplace: plugins published to OCI registries and installed per tenant.
+//!
+//! - **Publish**: `push` sends a plugin in the wasm artifact layout and, with a key, attaches a
+//!   cosign-format signature over the manifest digest.
+//! - **Install** resolves a reference to a digest, shows what the plugin asks for, refuses it
+//!   unless the network it asks for is granted (config keys and secrets it may go without),
+//!   checks its signature under the tenant's policy,
+//!   streams the binary into the content-addressed store (verified), checks the host can load it,
+//!   and records the install pinned to that digest with exactly the grants given.
+//! - **Load** needs no registry: the binary comes from the local store, re-verified, and the
+//!   compiled code from the compile cache.
+//! - **Upgrade** moves an install to the highest semantic-version tag above it (or, for an install
+//!   from a non-version tag such as `latest`, to where that tag points now), with the same grants.
+//!
+//! Installs live in `<data dir>/installs.json`, blobs in `<data dir>/store`, the operator's
+//! settings in `<data dir>/marketplace.toml`. Another tenant's install is reported exactly like a
+//! missing one.
+
+use crate::runtime::{Format, Grants, HostPattern, Installed, Kind, Manifest, Runtime, Secret};
+use anyhow::{Context as _, bail};
+use qlayer_registry::{
+    BlobStore, CatalogEntry, Credentials, PrivateKey, PublicKey, Reference, Registry, RegistryConfig, RegistryError,
+    Resolved, SignaturePolicy, Verification, parse_reference,
+};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// The operator's marketplace settings (`<data dir>/marketplace.toml`). Unknown keys are errors.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct MarketplaceConfig {
+    /// Registries (`host:port`) that may be used over plain HTTP.
+    #[serde(default)]
+    pub insecure_registries: Vec<String>,
+    /// What to do with an unsigned or badly signed plugin, unless a tenant says otherwise.
+    #[serde(default)]
+    pub signature_policy: SignaturePolicy,
+    /// Public keys (SPKI PEM files) of trusted publishers. `<data dir>/trusted-keys/*.pub` are
+    /// trusted too.
+    #[serde(default)]
+    pub trusted_keys: Vec<PathBuf>,
+    /// docker's `config.json` to read registry credentials from (default: `$DOCKER_CONFIG` or
+    /// `~/.docker/config.json`).
+    #[serde(default)]
+    pub docker_config: Option<PathBuf>,
+    /// Per-tenant settings.
+    #[serde(default)]
+    pub tenants: BTreeMap<String, TenantConfig>,
+}
+
+/// Settings for one tenant.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TenantConfig {
+    /// This tenant's signature policy.
+    pub signature_policy: Option<SignaturePolicy>,
+}
+
+impl MarketplaceConfig {
+    /// Reads `<data dir>/marketplace.toml`, or the defaults when there is none.
+    pub fn load(data_dir: &Path) -> anyhow::Result<Self> {
+        let path = data_dir.join("marketplace.toml");
+        match std::fs::read_to_string(&path) {
+            Ok(text) => toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    /// The policy in force for `tenant`.
+    pub fn policy_for(&self, tenant: &str) -> SignaturePolicy {
+        self.tenants.get(tenant).and_then(|t| t.signature_policy).unwrap_or(self.signature_policy)
+    }
+}
+
+/// What an operator grants at install, as given on the command line:
+/// `host:<host[:port]>`, `config:<key>=<value>`, `secret:<key>=<ENV_VAR>` (the secret is read
+/// from that environment variable each time the plugin loads; its value is never stored).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantSpec {
+    /// Outbound hosts.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Config values.
+    #[serde(default)]
+    pub config: BTreeMap<String, String>,
+    /// Secret key → environment variable holding it.
+    #[serde(default)]
+    pub secrets: BTreeMap<String, String>,
+}
+
+impl GrantSpec {
+    /// Parses `--grant` values.
+    pub fn parse(items: &[String]) -> anyhow::Result<Self> {
+        let mut spec = GrantSpec::default();
+        for item in items {
+            let bad = || {
+                anyhow::anyhow!(
+                    "--grant `{item}`: expected host:<host[:port]>, config:<key>=<value> or secret:<key>=<ENV_VAR>"
+                )
+            };
+            let (what, rest) = item.split_once(':').ok_or_else(bad)?;
+            match what {
+                "host" => {
+                    HostPattern::parse(rest).map_err(|e| anyhow::anyhow!("--grant `{item}`: {e}"))?;
+                    spec.hosts.push(rest.to_string());
+                }
+                "config" => {
+                    let (k, v) = rest.split_once('=').ok_or_else(bad)?;
+                    spec.config.insert(k.to_string(), v.to_string());
+                }
+                "secret" => {
+                    let (k, var) = rest.split_once('=').ok_or_else(bad)?;
+                    if var.is_empty() {
+                        return Err(bad());
+                    }
+                    spec.secrets.insert(k.to_string(), var.to_string());
+                }
+                _ => return Err(bad()),
+            }
+        }
+        Ok(spec)
+    }
+
+    fn merge(&mut self, other: &GrantSpec) {
+        for h in &other.hosts {
+            if !self.hosts.contains(h) {
+                self.hosts.push(h.clone());
+            }
+        }
+        self.config.extend(other.config.clone());
+        self.secrets.extend(other.secrets.clone());
+    }
+
+    /// The network access `manifest` asks for that this spec does not grant, as the `--grant`
+    /// flags to pass. A plugin that asks for hosts gets none unless the operator names them, so
+    /// such an install stops here. (Config keys and secrets are values the plugin reads when
+    /// present and does without otherwise, e.g. no API key for a local Ollama; see
+    /// [`GrantSpec::not_granted`].)
+    pub fn missing(&self, manifest: &Manifest) -> Vec<String> {
+        let caps = &manifest.capabilities;
+        if caps.outbound_hosts.is_empty() || !self.hosts.is_empty() {
+            return Vec::new();
+        }
+        caps.outbound_hosts
+            .iter()
+            .map(
+                |asked| {
+                    if asked == "*" { "--grant host:<host[:port]>".into() } else { format!("--grant host:{asked}") }
+                },
+            )
+            .collect()
+    }
+
+    /// Config keys and secrets `manifest` asks for that this spec leaves unset, as the flags that
+    /// would set them.
+    pub fn not_granted(&self, manifest: &Manifest) -> Vec<String> {
+        let caps = &manifest.capabilities;
+        let config =
+            caps.config.iter().filter(|k| !self.config.contains_key(*k)).map(|k| format!("--grant config:{k}=<value>"));
+        let secrets = caps
+            .secrets
+            .iter()
+            .filter(|k| !self.secrets.contains_key(*k))
+            .map(|k| format!("--grant secret:{k}=<ENV_VAR>"));
+        config.chain(secrets).collect()
+    }
+
+    /// The grants, with secrets read from their environment variables.
+    pub fn to_grants(&self) -> anyhow::Result<Grants> {
+        let mut grants = Grants::default();
+        for h in &self.hosts {
+            grants.outbound_hosts.push(HostPattern::parse(h).map_err(anyhow::Error::msg)?);
+        }
+        grants.config = self.config.clone();
+        for (key, var) in &self.secrets {
+            let value = std::env::var(var).with_context(|| {
+                format!("secret `{key}` is granted from the environment variable {var}, which is not set")
+            })?;
+            grants.secrets.insert(key.clone(), Secret::new(value));
+        }
+        Ok(grants)
+    }
+}
+
+/// One plugin installed for one tenant, pinned by digest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Install {
+    /// The tenant.
+    pub tenant: String,
+    /// The plugin's name (from its manifest).
+    pub name: String,
+    /// Its version.
+    pub version: String,
+    /// Its kind.
+    pub kind: Kind,
+    /// Component or Extism.
+    pub format: Format,
+    /// `registry/repository` it came from.
+    pub repository: String,
+    /// The tag it was installed from, if any.
+    pub tag: Option<String>,
+    /// The OCI manifest digest it is pinned to.
+    pub digest: String,
+    /// The digest of the plugin binary in the local store.
+    pub blob: String,
+    /// The binary's size.
+    pub size: u64,
+    /// What was granted.
+    pub grants: GrantSpec,
+    /// What the signature check found.
+    pub signature: String,
+    /// Seconds since the Unix epoch.
+    pub installed_at: u64,
+}
+
+impl Install {
+    /// `registry/repository@digest`.
+    pub fn pinned(&self) -> String {
+        format!("{}@{}", self.repository, self.digest)
+    }
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InstallDb {
+    installs: Vec<Install>,
+}
+
+/// Why an install was refused before anything was stored.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    /// Capabilities were asked for and not granted.
+    #[error("plugin `{plugin}` asks for capabilities that were not granted; to install it, pass: {}", missing.join(" "))]
+    NotGranted {
+        /// The plugin.
+        plugin: String,
+        /// The flags to pass.
+        missing: Vec<String>,
+    },
+    /// The signature policy refused it.
+    #[error("refused {reference}: {verification} (signature policy `require` for tenant `{tenant}`)")]
+    Signature {
+        /// The reference.
+        reference: String,
+        /// The tenant.
+        tenant: String,
+        /// What the check found.
+        verification: Verification,
+    },
+    /// Already installed.
+    #[error(
+        "plugin `{name}` is already installed for tenant `{tenant}` ({pinned}); use `qlayer plugin upgrade {name}` or remove it first"
+    )]
+    AlreadyInstalled {
+        /// The plugin.
+        name: String,
+        /// The tenant.
+        tenant: String,
+        /// What is installed.
+        pinned: String,
+    },
+    /// Not installed (or installed only for another tenant: they look the same).
+    #[error("plugin `{name}` is not installed for tenant `{tenant}`")]
+    NotInstalled {
+        /// The plugin.
+        name: String,
+        /// The tenant.
+        tenant: String,
+    },
+}
+
+/// What an install or upgrade did.
+#[derive(Debug, Clone)]
+pub struct InstallOutcome {
+    /// The record written.
+    pub install: Install,
+    /// The manifest of what was installed (what it asks for).
+    pub manifest: Manifest,
+    /// The signature check.
+    pub verification: Option<Verification>,
+    /// A warning to show (policy `warn` and a signature that did not verify).
+    pub warning: Option<String>,
+    /// For an upgrade: the version it replaced.
+    pub replaced: Option<String>,
+}
+
+/// What `info` shows about a reference.
+#[derive(Debug, Clone)]
+pub struct Info {
+    /// The resolved artifact.
+    pub resolved: Resolved,
+    /// The signature check against the trusted keys.
+    pub verification: Verification,
+}
+
+/// The marketplace over one data directory.
+pub struct Marketplace {
+    data_dir: PathBuf,
+    config: MarketplaceConfig,
+    registry: Registry,
+    store: BlobStore,
+    keys: Vec<PublicKey>,
+}
+
+impl std::fmt::Debug for Marketplace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Marketplace").field("data_dir", &self.data_dir).finish()
+    }
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+impl Marketplace {
+    /// Opens the marketplace in `data_dir` with `config` (see [`MarketplaceConfig::load`]).
+    pub fn open(data_dir: impl Into<PathBuf>, config: MarketplaceConfig) -> anyhow::Result<Self> {
+        let data_dir = data_dir.into();
+        let mut keys = Vec::new();
+        for path in &config.trusted_keys {
+            keys.push(PublicKey::from_file(path).map_err(anyhow::Error::msg)?);
+        }
+        if let Ok(entries) = std::fs::read_dir(data_dir.join("trusted-keys")) {
+            let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok()).map(|e| e.path()).collect();
+            paths.sort();
+            for path in paths.into_iter().filter(|p| p.extension().is_some_and(|e| e == "pub")) {
+                keys.push(PublicKey::from_file(&path).map_err(anyhow::Error::msg)?);
+            }
+        }
+        let registry = Registry::new(RegistryConfig {
+            insecure: config.insecure_registries.clone(),
+            credentials: Credentials { docker_config: config.docker_config.clone() },
+            max_blob_bytes: None,
+        });
+        Ok(Marketplace { store: BlobStore::new(data_dir.join("store")), data_dir, config, registry, keys })
+    }
+
+    /// The registry client.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The local blob store.
+    pub fn store(&self) -> &BlobStore {
+        &self.store
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &MarketplaceConfig {
+        &self.config
+    }
+
+    fn db_path(&self) -> PathBuf {
+        self.data_dir.join("installs.json")
+    }
+
+    fn read_db(&self) -> anyhow::Result<InstallDb> {
+        match std::fs::read(self.db_path()) {
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes).with_context(|| format!("reading {}", self.db_path().display()))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(InstallDb::default()),
+            Err(e) => Err(e).with_context(|| format!("reading {}", self.db_path().display())),
+        }
+    }
+
+    fn write_db(&self, db: &InstallDb) -> anyhow::Result<()> {
+        std::fs::create_dir_all(&self.data_dir).with_context(|| format!("creating {}", self.data_dir.display()))?;
+        let tmp = self.data_dir.join(format!(".installs.json.{}", std::process::id()));
+        std::fs::write(&tmp, serde_json::to_vec_pretty(db)?).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, self.db_path()).with_context(|| format!("writing {}", self.db_path().display()))
+    }
+
+    /// Pushes a plugin binary to `reference` and, with `key`, signs it. Returns the digest.
+    pub async fn push(&self, wasm: &[u8], reference: &str, key: Option<&PrivateKey>) -> anyhow::Result<String> {
+        let reference = parse_reference(reference)?;
+        let digest = self.registry.push(&reference, wasm).await?;
+        if let Some(key) = key {
+            self.registry.sign(&reference, &digest, key).await?;
+        }
+        Ok(digest)
+    }
+
+    /// The plugins in `registry`, optionally filtered by `text`.
+    pub async fn search(&self, registry: &str, text: Option<&str>) -> anyhow::Result<Vec<CatalogEntry>> {
+        Ok(self.registry.search(registry, text).await?)
+    }
+
+    /// What `reference` is, without downloading the plugin.
+    pub async fn info(&self, reference: &str) -> anyhow::Result<Info> {
+        let resolved = self.registry.resolve(&parse_reference(reference)?).await?;
+        let verification = self.registry.verify(&resolved, &self.keys).await?;
+        Ok(Info { resolved, verification })
+    }
+
+    /// Installs `reference` for `tenant` with `grants`.
+    pub async fn install(
+        &self,
+        runtime: &Runtime,
+        reference: &str,
+        tenant: &str,
+        grants: &GrantSpec,
+    ) -> anyhow::Result<InstallOutcome> {
+        let reference = parse_reference(reference)?;
+        let resolved = self.registry.resolve(&reference).await?;
+        if let Some(existing) =
+            self.read_db()?.installs.iter().find(|i| i.tenant == tenant && i.name == resolved.manifest.name)
+        {
+            return Err(InstallError::AlreadyInstalled {
+                name: existing.name.clone(),
+                tenant: tenant.to_string(),
+                pinned: existing.pinned(),
+            }
+            .into());
+        }
+        self.install_resolved(runtime, resolved, tenant, grants.clone(), None).await
+    }
+
+    async fn install_resolved(
+        &self,
+        runtime: &Runtime,
+        resolved: Resolved,
+        tenant: &str,
+        grants: GrantSpec,
+        replaced: Option<&Install>,
+    ) -> anyhow::Result<InstallOutcome> {
+        let manifest = resolved.manifest.clone();
+        // Capabilities first: nothing is downloaded for an install that would be refused.
+        let missing = grants.missing(&manifest);
+        if !missing.is_empty() {
+            return Err(InstallError::NotGranted { plugin: manifest.name.clone(), missing }.into());
+        }
+        let runtime_grants = grants.to_grants()?;
+        runtime_grants.check(&manifest)?;
+
+        let policy = self.config.policy_for(tenant);
+        let (verification, warning) = match policy {
+            SignaturePolicy::Off => (None, None),
+            SignaturePolicy::Require | SignaturePolicy::Warn => {
+                let verification = self.registry.verify(&resolved, &self.keys).await?;
+                let verified = matches!(verification, Verification::Verified { .. });
+                if !verified && policy == SignaturePolicy::Require {
+                    return Err(InstallError::Signature {
+                        reference: resolved.reference.whole(),
+                        tenant: tenant.to_string(),
+                        verification,
+                    }
+                    .into());
+                }
+                let warning = (!verified).then(|| {
+                    format!(
+                        "{}: {verification} (installed anyway: signature policy `warn`)",
+                        resolved.reference.whole()
+                    )
+                });
+                (Some(verification), warning)
+            }
+        };
+
+        let was_stored = self.store.contains(&resolved.layer.digest);
+        let wasm = self.registry.fetch(&resolved, &self.store).await?;
+        let refuse = |e: anyhow::Error| -> anyhow::Error {
+            if !was_stored {
+                let _ = self.store.remove(&resolved.layer.digest);
+            }
+            e
+        };
+        let embedded = qlayer_manifest::extract(&wasm).map_err(|e| refuse(e.into()))?;
+        if embedded != manifest {
+            return Err(refuse(anyhow::anyhow!(
+                "{}: the manifest inside the plugin differs from the one its artifact advertises; refusing it",
+                resolved.reference.whole()
+            )));
+        }
+        let plugin = runtime.load(&wasm).map_err(|e| refuse(e.into()))?;
+        plugin.install(runtime_grants).map_err(|e| refuse(e.into()))?;
+
+        let install = Install {
+            tenant: tenant.to_string(),
+            name: manifest.name.clone(),
+            version: manifest.version.clone(),
+            kind: manifest.kind,
+            format: manifest.format,
+            repository: format!("{}/{}", resolved.reference.registry(), resolved.reference.repository()),
+            tag: resolved.reference.tag().map(str::to_string),
+            digest: resolved.digest.clone(),
+            blob: resolved.layer.digest.clone(),
+            size: resolved.layer.size,
+            grants,
+            signature: verification
+                .as_ref()
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| "not checked (policy off)".into()),
+            installed_at: now(),
+        };
+        let mut db = self.read_db()?;
+        db.installs.retain(|i| !(i.tenant == tenant && i.name == install.name));
+        db.installs.push(install.clone());
+        self.write_db(&db)?;
+        if let Some(old) = replaced {
+            self.collect(&db, &old.blob)?;
+        }
+        Ok(InstallOutcome { install, manifest, verification, warning, replaced: replaced.map(|r| r.version.clone()) })
+    }
+
+    /// The installs of `tenant`, by name.
+    pub fn list(&self, tenant: &str) -> anyhow::Result<Vec<Install>> {
+        let mut installs: Vec<Install> = self.read_db()?.installs.into_iter().filter(|i| i.tenant == tenant).collect();
+        installs.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(installs)
+    }
+
+    /// One install of `tenant`.
+    pub fn get(&self, tenant: &str, name: &str) -> anyhow::Result<Install> {
+        self.read_db()?
+            .installs
+            .into_iter()
+            .find(|i| i.tenant == tenant && i.name == name)
+            .ok_or_else(|| InstallError::NotInstalled { name: name.to_string(), tenant: tenant.to_string() }.into())
+    }
+
+    /// Removes an install; its blob goes when no other install uses it.
+    pub fn remove(&self, tenant: &str, name: &str) -> anyhow::Result<Install> {
+        let install = self.get(tenant, name)?;
+        let mut db = self.read_db()?;
+        db.installs.retain(|i| !(i.tenant == tenant && i.name == name));
+        self.write_db(&db)?;
+        self.collect(&db, &install.blob)?;
+        Ok(install)
+    }
+
+    fn collect(&self, db: &InstallDb, blob: &str) -> anyhow::Result<()> {
+        if !db.installs.iter().any(|i| i.blob == blob) {
+            self.store.remove(blob)?;
+        }
+        Ok(())
+    }
+
+    /// Upgrades an install: to the highest semantic-version tag above the installed version, or,
+    /// when none is higher and it was installed from another tag, to where that tag now points.
+    /// `extra` adds grants (a new version may ask for more). `Ok(None)`: already the newest.
+    pub async fn upgrade(
+        &self,
+        runtime: &Runtime,
+        tenant: &str,
+        name: &str,
+        extra: &GrantSpec,
+    ) -> anyhow::Result<Option<InstallOutcome>> {
+        let current = self.get(tenant, name)?;
+        let repository = parse_reference(&format!("{}:latest", current.repository))?;
+        let installed = semver::Version::parse(&current.version).ok();
+        let mut tags: Vec<String> =
+            self.registry.tags(&repository).await?.into_iter().filter(|t| !t.ends_with(".sig")).collect();
+        qlayer_registry::sort_tags(&mut tags);
+        let newer = tags.iter().find(|t| {
+            matches!((semver::Version::parse(t), &installed), (Ok(v), Some(i)) if v > *i && (v.pre.is_empty() || !i.pre.is_empty()))
+        });
+        let target = match (newer, &current.tag) {
+            (Some(tag), _) => tag.clone(),
+            (None, Some(tag)) => tag.clone(),
+            (None, None) => return Ok(None),
+        };
+        let reference =
+            Reference::with_tag(repository.registry().to_string(), repository.repository().to_string(), target);
+        let resolved = self.registry.resolve(&reference).await?;
+        if resolved.digest == current.digest {
+            return Ok(None);
+        }
+        if resolved.manifest.name != current.name {
+            bail!(
+                "{} holds plugin `{}`, not `{}`; refusing to replace one plugin with another",
+                reference.whole(),
+                resolved.manifest.name,
+                current.name
+            );
+        }
+        let mut grants = current.grants.clone();
+        grants.merge(extra);
+        self.install_resolved(runtime, resolved, tenant, grants, Some(&current)).await.map(Some)
+    }
+
+    /// Loads an installed plugin for `tenant` from the local store (no registry needed) with its
+    /// recorded grants.
+    pub fn load(&self, runtime: &Runtime, tenant: &str, name: &str) -> anyhow::Result<Installed> {
+        let install = self.get(tenant, name)?;
+        let wasm = self.store.read(&install.blob)?;
+        let plugin = runtime.load(&wasm).with_context(|| format!("loading installed plugin `{name}`"))?;
+        if plugin.manifest().name != install.name || plugin.manifest().version != install.version {
+            bail!("the stored binary of `{name}` is not the installed version; reinstall it");
+        }
+        Ok(plugin.install(install.grants.to_grants()?)?)
+    }
+}
+
+/// Writes a new key pair: `<prefix>.key` (private, mode 0600) and `<prefix>.pub`.
+pub fn keygen(prefix: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let key = PrivateKey::generate();
+    let private = prefix.with_extension("key");
+    let public = prefix.with_extension("pub");
+    for path in [&private, &public] {
+        if path.exists() {
+            bail!("{} already exists; not overwriting a key", path.display());
+        }
+    }
+    let pem = key.to_pem().map_err(anyhow::Error::msg)?;
+    write_private(&private, pem.as_bytes())?;
+    std::fs::write(&public, key.public().to_pem().map_err(anyhow::Error::msg)?)
+        .with_context(|| format!("writing {}", public.display()))?;
+    Ok((private, public))
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path).with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(bytes).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Reads a private key file for `--sign`.
+pub fn read_key(path: &Path) -> anyhow::Result<PrivateKey> {
+    PrivateKey::from_file(path).map_err(anyhow::Error::msg)
+}
+
+/// Is this error one of the registry's "not found" kind?
+pub fn is_not_found(e: &anyhow::Error) -> bool {
+    matches!(e.downcast_ref::<RegistryError>(), Some(RegistryError::NotFound(_)))
+}

@@ -1,0 +1,339 @@
+//! Extism tool plugins: core modules built with an Extism PDK, run through the `extism` crate
+//! under the same rules as components.
+//!
+//! - **Contract**: the module exports `invoke`, which takes the input JSON and returns the output
+//!   JSON (the `tool-plugin` world's `invoke`). An error whose text starts with `invalid-input:`,
+//!   `unauthorized:`, `unavailable:` or `timeout` maps to that `plugin-error` case; any other is
+//!   `internal`. It may import only `extism:host/env` (no WASI: no files, no environment, no clock
+//!   beyond what Extism gives).
+//! - **Limits**: the manifest's memory (in 64 KiB pages) and per-call timeout, clamped by the host
+//!   policy, as for components; each tenant gets its own `extism::Plugin` (its own store).
+//! - **Network**: Extism's built-in `http_request` is replaced by the host's: every request, and
+//!   every hop of a redirect, is checked against the install's granted hosts (host and port) and
+//!   is refused otherwise; credentials are dropped on a cross-host redirect; the request is bounded
+//!   by the call's remaining time. Nothing else in the process is reachable.
+
+use super::{CallError, CallErrorKind, Grants, PluginError};
+use extism::{CurrentPlugin, EXTISM_ENV_MODULE, Function, UserData, Val, ValType};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::OwnedSemaphorePermit;
+
+/// Largest HTTP response body handed to an Extism plugin.
+const MAX_HTTP_RESPONSE: usize = 16 * 1024 * 1024;
+/// Redirect hops followed (each one checked against the grants).
+const MAX_REDIRECTS: usize = 5;
+
+/// Checks a core module is an Extism tool: exports `invoke`, imports only `extism:host/env`.
+pub(crate) fn check_module(wasm: &[u8]) -> Result<(), String> {
+    use wasmparser::{Parser, Payload};
+    let mut exports = Vec::new();
+    for payload in Parser::new(0).parse_all(wasm) {
+        match payload.map_err(|e| e.to_string())? {
+            Payload::ImportSection(reader) => {
+                for import in reader.into_imports() {
+                    let import = import.map_err(|e| e.to_string())?;
+                    if import.module != EXTISM_ENV_MODULE {
+                        return Err(format!(
+                            "imports `{}::{}`; an Extism plugin may import only `{EXTISM_ENV_MODULE}` (no WASI)",
+                            import.module, import.name
+                        ));
+                    }
+                }
+            }
+            Payload::ExportSection(reader) => {
+                for export in reader {
+                    exports.push(export.map_err(|e| e.to_string())?.name.to_string());
+                }
+            }
+            _ => {}
+        }
+    }
+    if !exports.iter().any(|e| e == "invoke") {
+        return Err(format!(
+            "does not export `invoke` (it exports: {})",
+            if exports.is_empty() { "nothing".into() } else { exports.join(", ") }
+        ));
+    }
+    Ok(())
+}
+
+/// Per-install HTTP state shared by the host functions: the grants, and each live instance's
+/// last response status and headers (keyed by the instance's id).
+struct HttpState {
+    tenant_plugin: String,
+    grants: Arc<Grants>,
+    client: reqwest::Client,
+    last: HashMap<uuid::Uuid, (u16, HashMap<String, String>)>,
+}
+
+/// Compiles an Extism module for one install: its limits, its config, and the host's HTTP.
+pub(crate) fn compile(
+    name: &str,
+    wasm: &[u8],
+    grants: Arc<Grants>,
+    memory_bytes: usize,
+    timeout: Duration,
+) -> anyhow::Result<extism::CompiledPlugin> {
+    let manifest = extism::Manifest::new([extism::Wasm::data(wasm.to_vec())])
+        .with_memory_max((memory_bytes / 65536).max(1) as u32)
+        .with_timeout(timeout)
+        .with_config(grants.config.iter().map(|(k, v)| (k.clone(), v.clone())));
+    qlayer_registry::install_tls_provider();
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| anyhow::anyhow!("building the HTTP client: {e}"))?;
+    let state = UserData::new(HttpState { tenant_plugin: name.to_string(), grants, client, last: HashMap::new() });
+    let functions = [
+        Function::new("http_request", [ValType::I64, ValType::I64], [ValType::I64], state.clone(), http_request)
+            .with_namespace(EXTISM_ENV_MODULE),
+        Function::new("http_status_code", [], [ValType::I32], state.clone(), http_status_code)
+            .with_namespace(EXTISM_ENV_MODULE),
+        Function::new("http_headers", [], [ValType::I64], state, http_headers).with_namespace(EXTISM_ENV_MODULE),
+    ];
+    extism::PluginBuilder::new(manifest).with_wasi(false).with_cache_disabled().with_functions(functions).compile()
+}
+
+#[derive(serde::Deserialize)]
+struct HttpRequest {
+    url: String,
+    #[serde(default)]
+    headers: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    method: Option<String>,
+}
+
+fn http_request(
+    plugin: &mut CurrentPlugin,
+    inputs: &[Val],
+    outputs: &mut [Val],
+    state: UserData<HttpState>,
+) -> Result<(), extism::Error> {
+    let id = plugin.id();
+    let request_handle =
+        plugin.memory_from_val(&inputs[0]).ok_or_else(|| anyhow::anyhow!("http_request: invalid request handle"))?;
+    let request: HttpRequest = serde_json::from_slice(plugin.memory_bytes(request_handle)?)
+        .map_err(|e| anyhow::anyhow!("http_request: malformed request: {e}"))?;
+    plugin.memory_free(request_handle)?;
+    let body = match plugin.memory_from_val(&inputs[1]) {
+        Some(handle) if handle.offset() != 0 => {
+            let bytes = plugin.memory_bytes(handle)?.to_vec();
+            plugin.memory_free(handle)?;
+            bytes
+        }
+        _ => Vec::new(),
+    };
+    let remaining = plugin.time_remaining().unwrap_or(Duration::from_secs(30));
+    let state = state.get()?;
+    let (client, grants, who) = {
+        let s = state.lock().map_err(|_| anyhow::anyhow!("http state poisoned"))?;
+        (s.client.clone(), s.grants.clone(), s.tenant_plugin.clone())
+    };
+    let response = tokio::runtime::Handle::try_current()
+        .map_err(|_| anyhow::anyhow!("http_request: no async runtime"))?
+        .block_on(send(&client, &grants, &who, request, body, remaining))?;
+    let (status, headers, body) = response;
+    state.lock().map_err(|_| anyhow::anyhow!("http state poisoned"))?.last.insert(id, (status, headers));
+    let handle = plugin.memory_new(&body[..])?;
+    outputs[0] = plugin.memory_to_val(handle);
+    Ok(())
+}
+
+fn permits(grants: &Grants, url: &reqwest::Url) -> bool {
+    let Some(host) = url.host_str() else { return false };
+    let Some(port) = url.port_or_known_default() else { return false };
+    matches!(url.scheme(), "http" | "https") && grants.outbound_hosts.iter().any(|p| p.matches(host, port))
+}
+
+async fn send(
+    client: &reqwest::Client,
+    grants: &Grants,
+    who: &str,
+    request: HttpRequest,
+    body: Vec<u8>,
+    remaining: Duration,
+) -> anyhow::Result<(u16, HashMap<String, String>, Vec<u8>)> {
+    let deadline = tokio::time::Instant::now() + remaining;
+    let mut url =
+        reqwest::Url::parse(&request.url).map_err(|e| anyhow::anyhow!("invalid URL `{}`: {e}", request.url))?;
+    let mut method = reqwest::Method::from_bytes(request.method.as_deref().unwrap_or("GET").to_uppercase().as_bytes())
+        .map_err(|e| anyhow::anyhow!("invalid HTTP method: {e}"))?;
+    let mut headers = request.headers;
+    let mut body = Some(body);
+    for _ in 0..=MAX_REDIRECTS {
+        if !permits(grants, &url) {
+            tracing::warn!(plugin = %who, host = url.host_str().unwrap_or(""), "outbound request refused: host not granted to this plugin");
+            anyhow::bail!(
+                "outbound request to {}://{}:{} refused: that host is not granted to this plugin",
+                url.scheme(),
+                url.host_str().unwrap_or(""),
+                url.port_or_known_default().unwrap_or(0)
+            );
+        }
+        // Never log headers: they carry the credentials the plugin was granted.
+        tracing::debug!(plugin = %who, method = %method, uri = %url, "outbound request");
+        let mut builder = client.request(method.clone(), url.clone());
+        for (k, v) in &headers {
+            if !k.eq_ignore_ascii_case("host") {
+                builder = builder.header(k, v);
+            }
+        }
+        if let Some(b) = body.clone().filter(|b| !b.is_empty()) {
+            builder = builder.body(b);
+        }
+        let send = tokio::time::timeout_at(deadline, builder.send());
+        let response = send
+            .await
+            .map_err(|_| anyhow::anyhow!("timeout"))?
+            .map_err(|e| anyhow::anyhow!("HTTP request failed: {e}"))?;
+        if response.status().is_redirection()
+            && let Some(location) = response.headers().get(reqwest::header::LOCATION).and_then(|l| l.to_str().ok())
+        {
+            let next = url.join(location).map_err(|e| anyhow::anyhow!("bad redirect location: {e}"))?;
+            if next.host_str() != url.host_str() || next.port_or_known_default() != url.port_or_known_default() {
+                headers.retain(|k, _| {
+                    !["authorization", "cookie", "proxy-authorization"].contains(&k.to_lowercase().as_str())
+                });
+            }
+            if matches!(response.status().as_u16(), 301..=303) && method != reqwest::Method::HEAD {
+                method = reqwest::Method::GET;
+                body = None;
+            }
+            url = next;
+            continue;
+        }
+        let status = response.status().as_u16();
+        let response_headers = response
+            .headers()
+            .iter()
+            .filter_map(|(k, v)| v.to_str().ok().map(|v| (k.as_str().to_string(), v.to_string())))
+            .collect();
+        let mut out = Vec::new();
+        let mut response = response;
+        loop {
+            let chunk = tokio::time::timeout_at(deadline, response.chunk())
+                .await
+                .map_err(|_| anyhow::anyhow!("timeout"))?
+                .map_err(|e| anyhow::anyhow!("reading the HTTP response: {e}"))?;
+            let Some(chunk) = chunk else { break };
+            if out.len() + chunk.len() > MAX_HTTP_RESPONSE {
+                anyhow::bail!("HTTP response is larger than {MAX_HTTP_RESPONSE} bytes");
+            }
+            out.extend_from_slice(&chunk);
+        }
+        return Ok((status, response_headers, out));
+    }
+    anyhow::bail!("more than {MAX_REDIRECTS} redirects")
+}
+
+fn http_status_code(
+    plugin: &mut CurrentPlugin,
+    _inputs: &[Val],
+    outputs: &mut [Val],
+    state: UserData<HttpState>,
+) -> Result<(), extism::Error> {
+    let id = plugin.id();
+    let state = state.get()?;
+    let status =
+        state.lock().map_err(|_| anyhow::anyhow!("http state poisoned"))?.last.get(&id).map(|l| l.0).unwrap_or(0);
+    outputs[0] = Val::I32(status as i32);
+    Ok(())
+}
+
+fn http_headers(
+    plugin: &mut CurrentPlugin,
+    _inputs: &[Val],
+    outputs: &mut [Val],
+    state: UserData<HttpState>,
+) -> Result<(), extism::Error> {
+    let id = plugin.id();
+    let state = state.get()?;
+    let headers = state.lock().map_err(|_| anyhow::anyhow!("http state poisoned"))?.last.get(&id).map(|l| l.1.clone());
+    match headers {
+        Some(h) => {
+            let handle = plugin.memory_new(serde_json::to_string(&h)?)?;
+            outputs[0] = plugin.memory_to_val(handle);
+        }
+        None => outputs[0] = Val::I64(0),
+    }
+    Ok(())
+}
+
+/// A live Extism tool for one tenant.
+pub struct ExtismInstance {
+    pub(crate) plugin: Option<extism::Plugin>,
+    pub(crate) name: Arc<str>,
+    pub(crate) tenant: Arc<str>,
+    pub(crate) timeout: Duration,
+    pub(crate) memory_bytes: usize,
+    pub(crate) poisoned: bool,
+    pub(crate) _slot: OwnedSemaphorePermit,
+}
+
+impl ExtismInstance {
+    fn error(&self, kind: CallErrorKind) -> CallError {
+        CallError { plugin: self.name.clone(), tenant: self.tenant.clone(), kind }
+    }
+
+    /// Invokes the tool's `invoke` export with `input_json`.
+    pub async fn invoke(&mut self, input_json: &str) -> Result<String, CallError> {
+        if self.poisoned {
+            return Err(self.error(CallErrorKind::Poisoned));
+        }
+        let Some(mut plugin) = self.plugin.take() else { return Err(self.error(CallErrorKind::Poisoned)) };
+        let input = input_json.to_string();
+        let joined = tokio::task::spawn_blocking(move || {
+            let result = plugin.call::<&str, String>("invoke", &input).map_err(|e| format!("{e:#}"));
+            (plugin, result)
+        })
+        .await;
+        let (plugin, result) = match joined {
+            Ok(done) => done,
+            Err(e) => {
+                self.poisoned = true;
+                return Err(self.error(CallErrorKind::Trap(format!("the call panicked: {e}"))));
+            }
+        };
+        self.plugin = Some(plugin);
+        result.map_err(|message| {
+            let kind = classify(&message, self.timeout, self.memory_bytes);
+            if !matches!(kind, CallErrorKind::Plugin(_)) {
+                self.poisoned = true;
+            }
+            self.error(kind)
+        })
+    }
+}
+
+/// Maps an Extism call error to the host's kinds.
+fn classify(message: &str, timeout: Duration, memory_bytes: usize) -> CallErrorKind {
+    let trimmed = message.trim();
+    if trimmed == "timeout" || trimmed.ends_with(": timeout") {
+        return CallErrorKind::Timeout(timeout);
+    }
+    if trimmed == "oom" || trimmed.ends_with(": oom") {
+        return CallErrorKind::OutOfMemory { limit: memory_bytes, requested: 0 };
+    }
+    let lower = trimmed.to_ascii_lowercase();
+    let rest = |prefix: &str| trimmed[prefix.len()..].trim().to_string();
+    if lower.starts_with("invalid-input:") {
+        CallErrorKind::Plugin(PluginError::InvalidInput(rest("invalid-input:")))
+    } else if lower.starts_with("unauthorized:") {
+        CallErrorKind::Plugin(PluginError::Unauthorized(rest("unauthorized:")))
+    } else if lower.starts_with("unavailable:") {
+        CallErrorKind::Plugin(PluginError::Unavailable(rest("unavailable:")))
+    } else if lower.contains("refused: that host is not granted") || lower.contains("wasm backtrace") {
+        // A host function refused (or the guest trapped): the guest did not finish its call.
+        let line = trimmed.lines().find(|l| l.contains("refused")).or(trimmed.lines().next()).unwrap_or(trimmed);
+        CallErrorKind::Trap(line.trim().to_string())
+    } else {
+        CallErrorKind::Plugin(PluginError::Internal(trimmed.to_string()))
+    }
+}
+
+/// Builds a tenant's instance of a compiled Extism plugin.
+pub(crate) fn instantiate(compiled: &extism::CompiledPlugin) -> anyhow::Result<extism::Plugin> {
+    extism::Plugin::new_from_compiled(compiled)
+}

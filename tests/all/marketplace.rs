@@ -1,0 +1,559 @@
+//! The marketplace against a real registry (Debian's `docker-registry`, the CNCF distribution
+//! registry, started per test on a free loopback port): push, search, info, install, run;
+//! tampering, pinning and upgrades, signature policies, offline loads, transport rules, Extism
+//! tools, and interop with skopeo.
+
+use qlayer_host::marketplace::{GrantSpec, InstallError, Marketplace, MarketplaceConfig, TenantConfig};
+use qlayer_host::runtime::{CallErrorKind, Format, Runtime, RuntimeConfig};
+use qlayer_registry::{SignaturePolicy, Verification, parse_reference};
+use qlayer_tests::{TestRegistry, TestServer, ensure_program, extism_hostile, marketplace_plugin, runtime};
+use std::path::Path;
+use std::time::Duration;
+
+fn config(registry: &TestRegistry, policy: SignaturePolicy, keys: &[&Path]) -> MarketplaceConfig {
+    MarketplaceConfig {
+        insecure_registries: vec![registry.addr.clone()],
+        signature_policy: policy,
+        trusted_keys: keys.iter().map(|k| k.to_path_buf()).collect(),
+        ..Default::default()
+    }
+}
+
+fn open(dir: &Path, config: MarketplaceConfig) -> Marketplace {
+    Marketplace::open(dir, config).unwrap()
+}
+
+fn with_version(name: &str, version: &str) -> Vec<u8> {
+    // Rebuild the example with another version in its manifest: strip nothing, re-embed into the
+    // raw build output.
+    let embedded = marketplace_plugin(name);
+    let mut manifest = qlayer_manifest::extract(&embedded).unwrap();
+    manifest.version = version.to_string();
+    let package = format!("qlayer_tool_{}", name.replace('-', "_"));
+    let target = if manifest.format == Format::Extism { "wasm32-unknown-unknown" } else { "wasm32-wasip2" };
+    let raw = Path::new(qlayer_host::embedded::bundled::PLUGIN_TARGET_DIR)
+        .join(target)
+        .join("release")
+        .join(format!("{package}.wasm"));
+    qlayer_manifest::embed(&std::fs::read(raw).unwrap(), &manifest).unwrap()
+}
+
+fn no_grants() -> GrantSpec {
+    GrantSpec::default()
+}
+
+#[tokio::test]
+async fn push_search_info_install_and_run_through_the_host() {
+    let registry = TestRegistry::start();
+    let data = tempfile::tempdir().unwrap();
+    let market = open(data.path(), config(&registry, SignaturePolicy::Warn, &[]));
+    let rt = runtime();
+
+    let stats = format!("{}/tools/text-stats:1.0.0", registry.addr);
+    let digest = market.push(&marketplace_plugin("text-stats"), &stats, None).await.unwrap();
+    market
+        .push(&marketplace_plugin("url-check"), &format!("{}/tools/url-check:1.0.0", registry.addr), None)
+        .await
+        .unwrap();
+    // First-party plugins travel the same way.
+    let scripted = qlayer_host::embedded::bundled_plugin("scripted").unwrap();
+    market.push(scripted, &format!("{}/first-party/scripted:0.1.0", registry.addr), None).await.unwrap();
+
+    let all = market.search(&registry.addr, None).await.unwrap();
+    let names: Vec<&str> = all.iter().filter_map(|e| e.latest.as_ref()).map(|m| m.name.as_str()).collect();
+    assert_eq!(names, ["scripted", "text-stats", "url-check"], "{all:?}");
+    let url_check = all.iter().find(|e| e.repository.ends_with("tools/url-check")).unwrap();
+    assert_eq!(url_check.latest.as_ref().unwrap().format, Format::Extism);
+    let found = market.search(&registry.addr, Some("FREQUENT words")).await.unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].latest.as_ref().unwrap().name, "text-stats");
+
+    let info = market.info(&stats).await.unwrap();
+    assert_eq!(info.resolved.digest, digest);
+    assert_eq!(info.resolved.manifest.name, "text-stats");
+    assert_eq!(info.verification, Verification::Unsigned);
+
+    let outcome = market.install(&rt, &stats, "acme", &no_grants()).await.unwrap();
+    assert_eq!(outcome.install.digest, digest);
+    assert!(outcome.warning.as_deref().unwrap().contains("not signed"), "{:?}", outcome.warning);
+    assert_eq!(market.list("acme").unwrap().len(), 1);
+
+    let installed = market.load(&rt, "acme", "text-stats").unwrap();
+    let mut tool = installed.any_tool("acme").await.unwrap();
+    let out: serde_json::Value =
+        serde_json::from_str(&tool.invoke(r#"{"text":"the cat and the hat. The end!","top":1}"#).await.unwrap())
+            .unwrap();
+    assert_eq!(out["words"], 7);
+    assert_eq!(out["sentences"], 2);
+    assert_eq!(out["top_words"][0]["word"], "the");
+    assert_eq!(out["top_words"][0]["count"], 3);
+    let err = tool.invoke(r#"{"txt":"typo"}"#).await.unwrap_err();
+    assert!(err.to_string().contains("unknown field `txt`"), "{err}");
+
+    // The first-party provider installs from the registry and runs like the bundled one.
+    market.install(&rt, &format!("{}/first-party/scripted:0.1.0", registry.addr), "acme", &no_grants()).await.unwrap();
+    let provider = market.load(&rt, "acme", "scripted").unwrap();
+    let models = provider.provider("acme").await.unwrap().models().await.unwrap();
+    assert!(models.iter().any(|m| m.id.contains("scripted")), "{models:?}");
+
+    // Pull by digest: the same artifact, pinned; an unknown digest is not found.
+    let by_digest = format!("{}/tools/text-stats@{digest}", registry.addr);
+    let pinned = market.install(&rt, &by_digest, "initech", &no_grants()).await.unwrap();
+    assert_eq!((pinned.install.digest.as_str(), pinned.install.tag.as_deref()), (digest.as_str(), None));
+    let unknown = format!("{}/tools/text-stats@sha256:{}", registry.addr, "0".repeat(64));
+    let err = market.info(&unknown).await.unwrap_err();
+    assert!(qlayer_host::marketplace::is_not_found(&err), "{err:#}");
+    assert!(market.info(&format!("{}/tools/nothing-here:1.0.0", registry.addr)).await.is_err());
+
+    // Another tenant's install looks exactly like a missing one.
+    let theirs = market.get("globex", "text-stats").unwrap_err().to_string();
+    let missing = market.get("globex", "no-such-plugin").unwrap_err().to_string();
+    assert_eq!(theirs.replace("text-stats", "X"), missing.replace("no-such-plugin", "X"));
+    assert!(market.remove("globex", "text-stats").is_err());
+    assert!(market.list("globex").unwrap().is_empty());
+
+    // Installing twice is refused; removing frees the blob.
+    let again = market.install(&rt, &stats, "acme", &no_grants()).await.unwrap_err();
+    assert!(matches!(again.downcast_ref::<InstallError>(), Some(InstallError::AlreadyInstalled { .. })), "{again}");
+    market.remove("acme", "text-stats").unwrap();
+    assert!(market.store().contains(&outcome.install.blob), "tenant initech still uses the blob");
+    market.remove("initech", "text-stats").unwrap();
+    assert!(!market.store().contains(&outcome.install.blob), "the last install's removal frees the blob");
+}
+
+#[tokio::test]
+async fn a_blob_altered_in_the_registry_is_refused_and_nothing_is_kept() {
+    let registry = TestRegistry::start();
+    let data = tempfile::tempdir().unwrap();
+    let market = open(data.path(), config(&registry, SignaturePolicy::Off, &[]));
+    let cache = tempfile::tempdir().unwrap();
+    let rt = Runtime::new(RuntimeConfig { cache_dir: Some(cache.path().to_path_buf()), ..Default::default() }).unwrap();
+    let wasm = marketplace_plugin("text-stats");
+    let reference = format!("{}/tools/text-stats:1.0.0", registry.addr);
+    market.push(&wasm, &reference, None).await.unwrap();
+
+    // Flip one byte in the middle of the stored blob: same size, different content.
+    let path = registry.blob_path(&qlayer_registry::digest_of(&wasm));
+    let mut bytes = std::fs::read(&path).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&path, bytes).unwrap();
+
+    let err = market.install(&rt, &reference, "acme", &no_grants()).await.unwrap_err().to_string();
+    assert!(err.contains("does not match its digest"), "{err}");
+    assert!(err.contains("nothing of it was stored"), "{err}");
+    assert!(market.store().digests().is_empty(), "the store holds nothing");
+    assert!(market.list("acme").unwrap().is_empty(), "nothing is installed");
+    let cached = std::fs::read_dir(cache.path()).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(cached, 0, "nothing was compiled");
+}
+
+#[tokio::test]
+async fn a_retagged_upstream_does_not_move_an_install_until_upgrade() {
+    let registry = TestRegistry::start();
+    let data = tempfile::tempdir().unwrap();
+    let market = open(data.path(), config(&registry, SignaturePolicy::Off, &[]));
+    let rt = runtime();
+    let repo = format!("{}/tools/text-stats", registry.addr);
+    let v1 = market.push(&with_version("text-stats", "1.0.0"), &format!("{repo}:1.0.0"), None).await.unwrap();
+    market.push(&with_version("text-stats", "1.0.0"), &format!("{repo}:latest"), None).await.unwrap();
+    let installed = market.install(&rt, &format!("{repo}:latest"), "acme", &no_grants()).await.unwrap();
+    assert_eq!(installed.install.digest, v1);
+
+    // Upstream publishes 1.1.0 and moves `latest` to it.
+    let v2 = market.push(&with_version("text-stats", "1.1.0"), &format!("{repo}:1.1.0"), None).await.unwrap();
+    market.push(&with_version("text-stats", "1.1.0"), &format!("{repo}:latest"), None).await.unwrap();
+    assert_ne!(v1, v2);
+    let still = market.get("acme", "text-stats").unwrap();
+    assert_eq!((still.version.as_str(), still.digest.as_str()), ("1.0.0", v1.as_str()));
+    let loaded = market.load(&rt, "acme", "text-stats").unwrap();
+    assert_eq!(loaded.plugin().manifest().version, "1.0.0");
+
+    let upgraded = market.upgrade(&rt, "acme", "text-stats", &no_grants()).await.unwrap().unwrap();
+    assert_eq!(upgraded.replaced.as_deref(), Some("1.0.0"));
+    assert_eq!((upgraded.install.version.as_str(), upgraded.install.digest.as_str()), ("1.1.0", v2.as_str()));
+    assert_eq!(market.load(&rt, "acme", "text-stats").unwrap().plugin().manifest().version, "1.1.0");
+    assert!(market.upgrade(&rt, "acme", "text-stats", &no_grants()).await.unwrap().is_none(), "already newest");
+
+    // Semver-aware: 1.10.0 beats 1.9.0 (not lexical order); pre-releases are not offered.
+    market.push(&with_version("text-stats", "1.9.0"), &format!("{repo}:1.9.0"), None).await.unwrap();
+    market.push(&with_version("text-stats", "1.10.0"), &format!("{repo}:1.10.0"), None).await.unwrap();
+    market.push(&with_version("text-stats", "2.0.0-rc.1"), &format!("{repo}:2.0.0-rc.1"), None).await.unwrap();
+    let upgraded = market.upgrade(&rt, "acme", "text-stats", &no_grants()).await.unwrap().unwrap();
+    assert_eq!(upgraded.install.version, "1.10.0");
+}
+
+#[tokio::test]
+async fn signature_policies_refuse_unsigned_wrong_key_and_other_digest() {
+    let registry = TestRegistry::start();
+    let keys = tempfile::tempdir().unwrap();
+    let (alice_key, alice_pub) = qlayer_host::marketplace::keygen(&keys.path().join("alice")).unwrap();
+    let (mallory_key, _) = qlayer_host::marketplace::keygen(&keys.path().join("mallory")).unwrap();
+    let alice = qlayer_host::marketplace::read_key(&alice_key).unwrap();
+    let mallory = qlayer_host::marketplace::read_key(&mallory_key).unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut cfg = config(&registry, SignaturePolicy::Require, &[&alice_pub]);
+    cfg.tenants.insert("lax".into(), TenantConfig { signature_policy: Some(SignaturePolicy::Warn) });
+    let market = open(data.path(), cfg);
+    let rt = runtime();
+    let r = |repo: &str| format!("{}/{repo}:1.0.0", registry.addr);
+    let wasm = marketplace_plugin("text-stats");
+
+    // Valid.
+    market.push(&wasm, &r("signed/text-stats"), Some(&alice)).await.unwrap();
+    let ok = market.install(&rt, &r("signed/text-stats"), "strict", &no_grants()).await.unwrap();
+    assert_eq!(ok.verification, Some(Verification::Verified { key: "alice".into() }));
+    assert!(ok.install.signature.contains("alice"));
+
+    let refused = |e: anyhow::Error| match e.downcast::<InstallError>() {
+        Ok(InstallError::Signature { verification, .. }) => verification,
+        Ok(other) => panic!("expected a signature refusal, got {other}"),
+        Err(e) => panic!("expected a signature refusal, got {e:#}"),
+    };
+    let fresh = |market: &Marketplace| market.remove("strict", "text-stats").map(|_| ());
+
+    // Unsigned.
+    fresh(&market).unwrap();
+    market.push(&wasm, &r("unsigned/text-stats"), None).await.unwrap();
+    let err = market.install(&rt, &r("unsigned/text-stats"), "strict", &no_grants()).await.unwrap_err();
+    assert!(err.to_string().contains("not signed"), "{err}");
+    assert_eq!(refused(err), Verification::Unsigned);
+    assert!(market.store().digests().is_empty(), "nothing downloaded for a refused install");
+
+    // Wrong key.
+    market.push(&wasm, &r("mallory/text-stats"), Some(&mallory)).await.unwrap();
+    let err = market.install(&rt, &r("mallory/text-stats"), "strict", &no_grants()).await.unwrap_err();
+    assert!(err.to_string().contains("none of its 1 signature(s) is by a trusted key"), "{err}");
+    assert_eq!(refused(err), Verification::WrongKey { signatures: 1 });
+
+    // A trusted signature over another digest, copied next to this artifact.
+    let signed_digest = market.push(&wasm, &r("swap/text-stats"), Some(&alice)).await.unwrap();
+    let other = format!("{}/swap/text-stats:1.0.1", registry.addr);
+    let other_digest = market.push(&with_version("text-stats", "1.0.1"), &other, None).await.unwrap();
+    let identity = format!("{}/swap/text-stats", registry.addr);
+    let payload = qlayer_registry::sign::payload(&identity, &signed_digest);
+    let signature = alice.sign(&payload);
+    market
+        .registry()
+        .attach_signature(&parse_reference(&other).unwrap(), &other_digest, payload, signature)
+        .await
+        .unwrap();
+    let err = market.install(&rt, &other, "strict", &no_grants()).await.unwrap_err();
+    assert!(err.to_string().contains("for another digest"), "{err}");
+    assert_eq!(refused(err), Verification::OtherDigest { signed: signed_digest });
+
+    // Per-tenant policy: `warn` installs an unsigned plugin, with a warning that says why.
+    let url_check = format!("{}/unsigned/url-check:1.0.0", registry.addr);
+    market.push(&marketplace_plugin("url-check"), &url_check, None).await.unwrap();
+    let grants = GrantSpec::parse(&["host:example.com".into()]).unwrap();
+    assert!(market.install(&rt, &url_check, "strict", &grants).await.is_err());
+    let lax = market.install(&rt, &url_check, "lax", &grants).await.unwrap();
+    assert!(lax.warning.unwrap().contains("not signed"));
+
+    // A validly signed artifact whose blob was then altered in the registry.
+    let digest = qlayer_registry::digest_of(&wasm);
+    let path = registry.blob_path(&digest);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[100] ^= 1;
+    std::fs::write(&path, bytes).unwrap();
+    let err = market.install(&rt, &r("signed/text-stats"), "strict", &no_grants()).await.unwrap_err();
+    assert!(err.to_string().contains("does not match its digest"), "{err}");
+}
+
+#[tokio::test]
+async fn installed_plugins_load_from_the_local_store_when_the_registry_is_down() {
+    let mut registry = TestRegistry::start();
+    let data = tempfile::tempdir().unwrap();
+    let cfg = config(&registry, SignaturePolicy::Off, &[]);
+    let reference = format!("{}/tools/text-stats:1.0.0", registry.addr);
+    {
+        let market = open(data.path(), cfg.clone());
+        market.push(&marketplace_plugin("text-stats"), &reference, None).await.unwrap();
+        market.install(&runtime(), &reference, "acme", &no_grants()).await.unwrap();
+    }
+    registry.stop();
+
+    let market = open(data.path(), cfg);
+    let err = market.info(&reference).await.unwrap_err();
+    assert!(err.to_string().contains(&registry.addr), "a registry error names the registry: {err}");
+    let installed = market.load(&runtime(), "acme", "text-stats").unwrap();
+    let out = installed.any_tool("acme").await.unwrap().invoke(r#"{"text":"offline works"}"#).await.unwrap();
+    assert!(out.contains("\"words\":2"), "{out}");
+
+    // A file changed in the local store is caught on load.
+    let install = market.get("acme", "text-stats").unwrap();
+    let path = market.store().path(&install.blob).unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[10] ^= 1;
+    std::fs::write(&path, bytes).unwrap();
+    let err = market.load(&runtime(), "acme", "text-stats").unwrap_err();
+    assert!(format!("{err:#}").contains("does not match its digest"), "{err:#}");
+}
+
+#[tokio::test]
+async fn an_unlisted_insecure_registry_and_ungranted_capabilities_are_refused() {
+    let registry = TestRegistry::start();
+    let data = tempfile::tempdir().unwrap();
+    let strict = open(data.path(), MarketplaceConfig::default());
+    let reference = format!("{}/tools/url-check:1.0.0", registry.addr);
+    let err = strict.push(&marketplace_plugin("url-check"), &reference, None).await.unwrap_err();
+    let message = format!("{err:#}");
+    assert!(message.contains(&format!("--insecure-registry {}", registry.addr)), "{message}");
+    assert!(strict.info(&reference).await.is_err());
+
+    let market = open(data.path(), config(&registry, SignaturePolicy::Off, &[]));
+    market.push(&marketplace_plugin("url-check"), &reference, None).await.unwrap();
+    let err = market.install(&runtime(), &reference, "acme", &no_grants()).await.unwrap_err();
+    assert!(err.to_string().contains("--grant host:<host[:port]>"), "{err}");
+    assert!(market.store().digests().is_empty(), "nothing downloaded");
+    assert!(market.list("acme").unwrap().is_empty());
+    // A grant the plugin did not ask for is refused too.
+    let stats = format!("{}/tools/text-stats:1.0.0", registry.addr);
+    market.push(&marketplace_plugin("text-stats"), &stats, None).await.unwrap();
+    let err = market
+        .install(&runtime(), &stats, "acme", &GrantSpec::parse(&["host:example.com".into()]).unwrap())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("does not ask for outbound host `example.com`"), "{err}");
+    let err = GrantSpec::parse(&["hots:example.com".into()]).unwrap_err();
+    assert!(err.to_string().contains("expected host:<host[:port]>"), "{err}");
+}
+
+#[tokio::test]
+async fn the_extism_tool_installs_from_the_registry_and_keeps_to_its_grants() {
+    let registry = TestRegistry::start();
+    let granted = TestServer::start().await;
+    let other = TestServer::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let market = open(data.path(), config(&registry, SignaturePolicy::Off, &[]));
+    let rt = runtime();
+    let reference = format!("{}/tools/url-check:1.0.0", registry.addr);
+    market.push(&marketplace_plugin("url-check"), &reference, None).await.unwrap();
+    let grants = GrantSpec::parse(&[format!("host:{}", granted.addr)]).unwrap();
+    let outcome = market.install(&rt, &reference, "acme", &grants).await.unwrap();
+    assert_eq!(outcome.install.format, Format::Extism);
+
+    let installed = market.load(&rt, "acme", "url-check").unwrap();
+    let mut tool = installed.any_tool("acme").await.unwrap();
+    let out: serde_json::Value =
+        serde_json::from_str(&tool.invoke(&format!(r#"{{"url":"http://{}/plain"}}"#, granted.addr)).await.unwrap())
+            .unwrap();
+    assert_eq!(out["status"], 200);
+    assert_eq!(out["ok"], true);
+    assert_eq!(out["bytes"], "granted host answered".len());
+
+    // Another port on the same host is not granted; the request never leaves.
+    let err = tool.invoke(&format!(r#"{{"url":"http://{}/plain"}}"#, other.addr)).await.unwrap_err();
+    assert!(err.to_string().contains("not granted"), "{err}");
+    assert!(other.requests().is_empty(), "the ungranted server saw nothing");
+    // A redirect from the granted host to the ungranted one is refused at the hop.
+    let mut tool = installed.any_tool("acme").await.unwrap();
+    let err = tool
+        .invoke(&format!(r#"{{"url":"http://{}/redirect?to=http://{}/plain"}}"#, granted.addr, other.addr))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("not granted"), "{err}");
+    assert!(other.requests().is_empty());
+    // Bad input is the plugin's invalid-input error.
+    let mut tool = installed.any_tool("acme").await.unwrap();
+    let err = tool.invoke(r#"{"link":"x"}"#).await.unwrap_err();
+    assert!(matches!(err.kind, CallErrorKind::Plugin(qlayer_host::runtime::PluginError::InvalidInput(_))), "{err}");
+}
+
+#[tokio::test]
+async fn an_extism_plugin_that_loops_is_stopped_and_others_carry_on() {
+    let rt = runtime();
+    let installed = rt.load(&extism_hostile(32, 300)).unwrap().install(Default::default()).unwrap();
+    let looping = {
+        let installed = installed.clone();
+        tokio::spawn(async move { installed.any_tool("tenant-a").await.unwrap().invoke("loop").await })
+    };
+    // Tenant B is served while A spins.
+    let mut b = installed.any_tool("tenant-b").await.unwrap();
+    assert_eq!(b.invoke("hello").await.unwrap(), "echo:hello");
+    let err = looping.await.unwrap().unwrap_err();
+    assert!(matches!(err.kind, CallErrorKind::Timeout(d) if d == Duration::from_millis(300)), "{err}");
+    assert_eq!(&*err.tenant, "tenant-a");
+
+    let mut c = installed.any_tool("tenant-c").await.unwrap();
+    let err = c.invoke("grow").await.unwrap_err();
+    assert!(
+        matches!(err.kind, CallErrorKind::OutOfMemory { limit, .. } if limit == 32 << 20)
+            || matches!(err.kind, CallErrorKind::Trap(_)),
+        "{err}"
+    );
+    let err = installed.any_tool("tenant-c").await.unwrap().invoke("fail").await.unwrap_err();
+    assert!(
+        matches!(&err.kind, CallErrorKind::Plugin(qlayer_host::runtime::PluginError::InvalidInput(m)) if m == "told to fail"),
+        "{err}"
+    );
+    // No grant: no network at all.
+    let server = TestServer::start().await;
+    let err = installed
+        .any_tool("tenant-c")
+        .await
+        .unwrap()
+        .invoke(&format!("fetch:http://{}/plain", server.addr))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("not granted"), "{err}");
+    assert!(server.requests().is_empty());
+}
+
+#[tokio::test]
+async fn skopeo_reads_what_we_push_with_the_wasm_media_types() {
+    let skopeo = ensure_program("skopeo", "skopeo");
+    let registry = TestRegistry::start();
+    let data = tempfile::tempdir().unwrap();
+    let market = open(data.path(), config(&registry, SignaturePolicy::Off, &[]));
+    let wasm = marketplace_plugin("text-stats");
+    let reference = format!("{}/tools/text-stats:1.0.0", registry.addr);
+    let digest = market.push(&wasm, &reference, None).await.unwrap();
+
+    let out = std::process::Command::new(&skopeo)
+        .args(["inspect", "--tls-verify=false", "--raw", &format!("docker://{reference}")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "skopeo inspect failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(qlayer_registry::digest_of(&out.stdout), digest, "skopeo sees the manifest we pushed");
+    let manifest: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(manifest["config"]["mediaType"], "application/vnd.wasm.config.v0+json");
+    assert_eq!(manifest["layers"][0]["mediaType"], "application/wasm");
+    assert!(manifest["annotations"]["dev.quantumlayer.plugin.manifest"].as_str().unwrap().contains("text-stats"));
+
+    // skopeo copies it out, checking digests itself, and the layer is our component byte for byte.
+    let layout = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(&skopeo)
+        .args(["copy", "--src-tls-verify=false", &format!("docker://{reference}")])
+        .arg(format!("oci:{}:plugin", layout.path().display()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "skopeo copy failed: {}", String::from_utf8_lossy(&out.stderr));
+    let blob = layout.path().join("blobs/sha256").join(qlayer_registry::digest_of(&wasm).trim_start_matches("sha256:"));
+    assert_eq!(std::fs::read(blob).unwrap(), wasm);
+}
+
+#[tokio::test]
+async fn a_registry_with_basic_auth_takes_credentials_from_docker_config() {
+    let registry = TestRegistry::start_with_basic_auth("alice", "s3cret-pass");
+    let data = tempfile::tempdir().unwrap();
+    let reference = format!("{}/tools/text-stats:1.0.0", registry.addr);
+
+    let anonymous = open(data.path(), config(&registry, SignaturePolicy::Off, &[]));
+    let err = anonymous.push(&marketplace_plugin("text-stats"), &reference, None).await.unwrap_err();
+    assert!(format!("{err:#}").contains("refused access"), "{err:#}");
+
+    let docker = tempfile::tempdir().unwrap();
+    let docker_config = docker.path().join("config.json");
+    std::fs::write(
+        &docker_config,
+        format!(r#"{{"auths":{{"{}":{{"username":"alice","password":"s3cret-pass"}}}}}}"#, registry.addr),
+    )
+    .unwrap();
+    let mut cfg = config(&registry, SignaturePolicy::Off, &[]);
+    cfg.docker_config = Some(docker_config.clone());
+    let market = open(data.path(), cfg.clone());
+    market.push(&marketplace_plugin("text-stats"), &reference, None).await.unwrap();
+    market.install(&runtime(), &reference, "acme", &no_grants()).await.unwrap();
+    assert_eq!(market.search(&registry.addr, None).await.unwrap().len(), 1);
+
+    std::fs::write(
+        &docker_config,
+        format!(r#"{{"auths":{{"{}":{{"username":"alice","password":"wrong"}}}}}}"#, registry.addr),
+    )
+    .unwrap();
+    let err = open(data.path(), cfg).info(&reference).await.unwrap_err();
+    let message = format!("{err:#}");
+    assert!(message.contains("refused access"), "{message}");
+    assert!(!message.contains("wrong"), "the password is not in the error: {message}");
+}
+
+/// The `qlayer` binary of this build (cargo builds it for the workspace's tests).
+fn qlayer_bin() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().and_then(Path::parent).unwrap().join("qlayer");
+    assert!(bin.exists(), "{} is missing: run the tests with `cargo test --workspace`", bin.display());
+    bin
+}
+
+fn cli(args: &[&str], data: &Path, registry: &TestRegistry) -> (bool, String, String) {
+    let out = std::process::Command::new(qlayer_bin())
+        .args(args)
+        .arg("--data-dir")
+        .arg(data)
+        .args(["--insecure-registry", &registry.addr])
+        .env_remove("QLAYER_SIGNATURE_POLICY")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_cli_publishes_searches_installs_calls_and_removes() {
+    let registry = TestRegistry::start();
+    let data = tempfile::tempdir().unwrap();
+    let keys = tempfile::tempdir().unwrap();
+    let d = data.path();
+    let stats_file = keys.path().join("text-stats.wasm");
+    std::fs::write(&stats_file, marketplace_plugin("text-stats")).unwrap();
+    let stats = format!("{}/tools/text-stats:1.0.0", registry.addr);
+    let scripted = format!("{}/first-party/scripted:0.1.0", registry.addr);
+    let prefix = keys.path().join("alice");
+
+    let out = std::process::Command::new(qlayer_bin()).args(["plugin", "keygen"]).arg(&prefix).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (key, public) = (prefix.with_extension("key"), prefix.with_extension("pub"));
+
+    let (ok, stdout, stderr) = cli(&["plugin", "push", stats_file.to_str().unwrap(), &stats], d, &registry);
+    assert!(ok && stdout.contains("pushed"), "{stdout}{stderr}");
+    let (ok, stdout, stderr) =
+        cli(&["plugin", "push", "bundled:scripted", &scripted, "--sign", key.to_str().unwrap()], d, &registry);
+    assert!(ok && stdout.contains("(signed)"), "{stdout}{stderr}");
+
+    let (ok, stdout, _) = cli(&["plugin", "search", &registry.addr], d, &registry);
+    assert!(ok && stdout.contains("text-stats 1.0.0") && stdout.contains("scripted 0.1.0"), "{stdout}");
+    let (ok, stdout, _) = cli(&["plugin", "info", &stats], d, &registry);
+    assert!(ok && stdout.contains("signature: not signed"), "{stdout}");
+
+    let (ok, stdout, stderr) = cli(&["plugin", "install", &stats, "--tenant", "acme"], d, &registry);
+    assert!(ok && stdout.contains("installed text-stats 1.0.0 for tenant `acme`"), "{stdout}{stderr}");
+    assert!(stderr.contains("warning") && stderr.contains("not signed"), "{stderr}");
+    let (ok, stdout, _) = cli(&["plugin", "list", "--tenant", "acme"], d, &registry);
+    assert!(ok && stdout.contains("text-stats 1.0.0"), "{stdout}");
+    let (ok, stdout, stderr) =
+        cli(&["plugin", "call", "text-stats", r#"{"text":"two words"}"#, "--tenant", "acme"], d, &registry);
+    assert!(ok && stdout.contains("\"words\":2"), "{stdout}{stderr}");
+    let (ok, _, stderr) = cli(&["plugin", "call", "text-stats", "{}", "--tenant", "globex"], d, &registry);
+    assert!(!ok && stderr.contains("not installed for tenant `globex`"), "{stderr}");
+
+    let (ok, stdout, stderr) = cli(
+        &[
+            "plugin",
+            "install",
+            &scripted,
+            "--tenant",
+            "acme",
+            "--signature-policy",
+            "require",
+            "--trusted-key",
+            public.to_str().unwrap(),
+        ],
+        d,
+        &registry,
+    );
+    assert!(ok && stdout.contains("signed by trusted key `alice`"), "{stdout}{stderr}");
+    let (ok, _, stderr) =
+        cli(&["plugin", "install", &stats, "--tenant", "strict", "--signature-policy", "require"], d, &registry);
+    assert!(!ok && stderr.contains("not signed"), "{stderr}");
+    let (ok, _, stderr) = cli(&["plugin", "install", &stats, "--tenant", "x", "--grant", "bogus"], d, &registry);
+    assert!(!ok && stderr.contains("--grant `bogus`"), "{stderr}");
+
+    let (ok, stdout, _) = cli(&["plugin", "remove", "text-stats", "--tenant", "acme"], d, &registry);
+    assert!(ok && stdout.contains("removed text-stats"), "{stdout}");
+    let (ok, stdout, _) = cli(&["plugin", "list", "--tenant", "acme"], d, &registry);
+    assert!(ok && !stdout.contains("text-stats") && stdout.contains("scripted"), "{stdout}");
+}

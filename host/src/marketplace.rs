@@ -368,6 +368,21 @@ impl Marketplace {
         }
     }
 
+    /// Holds an exclusive lock on `<data dir>/installs.lock` for a read-modify-write of the
+    /// install records, so two `qlayer` processes cannot lose each other's changes.
+    fn lock_db(&self) -> anyhow::Result<std::fs::File> {
+        std::fs::create_dir_all(&self.data_dir).with_context(|| format!("creating {}", self.data_dir.display()))?;
+        let path = self.data_dir.join("installs.lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        file.lock().with_context(|| format!("locking {}", path.display()))?;
+        Ok(file)
+    }
+
     fn write_db(&self, db: &InstallDb) -> anyhow::Result<()> {
         std::fs::create_dir_all(&self.data_dir).with_context(|| format!("creating {}", self.data_dir.display()))?;
         let tmp = self.data_dir.join(format!(".installs.json.{}", std::process::id()));
@@ -476,7 +491,7 @@ impl Marketplace {
                 resolved.reference.whole()
             )));
         }
-        let plugin = runtime.load(&wasm).map_err(|e| refuse(e.into()))?;
+        let plugin = runtime.load_with_digest(&wasm, resolved.layer.digest.clone()).map_err(|e| refuse(e.into()))?;
         plugin.install(runtime_grants).map_err(|e| refuse(e.into()))?;
 
         let install = Install {
@@ -497,7 +512,19 @@ impl Marketplace {
                 .unwrap_or_else(|| "not checked (policy off)".into()),
             installed_at: now(),
         };
+        let _lock = self.lock_db()?;
         let mut db = self.read_db()?;
+        if replaced.is_none()
+            && let Some(existing) = db.installs.iter().find(|i| i.tenant == tenant && i.name == install.name)
+        {
+            // Another process installed it meanwhile.
+            return Err(InstallError::AlreadyInstalled {
+                name: existing.name.clone(),
+                tenant: tenant.to_string(),
+                pinned: existing.pinned(),
+            }
+            .into());
+        }
         db.installs.retain(|i| !(i.tenant == tenant && i.name == install.name));
         db.installs.push(install.clone());
         self.write_db(&db)?;
@@ -525,6 +552,7 @@ impl Marketplace {
 
     /// Removes an install; its blob goes when no other install uses it.
     pub fn remove(&self, tenant: &str, name: &str) -> anyhow::Result<Install> {
+        let _lock = self.lock_db()?;
         let install = self.get(tenant, name)?;
         let mut db = self.read_db()?;
         db.installs.retain(|i| !(i.tenant == tenant && i.name == name));
@@ -588,7 +616,10 @@ impl Marketplace {
     pub fn load(&self, runtime: &Runtime, tenant: &str, name: &str) -> anyhow::Result<Installed> {
         let install = self.get(tenant, name)?;
         let wasm = self.store.read(&install.blob)?;
-        let plugin = runtime.load(&wasm).with_context(|| format!("loading installed plugin `{name}`"))?;
+        // store.read has just checked the bytes against this digest.
+        let plugin = runtime
+            .load_with_digest(&wasm, install.blob.clone())
+            .with_context(|| format!("loading installed plugin `{name}`"))?;
         if plugin.manifest().name != install.name || plugin.manifest().version != install.version {
             bail!("the stored binary of `{name}` is not the installed version; reinstall it");
         }

@@ -59,14 +59,18 @@ pub(crate) fn check_module(wasm: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
-/// Per-install HTTP state shared by the host functions: the grants, and each live instance's
-/// last response status and headers (keyed by the instance's id).
+/// Per-install HTTP state shared by the host functions: the grants and the client. Each
+/// instance's last response status and headers live in that instance's own Extism vars.
 struct HttpState {
     tenant_plugin: String,
     grants: Arc<Grants>,
     client: reqwest::Client,
-    last: HashMap<uuid::Uuid, (u16, HashMap<String, String>)>,
 }
+
+/// The instance var holding the last response's status (2 bytes, big-endian).
+const STATUS_VAR: &str = "qlayer.http.status";
+/// The instance var holding the last response's headers (JSON object).
+const HEADERS_VAR: &str = "qlayer.http.headers";
 
 /// Compiles an Extism module for one install: its limits, its config, and the host's HTTP.
 pub(crate) fn compile(
@@ -83,9 +87,11 @@ pub(crate) fn compile(
     qlayer_registry::install_tls_provider();
     let client = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
+        // Requests go straight to the granted host, never through a proxy from the environment.
+        .no_proxy()
         .build()
         .map_err(|e| anyhow::anyhow!("building the HTTP client: {e}"))?;
-    let state = UserData::new(HttpState { tenant_plugin: name.to_string(), grants, client, last: HashMap::new() });
+    let state = UserData::new(HttpState { tenant_plugin: name.to_string(), grants, client });
     let functions = [
         Function::new("http_request", [ValType::I64, ValType::I64], [ValType::I64], state.clone(), http_request)
             .with_namespace(EXTISM_ENV_MODULE),
@@ -111,7 +117,6 @@ fn http_request(
     outputs: &mut [Val],
     state: UserData<HttpState>,
 ) -> Result<(), extism::Error> {
-    let id = plugin.id();
     let request_handle =
         plugin.memory_from_val(&inputs[0]).ok_or_else(|| anyhow::anyhow!("http_request: invalid request handle"))?;
     let request: HttpRequest = serde_json::from_slice(plugin.memory_bytes(request_handle)?)
@@ -135,7 +140,8 @@ fn http_request(
         .map_err(|_| anyhow::anyhow!("http_request: no async runtime"))?
         .block_on(send(&client, &grants, &who, request, body, remaining))?;
     let (status, headers, body) = response;
-    state.lock().map_err(|_| anyhow::anyhow!("http state poisoned"))?.last.insert(id, (status, headers));
+    plugin.vars_mut().insert(STATUS_VAR.into(), status.to_be_bytes().to_vec());
+    plugin.vars_mut().insert(HEADERS_VAR.into(), serde_json::to_vec(&headers)?);
     let handle = plugin.memory_new(&body[..])?;
     outputs[0] = plugin.memory_to_val(handle);
     Ok(())
@@ -232,12 +238,12 @@ fn http_status_code(
     plugin: &mut CurrentPlugin,
     _inputs: &[Val],
     outputs: &mut [Val],
-    state: UserData<HttpState>,
+    _state: UserData<HttpState>,
 ) -> Result<(), extism::Error> {
-    let id = plugin.id();
-    let state = state.get()?;
-    let status =
-        state.lock().map_err(|_| anyhow::anyhow!("http state poisoned"))?.last.get(&id).map(|l| l.0).unwrap_or(0);
+    let status = match plugin.vars().get(STATUS_VAR).map(Vec::as_slice) {
+        Some(&[hi, lo]) => u16::from_be_bytes([hi, lo]),
+        _ => 0,
+    };
     outputs[0] = Val::I32(status as i32);
     Ok(())
 }
@@ -246,14 +252,11 @@ fn http_headers(
     plugin: &mut CurrentPlugin,
     _inputs: &[Val],
     outputs: &mut [Val],
-    state: UserData<HttpState>,
+    _state: UserData<HttpState>,
 ) -> Result<(), extism::Error> {
-    let id = plugin.id();
-    let state = state.get()?;
-    let headers = state.lock().map_err(|_| anyhow::anyhow!("http state poisoned"))?.last.get(&id).map(|l| l.1.clone());
-    match headers {
-        Some(h) => {
-            let handle = plugin.memory_new(serde_json::to_string(&h)?)?;
+    match plugin.vars().get(HEADERS_VAR).cloned() {
+        Some(json) => {
+            let handle = plugin.memory_new(&json[..])?;
             outputs[0] = plugin.memory_to_val(handle);
         }
         None => outputs[0] = Val::I64(0),

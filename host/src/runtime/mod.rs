@@ -315,8 +315,14 @@ impl Runtime {
     /// Loads a plugin: reads its manifest, compiles it (or loads the cached compilation), checks
     /// that it matches its declared world, and pre-links it. Nothing of the plugin runs.
     pub fn load(&self, wasm: &[u8]) -> Result<Arc<Plugin>, LoadError> {
+        self.load_with_digest(wasm, format!("sha256:{}", hex::encode(Sha256::digest(wasm))))
+    }
+
+    /// [`Runtime::load`] for bytes whose `sha256:<hex>` digest the caller has just verified (the
+    /// marketplace's store does), so they are not hashed twice. The digest keys the compile cache:
+    /// passing a wrong one would load another plugin's cached code, so only pass a checked one.
+    pub fn load_with_digest(&self, wasm: &[u8], digest: String) -> Result<Arc<Plugin>, LoadError> {
         let manifest = qlayer_manifest::extract(wasm)?;
-        let digest = format!("sha256:{}", hex::encode(Sha256::digest(wasm)));
         let is_component = qlayer_manifest::is_component(wasm);
         if manifest.format == Format::Extism {
             if is_component {

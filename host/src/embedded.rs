@@ -38,6 +38,15 @@ pub enum ProviderChoice {
         /// Sent as a bearer token when set.
         api_key: Option<Secret>,
     },
+    /// A provider installed from a registry (`qlayer plugin install`), with its recorded grants.
+    Installed {
+        /// The installed plugin's name.
+        name: String,
+        /// The tenant it is installed for.
+        tenant: String,
+        /// The data directory holding the installs.
+        data_dir: PathBuf,
+    },
 }
 
 impl ProviderChoice {
@@ -86,6 +95,7 @@ impl ProviderChoice {
             ProviderChoice::OpenAi { base_url, model, .. } => {
                 format!("openai at {base_url}{}", model.as_ref().map(|m| format!(" ({m})")).unwrap_or_default())
             }
+            ProviderChoice::Installed { name, tenant, .. } => format!("installed plugin `{name}` (tenant `{tenant}`)"),
         }
     }
 }
@@ -137,6 +147,16 @@ pub fn install_provider(runtime: &Runtime, choice: &ProviderChoice) -> anyhow::R
                 grants.secrets.insert("api_key".into(), key.clone());
             }
             install_bundled(runtime, "openai", grants)
+        }
+        ProviderChoice::Installed { name, tenant, data_dir } => {
+            let config = crate::marketplace::MarketplaceConfig::load(data_dir)?;
+            let installed =
+                crate::marketplace::Marketplace::open(data_dir.clone(), config)?.load(runtime, tenant, name)?;
+            let kind = installed.plugin().manifest().kind;
+            if kind != crate::runtime::Kind::Provider {
+                bail!("installed plugin `{name}` is a {kind} plugin, not a provider");
+            }
+            Ok(installed)
         }
     }
 }

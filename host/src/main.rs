@@ -48,8 +48,9 @@ struct RunArgs {
     /// Overwrite files in a non-empty --out.
     #[arg(long)]
     force: bool,
-    /// `scripted` (offline test double) or `openai` (any OpenAI-compatible endpoint). Defaults to
-    /// openai when a base URL is given, else scripted.
+    /// `scripted` (offline test double), `openai` (any OpenAI-compatible endpoint), or
+    /// `installed:<name>` (a provider installed with `qlayer plugin install`). Defaults to openai
+    /// when a base URL is given, else scripted.
     #[arg(long, env = "QLAYER_PROVIDER")]
     provider: Option<String>,
     /// Base URL of an OpenAI-compatible API, e.g. http://127.0.0.1:11434/v1 for Ollama.
@@ -73,9 +74,12 @@ struct RunArgs {
     /// Tokens the whole run may spend.
     #[arg(long, default_value_t = 500_000)]
     token_budget: u64,
-    /// Where compiled plugins are cached.
+    /// Where compiled plugins are cached (and installed plugins live).
     #[arg(long, env = "QLAYER_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// The tenant the run belongs to (and whose installed plugins it may use).
+    #[arg(long, default_value = embedded::LOCAL_TENANT)]
+    tenant: String,
 }
 
 #[derive(Subcommand)]
@@ -280,8 +284,27 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .provider
         .clone()
         .unwrap_or_else(|| if args.base_url.is_some() { "openai".into() } else { "scripted".into() });
-    let choice =
-        ProviderChoice::from_flags(&provider, args.base_url.clone(), args.model.clone(), args.api_key.clone(), script)?;
+    let choice = match provider.strip_prefix("installed:") {
+        Some(name) => {
+            if args.base_url.is_some() || script.is_some() {
+                anyhow::bail!(
+                    "--base-url and --script are for the bundled providers; an installed one has its own grants"
+                );
+            }
+            ProviderChoice::Installed {
+                name: name.to_string(),
+                tenant: args.tenant.clone(),
+                data_dir: args.data_dir.clone().unwrap_or_else(embedded::default_data_dir),
+            }
+        }
+        None => ProviderChoice::from_flags(
+            &provider,
+            args.base_url.clone(),
+            args.model.clone(),
+            args.api_key.clone(),
+            script,
+        )?,
+    };
     factory::prepare(&args.requirement, &args.out, args.force)?;
     let options = match &args.language {
         Some(language) => serde_json::json!({ "language": language }).to_string(),
@@ -299,7 +322,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             requirement: args.requirement.clone(),
             options_json: options,
             max_repair_rounds: args.max_repair_rounds,
-            tenant: embedded::LOCAL_TENANT.into(),
+            tenant: args.tenant.clone(),
         };
         let progress = |p: Progress| match p {
             Progress::Started { step } => println!("  … {step}"),

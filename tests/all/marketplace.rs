@@ -546,6 +546,29 @@ fn the_cli_publishes_searches_installs_calls_and_removes() {
         &registry,
     );
     assert!(ok && stdout.contains("signed by trusted key `alice`"), "{stdout}{stderr}");
+    // The flagship job runs on the provider installed from the registry.
+    let out_dir = keys.path().join("project");
+    let run = std::process::Command::new(qlayer_bin())
+        .args(["run", "A todo list CLI", "--provider", "installed:scripted", "--tenant", "acme", "--out"])
+        .arg(&out_dir)
+        .arg("--data-dir")
+        .arg(d)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(run.status.success(), "{stdout}{}", String::from_utf8_lossy(&run.stderr));
+    assert!(stdout.contains("provider: installed plugin `scripted` (tenant `acme`)"), "{stdout}");
+    assert!(out_dir.join("qlayer-run.json").exists());
+    let run = std::process::Command::new(qlayer_bin())
+        .args(["run", "x", "--provider", "installed:text-stats", "--tenant", "acme", "--out"])
+        .arg(keys.path().join("p2"))
+        .arg("--data-dir")
+        .arg(d)
+        .output()
+        .unwrap();
+    assert!(!run.status.success());
+    assert!(String::from_utf8_lossy(&run.stderr).contains("is a tool plugin, not a provider"));
+
     let (ok, _, stderr) =
         cli(&["plugin", "install", &stats, "--tenant", "strict", "--signature-policy", "require"], d, &registry);
     assert!(!ok && stderr.contains("not signed"), "{stderr}");
@@ -556,4 +579,125 @@ fn the_cli_publishes_searches_installs_calls_and_removes() {
     assert!(ok && stdout.contains("removed text-stats"), "{stdout}");
     let (ok, stdout, _) = cli(&["plugin", "list", "--tenant", "acme"], d, &registry);
     assert!(ok && !stdout.contains("text-stats") && stdout.contains("scripted"), "{stdout}");
+}
+
+/// A fake registry front for one artifact, requiring basic auth, that redirects blob downloads
+/// to `blob_host` (another origin). Records (path, Authorization) of every request.
+async fn redirecting_registry(
+    manifest: Vec<u8>,
+    blob_host: std::net::SocketAddr,
+) -> (std::net::SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<(String, Option<String>)>>>) {
+    use http_body_util::{BodyExt, Full};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let manifest = bytes::Bytes::from(manifest);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let (log, manifest) = (log.clone(), manifest.clone());
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let (log, manifest) = (log.clone(), manifest.clone());
+                    async move {
+                        let path = req.uri().path().to_string();
+                        let auth = req.headers().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_string);
+                        log.lock().unwrap().push((path.clone(), auth.clone()));
+                        let mut response = hyper::Response::new(Full::new(bytes::Bytes::new()).boxed());
+                        let expected = format!("Basic {}", base64_encode("alice:s3cret-pass"));
+                        if auth.as_deref() != Some(expected.as_str()) {
+                            *response.status_mut() = hyper::StatusCode::UNAUTHORIZED;
+                            response.headers_mut().insert("www-authenticate", "Basic realm=\"fake\"".parse().unwrap());
+                        } else if path.contains("/manifests/") {
+                            *response.body_mut() = Full::new(manifest).boxed();
+                            response
+                                .headers_mut()
+                                .insert("content-type", "application/vnd.oci.image.manifest.v1+json".parse().unwrap());
+                        } else if path.contains("/blobs/") {
+                            *response.status_mut() = hyper::StatusCode::TEMPORARY_REDIRECT;
+                            response
+                                .headers_mut()
+                                .insert("location", format!("http://{blob_host}/blob").parse().unwrap());
+                        }
+                        Ok::<_, std::convert::Infallible>(response)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+fn base64_encode(text: &str) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let bytes = text.as_bytes();
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn credentials_are_not_sent_to_another_host_on_a_redirect_nor_logged() {
+    let tokio = qlayer_tests::current_thread();
+    let mut registry_addr = String::new();
+    let logs = qlayer_tests::capture_logs(|| {
+        registry_addr = tokio.block_on(async {
+            let other = TestServer::start().await;
+            let wasm = marketplace_plugin("text-stats");
+            let manifest = qlayer_manifest::extract(&wasm).unwrap();
+            let config = br#"{"architecture":"wasm","os":"wasip2","layerDigests":[]}"#;
+            let oci = serde_json::json!({
+                "schemaVersion": 2,
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {"mediaType": "application/vnd.wasm.config.v0+json", "digest": qlayer_registry::digest_of(config), "size": config.len()},
+                "layers": [{"mediaType": "application/wasm", "digest": qlayer_registry::digest_of(&wasm), "size": wasm.len()}],
+                "annotations": {"dev.quantumlayer.plugin.manifest": manifest.to_toml()},
+            });
+            let (addr, seen) = redirecting_registry(serde_json::to_vec(&oci).unwrap(), other.addr).await;
+
+            let docker = tempfile::tempdir().unwrap();
+            let docker_config = docker.path().join("config.json");
+            std::fs::write(&docker_config, format!(r#"{{"auths":{{"{addr}":{{"auth":"{}"}}}}}}"#, base64_encode("alice:s3cret-pass")))
+                .unwrap();
+            let data = tempfile::tempdir().unwrap();
+            let market = open(
+                data.path(),
+                MarketplaceConfig {
+                    insecure_registries: vec![addr.to_string()],
+                    docker_config: Some(docker_config),
+                    ..Default::default()
+                },
+            );
+            let resolved = market.registry().resolve(&parse_reference(&format!("{addr}/tools/text-stats:1.0.0")).unwrap()).await.unwrap();
+            assert_eq!(resolved.manifest.name, "text-stats");
+            // The blob redirect goes to another origin, which answers 404 here: the download fails,
+            // and what matters is what that origin was sent.
+            assert!(market.registry().fetch(&resolved, market.store()).await.is_err());
+            assert!(market.store().digests().is_empty());
+
+            let seen = seen.lock().unwrap().clone();
+            assert!(seen.iter().any(|(p, a)| p.contains("/manifests/") && a.is_some()), "the registry got the credentials: {seen:?}");
+            let redirected = other.requests();
+            assert_eq!(redirected.len(), 1, "{redirected:?}");
+            assert_eq!(redirected[0].path, "/blob");
+            assert_eq!(redirected[0].authorization, None, "no credentials to another host");
+            addr.to_string()
+        });
+    });
+    assert!(logs.contains(&registry_addr), "the client's requests are in the trace logs: {logs}");
+    assert!(!logs.contains("s3cret-pass"), "the password never reaches the logs");
+    assert!(!logs.contains(&base64_encode("alice:s3cret-pass")), "nor its basic-auth encoding");
 }

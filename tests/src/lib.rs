@@ -17,11 +17,16 @@ use std::time::Duration;
 
 /// The raw component (no manifest) of a test guest package.
 pub fn guest(package: &str) -> Vec<u8> {
-    let path = qlayer_host::embedded::bundled::TEST_GUESTS
+    read_listed(qlayer_host::embedded::bundled::TEST_GUESTS, package, "test guest")
+}
+
+/// Reads the file that `list` (built by host/build.rs) names for `key`.
+fn read_listed(list: &[(&str, &str)], key: &str, what: &str) -> Vec<u8> {
+    let path = list
         .iter()
-        .find(|(p, _)| *p == package)
+        .find(|(k, _)| *k == key)
         .map(|(_, path)| PathBuf::from(path))
-        .unwrap_or_else(|| panic!("no test guest {package}"));
+        .unwrap_or_else(|| panic!("no {what} {key}"));
     std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
 }
 
@@ -290,12 +295,7 @@ pub fn extism_hostile(memory_mb: u32, timeout_ms: u64) -> Vec<u8> {
 
 /// A marketplace example plugin (manifest embedded), by name.
 pub fn marketplace_plugin(name: &str) -> Vec<u8> {
-    let path = qlayer_host::embedded::bundled::MARKETPLACE
-        .iter()
-        .find(|(n, _)| *n == name)
-        .map(|(_, path)| PathBuf::from(path))
-        .unwrap_or_else(|| panic!("no marketplace plugin {name}"));
-    std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+    read_listed(qlayer_host::embedded::bundled::MARKETPLACE, name, "marketplace plugin")
 }
 
 static APT: Mutex<()> = Mutex::new(());

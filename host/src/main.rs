@@ -36,6 +36,22 @@ enum Command {
     /// Write, build and inspect plugins.
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// The audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Walk the hash chain; report the first record that was changed, removed or moved.
+    Verify {
+        /// sqlite://<path> or postgres://... (default: the SQLite file in the data dir).
+        #[arg(long, env = "QLAYER_DATABASE_URL")]
+        database: Option<String>,
+        /// Data directory.
+        #[arg(long, env = "QLAYER_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -263,6 +279,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Plugin(cmd) => plugin(cmd).map(|()| ExitCode::SUCCESS),
+        Command::Audit(cmd) => audit(cmd),
     };
     match result {
         Ok(code) => code,
@@ -271,6 +288,35 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+fn audit(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
+    let AuditCommand::Verify { database, data_dir } = cmd;
+    let url = match database {
+        Some(url) => url,
+        None => {
+            let dir = data_dir.unwrap_or_else(embedded::default_data_dir);
+            let path = dir.join("qlayer.db");
+            if !path.exists() {
+                anyhow::bail!("no database at {} (pass --database)", path.display());
+            }
+            format!("sqlite://{}", path.display())
+        }
+    };
+    let tokio = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    tokio.block_on(async {
+        let db = qlayer_db::Db::open(&url).await?;
+        Ok(match db.verify_audit().await? {
+            qlayer_db::AuditCheck::Intact { records, head } => {
+                println!("audit log intact: {records} records, head {head}");
+                ExitCode::SUCCESS
+            }
+            qlayer_db::AuditCheck::Broken { seq, problem } => {
+                println!("audit log BROKEN at record {seq}: {problem}");
+                ExitCode::from(3)
+            }
+        })
+    })
 }
 
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {

@@ -187,3 +187,45 @@ fn plugin_commands_reject_bad_input() {
     let o = qlayer(&["plugin", "build", tmp.path().to_str().unwrap()], &data);
     assert!(text(&o).1.contains("qlayer-plugin.toml"), "{:?}", text(&o));
 }
+
+#[test]
+fn audit_verify_reports_an_intact_chain_and_the_first_broken_record() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("qlayer.db");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let db = rt.block_on(async {
+        let db = qlayer_db::Db::open_sqlite(&path).await.unwrap();
+        for i in 0..3 {
+            db.audit(qlayer_db::AuditEntry {
+                actor: "key_admin".into(),
+                tenant_id: "tn_a".into(),
+                action: "plugin.install".into(),
+                target: format!("plugin-{i}"),
+                outcome: "ok".into(),
+            })
+            .await
+            .unwrap();
+        }
+        db
+    });
+    let o = qlayer(&["audit", "verify"], tmp.path());
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("intact: 3 records"), "{stdout}");
+
+    rt.block_on(async {
+        sqlx_update(&db, "UPDATE audit_log SET target = 'plugin-x' WHERE seq = 2").await;
+    });
+    let o = qlayer(&["audit", "verify", "--database", &format!("sqlite://{}", path.display())], tmp.path());
+    let (stdout, _) = text(&o);
+    assert_eq!(o.status.code(), Some(3), "{stdout}");
+    assert!(stdout.contains("BROKEN at record 2: its contents were changed"), "{stdout}");
+
+    let o = qlayer(&["audit", "verify"], &tmp.path().join("empty"));
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).1.contains("no database at"), "{}", text(&o).1);
+}
+
+async fn sqlx_update(db: &qlayer_db::Db, sql: &str) {
+    sqlx::query(sql).execute(db.pool()).await.unwrap();
+}

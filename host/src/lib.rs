@@ -7,3 +7,4 @@ pub mod marketplace;
 pub mod router;
 pub mod runtime;
 pub mod scaffold;
+pub mod serve;

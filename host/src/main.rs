@@ -39,6 +39,22 @@ enum Command {
     /// The audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Run the multi-tenant service (REST). Config: --config file, then QLAYER_* environment,
+    /// then flags.
+    Serve {
+        /// A qlayer.toml config file (unknown keys are errors).
+        #[arg(long, env = "QLAYER_CONFIG")]
+        config: Option<PathBuf>,
+        /// REST address, e.g. 127.0.0.1:8080.
+        #[arg(long)]
+        rest_addr: Option<std::net::SocketAddr>,
+        /// sqlite://<path> or postgres://... (default: <data dir>/qlayer.db).
+        #[arg(long)]
+        database: Option<String>,
+        /// Data directory.
+        #[arg(long, env = "QLAYER_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -280,6 +296,9 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Plugin(cmd) => plugin(cmd).map(|()| ExitCode::SUCCESS),
         Command::Audit(cmd) => audit(cmd),
+        Command::Serve { config, rest_addr, database, data_dir } => {
+            serve_command(config, rest_addr, database, data_dir).map(|()| ExitCode::SUCCESS)
+        }
     };
     match result {
         Ok(code) => code,
@@ -288,6 +307,28 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+fn serve_command(
+    config: Option<PathBuf>,
+    rest_addr: Option<std::net::SocketAddr>,
+    database: Option<String>,
+    data_dir: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let mut cfg = match &config {
+        Some(path) => qlayer_host::serve::ServeConfig::from_file(path)?,
+        None => qlayer_host::serve::ServeConfig::default(),
+    };
+    cfg.apply_env()?;
+    if let Some(addr) = rest_addr {
+        cfg.server.rest_addr = addr;
+    }
+    if let Some(url) = database {
+        cfg.database.url = Some(url);
+    }
+    let data_dir = data_dir.unwrap_or_else(embedded::default_data_dir);
+    let tokio = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    tokio.block_on(qlayer_host::serve::serve(cfg, data_dir))
 }
 
 fn audit(cmd: AuditCommand) -> anyhow::Result<ExitCode> {

@@ -229,3 +229,76 @@ fn audit_verify_reports_an_intact_chain_and_the_first_broken_record() {
 async fn sqlx_update(db: &qlayer_db::Db, sql: &str) {
     sqlx::query(sql).execute(db.pool()).await.unwrap();
 }
+
+fn http_get(addr: &str, path: &str) -> Option<String> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    Some(response)
+}
+
+fn free_addr() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
+}
+
+#[test]
+fn serve_answers_health_and_readiness_bootstraps_an_admin_once_and_stops_on_sigterm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let start = |addr: &str| {
+        Command::new(env!("CARGO_BIN_EXE_qlayer"))
+            .args(["serve", "--rest-addr", addr, "--data-dir"])
+            .arg(&data)
+            .env_remove("QLAYER_ADMIN_KEY")
+            .env_remove("QLAYER_DATABASE_URL")
+            .env_remove("QLAYER_CONFIG")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let wait_ready = |addr: &str| {
+        for _ in 0..200 {
+            if let Some(r) = http_get(addr, "/healthz") {
+                return r;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("qlayer serve did not come up on {addr}");
+    };
+    let stop = |child: std::process::Child| {
+        let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "exits cleanly on SIGTERM: {:?}", out.status);
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+
+    let addr = free_addr();
+    let child = start(&addr);
+    let health = wait_ready(&addr);
+    assert!(health.starts_with("HTTP/1.0 200") && health.contains("\"ok\""), "{health}");
+    let ready = http_get(&addr, "/readyz").unwrap();
+    assert!(ready.starts_with("HTTP/1.0 200") && ready.contains("\"ready\""), "{ready}");
+    let stderr = stop(child);
+    assert!(stderr.contains("admin API key (shown once"), "{stderr}");
+    assert!(data.join("qlayer.db").exists(), "SQLite in the data dir by default");
+
+    // Second start: the admin exists; no key is printed again.
+    let addr = free_addr();
+    let child = start(&addr);
+    wait_ready(&addr);
+    let stderr = stop(child);
+    assert!(!stderr.contains("admin API key"), "{stderr}");
+
+    // A config file with an unknown key is refused, quoting the key.
+    let config = tmp.path().join("qlayer.toml");
+    std::fs::write(&config, "[server]\nrest-adress = \"127.0.0.1:1\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_qlayer")).args(["serve", "--config"]).arg(&config).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("rest-adress") && stderr.contains("line 2"), "{stderr}");
+}

@@ -46,6 +46,8 @@ fn main() {
         println!("cargo:rerun-if-changed={}", workspace.join(dir).display());
     }
 
+    compile_proto(&workspace, &out_dir);
+
     let wasip2: Vec<&str> = PLUGINS
         .iter()
         .chain(GUESTS)
@@ -139,6 +141,22 @@ fn cargo_build(workspace: &Path, target_dir: &Path, target: &str, packages: &[&s
              target; with another toolchain run `rustup target add {target}`."
         ));
     }
+}
+
+/// Compiles `proto/qlayer/v1/qlayer.proto` (with protox: no protoc needed) into the gRPC
+/// messages, servers and clients, and writes the descriptor set that reflection serves.
+fn compile_proto(workspace: &Path, out_dir: &Path) {
+    use prost::Message as _;
+    let root = workspace.join("proto");
+    println!("cargo:rerun-if-changed={}", root.display());
+    let fds = protox::compile(["qlayer/v1/qlayer.proto"], [&root]).unwrap_or_else(|e| fail(&format!("proto: {e}")));
+    std::fs::write(out_dir.join("qlayer_descriptor.bin"), fds.encode_to_vec())
+        .unwrap_or_else(|e| fail(&format!("writing the descriptor set: {e}")));
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(fds)
+        .unwrap_or_else(|e| fail(&format!("generating the gRPC code: {e}")));
 }
 
 fn env(key: &str) -> String {

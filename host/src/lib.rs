@@ -1,8 +1,11 @@
 //! The QuantumLayer plugin host: runs sandboxed WebAssembly plugins (LLM providers, agents,
 //! validators, tools) per tenant, and the software-factory pipeline built on them.
 
+pub mod api;
 pub mod embedded;
 pub mod factory;
+pub mod grpc;
+pub mod jobs;
 pub mod marketplace;
 pub mod router;
 pub mod runtime;

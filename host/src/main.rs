@@ -18,12 +18,14 @@ use std::process::ExitCode;
     about = "QuantumLayer: a sandboxed WebAssembly plugin host for AI software factories"
 )]
 struct Cli {
-    /// Log filter (tracing's env-filter syntax), e.g. `info` or `qlayer_host=debug`.
-    #[arg(long, env = "QLAYER_LOG", default_value = "warn", global = true)]
-    log: String,
-    /// Log as JSON lines instead of text.
-    #[arg(long, env = "QLAYER_LOG_JSON", global = true)]
-    log_json: bool,
+    /// Log filter (tracing's env-filter syntax), e.g. `info` or `qlayer_host=debug`. Default:
+    /// `info` for `serve`, `warn` otherwise.
+    #[arg(long, env = "QLAYER_LOG", global = true)]
+    log: Option<String>,
+    /// `json` (one object per line, with the request id, tenant and plugin fields) or `text`.
+    /// Default: `json` for `serve`, `text` otherwise.
+    #[arg(long, env = "QLAYER_LOG_FORMAT", global = true, value_parser = ["json", "text"])]
+    log_format: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -39,7 +41,7 @@ enum Command {
     /// The audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
-    /// Run the multi-tenant service (REST). Config: --config file, then QLAYER_* environment,
+    /// Run the multi-tenant service (REST and gRPC). Config: --config file, then QLAYER_* environment,
     /// then flags.
     Serve {
         /// A qlayer.toml config file (unknown keys are errors).
@@ -48,6 +50,9 @@ enum Command {
         /// REST address, e.g. 127.0.0.1:8080.
         #[arg(long)]
         rest_addr: Option<std::net::SocketAddr>,
+        /// gRPC address, e.g. 127.0.0.1:50051.
+        #[arg(long)]
+        grpc_addr: Option<std::net::SocketAddr>,
         /// sqlite://<path> or postgres://... (default: <data dir>/qlayer.db).
         #[arg(long)]
         database: Option<String>,
@@ -284,11 +289,13 @@ impl MarketArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let serving = matches!(cli.command, Command::Serve { .. });
+    let level = cli.log.as_deref().unwrap_or(if serving { "info" } else { "warn" });
     let filter =
-        tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if cli.log_json {
-        builder.json().init();
+    if cli.log_format.as_deref().unwrap_or(if serving { "json" } else { "text" }) == "json" {
+        builder.json().with_current_span(true).with_span_list(false).init();
     } else {
         builder.init();
     }
@@ -296,8 +303,8 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Plugin(cmd) => plugin(cmd).map(|()| ExitCode::SUCCESS),
         Command::Audit(cmd) => audit(cmd),
-        Command::Serve { config, rest_addr, database, data_dir } => {
-            serve_command(config, rest_addr, database, data_dir).map(|()| ExitCode::SUCCESS)
+        Command::Serve { config, rest_addr, grpc_addr, database, data_dir } => {
+            serve_command(config, rest_addr, grpc_addr, database, data_dir).map(|()| ExitCode::SUCCESS)
         }
     };
     match result {
@@ -312,6 +319,7 @@ fn main() -> ExitCode {
 fn serve_command(
     config: Option<PathBuf>,
     rest_addr: Option<std::net::SocketAddr>,
+    grpc_addr: Option<std::net::SocketAddr>,
     database: Option<String>,
     data_dir: Option<PathBuf>,
 ) -> anyhow::Result<()> {
@@ -322,6 +330,9 @@ fn serve_command(
     cfg.apply_env()?;
     if let Some(addr) = rest_addr {
         cfg.server.rest_addr = addr;
+    }
+    if let Some(addr) = grpc_addr {
+        cfg.server.grpc_addr = addr;
     }
     if let Some(url) = database {
         cfg.database.url = Some(url);

@@ -55,6 +55,10 @@ pub struct MarketplaceConfig {
 pub struct TenantConfig {
     /// This tenant's signature policy.
     pub signature_policy: Option<SignaturePolicy>,
+    /// Environment variables of the host this tenant may name in `secret` grants through the
+    /// service's API (a tenant must not read the host's other secrets into its plugins).
+    #[serde(default)]
+    pub secret_env: Vec<String>,
 }
 
 impl MarketplaceConfig {
@@ -66,6 +70,11 @@ impl MarketplaceConfig {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
             Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
         }
+    }
+
+    /// The environment variables `tenant` may name in secret grants through the API.
+    pub fn secret_env_for(&self, tenant: &str) -> Vec<String> {
+        self.tenants.get(tenant).map(|t| t.secret_env.clone()).unwrap_or_default()
     }
 
     /// The policy in force for `tenant`.

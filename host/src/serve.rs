@@ -1,7 +1,8 @@
-//! `qlayer serve`: the multi-tenant service. This first part holds its configuration (TOML file,
-//! environment, flags, in that order of precedence; unknown keys are errors that quote the key),
-//! the state store (SQLite in the data dir by default, PostgreSQL with a URL), the admin
-//! bootstrap, health and readiness, and graceful shutdown. The API routes build on it.
+//! `qlayer serve`: the multi-tenant service: its configuration (TOML file, environment, flags, in
+//! that order of precedence; unknown keys are errors that quote the key), the state store (SQLite
+//! in the data dir by default, PostgreSQL with a URL), the admin bootstrap, the REST API
+//! ([`crate::api`]), the job executor, and graceful shutdown: requests in flight and running jobs
+//! get the grace period; jobs not finished by then stay in the store and resume at the next start.
 
 use anyhow::Context as _;
 use serde::Deserialize;
@@ -10,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// The service's configuration file (`qlayer.toml`).
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct ServeConfig {
     /// Listening addresses and request limits.
@@ -22,6 +23,73 @@ pub struct ServeConfig {
     /// Access.
     #[serde(default)]
     pub auth: AuthConfig,
+    /// Request limits.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// The job executor.
+    #[serde(default)]
+    pub jobs: JobsConfig,
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct LimitsConfig {
+    /// Largest request body, in bytes (larger gets 413).
+    #[serde(default = "default_body")]
+    pub max_body_bytes: usize,
+    /// Requests per second per tenant, on average (0: no limit; over it gets 429 and Retry-After).
+    #[serde(default = "default_rate")]
+    pub requests_per_second: f64,
+    /// Requests a tenant may send at once above the rate.
+    #[serde(default = "default_burst")]
+    pub burst: f64,
+    /// How long a request may take (longer gets 503 `timeout`).
+    #[serde(default = "default_timeout")]
+    pub request_timeout_ms: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_body_bytes: default_body(),
+            requests_per_second: default_rate(),
+            burst: default_burst(),
+            request_timeout_ms: default_timeout(),
+        }
+    }
+}
+
+fn default_body() -> usize {
+    1024 * 1024
+}
+fn default_rate() -> f64 {
+    100.0
+}
+fn default_burst() -> f64 {
+    200.0
+}
+fn default_timeout() -> u64 {
+    30_000
+}
+
+/// `[jobs]`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct JobsConfig {
+    /// Jobs run at once.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        JobsConfig { concurrency: default_concurrency() }
+    }
+}
+
+fn default_concurrency() -> usize {
+    4
 }
 
 /// `[server]`.
@@ -31,6 +99,9 @@ pub struct ServerConfig {
     /// REST (and OpenAI-compatible) address.
     #[serde(default = "default_rest")]
     pub rest_addr: SocketAddr,
+    /// gRPC address.
+    #[serde(default = "default_grpc")]
+    pub grpc_addr: SocketAddr,
     /// How long in-flight requests get to finish at shutdown.
     #[serde(default = "default_grace")]
     pub shutdown_grace_ms: u64,
@@ -38,12 +109,16 @@ pub struct ServerConfig {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { rest_addr: default_rest(), shutdown_grace_ms: default_grace() }
+        ServerConfig { rest_addr: default_rest(), grpc_addr: default_grpc(), shutdown_grace_ms: default_grace() }
     }
 }
 
 fn default_rest() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+fn default_grpc() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 50051))
 }
 
 fn default_grace() -> u64 {
@@ -82,12 +157,17 @@ impl ServeConfig {
         })
     }
 
-    /// Applies `QLAYER_REST_ADDR`, `QLAYER_DATABASE_URL` and `QLAYER_ADMIN_KEY`.
+    /// Applies `QLAYER_REST_ADDR`, `QLAYER_GRPC_ADDR`, `QLAYER_DATABASE_URL` and `QLAYER_ADMIN_KEY`.
     pub fn apply_env(&mut self) -> anyhow::Result<()> {
         if let Ok(addr) = std::env::var("QLAYER_REST_ADDR") {
             self.server.rest_addr = addr
                 .parse()
                 .with_context(|| format!("QLAYER_REST_ADDR `{addr}` is not an address like 127.0.0.1:8080"))?;
+        }
+        if let Ok(addr) = std::env::var("QLAYER_GRPC_ADDR") {
+            self.server.grpc_addr = addr
+                .parse()
+                .with_context(|| format!("QLAYER_GRPC_ADDR `{addr}` is not an address like 127.0.0.1:50051"))?;
         }
         if let Ok(url) = std::env::var("QLAYER_DATABASE_URL") {
             self.database.url = Some(url);
@@ -99,38 +179,32 @@ impl ServeConfig {
     }
 }
 
-/// The running service's shared state.
-#[derive(Clone)]
-pub struct AppState {
-    /// The state store.
+/// A started service (see [`start`]).
+pub struct Running {
+    /// Where REST listens.
+    pub rest_addr: SocketAddr,
+    /// Where gRPC listens.
+    pub grpc_addr: SocketAddr,
+    /// The admin key generated at first start, to show once.
+    pub first_admin_key: Option<String>,
+    /// The store.
     pub db: qlayer_db::Db,
+    stop: tokio::sync::watch::Sender<bool>,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    grpc: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    runner: std::sync::Arc<crate::jobs::JobRunner>,
+    grace: Duration,
 }
 
-/// The REST router.
-pub fn router(state: AppState) -> axum::Router {
-    use axum::routing::get;
-    axum::Router::new()
-        .route("/healthz", get(|| async { axum::Json(serde_json::json!({ "status": "ok" })) }))
-        .route("/readyz", get(readyz))
-        .with_state(state)
-}
-
-async fn readyz(axum::extract::State(state): axum::extract::State<AppState>) -> axum::response::Response {
-    use axum::response::IntoResponse as _;
-    if state.db.ping().await {
-        axum::Json(serde_json::json!({ "status": "ready", "database": "ok" })).into_response()
-    } else {
-        (
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(serde_json::json!({ "status": "not ready", "database": "unreachable" })),
-        )
-            .into_response()
+impl std::fmt::Debug for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Running").field("rest_addr", &self.rest_addr).finish()
     }
 }
 
-/// Runs the service until SIGINT or SIGTERM, then stops taking connections and gives in-flight
-/// requests the configured grace period.
-pub async fn serve(config: ServeConfig, data_dir: PathBuf) -> anyhow::Result<()> {
+/// Opens the store (migrating it), bootstraps the admin key, picks up unfinished jobs and starts
+/// listening. [`Running::stop`] shuts it down.
+pub async fn start(config: ServeConfig, data_dir: PathBuf) -> anyhow::Result<Running> {
     let url = match &config.database.url {
         Some(url) => url.clone(),
         None => {
@@ -139,42 +213,121 @@ pub async fn serve(config: ServeConfig, data_dir: PathBuf) -> anyhow::Result<()>
         }
     };
     let db = qlayer_db::Db::open(&url).await.context("opening the database")?;
-    if let Some(secret) = db.bootstrap_admin(config.auth.admin_key.as_deref()).await? {
-        // Shown once, to the operator's terminal; never through the logs.
-        #[allow(clippy::print_stderr)]
-        {
-            eprintln!("qlayer: first start: admin API key (shown once, store it now): {}", secret.expose());
-        }
+    let first_admin_key =
+        db.bootstrap_admin(config.auth.admin_key.as_deref()).await?.map(|secret| secret.expose().to_string());
+    let runtime = std::sync::Arc::new(crate::runtime::Runtime::new(crate::runtime::RuntimeConfig {
+        cache_dir: Some(data_dir.join("cache")),
+        ..Default::default()
+    })?);
+    let market_config = crate::marketplace::MarketplaceConfig::load(&data_dir)?;
+    let marketplace = std::sync::Arc::new(crate::marketplace::Marketplace::open(data_dir.clone(), market_config)?);
+    let runner =
+        crate::jobs::JobRunner::new(db.clone(), runtime, marketplace, data_dir.clone(), config.jobs.concurrency);
+    let resumed = runner.resume().await?;
+    if resumed > 0 {
+        tracing::info!(resumed, "picked up jobs left unfinished by the previous run");
     }
+    let state = crate::api::AppState {
+        db: db.clone(),
+        runner: runner.clone(),
+        limiter: std::sync::Arc::new(crate::api::auth::RateLimiter::new(
+            config.limits.requests_per_second,
+            config.limits.burst,
+        )),
+        limits: crate::api::Limits {
+            max_body_bytes: config.limits.max_body_bytes,
+            request_timeout: Duration::from_millis(config.limits.request_timeout_ms),
+        },
+        metrics: crate::api::metrics_handle(),
+    };
+    let grpc_routes = crate::grpc::Grpc::new(state.clone()).routes(config.limits.max_body_bytes)?;
     let listener = tokio::net::TcpListener::bind(config.server.rest_addr)
         .await
         .with_context(|| format!("listening on {}", config.server.rest_addr))?;
-    let addr = listener.local_addr()?;
-    tracing::info!(%addr, backend = ?db.backend(), "qlayer serve: REST listening");
-    #[allow(clippy::print_stdout)]
-    {
-        println!("qlayer serve: REST on http://{addr}");
-    }
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let server = axum::serve(listener, router(AppState { db: db.clone() })).with_graceful_shutdown({
+    let rest_addr = listener.local_addr()?;
+    tracing::info!(addr = %rest_addr, backend = ?db.backend(), "qlayer serve: REST listening");
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let server = axum::serve(listener, crate::api::router(state)).with_graceful_shutdown({
         let mut rx = stop_rx.clone();
         async move {
             let _ = rx.wait_for(|stop| *stop).await;
         }
     });
     let server = tokio::spawn(async move { server.await });
-    shutdown_signal().await;
-    tracing::info!("qlayer serve: shutting down");
-    let _ = stop_tx.send(true);
-    let grace = Duration::from_millis(config.server.shutdown_grace_ms);
-    match tokio::time::timeout(grace, server).await {
-        Ok(joined) => joined.context("the server task failed")?.context("serving")?,
-        Err(_) => {
-            tracing::warn!(grace_ms = config.server.shutdown_grace_ms, "in-flight requests cut at the grace period")
+    let grpc_listener = tokio::net::TcpListener::bind(config.server.grpc_addr)
+        .await
+        .with_context(|| format!("listening on {} (gRPC)", config.server.grpc_addr))?;
+    let grpc_addr = grpc_listener.local_addr()?;
+    tracing::info!(addr = %grpc_addr, "qlayer serve: gRPC listening");
+    let grpc = tokio::spawn({
+        let mut rx = stop_rx.clone();
+        let timeout = Duration::from_millis(config.limits.request_timeout_ms);
+        async move {
+            tonic::transport::Server::builder()
+                .timeout(timeout)
+                .add_routes(grpc_routes)
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+                    async move {
+                        let _ = rx.wait_for(|stop| *stop).await;
+                    },
+                )
+                .await
+        }
+    });
+    Ok(Running {
+        rest_addr,
+        grpc_addr,
+        grpc,
+        first_admin_key,
+        db,
+        stop,
+        server,
+        runner,
+        grace: Duration::from_millis(config.server.shutdown_grace_ms),
+    })
+}
+
+impl Running {
+    /// Stops taking connections; requests in flight and running jobs get the grace period. Jobs
+    /// not finished by then stay in the store and resume at the next start.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(true);
+        let started = std::time::Instant::now();
+        let requests = tokio::time::timeout(self.grace, self.server).await;
+        if tokio::time::timeout(self.grace.saturating_sub(started.elapsed()), self.grpc).await.is_err() {
+            tracing::warn!("gRPC calls in flight cut at the grace period");
+        }
+        self.runner.shutdown(self.grace.saturating_sub(started.elapsed())).await;
+        let outcome = match requests {
+            Ok(joined) => joined.context("the server task failed")?.context("serving"),
+            Err(_) => {
+                tracing::warn!(grace_ms = self.grace.as_millis() as u64, "in-flight requests cut at the grace period");
+                Ok(())
+            }
+        };
+        self.db.close().await;
+        outcome
+    }
+}
+
+/// Runs the service until SIGINT or SIGTERM, then stops as [`Running::stop`] does.
+pub async fn serve(config: ServeConfig, data_dir: PathBuf) -> anyhow::Result<()> {
+    let running = start(config, data_dir).await?;
+    if let Some(secret) = &running.first_admin_key {
+        // Shown once, to the operator's terminal; never through the logs.
+        #[allow(clippy::print_stderr)]
+        {
+            eprintln!("qlayer: first start: admin API key (shown once, store it now): {secret}");
         }
     }
-    db.close().await;
-    Ok(())
+    #[allow(clippy::print_stdout)]
+    {
+        println!("qlayer serve: REST on http://{}, gRPC on {}", running.rest_addr, running.grpc_addr);
+    }
+    shutdown_signal().await;
+    tracing::info!("qlayer serve: shutting down");
+    running.stop().await
 }
 
 async fn shutdown_signal() {

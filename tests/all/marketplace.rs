@@ -193,7 +193,8 @@ async fn signature_policies_refuse_unsigned_wrong_key_and_other_digest() {
     let mallory = qlayer_host::marketplace::read_key(&mallory_key).unwrap();
     let data = tempfile::tempdir().unwrap();
     let mut cfg = config(&registry, SignaturePolicy::Require, &[&alice_pub]);
-    cfg.tenants.insert("lax".into(), TenantConfig { signature_policy: Some(SignaturePolicy::Warn) });
+    cfg.tenants
+        .insert("lax".into(), TenantConfig { signature_policy: Some(SignaturePolicy::Warn), ..Default::default() });
     let market = open(data.path(), cfg);
     let rt = runtime();
     let r = |repo: &str| format!("{}/{repo}:1.0.0", registry.addr);

@@ -11,6 +11,9 @@
 //! - Another tenant's object is reported exactly like a missing one: lookups take the caller's
 //!   tenant and return `None` for anything outside it.
 
+mod jobs;
+
+pub use jobs::{Artifact, CancelOutcome, Job, JobEvent, JobKind, JobStatus, NewJob};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 use std::fmt;
@@ -43,7 +46,7 @@ pub enum Backend {
 }
 
 /// What a key may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Everything, including tenants and keys.
@@ -89,7 +92,7 @@ impl fmt::Display for Role {
 }
 
 /// A tenant.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct Tenant {
     /// `tn_<hex>`.
     pub id: String,
@@ -100,7 +103,7 @@ pub struct Tenant {
 }
 
 /// An API key's record (never the key itself).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct ApiKey {
     /// `key_<hex>`.
     pub id: String,
@@ -143,6 +146,8 @@ pub struct Principal {
     pub tenant_id: String,
     /// The key's role.
     pub role: Role,
+    /// The key's tenant's name.
+    pub tenant_name: String,
 }
 
 /// One audit record, as given to [`Db::audit`].
@@ -404,15 +409,19 @@ impl Db {
         if !secret.starts_with("ql_") || secret.len() != 67 {
             return Ok(None);
         }
-        let row = sqlx::query("SELECT id, tenant_id, role FROM api_keys WHERE hash = $1 AND revoked_at IS NULL")
-            .bind(sha256_hex(secret.as_bytes()))
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(
+            "SELECT k.id, k.tenant_id, k.role, t.name FROM api_keys k JOIN tenants t ON t.id = k.tenant_id \
+             WHERE k.hash = $1 AND k.revoked_at IS NULL",
+        )
+        .bind(sha256_hex(secret.as_bytes()))
+        .fetch_optional(&self.pool)
+        .await?;
         row.map(|r| {
             Ok(Principal {
                 key_id: r.try_get("id")?,
                 tenant_id: r.try_get("tenant_id")?,
                 role: r.try_get::<String, _>("role")?.parse()?,
+                tenant_name: r.try_get("name")?,
             })
         })
         .transpose()

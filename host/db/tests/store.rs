@@ -2,7 +2,7 @@
 //! database per test, dropped afterwards). Set QLAYER_TEST_POSTGRES to use another server.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use qlayer_db::{AuditCheck, AuditEntry, Backend, Db, DbError, Role};
+use qlayer_db::{AuditCheck, AuditEntry, Backend, CancelOutcome, Db, DbError, JobKind, JobStatus, NewJob, Role};
 use sqlx::Connection as _;
 
 /// A database for one test, removed when dropped (PostgreSQL) or with its temp dir (SQLite).
@@ -85,6 +85,8 @@ on_both!(
     the_admin_bootstrap_key,
     the_audit_chain_detects_changed_removed_and_reordered_records,
     migrations_are_idempotent,
+    jobs_are_persisted_idempotent_paginated_and_scoped_to_their_tenant,
+    job_lifecycle_events_cancellation_and_artifacts,
 );
 
 async fn tenants_are_created_listed_and_unique(backend: Backend) {
@@ -248,4 +250,102 @@ async fn migrations_are_idempotent(backend: Backend) {
         }
     }
     assert!(Db::open("mysql://x").await.is_err());
+}
+
+fn call(tenant: &str, n: i64, key: Option<&'static str>) -> (String, serde_json::Value, Option<&'static str>) {
+    (tenant.to_string(), serde_json::json!({"plugin": "text-stats", "input": {"n": n}}), key)
+}
+
+async fn jobs_are_persisted_idempotent_paginated_and_scoped_to_their_tenant(backend: Backend) {
+    let t = open(backend).await;
+    let acme = t.db.create_tenant("acme").await.unwrap();
+    let beta = t.db.create_tenant("beta").await.unwrap();
+    let submit = |(tenant, input, key): (String, serde_json::Value, Option<&'static str>)| {
+        let db = t.db.clone();
+        async move {
+            db.submit_job(NewJob {
+                tenant_id: &tenant,
+                kind: JobKind::Call,
+                input: &input,
+                priority: 0,
+                idempotency_key: key,
+            })
+            .await
+        }
+    };
+    let (first, created) = submit(call(&acme.id, 1, Some("order-1"))).await.unwrap();
+    assert!(created && first.id.starts_with("job_") && first.status == JobStatus::Queued);
+    assert_eq!(first.input["input"]["n"], 1);
+    // Same key, same request: the same job, nothing new.
+    let (again, created) = submit(call(&acme.id, 1, Some("order-1"))).await.unwrap();
+    assert!(!created);
+    assert_eq!(again.id, first.id);
+    // Same key, another request: refused.
+    let err = submit(call(&acme.id, 2, Some("order-1"))).await.unwrap_err();
+    assert!(matches!(err, DbError::Conflict(ref m) if m.contains("idempotency_key")), "{err}");
+    // Keys are per tenant.
+    let (other, created) = submit(call(&beta.id, 1, Some("order-1"))).await.unwrap();
+    assert!(created && other.id != first.id);
+    // Another tenant's job looks missing.
+    assert_eq!(t.db.job(&beta.id, &first.id).await.unwrap(), None);
+    assert!(t.db.job_events(&beta.id, &first.id, 0).await.unwrap().is_empty());
+    assert_eq!(t.db.cancel_job(&beta.id, &first.id, "x").await.unwrap(), CancelOutcome::NotFound);
+
+    // Newest first, in pages.
+    let mut ids = vec![first.id.clone()];
+    for n in 2..=5 {
+        ids.push(submit(call(&acme.id, n, None)).await.unwrap().0.id);
+    }
+    ids.reverse();
+    let page1 = t.db.jobs(&acme.id, None, None, 2).await.unwrap();
+    let page2 = t.db.jobs(&acme.id, None, Some(&page1[1].id), 2).await.unwrap();
+    let page3 = t.db.jobs(&acme.id, None, Some(&page2[1].id), 2).await.unwrap();
+    let seen: Vec<String> = page1.iter().chain(&page2).chain(&page3).map(|j| j.id.clone()).collect();
+    assert_eq!(seen, ids);
+    assert!(t.db.jobs(&acme.id, Some(JobKind::Run), None, 10).await.unwrap().is_empty());
+    assert_eq!(t.db.jobs(&beta.id, None, None, 10).await.unwrap().len(), 1);
+    assert_eq!(t.db.unfinished_jobs().await.unwrap().len(), 6);
+}
+
+async fn job_lifecycle_events_cancellation_and_artifacts(backend: Backend) {
+    let t = open(backend).await;
+    let acme = t.db.create_tenant("acme").await.unwrap();
+    let input = serde_json::json!({"requirement": "a todo CLI"});
+    let new = NewJob { tenant_id: &acme.id, kind: JobKind::Run, input: &input, priority: 3, idempotency_key: None };
+    let (job, _) = t.db.submit_job(new.clone()).await.unwrap();
+    assert!(t.db.start_job(&job.id, false).await.unwrap());
+    assert!(!t.db.start_job(&job.id, false).await.unwrap(), "a running job is not started twice");
+    assert!(t.db.start_job(&job.id, true).await.unwrap(), "a restart takes over a running job");
+    t.db.add_job_event(&job.id, "progress", &serde_json::json!({"step": "developer"})).await.unwrap();
+    let output = serde_json::json!({"status": "passed"});
+    assert!(t.db.finish_job(&job.id, JobStatus::Succeeded, Some(&output), None).await.unwrap());
+    assert!(!t.db.finish_job(&job.id, JobStatus::Failed, None, Some("late")).await.unwrap(), "finished once");
+    let done = t.db.job(&acme.id, &job.id).await.unwrap().unwrap();
+    assert_eq!((done.status, done.output.clone(), done.priority), (JobStatus::Succeeded, Some(output), 3));
+    assert!(done.finished_at.is_some());
+    let kinds: Vec<String> = t.db.job_events(&acme.id, &job.id, 0).await.unwrap().into_iter().map(|e| e.kind).collect();
+    assert_eq!(kinds, ["queued", "progress"]);
+    let after_first = t.db.job_events(&acme.id, &job.id, 1).await.unwrap();
+    assert_eq!(after_first.len(), 1);
+    assert_eq!(after_first[0].seq, 2);
+    assert!(matches!(t.db.cancel_job(&acme.id, &job.id, "x").await.unwrap(), CancelOutcome::AlreadyFinished(_)));
+
+    // Binary artifacts round-trip on both databases, and only for the job's tenant.
+    let bytes: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
+    t.db.put_artifact(&job.id, "application/gzip", &bytes).await.unwrap();
+    let artifact = t.db.artifact(&acme.id, &job.id).await.unwrap().unwrap();
+    assert_eq!((artifact.media_type.as_str(), artifact.bytes.len()), ("application/gzip", bytes.len()));
+    assert!(artifact.bytes == bytes);
+    let beta = t.db.create_tenant("beta").await.unwrap();
+    assert_eq!(t.db.artifact(&beta.id, &job.id).await.unwrap(), None);
+
+    // A queued job cancels; it can then not be started.
+    let (queued, _) = t.db.submit_job(new).await.unwrap();
+    let CancelOutcome::Cancelled(c) = t.db.cancel_job(&acme.id, &queued.id, "by test").await.unwrap() else {
+        panic!("not cancelled")
+    };
+    assert_eq!((c.status, c.error.as_deref()), (JobStatus::Cancelled, Some("by test")));
+    assert!(!t.db.start_job(&queued.id, true).await.unwrap());
+    let (queued_n, running_n) = t.db.job_counts().await.unwrap();
+    assert_eq!((queued_n, running_n), (0, 0));
 }

@@ -250,7 +250,7 @@ fn serve_answers_health_and_readiness_bootstraps_an_admin_once_and_stops_on_sigt
     let data = tmp.path().join("data");
     let start = |addr: &str| {
         Command::new(env!("CARGO_BIN_EXE_qlayer"))
-            .args(["serve", "--rest-addr", addr, "--data-dir"])
+            .args(["serve", "--rest-addr", addr, "--grpc-addr", "127.0.0.1:0", "--data-dir"])
             .arg(&data)
             .env_remove("QLAYER_ADMIN_KEY")
             .env_remove("QLAYER_DATABASE_URL")

@@ -1,0 +1,416 @@
+//! Jobs (plugin calls, factory runs): submit with an optional idempotency key, get, list, cancel,
+//! follow as server-sent events; runs and their tar.gz capsule.
+
+use super::AppState;
+use super::auth::Caller;
+use super::error::{ApiError, ApiJson, ApiQuery, ErrorBody, MAX_PAGE_SIZE};
+use crate::jobs::{CallInput, RunInput};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use qlayer_db::{CancelOutcome, Job, JobEvent, JobKind, NewJob};
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// `POST /v1/jobs`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitJob {
+    /// `call` (input: `{"plugin": name, "input": any}`) or `run` (input: a run request).
+    pub kind: JobKind,
+    /// What the job works on.
+    #[schema(value_type = Object)]
+    pub input: serde_json::Value,
+    /// -10 to 10 (default 0); higher runs first within the tenant.
+    #[serde(default)]
+    pub priority: Option<i32>,
+    /// Submitting again with the same key returns the first job instead of a new one.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+}
+
+/// `POST /v1/runs`: a factory run.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitRun {
+    /// What to build, in words (at most 16 KiB).
+    pub requirement: String,
+    /// `scripted` (the built-in offline test double; the default) or the name of an LLM provider
+    /// plugin installed for the tenant.
+    #[serde(default)]
+    pub provider: Option<String>,
+    /// For `scripted`: a script to answer from instead of its built-in rules.
+    #[serde(default)]
+    pub script: Option<String>,
+    /// Options for the agents, e.g. `{"language": "python"}`.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub options: Option<serde_json::Value>,
+    /// Repair rounds after the first validation (0-5, default 2).
+    #[serde(default)]
+    pub max_repair_rounds: Option<u32>,
+    /// -10 to 10 (default 0).
+    #[serde(default)]
+    pub priority: Option<i32>,
+    /// Submitting again with the same key returns the first run.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+}
+
+/// A page of jobs, newest first.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct JobPage {
+    /// This page.
+    pub items: Vec<Job>,
+    /// Pass as `after` for the next (older) page; absent on the last.
+    pub next: Option<String>,
+}
+
+/// `?limit=&after=&kind=`.
+#[derive(Debug, Clone, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct JobQuery {
+    /// 1-100 (default 20).
+    pub limit: Option<u32>,
+    /// The `next` cursor of the previous page.
+    pub after: Option<String>,
+    /// Only jobs of this kind.
+    pub kind: Option<JobKind>,
+}
+
+fn check_priority(priority: Option<i32>) -> Result<i32, ApiError> {
+    match priority.unwrap_or(0) {
+        p @ -10..=10 => Ok(p),
+        p => Err(ApiError::invalid(format!("priority {p} is out of range: -10 to 10"))),
+    }
+}
+
+/// Checks a job's input before it is accepted: the shape for its kind, and that a called plugin
+/// is installed for the tenant as a tool.
+async fn check_input(
+    state: &AppState,
+    caller: &Caller,
+    kind: JobKind,
+    input: &serde_json::Value,
+) -> Result<(), ApiError> {
+    match kind {
+        JobKind::Call => {
+            let call: CallInput =
+                serde_json::from_value(input.clone()).map_err(|e| ApiError::invalid(format!("input: {e}")))?;
+            let install = state.runner.marketplace().get(caller.tenant_name(), &call.plugin).map_err(|_| {
+                ApiError::invalid(format!("input.plugin: plugin `{}` is not installed for this tenant", call.plugin))
+            })?;
+            if install.kind != crate::runtime::Kind::Tool {
+                return Err(ApiError::invalid(format!(
+                    "input.plugin: plugin `{}` is a {} plugin; jobs of kind `call` invoke tool plugins",
+                    call.plugin, install.kind
+                )));
+            }
+        }
+        JobKind::Run => {
+            let run: RunInput =
+                serde_json::from_value(input.clone()).map_err(|e| ApiError::invalid(format!("input: {e}")))?;
+            run.check().map_err(ApiError::invalid)?;
+            if let Some(name) = run.provider.as_deref().filter(|p| *p != "scripted") {
+                let install = state.runner.marketplace().get(caller.tenant_name(), name).map_err(|_| {
+                    ApiError::invalid(format!("provider: plugin `{name}` is not installed for this tenant"))
+                })?;
+                if install.kind != crate::runtime::Kind::Provider {
+                    return Err(ApiError::invalid(format!(
+                        "provider: plugin `{name}` is a {} plugin, not a provider",
+                        install.kind
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Submits a job (REST and gRPC): `true` when it is new, `false` for an idempotent replay.
+pub async fn submit_op(
+    state: &AppState,
+    caller: &Caller,
+    kind: JobKind,
+    input: serde_json::Value,
+    priority: Option<i32>,
+    idempotency_key: Option<String>,
+) -> Result<(Job, bool), ApiError> {
+    caller.require_write()?;
+    let outcome = async {
+        let priority = check_priority(priority)?;
+        check_input(state, caller, kind, &input).await?;
+        let (job, created) = state
+            .db
+            .submit_job(NewJob {
+                tenant_id: caller.tenant_id(),
+                kind,
+                input: &input,
+                priority,
+                idempotency_key: idempotency_key.as_deref(),
+            })
+            .await?;
+        if created {
+            state.runner.spawn(job.clone(), false).await;
+        }
+        Ok::<_, ApiError>((job, created))
+    }
+    .await;
+    let target = outcome.as_ref().map(|(j, _)| j.id.clone()).unwrap_or_else(|_| kind.as_str().to_string());
+    let action = if kind == JobKind::Run { "run.submit" } else { "job.submit" };
+    state.audit(caller, action, &target, &outcome).await;
+    outcome
+}
+
+async fn submit(
+    state: &AppState,
+    caller: &Caller,
+    kind: JobKind,
+    input: serde_json::Value,
+    priority: Option<i32>,
+    idempotency_key: Option<String>,
+) -> Result<Response, ApiError> {
+    let (job, created) = submit_op(state, caller, kind, input, priority, idempotency_key).await?;
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    let mut response = (status, axum::Json(&job)).into_response();
+    let location = format!("/v1/{}/{}", if kind == JobKind::Run { "runs" } else { "jobs" }, job.id);
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(header::LOCATION, v);
+    }
+    Ok(response)
+}
+
+/// Submits a job. It is stored before the answer: 201 with the new job, or 200 with the job an
+/// earlier request with the same idempotency key created.
+#[utoipa::path(post, path = "/v1/jobs", tag = "jobs", request_body = SubmitJob,
+    responses((status = 201, body = Job), (status = 200, body = Job, description = "idempotent replay"),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 413, body = ErrorBody), (status = 429, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn submit_job(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<SubmitJob>,
+) -> Result<Response, ApiError> {
+    submit(&state, &caller, body.kind, body.input, body.priority, body.idempotency_key).await
+}
+
+/// Lists the caller's tenant's jobs, newest first.
+#[utoipa::path(get, path = "/v1/jobs", tag = "jobs", params(JobQuery),
+    responses((status = 200, body = JobPage), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn list_jobs(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiQuery(query): ApiQuery<JobQuery>,
+) -> Result<axum::Json<JobPage>, ApiError> {
+    list_jobs_op(&state, &caller, query).await.map(axum::Json)
+}
+
+/// Lists jobs (REST and gRPC).
+pub async fn list_jobs_op(state: &AppState, caller: &Caller, query: JobQuery) -> Result<JobPage, ApiError> {
+    let limit = super::error::PageQuery { limit: query.limit, after: None }.limit()?;
+    debug_assert!(limit <= MAX_PAGE_SIZE);
+    let items = state.db.jobs(caller.tenant_id(), query.kind, query.after.as_deref(), limit).await?;
+    let next = (items.len() == limit as usize).then(|| items.last().map(|j| j.id.clone())).flatten();
+    Ok(JobPage { items, next })
+}
+
+/// A job of the caller's tenant, of `kind` when given (REST and gRPC).
+pub async fn find(state: &AppState, caller: &Caller, id: &str, kind: Option<JobKind>) -> Result<Job, ApiError> {
+    let noun = if kind == Some(JobKind::Run) { "run" } else { "job" };
+    match state.db.job(caller.tenant_id(), id).await? {
+        Some(job) if kind.is_none_or(|k| k == job.kind) => Ok(job),
+        _ => Err(ApiError::not_found(format!("{noun} `{id}` not found"))),
+    }
+}
+
+/// One job of the caller's tenant.
+#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", params(("id" = String, Path, description = "job id")),
+    responses((status = 200, body = Job), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn get_job(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Job>, ApiError> {
+    find(&state, &caller, &id, None).await.map(axum::Json)
+}
+
+/// Cancels a queued or running job: a running plugin call is stopped.
+#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs", params(("id" = String, Path, description = "job id")),
+    responses((status = 200, body = Job), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "already finished")),
+    security(("api_key" = [])))]
+pub async fn cancel_job(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Job>, ApiError> {
+    cancel_op(&state, &caller, &id).await.map(axum::Json)
+}
+
+/// Cancels a job (REST and gRPC).
+pub async fn cancel_op(state: &AppState, caller: &Caller, id: &str) -> Result<Job, ApiError> {
+    caller.require_write()?;
+    let outcome = match state.db.cancel_job(caller.tenant_id(), id, "cancelled by the caller").await {
+        Ok(CancelOutcome::Cancelled(job)) => {
+            state.runner.cancel(&job.id);
+            Ok(job)
+        }
+        Ok(CancelOutcome::AlreadyFinished(job)) => {
+            Err(ApiError::conflict(format!("job `{id}` already finished ({})", job.status.as_str())))
+        }
+        Ok(CancelOutcome::NotFound) => Err(ApiError::not_found(format!("job `{id}` not found"))),
+        Err(e) => Err(e.into()),
+    };
+    state.audit(caller, "job.cancel", id, &outcome).await;
+    outcome
+}
+
+/// The job's events as server-sent events (`id` is the event's sequence number; send
+/// `Last-Event-ID` to resume). The stream ends after the job's last event.
+#[utoipa::path(get, path = "/v1/jobs/{id}/events", tag = "jobs", params(("id" = String, Path, description = "job id")),
+    responses((status = 200, content_type = "text/event-stream", body = JobEvent, description = "one `data:` line per event"),
+        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn job_events(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    find(&state, &caller, &id, None).await?;
+    let after = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<i64>().ok())
+        .unwrap_or(0);
+    let stream = event_stream(state, caller.tenant_id().to_string(), id, after);
+    let stream = futures::StreamExt::map(stream, |e: JobEvent| {
+        Ok::<_, std::convert::Infallible>(
+            Event::default()
+                .id(e.seq.to_string())
+                .event(e.kind.clone())
+                .json_data(&e)
+                .unwrap_or_else(|_| Event::default().comment("unserialisable event")),
+        )
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response())
+}
+
+/// A job's events after `after`, live, ending after its terminal event. Wakes on the runner's
+/// announcements, and checks the store every second anyway (another node may run the job).
+pub fn event_stream(
+    state: AppState,
+    tenant_id: String,
+    job_id: String,
+    after: i64,
+) -> impl futures::Stream<Item = JobEvent> + Send + 'static {
+    let announcements = state.runner.subscribe();
+    let init = (state, tenant_id, job_id, after, announcements, std::collections::VecDeque::<JobEvent>::new(), false);
+    futures::stream::unfold(init, |(state, tenant, job, mut after, mut rx, mut buffered, mut done)| async move {
+        loop {
+            if let Some(event) = buffered.pop_front() {
+                after = event.seq;
+                if matches!(event.kind.as_str(), "succeeded" | "failed" | "cancelled") {
+                    done = true;
+                    buffered.clear();
+                }
+                return Some((event, (state, tenant, job, after, rx, buffered, done)));
+            }
+            if done {
+                return None;
+            }
+            match state.db.job_events(&tenant, &job, after).await {
+                Ok(events) if !events.is_empty() => {
+                    buffered.extend(events);
+                    continue;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(job = %job, error = %e, "reading job events failed");
+                    return None;
+                }
+            }
+            let wait = async {
+                loop {
+                    match rx.recv().await {
+                        Ok(id) if id == job => return,
+                        Ok(_) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => std::future::pending::<()>().await,
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(1), wait).await;
+        }
+    })
+}
+
+/// Starts a factory run: requirement → product manager → developer → validators with bounded
+/// repair; the generated project becomes the run's capsule.
+#[utoipa::path(post, path = "/v1/runs", tag = "runs", request_body = SubmitRun,
+    responses((status = 201, body = Job), (status = 200, body = Job, description = "idempotent replay"),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn submit_run(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<SubmitRun>,
+) -> Result<Response, ApiError> {
+    let run = RunInput {
+        requirement: body.requirement,
+        provider: body.provider,
+        script: body.script,
+        options: body.options,
+        max_repair_rounds: body.max_repair_rounds,
+    };
+    let input = serde_json::to_value(&run).map_err(ApiError::internal)?;
+    submit(&state, &caller, JobKind::Run, input, body.priority, body.idempotency_key).await
+}
+
+/// One run: a job of kind `run`; once succeeded, `output` is the run report.
+#[utoipa::path(get, path = "/v1/runs/{id}", tag = "runs", params(("id" = String, Path, description = "run id")),
+    responses((status = 200, body = Job), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn get_run(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Job>, ApiError> {
+    find(&state, &caller, &id, Some(JobKind::Run)).await.map(axum::Json)
+}
+
+/// A run's capsule (REST and gRPC).
+pub async fn capsule_op(state: &AppState, caller: &Caller, id: &str) -> Result<qlayer_db::Artifact, ApiError> {
+    let job = find(state, caller, id, Some(JobKind::Run)).await?;
+    match state.db.artifact(caller.tenant_id(), id).await? {
+        Some(artifact) => Ok(artifact),
+        None => Err(ApiError::conflict(format!("run `{id}` has no capsule: it is {}", job.status.as_str()))),
+    }
+}
+
+/// The generated project as a tar.gz (files under `<run id>/`, with `qlayer-run.json`).
+#[utoipa::path(get, path = "/v1/runs/{id}/capsule", tag = "runs", params(("id" = String, Path, description = "run id")),
+    responses((status = 200, content_type = "application/gzip", body = Vec<u8>), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "the run has not succeeded")),
+    security(("api_key" = [])))]
+pub async fn run_capsule(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let artifact = capsule_op(&state, &caller, &id).await?;
+    let disposition = format!("attachment; filename=\"{id}.tar.gz\"");
+    Ok((
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_str(&artifact.media_type).map_err(ApiError::internal)?),
+            (header::CONTENT_DISPOSITION, HeaderValue::from_str(&disposition).map_err(ApiError::internal)?),
+        ],
+        artifact.bytes,
+    )
+        .into_response())
+}

@@ -1,0 +1,819 @@
+//! The REST API of `qlayer serve`, started in process on a free port with a real HTTP client
+//! (reqwest): tenants, keys and roles; plugins installed from a real registry; jobs, runs, their
+//! server-sent events and capsules; bad input on every route; the cross-tenant matrix; limits,
+//! metrics, the audit trail and the OpenAPI document. The main flows run on SQLite and on the
+//! machine's PostgreSQL (a fresh database per test).
+
+use qlayer_db::Backend;
+use qlayer_host::serve::{Running, ServeConfig};
+use qlayer_tests::{TestRegistry, hostile, marketplace_plugin};
+use serde_json::{Value, json};
+use sqlx::Connection as _;
+use std::time::Duration;
+
+const ADMIN: &str = "ql_0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+struct PgDb {
+    admin: String,
+    name: String,
+}
+
+impl Drop for PgDb {
+    fn drop(&mut self) {
+        let (admin, name) = (self.admin.clone(), self.name.clone());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                if let Ok(mut conn) = sqlx::AnyConnection::connect(&admin).await {
+                    let _ =
+                        sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut conn).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+async fn fresh_postgres() -> (String, PgDb) {
+    sqlx::any::install_default_drivers();
+    let admin =
+        std::env::var("QLAYER_TEST_POSTGRES").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    let name = format!("qlayer_api_{}_{nanos}", std::process::id());
+    let mut conn = sqlx::AnyConnection::connect(&admin)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL at {admin} is needed by this test: {e}"));
+    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await.unwrap();
+    let url = format!("{}/{name}", admin.rsplit_once('/').unwrap().0);
+    (url, PgDb { admin, name })
+}
+
+/// A service for one test.
+struct Svc {
+    running: Option<Running>,
+    base: String,
+    http: reqwest::Client,
+    registry: Option<TestRegistry>,
+    _pg: Option<PgDb>,
+    _dir: tempfile::TempDir,
+}
+
+struct Reply {
+    status: u16,
+    body: Value,
+    text: String,
+    headers: reqwest::header::HeaderMap,
+}
+
+impl Reply {
+    fn code(&self) -> &str {
+        self.body["error"]["code"].as_str().unwrap_or("")
+    }
+}
+
+impl std::fmt::Debug for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.status, self.text)
+    }
+}
+
+async fn service(backend: Backend, with_registry: bool, tweak: impl FnOnce(&mut ServeConfig)) -> Svc {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = with_registry.then(TestRegistry::start);
+    if let Some(r) = &registry {
+        std::fs::write(dir.path().join("marketplace.toml"), format!("insecure-registries = [\"{}\"]\n", r.addr))
+            .unwrap();
+    }
+    let mut config = ServeConfig::default();
+    config.server.rest_addr = "127.0.0.1:0".parse().unwrap();
+    config.server.grpc_addr = "127.0.0.1:0".parse().unwrap();
+    config.server.shutdown_grace_ms = 2_000;
+    config.auth.admin_key = Some(ADMIN.into());
+    config.limits.requests_per_second = 0.0;
+    let pg = match backend {
+        Backend::Sqlite => None,
+        Backend::Postgres => {
+            let (url, pg) = fresh_postgres().await;
+            config.database.url = Some(url);
+            Some(pg)
+        }
+    };
+    tweak(&mut config);
+    let running = qlayer_host::serve::start(config, dir.path().to_path_buf()).await.unwrap();
+    let base = format!("http://{}", running.rest_addr);
+    Svc {
+        running: Some(running),
+        base,
+        http: reqwest::Client::builder().no_proxy().build().unwrap(),
+        registry,
+        _pg: pg,
+        _dir: dir,
+    }
+}
+
+impl Svc {
+    async fn send(&self, method: &str, path: &str, key: Option<&str>, body: Option<String>) -> Reply {
+        let mut req = self.http.request(method.parse().unwrap(), format!("{}{path}", self.base));
+        if let Some(key) = key {
+            req = req.header("authorization", format!("Bearer {key}"));
+        }
+        if let Some(body) = body {
+            req = req.header("content-type", "application/json").body(body);
+        }
+        let res = req.send().await.unwrap();
+        let status = res.status().as_u16();
+        let headers = res.headers().clone();
+        let text = res.text().await.unwrap();
+        let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+        Reply { status, body, text, headers }
+    }
+
+    async fn get(&self, path: &str, key: &str) -> Reply {
+        self.send("GET", path, Some(key), None).await
+    }
+
+    async fn post(&self, path: &str, key: &str, body: Value) -> Reply {
+        self.send("POST", path, Some(key), Some(body.to_string())).await
+    }
+
+    async fn delete(&self, path: &str, key: &str) -> Reply {
+        self.send("DELETE", path, Some(key), None).await
+    }
+
+    /// Creates a tenant; returns (id, admin key).
+    async fn tenant(&self, name: &str) -> (String, String) {
+        let r = self.post("/v1/tenants", ADMIN, json!({"name": name})).await;
+        assert_eq!(r.status, 201, "{r:?}");
+        (r.body["tenant"]["id"].as_str().unwrap().into(), r.body["api_key"].as_str().unwrap().into())
+    }
+
+    async fn key(&self, admin: &str, role: &str) -> (String, String) {
+        let r = self.post("/v1/keys", admin, json!({"name": format!("{role} key"), "role": role})).await;
+        assert_eq!(r.status, 201, "{r:?}");
+        (r.body["key"]["id"].as_str().unwrap().into(), r.body["api_key"].as_str().unwrap().into())
+    }
+
+    /// Pushes a plugin to the test registry and installs it for the key's tenant.
+    async fn install(&self, key: &str, repo: &str, wasm: &[u8]) -> Reply {
+        let registry = self.registry.as_ref().unwrap();
+        let reference = format!("{}/{repo}:1.0.0", registry.addr);
+        let market = qlayer_host::marketplace::Marketplace::open(
+            self._dir.path().join("pusher"),
+            qlayer_host::marketplace::MarketplaceConfig {
+                insecure_registries: vec![registry.addr.clone()],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        market.push(wasm, &reference, None).await.unwrap();
+        self.post("/v1/plugins", key, json!({"reference": reference})).await
+    }
+
+    /// Polls a job until it is over (the bound only keeps a broken build from hanging CI).
+    async fn wait(&self, key: &str, id: &str) -> Value {
+        for _ in 0..1200 {
+            let r = self.get(&format!("/v1/jobs/{id}"), key).await;
+            assert_eq!(r.status, 200, "{r:?}");
+            if matches!(r.body["status"].as_str(), Some("succeeded" | "failed" | "cancelled")) {
+                return r.body;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("job {id} did not finish");
+    }
+
+    async fn stop(mut self) {
+        if let Some(running) = self.running.take() {
+            running.stop().await.unwrap();
+        }
+    }
+
+    fn db(&self) -> &qlayer_db::Db {
+        &self.running.as_ref().unwrap().db
+    }
+}
+
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::Backend::Sqlite).await })*
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::Backend::Postgres).await })*
+        }
+    };
+}
+
+on_both!(tenants_keys_and_roles, plugins_jobs_runs_events_and_capsules);
+
+async fn tenants_keys_and_roles(backend: Backend) {
+    let svc = service(backend, false, |_| {}).await;
+    assert_eq!(svc.send("GET", "/healthz", None, None).await.status, 200);
+    let ready = svc.send("GET", "/readyz", None, None).await;
+    assert_eq!((ready.status, ready.body["database"].as_str()), (200, Some("ok")));
+
+    let (acme, acme_admin) = svc.tenant("acme").await;
+    let (beta, _) = svc.tenant("beta").await;
+    assert!(acme.starts_with("tn_") && acme_admin.starts_with("ql_"));
+    let dup = svc.post("/v1/tenants", ADMIN, json!({"name": "acme"})).await;
+    assert_eq!((dup.status, dup.code()), (409, "conflict"), "{dup:?}");
+    let bad = svc.post("/v1/tenants", ADMIN, json!({"name": "Not Valid"})).await;
+    assert_eq!((bad.status, bad.code()), (400, "invalid_request"));
+    assert!(bad.body["error"]["message"].as_str().unwrap().contains("tenant name"), "{bad:?}");
+
+    // Operators list tenants in pages.
+    let page = svc.get("/v1/tenants?limit=2", ADMIN).await;
+    assert_eq!(page.body["items"].as_array().unwrap().len(), 2, "{page:?}");
+    let next = page.body["next"].as_str().unwrap();
+    let rest = svc.get(&format!("/v1/tenants?limit=2&after={next}"), ADMIN).await;
+    assert_eq!(rest.body["items"].as_array().unwrap().len(), 1, "system, acme, beta: {rest:?}");
+
+    // A tenant's admin is not an operator, and sees only its own tenant.
+    let r = svc.post("/v1/tenants", &acme_admin, json!({"name": "gamma"})).await;
+    assert_eq!((r.status, r.code()), (403, "forbidden"));
+    assert_eq!(svc.get("/v1/tenants", &acme_admin).await.status, 403);
+    let own = svc.get(&format!("/v1/tenants/{acme}"), &acme_admin).await;
+    assert_eq!((own.status, own.body["name"].as_str()), (200, Some("acme")));
+    let other = svc.get(&format!("/v1/tenants/{beta}"), &acme_admin).await;
+    let missing = svc.get("/v1/tenants/tn_000000000000000000000000", &acme_admin).await;
+    assert_eq!((other.status, missing.status), (404, 404));
+    assert_eq!(other.text.replace(&beta, "ID"), missing.text.replace("tn_000000000000000000000000", "ID"));
+
+    // Roles.
+    let (dev_id, dev) = svc.key(&acme_admin, "developer").await;
+    let (viewer_id, viewer) = svc.key(&acme_admin, "viewer").await;
+    let r = svc.post("/v1/keys", &dev, json!({"name": "x", "role": "admin"})).await;
+    assert_eq!((r.status, r.code()), (403, "forbidden"), "developers do not manage keys");
+    let r = svc.post("/v1/jobs", &viewer, json!({"kind": "run", "input": {"requirement": "a CLI"}})).await;
+    assert_eq!((r.status, r.code()), (403, "forbidden"), "{r:?}");
+    assert!(r.body["error"]["message"].as_str().unwrap().contains("viewer"));
+    assert_eq!(svc.get("/v1/jobs", &viewer).await.status, 200, "viewers read");
+    let keys = svc.get("/v1/keys", &acme_admin).await;
+    let listed: Vec<&str> = keys.body["items"].as_array().unwrap().iter().map(|k| k["id"].as_str().unwrap()).collect();
+    assert!(listed.contains(&dev_id.as_str()) && listed.contains(&viewer_id.as_str()));
+    assert!(!keys.text.contains(&dev), "key records never hold the key");
+
+    // Revoked keys stop working; revoking twice is a 404.
+    assert_eq!(svc.delete(&format!("/v1/keys/{viewer_id}"), &acme_admin).await.status, 204);
+    let r = svc.get("/v1/jobs", &viewer).await;
+    assert_eq!((r.status, r.code()), (401, "unauthenticated"));
+    assert_eq!(svc.delete(&format!("/v1/keys/{viewer_id}"), &acme_admin).await.status, 404);
+
+    // Every change is in the audit chain, with who and how it ended.
+    let records = svc.db().audit_records(None, 0, 1000).await.unwrap();
+    let find = |action: &str, outcome: &str| records.iter().any(|r| r.action == action && r.outcome == outcome);
+    assert!(find("tenant.create", "ok") && find("tenant.create", "error: conflict"));
+    assert!(find("key.create", "ok") && find("key.revoke", "ok") && find("key.revoke", "error: not_found"));
+    assert!(records.iter().filter(|r| r.action == "tenant.create" && r.outcome == "ok").all(|r| r.tenant_id != acme));
+    assert!(matches!(svc.db().verify_audit().await.unwrap(), qlayer_db::AuditCheck::Intact { .. }));
+    svc.stop().await;
+}
+
+async fn plugins_jobs_runs_events_and_capsules(backend: Backend) {
+    let svc = service(backend, true, |_| {}).await;
+    let (_, acme) = svc.tenant("acme").await;
+
+    // Install from the registry, list, get.
+    let r = svc.install(&acme, "tools/text-stats", &marketplace_plugin("text-stats")).await;
+    assert_eq!(r.status, 201, "{r:?}");
+    assert_eq!(r.body["plugin"]["name"], "text-stats");
+    assert!(r.body["plugin"]["digest"].as_str().unwrap().starts_with("sha256:"));
+    let again = svc.install(&acme, "tools/text-stats", &marketplace_plugin("text-stats")).await;
+    assert_eq!((again.status, again.code()), (409, "conflict"), "{again:?}");
+    let list = svc.get("/v1/plugins", &acme).await;
+    assert_eq!(list.body["items"][0]["name"], "text-stats", "{list:?}");
+    assert_eq!(svc.get("/v1/plugins/text-stats", &acme).await.status, 200);
+    let missing = svc
+        .post(
+            "/v1/plugins",
+            &acme,
+            json!({"reference": format!("{}/tools/nothing:1.0.0", svc.registry.as_ref().unwrap().addr)}),
+        )
+        .await;
+    assert_eq!((missing.status, missing.code()), (404, "not_found"), "{missing:?}");
+
+    // A call job through the installed tool.
+    let submit = json!({"kind": "call", "input": {"plugin": "text-stats", "input": {"text": "one two three"}}, "idempotency_key": "k1"});
+    let r = svc.post("/v1/jobs", &acme, submit.clone()).await;
+    assert_eq!(r.status, 201, "{r:?}");
+    let id = r.body["id"].as_str().unwrap().to_string();
+    assert_eq!(r.headers["location"], format!("/v1/jobs/{id}").as_str());
+    let done = svc.wait(&acme, &id).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["output"]["words"], 3, "{done}");
+    // Idempotent: same key and request → the same job (200); same key, other request → 409.
+    let replay = svc.post("/v1/jobs", &acme, submit).await;
+    assert_eq!((replay.status, replay.body["id"].as_str()), (200, Some(id.as_str())));
+    let clash = svc
+        .post("/v1/jobs", &acme, json!({"kind": "call", "input": {"plugin": "text-stats", "input": {"text": "other"}}, "idempotency_key": "k1"}))
+        .await;
+    assert_eq!((clash.status, clash.code()), (409, "conflict"));
+    // Only installed tools can be called.
+    let r = svc.post("/v1/jobs", &acme, json!({"kind": "call", "input": {"plugin": "nope", "input": 1}})).await;
+    assert_eq!((r.status, r.code()), (400, "invalid_request"));
+    assert!(r.body["error"]["message"].as_str().unwrap().contains("input.plugin"), "{r:?}");
+
+    // A factory run, followed as server-sent events with a real HTTP client.
+    let r = svc.post("/v1/runs", &acme, json!({"requirement": "a command-line todo list in Python"})).await;
+    assert_eq!(r.status, 201, "{r:?}");
+    let run = r.body["id"].as_str().unwrap().to_string();
+    let mut res = svc
+        .http
+        .get(format!("{}/v1/jobs/{run}/events", svc.base))
+        .header("authorization", format!("Bearer {acme}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.headers()["content-type"], "text/event-stream");
+    let mut sse = String::new();
+    while let Some(chunk) = res.chunk().await.unwrap() {
+        sse.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let events: Vec<Value> =
+        sse.lines().filter_map(|l| l.strip_prefix("data:")).map(|d| serde_json::from_str(d.trim()).unwrap()).collect();
+    let kinds: Vec<&str> = events.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds.first(), Some(&"queued"), "{sse}");
+    assert_eq!(kinds.last(), Some(&"succeeded"), "the stream ends with the job: {sse}");
+    assert!(kinds.contains(&"started") && kinds.iter().filter(|k| **k == "progress").count() >= 4, "{sse}");
+    let seqs: Vec<i64> = events.iter().map(|e| e["seq"].as_i64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "in order, none lost: {seqs:?}");
+    // Resuming with Last-Event-ID replays only what came after.
+    let resumed = svc
+        .http
+        .get(format!("{}/v1/jobs/{run}/events", svc.base))
+        .header("authorization", format!("Bearer {acme}"))
+        .header("last-event-id", (seqs.len() as i64 - 1).to_string())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(resumed.lines().filter(|l| l.starts_with("data:")).count(), 1, "{resumed}");
+
+    let got = svc.get(&format!("/v1/runs/{run}"), &acme).await;
+    assert_eq!(got.body["output"]["status"], "passed", "{got:?}");
+    assert_eq!(svc.get(&format!("/v1/runs/{id}"), &acme).await.status, 404, "a call job is not a run");
+    // The capsule: a tar.gz of the generated project and its report.
+    let res = svc
+        .http
+        .get(format!("{}/v1/runs/{run}/capsule", svc.base))
+        .header("authorization", format!("Bearer {acme}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["content-type"], "application/gzip");
+    let bytes = res.bytes().await.unwrap();
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(&bytes[..]));
+    let mut names = Vec::new();
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let path = entry.path().unwrap().to_string_lossy().to_string();
+        if path.ends_with("qlayer-run.json") {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut entry, &mut text).unwrap();
+            assert!(text.contains("\"passed\""), "{text}");
+        }
+        names.push(path);
+    }
+    assert!(names.iter().all(|n| n.starts_with(&format!("{run}/"))), "{names:?}");
+    assert!(names.iter().any(|n| n.ends_with("qlayer-run.json")) && names.len() >= 2, "{names:?}");
+
+    // Lists page newest first; filters by kind.
+    let page = svc.get("/v1/jobs?limit=1", &acme).await;
+    assert_eq!(page.body["items"][0]["id"].as_str(), Some(run.as_str()));
+    let older = svc.get(&format!("/v1/jobs?limit=1&after={}", page.body["next"].as_str().unwrap()), &acme).await;
+    assert_eq!(older.body["items"][0]["id"].as_str(), Some(id.as_str()));
+    let runs = svc.get("/v1/jobs?kind=run", &acme).await;
+    assert_eq!(runs.body["items"].as_array().unwrap().len(), 1);
+
+    // Removal.
+    assert_eq!(svc.delete("/v1/plugins/text-stats", &acme).await.status, 204);
+    assert_eq!(svc.get("/v1/plugins/text-stats", &acme).await.status, 404);
+    let records = svc.db().audit_records(None, 0, 1000).await.unwrap();
+    for action in ["plugin.install", "job.submit", "run.submit", "plugin.remove"] {
+        assert!(records.iter().any(|r| r.action == action && r.outcome == "ok"), "{action} audited");
+    }
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_stops_a_running_plugin_and_a_queued_job_never_starts() {
+    let svc = service(Backend::Sqlite, true, |c| c.jobs.concurrency = 1).await;
+    let (_, acme) = svc.tenant("acme").await;
+    let r = svc.install(&acme, "test/hostile", &hostile(64, 60_000)).await;
+    assert_eq!(r.status, 201, "{r:?}");
+    let call = |input: &str| json!({"kind": "call", "input": {"plugin": "hostile", "input": input}});
+    let looping = svc.post("/v1/jobs", &acme, call("loop")).await.body["id"].as_str().unwrap().to_string();
+    let queued = svc.post("/v1/jobs", &acme, call("echo")).await.body["id"].as_str().unwrap().to_string();
+    // Wait until the loop is running (one slot: the echo job stays queued behind it).
+    for _ in 0..600 {
+        if svc.get(&format!("/v1/jobs/{looping}"), &acme).await.body["status"] == "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = svc.post(&format!("/v1/jobs/{queued}/cancel"), &acme, json!({})).await;
+    assert_eq!((r.status, r.body["status"].as_str()), (200, Some("cancelled")), "{r:?}");
+    let r = svc.post(&format!("/v1/jobs/{looping}/cancel"), &acme, json!({})).await;
+    assert_eq!((r.status, r.body["status"].as_str()), (200, Some("cancelled")), "{r:?}");
+    // The slot frees at once: a new job runs long before the loop's 60 s deadline.
+    let next = svc.post("/v1/jobs", &acme, call("after")).await.body["id"].as_str().unwrap().to_string();
+    let done = svc.wait(&acme, &next).await;
+    assert_eq!(done["output"], "after");
+    let events = svc.db().job_events(done["tenant_id"].as_str().unwrap(), &looping, 0).await.unwrap();
+    let cancelled_at = events.iter().find(|e| e.kind == "cancelled").unwrap().at;
+    assert!(done["finished_at"].as_i64().unwrap() - cancelled_at < 60_000, "the loop was stopped, not waited for");
+    // Both stay cancelled; the queued one never started.
+    for id in [&looping, &queued] {
+        let job = svc.get(&format!("/v1/jobs/{id}"), &acme).await;
+        assert_eq!(job.body["status"], "cancelled", "{job:?}");
+    }
+    let tenant = done["tenant_id"].as_str().unwrap().to_string();
+    let kinds: Vec<String> =
+        svc.db().job_events(&tenant, &queued, 0).await.unwrap().into_iter().map(|e| e.kind).collect();
+    assert_eq!(kinds, ["queued", "cancelled"]);
+    let again = svc.post(&format!("/v1/jobs/{looping}/cancel"), &acme, json!({})).await;
+    assert_eq!((again.status, again.code()), (409, "conflict"));
+    svc.stop().await;
+}
+
+/// Every route, with each kind of bad input; every answer is the one JSON error shape.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_rejects_bad_input_with_a_clear_error() {
+    let svc = service(Backend::Sqlite, false, |c| c.limits.max_body_bytes = 64 * 1024).await;
+    let (_, acme) = svc.tenant("acme").await;
+    let bad_key = "ql_ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff";
+    let routes: &[(&str, &str)] = &[
+        ("POST", "/v1/tenants"),
+        ("GET", "/v1/tenants"),
+        ("GET", "/v1/tenants/tn_x"),
+        ("POST", "/v1/keys"),
+        ("GET", "/v1/keys"),
+        ("DELETE", "/v1/keys/key_x"),
+        ("GET", "/v1/plugins"),
+        ("POST", "/v1/plugins"),
+        ("GET", "/v1/plugins/x"),
+        ("DELETE", "/v1/plugins/x"),
+        ("POST", "/v1/jobs"),
+        ("GET", "/v1/jobs"),
+        ("GET", "/v1/jobs/job_x"),
+        ("POST", "/v1/jobs/job_x/cancel"),
+        ("GET", "/v1/jobs/job_x/events"),
+        ("POST", "/v1/runs"),
+        ("GET", "/v1/runs/job_x"),
+        ("GET", "/v1/runs/job_x/capsule"),
+        ("GET", "/metrics"),
+    ];
+    for (method, path) in routes {
+        for (key, what) in [(None, "missing"), (Some(bad_key), "unknown"), (Some("not-a-key"), "malformed")] {
+            let r = svc.send(method, path, key, None).await;
+            assert_eq!((r.status, r.code()), (401, "unauthenticated"), "{method} {path} with a {what} key: {r:?}");
+            assert!(r.headers.contains_key("x-request-id"));
+        }
+        let basic = svc
+            .http
+            .request(method.parse().unwrap(), format!("{}{path}", svc.base))
+            .basic_auth("u", Some("p"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(basic.status(), 401, "{method} {path} with basic auth");
+    }
+
+    // Bodies: malformed, wrong types, unknown fields, too large, not JSON.
+    let bodies: &[(&str, &str, Value, Value)] = &[
+        ("/v1/tenants", "name", json!({"name": 5}), json!({"name": "x", "colour": "red"})),
+        ("/v1/keys", "role", json!({"name": "k", "role": "root"}), json!({"name": "k", "role": "viewer", "scope": 1})),
+        ("/v1/plugins", "reference", json!({"reference": []}), json!({"reference": "r", "force": true})),
+        ("/v1/jobs", "kind", json!({"kind": "dance", "input": {}}), json!({"kind": "run", "input": {}, "when": 1})),
+        ("/v1/runs", "requirement", json!({"requirement": 7}), json!({"requirement": "x", "languages": []})),
+    ];
+    for (path, field, wrong, unknown) in bodies {
+        let r = svc.send("POST", path, Some(ADMIN), Some("{]".into())).await;
+        assert_eq!((r.status, r.code()), (400, "malformed_json"), "{path}: {r:?}");
+        let r = svc.send("POST", path, Some(ADMIN), Some(wrong.to_string())).await;
+        assert_eq!((r.status, r.code()), (400, "invalid_request"), "{path}: {r:?}");
+        assert!(r.body["error"]["message"].as_str().unwrap().contains(field), "{path} names `{field}`: {r:?}");
+        let r = svc.send("POST", path, Some(ADMIN), Some(unknown.to_string())).await;
+        assert_eq!((r.status, r.code()), (400, "invalid_request"), "{path}: {r:?}");
+        assert!(r.body["error"]["message"].as_str().unwrap().contains("unknown field"), "{path}: {r:?}");
+        let huge = json!({"name": "x".repeat(100 * 1024)}).to_string();
+        let r = svc.send("POST", path, Some(ADMIN), Some(huge)).await;
+        assert_eq!((r.status, r.code()), (413, "body_too_large"), "{path}: {r:?}");
+        let r = svc
+            .http
+            .post(format!("{}{path}", svc.base))
+            .header("authorization", format!("Bearer {ADMIN}"))
+            .body("name=x")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 415, "{path} without a JSON content type");
+    }
+    // Values that parse but are not acceptable.
+    for (path, body, needle) in [
+        ("/v1/jobs", json!({"kind": "run", "input": {"requirement": ""}}), "requirement"),
+        ("/v1/jobs", json!({"kind": "run", "input": {"requirement": "x"}, "priority": 99}), "priority"),
+        (
+            "/v1/jobs",
+            json!({"kind": "run", "input": {"requirement": "x", "max_repair_rounds": 50}}),
+            "max_repair_rounds",
+        ),
+        ("/v1/jobs", json!({"kind": "call", "input": {"input": 1}}), "plugin"),
+        ("/v1/jobs", json!({"kind": "run", "input": {"requirement": "x"}, "idempotency_key": ""}), "idempotency_key"),
+        ("/v1/runs", json!({"requirement": "x".repeat(17 * 1024)}), "limit"),
+        ("/v1/runs", json!({"requirement": "x", "provider": "ghost"}), "provider"),
+        ("/v1/plugins", json!({"reference": "not a reference!"}), "reference"),
+        ("/v1/plugins", json!({"reference": "r/x:1", "grants": {"hosts": ["bad host/x"]}}), "grants"),
+    ] {
+        let r = svc.post(path, &acme, body.clone()).await;
+        assert_eq!((r.status, r.code()), (400, "invalid_request"), "{body}: {r:?}");
+        assert!(r.body["error"]["message"].as_str().unwrap().contains(needle), "{body} names `{needle}`: {r:?}");
+    }
+    let r = svc
+        .post("/v1/plugins", &acme, json!({"reference": "r/x:1", "grants": {"secrets": {"k": "QLAYER_ADMIN_KEY"}}}))
+        .await;
+    assert_eq!((r.status, r.code()), (403, "forbidden"), "a tenant cannot read the host's environment: {r:?}");
+    // Query strings.
+    for query in ["limit=1000", "limit=0", "limit=abc", "colour=red", "kind=dance"] {
+        let r = svc.get(&format!("/v1/jobs?{query}"), &acme).await;
+        assert_eq!((r.status, r.code()), (400, "invalid_request"), "?{query}: {r:?}");
+    }
+    // Unknown routes and methods.
+    let r = svc.get("/v1/nothing", &acme).await;
+    assert_eq!((r.status, r.code()), (404, "not_found"));
+    let r = svc.send("PUT", "/v1/jobs", Some(&acme), None).await;
+    assert_eq!((r.status, r.code()), (405, "method_not_allowed"));
+    svc.stop().await;
+}
+
+/// Every route called with another tenant's key: zero successes, no changes, and nothing in any
+/// answer that names the other tenant's objects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_tenant_matrix() {
+    let svc = service(Backend::Sqlite, true, |_| {}).await;
+    let (acme_id, acme) = svc.tenant("acme").await;
+    let (beta_id, beta) = svc.tenant("beta").await;
+    let (acme_key_id, _) = svc.key(&acme, "developer").await;
+    assert_eq!(svc.install(&acme, "tools/text-stats", &marketplace_plugin("text-stats")).await.status, 201);
+    let job = svc
+        .post("/v1/jobs", &acme, json!({"kind": "call", "input": {"plugin": "text-stats", "input": {"text": "a b"}}}))
+        .await;
+    let job = job.body["id"].as_str().unwrap().to_string();
+    let run = svc.post("/v1/runs", &acme, json!({"requirement": "a Python CLI that greets"})).await;
+    let run = run.body["id"].as_str().unwrap().to_string();
+    svc.wait(&acme, &job).await;
+    svc.wait(&acme, &run).await;
+    let secrets = [acme_id.as_str(), "acme", acme_key_id.as_str(), job.as_str(), run.as_str(), "text-stats"];
+
+    let routes: Vec<(&str, String, Option<Value>)> = vec![
+        ("GET", format!("/v1/tenants/{acme_id}"), None),
+        ("DELETE", format!("/v1/keys/{acme_key_id}"), None),
+        ("GET", "/v1/plugins/text-stats".into(), None),
+        ("DELETE", "/v1/plugins/text-stats".into(), None),
+        ("GET", format!("/v1/jobs/{job}"), None),
+        ("POST", format!("/v1/jobs/{job}/cancel"), Some(json!({}))),
+        ("GET", format!("/v1/jobs/{job}/events"), None),
+        ("GET", format!("/v1/runs/{run}"), None),
+        ("GET", format!("/v1/runs/{run}/capsule"), None),
+        ("GET", format!("/v1/jobs/{run}/events"), None),
+    ];
+    for (method, path, body) in &routes {
+        let r = svc.send(method, path, Some(&beta), body.as_ref().map(|b| b.to_string())).await;
+        assert_eq!((r.status, r.code()), (404, "not_found"), "{method} {path}: {r:?}");
+        // Exactly what a missing object of the same form gets.
+        let fakes = [
+            (acme_id.as_str(), "tn_000000000000000000000000"),
+            (acme_key_id.as_str(), "key_000000000000000000000000"),
+            (job.as_str(), "job_0000000000000000000000000000"),
+            (run.as_str(), "job_0000000000000000000000000000"),
+            ("text-stats", "text-stuff"),
+        ];
+        let mut fake = path.clone();
+        for (real, stand_in) in fakes {
+            fake = fake.replace(real, stand_in);
+        }
+        let m = svc.send(method, &fake, Some(&beta), body.as_ref().map(|b| b.to_string())).await;
+        let (mut seen, mut expected) = (r.text.clone(), m.text.clone());
+        for (real, stand_in) in fakes {
+            seen = seen.replace(real, "X");
+            expected = expected.replace(stand_in, "X");
+        }
+        assert_eq!(seen, expected, "{method} {path} answers like a missing object");
+    }
+    // Lists hold only beta's own objects.
+    for path in ["/v1/plugins", "/v1/jobs", "/v1/keys", "/v1/jobs?kind=run"] {
+        let r = svc.get(path, &beta).await;
+        assert_eq!(r.status, 200, "{path}: {r:?}");
+        for s in secrets {
+            assert!(!r.text.contains(s), "{path} leaks `{s}`: {r:?}");
+        }
+    }
+    let own = svc.get(&format!("/v1/tenants/{beta_id}"), &beta).await;
+    assert_eq!(own.status, 200);
+    // Nothing of acme's changed.
+    assert_eq!(svc.get("/v1/plugins/text-stats", &acme).await.status, 200);
+    assert_eq!(svc.get(&format!("/v1/jobs/{job}"), &acme).await.body["status"], "succeeded");
+    assert!(svc.get("/v1/keys", &acme).await.text.contains(&acme_key_id));
+    assert!(
+        !svc.get("/v1/keys", &acme).await.body["items"].as_array().unwrap().iter().any(|k| k["revoked_at"].is_i64())
+    );
+    assert_eq!(svc.get(&format!("/v1/runs/{run}/capsule"), &acme).await.status, 200);
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_are_per_tenant_and_metrics_are_for_operators() {
+    let svc = service(Backend::Sqlite, false, |c| {
+        c.limits.requests_per_second = 0.5;
+        c.limits.burst = 3.0;
+    })
+    .await;
+    let (_, acme) = svc.tenant("acme").await;
+    let (_, beta) = svc.tenant("beta").await;
+    for _ in 0..3 {
+        assert_eq!(svc.get("/v1/jobs", &acme).await.status, 200);
+    }
+    let r = svc.get("/v1/jobs", &acme).await;
+    assert_eq!((r.status, r.code()), (429, "rate_limited"), "{r:?}");
+    let retry: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=2).contains(&retry), "{retry}");
+    assert_eq!(svc.get("/v1/jobs", &beta).await.status, 200, "another tenant is not limited by acme's traffic");
+
+    let r = svc.send("GET", "/metrics", None, None).await;
+    assert_eq!(r.status, 401);
+    assert_eq!(svc.get("/metrics", &beta).await.status, 403);
+    let r = svc.get("/metrics", ADMIN).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(
+        r.text.contains("qlayer_http_requests_total{method=\"GET\",route=\"/v1/jobs\",status=\"429\"}"),
+        "{}",
+        r.text
+    );
+    assert!(r.text.contains("qlayer_http_request_duration_seconds_bucket"), "{}", r.text);
+    assert!(r.text.contains("qlayer_jobs_queued"), "{}", r.text);
+    assert!(r.text.contains("qlayer_http_errors_total{code=\"rate_limited\"}"), "{}", r.text);
+    svc.stop().await;
+}
+
+/// `/openapi.json` is generated from the handlers; docs/openapi.json must be the same document.
+/// `QLAYER_UPDATE_OPENAPI=1 cargo test -p qlayer-tests openapi` rewrites it.
+#[tokio::test]
+async fn the_openapi_document_is_current() {
+    let generated = qlayer_host::api::openapi_json();
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/openapi.json");
+    if std::env::var_os("QLAYER_UPDATE_OPENAPI").is_some() {
+        std::fs::write(&path, &generated).unwrap();
+    }
+    let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        checked_in == generated,
+        "docs/openapi.json is stale: run `QLAYER_UPDATE_OPENAPI=1 cargo test -p qlayer-tests openapi` and commit it"
+    );
+    let doc: Value = serde_json::from_str(&generated).unwrap();
+    for path in [
+        "/v1/tenants",
+        "/v1/tenants/{id}",
+        "/v1/keys",
+        "/v1/keys/{id}",
+        "/v1/plugins",
+        "/v1/plugins/{name}",
+        "/v1/jobs",
+        "/v1/jobs/{id}",
+        "/v1/jobs/{id}/cancel",
+        "/v1/jobs/{id}/events",
+        "/v1/runs",
+        "/v1/runs/{id}",
+        "/v1/runs/{id}/capsule",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    ] {
+        assert!(doc["paths"][path].is_object(), "{path} is documented");
+    }
+    let svc = service(Backend::Sqlite, false, |_| {}).await;
+    let served = svc.send("GET", "/openapi.json", None, None).await;
+    assert_eq!(served.text, generated);
+    svc.stop().await;
+}
+
+/// gRPC through a real tonic client: the same operations, checks and tenant isolation as REST,
+/// the job event stream, and server reflection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_with_a_real_tonic_client() {
+    use qlayer_host::grpc::proto::{
+        self, jobs_client::JobsClient, runs_client::RunsClient, tenants_client::TenantsClient,
+    };
+    use tonic::Code;
+    let svc = service(Backend::Sqlite, false, |_| {}).await;
+    let endpoint = format!("http://{}", svc.running.as_ref().unwrap().grpc_addr);
+    let channel = tonic::transport::Endpoint::from_shared(endpoint).unwrap().connect().await.unwrap();
+    let with_key = |key: Option<String>| {
+        move |mut req: tonic::Request<()>| {
+            if let Some(key) = &key {
+                req.metadata_mut().insert("authorization", format!("Bearer {key}").parse().unwrap());
+            }
+            Ok(req)
+        }
+    };
+    let mut tenants = TenantsClient::with_interceptor(channel.clone(), with_key(Some(ADMIN.into())));
+    let acme = tenants.create_tenant(proto::CreateTenantRequest { name: "acme".into() }).await.unwrap().into_inner();
+    let acme_key = acme.api_key.clone();
+    let beta = tenants.create_tenant(proto::CreateTenantRequest { name: "beta".into() }).await.unwrap().into_inner();
+    let dup = tenants.create_tenant(proto::CreateTenantRequest { name: "acme".into() }).await.unwrap_err();
+    assert_eq!(dup.code(), Code::AlreadyExists, "{dup:?}");
+    assert_eq!(dup.metadata().get("x-qlayer-code").unwrap(), "conflict");
+
+    // Credentials: none, unknown, and a tenant key on an operator method.
+    let mut anonymous = TenantsClient::with_interceptor(channel.clone(), with_key(None));
+    let e = anonymous.list_tenants(proto::ListRequest::default()).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    let mut stranger =
+        TenantsClient::with_interceptor(channel.clone(), with_key(Some(format!("ql_{}", "e".repeat(64)))));
+    assert_eq!(stranger.list_tenants(proto::ListRequest::default()).await.unwrap_err().code(), Code::Unauthenticated);
+    let mut as_acme = TenantsClient::with_interceptor(channel.clone(), with_key(Some(acme_key.clone())));
+    let e = as_acme.list_tenants(proto::ListRequest::default()).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let e = as_acme.get_tenant(proto::IdRequest { id: beta.tenant.as_ref().unwrap().id.clone() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+
+    // A run, watched as a server stream until it ends, then its capsule.
+    let mut runs = RunsClient::with_interceptor(channel.clone(), with_key(Some(acme_key.clone())));
+    let run = runs
+        .submit_run(proto::SubmitRunRequest { requirement: "a Python CLI that greets".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((run.kind.as_str(), run.status.as_str()), ("run", "queued"));
+    let mut jobs = JobsClient::with_interceptor(channel.clone(), with_key(Some(acme_key.clone())));
+    let mut stream =
+        jobs.watch_job(proto::WatchJobRequest { id: run.id.clone(), after_seq: 0 }).await.unwrap().into_inner();
+    let mut kinds = Vec::new();
+    while let Some(event) = stream.message().await.unwrap() {
+        serde_json::from_str::<Value>(&event.data_json).unwrap();
+        kinds.push(event.kind);
+    }
+    assert_eq!(kinds.first().map(String::as_str), Some("queued"));
+    assert_eq!(kinds.last().map(String::as_str), Some("succeeded"), "{kinds:?}");
+    let capsule = runs.get_capsule(proto::IdRequest { id: run.id.clone() }).await.unwrap().into_inner();
+    assert_eq!(capsule.media_type, "application/gzip");
+    assert_eq!(&capsule.data[..2], &[0x1f, 0x8b], "gzip magic");
+    let page = jobs.list_jobs(proto::ListJobsRequest { limit: 10, ..Default::default() }).await.unwrap().into_inner();
+    assert_eq!(page.items.len(), 1);
+
+    // Bad input names what is wrong.
+    let e = jobs
+        .submit_job(proto::SubmitJobRequest { kind: "call".into(), input_json: "{".into(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("input_json"), "{e:?}");
+    let e = jobs
+        .submit_job(proto::SubmitJobRequest { kind: "dance".into(), input_json: "{}".into(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("dance"), "{e:?}");
+    let e = jobs.list_jobs(proto::ListJobsRequest { limit: 1000, ..Default::default() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+
+    // Another tenant: NOT_FOUND exactly like a missing job, and nothing changes.
+    let mut as_beta = JobsClient::with_interceptor(channel.clone(), with_key(Some(beta.api_key.clone())));
+    let theirs = as_beta.get_job(proto::IdRequest { id: run.id.clone() }).await.unwrap_err();
+    let missing = as_beta.get_job(proto::IdRequest { id: "job_missing".into() }).await.unwrap_err();
+    assert_eq!((theirs.code(), missing.code()), (Code::NotFound, Code::NotFound));
+    assert_eq!(theirs.message().replace(&run.id, "X"), missing.message().replace("job_missing", "X"));
+    let e = as_beta.cancel_job(proto::IdRequest { id: run.id.clone() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let mut beta_runs = RunsClient::with_interceptor(channel.clone(), with_key(Some(beta.api_key.clone())));
+    assert_eq!(
+        beta_runs.get_capsule(proto::IdRequest { id: run.id.clone() }).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    let e = as_beta.watch_job(proto::WatchJobRequest { id: run.id.clone(), after_seq: 0 }).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    assert!(as_beta.list_jobs(proto::ListJobsRequest::default()).await.unwrap().into_inner().items.is_empty());
+
+    // Reflection lists the services.
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = reflection.server_reflection_info(futures::stream::iter([request])).await.unwrap().into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) = answers.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("no service list")
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for service in ["qlayer.v1.Tenants", "qlayer.v1.Keys", "qlayer.v1.Plugins", "qlayer.v1.Jobs", "qlayer.v1.Runs"] {
+        assert!(names.iter().any(|n| n == service), "{service} in {names:?}");
+    }
+    svc.stop().await;
+}

@@ -104,7 +104,10 @@ async fn service(backend: Backend, with_registry: bool, tweak: impl FnOnce(&mut 
     Svc {
         running: Some(running),
         base,
-        http: reqwest::Client::builder().no_proxy().build().unwrap(),
+        http: {
+            qlayer_registry::install_tls_provider();
+            reqwest::Client::builder().no_proxy().build().unwrap()
+        },
         registry,
         _pg: pg,
         _dir: dir,
@@ -815,5 +818,112 @@ async fn grpc_with_a_real_tonic_client() {
     for service in ["qlayer.v1.Tenants", "qlayer.v1.Keys", "qlayer.v1.Plugins", "qlayer.v1.Jobs", "qlayer.v1.Runs"] {
         assert!(names.iter().any(|n| n == service), "{service} in {names:?}");
     }
+    svc.stop().await;
+}
+
+/// `qlayer serve` as a process, logging at debug (trace for the HTTP layers): every line is JSON, request
+/// lines carry the request id and the tenant, and no API key (valid, unknown or the operator's)
+/// appears anywhere in the output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_are_json_lines_with_request_ids_and_never_hold_keys() {
+    let data = tempfile::tempdir().unwrap();
+    let (rest, grpc) = (qlayer_tests::free_port(), qlayer_tests::free_port());
+    let child = std::process::Command::new(qlayer_tests::qlayer_bin())
+        .args(["--log", "debug,hyper=trace,h2=trace,axum=trace,tonic=trace,tower=trace", "serve"])
+        .args(["--rest-addr", &format!("127.0.0.1:{rest}")])
+        .args(["--grpc-addr", &format!("127.0.0.1:{grpc}"), "--data-dir"])
+        .arg(data.path())
+        .env("QLAYER_ADMIN_KEY", ADMIN)
+        .env_remove("QLAYER_DATABASE_URL")
+        .env_remove("QLAYER_CONFIG")
+        .env_remove("QLAYER_LOG_FORMAT")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{rest}");
+    qlayer_registry::install_tls_provider();
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    for _ in 0..400 {
+        if http.get(format!("{base}/healthz")).send().await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let created: Value = http
+        .post(format!("{base}/v1/tenants"))
+        .bearer_auth(ADMIN)
+        .header("content-type", "application/json")
+        .header("x-request-id", "trace-me-42")
+        .body(r#"{"name": "acme"}"#)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let acme = created["api_key"].as_str().unwrap().to_string();
+    let r = http.get(format!("{base}/v1/jobs")).bearer_auth(&acme).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let request_id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let unknown = format!("ql_{}", "d".repeat(64));
+    assert_eq!(http.get(format!("{base}/v1/jobs")).bearer_auth(&unknown).send().await.unwrap().status(), 401);
+    let status = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{:?}", out.status);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for secret in [ADMIN, acme.as_str(), unknown.as_str(), &ADMIN[3..], &acme[3..]] {
+        assert!(!stderr.contains(secret), "a key is in the log");
+    }
+    let lines: Vec<Value> =
+        stderr.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))).collect();
+    let requests: Vec<&Value> = lines.iter().filter(|l| l["fields"]["message"] == "request").collect();
+    let mine = requests.iter().find(|l| l["span"]["request_id"] == request_id.as_str()).expect("the request's line");
+    assert_eq!(mine["span"]["tenant"], "acme", "{mine}");
+    assert_eq!(mine["span"]["route"], "/v1/jobs");
+    assert_eq!(mine["fields"]["status"], 200);
+    assert!(requests.iter().any(|l| l["span"]["request_id"] == "trace-me-42"), "the caller's request id is kept");
+}
+
+/// Stopping hands unfinished work back: a job running at shutdown is picked up by the next
+/// start, and one queued behind it completes there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_jobs_are_handed_back_and_resumed_at_the_next_start() {
+    let mut svc = service(Backend::Sqlite, true, |c| c.jobs.concurrency = 1).await;
+    let (acme_id, acme) = svc.tenant("acme").await;
+    assert_eq!(svc.install(&acme, "test/hostile", &hostile(64, 60_000)).await.status, 201);
+    let call = |input: &str| json!({"kind": "call", "input": {"plugin": "hostile", "input": input}});
+    let looping = svc.post("/v1/jobs", &acme, call("loop")).await.body["id"].as_str().unwrap().to_string();
+    let waiting = svc.post("/v1/jobs", &acme, call("hello")).await.body["id"].as_str().unwrap().to_string();
+    for _ in 0..600 {
+        if svc.get(&format!("/v1/jobs/{looping}"), &acme).await.body["status"] == "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Stop with a short grace: the loop cannot finish in it.
+    let dir = svc._dir.path().to_path_buf();
+    let running = svc.running.take().unwrap();
+    running.stop().await.unwrap();
+
+    let mut config = ServeConfig::default();
+    config.server.rest_addr = "127.0.0.1:0".parse().unwrap();
+    config.server.grpc_addr = "127.0.0.1:0".parse().unwrap();
+    config.auth.admin_key = Some(ADMIN.into());
+    config.limits.requests_per_second = 0.0;
+    config.jobs.concurrency = 2;
+    let restarted = qlayer_host::serve::start(config, dir).await.unwrap();
+    svc.base = format!("http://{}", restarted.rest_addr);
+    svc.running = Some(restarted);
+    let done = svc.wait(&acme, &waiting).await;
+    assert_eq!((done["status"].as_str(), done["output"].as_str()), (Some("succeeded"), Some("hello")), "{done}");
+    let events = svc.db().job_events(&acme_id, &looping, 0).await.unwrap();
+    assert!(
+        events.iter().any(|e| e.kind == "started" && e.data["resumed"] == true),
+        "the running job was resumed: {events:?}"
+    );
+    let r = svc.post(&format!("/v1/jobs/{looping}/cancel"), &acme, json!({})).await;
+    assert_eq!(r.body["status"], "cancelled");
     svc.stop().await;
 }

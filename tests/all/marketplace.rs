@@ -6,7 +6,7 @@
 use qlayer_host::marketplace::{GrantSpec, InstallError, Marketplace, MarketplaceConfig, TenantConfig};
 use qlayer_host::runtime::{CallErrorKind, Format, Runtime, RuntimeConfig};
 use qlayer_registry::{SignaturePolicy, Verification, parse_reference};
-use qlayer_tests::{TestRegistry, TestServer, ensure_program, extism_hostile, marketplace_plugin, runtime};
+use qlayer_tests::{TestRegistry, TestServer, ensure_program, extism_hostile, marketplace_plugin, qlayer_bin, runtime};
 use std::path::Path;
 use std::time::Duration;
 
@@ -467,14 +467,6 @@ async fn a_registry_with_basic_auth_takes_credentials_from_docker_config() {
     let message = format!("{err:#}");
     assert!(message.contains("refused access"), "{message}");
     assert!(!message.contains("wrong"), "the password is not in the error: {message}");
-}
-
-/// The `qlayer` binary of this build (cargo builds it for the workspace's tests).
-fn qlayer_bin() -> std::path::PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().and_then(Path::parent).unwrap().join("qlayer");
-    assert!(bin.exists(), "{} is missing: run the tests with `cargo test --workspace`", bin.display());
-    bin
 }
 
 fn cli(args: &[&str], data: &Path, registry: &TestRegistry) -> (bool, String, String) {

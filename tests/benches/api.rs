@@ -106,6 +106,7 @@ async fn main() {
         .unwrap();
     let _server = Server(child);
     let base = format!("http://127.0.0.1:{port}");
+    qlayer_registry::install_tls_provider();
     let client = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(256).build().unwrap();
     for _ in 0..200 {
         if client.get(format!("{base}/healthz")).send().await.is_ok() {

@@ -11,7 +11,7 @@ use hyper_util::rt::TokioIo;
 use qlayer_host::runtime::{Runtime, RuntimeConfig};
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -416,4 +416,13 @@ impl Drop for TestRegistry {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The `qlayer` binary of this build, beside the test executable (`cargo test --workspace` builds
+/// it; `cargo test -p qlayer-tests` alone may find a stale one).
+pub fn qlayer_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("no current exe: {e}"));
+    let bin = exe.parent().and_then(Path::parent).map(|d| d.join("qlayer")).unwrap_or_default();
+    assert!(bin.exists(), "{} is missing: run the tests with `cargo test --workspace`", bin.display());
+    bin
 }

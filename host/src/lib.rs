@@ -11,3 +11,4 @@ pub mod router;
 pub mod runtime;
 pub mod scaffold;
 pub mod serve;
+pub mod telemetry;

@@ -59,6 +59,9 @@ enum Command {
         /// Data directory.
         #[arg(long, env = "QLAYER_DATA_DIR")]
         data_dir: Option<PathBuf>,
+        /// Export traces over OTLP/gRPC to this collector, e.g. http://127.0.0.1:4317.
+        #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+        otlp_endpoint: Option<String>,
     },
 }
 
@@ -290,23 +293,43 @@ impl MarketArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let serving = matches!(cli.command, Command::Serve { .. });
-    let level = cli.log.as_deref().unwrap_or(if serving { "info" } else { "warn" });
-    let filter =
-        tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if cli.log_format.as_deref().unwrap_or(if serving { "json" } else { "text" }) == "json" {
-        builder.json().with_current_span(true).with_span_list(false).init();
-    } else {
-        builder.init();
-    }
+    // `serve` gets its runtime first: an OTLP exporter's connection lives on it.
+    let tokio = match serving.then(|| tokio::runtime::Builder::new_multi_thread().enable_all().build()).transpose() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let otlp = match (&tokio, &cli.command) {
+        (Some(rt), Command::Serve { otlp_endpoint: Some(endpoint), .. }) => {
+            let _entered = rt.enter();
+            match qlayer_host::telemetry::otlp_provider(endpoint) {
+                Ok(provider) => Some(provider),
+                Err(e) => {
+                    eprintln!("error: OTLP export to {endpoint}: {e:#}");
+                    return ExitCode::from(1);
+                }
+            }
+        }
+        _ => None,
+    };
+    init_logging(&cli, serving, otlp.as_ref());
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Plugin(cmd) => plugin(cmd).map(|()| ExitCode::SUCCESS),
         Command::Audit(cmd) => audit(cmd),
-        Command::Serve { config, rest_addr, grpc_addr, database, data_dir } => {
-            serve_command(config, rest_addr, grpc_addr, database, data_dir).map(|()| ExitCode::SUCCESS)
-        }
+        Command::Serve { config, rest_addr, grpc_addr, database, data_dir, otlp_endpoint: _ } => match &tokio {
+            Some(rt) => serve_command(rt, config, rest_addr, grpc_addr, database, data_dir).map(|()| ExitCode::SUCCESS),
+            None => Err(anyhow::anyhow!("no runtime")),
+        },
     };
+    if let Some(provider) = otlp {
+        // Flush what is batched before exiting, while the runtime holding its connection runs.
+        if let Err(e) = provider.shutdown() {
+            eprintln!("warning: OTLP export at shutdown: {e}");
+        }
+    }
     match result {
         Ok(code) => code,
         Err(e) => {
@@ -316,7 +339,31 @@ fn main() -> ExitCode {
     }
 }
 
+/// Log lines to stderr (JSON for `serve` by default) and, when configured, spans over OTLP.
+fn init_logging(cli: &Cli, serving: bool, otlp: Option<&opentelemetry_sdk::trace::SdkTracerProvider>) {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let level = cli.log.as_deref().unwrap_or(if serving { "info" } else { "warn" });
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let json = cli.log_format.as_deref().unwrap_or(if serving { "json" } else { "text" }) == "json";
+    let lines: Box<dyn tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync> = if json {
+        Box::new(
+            tracing_subscriber::fmt::layer()
+                .json()
+                .with_current_span(true)
+                .with_span_list(false)
+                .with_writer(std::io::stderr),
+        )
+    } else {
+        Box::new(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+    };
+    let otel = otlp.map(qlayer_host::telemetry::layer);
+    tracing_subscriber::registry().with(lines).with(otel).with(filter).init();
+}
+
 fn serve_command(
+    tokio: &tokio::runtime::Runtime,
     config: Option<PathBuf>,
     rest_addr: Option<std::net::SocketAddr>,
     grpc_addr: Option<std::net::SocketAddr>,
@@ -338,7 +385,6 @@ fn serve_command(
         cfg.database.url = Some(url);
     }
     let data_dir = data_dir.unwrap_or_else(embedded::default_data_dir);
-    let tokio = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     tokio.block_on(qlayer_host::serve::serve(cfg, data_dir))
 }
 

@@ -927,3 +927,109 @@ async fn unfinished_jobs_are_handed_back_and_resumed_at_the_next_start() {
     assert_eq!(r.body["status"], "cancelled");
     svc.stop().await;
 }
+
+/// With `--otlp-endpoint`, the request spans (id, route, tenant) reach an OpenTelemetry collector
+/// over OTLP/gRPC; a stand-in collector (tonic, the OTLP trace service) receives them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traces_reach_an_otlp_collector_when_one_is_configured() {
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+        trace_service_server::{TraceService, TraceServiceServer},
+    };
+    use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
+    type Spans = std::sync::Arc<std::sync::Mutex<Vec<(String, std::collections::HashMap<String, String>)>>>;
+    struct Collector(Spans);
+    #[tonic::async_trait]
+    impl TraceService for Collector {
+        async fn export(
+            &self,
+            request: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            let mut seen = self.0.lock().unwrap();
+            for span in
+                request.into_inner().resource_spans.into_iter().flat_map(|r| r.scope_spans).flat_map(|s| s.spans)
+            {
+                let attributes = span
+                    .attributes
+                    .iter()
+                    .map(|kv| {
+                        let value = match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+                            Some(Any::StringValue(s)) => s.clone(),
+                            other => format!("{other:?}"),
+                        };
+                        (kv.key.clone(), value)
+                    })
+                    .collect();
+                seen.push((span.name, attributes));
+            }
+            Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
+        }
+    }
+    let spans = Spans::default();
+    let collector_port = qlayer_tests::free_port();
+    let collector = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(Collector(spans.clone())))
+            .serve(format!("127.0.0.1:{collector_port}").parse().unwrap()),
+    );
+
+    let data = tempfile::tempdir().unwrap();
+    let (rest, grpc) = (qlayer_tests::free_port(), qlayer_tests::free_port());
+    let child = std::process::Command::new(qlayer_tests::qlayer_bin())
+        .args(["serve", "--rest-addr", &format!("127.0.0.1:{rest}"), "--grpc-addr", &format!("127.0.0.1:{grpc}")])
+        .args(["--otlp-endpoint", &format!("http://127.0.0.1:{collector_port}"), "--data-dir"])
+        .arg(data.path())
+        .env("QLAYER_ADMIN_KEY", ADMIN)
+        .env_remove("QLAYER_DATABASE_URL")
+        .env_remove("QLAYER_CONFIG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{rest}");
+    qlayer_registry::install_tls_provider();
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    for _ in 0..400 {
+        if http.get(format!("{base}/healthz")).send().await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = http
+        .post(format!("{base}/v1/tenants"))
+        .bearer_auth(ADMIN)
+        .header("content-type", "application/json")
+        .body(r#"{"name": "acme"}"#)
+        .send()
+        .await
+        .unwrap();
+    let acme = r.json::<Value>().await.unwrap()["api_key"].as_str().unwrap().to_string();
+    let r = http.get(format!("{base}/v1/jobs")).bearer_auth(&acme).send().await.unwrap();
+    let request_id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    // SIGTERM flushes the batch on the way out.
+    assert!(std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{:?}", out.status);
+    let seen = spans.lock().unwrap().clone();
+    let mine = seen
+        .iter()
+        .find(|(name, attrs)| name == "request" && attrs.get("request_id") == Some(&request_id))
+        .unwrap_or_else(|| panic!("the request's span was exported: {seen:?}"));
+    assert_eq!(mine.1.get("tenant").map(String::as_str), Some("acme"), "{mine:?}");
+    assert_eq!(mine.1.get("route").map(String::as_str), Some("/v1/jobs"));
+    assert!(seen.iter().all(|(_, attrs)| attrs.values().all(|v| !v.contains(&acme[3..]) && !v.contains(&ADMIN[3..]))));
+    collector.abort();
+}
+
+/// A request that outlives `request-timeout-ms` is stopped and answered 503 `timeout` (an install
+/// pulls from the registry: far more than the 1 ms allowed here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_over_its_deadline_is_stopped_with_503_timeout() {
+    let svc = service(Backend::Sqlite, true, |c| c.limits.request_timeout_ms = 1).await;
+    let tenant = svc.db().create_tenant("acme").await.unwrap();
+    let (_, key) = svc.db().create_key(&tenant.id, "dev", qlayer_db::Role::Developer).await.unwrap().unwrap();
+    let r = svc.install(key.expose(), "tools/text-stats", &marketplace_plugin("text-stats")).await;
+    assert_eq!((r.status, r.code()), (503, "timeout"), "{r:?}");
+    assert!(r.body["error"]["message"].as_str().unwrap().contains("1 ms"), "{r:?}");
+    svc.stop().await;
+}

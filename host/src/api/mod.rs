@@ -258,6 +258,17 @@ pub fn metrics_handle() -> Option<metrics_exporter_prometheus::PrometheusHandle>
                 .build_recorder();
             let handle = recorder.handle();
             metrics::set_global_recorder(recorder).ok()?;
+            // Histogram samples are held until drained: drain them regularly, or they grow.
+            let upkeep = handle.clone();
+            std::thread::Builder::new()
+                .name("qlayer-metrics".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(std::time::Duration::from_secs(5));
+                        upkeep.run_upkeep();
+                    }
+                })
+                .ok()?;
             Some(handle)
         })
         .clone()

@@ -151,7 +151,10 @@ impl JobRunner {
         let (cancel_tx, cancel_rx) = watch::channel(false);
         self.lock_cancels().insert(job.id.clone(), cancel_tx);
         let this = self.clone();
-        self.tasks.lock().await.spawn(async move {
+        let mut tasks = self.tasks.lock().await;
+        // Reap finished ones so the set holds only live jobs.
+        while tasks.try_join_next().is_some() {}
+        tasks.spawn(async move {
             let id = job.id.clone();
             this.drive(job, restart, cancel_rx).await;
             this.lock_cancels().remove(&id);
@@ -283,7 +286,12 @@ impl JobRunner {
                 }
             }
         };
-        let pipeline = embedded::pipeline(&self.runtime, &choice, None).map_err(|e| format!("{e:#}"))?;
+        // Installing compiles (or loads from the cache): off the async workers.
+        let runtime = self.runtime.clone();
+        let pipeline = tokio::task::spawn_blocking(move || embedded::pipeline(&runtime, &choice, None))
+            .await
+            .map_err(|e| format!("{e}"))?
+            .map_err(|e| format!("{e:#}"))?;
         let out = self.data_dir.join("runs").join(&job.id);
         let _ = std::fs::remove_dir_all(&out);
         factory::prepare(&input.requirement, &out, true).map_err(|e| format!("{e:#}"))?;

@@ -1033,3 +1033,139 @@ async fn a_request_over_its_deadline_is_stopped_with_503_timeout() {
     assert!(r.body["error"]["message"].as_str().unwrap().contains("1 ms"), "{r:?}");
     svc.stop().await;
 }
+
+/// Every gRPC method: no key and an unknown key are UNAUTHENTICATED; with another tenant's key,
+/// every method on that tenant's objects is NOT_FOUND and changes nothing; a message over the
+/// size limit is refused before it is decoded (OUT_OF_RANGE, tonic's code for it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_every_method_checks_the_caller_and_the_other_tenant_sees_nothing() {
+    use qlayer_host::grpc::proto::{
+        self, jobs_client::JobsClient, keys_client::KeysClient, plugins_client::PluginsClient, runs_client::RunsClient,
+        tenants_client::TenantsClient,
+    };
+    use tonic::Code;
+    let svc = service(Backend::Sqlite, true, |c| c.limits.max_body_bytes = 64 * 1024).await;
+    let (acme_id, acme) = svc.tenant("acme").await;
+    let (_, beta) = svc.tenant("beta").await;
+    let (acme_key_id, _) = svc.key(&acme, "viewer").await;
+    assert_eq!(svc.install(&acme, "tools/text-stats", &marketplace_plugin("text-stats")).await.status, 201);
+    let run = svc.post("/v1/runs", &acme, json!({"requirement": "a Python CLI that greets"})).await;
+    let run = run.body["id"].as_str().unwrap().to_string();
+    svc.wait(&acme, &run).await;
+
+    let endpoint = format!("http://{}", svc.running.as_ref().unwrap().grpc_addr);
+    let channel = tonic::transport::Endpoint::from_shared(endpoint).unwrap().connect().await.unwrap();
+    let as_key = |key: Option<String>| {
+        move |mut req: tonic::Request<()>| {
+            if let Some(key) = &key {
+                req.metadata_mut().insert("authorization", format!("Bearer {key}").parse().unwrap());
+            }
+            Ok(req)
+        }
+    };
+    // Calls every method as `key`; returns (method, code) for each.
+    let call_all = |key: Option<String>| {
+        let channel = channel.clone();
+        let (acme_id, acme_key_id, run) = (acme_id.clone(), acme_key_id.clone(), run.clone());
+        async move {
+            let i = || as_key(key.clone());
+            let mut t = TenantsClient::with_interceptor(channel.clone(), i());
+            let mut k = KeysClient::with_interceptor(channel.clone(), i());
+            let mut p = PluginsClient::with_interceptor(channel.clone(), i());
+            let mut j = JobsClient::with_interceptor(channel.clone(), i());
+            let mut r = RunsClient::with_interceptor(channel.clone(), i());
+            let id = |s: &str| proto::IdRequest { id: s.to_string() };
+            let code = |r: Result<(), tonic::Status>| r.err().map(|e| e.code()).unwrap_or(Code::Ok);
+            vec![
+                (
+                    "CreateTenant",
+                    code(t.create_tenant(proto::CreateTenantRequest { name: "x".into() }).await.map(drop)),
+                ),
+                ("ListTenants", code(t.list_tenants(proto::ListRequest::default()).await.map(drop))),
+                ("GetTenant", code(t.get_tenant(id(&acme_id)).await.map(drop))),
+                (
+                    "CreateKey",
+                    code(
+                        k.create_key(proto::CreateKeyRequest { name: "x".into(), role: "viewer".into() })
+                            .await
+                            .map(drop),
+                    ),
+                ),
+                ("ListKeys", code(k.list_keys(proto::Empty {}).await.map(drop))),
+                ("RevokeKey", code(k.revoke_key(id(&acme_key_id)).await.map(drop))),
+                ("ListPlugins", code(p.list_plugins(proto::Empty {}).await.map(drop))),
+                ("GetPlugin", code(p.get_plugin(proto::NameRequest { name: "text-stats".into() }).await.map(drop))),
+                (
+                    "InstallPlugin",
+                    code(
+                        p.install_plugin(proto::InstallPluginRequest { reference: "not a ref!".into(), grants: None })
+                            .await
+                            .map(drop),
+                    ),
+                ),
+                (
+                    "RemovePlugin",
+                    code(p.remove_plugin(proto::NameRequest { name: "text-stats".into() }).await.map(drop)),
+                ),
+                (
+                    "SubmitJob",
+                    code(
+                        j.submit_job(proto::SubmitJobRequest {
+                            kind: "run".into(),
+                            input_json: "{}".into(),
+                            ..Default::default()
+                        })
+                        .await
+                        .map(drop),
+                    ),
+                ),
+                ("GetJob", code(j.get_job(id(&run)).await.map(drop))),
+                ("ListJobs", code(j.list_jobs(proto::ListJobsRequest::default()).await.map(drop))),
+                ("CancelJob", code(j.cancel_job(id(&run)).await.map(drop))),
+                (
+                    "WatchJob",
+                    code(j.watch_job(proto::WatchJobRequest { id: run.clone(), after_seq: 0 }).await.map(drop)),
+                ),
+                ("SubmitRun", code(r.submit_run(proto::SubmitRunRequest::default()).await.map(drop))),
+                ("GetRun", code(r.get_run(id(&run)).await.map(drop))),
+                ("GetCapsule", code(r.get_capsule(id(&run)).await.map(drop))),
+            ]
+        }
+    };
+    for key in [None, Some(format!("ql_{}", "b".repeat(64))), Some("not-a-key".to_string())] {
+        for (method, code) in call_all(key.clone()).await {
+            assert_eq!(code, Code::Unauthenticated, "{method} with key {key:?}");
+        }
+    }
+    // With beta's admin key: operator methods are refused, lists are beta's own (empty), and every
+    // method on acme's objects is NOT_FOUND.
+    let expected = |method: &str| match method {
+        "CreateTenant" | "ListTenants" => Code::PermissionDenied,
+        "ListKeys" | "ListPlugins" | "ListJobs" | "CreateKey" => Code::Ok,
+        "InstallPlugin" | "SubmitJob" | "SubmitRun" => Code::InvalidArgument,
+        _ => Code::NotFound,
+    };
+    for (method, code) in call_all(Some(beta.clone())).await {
+        assert_eq!(code, expected(method), "{method} with another tenant's key");
+    }
+    let mut beta_jobs = JobsClient::with_interceptor(channel.clone(), as_key(Some(beta.clone())));
+    assert!(beta_jobs.list_jobs(proto::ListJobsRequest::default()).await.unwrap().into_inner().items.is_empty());
+    let mut beta_plugins = PluginsClient::with_interceptor(channel.clone(), as_key(Some(beta.clone())));
+    assert!(beta_plugins.list_plugins(proto::Empty {}).await.unwrap().into_inner().items.is_empty());
+    // Nothing of acme's changed.
+    assert_eq!(svc.get("/v1/plugins/text-stats", &acme).await.status, 200);
+    assert_eq!(svc.get(&format!("/v1/runs/{run}"), &acme).await.body["status"], "succeeded");
+    let keys = svc.get("/v1/keys", &acme).await;
+    assert!(keys.body["items"].as_array().unwrap().iter().all(|k| k["revoked_at"].is_null()), "{keys:?}");
+
+    // A message over the limit.
+    let mut acme_jobs = JobsClient::with_interceptor(channel, as_key(Some(acme.clone())));
+    let huge = json!({"requirement": "x".repeat(100 * 1024)}).to_string();
+    let e = acme_jobs
+        .submit_job(proto::SubmitJobRequest { kind: "run".into(), input_json: huge, ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::OutOfRange, "tonic's answer to an oversized message: {e:?}");
+    assert!(e.message().contains("too large"), "{e:?}");
+    svc.stop().await;
+}

@@ -821,24 +821,27 @@ async fn grpc_with_a_real_tonic_client() {
     svc.stop().await;
 }
 
-/// `qlayer serve` as a process, logging at debug (trace for the HTTP layers): every line is JSON, request
-/// lines carry the request id and the tenant, and no API key (valid, unknown or the operator's)
-/// appears anywhere in the output.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn logs_are_json_lines_with_request_ids_and_never_hold_keys() {
+/// `qlayer serve` as a process on free ports with a temp data dir and the test admin key, once it
+/// answers: the child, its base URL, a client, and the data dir (removed when dropped).
+async fn serve_process(
+    global: &[&str],
+    extra: &[&str],
+    stderr: std::process::Stdio,
+) -> (std::process::Child, String, reqwest::Client, tempfile::TempDir) {
     let data = tempfile::tempdir().unwrap();
     let (rest, grpc) = (qlayer_tests::free_port(), qlayer_tests::free_port());
     let child = std::process::Command::new(qlayer_tests::qlayer_bin())
-        .args(["--log", "debug,hyper=trace,h2=trace,axum=trace,tonic=trace,tower=trace", "serve"])
-        .args(["--rest-addr", &format!("127.0.0.1:{rest}")])
-        .args(["--grpc-addr", &format!("127.0.0.1:{grpc}"), "--data-dir"])
+        .args(global)
+        .args(["serve", "--rest-addr", &format!("127.0.0.1:{rest}"), "--grpc-addr", &format!("127.0.0.1:{grpc}")])
+        .args(extra)
+        .arg("--data-dir")
         .arg(data.path())
         .env("QLAYER_ADMIN_KEY", ADMIN)
         .env_remove("QLAYER_DATABASE_URL")
         .env_remove("QLAYER_CONFIG")
         .env_remove("QLAYER_LOG_FORMAT")
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
+        .stderr(stderr)
         .spawn()
         .unwrap();
     let base = format!("http://127.0.0.1:{rest}");
@@ -850,6 +853,16 @@ async fn logs_are_json_lines_with_request_ids_and_never_hold_keys() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    (child, base, http, data)
+}
+
+/// `qlayer serve` as a process, logging at debug (trace for the HTTP layers): every line is JSON, request
+/// lines carry the request id and the tenant, and no API key (valid, unknown or the operator's)
+/// appears anywhere in the output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_are_json_lines_with_request_ids_and_never_hold_keys() {
+    let log = "debug,hyper=trace,h2=trace,axum=trace,tonic=trace,tower=trace";
+    let (child, base, http, _data) = serve_process(&["--log", log], &[], std::process::Stdio::piped()).await;
     let created: Value = http
         .post(format!("{base}/v1/tenants"))
         .bearer_auth(ADMIN)
@@ -973,28 +986,8 @@ async fn traces_reach_an_otlp_collector_when_one_is_configured() {
             .serve(format!("127.0.0.1:{collector_port}").parse().unwrap()),
     );
 
-    let data = tempfile::tempdir().unwrap();
-    let (rest, grpc) = (qlayer_tests::free_port(), qlayer_tests::free_port());
-    let child = std::process::Command::new(qlayer_tests::qlayer_bin())
-        .args(["serve", "--rest-addr", &format!("127.0.0.1:{rest}"), "--grpc-addr", &format!("127.0.0.1:{grpc}")])
-        .args(["--otlp-endpoint", &format!("http://127.0.0.1:{collector_port}"), "--data-dir"])
-        .arg(data.path())
-        .env("QLAYER_ADMIN_KEY", ADMIN)
-        .env_remove("QLAYER_DATABASE_URL")
-        .env_remove("QLAYER_CONFIG")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let base = format!("http://127.0.0.1:{rest}");
-    qlayer_registry::install_tls_provider();
-    let http = reqwest::Client::builder().no_proxy().build().unwrap();
-    for _ in 0..400 {
-        if http.get(format!("{base}/healthz")).send().await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let otlp = format!("http://127.0.0.1:{collector_port}");
+    let (child, base, http, _data) = serve_process(&[], &["--otlp-endpoint", &otlp], std::process::Stdio::null()).await;
     let r = http
         .post(format!("{base}/v1/tenants"))
         .bearer_auth(ADMIN)

@@ -167,7 +167,11 @@ impl crate::Db {
         let input = serde_json::to_string(new.input).map_err(|e| DbError::Invalid(e.to_string()))?;
         let request_hash = sha256_hex(format!("{}\n{}\n{}", new.kind.as_str(), new.priority, input).as_bytes());
         let now = now_ms();
-        let id = format!("job_{now:012x}{}", random_hex(8));
+        // Creation time, then a process-wide sequence (so ids made in the same millisecond still
+        // sort in creation order), then random bits (so other processes' ids never collide).
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed) & 0xff_ffff;
+        let id = format!("job_{now:012x}{seq:06x}{}", random_hex(5));
         let inserted = sqlx::query(
             "INSERT INTO jobs (id, tenant_id, kind, input, priority, idempotency_key, request_hash, status, created_at, updated_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued', $8, $8)",

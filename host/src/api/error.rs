@@ -205,12 +205,15 @@ pub struct PageQuery {
 impl PageQuery {
     /// The page size, refusing sizes over the cap.
     pub fn limit(&self) -> Result<u32, ApiError> {
-        match self.limit {
-            None => Ok(DEFAULT_PAGE_SIZE),
-            Some(n) if (1..=MAX_PAGE_SIZE).contains(&n) => Ok(n),
-            Some(n) => {
-                Err(ApiError::invalid(format!("limit {n} is out of range: pages hold 1 to {MAX_PAGE_SIZE} items")))
-            }
-        }
+        page_size(self.limit)
+    }
+}
+
+/// A requested page size checked against the cap (the default when none is asked for).
+pub fn page_size(asked: Option<u32>) -> Result<u32, ApiError> {
+    match asked {
+        None => Ok(DEFAULT_PAGE_SIZE),
+        Some(n) if (1..=MAX_PAGE_SIZE).contains(&n) => Ok(n),
+        Some(n) => Err(ApiError::invalid(format!("limit {n} is out of range: pages hold 1 to {MAX_PAGE_SIZE} items"))),
     }
 }

@@ -3,7 +3,7 @@
 
 use super::AppState;
 use super::auth::Caller;
-use super::error::{ApiError, ApiJson, ApiQuery, ErrorBody, MAX_PAGE_SIZE};
+use super::error::{ApiError, ApiJson, ApiQuery, ErrorBody};
 use crate::jobs::{CallInput, RunInput};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -211,8 +211,7 @@ pub async fn list_jobs(
 
 /// Lists jobs (REST and gRPC).
 pub async fn list_jobs_op(state: &AppState, caller: &Caller, query: JobQuery) -> Result<JobPage, ApiError> {
-    let limit = super::error::PageQuery { limit: query.limit, after: None }.limit()?;
-    debug_assert!(limit <= MAX_PAGE_SIZE);
+    let limit = super::error::page_size(query.limit)?;
     let items = state.db.jobs(caller.tenant_id(), query.kind, query.after.as_deref(), limit).await?;
     let next = (items.len() == limit as usize).then(|| items.last().map(|j| j.id.clone())).flatten();
     Ok(JobPage { items, next })

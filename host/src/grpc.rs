@@ -97,7 +97,7 @@ fn page(limit: u32, after: String) -> PageQuery {
 }
 
 fn tenant(t: qlayer_db::Tenant) -> Tenant {
-    Tenant { id: t.id, name: t.name, created_at: t.created_at }
+    Tenant { id: t.id, name: t.name, created_at: t.created_at, weight: t.weight, max_running: t.max_running }
 }
 
 fn key(k: qlayer_db::ApiKey) -> ApiKey {
@@ -146,6 +146,8 @@ fn job(j: qlayer_db::Job) -> Job {
         created_at: j.created_at,
         updated_at: j.updated_at,
         finished_at: j.finished_at,
+        deadline_at: j.deadline_at,
+        task_count: j.task_count,
     }
 }
 
@@ -183,6 +185,13 @@ impl tenants_server::Tenants for Grpc {
     async fn get_tenant(&self, request: Request<IdRequest>) -> Result<Response<Tenant>, Status> {
         let caller = self.caller(&request, "GetTenant").await?;
         Ok(Response::new(tenant(ops::get_tenant_op(&self.state, &caller, &request.into_inner().id).await?)))
+    }
+
+    async fn set_tenant_share(&self, request: Request<SetTenantShareRequest>) -> Result<Response<Tenant>, Status> {
+        let caller = self.caller(&request, "SetTenantShare").await?;
+        let r = request.into_inner();
+        let body = ops::TenantShare { weight: r.weight, max_running: r.max_running };
+        Ok(Response::new(tenant(ops::set_tenant_share_op(&self.state, &caller, &r.id, body).await?)))
     }
 }
 
@@ -263,6 +272,7 @@ impl jobs_server::Jobs for Grpc {
             input,
             Some(r.priority),
             r.idempotency_key,
+            crate::jobs::JobLimits { deadline_ms: r.deadline_ms, max_attempts: r.max_attempts },
         )
         .await?;
         Ok(Response::new(job(j)))
@@ -322,6 +332,7 @@ impl runs_server::Runs for Grpc {
             input,
             Some(r.priority),
             r.idempotency_key,
+            crate::jobs::JobLimits { deadline_ms: r.deadline_ms, max_attempts: None },
         )
         .await?;
         Ok(Response::new(job(j)))

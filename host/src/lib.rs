@@ -10,5 +10,6 @@ pub mod marketplace;
 pub mod router;
 pub mod runtime;
 pub mod scaffold;
+pub mod scheduler;
 pub mod serve;
 pub mod telemetry;

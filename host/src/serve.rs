@@ -73,23 +73,116 @@ fn default_timeout() -> u64 {
     30_000
 }
 
-/// `[jobs]`.
+/// `[jobs]`: the core scheduler.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct JobsConfig {
-    /// Jobs run at once.
+    /// Tasks this node runs at once (1-4096).
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
+    /// Tasks one tenant may run at once on this node (0: only `concurrency`); a tenant's own
+    /// `max_running` overrides it.
+    #[serde(default)]
+    pub tenant_concurrency: usize,
+    /// Open tasks a tenant may have before submissions get 429 `queue_full` (0: no limit).
+    #[serde(default = "default_max_open")]
+    pub max_open_per_tenant: i64,
+    /// How long a task's lease lasts without renewal (1000-600000 ms): how soon a dead node's
+    /// tasks run elsewhere.
+    #[serde(default = "default_lease")]
+    pub lease_ms: i64,
+    /// Attempts a task gets unless its job says otherwise (1-20).
+    #[serde(default = "default_attempts")]
+    pub max_attempts: i32,
+    /// First retry delay (ms); doubles per attempt, with jitter.
+    #[serde(default = "default_retry_base")]
+    pub retry_base_ms: i64,
+    /// Longest retry delay (ms).
+    #[serde(default = "default_retry_max")]
+    pub retry_max_ms: i64,
+    /// Failures in a row that open a plugin's circuit for a tenant (0: no breakers).
+    #[serde(default = "default_breaker_failures")]
+    pub breaker_failures: u32,
+    /// How long an open circuit first waits before a probe (ms); doubles while probes fail.
+    #[serde(default = "default_breaker_cooldown")]
+    pub breaker_cooldown_ms: i64,
 }
 
 impl Default for JobsConfig {
     fn default() -> Self {
-        JobsConfig { concurrency: default_concurrency() }
+        JobsConfig {
+            concurrency: default_concurrency(),
+            tenant_concurrency: 0,
+            max_open_per_tenant: default_max_open(),
+            lease_ms: default_lease(),
+            max_attempts: default_attempts(),
+            retry_base_ms: default_retry_base(),
+            retry_max_ms: default_retry_max(),
+            breaker_failures: default_breaker_failures(),
+            breaker_cooldown_ms: default_breaker_cooldown(),
+        }
     }
 }
 
 fn default_concurrency() -> usize {
-    4
+    16
+}
+fn default_max_open() -> i64 {
+    10_000
+}
+fn default_lease() -> i64 {
+    15_000
+}
+fn default_attempts() -> i32 {
+    5
+}
+fn default_retry_base() -> i64 {
+    200
+}
+fn default_retry_max() -> i64 {
+    30_000
+}
+fn default_breaker_failures() -> u32 {
+    5
+}
+fn default_breaker_cooldown() -> i64 {
+    5_000
+}
+
+impl JobsConfig {
+    /// The scheduler's configuration for node `node_id`, after checking the ranges (the
+    /// message names the key).
+    pub fn scheduler(&self, node_id: String) -> anyhow::Result<crate::scheduler::SchedulerConfig> {
+        let check = |ok: bool, key: &str, range: &str| {
+            if ok { Ok(()) } else { Err(anyhow::anyhow!("[jobs] {key} must be {range}")) }
+        };
+        check((1..=4096).contains(&self.concurrency), "concurrency", "1 to 4096")?;
+        check((1_000..=600_000).contains(&self.lease_ms), "lease-ms", "1000 to 600000")?;
+        check((1..=20).contains(&self.max_attempts), "max-attempts", "1 to 20")?;
+        check((1..=60_000).contains(&self.retry_base_ms), "retry-base-ms", "1 to 60000")?;
+        check(
+            (self.retry_base_ms..=3_600_000).contains(&self.retry_max_ms),
+            "retry-max-ms",
+            "retry-base-ms to 3600000",
+        )?;
+        check((1..=3_600_000).contains(&self.breaker_cooldown_ms), "breaker-cooldown-ms", "1 to 3600000")?;
+        check(self.max_open_per_tenant >= 0, "max-open-per-tenant", "0 or more")?;
+        Ok(crate::scheduler::SchedulerConfig {
+            node_id,
+            concurrency: self.concurrency,
+            tenant_concurrency: self.tenant_concurrency,
+            lease_ms: self.lease_ms,
+            max_attempts: self.max_attempts,
+            retry_base_ms: self.retry_base_ms,
+            retry_max_ms: self.retry_max_ms,
+            breaker: crate::scheduler::breaker::BreakerPolicy {
+                failures: self.breaker_failures,
+                cooldown_ms: self.breaker_cooldown_ms,
+                max_cooldown_ms: (self.breaker_cooldown_ms * 12).max(60_000),
+            },
+            max_open_per_tenant: self.max_open_per_tenant,
+        })
+    }
 }
 
 /// `[server]`.
@@ -194,6 +287,7 @@ pub struct Running {
     grpc: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     runner: std::sync::Arc<crate::jobs::JobRunner>,
     grace: Duration,
+    _node: crate::scheduler::NodeIdentity,
 }
 
 impl std::fmt::Debug for Running {
@@ -212,6 +306,8 @@ pub async fn start(config: ServeConfig, data_dir: PathBuf) -> anyhow::Result<Run
             format!("sqlite://{}", data_dir.join("qlayer.db").display())
         }
     };
+    let node = crate::scheduler::NodeIdentity::claim(&data_dir)?;
+    let scheduler_config = config.jobs.scheduler(node.id.clone())?;
     let db = qlayer_db::Db::open(&url).await.context("opening the database")?;
     let first_admin_key =
         db.bootstrap_admin(config.auth.admin_key.as_deref()).await?.map(|secret| secret.expose().to_string());
@@ -221,12 +317,9 @@ pub async fn start(config: ServeConfig, data_dir: PathBuf) -> anyhow::Result<Run
     })?);
     let market_config = crate::marketplace::MarketplaceConfig::load(&data_dir)?;
     let marketplace = std::sync::Arc::new(crate::marketplace::Marketplace::open(data_dir.clone(), market_config)?);
-    let runner =
-        crate::jobs::JobRunner::new(db.clone(), runtime, marketplace, data_dir.clone(), config.jobs.concurrency);
-    let resumed = runner.resume().await?;
-    if resumed > 0 {
-        tracing::info!(resumed, "picked up jobs left unfinished by the previous run");
-    }
+    let runner = crate::jobs::JobRunner::new(db.clone(), runtime, marketplace, data_dir.clone(), scheduler_config);
+    let queued = runner.start().await?;
+    tracing::info!(node = %node.id, queued, "scheduler started");
     let state = crate::api::AppState {
         db: db.clone(),
         runner: runner.clone(),
@@ -285,6 +378,7 @@ pub async fn start(config: ServeConfig, data_dir: PathBuf) -> anyhow::Result<Run
         server,
         runner,
         grace: Duration::from_millis(config.server.shutdown_grace_ms),
+        _node: node,
     })
 }
 

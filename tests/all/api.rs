@@ -11,9 +11,9 @@ use serde_json::{Value, json};
 use sqlx::Connection as _;
 use std::time::Duration;
 
-const ADMIN: &str = "ql_0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+pub(crate) const ADMIN: &str = "ql_0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
-struct PgDb {
+pub(crate) struct PgDb {
     admin: String,
     name: String,
 }
@@ -34,7 +34,7 @@ impl Drop for PgDb {
     }
 }
 
-async fn fresh_postgres() -> (String, PgDb) {
+pub(crate) async fn fresh_postgres() -> (String, PgDb) {
     sqlx::any::install_default_drivers();
     let admin =
         std::env::var("QLAYER_TEST_POSTGRES").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
@@ -49,24 +49,24 @@ async fn fresh_postgres() -> (String, PgDb) {
 }
 
 /// A service for one test.
-struct Svc {
-    running: Option<Running>,
-    base: String,
-    http: reqwest::Client,
-    registry: Option<TestRegistry>,
-    _pg: Option<PgDb>,
-    _dir: tempfile::TempDir,
+pub(crate) struct Svc {
+    pub(crate) running: Option<Running>,
+    pub(crate) base: String,
+    pub(crate) http: reqwest::Client,
+    pub(crate) registry: Option<TestRegistry>,
+    pub(crate) _pg: Option<PgDb>,
+    pub(crate) _dir: tempfile::TempDir,
 }
 
-struct Reply {
-    status: u16,
-    body: Value,
-    text: String,
-    headers: reqwest::header::HeaderMap,
+pub(crate) struct Reply {
+    pub(crate) status: u16,
+    pub(crate) body: Value,
+    pub(crate) text: String,
+    pub(crate) headers: reqwest::header::HeaderMap,
 }
 
 impl Reply {
-    fn code(&self) -> &str {
+    pub(crate) fn code(&self) -> &str {
         self.body["error"]["code"].as_str().unwrap_or("")
     }
 }
@@ -77,7 +77,7 @@ impl std::fmt::Debug for Reply {
     }
 }
 
-async fn service(backend: Backend, with_registry: bool, tweak: impl FnOnce(&mut ServeConfig)) -> Svc {
+pub(crate) async fn service(backend: Backend, with_registry: bool, tweak: impl FnOnce(&mut ServeConfig)) -> Svc {
     let dir = tempfile::tempdir().unwrap();
     let registry = with_registry.then(TestRegistry::start);
     if let Some(r) = &registry {
@@ -115,7 +115,7 @@ async fn service(backend: Backend, with_registry: bool, tweak: impl FnOnce(&mut 
 }
 
 impl Svc {
-    async fn send(&self, method: &str, path: &str, key: Option<&str>, body: Option<String>) -> Reply {
+    pub(crate) async fn send(&self, method: &str, path: &str, key: Option<&str>, body: Option<String>) -> Reply {
         let mut req = self.http.request(method.parse().unwrap(), format!("{}{path}", self.base));
         if let Some(key) = key {
             req = req.header("authorization", format!("Bearer {key}"));
@@ -131,33 +131,33 @@ impl Svc {
         Reply { status, body, text, headers }
     }
 
-    async fn get(&self, path: &str, key: &str) -> Reply {
+    pub(crate) async fn get(&self, path: &str, key: &str) -> Reply {
         self.send("GET", path, Some(key), None).await
     }
 
-    async fn post(&self, path: &str, key: &str, body: Value) -> Reply {
+    pub(crate) async fn post(&self, path: &str, key: &str, body: Value) -> Reply {
         self.send("POST", path, Some(key), Some(body.to_string())).await
     }
 
-    async fn delete(&self, path: &str, key: &str) -> Reply {
+    pub(crate) async fn delete(&self, path: &str, key: &str) -> Reply {
         self.send("DELETE", path, Some(key), None).await
     }
 
     /// Creates a tenant; returns (id, admin key).
-    async fn tenant(&self, name: &str) -> (String, String) {
+    pub(crate) async fn tenant(&self, name: &str) -> (String, String) {
         let r = self.post("/v1/tenants", ADMIN, json!({"name": name})).await;
         assert_eq!(r.status, 201, "{r:?}");
         (r.body["tenant"]["id"].as_str().unwrap().into(), r.body["api_key"].as_str().unwrap().into())
     }
 
-    async fn key(&self, admin: &str, role: &str) -> (String, String) {
+    pub(crate) async fn key(&self, admin: &str, role: &str) -> (String, String) {
         let r = self.post("/v1/keys", admin, json!({"name": format!("{role} key"), "role": role})).await;
         assert_eq!(r.status, 201, "{r:?}");
         (r.body["key"]["id"].as_str().unwrap().into(), r.body["api_key"].as_str().unwrap().into())
     }
 
     /// Pushes a plugin to the test registry and installs it for the key's tenant.
-    async fn install(&self, key: &str, repo: &str, wasm: &[u8]) -> Reply {
+    pub(crate) async fn install(&self, key: &str, repo: &str, wasm: &[u8]) -> Reply {
         let registry = self.registry.as_ref().unwrap();
         let reference = format!("{}/{repo}:1.0.0", registry.addr);
         let market = qlayer_host::marketplace::Marketplace::open(
@@ -173,7 +173,7 @@ impl Svc {
     }
 
     /// Polls a job until it is over (the bound only keeps a broken build from hanging CI).
-    async fn wait(&self, key: &str, id: &str) -> Value {
+    pub(crate) async fn wait(&self, key: &str, id: &str) -> Value {
         for _ in 0..1200 {
             let r = self.get(&format!("/v1/jobs/{id}"), key).await;
             assert_eq!(r.status, 200, "{r:?}");
@@ -185,13 +185,13 @@ impl Svc {
         panic!("job {id} did not finish");
     }
 
-    async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         if let Some(running) = self.running.take() {
             running.stop().await.unwrap();
         }
     }
 
-    fn db(&self) -> &qlayer_db::Db {
+    pub(crate) fn db(&self) -> &qlayer_db::Db {
         &self.running.as_ref().unwrap().db
     }
 }
@@ -823,19 +823,30 @@ async fn grpc_with_a_real_tonic_client() {
 
 /// `qlayer serve` as a process on free ports with a temp data dir and the test admin key, once it
 /// answers: the child, its base URL, a client, and the data dir (removed when dropped).
-async fn serve_process(
+pub(crate) async fn serve_process(
     global: &[&str],
     extra: &[&str],
     stderr: std::process::Stdio,
 ) -> (std::process::Child, String, reqwest::Client, tempfile::TempDir) {
     let data = tempfile::tempdir().unwrap();
+    let (child, base, http) = serve_process_in(data.path(), global, extra, stderr).await;
+    (child, base, http, data)
+}
+
+/// `qlayer serve` as a process on free ports with `data` as its data dir, once it answers.
+pub(crate) async fn serve_process_in(
+    data: &std::path::Path,
+    global: &[&str],
+    extra: &[&str],
+    stderr: std::process::Stdio,
+) -> (std::process::Child, String, reqwest::Client) {
     let (rest, grpc) = (qlayer_tests::free_port(), qlayer_tests::free_port());
     let child = std::process::Command::new(qlayer_tests::qlayer_bin())
         .args(global)
         .args(["serve", "--rest-addr", &format!("127.0.0.1:{rest}"), "--grpc-addr", &format!("127.0.0.1:{grpc}")])
         .args(extra)
         .arg("--data-dir")
-        .arg(data.path())
+        .arg(data)
         .env("QLAYER_ADMIN_KEY", ADMIN)
         .env_remove("QLAYER_DATABASE_URL")
         .env_remove("QLAYER_CONFIG")
@@ -853,7 +864,7 @@ async fn serve_process(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    (child, base, http, data)
+    (child, base, http)
 }
 
 /// `qlayer serve` as a process, logging at debug (trace for the HTTP layers): every line is JSON, request

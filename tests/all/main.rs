@@ -6,3 +6,4 @@ mod factory;
 mod marketplace;
 mod provider;
 mod sandbox;
+mod scheduler;

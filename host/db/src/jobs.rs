@@ -100,6 +100,10 @@ pub struct Job {
     pub updated_at: i64,
     /// Unix milliseconds, once over.
     pub finished_at: Option<i64>,
+    /// When the job is given up if not done (unix ms).
+    pub deadline_at: Option<i64>,
+    /// How many tasks it has.
+    pub task_count: i32,
 }
 
 /// One progress event of a job.
@@ -129,6 +133,10 @@ pub struct NewJob<'a> {
     pub priority: i32,
     /// The caller's idempotency key.
     pub idempotency_key: Option<&'a str>,
+    /// When to give it up (unix ms).
+    pub deadline_at: Option<i64>,
+    /// Its tasks (at least one).
+    pub tasks: Vec<crate::NewTask>,
 }
 
 /// What [`crate::Db::cancel_job`] did.
@@ -151,8 +159,8 @@ pub struct Artifact {
     pub bytes: Vec<u8>,
 }
 
-const JOB_COLUMNS: &str =
-    "id, tenant_id, kind, status, priority, idempotency_key, input, output, error, created_at, updated_at, finished_at";
+pub(crate) const JOB_COLUMNS: &str = "id, tenant_id, kind, status, priority, idempotency_key, input, output, error, \
+     created_at, updated_at, finished_at, deadline_at, task_count";
 
 impl crate::Db {
     /// Persists a job as `queued`. With an idempotency key already used in the tenant, returns
@@ -172,9 +180,13 @@ impl crate::Db {
         static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed) & 0xff_ffff;
         let id = format!("job_{now:012x}{seq:06x}{}", random_hex(5));
+        if new.tasks.is_empty() {
+            return Err(DbError::Invalid("a job needs at least one task".into()));
+        }
+        let mut tx = self.pool().begin().await?;
         let inserted = sqlx::query(
-            "INSERT INTO jobs (id, tenant_id, kind, input, priority, idempotency_key, request_hash, status, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued', $8, $8)",
+            "INSERT INTO jobs (id, tenant_id, kind, input, priority, idempotency_key, request_hash, status, created_at, \
+             updated_at, deadline_at, task_count) VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued', $8, $8, $9, $10)",
         )
         .bind(&id)
         .bind(new.tenant_id)
@@ -184,15 +196,21 @@ impl crate::Db {
         .bind(new.idempotency_key)
         .bind(&request_hash)
         .bind(now)
-        .execute(self.pool())
+        .bind(new.deadline_at)
+        .bind(new.tasks.len() as i32)
+        .execute(&mut *tx)
         .await;
         match inserted {
             Ok(_) => {
-                self.add_job_event(&id, "queued", &serde_json::json!({})).await?;
+                crate::tasks::insert_tasks(&mut tx, &id, new.tenant_id, new.priority, new.deadline_at, &new.tasks, now)
+                    .await?;
+                crate::tasks::event_in(&mut tx, &id, "queued", &serde_json::json!({})).await?;
+                tx.commit().await?;
                 let job = self.job(new.tenant_id, &id).await?.ok_or_else(|| DbError::Invalid("job vanished".into()))?;
                 Ok((job, true))
             }
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() && new.idempotency_key.is_some() => {
+                drop(tx);
                 let row = sqlx::query(&format!(
                     "SELECT {JOB_COLUMNS}, request_hash FROM jobs WHERE tenant_id = $1 AND idempotency_key = $2"
                 ))
@@ -264,45 +282,10 @@ impl crate::Db {
         Ok((row.try_get("queued")?, row.try_get("running")?))
     }
 
-    /// Moves a queued job to running. `false` when it is no longer queued (cancelled meanwhile).
-    /// A job left `running` by a host that stopped may be started again by `restart`.
-    pub async fn start_job(&self, id: &str, restart: bool) -> Result<bool, DbError> {
-        let sql = if restart {
-            "UPDATE jobs SET status = 'running', updated_at = $1 WHERE id = $2 AND status IN ('queued', 'running')"
-        } else {
-            "UPDATE jobs SET status = 'running', updated_at = $1 WHERE id = $2 AND status = 'queued'"
-        };
-        let done = sqlx::query(sql).bind(now_ms()).bind(id).execute(self.pool()).await?;
-        Ok(done.rows_affected() == 1)
-    }
-
-    /// Records how a running job ended. `false` when it was no longer running (cancelled).
-    pub async fn finish_job(
-        &self,
-        id: &str,
-        status: JobStatus,
-        output: Option<&serde_json::Value>,
-        error: Option<&str>,
-    ) -> Result<bool, DbError> {
-        let output = output.map(serde_json::to_string).transpose().map_err(|e| DbError::Invalid(e.to_string()))?;
-        let now = now_ms();
-        let done = sqlx::query(
-            "UPDATE jobs SET status = $1, output = $2, error = $3, updated_at = $4, finished_at = $4 \
-             WHERE id = $5 AND status = 'running'",
-        )
-        .bind(status.as_str())
-        .bind(output)
-        .bind(error)
-        .bind(now)
-        .bind(id)
-        .execute(self.pool())
-        .await?;
-        Ok(done.rows_affected() == 1)
-    }
-
-    /// Cancels a queued or running job of `tenant_id`.
+    /// Cancels a queued or running job of `tenant_id`, and its tasks.
     pub async fn cancel_job(&self, tenant_id: &str, id: &str, reason: &str) -> Result<CancelOutcome, DbError> {
         let now = now_ms();
+        let mut tx = self.pool().begin().await?;
         let done = sqlx::query(
             "UPDATE jobs SET status = 'cancelled', error = $1, updated_at = $2, finished_at = $2 \
              WHERE id = $3 AND tenant_id = $4 AND status IN ('queued', 'running')",
@@ -311,22 +294,44 @@ impl crate::Db {
         .bind(now)
         .bind(id)
         .bind(tenant_id)
-        .execute(self.pool())
+        .execute(&mut *tx)
         .await?;
+        if done.rows_affected() == 1 {
+            sqlx::query(
+                "UPDATE tasks SET status = 'cancelled', lease_owner = NULL, lease_expires = NULL, updated_at = $1 \
+                 WHERE job_id = $2 AND status IN ('waiting', 'ready', 'leased')",
+            )
+            .bind(now)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+            crate::tasks::event_in(&mut tx, id, "cancelled", &serde_json::json!({ "reason": reason })).await?;
+        }
+        tx.commit().await?;
         let Some(job) = self.job(tenant_id, id).await? else {
             return Ok(CancelOutcome::NotFound);
         };
         if done.rows_affected() == 1 {
-            self.add_job_event(id, "cancelled", &serde_json::json!({ "reason": reason })).await?;
             Ok(CancelOutcome::Cancelled(job))
         } else {
             Ok(CancelOutcome::AlreadyFinished(job))
         }
     }
 
-    /// Appends an event to a job. One writer per job (its runner), so the next number is safe.
+    /// Appends an event to a job. Two writers racing for the next number (two tasks of one job
+    /// on two nodes) meet at the primary key; the loser takes the number after.
     pub async fn add_job_event(&self, job_id: &str, kind: &str, data: &serde_json::Value) -> Result<i64, DbError> {
         let data = serde_json::to_string(data).map_err(|e| DbError::Invalid(e.to_string()))?;
+        let mut tries = 0;
+        loop {
+            match self.append_event(job_id, kind, &data).await {
+                Err(DbError::Sql(sqlx::Error::Database(e))) if e.is_unique_violation() && tries < 8 => tries += 1,
+                other => return other,
+            }
+        }
+    }
+
+    async fn append_event(&self, job_id: &str, kind: &str, data: &str) -> Result<i64, DbError> {
         let row = sqlx::query(
             "INSERT INTO job_events (job_id, seq, at, kind, data) \
              VALUES ($1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM job_events WHERE job_id = $1), $2, $3, $4) RETURNING seq",
@@ -393,7 +398,7 @@ fn parse_json(text: &str) -> Result<serde_json::Value, DbError> {
     serde_json::from_str(text).map_err(|e| DbError::Invalid(format!("stored JSON is unreadable: {e}")))
 }
 
-fn job_of(r: &AnyRow) -> Result<Job, DbError> {
+pub(crate) fn job_of(r: &AnyRow) -> Result<Job, DbError> {
     let kind = match r.try_get::<String, _>("kind")?.as_str() {
         "call" => JobKind::Call,
         "run" => JobKind::Run,
@@ -412,5 +417,7 @@ fn job_of(r: &AnyRow) -> Result<Job, DbError> {
         created_at: r.try_get("created_at")?,
         updated_at: r.try_get("updated_at")?,
         finished_at: r.try_get("finished_at")?,
+        deadline_at: r.try_get("deadline_at")?,
+        task_count: r.try_get("task_count")?,
     })
 }

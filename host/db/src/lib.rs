@@ -12,12 +12,14 @@
 //!   tenant and return `None` for anything outside it.
 
 mod jobs;
+mod tasks;
 
 pub use jobs::{Artifact, CancelOutcome, Job, JobEvent, JobKind, JobStatus, NewJob};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 use std::fmt;
 use std::time::Duration;
+pub use tasks::{Lease, NewTask, Recorded, Task, TaskStatus};
 
 /// What went wrong with the store.
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +102,10 @@ pub struct Tenant {
     pub name: String,
     /// Unix milliseconds.
     pub created_at: i64,
+    /// Its share of the scheduler relative to other tenants (1-1000; default 1).
+    pub weight: i32,
+    /// Its own cap on running tasks per node (0: the host's default).
+    pub max_running: i32,
 }
 
 /// An API key's record (never the key itself).
@@ -330,7 +336,13 @@ impl Db {
                 "tenant name `{name}` must be 1-64 lowercase letters, digits, `-` or `_`"
             )));
         }
-        let tenant = Tenant { id: format!("tn_{}", random_hex(12)), name: name.to_string(), created_at: now_ms() };
+        let tenant = Tenant {
+            id: format!("tn_{}", random_hex(12)),
+            name: name.to_string(),
+            created_at: now_ms(),
+            weight: 1,
+            max_running: 0,
+        };
         let inserted = sqlx::query("INSERT INTO tenants (id, name, created_at) VALUES ($1, $2, $3)")
             .bind(&tenant.id)
             .bind(&tenant.name)
@@ -348,7 +360,7 @@ impl Db {
 
     /// A tenant by id.
     pub async fn tenant(&self, id: &str) -> Result<Option<Tenant>, DbError> {
-        let row = sqlx::query("SELECT id, name, created_at FROM tenants WHERE id = $1")
+        let row = sqlx::query("SELECT id, name, created_at, weight, max_running FROM tenants WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
@@ -357,11 +369,13 @@ impl Db {
 
     /// Tenants ordered by id, after `after` (keyset pagination), at most `limit`.
     pub async fn tenants(&self, after: Option<&str>, limit: u32) -> Result<Vec<Tenant>, DbError> {
-        let rows = sqlx::query("SELECT id, name, created_at FROM tenants WHERE id > $1 ORDER BY id LIMIT $2")
-            .bind(after.unwrap_or(""))
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT id, name, created_at, weight, max_running FROM tenants WHERE id > $1 ORDER BY id LIMIT $2",
+        )
+        .bind(after.unwrap_or(""))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter().map(tenant_of).collect()
     }
 
@@ -611,7 +625,13 @@ impl Db {
 }
 
 fn tenant_of(r: &AnyRow) -> Result<Tenant, DbError> {
-    Ok(Tenant { id: r.try_get("id")?, name: r.try_get("name")?, created_at: r.try_get("created_at")? })
+    Ok(Tenant {
+        id: r.try_get("id")?,
+        name: r.try_get("name")?,
+        created_at: r.try_get("created_at")?,
+        weight: r.try_get("weight")?,
+        max_running: r.try_get("max_running")?,
+    })
 }
 
 fn key_of(r: &AnyRow) -> Result<ApiKey, DbError> {

@@ -2,7 +2,10 @@
 //! database per test, dropped afterwards). Set QLAYER_TEST_POSTGRES to use another server.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use qlayer_db::{AuditCheck, AuditEntry, Backend, CancelOutcome, Db, DbError, JobKind, JobStatus, NewJob, Role};
+use qlayer_db::{
+    AuditCheck, AuditEntry, Backend, CancelOutcome, Db, DbError, JobKind, JobStatus, Lease, NewJob, NewTask, Role,
+    TaskStatus,
+};
 use sqlx::Connection as _;
 
 /// A database for one test, removed when dropped (PostgreSQL) or with its temp dir (SQLite).
@@ -87,7 +90,29 @@ on_both!(
     migrations_are_idempotent,
     jobs_are_persisted_idempotent_paginated_and_scoped_to_their_tenant,
     job_lifecycle_events_cancellation_and_artifacts,
+    a_lease_has_one_holder_and_fences_late_results,
+    a_dag_runs_in_dependency_order_and_passes_outputs,
+    retries_wait_failures_cancel_the_rest_and_leases_come_back,
 );
+
+fn one_task(plugin: &str) -> Vec<NewTask> {
+    task("call", plugin, serde_json::json!("x"), &[])
+}
+
+fn task(name: &str, plugin: &str, input: serde_json::Value, after: &[&str]) -> Vec<NewTask> {
+    vec![NewTask {
+        name: name.into(),
+        kind: "call".into(),
+        plugin: plugin.into(),
+        input,
+        depends_on: after.iter().map(|s| s.to_string()).collect(),
+        max_attempts: 3,
+    }]
+}
+
+fn lease_of(task: &qlayer_db::Task, owner: &str) -> Lease {
+    Lease { task_id: task.id.clone(), job_id: task.job_id.clone(), owner: owner.into(), attempt: task.attempts }
+}
 
 async fn tenants_are_created_listed_and_unique(backend: Backend) {
     let t = open(backend).await;
@@ -269,6 +294,8 @@ async fn jobs_are_persisted_idempotent_paginated_and_scoped_to_their_tenant(back
                 input: &input,
                 priority: 0,
                 idempotency_key: key,
+                deadline_at: None,
+                tasks: one_task("text-stats"),
             })
             .await
         }
@@ -311,22 +338,34 @@ async fn job_lifecycle_events_cancellation_and_artifacts(backend: Backend) {
     let t = open(backend).await;
     let acme = t.db.create_tenant("acme").await.unwrap();
     let input = serde_json::json!({"requirement": "a todo CLI"});
-    let new = NewJob { tenant_id: &acme.id, kind: JobKind::Run, input: &input, priority: 3, idempotency_key: None };
+    let new = NewJob {
+        tenant_id: &acme.id,
+        kind: JobKind::Run,
+        input: &input,
+        priority: 3,
+        idempotency_key: None,
+        deadline_at: None,
+        tasks: one_task("scripted"),
+    };
     let (job, _) = t.db.submit_job(new.clone()).await.unwrap();
-    assert!(t.db.start_job(&job.id, false).await.unwrap());
-    assert!(!t.db.start_job(&job.id, false).await.unwrap(), "a running job is not started twice");
-    assert!(t.db.start_job(&job.id, true).await.unwrap(), "a restart takes over a running job");
+    let task_id = format!("{}.000", job.id);
+    let leased = t.db.lease_task(&task_id, "node-a", 10_000).await.unwrap().unwrap();
+    assert_eq!((leased.attempts, leased.status, leased.priority), (1, TaskStatus::Leased, 3));
+    assert_eq!(t.db.job(&acme.id, &job.id).await.unwrap().unwrap().status, JobStatus::Running);
+    assert!(t.db.lease_task(&task_id, "node-b", 10_000).await.unwrap().is_none(), "one holder at a time");
     t.db.add_job_event(&job.id, "progress", &serde_json::json!({"step": "developer"})).await.unwrap();
     let output = serde_json::json!({"status": "passed"});
-    assert!(t.db.finish_job(&job.id, JobStatus::Succeeded, Some(&output), None).await.unwrap());
-    assert!(!t.db.finish_job(&job.id, JobStatus::Failed, None, Some("late")).await.unwrap(), "finished once");
+    let recorded = t.db.complete_task(&lease_of(&leased, "node-a"), &output).await.unwrap();
+    assert_eq!(recorded.job_finished, Some(JobStatus::Succeeded));
+    let again = t.db.complete_task(&lease_of(&leased, "node-a"), &serde_json::json!("late")).await.unwrap();
+    assert!(!again.recorded, "finished once");
     let done = t.db.job(&acme.id, &job.id).await.unwrap().unwrap();
     assert_eq!((done.status, done.output.clone(), done.priority), (JobStatus::Succeeded, Some(output), 3));
     assert!(done.finished_at.is_some());
     let kinds: Vec<String> = t.db.job_events(&acme.id, &job.id, 0).await.unwrap().into_iter().map(|e| e.kind).collect();
-    assert_eq!(kinds, ["queued", "progress"]);
+    assert_eq!(kinds, ["queued", "progress", "succeeded"]);
     let after_first = t.db.job_events(&acme.id, &job.id, 1).await.unwrap();
-    assert_eq!(after_first.len(), 1);
+    assert_eq!(after_first.len(), 2);
     assert_eq!(after_first[0].seq, 2);
     assert!(matches!(t.db.cancel_job(&acme.id, &job.id, "x").await.unwrap(), CancelOutcome::AlreadyFinished(_)));
 
@@ -345,7 +384,160 @@ async fn job_lifecycle_events_cancellation_and_artifacts(backend: Backend) {
         panic!("not cancelled")
     };
     assert_eq!((c.status, c.error.as_deref()), (JobStatus::Cancelled, Some("by test")));
-    assert!(!t.db.start_job(&queued.id, true).await.unwrap());
+    assert!(t.db.lease_task(&format!("{}.000", queued.id), "node-a", 1_000).await.unwrap().is_none());
+    let tasks = t.db.job_tasks(&acme.id, &queued.id).await.unwrap();
+    assert_eq!(tasks[0].status, TaskStatus::Cancelled, "its task is cancelled with it");
     let (queued_n, running_n) = t.db.job_counts().await.unwrap();
     assert_eq!((queued_n, running_n), (0, 0));
+}
+
+async fn submit(db: &Db, tenant: &str, tasks: Vec<NewTask>) -> qlayer_db::Job {
+    let input = serde_json::json!({"n": rand_suffix()});
+    db.submit_job(NewJob {
+        tenant_id: tenant,
+        kind: JobKind::Call,
+        input: &input,
+        priority: 0,
+        idempotency_key: None,
+        deadline_at: None,
+        tasks,
+    })
+    .await
+    .unwrap()
+    .0
+}
+
+/// Many nodes race to lease one task: exactly one wins. A result recorded under a lost lease
+/// (the lease expired and another node took the task over) is refused.
+async fn a_lease_has_one_holder_and_fences_late_results(backend: Backend) {
+    let t = open(backend).await;
+    let acme = t.db.create_tenant("acme").await.unwrap();
+    let job = submit(&t.db, &acme.id, one_task("p")).await;
+    let id = format!("{}.000", job.id);
+    let racers: Vec<_> = (0..8)
+        .map(|n| {
+            let (db, id) = (t.db.clone(), id.clone());
+            tokio::spawn(async move { db.lease_task(&id, &format!("node-{n}"), 1).await.unwrap() })
+        })
+        .collect();
+    let mut winners = Vec::new();
+    for r in racers {
+        if let Some(task) = r.await.unwrap() {
+            winners.push(task);
+        }
+    }
+    assert_eq!(winners.len(), 1, "exactly one node holds the lease");
+    let first = winners.remove(0);
+    let first_owner = first.lease_owner.clone().unwrap();
+    // The 1 ms lease expires; another node takes the task over.
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let reclaimed = t.db.reclaim_leases(None).await.unwrap();
+    assert_eq!(reclaimed.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(), [id.as_str()]);
+    assert!(reclaimed[0].resumed);
+    let second = t.db.lease_task(&id, "node-late", 60_000).await.unwrap().unwrap();
+    assert_eq!(second.attempts, 2);
+    // The first holder wakes up: its renewal no longer lists the task, its result is refused.
+    assert!(t.db.renew_leases(&first_owner, 60_000).await.unwrap().is_empty());
+    let late = t.db.complete_task(&lease_of(&first, &first_owner), &serde_json::json!("stale")).await.unwrap();
+    assert!(!late.recorded);
+    assert_eq!(t.db.renew_leases("node-late", 60_000).await.unwrap(), std::slice::from_ref(&id));
+    let done = t.db.complete_task(&lease_of(&second, "node-late"), &serde_json::json!("fresh")).await.unwrap();
+    assert!(done.recorded);
+    let job = t.db.job(&acme.id, &job.id).await.unwrap().unwrap();
+    assert_eq!((job.status, job.output), (JobStatus::Succeeded, Some(serde_json::json!("fresh"))));
+}
+
+/// A diamond a → (b, c) → d: b and c become ready together when a succeeds; d waits for both
+/// and, having no input of its own, gets their outputs by name; the job's output has every
+/// task's output.
+async fn a_dag_runs_in_dependency_order_and_passes_outputs(backend: Backend) {
+    let t = open(backend).await;
+    let acme = t.db.create_tenant("acme").await.unwrap();
+    let mut tasks = task("a", "p", serde_json::json!("start"), &[]);
+    tasks.extend(task("b", "p", serde_json::json!("left"), &["a"]));
+    tasks.extend(task("c", "q", serde_json::json!("right"), &["a"]));
+    tasks.extend(task("d", "p", serde_json::Value::Null, &["b", "c"]));
+    let job = submit(&t.db, &acme.id, tasks).await;
+    assert_eq!(job.task_count, 4);
+    let ready: Vec<String> = t.db.ready_tasks().await.unwrap().into_iter().map(|t| t.name).collect();
+    assert_eq!(ready, ["a"]);
+    let run = |name: &str| {
+        let (db, id) =
+            (t.db.clone(), format!("{}.{:03}", job.id, ["a", "b", "c", "d"].iter().position(|n| *n == name).unwrap()));
+        async move {
+            let task = db.lease_task(&id, "n", 60_000).await.unwrap().unwrap();
+            let out = serde_json::json!(format!("{}-done", task.name));
+            db.complete_task(&lease_of(&task, "n"), &out).await.unwrap()
+        }
+    };
+    let after_a = run("a").await;
+    let mut names: Vec<String> = after_a.ready.iter().map(|t| t.name.clone()).collect();
+    names.sort();
+    assert_eq!(names, ["b", "c"], "independent tasks are ready together");
+    assert!(run("b").await.ready.is_empty(), "d still waits for c");
+    let after_c = run("c").await;
+    assert_eq!(after_c.ready.len(), 1);
+    assert_eq!(after_c.ready[0].input, serde_json::json!({"b": "b-done", "c": "c-done"}));
+    let after_d = run("d").await;
+    assert_eq!(after_d.job_finished, Some(JobStatus::Succeeded));
+    let job = t.db.job(&acme.id, &job.id).await.unwrap().unwrap();
+    assert_eq!(job.output.unwrap()["d"], "d-done");
+    // Another tenant sees none of it.
+    let beta = t.db.create_tenant("beta").await.unwrap();
+    assert!(t.db.job_tasks(&beta.id, &job.id).await.unwrap().is_empty());
+}
+
+/// A retry waits for its time; a given-up task fails its job and cancels its other tasks; a
+/// restarting node takes its own leases back at once; a graceful stop hands leases back without
+/// counting the attempt; tenant shares are stored and checked.
+async fn retries_wait_failures_cancel_the_rest_and_leases_come_back(backend: Backend) {
+    let t = open(backend).await;
+    let acme = t.db.create_tenant("acme").await.unwrap();
+    let job = submit(&t.db, &acme.id, one_task("p")).await;
+    let id = format!("{}.000", job.id);
+    let leased = t.db.lease_task(&id, "n", 60_000).await.unwrap().unwrap();
+    let later = leased.not_before + 60_000;
+    let event = serde_json::json!({"attempt": 1});
+    assert!(t.db.retry_task(&lease_of(&leased, "n"), later, "unavailable", &event).await.unwrap());
+    assert!(t.db.lease_task(&id, "n", 60_000).await.unwrap().is_none(), "not before its backoff");
+    let waiting = t.db.task(&id).await.unwrap().unwrap();
+    assert_eq!(
+        (waiting.status, waiting.not_before, waiting.error.as_deref()),
+        (TaskStatus::Ready, later, Some("unavailable"))
+    );
+
+    // A restart under the same identity takes its leases back at once; a graceful stop hands
+    // them back with the attempt uncounted.
+    let job2 = submit(&t.db, &acme.id, one_task("p")).await;
+    let id2 = format!("{}.000", job2.id);
+    t.db.lease_task(&id2, "node-x", 600_000).await.unwrap().unwrap();
+    let back = t.db.reclaim_leases(Some("node-x")).await.unwrap();
+    assert_eq!((back.len(), back[0].attempts, back[0].resumed), (1, 1, true));
+    t.db.lease_task(&id2, "node-x", 600_000).await.unwrap().unwrap();
+    assert_eq!(t.db.release_leases("node-x").await.unwrap(), 1);
+    assert_eq!(t.db.task(&id2).await.unwrap().unwrap().attempts, 1, "a handed-back attempt does not count");
+
+    // Failing one task of a DAG fails the job and cancels the rest, once.
+    let mut tasks = task("a", "p", serde_json::json!(1), &[]);
+    tasks.extend(task("b", "p", serde_json::json!(2), &[]));
+    tasks.extend(task("c", "p", serde_json::Value::Null, &["a", "b"]));
+    let dag = submit(&t.db, &acme.id, tasks).await;
+    let a = t.db.lease_task(&format!("{}.000", dag.id), "n", 60_000).await.unwrap().unwrap();
+    let b = t.db.lease_task(&format!("{}.001", dag.id), "n", 60_000).await.unwrap().unwrap();
+    assert!(t.db.fail_task(&a.id, Some(&lease_of(&a, "n")), "task `a`: bad input").await.unwrap());
+    assert!(!t.db.fail_task(&a.id, Some(&lease_of(&a, "n")), "again").await.unwrap(), "once");
+    let statuses: Vec<TaskStatus> = t.db.job_tasks(&acme.id, &dag.id).await.unwrap().iter().map(|t| t.status).collect();
+    assert_eq!(statuses, [TaskStatus::Failed, TaskStatus::Cancelled, TaskStatus::Cancelled]);
+    assert!(!t.db.complete_task(&lease_of(&b, "n"), &serde_json::json!(2)).await.unwrap().recorded);
+    let failed = t.db.job(&acme.id, &dag.id).await.unwrap().unwrap();
+    assert_eq!((failed.status, failed.error.as_deref()), (JobStatus::Failed, Some("task `a`: bad input")));
+    let kinds: Vec<String> = t.db.job_events(&acme.id, &dag.id, 0).await.unwrap().into_iter().map(|e| e.kind).collect();
+    assert_eq!(kinds, ["queued", "failed"]);
+    assert_eq!(t.db.open_tasks(&acme.id).await.unwrap(), 2, "job and job2 are still open");
+
+    // Shares.
+    assert!(t.db.set_tenant_share(&acme.id, 3, 2).await.unwrap());
+    assert_eq!(t.db.tenant_shares().await.unwrap(), [(acme.id.clone(), 3, 2)]);
+    assert!(t.db.set_tenant_share(&acme.id, 0, 0).await.is_err());
+    assert!(!t.db.set_tenant_share("tn_missing", 2, 0).await.unwrap());
 }

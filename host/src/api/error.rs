@@ -20,7 +20,7 @@ pub struct ErrorBody {
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ErrorDetail {
     /// Stable, machine-readable: `unauthenticated`, `forbidden`, `not_found`, `malformed_json`,
-    /// `invalid_request`, `unsupported_media_type`, `body_too_large`, `conflict`, `rate_limited`,
+    /// `invalid_request`, `unsupported_media_type`, `body_too_large`, `conflict`, `rate_limited`, `queue_full`,
     /// `method_not_allowed`, `timeout`, `registry_unavailable`, `internal`.
     pub code: &'static str,
     /// For people: names the field or the object concerned.
@@ -78,6 +78,13 @@ impl ApiError {
         e
     }
 
+    /// 429 `queue_full`: the tenant has as many open tasks as it may have.
+    pub fn queue_full(message: impl Into<String>) -> Self {
+        let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "queue_full", message);
+        e.retry_after = Some(1);
+        e
+    }
+
     /// 500: the cause goes to the log, not to the caller.
     pub fn internal(cause: impl std::fmt::Display) -> Self {
         tracing::error!(error = %cause, "internal error");
@@ -110,6 +117,15 @@ impl From<qlayer_db::DbError> for ApiError {
             qlayer_db::DbError::Invalid(m) => ApiError::invalid(m),
             qlayer_db::DbError::Conflict(m) => ApiError::conflict(format!("{m} already exists")),
             other => ApiError::internal(other),
+        }
+    }
+}
+
+impl From<crate::scheduler::SubmitError> for ApiError {
+    fn from(e: crate::scheduler::SubmitError) -> Self {
+        match e {
+            crate::scheduler::SubmitError::QueueFull { .. } => ApiError::queue_full(e.to_string()),
+            crate::scheduler::SubmitError::Db(e) => e.into(),
         }
     }
 }

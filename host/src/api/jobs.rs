@@ -4,12 +4,12 @@
 use super::AppState;
 use super::auth::Caller;
 use super::error::{ApiError, ApiJson, ApiQuery, ErrorBody};
-use crate::jobs::{CallInput, RunInput};
+use crate::jobs::{CallPlan, JobLimits, RunInput};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use qlayer_db::{CancelOutcome, Job, JobEvent, JobKind, NewJob};
+use qlayer_db::{CancelOutcome, Job, JobEvent, JobKind};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -17,7 +17,8 @@ use std::time::Duration;
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitJob {
-    /// `call` (input: `{"plugin": name, "input": any}`) or `run` (input: a run request).
+    /// `call` (input: `{"plugin": name, "input": any}`, or a DAG of calls: `{"tasks": [{"name",
+    /// "plugin", "input"?, "after"?: [names]}]}`) or `run` (input: a run request).
     pub kind: JobKind,
     /// What the job works on.
     #[schema(value_type = Object)]
@@ -28,6 +29,13 @@ pub struct SubmitJob {
     /// Submitting again with the same key returns the first job instead of a new one.
     #[serde(default)]
     pub idempotency_key: Option<String>,
+    /// Give the job up this many ms after submission; a running plugin call is stopped
+    /// (1 to 86400000).
+    #[serde(default)]
+    pub deadline_ms: Option<u64>,
+    /// Attempts per task, counting retries of retryable errors (1-20, default 5).
+    #[serde(default)]
+    pub max_attempts: Option<u32>,
 }
 
 /// `POST /v1/runs`: a factory run.
@@ -56,6 +64,9 @@ pub struct SubmitRun {
     /// Submitting again with the same key returns the first run.
     #[serde(default)]
     pub idempotency_key: Option<String>,
+    /// Give the run up this many ms after submission (1 to 86400000).
+    #[serde(default)]
+    pub deadline_ms: Option<u64>,
 }
 
 /// A page of jobs, newest first.
@@ -97,16 +108,18 @@ async fn check_input(
 ) -> Result<(), ApiError> {
     match kind {
         JobKind::Call => {
-            let call: CallInput =
-                serde_json::from_value(input.clone()).map_err(|e| ApiError::invalid(format!("input: {e}")))?;
-            let install = state.runner.marketplace().get(caller.tenant_name(), &call.plugin).map_err(|_| {
-                ApiError::invalid(format!("input.plugin: plugin `{}` is not installed for this tenant", call.plugin))
-            })?;
-            if install.kind != crate::runtime::Kind::Tool {
-                return Err(ApiError::invalid(format!(
-                    "input.plugin: plugin `{}` is a {} plugin; jobs of kind `call` invoke tool plugins",
-                    call.plugin, install.kind
-                )));
+            let plan = CallPlan::parse(input).map_err(ApiError::invalid)?;
+            let field = if matches!(plan, CallPlan::One(_)) { "input.plugin" } else { "input.tasks" };
+            for plugin in plan.plugins() {
+                let install = state.runner.marketplace().get(caller.tenant_name(), plugin).map_err(|_| {
+                    ApiError::invalid(format!("{field}: plugin `{plugin}` is not installed for this tenant"))
+                })?;
+                if install.kind != crate::runtime::Kind::Tool {
+                    return Err(ApiError::invalid(format!(
+                        "{field}: plugin `{plugin}` is a {} plugin; jobs of kind `call` invoke tool plugins",
+                        install.kind
+                    )));
+                }
             }
         }
         JobKind::Run => {
@@ -137,25 +150,16 @@ pub async fn submit_op(
     input: serde_json::Value,
     priority: Option<i32>,
     idempotency_key: Option<String>,
+    limits: JobLimits,
 ) -> Result<(Job, bool), ApiError> {
     caller.require_write()?;
     let outcome = async {
         let priority = check_priority(priority)?;
+        limits.check().map_err(ApiError::invalid)?;
         check_input(state, caller, kind, &input).await?;
-        let (job, created) = state
-            .db
-            .submit_job(NewJob {
-                tenant_id: caller.tenant_id(),
-                kind,
-                input: &input,
-                priority,
-                idempotency_key: idempotency_key.as_deref(),
-            })
-            .await?;
-        if created {
-            state.runner.spawn(job.clone(), false).await;
-        }
-        Ok::<_, ApiError>((job, created))
+        let submitted =
+            state.runner.submit(caller.tenant_id(), kind, &input, priority, idempotency_key.as_deref(), limits).await?;
+        Ok::<_, ApiError>(submitted)
     }
     .await;
     let target = outcome.as_ref().map(|(j, _)| j.id.clone()).unwrap_or_else(|_| kind.as_str().to_string());
@@ -171,8 +175,9 @@ async fn submit(
     input: serde_json::Value,
     priority: Option<i32>,
     idempotency_key: Option<String>,
+    limits: JobLimits,
 ) -> Result<Response, ApiError> {
-    let (job, created) = submit_op(state, caller, kind, input, priority, idempotency_key).await?;
+    let (job, created) = submit_op(state, caller, kind, input, priority, idempotency_key, limits).await?;
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
     let mut response = (status, axum::Json(&job)).into_response();
     let location = format!("/v1/{}/{}", if kind == JobKind::Run { "runs" } else { "jobs" }, job.id);
@@ -194,7 +199,8 @@ pub async fn submit_job(
     caller: Caller,
     ApiJson(body): ApiJson<SubmitJob>,
 ) -> Result<Response, ApiError> {
-    submit(&state, &caller, body.kind, body.input, body.priority, body.idempotency_key).await
+    let limits = JobLimits { deadline_ms: body.deadline_ms, max_attempts: body.max_attempts };
+    submit(&state, &caller, body.kind, body.input, body.priority, body.idempotency_key, limits).await
 }
 
 /// Lists the caller's tenant's jobs, newest first.
@@ -368,7 +374,8 @@ pub async fn submit_run(
         max_repair_rounds: body.max_repair_rounds,
     };
     let input = serde_json::to_value(&run).map_err(ApiError::internal)?;
-    submit(&state, &caller, JobKind::Run, input, body.priority, body.idempotency_key).await
+    let limits = JobLimits { deadline_ms: body.deadline_ms, max_attempts: None };
+    submit(&state, &caller, JobKind::Run, input, body.priority, body.idempotency_key, limits).await
 }
 
 /// One run: a job of kind `run`; once succeeded, `output` is the run report.

@@ -70,7 +70,7 @@ impl AppState {
     info(title = "QuantumLayer host API", description = "Tenants, API keys, installed plugins, jobs and factory runs of a `qlayer serve` host. Every /v1 route takes `Authorization: Bearer <api key>`; another tenant's object answers exactly like a missing one (404). Errors are `{\"error\": {\"code\", \"message\"}}`."),
     paths(
         health, ready, metrics_text,
-        resources::create_tenant, resources::list_tenants, resources::get_tenant,
+        resources::create_tenant, resources::list_tenants, resources::get_tenant, resources::set_tenant_share,
         resources::create_key, resources::list_keys, resources::revoke_key,
         resources::list_plugins, resources::install_plugin, resources::get_plugin, resources::remove_plugin,
         jobs::submit_job, jobs::list_jobs, jobs::get_job, jobs::cancel_job, jobs::job_events,
@@ -115,6 +115,7 @@ pub fn router(state: AppState) -> axum::Router {
     let v1 = axum::Router::new()
         .route("/v1/tenants", post(resources::create_tenant).get(resources::list_tenants))
         .route("/v1/tenants/{id}", get(resources::get_tenant))
+        .route("/v1/tenants/{id}/share", axum::routing::put(resources::set_tenant_share))
         .route("/v1/keys", post(resources::create_key).get(resources::list_keys))
         .route("/v1/keys/{id}", axum::routing::delete(resources::revoke_key))
         .route("/v1/plugins", get(resources::list_plugins).post(resources::install_plugin))

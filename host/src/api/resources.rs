@@ -115,6 +115,54 @@ pub async fn get_tenant_op(state: &AppState, caller: &Caller, id: &str) -> Resul
     state.db.tenant(id).await?.ok_or_else(missing)
 }
 
+/// `PUT /v1/tenants/{id}/share`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TenantShare {
+    /// Share of the scheduler relative to other tenants with work (1-1000; default 1): a tenant
+    /// of weight 3 gets three times the capacity of one of weight 1 while both have work.
+    pub weight: i64,
+    /// Most tasks of this tenant running at once on a node (0-100000; 0: the host's
+    /// `tenant-concurrency`).
+    #[serde(default)]
+    pub max_running: i64,
+}
+
+/// Sets a tenant's share of the scheduler (operators only).
+#[utoipa::path(put, path = "/v1/tenants/{id}/share", tag = "tenants", request_body = TenantShare,
+    params(("id" = String, Path, description = "tenant id")),
+    responses((status = 200, body = Tenant), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn set_tenant_share(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<TenantShare>,
+) -> Result<axum::Json<Tenant>, ApiError> {
+    set_tenant_share_op(&state, &caller, &id, body).await.map(axum::Json)
+}
+
+/// Sets a tenant's scheduler share (REST and gRPC); the running scheduler applies it at once.
+pub async fn set_tenant_share_op(
+    state: &AppState,
+    caller: &Caller,
+    id: &str,
+    body: TenantShare,
+) -> Result<Tenant, ApiError> {
+    require_operator(caller)?;
+    let outcome = async {
+        if !state.db.set_tenant_share(id, body.weight, body.max_running).await? {
+            return Err(ApiError::not_found(format!("tenant `{id}` not found")));
+        }
+        state.runner.scheduler().refresh_shares().await?;
+        state.db.tenant(id).await?.ok_or_else(|| ApiError::not_found(format!("tenant `{id}` not found")))
+    }
+    .await;
+    state.audit(caller, "tenant.share", id, &outcome).await;
+    outcome
+}
+
 fn require_operator(caller: &Caller) -> Result<(), ApiError> {
     if caller.is_operator() {
         Ok(())

@@ -1,5 +1,7 @@
 //! A test guest that misbehaves on request: `loop` spins forever, `alloc` grows memory without
-//! end, `panic` traps, `sleep-ms` busy-waits, `print` writes to stdout, anything else is echoed.
+//! end, `panic` traps, `sleep-ms N` busy-waits, `print` writes to stdout, `fail-until T` is
+//! unavailable until the unix time T (ms), `rate-limited N` asks to be retried after N ms,
+//! anything else is echoed.
 
 use qlayer_sdk::{PluginError, tool::Tool};
 
@@ -36,13 +38,31 @@ impl Tool for Hostile {
             }),
             "fail-retryable" => Err(PluginError::Unavailable("failing on purpose".into())),
             "fail-fatal" => Err(PluginError::InvalidInput("failing on purpose".into())),
+            other if other.starts_with("fail-until ") => {
+                let until: u128 = other[11..].parse().map_err(|_| PluginError::InvalidInput("bad number".into()))?;
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis())
+                    .unwrap_or(0);
+                if now < until {
+                    Err(PluginError::Unavailable(format!("unavailable for {} ms more", until - now)))
+                } else {
+                    Ok("recovered".into())
+                }
+            }
+            other if other.starts_with("rate-limited ") => {
+                let ms: u64 = other[13..].parse().map_err(|_| PluginError::InvalidInput("bad number".into()))?;
+                Err(PluginError::RateLimited(Some(ms)))
+            }
             other if other.starts_with("sleep-ms ") => {
-                let ms: u64 = other[9..].parse().map_err(|_| PluginError::InvalidInput("bad number".into()))?;
+                // `sleep-ms N [tag]`: busy-waits N ms, answers `slept [tag]`.
+                let (ms, tag) = other[9..].split_once(' ').unwrap_or((&other[9..], ""));
+                let ms: u64 = ms.parse().map_err(|_| PluginError::InvalidInput("bad number".into()))?;
                 let start = std::time::Instant::now();
                 while start.elapsed().as_millis() < ms as u128 {
                     std::hint::spin_loop();
                 }
-                Ok("slept".into())
+                Ok(if tag.is_empty() { "slept".into() } else { format!("slept {tag}") })
             }
             other => Ok(other.to_string()),
         }

@@ -1,0 +1,634 @@
+//! Tasks: the units the scheduler runs. A job is a DAG of tasks, inserted with it in one
+//! transaction. A task is `waiting` for its dependencies, then `ready`, then `leased` by one
+//! node until its lease expires, then `succeeded`, `failed` or `cancelled`.
+//!
+//! Every lease increments `attempts`; completing, retrying or failing a task names the lease
+//! (owner and attempt), so a node whose lease was lost (it stalled, another node took the task
+//! over) cannot record a late result. Writes that touch a job's tasks start by updating the job
+//! row, which serialises them per job on both databases (a row lock on PostgreSQL, the write
+//! lock on SQLite), so two tasks of one job finishing at once still see each other.
+
+use crate::{DbError, now_ms};
+use sqlx::any::AnyRow;
+use sqlx::{Any, Row, Transaction};
+
+/// A task to create with its job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewTask {
+    /// Unique within the job.
+    pub name: String,
+    /// `call` or `run`.
+    pub kind: String,
+    /// The plugin it calls.
+    pub plugin: String,
+    /// Its input; `null` with dependencies means "the outputs of my dependencies, by name".
+    pub input: serde_json::Value,
+    /// Names of the tasks it waits for.
+    pub depends_on: Vec<String>,
+    /// How many times it may be leased before it is given up.
+    pub max_attempts: i32,
+}
+
+/// Where a task is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskStatus {
+    /// Waiting for its dependencies.
+    Waiting,
+    /// Ready to run (perhaps not before `not_before`).
+    Ready,
+    /// Leased by a node.
+    Leased,
+    /// Done, with an output.
+    Succeeded,
+    /// Given up.
+    Failed,
+    /// Its job was cancelled or failed.
+    Cancelled,
+}
+
+impl TaskStatus {
+    /// As stored.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskStatus::Waiting => "waiting",
+            TaskStatus::Ready => "ready",
+            TaskStatus::Leased => "leased",
+            TaskStatus::Succeeded => "succeeded",
+            TaskStatus::Failed => "failed",
+            TaskStatus::Cancelled => "cancelled",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Self, DbError> {
+        Ok(match s {
+            "waiting" => TaskStatus::Waiting,
+            "ready" => TaskStatus::Ready,
+            "leased" => TaskStatus::Leased,
+            "succeeded" => TaskStatus::Succeeded,
+            "failed" => TaskStatus::Failed,
+            "cancelled" => TaskStatus::Cancelled,
+            other => return Err(DbError::Invalid(format!("stored task status `{other}` is unknown"))),
+        })
+    }
+
+    /// Whether the task is over.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, TaskStatus::Succeeded | TaskStatus::Failed | TaskStatus::Cancelled)
+    }
+}
+
+/// A stored task.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
+pub struct Task {
+    /// `<job id>.<index>`.
+    pub id: String,
+    /// Its job.
+    pub job_id: String,
+    /// Its tenant.
+    pub tenant_id: String,
+    /// Its name in the job.
+    pub name: String,
+    /// `call` or `run`.
+    pub kind: String,
+    /// The plugin it calls.
+    pub plugin: String,
+    /// Its input (once ready: with its dependencies' outputs filled in).
+    #[schema(value_type = Object)]
+    pub input: serde_json::Value,
+    /// Names of the tasks it waits for.
+    pub depends_on: Vec<String>,
+    /// Higher runs first within the tenant.
+    pub priority: i32,
+    /// Where it is.
+    pub status: TaskStatus,
+    /// Leases so far.
+    pub attempts: i32,
+    /// Leases allowed.
+    pub max_attempts: i32,
+    /// Not to start before (unix ms).
+    pub not_before: i64,
+    /// The job's deadline (unix ms).
+    pub deadline_at: Option<i64>,
+    /// The node holding it.
+    #[serde(skip)]
+    pub lease_owner: Option<String>,
+    /// Whether an earlier lease on it was handed back or lost (this run resumes it).
+    pub resumed: bool,
+    /// Its result, once succeeded.
+    #[schema(value_type = Option<Object>)]
+    pub output: Option<serde_json::Value>,
+    /// The last error.
+    pub error: Option<String>,
+}
+
+/// A lease on a task: who holds it and which attempt it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// The task.
+    pub task_id: String,
+    /// Its job.
+    pub job_id: String,
+    /// The holding node.
+    pub owner: String,
+    /// The attempt (fencing token).
+    pub attempt: i32,
+}
+
+/// What recording a task's end did.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Recorded {
+    /// False when the lease had been lost: nothing was recorded.
+    pub recorded: bool,
+    /// Tasks of the job that became ready.
+    pub ready: Vec<Task>,
+    /// The job's end, if it ended.
+    pub job_finished: Option<crate::JobStatus>,
+}
+
+pub(crate) const TASK_COLUMNS: &str = "id, job_id, tenant_id, name, kind, plugin, input, depends_on, priority, status, \
+     attempts, max_attempts, not_before, deadline_at, lease_owner, resumed, output, error";
+
+/// Retries a transaction that lost a race (a concurrent event append, a serialisation failure
+/// or deadlock on PostgreSQL).
+macro_rules! retrying {
+    ($body:expr) => {{
+        let mut tries = 0;
+        loop {
+            let outcome: Result<_, DbError> = $body.await;
+            match outcome {
+                Err(DbError::Sql(sqlx::Error::Database(e)))
+                    if tries < 8
+                        && (e.is_unique_violation() || matches!(e.code().as_deref(), Some("40001" | "40P01"))) =>
+                {
+                    tries += 1;
+                }
+                other => break other,
+            }
+        }
+    }};
+}
+
+/// Appends an event inside a transaction.
+pub(crate) async fn event_in(
+    tx: &mut Transaction<'_, Any>,
+    job_id: &str,
+    kind: &str,
+    data: &serde_json::Value,
+) -> Result<(), DbError> {
+    let data = serde_json::to_string(data).map_err(|e| DbError::Invalid(e.to_string()))?;
+    sqlx::query(
+        "INSERT INTO job_events (job_id, seq, at, kind, data) \
+         VALUES ($1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM job_events WHERE job_id = $1), $2, $3, $4)",
+    )
+    .bind(job_id)
+    .bind(now_ms())
+    .bind(kind)
+    .bind(data)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Locks the job row for the rest of the transaction; `false` if the job is over.
+async fn lock_live_job(tx: &mut Transaction<'_, Any>, job_id: &str, now: i64) -> Result<bool, DbError> {
+    let done = sqlx::query(
+        "UPDATE jobs SET status = 'running', updated_at = $1 WHERE id = $2 AND status IN ('queued', 'running')",
+    )
+    .bind(now)
+    .bind(job_id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Inserts a job's tasks (inside the submitting transaction).
+pub(crate) async fn insert_tasks(
+    tx: &mut Transaction<'_, Any>,
+    job_id: &str,
+    tenant_id: &str,
+    priority: i32,
+    deadline_at: Option<i64>,
+    tasks: &[NewTask],
+    now: i64,
+) -> Result<(), DbError> {
+    for (index, task) in tasks.iter().enumerate() {
+        let input = serde_json::to_string(&task.input).map_err(|e| DbError::Invalid(e.to_string()))?;
+        let deps = serde_json::to_string(&task.depends_on).map_err(|e| DbError::Invalid(e.to_string()))?;
+        let status = if task.depends_on.is_empty() { "ready" } else { "waiting" };
+        sqlx::query(
+            "INSERT INTO tasks (id, job_id, tenant_id, name, kind, plugin, input, depends_on, priority, status, \
+             max_attempts, not_before, deadline_at, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $12, $12)",
+        )
+        .bind(format!("{job_id}.{index:03}"))
+        .bind(job_id)
+        .bind(tenant_id)
+        .bind(&task.name)
+        .bind(&task.kind)
+        .bind(&task.plugin)
+        .bind(input)
+        .bind(deps)
+        .bind(priority)
+        .bind(status)
+        .bind(task.max_attempts.max(1))
+        .bind(now)
+        .bind(deadline_at)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
+impl crate::Db {
+    /// Leases a ready task for `lease_ms`: `None` if it is not ready (taken, cancelled, not due)
+    /// or its job is over.
+    pub async fn lease_task(&self, task_id: &str, owner: &str, lease_ms: i64) -> Result<Option<Task>, DbError> {
+        let now = now_ms();
+        let Some(job_id) = task_id.rsplit_once('.').map(|(j, _)| j) else {
+            return Err(DbError::Invalid(format!("`{task_id}` is not a task id")));
+        };
+        retrying!(async {
+            let mut tx = self.pool().begin().await?;
+            if !lock_live_job(&mut tx, job_id, now).await? {
+                return Ok(None);
+            }
+            let row = sqlx::query(&format!(
+                "UPDATE tasks SET status = 'leased', lease_owner = $1, lease_expires = $2, attempts = attempts + 1, \
+                 updated_at = $3 WHERE id = $4 AND status = 'ready' AND not_before <= $3 RETURNING {TASK_COLUMNS}"
+            ))
+            .bind(owner)
+            .bind(now + lease_ms)
+            .bind(now)
+            .bind(task_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some(row) = row else { return Ok(None) };
+            let task = task_of(&row)?;
+            tx.commit().await?;
+            Ok(Some(task))
+        })
+    }
+
+    /// Extends every lease `owner` holds; returns the ids of the tasks it still holds (a task
+    /// missing from the list was cancelled or taken over: stop working on it).
+    pub async fn renew_leases(&self, owner: &str, lease_ms: i64) -> Result<Vec<String>, DbError> {
+        let now = now_ms();
+        sqlx::query("UPDATE tasks SET lease_expires = $1 WHERE lease_owner = $2 AND status = 'leased'")
+            .bind(now + lease_ms)
+            .bind(owner)
+            .execute(self.pool())
+            .await?;
+        let rows = sqlx::query("SELECT id FROM tasks WHERE lease_owner = $1 AND status = 'leased'")
+            .bind(owner)
+            .fetch_all(self.pool())
+            .await?;
+        rows.iter().map(|r| Ok(r.try_get("id")?)).collect()
+    }
+
+    /// Makes leased tasks ready again: those of `owner` (a node restarting under the same
+    /// identity knows its old leases are dead), or, with `None`, those whose lease expired.
+    pub async fn reclaim_leases(&self, owner: Option<&str>) -> Result<Vec<Task>, DbError> {
+        let now = now_ms();
+        let rows = match owner {
+            Some(owner) => {
+                sqlx::query(&format!(
+                    "UPDATE tasks SET status = 'ready', lease_owner = NULL, lease_expires = NULL, resumed = 1, \
+                     updated_at = $1 WHERE status = 'leased' AND lease_owner = $2 RETURNING {TASK_COLUMNS}"
+                ))
+                .bind(now)
+                .bind(owner)
+                .fetch_all(self.pool())
+                .await?
+            }
+            None => {
+                sqlx::query(&format!(
+                    "UPDATE tasks SET status = 'ready', lease_owner = NULL, lease_expires = NULL, resumed = 1, \
+                     updated_at = $1 WHERE status = 'leased' AND lease_expires < $1 RETURNING {TASK_COLUMNS}"
+                ))
+                .bind(now)
+                .fetch_all(self.pool())
+                .await?
+            }
+        };
+        rows.iter().map(task_of).collect()
+    }
+
+    /// Hands back what `owner` holds at a graceful stop: ready again, the attempt not counted.
+    pub async fn release_leases(&self, owner: &str) -> Result<u64, DbError> {
+        let done = sqlx::query(
+            "UPDATE tasks SET status = 'ready', lease_owner = NULL, lease_expires = NULL, attempts = attempts - 1, \
+             resumed = 1, updated_at = $1 WHERE lease_owner = $2 AND status = 'leased'",
+        )
+        .bind(now_ms())
+        .bind(owner)
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Every ready task, oldest first: what a starting node queues.
+    pub async fn ready_tasks(&self) -> Result<Vec<Task>, DbError> {
+        let rows = sqlx::query(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE status = 'ready' ORDER BY id"))
+            .fetch_all(self.pool())
+            .await?;
+        rows.iter().map(task_of).collect()
+    }
+
+    /// A task by id (any tenant: for the scheduler).
+    pub async fn task(&self, task_id: &str) -> Result<Option<Task>, DbError> {
+        let row = sqlx::query(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1"))
+            .bind(task_id)
+            .fetch_optional(self.pool())
+            .await?;
+        row.map(|r| task_of(&r)).transpose()
+    }
+
+    /// The tasks of a job of `tenant_id`, in order (empty for another tenant's job).
+    pub async fn job_tasks(&self, tenant_id: &str, job_id: &str) -> Result<Vec<Task>, DbError> {
+        let rows =
+            sqlx::query(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE job_id = $1 AND tenant_id = $2 ORDER BY id"))
+                .bind(job_id)
+                .bind(tenant_id)
+                .fetch_all(self.pool())
+                .await?;
+        rows.iter().map(task_of).collect()
+    }
+
+    /// Records a task's success under its lease: its dependants whose inputs are now all there
+    /// become ready, and when it was the job's last task the job succeeds (its output is that
+    /// task's output for a one-task job, else every task's output by name).
+    pub async fn complete_task(&self, lease: &Lease, output: &serde_json::Value) -> Result<Recorded, DbError> {
+        let text = serde_json::to_string(output).map_err(|e| DbError::Invalid(e.to_string()))?;
+        retrying!(async {
+            let now = now_ms();
+            let mut tx = self.pool().begin().await?;
+            if !lock_live_job(&mut tx, &lease.job_id, now).await? {
+                return Ok(Recorded::default());
+            }
+            let done = sqlx::query(
+                "UPDATE tasks SET status = 'succeeded', output = $1, error = NULL, lease_owner = NULL, \
+                 lease_expires = NULL, updated_at = $2 \
+                 WHERE id = $3 AND status = 'leased' AND lease_owner = $4 AND attempts = $5",
+            )
+            .bind(&text)
+            .bind(now)
+            .bind(&lease.task_id)
+            .bind(&lease.owner)
+            .bind(lease.attempt)
+            .execute(&mut *tx)
+            .await?;
+            if done.rows_affected() != 1 {
+                return Ok(Recorded::default());
+            }
+            let rows = sqlx::query(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE job_id = $1 ORDER BY id"))
+                .bind(&lease.job_id)
+                .fetch_all(&mut *tx)
+                .await?;
+            let tasks = rows.iter().map(task_of).collect::<Result<Vec<_>, _>>()?;
+            let succeeded = |name: &str| tasks.iter().any(|t| t.name == name && t.status == TaskStatus::Succeeded);
+            let mut ready = Vec::new();
+            for task in tasks.iter().filter(|t| t.status == TaskStatus::Waiting) {
+                if !task.depends_on.iter().all(|d| succeeded(d)) {
+                    continue;
+                }
+                let mut task = task.clone();
+                if task.input.is_null() {
+                    let outputs: serde_json::Map<String, serde_json::Value> = tasks
+                        .iter()
+                        .filter(|t| task.depends_on.contains(&t.name))
+                        .map(|t| (t.name.clone(), t.output.clone().unwrap_or(serde_json::Value::Null)))
+                        .collect();
+                    task.input = serde_json::Value::Object(outputs);
+                }
+                sqlx::query(
+                    "UPDATE tasks SET status = 'ready', input = $1, not_before = $2, updated_at = $2 \
+                     WHERE id = $3 AND status = 'waiting'",
+                )
+                .bind(serde_json::to_string(&task.input).map_err(|e| DbError::Invalid(e.to_string()))?)
+                .bind(now)
+                .bind(&task.id)
+                .execute(&mut *tx)
+                .await?;
+                task.status = TaskStatus::Ready;
+                task.not_before = now;
+                ready.push(task);
+            }
+            let mut job_finished = None;
+            if tasks.iter().all(|t| t.status == TaskStatus::Succeeded) {
+                let output = if tasks.len() == 1 {
+                    text.clone()
+                } else {
+                    let all: serde_json::Map<String, serde_json::Value> = tasks
+                        .iter()
+                        .map(|t| (t.name.clone(), t.output.clone().unwrap_or(serde_json::Value::Null)))
+                        .collect();
+                    serde_json::Value::Object(all).to_string()
+                };
+                finish_job_in(&mut tx, &lease.job_id, crate::JobStatus::Succeeded, Some(&output), None, now).await?;
+                event_in(&mut tx, &lease.job_id, "succeeded", &serde_json::json!({})).await?;
+                job_finished = Some(crate::JobStatus::Succeeded);
+            }
+            tx.commit().await?;
+            Ok(Recorded { recorded: true, ready, job_finished })
+        })
+    }
+
+    /// Puts a task back to wait for another attempt from `not_before` on, under its lease, with
+    /// an event saying why and when.
+    pub async fn retry_task(
+        &self,
+        lease: &Lease,
+        not_before: i64,
+        error: &str,
+        event: &serde_json::Value,
+    ) -> Result<bool, DbError> {
+        retrying!(async {
+            let now = now_ms();
+            let mut tx = self.pool().begin().await?;
+            if !lock_live_job(&mut tx, &lease.job_id, now).await? {
+                return Ok(false);
+            }
+            let done = sqlx::query(
+                "UPDATE tasks SET status = 'ready', not_before = $1, error = $2, lease_owner = NULL, \
+                 lease_expires = NULL, updated_at = $3 \
+                 WHERE id = $4 AND status = 'leased' AND lease_owner = $5 AND attempts = $6",
+            )
+            .bind(not_before)
+            .bind(error)
+            .bind(now)
+            .bind(&lease.task_id)
+            .bind(&lease.owner)
+            .bind(lease.attempt)
+            .execute(&mut *tx)
+            .await?;
+            if done.rows_affected() != 1 {
+                return Ok(false);
+            }
+            event_in(&mut tx, &lease.job_id, "retrying", event).await?;
+            tx.commit().await?;
+            Ok(true)
+        })
+    }
+
+    /// Gives a task up (under its lease, or with `None` for one that never started): the job
+    /// fails with `error`, and its other tasks are cancelled. `false` if the job was already over
+    /// or the lease was lost.
+    pub async fn fail_task(&self, task_id: &str, lease: Option<&Lease>, error: &str) -> Result<bool, DbError> {
+        let Some(job_id) = task_id.rsplit_once('.').map(|(j, _)| j.to_string()) else {
+            return Err(DbError::Invalid(format!("`{task_id}` is not a task id")));
+        };
+        retrying!(async {
+            let now = now_ms();
+            let mut tx = self.pool().begin().await?;
+            if !lock_live_job(&mut tx, &job_id, now).await? {
+                return Ok(false);
+            }
+            let mut update = sqlx::query(
+                "UPDATE tasks SET status = 'failed', error = $1, lease_owner = NULL, lease_expires = NULL, \
+                 updated_at = $2 WHERE id = $3 AND status IN ('ready', 'leased', 'waiting') \
+                 AND ($4 = '' OR (lease_owner = $4 AND attempts = $5))",
+            )
+            .bind(error)
+            .bind(now)
+            .bind(task_id)
+            .bind(lease.map(|l| l.owner.as_str()).unwrap_or(""));
+            update = update.bind(lease.map(|l| l.attempt).unwrap_or(0));
+            if update.execute(&mut *tx).await?.rows_affected() != 1 {
+                return Ok(false);
+            }
+            sqlx::query(
+                "UPDATE tasks SET status = 'cancelled', lease_owner = NULL, lease_expires = NULL, updated_at = $1 \
+                 WHERE job_id = $2 AND status IN ('waiting', 'ready', 'leased')",
+            )
+            .bind(now)
+            .bind(&job_id)
+            .execute(&mut *tx)
+            .await?;
+            finish_job_in(&mut tx, &job_id, crate::JobStatus::Failed, None, Some(error), now).await?;
+            event_in(&mut tx, &job_id, "failed", &serde_json::json!({ "error": error })).await?;
+            tx.commit().await?;
+            Ok(true)
+        })
+    }
+
+    /// Jobs left queued or running without tasks (stored before the scheduler had tasks).
+    pub async fn jobs_without_tasks(&self) -> Result<Vec<crate::Job>, DbError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {} FROM jobs j WHERE status IN ('queued', 'running') \
+             AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.job_id = j.id) ORDER BY id",
+            crate::jobs::JOB_COLUMNS
+        ))
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter().map(crate::jobs::job_of).collect()
+    }
+
+    /// Gives an existing job its tasks (see [`crate::Db::jobs_without_tasks`]).
+    pub async fn add_tasks(&self, job: &crate::Job, tasks: &[NewTask]) -> Result<(), DbError> {
+        let mut tx = self.pool().begin().await?;
+        insert_tasks(&mut tx, &job.id, &job.tenant_id, job.priority, job.deadline_at, tasks, now_ms()).await?;
+        sqlx::query("UPDATE jobs SET task_count = $1 WHERE id = $2")
+            .bind(tasks.len() as i32)
+            .bind(&job.id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// How many tasks of `tenant_id` are not over (waiting, ready or running).
+    pub async fn open_tasks(&self, tenant_id: &str) -> Result<i64, DbError> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS n FROM tasks WHERE tenant_id = $1 AND status IN ('waiting', 'ready', 'leased')",
+        )
+        .bind(tenant_id)
+        .fetch_one(self.pool())
+        .await?;
+        Ok(row.try_get("n")?)
+    }
+
+    /// Tenants whose scheduler share is not the default: (id, weight, max running).
+    pub async fn tenant_shares(&self) -> Result<Vec<(String, i64, i64)>, DbError> {
+        let rows = sqlx::query("SELECT id, weight, max_running FROM tenants WHERE weight <> 1 OR max_running <> 0")
+            .fetch_all(self.pool())
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get("id")?,
+                    r.try_get::<i32, _>("weight")?.into(),
+                    r.try_get::<i32, _>("max_running")?.into(),
+                ))
+            })
+            .collect()
+    }
+
+    /// Sets a tenant's scheduler share: its weight (1-1000) and its own cap on running tasks
+    /// (0: the host's default). `false` when there is no such tenant.
+    pub async fn set_tenant_share(&self, tenant_id: &str, weight: i64, max_running: i64) -> Result<bool, DbError> {
+        if !(1..=1000).contains(&weight) {
+            return Err(DbError::Invalid(format!("weight {weight} is out of range: 1 to 1000")));
+        }
+        if !(0..=100_000).contains(&max_running) {
+            return Err(DbError::Invalid(format!("max_running {max_running} is out of range: 0 to 100000")));
+        }
+        let done = sqlx::query("UPDATE tenants SET weight = $1, max_running = $2 WHERE id = $3")
+            .bind(weight as i32)
+            .bind(max_running as i32)
+            .bind(tenant_id)
+            .execute(self.pool())
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+}
+
+/// Ends a job inside a transaction (the job row is already locked).
+pub(crate) async fn finish_job_in(
+    tx: &mut Transaction<'_, Any>,
+    job_id: &str,
+    status: crate::JobStatus,
+    output: Option<&str>,
+    error: Option<&str>,
+    now: i64,
+) -> Result<(), DbError> {
+    sqlx::query(
+        "UPDATE jobs SET status = $1, output = $2, error = $3, updated_at = $4, finished_at = $4 WHERE id = $5",
+    )
+    .bind(status.as_str())
+    .bind(output)
+    .bind(error)
+    .bind(now)
+    .bind(job_id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+fn parse_json(text: &str) -> Result<serde_json::Value, DbError> {
+    serde_json::from_str(text).map_err(|e| DbError::Invalid(format!("stored JSON is unreadable: {e}")))
+}
+
+pub(crate) fn task_of(r: &AnyRow) -> Result<Task, DbError> {
+    Ok(Task {
+        id: r.try_get("id")?,
+        job_id: r.try_get("job_id")?,
+        tenant_id: r.try_get("tenant_id")?,
+        name: r.try_get("name")?,
+        kind: r.try_get("kind")?,
+        plugin: r.try_get("plugin")?,
+        input: parse_json(&r.try_get::<String, _>("input")?)?,
+        depends_on: serde_json::from_str(&r.try_get::<String, _>("depends_on")?)
+            .map_err(|e| DbError::Invalid(format!("stored depends_on is unreadable: {e}")))?,
+        priority: r.try_get("priority")?,
+        status: TaskStatus::parse(&r.try_get::<String, _>("status")?)?,
+        attempts: r.try_get("attempts")?,
+        max_attempts: r.try_get("max_attempts")?,
+        not_before: r.try_get("not_before")?,
+        deadline_at: r.try_get("deadline_at")?,
+        lease_owner: r.try_get("lease_owner")?,
+        resumed: r.try_get::<i32, _>("resumed")? != 0,
+        output: r.try_get::<Option<String>, _>("output")?.map(|s| parse_json(&s)).transpose()?,
+        error: r.try_get("error")?,
+    })
+}

@@ -1,0 +1,745 @@
+//! The core scheduler: every unit of work (a plugin call, a factory run, a DAG of calls) is a
+//! durable job made of tasks, stored before it is acknowledged and run under a lease.
+//!
+//! - **Durability.** A node leases a task for `lease_ms` and renews its leases on a heartbeat;
+//!   a lease names its attempt, so a node that lost it cannot record a late result. A node
+//!   keeps its identity across restarts (in its data dir, under a lock), so after a crash it
+//!   takes back its own leases at once; leases of other nodes are taken over when they expire.
+//!   A graceful stop hands running tasks back without counting the attempt.
+//! - **Fairness.** Ready tasks wait in a per-node weighted fair queue ([`fair`]): capacity is
+//!   shared between tenants by weight, priorities order work within a tenant, and per-tenant
+//!   and global limits cap what runs at once. A full worker pool queues; it never fails work.
+//! - **Resilience.** Only retryable errors (rate-limited, unavailable, timeout) are retried, with
+//!   exponential backoff, jitter and the plugin's retry-after; circuit breakers ([`breaker`])
+//!   hold a failing plugin's tasks back and probe it half-open.
+//! - **Deadlines and cancellation** reach a running plugin call: its future is dropped and the
+//!   guest stops at its next epoch tick.
+
+pub mod breaker;
+pub mod fair;
+
+use breaker::{BreakerPolicy, Breakers, Transition};
+use fair::{Charge, Entry, FairQueue};
+use futures::future::BoxFuture;
+use qlayer_db::{Db, DbError, Job, Lease, NewJob, Task};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast, watch};
+
+/// How the scheduler runs.
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// This node's identity (stable across restarts).
+    pub node_id: String,
+    /// Tasks this node runs at once.
+    pub concurrency: usize,
+    /// Tasks one tenant may run at once on this node unless its own limit says otherwise (0:
+    /// only the global limit).
+    pub tenant_concurrency: usize,
+    /// How long a lease lasts without renewal, in ms.
+    pub lease_ms: i64,
+    /// Attempts a task gets by default (leases, counting retries and crashed runs).
+    pub max_attempts: i32,
+    /// First retry delay, in ms; doubles each attempt.
+    pub retry_base_ms: i64,
+    /// Longest retry delay, in ms (a plugin's retry-after is honoured up to 10 times this).
+    pub retry_max_ms: i64,
+    /// Circuit breakers.
+    pub breaker: BreakerPolicy,
+    /// Open tasks (waiting, ready, running) a tenant may have; more are refused (0: no limit).
+    pub max_open_per_tenant: i64,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            node_id: "node".into(),
+            concurrency: 16,
+            tenant_concurrency: 0,
+            lease_ms: 15_000,
+            max_attempts: 5,
+            retry_base_ms: 200,
+            retry_max_ms: 30_000,
+            breaker: BreakerPolicy::default(),
+            max_open_per_tenant: 10_000,
+        }
+    }
+}
+
+/// Why a task failed, as the scheduler needs to know it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskError {
+    /// What went wrong, in words (stored with the task and the job).
+    pub message: String,
+    /// Whether another attempt may succeed.
+    pub retryable: bool,
+    /// How long the plugin asked to be left alone.
+    pub retry_after: Option<Duration>,
+    /// Whether the failure says the plugin is in trouble (counts towards its circuit breaker).
+    pub against_plugin: bool,
+}
+
+impl TaskError {
+    /// A failure that no retry fixes (bad input, a missing plugin).
+    pub fn fatal(message: impl Into<String>) -> Self {
+        TaskError { message: message.into(), retryable: false, retry_after: None, against_plugin: false }
+    }
+}
+
+/// Stores a progress event on a running task's job.
+type EventSink = Arc<dyn Fn(&str, serde_json::Value) + Send + Sync>;
+
+/// What a task may use while it runs.
+#[derive(Clone)]
+pub struct TaskContext {
+    /// When the job's deadline passes, if it has one.
+    pub deadline: Option<Instant>,
+    events: EventSink,
+}
+
+impl TaskContext {
+    /// Stores a progress event on the task's job (e.g. a factory step that finished).
+    pub fn event(&self, kind: &str, data: serde_json::Value) {
+        (self.events)(kind, data)
+    }
+}
+
+/// Runs tasks: the host's plugin calls, or a test's stand-in.
+pub trait Execute: Send + Sync + 'static {
+    /// Runs one task to its output.
+    fn execute<'a>(&'a self, task: &'a Task, ctx: TaskContext) -> BoxFuture<'a, Result<serde_json::Value, TaskError>>;
+}
+
+/// Why a submission was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    /// The tenant has too many open tasks.
+    #[error("the tenant has {open} open tasks, the most it may have is {limit}; wait for some to finish")]
+    QueueFull {
+        /// Its open tasks.
+        open: i64,
+        /// The limit.
+        limit: i64,
+    },
+    /// The store refused it.
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+struct RunningTask {
+    job_id: Arc<str>,
+    stop: watch::Sender<Stop>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    Go,
+    /// The job was cancelled or failed, or the lease was lost: drop the work, record nothing.
+    Abandon,
+}
+
+struct Inner {
+    queue: FairQueue,
+    breakers: Breakers,
+    running: HashMap<Arc<str>, RunningTask>,
+}
+
+/// The scheduler of one node.
+pub struct Scheduler {
+    db: Db,
+    config: SchedulerConfig,
+    executor: Arc<dyn Execute>,
+    inner: Mutex<Inner>,
+    wake: Notify,
+    slots: Arc<Semaphore>,
+    events: broadcast::Sender<String>,
+    stopping: watch::Sender<bool>,
+    loops: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    workers: tokio::sync::Mutex<tokio::task::JoinSet<()>>,
+}
+
+impl std::fmt::Debug for Scheduler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scheduler").field("node", &self.config.node_id).finish()
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+fn entry_of(task: &Task) -> Entry {
+    Entry {
+        task_id: Arc::from(task.id.as_str()),
+        job_id: Arc::from(task.job_id.as_str()),
+        tenant_id: Arc::from(task.tenant_id.as_str()),
+        plugin: Arc::from(task.plugin.as_str()),
+        priority: task.priority,
+    }
+}
+
+/// The delay before attempt `attempt + 1`: exponential from `base`, capped at `max`, with
+/// "equal jitter" (half fixed, half random) so that failing callers spread out; never shorter
+/// than the plugin's retry-after (itself capped at ten times `max`).
+pub fn backoff(attempt: i32, base_ms: i64, max_ms: i64, retry_after: Option<Duration>) -> i64 {
+    let exp = base_ms.saturating_mul(1i64 << attempt.clamp(1, 30).saturating_sub(1)).min(max_ms).max(1);
+    let jittered = exp / 2 + fastrand::i64(0..=exp / 2);
+    let asked = retry_after.map(|d| (d.as_millis() as i64).min(max_ms.saturating_mul(10))).unwrap_or(0);
+    jittered.max(asked)
+}
+
+impl Scheduler {
+    /// A scheduler over `db` running tasks with `executor`. [`Scheduler::start`] sets it going.
+    pub fn new(db: Db, config: SchedulerConfig, executor: Arc<dyn Execute>) -> Arc<Self> {
+        let (events, _) = broadcast::channel(4096);
+        let (stopping, _) = watch::channel(false);
+        Arc::new(Scheduler {
+            inner: Mutex::new(Inner {
+                queue: FairQueue::new(config.tenant_concurrency),
+                breakers: Breakers::new(config.breaker),
+                running: HashMap::new(),
+            }),
+            slots: Arc::new(Semaphore::new(config.concurrency.max(1))),
+            db,
+            config,
+            executor,
+            wake: Notify::new(),
+            events,
+            stopping,
+            loops: Mutex::new(Vec::new()),
+            workers: tokio::sync::Mutex::new(tokio::task::JoinSet::new()),
+        })
+    }
+
+    /// This node's identity.
+    pub fn node_id(&self) -> &str {
+        &self.config.node_id
+    }
+
+    /// The store.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes back this node's leases from before a restart, queues every ready task, and starts
+    /// dispatching. Returns how many tasks were queued.
+    pub async fn start(self: &Arc<Self>) -> Result<usize, DbError> {
+        let reclaimed = self.db.reclaim_leases(Some(&self.config.node_id)).await?;
+        if !reclaimed.is_empty() {
+            tracing::info!(tasks = reclaimed.len(), "took back the tasks this node was running when it stopped");
+        }
+        self.refresh_shares().await?;
+        let ready = self.db.ready_tasks().await?;
+        let n = ready.len();
+        self.enqueue(&ready);
+        let dispatcher = tokio::spawn({
+            let this = self.clone();
+            async move { this.dispatch().await }
+        });
+        let heartbeat = tokio::spawn({
+            let this = self.clone();
+            async move { this.heartbeat().await }
+        });
+        self.loops.lock().unwrap_or_else(|p| p.into_inner()).extend([dispatcher, heartbeat]);
+        Ok(n)
+    }
+
+    /// Reads the tenants' weights and limits into the fair queue.
+    pub async fn refresh_shares(&self) -> Result<(), DbError> {
+        let shares = self.db.tenant_shares().await?;
+        let mut inner = self.lock();
+        for (tenant, weight, max_running) in shares {
+            inner.queue.configure(&tenant, weight as f64, max_running.max(0) as usize);
+        }
+        Ok(())
+    }
+
+    /// Announcements of new job events: the id of the job that has one.
+    pub fn subscribe(&self) -> broadcast::Receiver<String> {
+        self.events.subscribe()
+    }
+
+    fn announce(&self, job_id: &str) {
+        let _ = self.events.send(job_id.to_string());
+    }
+
+    fn enqueue(&self, tasks: &[Task]) {
+        if tasks.is_empty() {
+            return;
+        }
+        let now = now_ms();
+        {
+            let mut inner = self.lock();
+            for task in tasks {
+                inner.queue.push(entry_of(task), task.not_before, now);
+            }
+        }
+        self.wake.notify_one();
+    }
+
+    /// Stores a job with its tasks (before answering), then queues the ready ones. Returns the
+    /// job and whether it is new (`false`: an earlier submission with the same idempotency key).
+    pub async fn submit(&self, new: NewJob<'_>) -> Result<(Job, bool), SubmitError> {
+        if self.config.max_open_per_tenant > 0 {
+            let open = self.db.open_tasks(new.tenant_id).await?;
+            if open + new.tasks.len() as i64 > self.config.max_open_per_tenant {
+                return Err(SubmitError::QueueFull { open, limit: self.config.max_open_per_tenant });
+            }
+        }
+        let (job, created) = self.db.submit_job(new).await?;
+        if created {
+            let ready: Vec<Task> = self
+                .db
+                .job_tasks(&job.tenant_id, &job.id)
+                .await?
+                .into_iter()
+                .filter(|t| t.status == qlayer_db::TaskStatus::Ready)
+                .collect();
+            self.enqueue(&ready);
+            self.announce(&job.id);
+        }
+        Ok((job, created))
+    }
+
+    /// Stops a cancelled job's work here: its queued tasks are dropped and its running plugin
+    /// calls stopped (its status is already `cancelled` in the store; other nodes notice at
+    /// their next heartbeat).
+    pub fn cancel(&self, job_id: &str) {
+        self.abandon_job(job_id);
+        self.announce(job_id);
+    }
+
+    fn abandon_job(&self, job_id: &str) {
+        let mut inner = self.lock();
+        inner.queue.remove_job(job_id);
+        for running in inner.running.values().filter(|r| &*r.job_id == job_id) {
+            let _ = running.stop.send(Stop::Abandon);
+        }
+    }
+
+    async fn event(&self, job_id: &str, kind: &str, data: serde_json::Value) {
+        if let Err(e) = self.db.add_job_event(job_id, kind, &data).await {
+            tracing::error!(job = job_id, error = %e, "storing a job event failed");
+        }
+        self.announce(job_id);
+    }
+
+    async fn dispatch(self: Arc<Self>) {
+        let mut stopping = self.stopping.subscribe();
+        loop {
+            let permit = tokio::select! {
+                permit = self.slots.clone().acquire_owned() => match permit { Ok(p) => p, Err(_) => return },
+                _ = stopping.wait_for(|s| *s) => return,
+            };
+            let picked = loop {
+                let now = now_ms();
+                let (picked, next_due) = {
+                    let mut inner = self.lock();
+                    let Inner { queue, breakers, .. } = &mut *inner;
+                    let next_due = queue.promote(now);
+                    (queue.pop(now, |e| breakers.admit(&e.tenant_id, &e.plugin, now)), next_due)
+                };
+                if let Some(picked) = picked {
+                    break picked;
+                }
+                let wait = next_due.map(|due| (due - now).clamp(1, 1_000)).unwrap_or(1_000);
+                tokio::select! {
+                    _ = self.wake.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(wait as u64)) => {}
+                    _ = stopping.wait_for(|s| *s) => return,
+                }
+            };
+            let this = self.clone();
+            let mut workers = self.workers.lock().await;
+            while workers.try_join_next().is_some() {}
+            workers.spawn(async move { this.work(picked.0, picked.1, permit).await });
+        }
+    }
+
+    async fn work(self: Arc<Self>, entry: Entry, charge: Charge, _permit: OwnedSemaphorePermit) {
+        let began = Instant::now();
+        let span =
+            tracing::info_span!("task", task = %entry.task_id, tenant = %entry.tenant_id, plugin = %entry.plugin);
+        tracing::Instrument::instrument(self.run(&entry), span).await;
+        self.lock().queue.done(&charge, began.elapsed().as_secs_f64() * 1000.0);
+        self.wake.notify_one();
+    }
+
+    async fn run(&self, entry: &Entry) {
+        let leased = match self.db.lease_task(&entry.task_id, &self.config.node_id, self.config.lease_ms).await {
+            Ok(Some(task)) => task,
+            Ok(None) => {
+                // Taken, cancelled, or its job is over: nothing to do.
+                self.lock().breakers.release_probe(&entry.tenant_id, &entry.plugin, now_ms());
+                return;
+            }
+            Err(e) => {
+                tracing::error!(task = %entry.task_id, error = %e, "leasing a task failed; trying again in 1 s");
+                self.lock().queue.push(entry.clone(), now_ms() + 1_000, now_ms());
+                return;
+            }
+        };
+        let lease = Lease {
+            task_id: leased.id.clone(),
+            job_id: leased.job_id.clone(),
+            owner: self.config.node_id.clone(),
+            attempt: leased.attempts,
+        };
+        if leased.attempts > leased.max_attempts {
+            let error = format!(
+                "task `{}` was given up after {} attempts: every run of it was interrupted",
+                leased.name, leased.max_attempts
+            );
+            self.give_up(&leased, &lease, &error).await;
+            return;
+        }
+        let now = now_ms();
+        if let Some(deadline_at) = leased.deadline_at
+            && now >= deadline_at
+        {
+            let error = format!("the job's deadline passed before task `{}` could run", leased.name);
+            self.give_up(&leased, &lease, &error).await;
+            return;
+        }
+        self.event(
+            &leased.job_id,
+            "started",
+            serde_json::json!({ "task": leased.name, "attempt": leased.attempts, "resumed": leased.resumed, "node": self.config.node_id }),
+        )
+        .await;
+
+        let (stop_tx, mut stop_rx) = watch::channel(Stop::Go);
+        self.lock().running.insert(entry.task_id.clone(), RunningTask { job_id: entry.job_id.clone(), stop: stop_tx });
+        let deadline = leased.deadline_at.map(|d| Instant::now() + Duration::from_millis((d - now).max(0) as u64));
+        // Progress events go through one writer per running task, in order; it is drained before
+        // the task's end is recorded, so no event ever lands after the job's last one.
+        let (event_tx, mut event_rx) = tokio::sync::mpsc::unbounded_channel::<(String, serde_json::Value)>();
+        let writer = tokio::spawn({
+            let (db, events, job) = (self.db.clone(), self.events.clone(), leased.job_id.clone());
+            async move {
+                while let Some((kind, data)) = event_rx.recv().await {
+                    if let Err(e) = db.add_job_event(&job, &kind, &data).await {
+                        tracing::error!(job = %job, error = %e, "storing a job event failed");
+                    }
+                    let _ = events.send(job.clone());
+                }
+            }
+        });
+        let ctx = TaskContext {
+            deadline,
+            events: Arc::new(move |kind: &str, data| {
+                let _ = event_tx.send((kind.to_string(), data));
+            }),
+        };
+        let started = Instant::now();
+        enum Ended {
+            Done(Result<serde_json::Value, TaskError>),
+            Abandoned,
+            Deadline,
+        }
+        let ended = {
+            let work = self.executor.execute(&leased, ctx);
+            let past_deadline = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                outcome = work => Ended::Done(outcome),
+                _ = stop_rx.wait_for(|s| *s == Stop::Abandon) => Ended::Abandoned,
+                _ = past_deadline => Ended::Deadline,
+            }
+        };
+        // The work (and with it the context's sender) is gone: the writer ends once drained. An
+        // executor that kept a copy of the context elsewhere is not waited for beyond a bound.
+        if tokio::time::timeout(Duration::from_secs(10), writer).await.is_err() {
+            tracing::warn!(task = %leased.id, "progress events still pending after the task ended");
+        }
+        self.lock().running.remove(&entry.task_id);
+        let elapsed = started.elapsed();
+        let plugin_label = leased.plugin.clone();
+        metrics::histogram!("qlayer_task_duration_seconds", "plugin" => plugin_label.clone())
+            .record(elapsed.as_secs_f64());
+        match ended {
+            Ended::Abandoned => {
+                self.lock().breakers.release_probe(&entry.tenant_id, &entry.plugin, now_ms());
+                metrics::counter!("qlayer_tasks_total", "outcome" => "abandoned").increment(1);
+            }
+            Ended::Deadline => {
+                self.lock().breakers.release_probe(&entry.tenant_id, &entry.plugin, now_ms());
+                let error = format!(
+                    "the job's deadline passed while task `{}` ran; it was stopped after {} ms",
+                    leased.name,
+                    elapsed.as_millis()
+                );
+                self.give_up(&leased, &lease, &error).await;
+            }
+            Ended::Done(Ok(output)) => {
+                if let Some(Transition::Closed) = self.lock().breakers.success(&entry.tenant_id, &entry.plugin) {
+                    tracing::info!(tenant = %leased.tenant_id, plugin = %leased.plugin, "circuit closed: the probe succeeded");
+                }
+                metrics::counter!("qlayer_tasks_total", "outcome" => "succeeded").increment(1);
+                match self.db.complete_task(&lease, &output).await {
+                    Ok(recorded) if recorded.recorded => {
+                        if recorded.job_finished.is_none() {
+                            // A step of a larger job: say so (a one-task job says it by ending).
+                            let data = serde_json::json!({ "task": leased.name, "state": "succeeded",
+                                "attempt": leased.attempts, "duration_ms": elapsed.as_millis() as u64 });
+                            self.event(&leased.job_id, "progress", data).await;
+                        }
+                        self.enqueue(&recorded.ready);
+                        if recorded.job_finished.is_some() {
+                            metrics::counter!("qlayer_jobs_finished_total", "status" => "succeeded").increment(1);
+                        }
+                        self.announce(&leased.job_id);
+                    }
+                    Ok(_) => {
+                        tracing::warn!(task = %leased.id, "the task's lease was lost before its result was recorded; the result is dropped")
+                    }
+                    Err(e) => {
+                        tracing::error!(task = %leased.id, error = %e, "recording a task's result failed; its lease will expire and it runs again")
+                    }
+                }
+            }
+            Ended::Done(Err(error)) => self.failed(&leased, &lease, error).await,
+        }
+    }
+
+    async fn failed(&self, task: &Task, lease: &Lease, error: TaskError) {
+        let now = now_ms();
+        let (tenant, plugin) = (Arc::from(task.tenant_id.as_str()), Arc::from(task.plugin.as_str()));
+        let opened = {
+            let mut inner = self.lock();
+            if error.against_plugin {
+                inner.breakers.failure(&tenant, &plugin, now)
+            } else {
+                inner.breakers.release_probe(&tenant, &plugin, now);
+                None
+            }
+        };
+        if let Some(Transition::Opened(until)) = opened {
+            tracing::warn!(tenant = %task.tenant_id, plugin = %task.plugin, open_ms = until - now,
+                "circuit opened: the plugin keeps failing; its tasks wait");
+            metrics::counter!("qlayer_circuit_opened_total", "plugin" => task.plugin.clone()).increment(1);
+        }
+        let retry_at =
+            now + backoff(task.attempts, self.config.retry_base_ms, self.config.retry_max_ms, error.retry_after);
+        let in_time = task.deadline_at.is_none_or(|d| retry_at < d);
+        if error.retryable && task.attempts < task.max_attempts && in_time {
+            metrics::counter!("qlayer_tasks_total", "outcome" => "retried").increment(1);
+            let event = serde_json::json!({
+                "task": task.name, "attempt": task.attempts, "error": error.message, "delay_ms": retry_at - now,
+                "circuit_open_until": match opened { Some(Transition::Opened(until)) => Some(until), _ => None },
+            });
+            match self.db.retry_task(lease, retry_at, &error.message, &event).await {
+                Ok(true) => {
+                    let mut again = task.clone();
+                    again.not_before = retry_at;
+                    self.enqueue(&[again]);
+                    self.announce(&task.job_id);
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!(task = %task.id, error = %e, "recording a retry failed; the lease will expire")
+                }
+            }
+            return;
+        }
+        metrics::counter!("qlayer_tasks_total", "outcome" => "failed").increment(1);
+        let why = if !error.retryable {
+            error.message
+        } else if !in_time {
+            format!("{} (no time left before the job's deadline to try again)", error.message)
+        } else {
+            format!("{} (gave up after {} attempts)", error.message, task.attempts)
+        };
+        let message = format!("task `{}`: {why}", task.name);
+        self.give_up(task, lease, &message).await;
+    }
+
+    async fn give_up(&self, task: &Task, lease: &Lease, error: &str) {
+        match self.db.fail_task(&task.id, Some(lease), error).await {
+            Ok(true) => {
+                metrics::counter!("qlayer_jobs_finished_total", "status" => "failed").increment(1);
+                self.abandon_job(&task.job_id);
+                self.announce(&task.job_id);
+            }
+            Ok(false) => {}
+            Err(e) => tracing::error!(task = %task.id, error = %e, "recording a failed task failed"),
+        }
+    }
+
+    async fn heartbeat(self: Arc<Self>) {
+        let mut stopping = self.stopping.subscribe();
+        let every = Duration::from_millis((self.config.lease_ms / 3).max(50) as u64);
+        let mut beats: u64 = 0;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stopping.wait_for(|s| *s) => return,
+            }
+            beats += 1;
+            match self.db.renew_leases(&self.config.node_id, self.config.lease_ms).await {
+                Ok(held) => self.stop_unheld(&held.into_iter().collect()).await,
+                Err(e) => tracing::error!(error = %e, "renewing this node's leases failed"),
+            }
+            match self.db.reclaim_leases(None).await {
+                Ok(expired) if !expired.is_empty() => {
+                    tracing::warn!(tasks = expired.len(), "took over tasks whose lease expired (their node stopped)");
+                    self.enqueue(&expired);
+                }
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "taking over expired leases failed"),
+            }
+            if beats.is_multiple_of(10)
+                && let Err(e) = self.refresh_shares().await
+            {
+                tracing::error!(error = %e, "reading tenant shares failed");
+            }
+            let (queued, running) = {
+                let inner = self.lock();
+                (inner.queue.len(), inner.running.len())
+            };
+            metrics::gauge!("qlayer_tasks_queued").set(queued as f64);
+            metrics::gauge!("qlayer_tasks_running").set(running as f64);
+        }
+    }
+
+    /// Stops running tasks this node no longer holds a lease on. A task leased a moment ago may
+    /// be missing from `held` because the query ran first: such tasks are checked against the
+    /// store one by one before being stopped.
+    async fn stop_unheld(&self, held: &std::collections::HashSet<String>) {
+        let suspects: Vec<Arc<str>> = self.lock().running.keys().filter(|id| !held.contains(&***id)).cloned().collect();
+        for task_id in suspects {
+            let still_ours = match self.db.task(&task_id).await {
+                Ok(Some(task)) => {
+                    task.status == qlayer_db::TaskStatus::Leased
+                        && task.lease_owner.as_deref() == Some(self.config.node_id.as_str())
+                }
+                Ok(None) => false,
+                Err(_) => true,
+            };
+            if !still_ours && let Some(running) = self.lock().running.get(&task_id) {
+                let _ = running.stop.send(Stop::Abandon);
+            }
+        }
+    }
+
+    /// Stops dispatching; running tasks get `grace` to finish, then are stopped and handed back
+    /// (ready again, the attempt not counted) for the next start or another node.
+    pub async fn shutdown(&self, grace: Duration) {
+        let _ = self.stopping.send(true);
+        for handle in self.loops.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+            handle.abort();
+        }
+        let mut workers = self.workers.lock().await;
+        let all_done = async { while workers.join_next().await.is_some() {} };
+        if tokio::time::timeout(grace, all_done).await.is_err() {
+            tracing::warn!("tasks still running at the end of the grace period are handed back");
+            {
+                let inner = self.lock();
+                for running in inner.running.values() {
+                    let _ = running.stop.send(Stop::Abandon);
+                }
+            }
+            while workers.join_next().await.is_some() {}
+        }
+        match self.db.release_leases(&self.config.node_id).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(tasks = n, "handed back unfinished tasks"),
+            Err(e) => tracing::error!(error = %e, "handing back leases failed; they are taken back at the next start"),
+        }
+    }
+
+    /// Dies as a killed process would: stops at once, releases nothing (its leases expire and
+    /// other nodes take its tasks over). For takeover tests and benchmarks.
+    #[doc(hidden)]
+    pub async fn crash(&self) {
+        let _ = self.stopping.send(true);
+        for handle in self.loops.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+            handle.abort();
+        }
+        self.workers.lock().await.abort_all();
+    }
+
+    /// Tasks queued here and running here, for gauges and tests.
+    pub fn load(&self) -> (usize, usize) {
+        let inner = self.lock();
+        (inner.queue.len(), inner.running.len())
+    }
+}
+
+/// A node's identity, kept in its data dir under an exclusive lock: two processes can never
+/// act as the same node, and a restarted node knows the leases it held before are dead.
+pub struct NodeIdentity {
+    /// The id.
+    pub id: String,
+    _lock: std::fs::File,
+}
+
+impl std::fmt::Debug for NodeIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeIdentity").field("id", &self.id).finish()
+    }
+}
+
+impl NodeIdentity {
+    /// Reads (or creates) `<data dir>/node-id` and locks `<data dir>/node.lock`.
+    pub fn claim(data_dir: &std::path::Path) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+        let lock_path = data_dir.join("node.lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .with_context(|| format!("opening {}", lock_path.display()))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+                "another qlayer process is using the data dir {} (its node.lock is held); give each node its own --data-dir",
+                data_dir.display()
+            ),
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("locking {}", lock_path.display()));
+            }
+        }
+        let id_path = data_dir.join("node-id");
+        let id = match std::fs::read_to_string(&id_path) {
+            Ok(text) if !text.trim().is_empty() => text.trim().to_string(),
+            _ => {
+                let id = format!("node_{:016x}", fastrand::u64(..));
+                std::fs::write(&id_path, &id).with_context(|| format!("writing {}", id_path.display()))?;
+                id
+            }
+        };
+        Ok(NodeIdentity { id, _lock: lock })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_is_jittered_capped_and_honours_retry_after() {
+        for attempt in 1..=10 {
+            let exp = (200i64 << (attempt - 1)).min(5_000);
+            for _ in 0..50 {
+                let d = backoff(attempt, 200, 5_000, None);
+                assert!(d >= exp / 2 && d <= exp, "attempt {attempt}: {d} not in {}..={exp}", exp / 2);
+            }
+        }
+        assert_eq!(backoff(1, 200, 5_000, Some(Duration::from_secs(3))), 3_000, "retry-after wins when longer");
+        assert_eq!(backoff(1, 200, 5_000, Some(Duration::from_secs(3600))), 50_000, "retry-after is capped");
+        let spread: std::collections::HashSet<i64> = (0..50).map(|_| backoff(5, 200, 30_000, None)).collect();
+        assert!(spread.len() > 10, "jitter spreads retries: {spread:?}");
+    }
+}

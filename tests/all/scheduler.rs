@@ -1,0 +1,479 @@
+//! The core scheduler through the service: retries with backoff (and only of retryable errors),
+//! circuit breakers, deadlines stopping a looping plugin, fair sharing between a flooding tenant
+//! and a quiet one, DAG jobs, admission limits, and a host killed with SIGKILL mid-run that
+//! finishes every job exactly once after restart (SQLite and PostgreSQL).
+//!
+//! The plugin that fails on purpose is the hostile test guest (`fail-until T`, `rate-limited N`,
+//! `fail-fatal`, `loop`, `sleep-ms N`, echo), installed from a real registry.
+
+use crate::api::{ADMIN, Svc, fresh_postgres, serve_process_in, service};
+use qlayer_db::Backend;
+use qlayer_tests::{TestRegistry, hostile};
+use serde_json::{Value, json};
+use std::time::Duration;
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+fn call(input: &str) -> Value {
+    json!({"kind": "call", "input": {"plugin": "hostile", "input": input}})
+}
+
+async fn events(svc: &Svc, tenant: &str, job: &str) -> Vec<qlayer_db::JobEvent> {
+    svc.db().job_events(tenant, job, 0).await.unwrap()
+}
+
+async fn submit(svc: &Svc, key: &str, body: Value) -> String {
+    let r = svc.post("/v1/jobs", key, body).await;
+    assert_eq!(r.status, 201, "{r:?}");
+    r.body["id"].as_str().unwrap().to_string()
+}
+
+/// A plugin that is unavailable for a while is retried with growing, jittered delays until it
+/// recovers; a plugin's retry-after is honoured; bad input is never retried; attempts run out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_retryable_errors_are_retried_with_backoff_and_retry_after() {
+    let svc = service(Backend::Sqlite, true, |c| {
+        c.jobs.retry_base_ms = 100;
+        c.jobs.breaker_failures = 0;
+    })
+    .await;
+    let (acme_id, acme) = svc.tenant("acme").await;
+    assert_eq!(svc.install(&acme, "test/hostile", &hostile(64, 10_000)).await.status, 201);
+
+    // Unavailable for 700 ms: retried until it recovers.
+    let mut body = call(&format!("fail-until {}", now_ms() + 700));
+    body["max_attempts"] = json!(10);
+    let flaky = submit(&svc, &acme, body).await;
+    let fatal = submit(&svc, &acme, call("fail-fatal")).await;
+    let mut body = call("rate-limited 600");
+    body["max_attempts"] = json!(2);
+    let limited = submit(&svc, &acme, body).await;
+
+    let done = svc.wait(&acme, &flaky).await;
+    assert_eq!((done["status"].as_str(), done["output"].as_str()), (Some("succeeded"), Some("recovered")), "{done}");
+    let evs = events(&svc, &acme_id, &flaky).await;
+    let retries: Vec<&qlayer_db::JobEvent> = evs.iter().filter(|e| e.kind == "retrying").collect();
+    assert!(retries.len() >= 2, "{evs:?}");
+    let delays: Vec<i64> = retries.iter().map(|e| e.data["delay_ms"].as_i64().unwrap()).collect();
+    // Attempt n waits between half and all of 100·2^(n-1) ms.
+    for (n, d) in delays.iter().enumerate() {
+        let cap = 100 << n;
+        assert!(*d >= cap / 2 && *d <= cap, "retry {n}: {d} ms outside {}..={cap}: {delays:?}", cap / 2);
+    }
+    let starts: Vec<i64> = evs.iter().filter(|e| e.kind == "started").map(|e| e.at).collect();
+    assert_eq!(starts.len(), retries.len() + 1, "one start per attempt: {evs:?}");
+    for (gap, delay) in starts.windows(2).map(|w| w[1] - w[0]).zip(&delays) {
+        assert!(gap >= *delay, "the next attempt waited its backoff: {gap} < {delay}");
+    }
+    let tasks = svc.db().job_tasks(&acme_id, &flaky).await.unwrap();
+    assert_eq!(tasks[0].attempts as usize, starts.len());
+
+    // Bad input: one attempt, no retry.
+    let failed = svc.wait(&acme, &fatal).await;
+    assert_eq!(failed["status"], "failed");
+    assert!(failed["error"].as_str().unwrap().contains("invalid input"), "{failed}");
+    let evs = events(&svc, &acme_id, &fatal).await;
+    assert!(!evs.iter().any(|e| e.kind == "retrying"), "a non-retryable error is not retried: {evs:?}");
+    assert_eq!(svc.db().job_tasks(&acme_id, &fatal).await.unwrap()[0].attempts, 1);
+
+    // Rate-limited with retry-after 600 ms: the retry waits at least that; two attempts, then
+    // the job fails saying so.
+    let failed = svc.wait(&acme, &limited).await;
+    assert_eq!(failed["status"], "failed");
+    assert!(failed["error"].as_str().unwrap().contains("gave up after 2 attempts"), "{failed}");
+    let evs = events(&svc, &acme_id, &limited).await;
+    let retry = evs.iter().find(|e| e.kind == "retrying").unwrap();
+    assert!(retry.data["delay_ms"].as_i64().unwrap() >= 600, "{retry:?}");
+    svc.stop().await;
+}
+
+/// After three failures in a row the plugin's circuit opens for the tenant: its next attempt
+/// waits out the cool-down (longer than the backoff), a probe goes half-open, and once the
+/// plugin recovers the circuit closes. Another tenant's install of the same plugin is not held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_plugin_opens_its_circuit_and_a_probe_closes_it() {
+    let svc = service(Backend::Sqlite, true, |c| {
+        c.jobs.retry_base_ms = 20;
+        c.jobs.retry_max_ms = 40;
+        c.jobs.breaker_failures = 3;
+        c.jobs.breaker_cooldown_ms = 1_000;
+    })
+    .await;
+    let (acme_id, acme) = svc.tenant("acme").await;
+    let (_, beta) = svc.tenant("beta").await;
+    for key in [&acme, &beta] {
+        assert_eq!(svc.install(key, "test/hostile", &hostile(64, 10_000)).await.status, 201);
+    }
+    let mut body = call(&format!("fail-until {}", now_ms() + 1_500));
+    body["max_attempts"] = json!(20);
+    let flaky = submit(&svc, &acme, body).await;
+    // Wait for the circuit to open, then call the same plugin as beta: it is not held back.
+    let opened_at = loop {
+        let evs = events(&svc, &acme_id, &flaky).await;
+        if let Some(e) = evs.iter().find(|e| !e.data["circuit_open_until"].is_null()) {
+            break e.data["circuit_open_until"].as_i64().unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let beta_job = submit(&svc, &beta, call("echo")).await;
+    let beta_done = svc.wait(&beta, &beta_job).await;
+    assert_eq!(beta_done["output"], "echo");
+    assert!(beta_done["finished_at"].as_i64().unwrap() < opened_at, "beta ran while acme's circuit was open");
+
+    let done = svc.wait(&acme, &flaky).await;
+    assert_eq!(done["output"], "recovered", "{done}");
+    let evs = events(&svc, &acme_id, &flaky).await;
+    let starts: Vec<i64> = evs.iter().filter(|e| e.kind == "started").map(|e| e.at).collect();
+    let retries: Vec<&qlayer_db::JobEvent> = evs.iter().filter(|e| e.kind == "retrying").collect();
+    let open = retries.iter().position(|e| !e.data["circuit_open_until"].is_null()).unwrap();
+    assert_eq!(open, 2, "it opened at the third failure in a row: {evs:?}");
+    // The attempt after the opening waited for the cool-down, not just the 40 ms backoff.
+    let gap = starts[open + 1] - starts[open];
+    assert!(gap >= 1_000, "the probe waited for the cool-down ({gap} ms)");
+    // Probes: each failed one re-opens for longer; the last one succeeded and closed it.
+    assert!(retries.len() >= 3, "{evs:?}");
+    let metrics = svc.get("/metrics", ADMIN).await;
+    assert!(metrics.text.contains("qlayer_circuit_opened_total"), "{}", metrics.text);
+    svc.stop().await;
+}
+
+/// A job's deadline reaches a plugin that loops forever (its own limit is 60 s): the call is
+/// stopped at the deadline, the job fails saying so, and the slot is free for the next job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_stops_a_plugin_that_loops_forever() {
+    let svc = service(Backend::Sqlite, true, |c| c.jobs.concurrency = 1).await;
+    let (_, acme) = svc.tenant("acme").await;
+    assert_eq!(svc.install(&acme, "test/hostile", &hostile(64, 60_000)).await.status, 201);
+    let mut body = call("loop");
+    body["deadline_ms"] = json!(400);
+    let looping = submit(&svc, &acme, body).await;
+    let next = submit(&svc, &acme, call("after")).await;
+    let failed = svc.wait(&acme, &looping).await;
+    assert_eq!(failed["status"], "failed");
+    assert!(failed["error"].as_str().unwrap().contains("deadline"), "{failed}");
+    let took = failed["finished_at"].as_i64().unwrap() - failed["created_at"].as_i64().unwrap();
+    assert!(took < 60_000, "stopped at its deadline, not at the plugin's 60 s limit ({took} ms)");
+    assert_eq!(svc.wait(&acme, &next).await["output"], "after");
+    // Out-of-range limits are refused and named.
+    let mut bad = call("x");
+    bad["deadline_ms"] = json!(0);
+    let r = svc.post("/v1/jobs", &acme, bad).await;
+    assert_eq!((r.status, r.code()), (400, "invalid_request"));
+    assert!(r.body["error"]["message"].as_str().unwrap().contains("deadline_ms"), "{r:?}");
+    let mut bad = call("x");
+    bad["max_attempts"] = json!(99);
+    let r = svc.post("/v1/jobs", &acme, bad).await;
+    assert!(r.body["error"]["message"].as_str().unwrap().contains("max_attempts"), "{r:?}");
+    svc.stop().await;
+}
+
+/// Tenant A floods the host with 300 jobs, then B submits 20: B's jobs finish while A's backlog
+/// is still there, because capacity is shared by weight, not by arrival (first come, first
+/// served would run all 300 of A's first). A tenant over its open-task limit is refused with 429
+/// `queue_full`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_tenant_does_not_starve_another() {
+    let svc = service(Backend::Sqlite, true, |c| {
+        c.jobs.concurrency = 1;
+        c.jobs.max_open_per_tenant = 320;
+    })
+    .await;
+    let (a_id, a) = svc.tenant("flood").await;
+    let (_, b) = svc.tenant("quiet").await;
+    for key in [&a, &b] {
+        assert_eq!(svc.install(key, "test/hostile", &hostile(64, 10_000)).await.status, 201);
+    }
+    let mut a_jobs = Vec::new();
+    for _ in 0..300 {
+        a_jobs.push(submit(&svc, &a, call("sleep-ms 40")).await);
+    }
+    let b_start = now_ms();
+    let mut b_jobs = Vec::new();
+    for _ in 0..20 {
+        b_jobs.push(submit(&svc, &b, call("sleep-ms 40")).await);
+    }
+    let mut b_last = 0;
+    for id in &b_jobs {
+        let done = svc.wait(&b, id).await;
+        assert_eq!(done["status"], "succeeded");
+        b_last = b_last.max(done["finished_at"].as_i64().unwrap());
+    }
+    let (mut a_before, mut a_during) = (0, 0);
+    for id in &a_jobs {
+        let job = svc.db().job(&a_id, id).await.unwrap().unwrap();
+        if let Some(f) = job.finished_at.filter(|f| *f <= b_last) {
+            a_before += 1;
+            if f >= b_start {
+                a_during += 1;
+            }
+        }
+    }
+    let b_share = 20.0 / (20.0 + a_during as f64);
+    eprintln!(
+        "fairness: while both had work, quiet got {b_share:.2} of the slot ({a_during} flood jobs ran beside its 20); flood finished {a_before} in all by then"
+    );
+    assert!(a_before < 200, "A finished {a_before} of its 300 before B's last: B waited behind A's backlog");
+    assert!(b_share >= 0.35, "equal weights share about equally while both have work: {b_share:.2}");
+
+    // Admission: over the open-task limit → 429 queue_full, naming the limit.
+    let mut refused = None;
+    for _ in 0..400 {
+        let r = svc.post("/v1/jobs", &a, call("sleep-ms 1")).await;
+        if r.status == 429 {
+            refused = Some(r);
+            break;
+        }
+    }
+    let r = refused.expect("the flood hit its open-task limit");
+    assert_eq!(r.code(), "queue_full", "{r:?}");
+    assert!(r.body["error"]["message"].as_str().unwrap().contains("320"), "{r:?}");
+    assert!(r.headers.contains_key("retry-after"));
+    svc.stop().await;
+}
+
+/// A DAG job: `a` first, then `b` and `c` (in parallel), then `d`, which has no input of its own
+/// and gets `b`'s and `c`'s outputs by name. A cycle and an unknown dependency are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dag_job_runs_its_tasks_in_dependency_order() {
+    let svc = service(Backend::Sqlite, true, |c| c.jobs.concurrency = 4).await;
+    let (acme_id, acme) = svc.tenant("acme").await;
+    assert_eq!(svc.install(&acme, "test/hostile", &hostile(64, 10_000)).await.status, 201);
+    let graph = json!({"kind": "call", "input": {"tasks": [
+        {"name": "a", "plugin": "hostile", "input": "first"},
+        {"name": "b", "plugin": "hostile", "input": "sleep-ms 300", "after": ["a"]},
+        {"name": "c", "plugin": "hostile", "input": "sleep-ms 300", "after": ["a"]},
+        {"name": "d", "plugin": "hostile", "after": ["b", "c"]},
+    ]}});
+    let id = submit(&svc, &acme, graph).await;
+    let done = svc.wait(&acme, &id).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["task_count"], 4);
+    assert_eq!(done["output"]["a"], "first");
+    // d echoes its input: the outputs of b and c.
+    assert_eq!(done["output"]["d"], json!({"b": "slept", "c": "slept"}), "{done}");
+    let evs = events(&svc, &acme_id, &id).await;
+    let started = |task: &str| evs.iter().find(|e| e.kind == "started" && e.data["task"] == task).unwrap().seq;
+    let finished = |task: &str| {
+        evs.iter()
+            .find(|e| e.kind == "progress" && e.data["task"] == task && e.data["state"] == "succeeded")
+            .map(|e| e.seq)
+    };
+    assert!(started("b") > finished("a").unwrap() && started("c") > finished("a").unwrap(), "{evs:?}");
+    assert!(started("d") > finished("b").unwrap().max(finished("c").unwrap()), "{evs:?}");
+    // b and c ran at the same time: both started before either finished.
+    assert!(started("b").max(started("c")) < finished("b").unwrap().min(finished("c").unwrap()), "{evs:?}");
+
+    for (tasks, words) in [
+        (
+            json!([{"name": "x", "plugin": "hostile", "after": ["y"]}, {"name": "y", "plugin": "hostile", "after": ["x"]}]),
+            "cycle",
+        ),
+        (json!([{"name": "x", "plugin": "hostile", "after": ["nope"]}]), "no task is named `nope`"),
+        (json!([{"name": "x", "plugin": "hostile"}, {"name": "x", "plugin": "hostile"}]), "used twice"),
+        (json!([{"name": "x", "plugin": "missing"}]), "not installed"),
+        (json!([]), "1 to 64 tasks"),
+    ] {
+        let r = svc.post("/v1/jobs", &acme, json!({"kind": "call", "input": {"tasks": tasks}})).await;
+        assert_eq!((r.status, r.code()), (400, "invalid_request"), "{r:?}");
+        assert!(r.body["error"]["message"].as_str().unwrap().contains(words), "{words}: {r:?}");
+    }
+    svc.stop().await;
+}
+
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::Backend::Sqlite).await })*
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::Backend::Postgres).await })*
+        }
+    };
+}
+on_both!(sigkill_mid_run_then_restart_completes_every_job_once);
+
+/// `qlayer serve` as a process runs 60 jobs four at a time; it is killed with SIGKILL while
+/// some run, then started again on the same data dir and database. Every job completes, each
+/// with exactly one terminal event, and the tasks that were running at the kill say they resumed.
+async fn sigkill_mid_run_then_restart_completes_every_job_once(backend: Backend) {
+    let registry = TestRegistry::start();
+    let data = tempfile::tempdir().unwrap();
+    std::fs::write(data.path().join("marketplace.toml"), format!("insecure-registries = [\"{}\"]\n", registry.addr))
+        .unwrap();
+    std::fs::write(data.path().join("qlayer.toml"), "[jobs]\nconcurrency = 4\nlease-ms = 30000\n").unwrap();
+    let (database, _pg) = match backend {
+        Backend::Sqlite => (None, None),
+        Backend::Postgres => {
+            let (url, pg) = fresh_postgres().await;
+            (Some(url), Some(pg))
+        }
+    };
+    let config = data.path().join("qlayer.toml");
+    let mut extra = vec!["--config", config.to_str().unwrap()];
+    if let Some(url) = &database {
+        extra.extend(["--database", url.as_str()]);
+    }
+    let (mut child, base, http) = serve_process_in(data.path(), &[], &extra, std::process::Stdio::null()).await;
+    let post = |base: String, key: String, path: &'static str, body: Value| {
+        let http = http.clone();
+        async move {
+            let r = http.post(format!("{base}{path}")).bearer_auth(key).json(&body).send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let (status, created) = post(base.clone(), ADMIN.into(), "/v1/tenants", json!({"name": "acme"})).await;
+    assert_eq!(status, 201, "{created}");
+    let acme = created["api_key"].as_str().unwrap().to_string();
+    let tenant = created["tenant"]["id"].as_str().unwrap().to_string();
+    let reference = format!("{}/test/hostile:1.0.0", registry.addr);
+    let pusher = tempfile::tempdir().unwrap();
+    let market = qlayer_host::marketplace::Marketplace::open(
+        pusher.path(),
+        qlayer_host::marketplace::MarketplaceConfig {
+            insecure_registries: vec![registry.addr.clone()],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    market.push(&hostile(64, 10_000), &reference, None).await.unwrap();
+    let (status, body) = post(base.clone(), acme.clone(), "/v1/plugins", json!({"reference": reference})).await;
+    assert_eq!(status, 201, "{body}");
+    let mut ids = Vec::new();
+    for n in 0..60 {
+        let (status, job) =
+            post(base.clone(), acme.clone(), "/v1/jobs", call(&format!("sleep-ms 150 job {n}")).clone()).await;
+        assert_eq!(status, 201, "{job}");
+        ids.push(job["id"].as_str().unwrap().to_string());
+    }
+    // Kill it once some have finished and others run.
+    let db = qlayer_db::Db::open(
+        &database.clone().unwrap_or_else(|| format!("sqlite://{}", data.path().join("qlayer.db").display())),
+    )
+    .await
+    .unwrap();
+    for _ in 0..600 {
+        let succeeded = db
+            .jobs(&tenant, None, None, 100)
+            .await
+            .unwrap()
+            .iter()
+            .filter(|j| j.status.as_str() == "succeeded")
+            .count();
+        if succeeded >= 8 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let running_at_kill: Vec<String> = db
+        .jobs(&tenant, None, None, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|j| j.status.as_str() == "running")
+        .map(|j| j.id)
+        .collect();
+    let finished_at_kill =
+        db.jobs(&tenant, None, None, 100).await.unwrap().iter().filter(|j| j.status.is_terminal()).count();
+    assert!(finished_at_kill < 60, "the kill came mid-run");
+    assert!(!running_at_kill.is_empty(), "some jobs were running at the kill");
+
+    let (mut child, _base, _http) = serve_process_in(data.path(), &[], &extra, std::process::Stdio::null()).await;
+    for _ in 0..3000 {
+        let jobs = db.jobs(&tenant, None, None, 100).await.unwrap();
+        if jobs.len() == 60 && jobs.iter().all(|j| j.status.is_terminal()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for id in &ids {
+        let job = db.job(&tenant, id).await.unwrap().unwrap();
+        assert_eq!(job.status.as_str(), "succeeded", "{job:?}");
+        let evs = db.job_events(&tenant, id, 0).await.unwrap();
+        let terminal = evs.iter().filter(|e| matches!(e.kind.as_str(), "succeeded" | "failed" | "cancelled")).count();
+        assert_eq!(terminal, 1, "completed exactly once: {evs:?}");
+        assert!(
+            job.output
+                .unwrap()
+                .as_str()
+                .unwrap()
+                .ends_with(&format!("job {}", ids.iter().position(|i| i == id).unwrap()))
+        );
+    }
+    for id in &running_at_kill {
+        let evs = db.job_events(&tenant, id, 0).await.unwrap();
+        assert!(evs.iter().any(|e| e.kind == "started" && e.data["resumed"] == true), "{id} resumed: {evs:?}");
+    }
+    eprintln!(
+        "sigkill ({backend:?}): {finished_at_kill} finished before the kill, {} running at it; all 60 completed once",
+        running_at_kill.len()
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    db.close().await;
+}
+
+/// An operator gives one tenant weight 3 and another weight 1 (`PUT /v1/tenants/{id}/share`);
+/// with both backlogged on one slot, the first gets about three quarters of it. The route
+/// refuses bad values (naming the field), non-operators (403) and unknown tenants (404).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_weights_split_capacity_and_only_operators_set_them() {
+    let svc = service(Backend::Sqlite, true, |c| c.jobs.concurrency = 1).await;
+    let (heavy_id, heavy) = svc.tenant("heavy").await;
+    let (light_id, light) = svc.tenant("light").await;
+    let (_, other) = svc.tenant("other").await;
+    for key in [&heavy, &light, &other] {
+        assert_eq!(svc.install(key, "test/hostile", &hostile(64, 10_000)).await.status, 201);
+    }
+    let r = svc
+        .send("PUT", &format!("/v1/tenants/{heavy_id}/share"), Some(ADMIN), Some(json!({"weight": 3}).to_string()))
+        .await;
+    assert_eq!((r.status, r.body["weight"].as_i64()), (200, Some(3)), "{r:?}");
+    // Both backlogged: a third tenant's long job holds the slot while the backlogs are stored
+    // (a tenant's own earlier use would count against its share).
+    let blocker = submit(&svc, &other, call("sleep-ms 400")).await;
+    let (mut heavy_jobs, mut light_jobs) = (Vec::new(), Vec::new());
+    for _ in 0..40 {
+        heavy_jobs.push(submit(&svc, &heavy, call("sleep-ms 15")).await);
+        light_jobs.push(submit(&svc, &light, call("sleep-ms 15")).await);
+    }
+    svc.wait(&other, &blocker).await;
+    // Count completions while both still had work: up to the end of the first 30 of heavy's.
+    let mut heavy_ends = Vec::new();
+    for id in &heavy_jobs {
+        heavy_ends.push(svc.wait(&heavy, id).await["finished_at"].as_i64().unwrap());
+    }
+    heavy_ends.sort();
+    let window_end = heavy_ends[29];
+    let mut light_in_window = 0;
+    for id in &light_jobs {
+        let job = svc.db().job(&light_id, id).await.unwrap().unwrap();
+        if job.finished_at.is_some_and(|f| f <= window_end) {
+            light_in_window += 1;
+        }
+    }
+    let share = 30.0 / (30.0 + light_in_window as f64);
+    eprintln!("weights 3:1 on one slot: heavy got {share:.2} of the completions (30 vs {light_in_window})");
+    assert!((0.6..=0.9).contains(&share), "weight 3 against 1 gets about 0.75: {share:.2}");
+
+    let put = |id: String, key: String, body: Value| {
+        let svc = &svc;
+        async move { svc.send("PUT", &format!("/v1/tenants/{id}/share"), Some(&key), Some(body.to_string())).await }
+    };
+    let r = put(heavy_id.clone(), ADMIN.into(), json!({"weight": 0})).await;
+    assert_eq!((r.status, r.code()), (400, "invalid_request"), "{r:?}");
+    assert!(r.body["error"]["message"].as_str().unwrap().contains("weight"), "{r:?}");
+    let r = put(heavy_id.clone(), ADMIN.into(), json!({"weight": 2, "max_running": -1})).await;
+    assert!(r.body["error"]["message"].as_str().unwrap().contains("max_running"), "{r:?}");
+    let r = put(heavy_id.clone(), ADMIN.into(), json!({"weight": 2, "colour": "red"})).await;
+    assert_eq!(r.status, 400, "unknown fields are refused: {r:?}");
+    let r = put(heavy_id.clone(), heavy.clone(), json!({"weight": 1000})).await;
+    assert_eq!((r.status, r.code()), (403, "forbidden"), "a tenant cannot raise its own share");
+    let r = put("tn_missing".into(), ADMIN.into(), json!({"weight": 2})).await;
+    assert_eq!((r.status, r.code()), (404, "not_found"));
+    svc.stop().await;
+}

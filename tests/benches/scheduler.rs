@@ -1,0 +1,359 @@
+//! Scheduler figures, each with its baseline from the same run:
+//!
+//! 1. **Throughput**: single-task jobs through the scheduler (submit → persist → lease → run →
+//!    record), on SQLite (embedded) and PostgreSQL, with a real no-op plugin (the hostile test
+//!    guest's echo: a fresh instance and one call per task) and with no plugin at all; the
+//!    baseline is the same plugin calls made directly, with the same concurrency.
+//! 2. **Fairness under overload**: 10 backlogged tenants, weights 1..10 and then all equal; each
+//!    tenant's share of slot time against its weight, summed up as Jain's index.
+//! 3. **Takeover**: a node dies holding a task; the time until another node runs it (lease
+//!    expiry plus the next heartbeat), for two lease lengths.
+//!
+//! `cargo bench -p qlayer-tests --bench scheduler` (docs/PERFORMANCE.md records the figures).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
+
+use futures::future::BoxFuture;
+use qlayer_db::{Db, JobKind, NewJob, NewTask, Task};
+use qlayer_host::runtime::{Grants, Installed};
+use qlayer_host::scheduler::{Execute, Scheduler, SchedulerConfig, TaskContext, TaskError};
+use sqlx::Connection as _;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Calls the hostile guest's echo: one fresh instance and one call per task.
+struct Echo(Installed);
+
+impl Execute for Echo {
+    fn execute<'a>(&'a self, task: &'a Task, _: TaskContext) -> BoxFuture<'a, Result<serde_json::Value, TaskError>> {
+        Box::pin(async move {
+            let mut tool = self.0.any_tool(&task.tenant_id).await.map_err(|e| TaskError::fatal(e.to_string()))?;
+            let out = tool.invoke("ping").await.map_err(|e| TaskError::fatal(e.to_string()))?;
+            Ok(serde_json::Value::String(out))
+        })
+    }
+}
+
+/// Does nothing: the scheduler's own cost.
+struct Nothing;
+
+impl Execute for Nothing {
+    fn execute<'a>(&'a self, _: &'a Task, _: TaskContext) -> BoxFuture<'a, Result<serde_json::Value, TaskError>> {
+        Box::pin(async { Ok(serde_json::Value::Null) })
+    }
+}
+
+/// Holds a slot for a fixed time and records who ran when.
+struct Timed {
+    cost: Duration,
+    log: Mutex<Vec<(String, Instant)>>,
+}
+
+impl Execute for Timed {
+    fn execute<'a>(&'a self, task: &'a Task, _: TaskContext) -> BoxFuture<'a, Result<serde_json::Value, TaskError>> {
+        Box::pin(async move {
+            tokio::time::sleep(self.cost).await;
+            self.log.lock().unwrap().push((task.tenant_id.clone(), Instant::now()));
+            Ok(serde_json::Value::Null)
+        })
+    }
+}
+
+struct Database {
+    url: String,
+    _dir: Option<tempfile::TempDir>,
+    pg: Option<(String, String)>,
+}
+
+impl Database {
+    async fn sqlite() -> Database {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("bench.db").display());
+        Database { url, _dir: Some(dir), pg: None }
+    }
+
+    async fn postgres() -> Option<Database> {
+        sqlx::any::install_default_drivers();
+        let admin = std::env::var("QLAYER_TEST_POSTGRES")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        let mut conn = sqlx::AnyConnection::connect(&admin).await.ok()?;
+        let name = format!("qlayer_bench_{}_{}", std::process::id(), fastrand_suffix());
+        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await.ok()?;
+        let url = format!("{}/{name}", admin.rsplit_once('/')?.0);
+        Some(Database { url, _dir: None, pg: Some((admin, name)) })
+    }
+
+    async fn drop_pg(&self) {
+        if let Some((admin, name)) = &self.pg
+            && let Ok(mut conn) = sqlx::AnyConnection::connect(admin).await
+        {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut conn).await;
+        }
+    }
+}
+
+fn fastrand_suffix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 % 1_000_000_007
+}
+
+fn one_task() -> Vec<NewTask> {
+    vec![NewTask {
+        name: "call".into(),
+        kind: "call".into(),
+        plugin: "echo".into(),
+        input: serde_json::Value::Null,
+        depends_on: vec![],
+        max_attempts: 3,
+    }]
+}
+
+async fn submit_many(scheduler: &Scheduler, tenants: &[String], per_tenant: usize) {
+    let input = serde_json::json!({});
+    for _ in 0..per_tenant {
+        for tenant in tenants {
+            let new = NewJob {
+                tenant_id: tenant,
+                kind: JobKind::Call,
+                input: &input,
+                priority: 0,
+                idempotency_key: None,
+                deadline_at: None,
+                tasks: one_task(),
+            };
+            scheduler.submit(new).await.unwrap();
+        }
+    }
+}
+
+async fn wait_idle(db: &Db) {
+    loop {
+        let (queued, running) = db.job_counts().await.unwrap();
+        if queued + running == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn tenants(db: &Db, n: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        ids.push(db.create_tenant(&format!("t{i}")).await.unwrap().id);
+    }
+    ids
+}
+
+fn config(node: &str, concurrency: usize) -> SchedulerConfig {
+    SchedulerConfig { node_id: node.into(), concurrency, max_open_per_tenant: 0, ..Default::default() }
+}
+
+/// Jobs per second through a scheduler on `url` with `executor`: `jobs` single-task jobs over 4
+/// tenants, submitted up front, timed from the first submission to the last completion.
+async fn throughput(url: &str, executor: Arc<dyn Execute>, jobs: usize) -> f64 {
+    let db = Db::open(url).await.unwrap();
+    let ids = tenants(&db, 4).await;
+    let scheduler = Scheduler::new(db.clone(), config("bench", 8), executor);
+    scheduler.start().await.unwrap();
+    let began = Instant::now();
+    submit_many(&scheduler, &ids, jobs / 4).await;
+    wait_idle(&db).await;
+    let rate = jobs as f64 / began.elapsed().as_secs_f64();
+    scheduler.shutdown(Duration::from_secs(1)).await;
+    db.close().await;
+    rate
+}
+
+/// The same plugin calls without a scheduler: 8 at a time.
+async fn direct_calls(installed: &Installed, calls: usize) -> f64 {
+    let began = Instant::now();
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..8 {
+        let (installed, next) = (installed.clone(), next.clone());
+        workers.push(tokio::spawn(async move {
+            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < calls {
+                let mut tool = installed.any_tool("t").await.unwrap();
+                tool.invoke("ping").await.unwrap();
+            }
+        }));
+    }
+    for w in workers {
+        w.await.unwrap();
+    }
+    calls as f64 / began.elapsed().as_secs_f64()
+}
+
+/// Jain's fairness index of per-tenant (share / entitled share): 1 is perfectly fair, 1/n is one
+/// tenant taking everything.
+fn jain(x: &[f64]) -> f64 {
+    let sum: f64 = x.iter().sum();
+    let squares: f64 = x.iter().map(|v| v * v).sum();
+    sum * sum / (x.len() as f64 * squares)
+}
+
+/// 10 backlogged tenants with `weights`; counts completions in the window in which every tenant
+/// still has work, and prints each tenant's share of slot time against its entitlement.
+async fn fairness(weights: &[i64]) -> f64 {
+    let database = Database::sqlite().await;
+    let db = Db::open(&database.url).await.unwrap();
+    let ids = tenants(&db, weights.len()).await;
+    for (id, w) in ids.iter().zip(weights) {
+        db.set_tenant_share(id, *w, 0).await.unwrap();
+    }
+    let timed = Arc::new(Timed { cost: Duration::from_millis(4), log: Mutex::new(Vec::new()) });
+    let scheduler = Scheduler::new(db.clone(), config("fair", 4), timed.clone());
+    // Everyone's backlog is stored before the scheduler starts: all are backlogged from t=0.
+    let per_tenant = 200;
+    submit_many(&scheduler, &ids, per_tenant).await;
+    scheduler.start().await.unwrap();
+    // The window closes when the first tenant runs out of work.
+    let log = loop {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let log = timed.log.lock().unwrap().clone();
+        let mut per: HashMap<&str, usize> = HashMap::new();
+        for (t, _) in &log {
+            *per.entry(t.as_str()).or_default() += 1;
+        }
+        if per.values().any(|n| *n >= per_tenant) {
+            let first_done = log
+                .iter()
+                .scan(HashMap::<&str, usize>::new(), |seen, (t, at)| {
+                    *seen.entry(t.as_str()).or_default() += 1;
+                    Some((seen[t.as_str()], *at))
+                })
+                .find(|(n, _)| *n >= per_tenant)
+                .map(|(_, at)| at)
+                .unwrap();
+            break log.into_iter().filter(|(_, at)| *at <= first_done).collect::<Vec<_>>();
+        }
+    };
+    scheduler.shutdown(Duration::from_millis(200)).await;
+    let total = log.len() as f64;
+    let weight_sum: i64 = weights.iter().sum();
+    let mut normalised = Vec::new();
+    let mut row = String::new();
+    for (id, w) in ids.iter().zip(weights) {
+        let done = log.iter().filter(|(t, _)| t == id).count() as f64;
+        let share = done / total;
+        let entitled = *w as f64 / weight_sum as f64;
+        normalised.push(share / entitled);
+        row.push_str(&format!(" w{w}:{:.1}%/{:.1}%", share * 100.0, entitled * 100.0));
+    }
+    let index = jain(&normalised);
+    println!("  shares (got/entitled):{row}");
+    println!("  window: {} tasks; Jain's index over share/entitlement: {index:.4}", log.len());
+    db.close().await;
+    index
+}
+
+/// A node dies holding a long task; another node on the same database takes it over when the
+/// lease expires. Returns the time from the death to the task starting on the second node.
+async fn takeover(lease_ms: i64) -> Duration {
+    let database = match Database::postgres().await {
+        Some(d) => d,
+        None => Database::sqlite().await,
+    };
+    let db = Db::open(&database.url).await.unwrap();
+    let ids = tenants(&db, 1).await;
+    struct Hang;
+    impl Execute for Hang {
+        fn execute<'a>(&'a self, _: &'a Task, _: TaskContext) -> BoxFuture<'a, Result<serde_json::Value, TaskError>> {
+            Box::pin(async {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                Ok(serde_json::Value::Null)
+            })
+        }
+    }
+    struct Note(Mutex<Option<Instant>>);
+    impl Execute for Note {
+        fn execute<'a>(&'a self, _: &'a Task, _: TaskContext) -> BoxFuture<'a, Result<serde_json::Value, TaskError>> {
+            *self.0.lock().unwrap() = Some(Instant::now());
+            Box::pin(async { Ok(serde_json::Value::Null) })
+        }
+    }
+    let mut cfg = config("node-a", 1);
+    cfg.lease_ms = lease_ms;
+    let a = Scheduler::new(db.clone(), cfg.clone(), Arc::new(Hang));
+    a.start().await.unwrap();
+    submit_many(&a, &ids, 1).await;
+    while a.load().1 == 0 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let note = Arc::new(Note(Mutex::new(None)));
+    cfg.node_id = "node-b".into();
+    let b = Scheduler::new(db.clone(), cfg, note.clone());
+    b.start().await.unwrap();
+    let died = Instant::now();
+    a.crash().await;
+    loop {
+        let noted = *note.0.lock().unwrap();
+        if let Some(at) = noted {
+            b.shutdown(Duration::from_secs(1)).await;
+            db.close().await;
+            database.drop_pg().await;
+            return at - died;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+fn main() {
+    let tokio = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    tokio.block_on(async {
+        let runtime = qlayer_tests::runtime();
+        let plugin = runtime.load(&qlayer_tests::hostile(64, 10_000)).unwrap();
+        let installed = plugin.install(Grants::default()).unwrap();
+        let echo: Arc<dyn Execute> = Arc::new(Echo(installed.clone()));
+
+        println!("throughput: single-task jobs, 8 slots, 4 tenants (jobs/s; median of 3 runs)");
+        let jobs = 2000;
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let mut base = Vec::new();
+        for _ in 0..3 {
+            base.push(direct_calls(&installed, jobs).await);
+        }
+        println!("  baseline: the plugin called directly        {:>8.0} calls/s", median(base));
+        for (label, executor) in [("no-op plugin", echo.clone()), ("no plugin", Arc::new(Nothing) as Arc<dyn Execute>)]
+        {
+            let mut rates = Vec::new();
+            for _ in 0..3 {
+                let db = Database::sqlite().await;
+                rates.push(throughput(&db.url, executor.clone(), jobs).await);
+            }
+            println!("  SQLite, {label:<14}                     {:>8.0} jobs/s", median(rates));
+            let mut rates = Vec::new();
+            for _ in 0..3 {
+                let Some(db) = Database::postgres().await else { break };
+                rates.push(throughput(&db.url, executor.clone(), jobs).await);
+                db.drop_pg().await;
+            }
+            if !rates.is_empty() {
+                println!("  PostgreSQL, {label:<14}                 {:>8.0} jobs/s", median(rates));
+            }
+        }
+
+        println!("fairness under overload: 10 tenants, 4 slots, 4 ms tasks, all backlogged");
+        println!(" weights 1..10:");
+        fairness(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]).await;
+        println!(" equal weights:");
+        fairness(&[1; 10]).await;
+
+        println!("takeover: a node dies holding a task; another node runs it after");
+        for lease_ms in [3_000, 6_000] {
+            let mut samples = Vec::new();
+            for _ in 0..3 {
+                samples.push(takeover(lease_ms).await);
+            }
+            samples.sort();
+            println!(
+                "  lease {lease_ms} ms (heartbeat {} ms): median {:.0} ms, max {:.0} ms",
+                lease_ms / 3,
+                samples[1].as_secs_f64() * 1e3,
+                samples[2].as_secs_f64() * 1e3
+            );
+        }
+    });
+}

@@ -304,7 +304,7 @@ impl JobRunner {
 
     /// Gives tasks to jobs stored before there were tasks, then starts the scheduler, which
     /// picks up whatever a previous process left unfinished. Returns the tasks queued.
-    pub async fn start(&self) -> Result<usize, qlayer_db::DbError> {
+    pub async fn start(&self) -> anyhow::Result<usize> {
         for job in self.scheduler.db().jobs_without_tasks().await? {
             match plan(job.kind, &job.input, self.default_attempts) {
                 Ok(tasks) => self.scheduler.db().add_tasks(&job, &tasks).await?,
@@ -331,8 +331,8 @@ impl JobRunner {
     }
 
     /// Stops a cancelled job's work in progress (its status is already `cancelled`).
-    pub fn cancel(&self, job_id: &str) {
-        self.scheduler.cancel(job_id);
+    pub async fn cancel(&self, job_id: &str) {
+        self.scheduler.cancel(job_id).await;
     }
 
     /// Stops the scheduler: running tasks get `grace`, then are handed back for the next start.

@@ -59,6 +59,10 @@ enum Command {
         /// Data directory.
         #[arg(long, env = "QLAYER_DATA_DIR")]
         data_dir: Option<PathBuf>,
+        /// Scale mode: nats://host:4222 (JetStream); nodes sharing the database then share the
+        /// work. Default: the queue is in the database.
+        #[arg(long)]
+        queue: Option<String>,
         /// Export traces over OTLP/gRPC to this collector, e.g. http://127.0.0.1:4317.
         #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
         otlp_endpoint: Option<String>,
@@ -319,8 +323,10 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Plugin(cmd) => plugin(cmd).map(|()| ExitCode::SUCCESS),
         Command::Audit(cmd) => audit(cmd),
-        Command::Serve { config, rest_addr, grpc_addr, database, data_dir, otlp_endpoint: _ } => match &tokio {
-            Some(rt) => serve_command(rt, config, rest_addr, grpc_addr, database, data_dir).map(|()| ExitCode::SUCCESS),
+        Command::Serve { config, rest_addr, grpc_addr, database, data_dir, queue, otlp_endpoint: _ } => match &tokio {
+            Some(rt) => {
+                serve_command(rt, config, rest_addr, grpc_addr, database, data_dir, queue).map(|()| ExitCode::SUCCESS)
+            }
             None => Err(anyhow::anyhow!("no runtime")),
         },
     };
@@ -369,6 +375,7 @@ fn serve_command(
     grpc_addr: Option<std::net::SocketAddr>,
     database: Option<String>,
     data_dir: Option<PathBuf>,
+    queue: Option<String>,
 ) -> anyhow::Result<()> {
     let mut cfg = match &config {
         Some(path) => qlayer_host::serve::ServeConfig::from_file(path)?,
@@ -383,6 +390,9 @@ fn serve_command(
     }
     if let Some(url) = database {
         cfg.database.url = Some(url);
+    }
+    if let Some(url) = queue {
+        cfg.jobs.queue = Some(url);
     }
     let data_dir = data_dir.unwrap_or_else(embedded::default_data_dir);
     tokio.block_on(qlayer_host::serve::serve(cfg, data_dir))

@@ -106,6 +106,14 @@ pub struct JobsConfig {
     /// How long an open circuit first waits before a probe (ms); doubles while probes fail.
     #[serde(default = "default_breaker_cooldown")]
     pub breaker_cooldown_ms: i64,
+    /// Scale mode: `nats://host:4222`; tasks travel on a JetStream work-queue stream and every
+    /// node sharing the database runs them. Without it, the queue is in the database.
+    #[serde(default)]
+    pub queue: Option<String>,
+    /// Scale mode: deliveries of a task's message after which it goes to the dead-letter
+    /// subject instead of running (2-1000).
+    #[serde(default = "default_max_deliver")]
+    pub max_deliver: i64,
 }
 
 impl Default for JobsConfig {
@@ -120,8 +128,14 @@ impl Default for JobsConfig {
             retry_max_ms: default_retry_max(),
             breaker_failures: default_breaker_failures(),
             breaker_cooldown_ms: default_breaker_cooldown(),
+            queue: None,
+            max_deliver: default_max_deliver(),
         }
     }
+}
+
+fn default_max_deliver() -> i64 {
+    20
 }
 
 fn default_concurrency() -> usize {
@@ -167,6 +181,10 @@ impl JobsConfig {
         )?;
         check((1..=3_600_000).contains(&self.breaker_cooldown_ms), "breaker-cooldown-ms", "1 to 3600000")?;
         check(self.max_open_per_tenant >= 0, "max-open-per-tenant", "0 or more")?;
+        check((2..=1000).contains(&self.max_deliver), "max-deliver", "2 to 1000")?;
+        if let Some(url) = &self.queue {
+            check(url.starts_with("nats://") || url.starts_with("tls://"), "queue", "a nats:// or tls:// URL")?;
+        }
         Ok(crate::scheduler::SchedulerConfig {
             node_id,
             concurrency: self.concurrency,
@@ -181,6 +199,8 @@ impl JobsConfig {
                 max_cooldown_ms: (self.breaker_cooldown_ms * 12).max(60_000),
             },
             max_open_per_tenant: self.max_open_per_tenant,
+            queue_url: self.queue.clone(),
+            max_deliver: self.max_deliver,
         })
     }
 }
@@ -250,7 +270,8 @@ impl ServeConfig {
         })
     }
 
-    /// Applies `QLAYER_REST_ADDR`, `QLAYER_GRPC_ADDR`, `QLAYER_DATABASE_URL` and `QLAYER_ADMIN_KEY`.
+    /// Applies `QLAYER_REST_ADDR`, `QLAYER_GRPC_ADDR`, `QLAYER_DATABASE_URL`, `QLAYER_ADMIN_KEY`
+    /// and `QLAYER_QUEUE`.
     pub fn apply_env(&mut self) -> anyhow::Result<()> {
         if let Ok(addr) = std::env::var("QLAYER_REST_ADDR") {
             self.server.rest_addr = addr
@@ -267,6 +288,9 @@ impl ServeConfig {
         }
         if let Ok(key) = std::env::var("QLAYER_ADMIN_KEY") {
             self.auth.admin_key = Some(key);
+        }
+        if let Ok(queue) = std::env::var("QLAYER_QUEUE") {
+            self.jobs.queue = Some(queue);
         }
         Ok(())
     }

@@ -477,3 +477,157 @@ async fn tenant_weights_split_capacity_and_only_operators_set_them() {
     assert_eq!((r.status, r.code()), (404, "not_found"));
     svc.stop().await;
 }
+
+/// Scale mode: three `qlayer serve` nodes on loopback share PostgreSQL and a NATS JetStream
+/// (a `nats-server -js` this test starts on a free port). Jobs submitted to one node run on all
+/// three. The node running a long task is killed with SIGKILL: JetStream redelivers the task to
+/// another node once the lease runs out, and the job completes exactly once. A task that keeps
+/// failing lands on the dead-letter subject with its reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_on_nats_survive_a_killed_node_and_dead_letter_a_poison_task() {
+    let nats = qlayer_tests::TestNats::start();
+    let registry = TestRegistry::start();
+    let (pg, _pg) = fresh_postgres().await;
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        let data = tempfile::tempdir().unwrap();
+        std::fs::write(
+            data.path().join("marketplace.toml"),
+            format!("insecure-registries = [\"{}\"]\n", registry.addr),
+        )
+        .unwrap();
+        let config = data.path().join("qlayer.toml");
+        std::fs::write(
+            &config,
+            format!("[jobs]\nconcurrency = 2\nlease-ms = 2000\nretry-base-ms = 50\nqueue = \"{}\"\n", nats.url),
+        )
+        .unwrap();
+        let extra = ["--config", config.to_str().unwrap(), "--database", pg.as_str()];
+        let (child, base, http) = serve_process_in(data.path(), &[], &extra, std::process::Stdio::null()).await;
+        let node_id = std::fs::read_to_string(data.path().join("node-id")).unwrap();
+        nodes.push((Some(child), base, http, data, node_id));
+    }
+    let http = nodes[0].2.clone();
+    let post = |base: String, key: String, path: String, body: Value| {
+        let http = http.clone();
+        async move {
+            let r = http.post(format!("{base}{path}")).bearer_auth(key).json(&body).send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let (status, created) = post(nodes[0].1.clone(), ADMIN.into(), "/v1/tenants".into(), json!({"name": "acme"})).await;
+    assert_eq!(status, 201, "{created}");
+    let acme = created["api_key"].as_str().unwrap().to_string();
+    let tenant = created["tenant"]["id"].as_str().unwrap().to_string();
+    // Installs are per node (each has its own data dir): install on each.
+    let reference = format!("{}/test/hostile:1.0.0", registry.addr);
+    let pusher = tempfile::tempdir().unwrap();
+    let market = qlayer_host::marketplace::Marketplace::open(
+        pusher.path(),
+        qlayer_host::marketplace::MarketplaceConfig {
+            insecure_registries: vec![registry.addr.clone()],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    market.push(&hostile(64, 20_000), &reference, None).await.unwrap();
+    for node in &nodes {
+        let (status, body) =
+            post(node.1.clone(), acme.clone(), "/v1/plugins".into(), json!({"reference": reference})).await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let db = qlayer_db::Db::open(&pg).await.unwrap();
+    let wait = |id: String| {
+        let (db, tenant) = (db.clone(), tenant.clone());
+        async move {
+            for _ in 0..3000 {
+                let job = db.job(&tenant, &id).await.unwrap().unwrap();
+                if job.status.is_terminal() {
+                    return job;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            panic!("job {id} did not finish");
+        }
+    };
+
+    // Work submitted to one node spreads over all three.
+    let mut quick = Vec::new();
+    for n in 0..24 {
+        let (status, job) =
+            post(nodes[0].1.clone(), acme.clone(), "/v1/jobs".into(), call(&format!("sleep-ms 100 q{n}"))).await;
+        assert_eq!(status, 201, "{job}");
+        quick.push(job["id"].as_str().unwrap().to_string());
+    }
+    let mut ran_on = std::collections::HashSet::new();
+    for id in &quick {
+        let job = wait(id.clone()).await;
+        assert_eq!(job.status.as_str(), "succeeded", "{job:?}");
+        for e in db.job_events(&tenant, id, 0).await.unwrap() {
+            if e.kind == "started" {
+                ran_on.insert(e.data["node"].as_str().unwrap().to_string());
+            }
+        }
+    }
+    assert!(ran_on.len() >= 2, "the work spread over the nodes: {ran_on:?}");
+
+    // A long task; kill the node running it.
+    let (_, job) = post(nodes[1].1.clone(), acme.clone(), "/v1/jobs".into(), call("sleep-ms 3000 long")).await;
+    let long = job["id"].as_str().unwrap().to_string();
+    let first_node = loop {
+        let events = db.job_events(&tenant, &long, 0).await.unwrap();
+        if let Some(e) = events.iter().find(|e| e.kind == "started") {
+            break e.data["node"].as_str().unwrap().to_string();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let victim = nodes.iter_mut().find(|n| n.4 == first_node).unwrap();
+    let mut child = victim.0.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let killed_at = now_ms();
+    let done = wait(long.clone()).await;
+    assert_eq!((done.status.as_str(), done.output.clone()), ("succeeded", Some(json!("slept long"))), "{done:?}");
+    let events = db.job_events(&tenant, &long, 0).await.unwrap();
+    let starts: Vec<&qlayer_db::JobEvent> = events.iter().filter(|e| e.kind == "started").collect();
+    assert_eq!(starts.len(), 2, "{events:?}");
+    assert_ne!(starts[1].data["node"], starts[0].data["node"], "it ran again elsewhere");
+    assert_eq!(starts[1].data["resumed"], true);
+    let terminal = events.iter().filter(|e| matches!(e.kind.as_str(), "succeeded" | "failed" | "cancelled")).count();
+    assert_eq!(terminal, 1, "completed exactly once: {events:?}");
+    eprintln!(
+        "takeover on NATS: the task ran again {} ms after its node was killed (lease 2000 ms)",
+        starts[1].at - killed_at
+    );
+
+    // A poison task: it keeps failing; after its attempts it is dead-lettered.
+    let mut body = call(&format!("fail-until {}", now_ms() + 3_600_000));
+    body["max_attempts"] = json!(2);
+    let alive = nodes.iter().find(|n| n.0.is_some()).unwrap().1.clone();
+    let (_, job) = post(alive, acme.clone(), "/v1/jobs".into(), body).await;
+    let poison = job["id"].as_str().unwrap().to_string();
+    let failed = wait(poison.clone()).await;
+    assert_eq!(failed.status.as_str(), "failed");
+    assert!(failed.error.as_deref().unwrap_or("").contains("gave up after 2 attempts"), "{failed:?}");
+    let client = async_nats::connect(&nats.url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let dead = js.get_stream("QLAYER_DEAD").await.unwrap();
+    let message = dead.get_last_raw_message_by_subject(&format!("qlayer.dead.{tenant}")).await.unwrap();
+    assert_eq!(message.headers.get("Qlayer-Job").map(|v| v.as_str()), Some(poison.as_str()));
+    let body: Value = serde_json::from_slice(&message.payload).unwrap();
+    assert_eq!(body["attempts"], 2);
+    assert!(body["reason"].as_str().unwrap().contains("unavailable"), "{body}");
+    // Nothing is left in the work queue.
+    let mut tasks = js.get_stream("QLAYER_TASKS").await.unwrap();
+    let info = tasks.info().await.unwrap();
+    assert_eq!(info.state.messages, 0, "every task message was settled");
+
+    for node in &mut nodes {
+        if let Some(mut child) = node.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+    db.close().await;
+}

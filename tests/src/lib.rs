@@ -426,3 +426,53 @@ pub fn qlayer_bin() -> PathBuf {
     assert!(bin.exists(), "{} is missing: run the tests with `cargo test --workspace`", bin.display());
     bin
 }
+
+/// A NATS server with JetStream (Debian's `nats-server`, installed with apt-get when missing) on
+/// a free loopback port, its store in a temp dir. Stopped on drop.
+pub struct TestNats {
+    child: Option<std::process::Child>,
+    /// `nats://127.0.0.1:<port>`.
+    pub url: String,
+    _store: tempfile::TempDir,
+}
+
+impl TestNats {
+    /// Starts the server and waits until it accepts connections.
+    pub fn start() -> TestNats {
+        let binary = PathBuf::from("/usr/sbin/nats-server");
+        if !binary.exists() {
+            let _guard = APT.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = std::process::Command::new("apt-get")
+                .args(["install", "-y", "--no-install-recommends", "nats-server"])
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .status();
+            assert!(binary.exists(), "nats-server is needed by this test: apt-get install nats-server");
+        }
+        let store = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let port = free_port();
+        let child = std::process::Command::new(&binary)
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(store.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting nats-server: {e}"));
+        let nats = TestNats { child: Some(child), url: format!("nats://127.0.0.1:{port}"), _store: store };
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return nats;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("nats-server did not start on port {port}")
+    }
+}
+
+impl Drop for TestNats {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

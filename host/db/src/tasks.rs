@@ -241,8 +241,8 @@ pub(crate) async fn insert_tasks(
 }
 
 impl crate::Db {
-    /// Leases a ready task for `lease_ms`: `None` if it is not ready (taken, cancelled, not due)
-    /// or its job is over.
+    /// Leases a ready task (or one whose lease expired: its node died) for `lease_ms`: `None` if
+    /// it is not ready (held under a live lease, cancelled, not due) or its job is over.
     pub async fn lease_task(&self, task_id: &str, owner: &str, lease_ms: i64) -> Result<Option<Task>, DbError> {
         let now = now_ms();
         let Some(job_id) = task_id.rsplit_once('.').map(|(j, _)| j) else {
@@ -255,7 +255,9 @@ impl crate::Db {
             }
             let row = sqlx::query(&format!(
                 "UPDATE tasks SET status = 'leased', lease_owner = $1, lease_expires = $2, attempts = attempts + 1, \
-                 updated_at = $3 WHERE id = $4 AND status = 'ready' AND not_before <= $3 RETURNING {TASK_COLUMNS}"
+                 resumed = CASE WHEN status = 'leased' THEN 1 ELSE resumed END, updated_at = $3 \
+                 WHERE id = $4 AND not_before <= $3 \
+                 AND (status = 'ready' OR (status = 'leased' AND lease_expires < $3)) RETURNING {TASK_COLUMNS}"
             ))
             .bind(owner)
             .bind(now + lease_ms)
@@ -332,6 +334,17 @@ impl crate::Db {
         let rows = sqlx::query(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE status = 'ready' ORDER BY id"))
             .fetch_all(self.pool())
             .await?;
+        rows.iter().map(task_of).collect()
+    }
+
+    /// Ready tasks untouched for `idle_ms` (a work queue lost their message): to offer again.
+    pub async fn idle_ready_tasks(&self, idle_ms: i64) -> Result<Vec<Task>, DbError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {TASK_COLUMNS} FROM tasks WHERE status = 'ready' AND updated_at < $1 ORDER BY id LIMIT 10000"
+        ))
+        .bind(now_ms() - idle_ms)
+        .fetch_all(self.pool())
+        .await?;
         rows.iter().map(task_of).collect()
     }
 

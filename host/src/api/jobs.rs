@@ -262,7 +262,7 @@ pub async fn cancel_op(state: &AppState, caller: &Caller, id: &str) -> Result<Jo
     caller.require_write()?;
     let outcome = match state.db.cancel_job(caller.tenant_id(), id, "cancelled by the caller").await {
         Ok(CancelOutcome::Cancelled(job)) => {
-            state.runner.cancel(&job.id);
+            state.runner.cancel(&job.id).await;
             Ok(job)
         }
         Ok(CancelOutcome::AlreadyFinished(job)) => {

@@ -235,6 +235,13 @@ impl FairQueue {
         removed
     }
 
+    /// Known tenants, the one owed most capacity first (smallest finish tag).
+    pub fn tenant_order(&self) -> Vec<Arc<str>> {
+        let mut tenants: Vec<(&Arc<str>, f64)> = self.tenants.iter().map(|(id, t)| (id, t.finish)).collect();
+        tenants.sort_by(|a, b| a.1.total_cmp(&b.1));
+        tenants.into_iter().map(|(id, _)| id.clone()).collect()
+    }
+
     /// Ready (not delayed) tasks per tenant, for the queue gauges.
     pub fn ready_by_tenant(&self) -> Vec<(Arc<str>, usize, usize)> {
         self.tenants.iter().map(|(id, t)| (id.clone(), t.ready.len(), t.running)).collect()

@@ -17,9 +17,11 @@
 
 pub mod breaker;
 pub mod fair;
+pub mod nats;
 
 use breaker::{BreakerPolicy, Breakers, Transition};
 use fair::{Charge, Entry, FairQueue};
+use futures::StreamExt as _;
 use futures::future::BoxFuture;
 use qlayer_db::{Db, DbError, Job, Lease, NewJob, Task};
 use std::collections::HashMap;
@@ -49,6 +51,10 @@ pub struct SchedulerConfig {
     pub breaker: BreakerPolicy,
     /// Open tasks (waiting, ready, running) a tenant may have; more are refused (0: no limit).
     pub max_open_per_tenant: i64,
+    /// Scale mode: a NATS URL; tasks then travel on a JetStream work-queue stream.
+    pub queue_url: Option<String>,
+    /// Scale mode: deliveries of a task message after which it is dead-lettered.
+    pub max_deliver: i64,
 }
 
 impl Default for SchedulerConfig {
@@ -63,6 +69,8 @@ impl Default for SchedulerConfig {
             retry_max_ms: 30_000,
             breaker: BreakerPolicy::default(),
             max_open_per_tenant: 10_000,
+            queue_url: None,
+            max_deliver: 20,
         }
     }
 }
@@ -157,6 +165,7 @@ pub struct Scheduler {
     stopping: watch::Sender<bool>,
     loops: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     workers: tokio::sync::Mutex<tokio::task::JoinSet<()>>,
+    nats: std::sync::OnceLock<Arc<nats::NatsQueue>>,
 }
 
 impl std::fmt::Debug for Scheduler {
@@ -209,7 +218,12 @@ impl Scheduler {
             stopping,
             loops: Mutex::new(Vec::new()),
             workers: tokio::sync::Mutex::new(tokio::task::JoinSet::new()),
+            nats: std::sync::OnceLock::new(),
         })
+    }
+
+    fn nats(&self) -> Option<&Arc<nats::NatsQueue>> {
+        self.nats.get()
     }
 
     /// This node's identity.
@@ -226,27 +240,182 @@ impl Scheduler {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Takes back this node's leases from before a restart, queues every ready task, and starts
-    /// dispatching. Returns how many tasks were queued.
-    pub async fn start(self: &Arc<Self>) -> Result<usize, DbError> {
+    /// Takes back this node's leases from before a restart, queues every ready task (or, in scale
+    /// mode, connects to NATS and offers tasks whose message may be missing), and starts
+    /// dispatching. Returns how many tasks were queued or offered.
+    pub async fn start(self: &Arc<Self>) -> anyhow::Result<usize> {
         let reclaimed = self.db.reclaim_leases(Some(&self.config.node_id)).await?;
         if !reclaimed.is_empty() {
             tracing::info!(tasks = reclaimed.len(), "took back the tasks this node was running when it stopped");
         }
         self.refresh_shares().await?;
-        let ready = self.db.ready_tasks().await?;
-        let n = ready.len();
-        self.enqueue(&ready);
-        let dispatcher = tokio::spawn({
+        let mut loops = Vec::new();
+        let n = if let Some(url) = &self.config.queue_url {
+            let queue = nats::NatsQueue::connect(
+                url,
+                Duration::from_millis(self.config.lease_ms as u64),
+                self.config.max_deliver,
+            )
+            .await?;
+            let queue = Arc::new(queue);
+            let _ = self.nats.set(queue.clone());
+            // Reclaimed tasks, and ready ones whose message may have been lost, are offered again
+            // (a duplicate finds its task taken and is acked away).
+            let mut offer = reclaimed;
+            offer.extend(self.db.idle_ready_tasks(self.config.lease_ms).await?);
+            queue.publish(&offer).await?;
+            loops.push(tokio::spawn({
+                let this = self.clone();
+                async move { this.fetch_loop().await }
+            }));
+            let mut cancels = queue.client().subscribe(nats::CANCEL_SUBJECT).await?;
+            loops.push(tokio::spawn({
+                let this = self.clone();
+                async move {
+                    while let Some(message) = cancels.next().await {
+                        if let Ok(job) = std::str::from_utf8(&message.payload) {
+                            this.abandon_job(job);
+                        }
+                    }
+                }
+            }));
+            offer.len()
+        } else {
+            let ready = self.db.ready_tasks().await?;
+            self.enqueue(&ready);
+            ready.len()
+        };
+        loops.push(tokio::spawn({
             let this = self.clone();
             async move { this.dispatch().await }
-        });
-        let heartbeat = tokio::spawn({
+        }));
+        loops.push(tokio::spawn({
             let this = self.clone();
             async move { this.heartbeat().await }
-        });
-        self.loops.lock().unwrap_or_else(|p| p.into_inner()).extend([dispatcher, heartbeat]);
+        }));
+        self.loops.lock().unwrap_or_else(|p| p.into_inner()).extend(loops);
         Ok(n)
+    }
+
+    /// New ready work: queued here, or (scale mode) published for any node.
+    async fn offer(&self, tasks: &[Task]) {
+        match self.nats() {
+            Some(queue) => {
+                if let Err(e) = queue.publish(tasks).await {
+                    tracing::error!(error = %e, tasks = tasks.len(),
+                        "publishing ready tasks failed; they are offered again when found idle");
+                }
+            }
+            None => self.enqueue(tasks),
+        }
+    }
+
+    /// A task to try again from `due` on: queued here, or (scale mode) its message delivered
+    /// again after the delay, to any node.
+    async fn requeue(&self, task: &Task, due: i64) {
+        match self.nats() {
+            Some(queue) if queue.holds(&task.id) => {
+                let delay = Duration::from_millis((due - now_ms()).max(0) as u64);
+                queue.nak(&task.id, Some(delay)).await;
+            }
+            Some(_) => self.offer(std::slice::from_ref(task)).await,
+            None => {
+                let mut again = task.clone();
+                again.not_before = due;
+                self.enqueue(&[again]);
+            }
+        }
+    }
+
+    /// The task's message (scale mode) is done with.
+    async fn settled(&self, task_id: &str) {
+        if let Some(queue) = self.nats() {
+            queue.ack(task_id).await;
+        }
+    }
+
+    /// Scale mode: keeps the local fair queue stocked from the stream, tenant by tenant in
+    /// fair-queue order, up to twice this node's concurrency.
+    async fn fetch_loop(self: Arc<Self>) {
+        let Some(queue) = self.nats().cloned() else { return };
+        let mut wake = match queue.client().subscribe(nats::WAKE_SUBJECT).await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "subscribing to wake-ups failed; polling only");
+                None
+            }
+        };
+        let mut stopping = self.stopping.subscribe();
+        let capacity = self.config.concurrency * 2;
+        loop {
+            loop {
+                let (held, order) = {
+                    let inner = self.lock();
+                    (inner.queue.len() + inner.running.len(), inner.queue.tenant_order())
+                };
+                let room = capacity.saturating_sub(held);
+                if room == 0 {
+                    break;
+                }
+                let mut pending = match queue.pending_tenants().await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading the task stream failed");
+                        break;
+                    }
+                };
+                if pending.is_empty() {
+                    break;
+                }
+                // Tenants the fair queue owes most go first; unknown ones are new (owed most).
+                pending.sort_by_key(|(t, _)| order.iter().position(|o| &**o == t.as_str()).map_or(0, |p| p + 1));
+                let per = (room / pending.len()).max(1);
+                let (mut left, mut got) = (room, 0);
+                for (tenant, count) in pending {
+                    if left == 0 {
+                        break;
+                    }
+                    let want = per.min(left).min(count as usize);
+                    match queue.fetch(&tenant, want).await {
+                        Ok(deliveries) => {
+                            left = left.saturating_sub(deliveries.len());
+                            got += deliveries.len();
+                            let now = now_ms();
+                            let mut inner = self.lock();
+                            for d in deliveries {
+                                let e = d.envelope;
+                                let entry = Entry {
+                                    task_id: Arc::from(e.task_id.as_str()),
+                                    job_id: Arc::from(e.job_id.as_str()),
+                                    tenant_id: Arc::from(e.tenant_id.as_str()),
+                                    plugin: Arc::from(e.plugin.as_str()),
+                                    priority: e.priority,
+                                };
+                                inner.queue.push(entry, e.not_before, now);
+                            }
+                        }
+                        Err(e) => tracing::warn!(tenant = %tenant, error = %e, "fetching a tenant's tasks failed"),
+                    }
+                }
+                if got == 0 {
+                    break;
+                }
+                self.wake.notify_one();
+            }
+            let woken = async {
+                match wake.as_mut() {
+                    Some(w) => {
+                        let _ = w.next().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = woken => {}
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = stopping.wait_for(|s| *s) => return,
+            }
+        }
     }
 
     /// Reads the tenants' weights and limits into the fair queue.
@@ -300,7 +469,7 @@ impl Scheduler {
                 .into_iter()
                 .filter(|t| t.status == qlayer_db::TaskStatus::Ready)
                 .collect();
-            self.enqueue(&ready);
+            self.offer(&ready).await;
             self.announce(&job.id);
         }
         Ok((job, created))
@@ -309,8 +478,11 @@ impl Scheduler {
     /// Stops a cancelled job's work here: its queued tasks are dropped and its running plugin
     /// calls stopped (its status is already `cancelled` in the store; other nodes notice at
     /// their next heartbeat).
-    pub fn cancel(&self, job_id: &str) {
+    pub async fn cancel(&self, job_id: &str) {
         self.abandon_job(job_id);
+        if let Some(queue) = self.nats() {
+            queue.announce_cancel(job_id).await;
+        }
         self.announce(job_id);
     }
 
@@ -374,8 +546,17 @@ impl Scheduler {
         let leased = match self.db.lease_task(&entry.task_id, &self.config.node_id, self.config.lease_ms).await {
             Ok(Some(task)) => task,
             Ok(None) => {
-                // Taken, cancelled, or its job is over: nothing to do.
                 self.lock().breakers.release_probe(&entry.tenant_id, &entry.plugin, now_ms());
+                if self.nats().is_some() {
+                    // A message early for its backoff waits here; one whose task is taken
+                    // (a duplicate, a late redelivery) or over is acked away.
+                    match self.db.task(&entry.task_id).await {
+                        Ok(Some(t)) if t.status == qlayer_db::TaskStatus::Ready && t.not_before > now_ms() => {
+                            self.lock().queue.push(entry.clone(), t.not_before, now_ms());
+                        }
+                        _ => self.settled(&entry.task_id).await,
+                    }
+                }
                 return;
             }
             Err(e) => {
@@ -395,7 +576,17 @@ impl Scheduler {
                 "task `{}` was given up after {} attempts: every run of it was interrupted",
                 leased.name, leased.max_attempts
             );
-            self.give_up(&leased, &lease, &error).await;
+            self.give_up(&leased, &lease, &error, true).await;
+            return;
+        }
+        if let Some(delivered) = self.nats().and_then(|q| q.delivered(&leased.id))
+            && delivered >= self.config.max_deliver
+        {
+            let error = format!(
+                "task `{}` was delivered {delivered} times without finishing (max-deliver); it was dead-lettered",
+                leased.name
+            );
+            self.give_up(&leased, &lease, &error, true).await;
             return;
         }
         let now = now_ms();
@@ -403,7 +594,7 @@ impl Scheduler {
             && now >= deadline_at
         {
             let error = format!("the job's deadline passed before task `{}` could run", leased.name);
-            self.give_up(&leased, &lease, &error).await;
+            self.give_up(&leased, &lease, &error, false).await;
             return;
         }
         self.event(
@@ -470,6 +661,11 @@ impl Scheduler {
             Ended::Abandoned => {
                 self.lock().breakers.release_probe(&entry.tenant_id, &entry.plugin, now_ms());
                 metrics::counter!("qlayer_tasks_total", "outcome" => "abandoned").increment(1);
+                // Cancelled or taken over: the message is done with. At a graceful stop it is
+                // handed back instead (with the lease), for another node.
+                if !*self.stopping.borrow() {
+                    self.settled(&entry.task_id).await;
+                }
             }
             Ended::Deadline => {
                 self.lock().breakers.release_probe(&entry.tenant_id, &entry.plugin, now_ms());
@@ -478,7 +674,7 @@ impl Scheduler {
                     leased.name,
                     elapsed.as_millis()
                 );
-                self.give_up(&leased, &lease, &error).await;
+                self.give_up(&leased, &lease, &error, false).await;
             }
             Ended::Done(Ok(output)) => {
                 if let Some(Transition::Closed) = self.lock().breakers.success(&entry.tenant_id, &entry.plugin) {
@@ -493,17 +689,22 @@ impl Scheduler {
                                 "attempt": leased.attempts, "duration_ms": elapsed.as_millis() as u64 });
                             self.event(&leased.job_id, "progress", data).await;
                         }
-                        self.enqueue(&recorded.ready);
+                        self.offer(&recorded.ready).await;
                         if recorded.job_finished.is_some() {
                             metrics::counter!("qlayer_jobs_finished_total", "status" => "succeeded").increment(1);
                         }
+                        self.settled(&leased.id).await;
                         self.announce(&leased.job_id);
                     }
                     Ok(_) => {
-                        tracing::warn!(task = %leased.id, "the task's lease was lost before its result was recorded; the result is dropped")
+                        tracing::warn!(task = %leased.id, "the task's lease was lost before its result was recorded; the result is dropped");
+                        self.settled(&leased.id).await;
                     }
                     Err(e) => {
-                        tracing::error!(task = %leased.id, error = %e, "recording a task's result failed; its lease will expire and it runs again")
+                        tracing::error!(task = %leased.id, error = %e, "recording a task's result failed; its lease will expire and it runs again");
+                        if let Some(queue) = self.nats() {
+                            queue.forget(&leased.id);
+                        }
                     }
                 }
             }
@@ -539,12 +740,10 @@ impl Scheduler {
             });
             match self.db.retry_task(lease, retry_at, &error.message, &event).await {
                 Ok(true) => {
-                    let mut again = task.clone();
-                    again.not_before = retry_at;
-                    self.enqueue(&[again]);
+                    self.requeue(task, retry_at).await;
                     self.announce(&task.job_id);
                 }
-                Ok(false) => {}
+                Ok(false) => self.settled(&task.id).await,
                 Err(e) => {
                     tracing::error!(task = %task.id, error = %e, "recording a retry failed; the lease will expire")
                 }
@@ -560,18 +759,35 @@ impl Scheduler {
             format!("{} (gave up after {} attempts)", error.message, task.attempts)
         };
         let message = format!("task `{}`: {why}", task.name);
-        self.give_up(task, lease, &message).await;
+        // A task that kept failing (its retries ran out) is dead-lettered in scale mode.
+        self.give_up(task, lease, &message, error.retryable).await;
     }
 
-    async fn give_up(&self, task: &Task, lease: &Lease, error: &str) {
+    /// Fails a task and its job; `dead`: it kept failing, so (scale mode) its message goes to
+    /// the dead-letter subject.
+    async fn give_up(&self, task: &Task, lease: &Lease, error: &str, dead: bool) {
         match self.db.fail_task(&task.id, Some(lease), error).await {
             Ok(true) => {
                 metrics::counter!("qlayer_jobs_finished_total", "status" => "failed").increment(1);
+                if dead {
+                    metrics::counter!("qlayer_tasks_dead_total").increment(1);
+                }
                 self.abandon_job(&task.job_id);
                 self.announce(&task.job_id);
             }
             Ok(false) => {}
-            Err(e) => tracing::error!(task = %task.id, error = %e, "recording a failed task failed"),
+            Err(e) => {
+                tracing::error!(task = %task.id, error = %e, "recording a failed task failed");
+                if let Some(queue) = self.nats() {
+                    queue.forget(&task.id);
+                }
+                return;
+            }
+        }
+        match (self.nats(), dead) {
+            (Some(queue), true) => queue.dead_letter(task, error).await,
+            (Some(queue), false) => queue.ack(&task.id).await,
+            (None, _) => {}
         }
     }
 
@@ -589,13 +805,31 @@ impl Scheduler {
                 Ok(held) => self.stop_unheld(&held.into_iter().collect()).await,
                 Err(e) => tracing::error!(error = %e, "renewing this node's leases failed"),
             }
-            match self.db.reclaim_leases(None).await {
-                Ok(expired) if !expired.is_empty() => {
-                    tracing::warn!(tasks = expired.len(), "took over tasks whose lease expired (their node stopped)");
-                    self.enqueue(&expired);
+            if let Some(queue) = self.nats() {
+                queue.progress_all().await;
+            }
+            // Embedded: expired leases are taken over here. Scale mode: JetStream redelivers a
+            // dead node's messages and the lease is taken over then; this sweep only catches
+            // tasks whose message went missing.
+            if self.nats().is_none() || beats.is_multiple_of(10) {
+                match self.db.reclaim_leases(None).await {
+                    Ok(expired) if !expired.is_empty() => {
+                        tracing::warn!(
+                            tasks = expired.len(),
+                            "took over tasks whose lease expired (their node stopped)"
+                        );
+                        self.offer(&expired).await;
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(error = %e, "taking over expired leases failed"),
                 }
-                Ok(_) => {}
-                Err(e) => tracing::error!(error = %e, "taking over expired leases failed"),
+            }
+            if self.nats().is_some() && beats.is_multiple_of(30) {
+                match self.db.idle_ready_tasks(self.config.lease_ms * 10).await {
+                    Ok(idle) if !idle.is_empty() => self.offer(&idle).await,
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(error = %e, "looking for idle ready tasks failed"),
+                }
             }
             if beats.is_multiple_of(10)
                 && let Err(e) = self.refresh_shares().await
@@ -654,6 +888,9 @@ impl Scheduler {
             Ok(0) => {}
             Ok(n) => tracing::info!(tasks = n, "handed back unfinished tasks"),
             Err(e) => tracing::error!(error = %e, "handing back leases failed; they are taken back at the next start"),
+        }
+        if let Some(queue) = self.nats() {
+            queue.release_all().await;
         }
     }
 

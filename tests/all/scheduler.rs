@@ -24,6 +24,33 @@ async fn events(svc: &Svc, tenant: &str, job: &str) -> Vec<qlayer_db::JobEvent> 
     svc.db().job_events(tenant, job, 0).await.unwrap()
 }
 
+/// Tenants, each with the hostile guest installed from the service's registry: (id, key).
+async fn tenants_with_hostile(svc: &Svc, names: &[&str]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for name in names {
+        let (id, key) = svc.tenant(name).await;
+        assert_eq!(svc.install(&key, "test/hostile", &hostile(64, 10_000)).await.status, 201);
+        out.push((id, key));
+    }
+    out
+}
+
+/// Pushes the hostile guest (plugin time limit `timeout_ms`) to `registry`; returns its reference.
+async fn push_hostile(registry: &TestRegistry, timeout_ms: u64) -> String {
+    let reference = format!("{}/test/hostile:1.0.0", registry.addr);
+    let pusher = tempfile::tempdir().unwrap();
+    let market = qlayer_host::marketplace::Marketplace::open(
+        pusher.path(),
+        qlayer_host::marketplace::MarketplaceConfig {
+            insecure_registries: vec![registry.addr.clone()],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    market.push(&hostile(64, timeout_ms), &reference, None).await.unwrap();
+    reference
+}
+
 async fn submit(svc: &Svc, key: &str, body: Value) -> String {
     let r = svc.post("/v1/jobs", key, body).await;
     assert_eq!(r.status, 201, "{r:?}");
@@ -39,8 +66,7 @@ async fn only_retryable_errors_are_retried_with_backoff_and_retry_after() {
         c.jobs.breaker_failures = 0;
     })
     .await;
-    let (acme_id, acme) = svc.tenant("acme").await;
-    assert_eq!(svc.install(&acme, "test/hostile", &hostile(64, 10_000)).await.status, 201);
+    let [(acme_id, acme)] = <[_; 1]>::try_from(tenants_with_hostile(&svc, &["acme"]).await).unwrap();
 
     // Unavailable for 700 ms: retried until it recovers.
     let mut body = call(&format!("fail-until {}", now_ms() + 700));
@@ -101,11 +127,7 @@ async fn a_failing_plugin_opens_its_circuit_and_a_probe_closes_it() {
         c.jobs.breaker_cooldown_ms = 1_000;
     })
     .await;
-    let (acme_id, acme) = svc.tenant("acme").await;
-    let (_, beta) = svc.tenant("beta").await;
-    for key in [&acme, &beta] {
-        assert_eq!(svc.install(key, "test/hostile", &hostile(64, 10_000)).await.status, 201);
-    }
+    let [(acme_id, acme), (_, beta)] = <[_; 2]>::try_from(tenants_with_hostile(&svc, &["acme", "beta"]).await).unwrap();
     let mut body = call(&format!("fail-until {}", now_ms() + 1_500));
     body["max_attempts"] = json!(20);
     let flaky = submit(&svc, &acme, body).await;
@@ -180,11 +202,7 @@ async fn a_flooding_tenant_does_not_starve_another() {
         c.jobs.max_open_per_tenant = 320;
     })
     .await;
-    let (a_id, a) = svc.tenant("flood").await;
-    let (_, b) = svc.tenant("quiet").await;
-    for key in [&a, &b] {
-        assert_eq!(svc.install(key, "test/hostile", &hostile(64, 10_000)).await.status, 201);
-    }
+    let [(a_id, a), (_, b)] = <[_; 2]>::try_from(tenants_with_hostile(&svc, &["flood", "quiet"]).await).unwrap();
     let mut a_jobs = Vec::new();
     for _ in 0..300 {
         a_jobs.push(submit(&svc, &a, call("sleep-ms 40")).await);
@@ -238,8 +256,7 @@ async fn a_flooding_tenant_does_not_starve_another() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dag_job_runs_its_tasks_in_dependency_order() {
     let svc = service(Backend::Sqlite, true, |c| c.jobs.concurrency = 4).await;
-    let (acme_id, acme) = svc.tenant("acme").await;
-    assert_eq!(svc.install(&acme, "test/hostile", &hostile(64, 10_000)).await.status, 201);
+    let [(acme_id, acme)] = <[_; 1]>::try_from(tenants_with_hostile(&svc, &["acme"]).await).unwrap();
     let graph = json!({"kind": "call", "input": {"tasks": [
         {"name": "a", "plugin": "hostile", "input": "first"},
         {"name": "b", "plugin": "hostile", "input": "sleep-ms 300", "after": ["a"]},
@@ -328,17 +345,7 @@ async fn sigkill_mid_run_then_restart_completes_every_job_once(backend: Backend)
     assert_eq!(status, 201, "{created}");
     let acme = created["api_key"].as_str().unwrap().to_string();
     let tenant = created["tenant"]["id"].as_str().unwrap().to_string();
-    let reference = format!("{}/test/hostile:1.0.0", registry.addr);
-    let pusher = tempfile::tempdir().unwrap();
-    let market = qlayer_host::marketplace::Marketplace::open(
-        pusher.path(),
-        qlayer_host::marketplace::MarketplaceConfig {
-            insecure_registries: vec![registry.addr.clone()],
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    market.push(&hostile(64, 10_000), &reference, None).await.unwrap();
+    let reference = push_hostile(&registry, 10_000).await;
     let (status, body) = post(base.clone(), acme.clone(), "/v1/plugins", json!({"reference": reference})).await;
     assert_eq!(status, 201, "{body}");
     let mut ids = Vec::new();
@@ -423,12 +430,8 @@ async fn sigkill_mid_run_then_restart_completes_every_job_once(backend: Backend)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenant_weights_split_capacity_and_only_operators_set_them() {
     let svc = service(Backend::Sqlite, true, |c| c.jobs.concurrency = 1).await;
-    let (heavy_id, heavy) = svc.tenant("heavy").await;
-    let (light_id, light) = svc.tenant("light").await;
-    let (_, other) = svc.tenant("other").await;
-    for key in [&heavy, &light, &other] {
-        assert_eq!(svc.install(key, "test/hostile", &hostile(64, 10_000)).await.status, 201);
-    }
+    let [(heavy_id, heavy), (light_id, light), (_, other)] =
+        <[_; 3]>::try_from(tenants_with_hostile(&svc, &["heavy", "light", "other"]).await).unwrap();
     let r = svc
         .send("PUT", &format!("/v1/tenants/{heavy_id}/share"), Some(ADMIN), Some(json!({"weight": 3}).to_string()))
         .await;
@@ -521,17 +524,7 @@ async fn three_nodes_on_nats_survive_a_killed_node_and_dead_letter_a_poison_task
     let acme = created["api_key"].as_str().unwrap().to_string();
     let tenant = created["tenant"]["id"].as_str().unwrap().to_string();
     // Installs are per node (each has its own data dir): install on each.
-    let reference = format!("{}/test/hostile:1.0.0", registry.addr);
-    let pusher = tempfile::tempdir().unwrap();
-    let market = qlayer_host::marketplace::Marketplace::open(
-        pusher.path(),
-        qlayer_host::marketplace::MarketplaceConfig {
-            insecure_registries: vec![registry.addr.clone()],
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    market.push(&hostile(64, 20_000), &reference, None).await.unwrap();
+    let reference = push_hostile(&registry, 20_000).await;
     for node in &nodes {
         let (status, body) =
             post(node.1.clone(), acme.clone(), "/v1/plugins".into(), json!({"reference": reference})).await;

@@ -6,8 +6,11 @@
 //!    baseline is the same plugin calls made directly, with the same concurrency.
 //! 2. **Fairness under overload**: 10 backlogged tenants, weights 1..10 and then all equal; each
 //!    tenant's share of slot time against its weight, summed up as Jain's index.
-//! 3. **Takeover**: a node dies holding a task; the time until another node runs it (lease
-//!    expiry plus the next heartbeat), for two lease lengths.
+//! 3. **Takeover**: a node dies holding a task; the time until another node runs it: embedded
+//!    (lease expiry plus the next heartbeat's sweep) and on NATS JetStream (ack-wait = the lease,
+//!    then redelivery), for two lease lengths.
+//!
+//! The NATS figures use a `nats-server -js` started for each run (Debian's package).
 //!
 //! `cargo bench -p qlayer-tests --bench scheduler` (docs/PERFORMANCE.md records the figures).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
@@ -107,21 +110,34 @@ fn one_task() -> Vec<NewTask> {
     }]
 }
 
-async fn submit_many(scheduler: &Scheduler, tenants: &[String], per_tenant: usize) {
-    let input = serde_json::json!({});
-    for _ in 0..per_tenant {
-        for tenant in tenants {
-            let new = NewJob {
-                tenant_id: tenant,
-                kind: JobKind::Call,
-                input: &input,
-                priority: 0,
-                idempotency_key: None,
-                deadline_at: None,
-                tasks: one_task(),
-            };
-            scheduler.submit(new).await.unwrap();
-        }
+async fn submit_many(scheduler: &Arc<Scheduler>, tenants: &[String], per_tenant: usize) {
+    // Eight submitters at once, as eight application connections would.
+    let jobs: Vec<String> = (0..per_tenant).flat_map(|_| tenants.iter().cloned()).collect();
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let jobs = Arc::new(jobs);
+    let mut submitters = Vec::new();
+    for _ in 0..8 {
+        let (scheduler, jobs, next) = (scheduler.clone(), jobs.clone(), next.clone());
+        submitters.push(tokio::spawn(async move {
+            let input = serde_json::json!({});
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(tenant) = jobs.get(i) else { return };
+                let new = NewJob {
+                    tenant_id: tenant,
+                    kind: JobKind::Call,
+                    input: &input,
+                    priority: 0,
+                    idempotency_key: None,
+                    deadline_at: None,
+                    tasks: one_task(),
+                };
+                scheduler.submit(new).await.unwrap();
+            }
+        }));
+    }
+    for s in submitters {
+        s.await.unwrap();
     }
 }
 
@@ -143,16 +159,22 @@ async fn tenants(db: &Db, n: usize) -> Vec<String> {
     ids
 }
 
-fn config(node: &str, concurrency: usize) -> SchedulerConfig {
-    SchedulerConfig { node_id: node.into(), concurrency, max_open_per_tenant: 0, ..Default::default() }
+fn config(node: &str, concurrency: usize, queue: Option<&str>) -> SchedulerConfig {
+    SchedulerConfig {
+        node_id: node.into(),
+        concurrency,
+        max_open_per_tenant: 0,
+        queue_url: queue.map(str::to_string),
+        ..Default::default()
+    }
 }
 
 /// Jobs per second through a scheduler on `url` with `executor`: `jobs` single-task jobs over 4
 /// tenants, submitted up front, timed from the first submission to the last completion.
-async fn throughput(url: &str, executor: Arc<dyn Execute>, jobs: usize) -> f64 {
+async fn throughput(url: &str, queue: Option<&str>, executor: Arc<dyn Execute>, jobs: usize) -> f64 {
     let db = Db::open(url).await.unwrap();
     let ids = tenants(&db, 4).await;
-    let scheduler = Scheduler::new(db.clone(), config("bench", 8), executor);
+    let scheduler = Scheduler::new(db.clone(), config("bench", 8, queue), executor);
     scheduler.start().await.unwrap();
     let began = Instant::now();
     submit_many(&scheduler, &ids, jobs / 4).await;
@@ -201,7 +223,7 @@ async fn fairness(weights: &[i64]) -> f64 {
         db.set_tenant_share(id, *w, 0).await.unwrap();
     }
     let timed = Arc::new(Timed { cost: Duration::from_millis(4), log: Mutex::new(Vec::new()) });
-    let scheduler = Scheduler::new(db.clone(), config("fair", 4), timed.clone());
+    let scheduler = Scheduler::new(db.clone(), config("fair", 4, None), timed.clone());
     // Everyone's backlog is stored before the scheduler starts: all are backlogged from t=0.
     let per_tenant = 200;
     submit_many(&scheduler, &ids, per_tenant).await;
@@ -248,7 +270,7 @@ async fn fairness(weights: &[i64]) -> f64 {
 
 /// A node dies holding a long task; another node on the same database takes it over when the
 /// lease expires. Returns the time from the death to the task starting on the second node.
-async fn takeover(lease_ms: i64) -> Duration {
+async fn takeover(lease_ms: i64, queue: Option<&str>) -> Duration {
     let database = match Database::postgres().await {
         Some(d) => d,
         None => Database::sqlite().await,
@@ -271,7 +293,7 @@ async fn takeover(lease_ms: i64) -> Duration {
             Box::pin(async { Ok(serde_json::Value::Null) })
         }
     }
-    let mut cfg = config("node-a", 1);
+    let mut cfg = config("node-a", 1, queue);
     cfg.lease_ms = lease_ms;
     let a = Scheduler::new(db.clone(), cfg.clone(), Arc::new(Hang));
     a.start().await.unwrap();
@@ -305,7 +327,9 @@ fn main() {
         let installed = plugin.install(Grants::default()).unwrap();
         let echo: Arc<dyn Execute> = Arc::new(Echo(installed.clone()));
 
-        println!("throughput: single-task jobs, 8 slots, 4 tenants (jobs/s; median of 3 runs)");
+        println!(
+            "throughput: single-task jobs, 8 slots, 4 tenants, 8 concurrent submitters (jobs/s; median of 3 runs)"
+        );
         let jobs = 2000;
         let median = |mut v: Vec<f64>| {
             v.sort_by(f64::total_cmp);
@@ -321,17 +345,24 @@ fn main() {
             let mut rates = Vec::new();
             for _ in 0..3 {
                 let db = Database::sqlite().await;
-                rates.push(throughput(&db.url, executor.clone(), jobs).await);
+                rates.push(throughput(&db.url, None, executor.clone(), jobs).await);
             }
             println!("  SQLite, {label:<14}                     {:>8.0} jobs/s", median(rates));
-            let mut rates = Vec::new();
+            let (mut rates, mut nats_rates) = (Vec::new(), Vec::new());
             for _ in 0..3 {
                 let Some(db) = Database::postgres().await else { break };
-                rates.push(throughput(&db.url, executor.clone(), jobs).await);
+                rates.push(throughput(&db.url, None, executor.clone(), jobs).await);
+                db.drop_pg().await;
+                let Some(db) = Database::postgres().await else { break };
+                let nats = qlayer_tests::TestNats::start();
+                nats_rates.push(throughput(&db.url, Some(&nats.url), executor.clone(), jobs).await);
                 db.drop_pg().await;
             }
             if !rates.is_empty() {
                 println!("  PostgreSQL, {label:<14}                 {:>8.0} jobs/s", median(rates));
+            }
+            if !nats_rates.is_empty() {
+                println!("  PostgreSQL + NATS JetStream, {label:<14}{:>8.0} jobs/s", median(nats_rates));
             }
         }
 
@@ -342,18 +373,21 @@ fn main() {
         fairness(&[1; 10]).await;
 
         println!("takeover: a node dies holding a task; another node runs it after");
-        for lease_ms in [3_000, 6_000] {
-            let mut samples = Vec::new();
-            for _ in 0..3 {
-                samples.push(takeover(lease_ms).await);
+        for (label, on_nats) in [("embedded (SQL leases)", false), ("NATS JetStream", true)] {
+            for lease_ms in [3_000, 6_000] {
+                let mut samples = Vec::new();
+                for _ in 0..3 {
+                    let nats = on_nats.then(qlayer_tests::TestNats::start);
+                    samples.push(takeover(lease_ms, nats.as_ref().map(|n| n.url.as_str())).await);
+                }
+                samples.sort();
+                println!(
+                    "  {label}, lease {lease_ms} ms (heartbeat {} ms): median {:.0} ms, max {:.0} ms",
+                    lease_ms / 3,
+                    samples[1].as_secs_f64() * 1e3,
+                    samples[2].as_secs_f64() * 1e3
+                );
             }
-            samples.sort();
-            println!(
-                "  lease {lease_ms} ms (heartbeat {} ms): median {:.0} ms, max {:.0} ms",
-                lease_ms / 3,
-                samples[1].as_secs_f64() * 1e3,
-                samples[2].as_secs_f64() * 1e3
-            );
         }
     });
 }

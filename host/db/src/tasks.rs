@@ -190,16 +190,18 @@ pub(crate) async fn event_in(
     Ok(())
 }
 
-/// Locks the job row for the rest of the transaction; `false` if the job is over.
-async fn lock_live_job(tx: &mut Transaction<'_, Any>, job_id: &str, now: i64) -> Result<bool, DbError> {
-    let done = sqlx::query(
-        "UPDATE jobs SET status = 'running', updated_at = $1 WHERE id = $2 AND status IN ('queued', 'running')",
+/// Locks the job row for the rest of the transaction; returns its task count, or `None` if the
+/// job is over.
+async fn lock_live_job(tx: &mut Transaction<'_, Any>, job_id: &str, now: i64) -> Result<Option<i32>, DbError> {
+    let row = sqlx::query(
+        "UPDATE jobs SET status = 'running', updated_at = $1 WHERE id = $2 AND status IN ('queued', 'running') \
+         RETURNING task_count",
     )
     .bind(now)
     .bind(job_id)
-    .execute(&mut **tx)
+    .fetch_optional(&mut **tx)
     .await?;
-    Ok(done.rows_affected() == 1)
+    row.map(|r| r.try_get::<i32, _>("task_count")).transpose().map_err(DbError::from)
 }
 
 /// Inserts a job's tasks (inside the submitting transaction).
@@ -241,8 +243,9 @@ pub(crate) async fn insert_tasks(
 }
 
 impl crate::Db {
-    /// Leases a ready task (or one whose lease expired: its node died) for `lease_ms`: `None` if
-    /// it is not ready (held under a live lease, cancelled, not due) or its job is over.
+    /// Leases a ready task (or one whose lease expired: its node died) for `lease_ms`, and
+    /// records a `started` event with it: `None` if it is not ready (held under a live lease,
+    /// cancelled, not due) or its job is over.
     pub async fn lease_task(&self, task_id: &str, owner: &str, lease_ms: i64) -> Result<Option<Task>, DbError> {
         let now = now_ms();
         let Some(job_id) = task_id.rsplit_once('.').map(|(j, _)| j) else {
@@ -250,7 +253,7 @@ impl crate::Db {
         };
         retrying!(async {
             let mut tx = self.pool().begin().await?;
-            if !lock_live_job(&mut tx, job_id, now).await? {
+            if lock_live_job(&mut tx, job_id, now).await?.is_none() {
                 return Ok(None);
             }
             let row = sqlx::query(&format!(
@@ -267,6 +270,8 @@ impl crate::Db {
             .await?;
             let Some(row) = row else { return Ok(None) };
             let task = task_of(&row)?;
+            let started = serde_json::json!({ "task": task.name, "attempt": task.attempts, "resumed": task.resumed, "node": owner });
+            event_in(&mut tx, job_id, "started", &started).await?;
             tx.commit().await?;
             Ok(Some(task))
         })
@@ -376,9 +381,9 @@ impl crate::Db {
         retrying!(async {
             let now = now_ms();
             let mut tx = self.pool().begin().await?;
-            if !lock_live_job(&mut tx, &lease.job_id, now).await? {
+            let Some(task_count) = lock_live_job(&mut tx, &lease.job_id, now).await? else {
                 return Ok(Recorded::default());
-            }
+            };
             let done = sqlx::query(
                 "UPDATE tasks SET status = 'succeeded', output = $1, error = NULL, lease_owner = NULL, \
                  lease_expires = NULL, updated_at = $2 \
@@ -393,6 +398,13 @@ impl crate::Db {
             .await?;
             if done.rows_affected() != 1 {
                 return Ok(Recorded::default());
+            }
+            if task_count == 1 {
+                // The hot path: a one-task job ends with its task.
+                finish_job_in(&mut tx, &lease.job_id, crate::JobStatus::Succeeded, Some(&text), None, now).await?;
+                event_in(&mut tx, &lease.job_id, "succeeded", &serde_json::json!({})).await?;
+                tx.commit().await?;
+                return Ok(Recorded { recorded: true, ready: vec![], job_finished: Some(crate::JobStatus::Succeeded) });
             }
             let rows = sqlx::query(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE job_id = $1 ORDER BY id"))
                 .bind(&lease.job_id)
@@ -459,7 +471,7 @@ impl crate::Db {
         retrying!(async {
             let now = now_ms();
             let mut tx = self.pool().begin().await?;
-            if !lock_live_job(&mut tx, &lease.job_id, now).await? {
+            if lock_live_job(&mut tx, &lease.job_id, now).await?.is_none() {
                 return Ok(false);
             }
             let done = sqlx::query(
@@ -494,7 +506,7 @@ impl crate::Db {
         retrying!(async {
             let now = now_ms();
             let mut tx = self.pool().begin().await?;
-            if !lock_live_job(&mut tx, &job_id, now).await? {
+            if lock_live_job(&mut tx, &job_id, now).await?.is_none() {
                 return Ok(false);
             }
             let mut update = sqlx::query(

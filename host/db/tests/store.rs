@@ -363,10 +363,10 @@ async fn job_lifecycle_events_cancellation_and_artifacts(backend: Backend) {
     assert_eq!((done.status, done.output.clone(), done.priority), (JobStatus::Succeeded, Some(output), 3));
     assert!(done.finished_at.is_some());
     let kinds: Vec<String> = t.db.job_events(&acme.id, &job.id, 0).await.unwrap().into_iter().map(|e| e.kind).collect();
-    assert_eq!(kinds, ["queued", "progress", "succeeded"]);
+    assert_eq!(kinds, ["queued", "started", "progress", "succeeded"], "the lease records the start");
     let after_first = t.db.job_events(&acme.id, &job.id, 1).await.unwrap();
-    assert_eq!(after_first.len(), 2);
-    assert_eq!(after_first[0].seq, 2);
+    assert_eq!(after_first.len(), 3);
+    assert_eq!((after_first[0].seq, after_first[0].data["node"].as_str()), (2, Some("node-a")));
     assert!(matches!(t.db.cancel_job(&acme.id, &job.id, "x").await.unwrap(), CancelOutcome::AlreadyFinished(_)));
 
     // Binary artifacts round-trip on both databases, and only for the job's tenant.
@@ -532,7 +532,7 @@ async fn retries_wait_failures_cancel_the_rest_and_leases_come_back(backend: Bac
     let failed = t.db.job(&acme.id, &dag.id).await.unwrap().unwrap();
     assert_eq!((failed.status, failed.error.as_deref()), (JobStatus::Failed, Some("task `a`: bad input")));
     let kinds: Vec<String> = t.db.job_events(&acme.id, &dag.id, 0).await.unwrap().into_iter().map(|e| e.kind).collect();
-    assert_eq!(kinds, ["queued", "failed"]);
+    assert_eq!(kinds, ["queued", "started", "started", "failed"]);
     assert_eq!(t.db.open_tasks(&acme.id).await.unwrap(), 2, "job and job2 are still open");
 
     // Shares.

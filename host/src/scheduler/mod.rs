@@ -554,6 +554,14 @@ impl Scheduler {
                         Ok(Some(t)) if t.status == qlayer_db::TaskStatus::Ready && t.not_before > now_ms() => {
                             self.lock().queue.push(entry.clone(), t.not_before, now_ms());
                         }
+                        // Redelivered while the last holder's lease has not quite run out (it
+                        // stopped acking: it is likely dead): try again shortly.
+                        Ok(Some(t)) if t.status == qlayer_db::TaskStatus::Leased => {
+                            if let Some(queue) = self.nats() {
+                                let delay = Duration::from_millis((self.config.lease_ms / 4).max(100) as u64);
+                                queue.nak(&entry.task_id, Some(delay)).await;
+                            }
+                        }
                         _ => self.settled(&entry.task_id).await,
                     }
                 }
@@ -597,12 +605,8 @@ impl Scheduler {
             self.give_up(&leased, &lease, &error, false).await;
             return;
         }
-        self.event(
-            &leased.job_id,
-            "started",
-            serde_json::json!({ "task": leased.name, "attempt": leased.attempts, "resumed": leased.resumed, "node": self.config.node_id }),
-        )
-        .await;
+        // The lease recorded the `started` event.
+        self.announce(&leased.job_id);
 
         let (stop_tx, mut stop_rx) = watch::channel(Stop::Go);
         self.lock().running.insert(entry.task_id.clone(), RunningTask { job_id: entry.job_id.clone(), stop: stop_tx });

@@ -375,7 +375,8 @@ impl crate::Db {
 
     /// Records a task's success under its lease: its dependants whose inputs are now all there
     /// become ready, and when it was the job's last task the job succeeds (its output is that
-    /// task's output for a one-task job, else every task's output by name).
+    /// task's output for a one-task job, else every task's output by name). A task of a larger
+    /// job gets a `progress` event saying it succeeded.
     pub async fn complete_task(&self, lease: &Lease, output: &serde_json::Value) -> Result<Recorded, DbError> {
         let text = serde_json::to_string(output).map_err(|e| DbError::Invalid(e.to_string()))?;
         retrying!(async {
@@ -411,6 +412,12 @@ impl crate::Db {
                 .fetch_all(&mut *tx)
                 .await?;
             let tasks = rows.iter().map(task_of).collect::<Result<Vec<_>, _>>()?;
+            // A step of a larger job says it is done, in the same transaction, so the event comes
+            // before anything its dependants record.
+            if let Some(done) = tasks.iter().find(|t| t.id == lease.task_id) {
+                let data = serde_json::json!({ "task": done.name, "state": "succeeded", "attempt": lease.attempt });
+                event_in(&mut tx, &lease.job_id, "progress", &data).await?;
+            }
             let succeeded = |name: &str| tasks.iter().any(|t| t.name == name && t.status == TaskStatus::Succeeded);
             let mut ready = Vec::new();
             for task in tasks.iter().filter(|t| t.status == TaskStatus::Waiting) {

@@ -412,39 +412,45 @@ async fn submit(db: &Db, tenant: &str, tasks: Vec<NewTask>) -> qlayer_db::Job {
 async fn a_lease_has_one_holder_and_fences_late_results(backend: Backend) {
     let t = open(backend).await;
     let acme = t.db.create_tenant("acme").await.unwrap();
-    let job = submit(&t.db, &acme.id, one_task("p")).await;
-    let id = format!("{}.000", job.id);
+    let raced = submit(&t.db, &acme.id, one_task("p")).await;
+    let id = format!("{}.000", raced.id);
     let racers: Vec<_> = (0..8)
         .map(|n| {
             let (db, id) = (t.db.clone(), id.clone());
-            tokio::spawn(async move { db.lease_task(&id, &format!("node-{n}"), 1).await.unwrap() })
+            tokio::spawn(async move { db.lease_task(&id, &format!("node-{n}"), 60_000).await.unwrap() })
         })
         .collect();
-    let mut winners = Vec::new();
+    let mut winners = 0;
     for r in racers {
-        if let Some(task) = r.await.unwrap() {
-            winners.push(task);
-        }
+        winners += usize::from(r.await.unwrap().is_some());
     }
-    assert_eq!(winners.len(), 1, "exactly one node holds the lease");
-    let first = winners.remove(0);
-    let first_owner = first.lease_owner.clone().unwrap();
-    // The 1 ms lease expires; another node takes the task over.
+    assert_eq!(winners, 1, "exactly one node holds a valid lease");
+
+    // A 1 ms lease expires; another node takes the task over, straight from the lease call.
+    let job = submit(&t.db, &acme.id, one_task("p")).await;
+    let id = format!("{}.000", job.id);
+    let first = t.db.lease_task(&id, "node-first", 1).await.unwrap().unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    let reclaimed = t.db.reclaim_leases(None).await.unwrap();
-    assert_eq!(reclaimed.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(), [id.as_str()]);
-    assert!(reclaimed[0].resumed);
     let second = t.db.lease_task(&id, "node-late", 60_000).await.unwrap().unwrap();
-    assert_eq!(second.attempts, 2);
+    assert_eq!((second.attempts, second.resumed), (2, true));
+    assert!(t.db.lease_task(&id, "node-third", 60_000).await.unwrap().is_none(), "the new lease is valid");
     // The first holder wakes up: its renewal no longer lists the task, its result is refused.
-    assert!(t.db.renew_leases(&first_owner, 60_000).await.unwrap().is_empty());
-    let late = t.db.complete_task(&lease_of(&first, &first_owner), &serde_json::json!("stale")).await.unwrap();
+    assert!(t.db.renew_leases("node-first", 60_000).await.unwrap().is_empty());
+    let late = t.db.complete_task(&lease_of(&first, "node-first"), &serde_json::json!("stale")).await.unwrap();
     assert!(!late.recorded);
     assert_eq!(t.db.renew_leases("node-late", 60_000).await.unwrap(), std::slice::from_ref(&id));
     let done = t.db.complete_task(&lease_of(&second, "node-late"), &serde_json::json!("fresh")).await.unwrap();
     assert!(done.recorded);
     let job = t.db.job(&acme.id, &job.id).await.unwrap().unwrap();
     assert_eq!((job.status, job.output), (JobStatus::Succeeded, Some(serde_json::json!("fresh"))));
+
+    // The heartbeat's sweep takes expired leases back to ready as well.
+    let swept = submit(&t.db, &acme.id, one_task("p")).await;
+    let id = format!("{}.000", swept.id);
+    t.db.lease_task(&id, "node-gone", 1).await.unwrap().unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let reclaimed = t.db.reclaim_leases(None).await.unwrap();
+    assert!(reclaimed.iter().any(|t| t.id == id && t.resumed), "{reclaimed:?}");
 }
 
 /// A diamond a → (b, c) → d: b and c become ready together when a succeeds; d waits for both

@@ -494,13 +494,6 @@ impl Scheduler {
         }
     }
 
-    async fn event(&self, job_id: &str, kind: &str, data: serde_json::Value) {
-        if let Err(e) = self.db.add_job_event(job_id, kind, &data).await {
-            tracing::error!(job = job_id, error = %e, "storing a job event failed");
-        }
-        self.announce(job_id);
-    }
-
     async fn dispatch(self: Arc<Self>) {
         let mut stopping = self.stopping.subscribe();
         loop {
@@ -537,12 +530,16 @@ impl Scheduler {
         let began = Instant::now();
         let span =
             tracing::info_span!("task", task = %entry.task_id, tenant = %entry.tenant_id, plugin = %entry.plugin);
-        tracing::Instrument::instrument(self.run(&entry), span).await;
-        self.lock().queue.done(&charge, began.elapsed().as_secs_f64() * 1000.0);
+        // The tenant is charged for the time its task held the slot running, not for the
+        // store's bookkeeping around it (waiting for a write lock says nothing about the tenant).
+        let ran = tracing::Instrument::instrument(self.run(&entry), span).await;
+        let cost = ran.unwrap_or_else(|| began.elapsed());
+        self.lock().queue.done(&charge, cost.as_secs_f64() * 1000.0);
         self.wake.notify_one();
     }
 
-    async fn run(&self, entry: &Entry) {
+    /// Leases and runs one task; returns how long it ran, if it did.
+    async fn run(&self, entry: &Entry) -> Option<Duration> {
         let leased = match self.db.lease_task(&entry.task_id, &self.config.node_id, self.config.lease_ms).await {
             Ok(Some(task)) => task,
             Ok(None) => {
@@ -565,12 +562,12 @@ impl Scheduler {
                         _ => self.settled(&entry.task_id).await,
                     }
                 }
-                return;
+                return None;
             }
             Err(e) => {
                 tracing::error!(task = %entry.task_id, error = %e, "leasing a task failed; trying again in 1 s");
                 self.lock().queue.push(entry.clone(), now_ms() + 1_000, now_ms());
-                return;
+                return None;
             }
         };
         let lease = Lease {
@@ -585,7 +582,7 @@ impl Scheduler {
                 leased.name, leased.max_attempts
             );
             self.give_up(&leased, &lease, &error, true).await;
-            return;
+            return None;
         }
         if let Some(delivered) = self.nats().and_then(|q| q.delivered(&leased.id))
             && delivered >= self.config.max_deliver
@@ -595,7 +592,7 @@ impl Scheduler {
                 leased.name
             );
             self.give_up(&leased, &lease, &error, true).await;
-            return;
+            return None;
         }
         let now = now_ms();
         if let Some(deadline_at) = leased.deadline_at
@@ -603,7 +600,7 @@ impl Scheduler {
         {
             let error = format!("the job's deadline passed before task `{}` could run", leased.name);
             self.give_up(&leased, &lease, &error, false).await;
-            return;
+            return None;
         }
         // The lease recorded the `started` event.
         self.announce(&leased.job_id);
@@ -687,12 +684,6 @@ impl Scheduler {
                 metrics::counter!("qlayer_tasks_total", "outcome" => "succeeded").increment(1);
                 match self.db.complete_task(&lease, &output).await {
                     Ok(recorded) if recorded.recorded => {
-                        if recorded.job_finished.is_none() {
-                            // A step of a larger job: say so (a one-task job says it by ending).
-                            let data = serde_json::json!({ "task": leased.name, "state": "succeeded",
-                                "attempt": leased.attempts, "duration_ms": elapsed.as_millis() as u64 });
-                            self.event(&leased.job_id, "progress", data).await;
-                        }
                         self.offer(&recorded.ready).await;
                         if recorded.job_finished.is_some() {
                             metrics::counter!("qlayer_jobs_finished_total", "status" => "succeeded").increment(1);
@@ -714,6 +705,7 @@ impl Scheduler {
             }
             Ended::Done(Err(error)) => self.failed(&leased, &lease, error).await,
         }
+        Some(elapsed)
     }
 
     async fn failed(&self, task: &Task, lease: &Lease, error: TaskError) {

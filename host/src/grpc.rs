@@ -300,6 +300,27 @@ impl jobs_server::Jobs for Grpc {
         Ok(Response::new(job(job_ops::cancel_op(&self.state, &caller, &request.into_inner().id).await?)))
     }
 
+    async fn list_job_tasks(&self, request: Request<IdRequest>) -> Result<Response<TaskList>, Status> {
+        let caller = self.caller(&request, "ListJobTasks").await?;
+        let list = job_ops::job_tasks_op(&self.state, &caller, &request.into_inner().id).await?;
+        let items = list
+            .items
+            .into_iter()
+            .map(|t| Task {
+                id: t.id,
+                name: t.name,
+                plugin: t.plugin,
+                status: t.status.as_str().to_string(),
+                attempts: t.attempts,
+                max_attempts: t.max_attempts,
+                depends_on: t.depends_on,
+                output_json: t.output.map(|o| o.to_string()),
+                error: t.error,
+            })
+            .collect();
+        Ok(Response::new(TaskList { items }))
+    }
+
     type WatchJobStream = EventStream;
 
     async fn watch_job(&self, request: Request<WatchJobRequest>) -> Result<Response<EventStream>, Status> {

@@ -618,6 +618,7 @@ async fn cross_tenant_matrix() {
     assert_eq!(own.status, 200);
     // Nothing of acme's changed.
     assert_eq!(svc.get("/v1/plugins/text-stats", &acme).await.status, 200);
+    assert_eq!(svc.get(&format!("/v1/tenants/{acme_id}"), ADMIN).await.body["weight"], 1, "its share is unchanged");
     assert_eq!(svc.get(&format!("/v1/jobs/{job}"), &acme).await.body["status"], "succeeded");
     assert!(svc.get("/v1/keys", &acme).await.text.contains(&acme_key_id));
     assert!(
@@ -1088,6 +1089,18 @@ async fn grpc_every_method_checks_the_caller_and_the_other_tenant_sees_nothing()
                 ("ListTenants", code(t.list_tenants(proto::ListRequest::default()).await.map(drop))),
                 ("GetTenant", code(t.get_tenant(id(&acme_id)).await.map(drop))),
                 (
+                    "SetTenantShare",
+                    code(
+                        t.set_tenant_share(proto::SetTenantShareRequest {
+                            id: acme_id.clone(),
+                            weight: 1000,
+                            max_running: 0,
+                        })
+                        .await
+                        .map(drop),
+                    ),
+                ),
+                (
                     "CreateKey",
                     code(
                         k.create_key(proto::CreateKeyRequest { name: "x".into(), role: "viewer".into() })
@@ -1126,6 +1139,7 @@ async fn grpc_every_method_checks_the_caller_and_the_other_tenant_sees_nothing()
                 ("GetJob", code(j.get_job(id(&run)).await.map(drop))),
                 ("ListJobs", code(j.list_jobs(proto::ListJobsRequest::default()).await.map(drop))),
                 ("CancelJob", code(j.cancel_job(id(&run)).await.map(drop))),
+                ("ListJobTasks", code(j.list_job_tasks(id(&run)).await.map(drop))),
                 (
                     "WatchJob",
                     code(j.watch_job(proto::WatchJobRequest { id: run.clone(), after_seq: 0 }).await.map(drop)),
@@ -1144,7 +1158,7 @@ async fn grpc_every_method_checks_the_caller_and_the_other_tenant_sees_nothing()
     // With beta's admin key: operator methods are refused, lists are beta's own (empty), and every
     // method on acme's objects is NOT_FOUND.
     let expected = |method: &str| match method {
-        "CreateTenant" | "ListTenants" => Code::PermissionDenied,
+        "CreateTenant" | "ListTenants" | "SetTenantShare" => Code::PermissionDenied,
         "ListKeys" | "ListPlugins" | "ListJobs" | "CreateKey" => Code::Ok,
         "InstallPlugin" | "SubmitJob" | "SubmitRun" => Code::InvalidArgument,
         _ => Code::NotFound,
@@ -1158,6 +1172,7 @@ async fn grpc_every_method_checks_the_caller_and_the_other_tenant_sees_nothing()
     assert!(beta_plugins.list_plugins(proto::Empty {}).await.unwrap().into_inner().items.is_empty());
     // Nothing of acme's changed.
     assert_eq!(svc.get("/v1/plugins/text-stats", &acme).await.status, 200);
+    assert_eq!(svc.get(&format!("/v1/tenants/{acme_id}"), ADMIN).await.body["weight"], 1, "its share is unchanged");
     assert_eq!(svc.get(&format!("/v1/runs/{run}"), &acme).await.body["status"], "succeeded");
     let keys = svc.get("/v1/keys", &acme).await;
     assert!(keys.body["items"].as_array().unwrap().iter().all(|k| k["revoked_at"].is_null()), "{keys:?}");

@@ -282,6 +282,25 @@ async fn a_dag_job_runs_its_tasks_in_dependency_order() {
     // b and c ran at the same time: both started before either finished.
     assert!(started("b").max(started("c")) < finished("b").unwrap().min(finished("c").unwrap()), "{evs:?}");
 
+    // Per-task state, for the job's tenant only.
+    let tasks = svc.get(&format!("/v1/jobs/{id}/tasks"), &acme).await;
+    assert_eq!(tasks.status, 200, "{tasks:?}");
+    let items = tasks.body["items"].as_array().unwrap();
+    let names: Vec<&str> = items.iter().map(|t| t["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["a", "b", "c", "d"]);
+    assert!(items.iter().all(|t| t["status"] == "succeeded" && t["attempts"] == 1), "{tasks:?}");
+    assert_eq!(items[3]["depends_on"], json!(["b", "c"]));
+    assert!(items[0].get("lease_owner").is_none(), "lease internals are not shown");
+    let (_, other) = svc.tenant("other").await;
+    let hidden = svc.get(&format!("/v1/jobs/{id}/tasks"), &other).await;
+    let missing = svc.get("/v1/jobs/job_000000000000000000000000000000/tasks", &other).await;
+    assert_eq!((hidden.status, hidden.code()), (404, "not_found"));
+    assert_eq!(
+        hidden.text.replace(&id, "ID"),
+        missing.text.replace("job_000000000000000000000000000000", "ID"),
+        "another tenant's job looks exactly like a missing one"
+    );
+
     for (tasks, words) in [
         (
             json!([{"name": "x", "plugin": "hostile", "after": ["y"]}, {"name": "y", "plugin": "hostile", "after": ["x"]}]),

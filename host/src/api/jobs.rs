@@ -9,7 +9,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use qlayer_db::{CancelOutcome, Job, JobEvent, JobKind};
+use qlayer_db::{CancelOutcome, Job, JobEvent, JobKind, Task};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -242,6 +242,32 @@ pub async fn get_job(
     Path(id): Path<String>,
 ) -> Result<axum::Json<Job>, ApiError> {
     find(&state, &caller, &id, None).await.map(axum::Json)
+}
+
+/// A job's tasks.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct TaskList {
+    /// In the job's order.
+    pub items: Vec<Task>,
+}
+
+/// The tasks of a job of the caller's tenant: each one's status, attempts, dependencies, and its
+/// output or last error.
+#[utoipa::path(get, path = "/v1/jobs/{id}/tasks", tag = "jobs", params(("id" = String, Path, description = "job id")),
+    responses((status = 200, body = TaskList), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn job_tasks(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<axum::Json<TaskList>, ApiError> {
+    job_tasks_op(&state, &caller, &id).await.map(axum::Json)
+}
+
+/// A job's tasks (REST and gRPC); another tenant's job is missing.
+pub async fn job_tasks_op(state: &AppState, caller: &Caller, id: &str) -> Result<TaskList, ApiError> {
+    find(state, caller, id, None).await?;
+    Ok(TaskList { items: state.db.job_tasks(caller.tenant_id(), id).await? })
 }
 
 /// Cancels a queued or running job: a running plugin call is stopped.

@@ -73,7 +73,7 @@ impl AppState {
         resources::create_tenant, resources::list_tenants, resources::get_tenant, resources::set_tenant_share,
         resources::create_key, resources::list_keys, resources::revoke_key,
         resources::list_plugins, resources::install_plugin, resources::get_plugin, resources::remove_plugin,
-        jobs::submit_job, jobs::list_jobs, jobs::get_job, jobs::cancel_job, jobs::job_events,
+        jobs::submit_job, jobs::list_jobs, jobs::get_job, jobs::cancel_job, jobs::job_events, jobs::job_tasks,
         jobs::submit_run, jobs::get_run, jobs::run_capsule,
     ),
     modifiers(&BearerAuth),
@@ -123,6 +123,7 @@ pub fn router(state: AppState) -> axum::Router {
         .route("/v1/jobs", post(jobs::submit_job).get(jobs::list_jobs))
         .route("/v1/jobs/{id}", get(jobs::get_job))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel_job))
+        .route("/v1/jobs/{id}/tasks", get(jobs::job_tasks))
         .route("/v1/jobs/{id}/events", get(jobs::job_events))
         .route("/v1/runs", post(jobs::submit_run))
         .route("/v1/runs/{id}", get(jobs::get_run))

@@ -491,4 +491,26 @@ mod tests {
         assert_eq!(ok.server.rest_addr.port(), 9000);
         assert_eq!(ServeConfig::from_toml("").unwrap(), ServeConfig::default());
     }
+
+    #[test]
+    fn scheduler_settings_out_of_range_are_refused_naming_the_key() {
+        for (text, key) in [
+            ("[jobs]\nconcurrency = 0\n", "concurrency"),
+            ("[jobs]\nlease-ms = 10\n", "lease-ms"),
+            ("[jobs]\nmax-attempts = 50\n", "max-attempts"),
+            ("[jobs]\nretry-base-ms = 500\nretry-max-ms = 100\n", "retry-max-ms"),
+            ("[jobs]\nbreaker-cooldown-ms = 0\n", "breaker-cooldown-ms"),
+            ("[jobs]\nmax-open-per-tenant = -1\n", "max-open-per-tenant"),
+            ("[jobs]\nmax-deliver = 1\n", "max-deliver"),
+            ("[jobs]\nqueue = \"http://127.0.0.1:4222\"\n", "queue"),
+        ] {
+            let config = ServeConfig::from_toml(text).unwrap();
+            let err = config.jobs.scheduler("node".into()).unwrap_err();
+            assert!(err.to_string().contains(key), "{text}: {err}");
+        }
+        let err = ServeConfig::from_toml("[jobs]\nconcurency = 2\n").unwrap_err();
+        assert!(format!("{err:#}").contains("concurency"), "{err:#}");
+        let ok = ServeConfig::from_toml("[jobs]\nqueue = \"nats://127.0.0.1:4222\"\n").unwrap();
+        assert_eq!(ok.jobs.scheduler("node".into()).unwrap().queue_url.as_deref(), Some("nats://127.0.0.1:4222"));
+    }
 }

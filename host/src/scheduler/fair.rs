@@ -241,11 +241,6 @@ impl FairQueue {
         tenants.sort_by(|a, b| a.1.total_cmp(&b.1));
         tenants.into_iter().map(|(id, _)| id.clone()).collect()
     }
-
-    /// Ready (not delayed) tasks per tenant, for the queue gauges.
-    pub fn ready_by_tenant(&self) -> Vec<(Arc<str>, usize, usize)> {
-        self.tenants.iter().map(|(id, t)| (id.clone(), t.ready.len(), t.running)).collect()
-    }
 }
 
 #[cfg(test)]

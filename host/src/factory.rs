@@ -6,9 +6,9 @@
 //! through the [`Router`].
 
 use crate::router::{Router, TokenCount};
-use crate::runtime::{Artifact, Diagnostic, Installed, LlmHandler, Severity, Task};
+use crate::runtime::{AgentOutput, Artifact, CallError, Diagnostic, Installed, LlmHandler, Severity, Task};
 use anyhow::{Context as _, bail};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
@@ -59,7 +59,7 @@ pub enum Progress {
 }
 
 /// One step of a run, as recorded in the report.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StepReport {
     /// The step's name.
     pub step: String,
@@ -119,10 +119,10 @@ pub struct RunReport {
 }
 
 /// A diagnostic in the report.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DiagnosticReport {
     /// `error`, `warning` or `info`.
-    pub severity: &'static str,
+    pub severity: String,
     /// The rule.
     pub rule: String,
     /// The file.
@@ -179,40 +179,188 @@ fn severity(s: Severity) -> &'static str {
     }
 }
 
+impl DiagnosticReport {
+    /// A validator's finding, named with the validator.
+    pub fn new(d: Diagnostic, validator: &str) -> Self {
+        DiagnosticReport {
+            severity: severity(d.severity).to_string(),
+            rule: d.rule,
+            path: d.path,
+            line: d.line,
+            message: d.message,
+            validator: validator.to_string(),
+        }
+    }
+
+    /// Whether it is an error (what the repair rounds fix).
+    pub fn is_error(&self) -> bool {
+        self.severity == "error"
+    }
+
+    /// Back to the plugin contract's type, for the developer's feedback.
+    pub fn diagnostic(&self) -> Diagnostic {
+        Diagnostic {
+            severity: match self.severity.as_str() {
+                "error" => Severity::Error,
+                "warning" => Severity::Warning,
+                _ => Severity::Info,
+            },
+            rule: self.rule.clone(),
+            path: self.path.clone(),
+            line: self.line,
+            message: self.message.clone(),
+        }
+    }
+}
+
+/// An artifact as it travels between the steps of a run (as JSON): its content as text when it
+/// is UTF-8, else as hex.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoredArtifact {
+    /// Relative path.
+    pub path: String,
+    /// Its media type.
+    pub media_type: String,
+    /// The content, when it is UTF-8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    /// The content as hex, when it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hex: Option<String>,
+}
+
+impl From<&Artifact> for StoredArtifact {
+    fn from(a: &Artifact) -> Self {
+        let (text, hex) = match std::str::from_utf8(&a.content) {
+            Ok(text) => (Some(text.to_string()), None),
+            Err(_) => (None, Some(hex::encode(&a.content))),
+        };
+        StoredArtifact { path: a.path.clone(), media_type: a.media_type.clone(), text, hex }
+    }
+}
+
+impl StoredArtifact {
+    /// Back to the plugin contract's type.
+    pub fn artifact(&self) -> Result<Artifact, String> {
+        let content = match (&self.text, &self.hex) {
+            (Some(text), None) => text.clone().into_bytes(),
+            (None, Some(h)) => hex::decode(h).map_err(|e| format!("artifact {}: bad hex: {e}", self.path))?,
+            _ => return Err(format!("artifact {}: give exactly one of `text` and `hex`", self.path)),
+        };
+        Ok(Artifact { path: self.path.clone(), media_type: self.media_type.clone(), content })
+    }
+}
+
+fn step_report(
+    step: &str,
+    plugin: &Installed,
+    began: Instant,
+    tokens: TokenCount,
+    outcome: Result<&str, String>,
+) -> StepReport {
+    let manifest = plugin.plugin().manifest();
+    let (outcome, summary) = match outcome {
+        Ok(s) => ("ok", s.to_string()),
+        Err(s) => ("failed", s),
+    };
+    StepReport {
+        step: step.to_string(),
+        plugin: manifest.name.clone(),
+        version: manifest.version.clone(),
+        digest: plugin.plugin().digest().to_string(),
+        duration_ms: began.elapsed().as_millis() as u64,
+        tokens,
+        outcome: outcome.to_string(),
+        summary,
+    }
+}
+
+/// Runs one agent step (`step` names it in the report): a fresh instance of `agent`, reaching
+/// models through `router`, gets the requirement, `inputs` and `feedback`.
+pub async fn agent_step(
+    step: &str,
+    agent: &Installed,
+    router: &Arc<Router>,
+    request: &RunRequest,
+    inputs: Vec<Artifact>,
+    feedback: Vec<Diagnostic>,
+) -> (StepReport, Result<AgentOutput, CallError>) {
+    let (began, spent) = (Instant::now(), router.spent());
+    let llm: Arc<dyn LlmHandler> = router.clone();
+    let task =
+        Task { requirement: request.requirement.clone(), inputs, feedback, options_json: request.options_json.clone() };
+    let result = async {
+        let mut instance = agent.agent(&request.tenant, llm).await?;
+        instance.run(&task).await
+    }
+    .await;
+    let outcome = match &result {
+        Ok(out) => Ok(out.summary.as_str()),
+        Err(e) => Err(e.to_string()),
+    };
+    (step_report(step, agent, began, router.spent().since(spent), outcome), result)
+}
+
+/// Runs one validator over every artifact so far (`step` names it in the report).
+pub async fn validate_step(
+    step: &str,
+    validator: &Installed,
+    tenant: &str,
+    all: &[Artifact],
+) -> (StepReport, Result<Vec<DiagnosticReport>, CallError>) {
+    let began = Instant::now();
+    let name = validator.plugin().manifest().name.clone();
+    let result = async {
+        let mut v = validator.validator(tenant).await?;
+        v.validate(all).await
+    }
+    .await
+    .map(|found| found.into_iter().map(|d| DiagnosticReport::new(d, &name)).collect::<Vec<_>>());
+    let summary = result.as_ref().map(|found| {
+        let errors = found.iter().filter(|d| d.is_error()).count();
+        format!("{errors} errors, {} findings", found.len())
+    });
+    let outcome = match &summary {
+        Ok(s) => Ok(s.as_str()),
+        Err(e) => Err(e.to_string()),
+    };
+    (step_report(step, validator, began, TokenCount::default(), outcome), result)
+}
+
+/// How a run that got through its steps ends: `passed` without validator errors, else
+/// `failed-validation` (errors left after `rounds` repair rounds, the limit).
+pub fn verdict(diagnostics: &[DiagnosticReport], rounds: u32) -> (&'static str, String) {
+    let errors = diagnostics.iter().filter(|d| d.is_error()).count();
+    if errors == 0 {
+        ("passed", "every validator passed".to_string())
+    } else {
+        ("failed-validation", format!("{errors} validator errors remain after {rounds} repair rounds (the limit)"))
+    }
+}
+
+/// The step names of repair round `round` (0 is the first development): the developer's and,
+/// for a validator, its check.
+pub fn developer_step(round: u32) -> String {
+    if round == 0 { "developer".to_string() } else { format!("developer (repair {round})") }
+}
+
+/// See [`developer_step`].
+pub fn validate_step_name(validator: &str) -> String {
+    format!("validate: {validator}")
+}
+
 struct Recorder<'a> {
-    pipeline: &'a Pipeline,
     steps: Vec<StepReport>,
     progress: &'a (dyn Fn(Progress) + Send + Sync),
 }
 
 impl Recorder<'_> {
-    fn start(&self, step: &str) -> (Instant, TokenCount) {
+    fn start(&self, step: &str) {
         (self.progress)(Progress::Started { step: step.to_string() });
-        (Instant::now(), self.pipeline.router.spent())
     }
 
-    fn finish(
-        &mut self,
-        step: &str,
-        plugin: &Installed,
-        began: (Instant, TokenCount),
-        outcome: Result<String, String>,
-    ) {
-        let manifest = plugin.plugin().manifest();
-        let (outcome, summary) = match outcome {
-            Ok(s) => ("ok", s),
-            Err(s) => ("failed", s),
-        };
-        let report = StepReport {
-            step: step.to_string(),
-            plugin: manifest.name.clone(),
-            version: manifest.version.clone(),
-            digest: plugin.plugin().digest().to_string(),
-            duration_ms: began.0.elapsed().as_millis() as u64,
-            tokens: self.pipeline.router.spent().since(began.1),
-            outcome: outcome.to_string(),
-            summary,
-        };
+    fn finish(&mut self, report: StepReport) {
         (self.progress)(Progress::Finished(report.clone()));
         self.steps.push(report);
     }
@@ -228,17 +376,12 @@ pub async fn run(
 ) -> anyhow::Result<RunReport> {
     let started = Instant::now();
     let started_at = now_secs();
-    let mut rec = Recorder { pipeline, steps: Vec::new(), progress };
-    let outcome = steps(&mut rec, request).await;
+    let mut rec = Recorder { steps: Vec::new(), progress };
+    let outcome = steps(pipeline, &mut rec, request).await;
     let (status, stop_reason, files, diagnostics, rounds) = match outcome {
         Ok(Outcome { files, diagnostics, rounds }) => {
-            let errors = diagnostics.iter().filter(|(d, _)| d.severity == Severity::Error).count();
-            if errors == 0 {
-                ("passed", "every validator passed".to_string(), files, diagnostics, rounds)
-            } else {
-                let reason = format!("{errors} validator errors remain after {rounds} repair rounds (the limit)");
-                ("failed-validation", reason, files, diagnostics, rounds)
-            }
+            let (status, reason) = verdict(&diagnostics, rounds);
+            (status, reason, files, diagnostics, rounds)
         }
         Err(reason) => ("failed", reason, Vec::new(), Vec::new(), 0),
     };
@@ -250,17 +393,7 @@ pub async fn run(
         provider: pipeline.provider.clone(),
         repair_rounds: rounds,
         steps: rec.steps,
-        diagnostics: diagnostics
-            .into_iter()
-            .map(|(d, validator)| DiagnosticReport {
-                severity: severity(d.severity),
-                rule: d.rule,
-                path: d.path,
-                line: d.line,
-                message: d.message,
-                validator,
-            })
-            .collect(),
+        diagnostics,
         files: written,
         tokens: pipeline.router.spent(),
         duration_ms: started.elapsed().as_millis() as u64,
@@ -274,65 +407,31 @@ pub async fn run(
 
 struct Outcome {
     files: Vec<Artifact>,
-    diagnostics: Vec<(Diagnostic, String)>,
+    diagnostics: Vec<DiagnosticReport>,
     rounds: u32,
 }
 
-async fn steps(rec: &mut Recorder<'_>, request: &RunRequest) -> Result<Outcome, String> {
-    let pipeline = rec.pipeline;
-    let llm: Arc<dyn LlmHandler> = pipeline.router.clone();
-    let tenant = request.tenant.as_str();
-    let task = |inputs: Vec<Artifact>, feedback: Vec<Diagnostic>| Task {
-        requirement: request.requirement.clone(),
-        inputs,
-        feedback,
-        options_json: request.options_json.clone(),
-    };
-
+async fn steps(pipeline: &Pipeline, rec: &mut Recorder<'_>, request: &RunRequest) -> Result<Outcome, String> {
     // Product manager → PRD.
-    let began = rec.start("product-manager");
-    let result = async {
-        let mut agent = pipeline.product_manager.agent(tenant, llm.clone()).await?;
-        agent.run(&task(vec![], vec![])).await
-    }
-    .await;
-    let prd = match result {
-        Ok(out) => {
-            rec.finish("product-manager", &pipeline.product_manager, began, Ok(out.summary.clone()));
-            out.artifacts
-        }
-        Err(e) => {
-            let reason = format!("product-manager failed: {e}");
-            rec.finish("product-manager", &pipeline.product_manager, began, Err(e.to_string()));
-            return Err(reason);
-        }
-    };
+    rec.start("product-manager");
+    let (report, result) =
+        agent_step("product-manager", &pipeline.product_manager, &pipeline.router, request, vec![], vec![]).await;
+    rec.finish(report);
+    let prd = result.map_err(|e| format!("product-manager failed: {e}"))?.artifacts;
 
     let mut files: Vec<Artifact> = Vec::new();
     let mut feedback: Vec<Diagnostic> = Vec::new();
     let mut round = 0;
     loop {
         // Developer → files (or fixed files on a repair round).
-        let step = if round == 0 { "developer".to_string() } else { format!("developer (repair {round})") };
-        let began = rec.start(&step);
+        let step = developer_step(round);
+        rec.start(&step);
         let mut inputs = prd.clone();
         inputs.extend(files.iter().cloned());
-        let result = async {
-            let mut agent = pipeline.developer.agent(tenant, llm.clone()).await?;
-            agent.run(&task(inputs, feedback.clone())).await
-        }
-        .await;
-        match result {
-            Ok(out) => {
-                rec.finish(&step, &pipeline.developer, began, Ok(out.summary.clone()));
-                files = out.artifacts;
-            }
-            Err(e) => {
-                let reason = format!("{step} failed: {e}");
-                rec.finish(&step, &pipeline.developer, began, Err(e.to_string()));
-                return Err(reason);
-            }
-        }
+        let (report, result) =
+            agent_step(&step, &pipeline.developer, &pipeline.router, request, inputs, feedback.clone()).await;
+        rec.finish(report);
+        files = result.map_err(|e| format!("{step} failed: {e}"))?.artifacts;
 
         // Validators.
         let mut all = prd.clone();
@@ -340,35 +439,19 @@ async fn steps(rec: &mut Recorder<'_>, request: &RunRequest) -> Result<Outcome, 
         let mut diagnostics = Vec::new();
         for validator in &pipeline.validators {
             let name = validator.plugin().manifest().name.clone();
-            let step = format!("validate: {name}");
-            let began = rec.start(&step);
-            let result = async {
-                let mut v = validator.validator(tenant).await?;
-                v.validate(&all).await
-            }
-            .await;
-            match result {
-                Ok(found) => {
-                    let errors = found.iter().filter(|d| d.severity == Severity::Error).count();
-                    rec.finish(&step, validator, began, Ok(format!("{errors} errors, {} findings", found.len())));
-                    diagnostics.extend(found.into_iter().map(|d| (d, name.clone())));
-                }
-                Err(e) => {
-                    let reason = format!("validator {name} failed: {e}");
-                    rec.finish(&step, validator, began, Err(e.to_string()));
-                    return Err(reason);
-                }
-            }
+            let step = validate_step_name(&name);
+            rec.start(&step);
+            let (report, result) = validate_step(&step, validator, &request.tenant, &all).await;
+            rec.finish(report);
+            diagnostics.extend(result.map_err(|e| format!("validator {name} failed: {e}"))?);
         }
-        let errors: Vec<Diagnostic> =
-            diagnostics.iter().filter(|(d, _)| d.severity == Severity::Error).map(|(d, _)| d.clone()).collect();
-        if errors.is_empty() || round >= request.max_repair_rounds {
+        if !diagnostics.iter().any(|d| d.is_error()) || round >= request.max_repair_rounds {
             let mut out = prd.clone();
             out.extend(files);
             return Ok(Outcome { files: out, diagnostics, rounds: round });
         }
         round += 1;
-        feedback = errors;
+        feedback = diagnostics.iter().filter(|d| d.is_error()).map(DiagnosticReport::diagnostic).collect();
     }
 }
 
@@ -389,6 +472,25 @@ pub fn safe_join(root: &Path, relative: &str) -> anyhow::Result<PathBuf> {
     Ok(out)
 }
 
+/// What the report says of each file (its path checked like [`safe_join`]).
+pub fn file_reports(files: &[Artifact]) -> anyhow::Result<Vec<FileReport>> {
+    files
+        .iter()
+        .map(|file| {
+            safe_join(Path::new("."), &file.path)?;
+            Ok(file_report(file))
+        })
+        .collect()
+}
+
+fn file_report(file: &Artifact) -> FileReport {
+    FileReport {
+        path: file.path.clone(),
+        bytes: file.content.len(),
+        sha256: format!("sha256:{}", hex::encode(Sha256::digest(&file.content))),
+    }
+}
+
 fn write_files(out: &Path, files: &[Artifact]) -> anyhow::Result<Vec<FileReport>> {
     let mut written = Vec::with_capacity(files.len());
     for file in files {
@@ -397,13 +499,34 @@ fn write_files(out: &Path, files: &[Artifact]) -> anyhow::Result<Vec<FileReport>
             std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
         }
         std::fs::write(&path, &file.content).with_context(|| format!("writing {}", path.display()))?;
-        written.push(FileReport {
-            path: file.path.clone(),
-            bytes: file.content.len(),
-            sha256: format!("sha256:{}", hex::encode(Sha256::digest(&file.content))),
-        });
+        written.push(file_report(file));
     }
     Ok(written)
+}
+
+/// Packs `files` and the report (as `qlayer-run.json`) as a gzip-compressed tar under the folder
+/// `name/`, in path order, with fixed times and modes so the same run gives the same bytes. A
+/// later file with the same path replaces an earlier one, as writing them out would.
+pub fn capsule(name: &str, files: &[Artifact], report: &RunReport) -> anyhow::Result<Vec<u8>> {
+    let root = Path::new(name);
+    let mut entries = std::collections::BTreeMap::new();
+    for file in files {
+        let path = safe_join(root, &file.path)?;
+        entries.insert(path, file.content.as_slice());
+    }
+    let json = serde_json::to_vec_pretty(report)?;
+    entries.insert(root.join(REPORT_FILE), json.as_slice());
+    let encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    let mut tar = tar::Builder::new(encoder);
+    for (path, data) in entries {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_mtime(0);
+        header.set_entry_type(tar::EntryType::Regular);
+        tar.append_data(&mut header, path, data)?;
+    }
+    Ok(tar.into_inner()?.finish()?)
 }
 
 #[cfg(test)]

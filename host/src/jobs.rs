@@ -1,18 +1,28 @@
 //! The host's jobs: what a tenant asks for (a plugin call, a DAG of calls, a factory run),
 //! planned into tasks for the core scheduler ([`crate::scheduler`]), and how each task runs: a
-//! call loads the tenant's installed tool and invokes it under the job's deadline; a run drives
-//! the factory pipeline, storing its progress as events and its tar.gz capsule with the job.
+//! call loads the tenant's installed tool and invokes it under the job's deadline.
+//!
+//! A factory run is a DAG of its steps, each a task: `product-manager` → `developer` → one
+//! `validate-<validator>` per validator (in parallel) → `review`. The review decides what comes
+//! next: with validator errors left and repair rounds to go, it adds the next round's tasks
+//! (`developer-repair-1`, `validate-syntax-repair-1`, `review-repair-1`, ...) to the job;
+//! otherwise it writes the report and the tar.gz capsule, which end the job in one transaction.
+//! Every step's output (its artifacts or findings, and its report line) is stored with its task,
+//! so a host killed mid-run resumes from the last finished step, and a step that fails in a
+//! retryable way is retried alone.
 
 use crate::embedded::{self, ProviderChoice};
-use crate::factory::{self, Progress, RunRequest};
+use crate::factory::{self, DiagnosticReport, RunReport, RunRequest, StepReport, StoredArtifact};
 use crate::marketplace::Marketplace;
-use crate::runtime::{CallError, CallErrorKind, Kind, PluginError, Runtime};
-use crate::scheduler::{Execute, Scheduler, SchedulerConfig, SubmitError, TaskContext, TaskError};
+use crate::router::{Router, TokenCount};
+use crate::runtime::{Artifact, CallError, CallErrorKind, Grants, Installed, Kind, Plugin, PluginError, Runtime};
+use crate::scheduler::{Execute, Scheduler, SchedulerConfig, SubmitError, TaskContext, TaskError, TaskResult};
 use futures::future::BoxFuture;
-use qlayer_db::{Db, Job, JobKind, NewJob, NewTask, Task};
+use qlayer_db::{Db, Job, JobKind, NewJob, NewTask, Task, TaskStatus};
 use serde::Deserialize;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::broadcast;
 
@@ -241,17 +251,64 @@ pub fn plan(kind: JobKind, input: &serde_json::Value, max_attempts: i32) -> Resu
                 .collect(),
         },
         JobKind::Run => {
-            let run: RunInput = serde_json::from_value(input.clone()).map_err(|e| format!("input: {e}"))?;
-            vec![NewTask {
-                name: "run".into(),
-                kind: "run".into(),
-                plugin: run.provider.clone().unwrap_or_else(|| "scripted".into()),
-                input: input.clone(),
-                depends_on: vec![],
-                max_attempts,
-            }]
+            let _: RunInput = serde_json::from_value(input.clone()).map_err(|e| format!("input: {e}"))?;
+            run_tasks(max_attempts)
         }
     })
+}
+
+/// The validators every factory run uses: the bundled ones.
+pub const RUN_VALIDATORS: &[&str] = &["syntax"];
+
+/// The first tasks of a factory run: the product manager, then round 0.
+fn run_tasks(max_attempts: i32) -> Vec<NewTask> {
+    let mut tasks = vec![step_task(PRODUCT_MANAGER, "agent", PRODUCT_MANAGER, vec![], max_attempts)];
+    tasks.extend(round_tasks(0, max_attempts));
+    tasks
+}
+
+const PRODUCT_MANAGER: &str = "product-manager";
+
+/// Task names in repair round `round` (0: the first development).
+fn round_name(base: &str, round: u32) -> String {
+    if round == 0 { base.to_string() } else { format!("{base}-repair-{round}") }
+}
+
+/// The round a step task belongs to, from its name.
+fn round_of(name: &str) -> u32 {
+    name.rsplit_once("-repair-").and_then(|(_, n)| n.parse().ok()).unwrap_or(0)
+}
+
+/// Round `round`: the developer (after the PRD and, on a repair round, the previous round's
+/// files and review), each validator (after the PRD and the files), and the review (after all).
+fn round_tasks(round: u32, max_attempts: i32) -> Vec<NewTask> {
+    let developer = round_name("developer", round);
+    let mut after = vec![PRODUCT_MANAGER.to_string()];
+    if round > 0 {
+        after.push(round_name("developer", round - 1));
+        after.push(round_name("review", round - 1));
+    }
+    let mut tasks = vec![step_task(&developer, "agent", "developer", after, max_attempts)];
+    let mut reviewed = vec![PRODUCT_MANAGER.to_string(), developer.clone()];
+    for validator in RUN_VALIDATORS {
+        let name = round_name(&format!("validate-{validator}"), round);
+        let after = vec![PRODUCT_MANAGER.to_string(), developer.clone()];
+        tasks.push(step_task(&name, "validate", validator, after, max_attempts));
+        reviewed.push(name);
+    }
+    tasks.push(step_task(&round_name("review", round), "review", "factory", reviewed, max_attempts));
+    tasks
+}
+
+fn step_task(name: &str, kind: &str, plugin: &str, after: Vec<String>, max_attempts: i32) -> NewTask {
+    NewTask {
+        name: name.to_string(),
+        kind: kind.to_string(),
+        plugin: plugin.to_string(),
+        input: serde_json::Value::Null,
+        depends_on: after,
+        max_attempts,
+    }
 }
 
 /// The service's jobs: plans them into tasks for the scheduler and runs those tasks.
@@ -277,7 +334,7 @@ impl JobRunner {
         config: SchedulerConfig,
     ) -> Arc<Self> {
         let default_attempts = config.max_attempts;
-        let executor = Arc::new(PluginExecutor { db: db.clone(), runtime, marketplace, data_dir });
+        let executor = Arc::new(PluginExecutor::new(db.clone(), runtime, marketplace, data_dir));
         let scheduler = Scheduler::new(db, config, executor.clone());
         Arc::new(JobRunner { scheduler, executor, default_attempts })
     }
@@ -345,12 +402,14 @@ fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
-/// Runs the host's tasks: tool calls and factory runs, with the tenant's installed plugins.
+/// Runs the host's tasks: tool calls and factory steps, with the tenant's installed plugins.
 pub struct PluginExecutor {
     db: Db,
     runtime: Arc<Runtime>,
     marketplace: Arc<Marketplace>,
     data_dir: PathBuf,
+    /// The first-party plugins the factory's steps use, loaded once.
+    bundled: Mutex<HashMap<String, Arc<Plugin>>>,
 }
 
 /// How a failed plugin call counts for the scheduler.
@@ -365,18 +424,88 @@ pub fn task_error(e: &CallError) -> TaskError {
 }
 
 impl Execute for PluginExecutor {
-    fn execute<'a>(&'a self, task: &'a Task, ctx: TaskContext) -> BoxFuture<'a, Result<serde_json::Value, TaskError>> {
+    fn execute<'a>(&'a self, task: &'a Task, ctx: TaskContext) -> BoxFuture<'a, Result<TaskResult, TaskError>> {
         Box::pin(async move {
             match task.kind.as_str() {
-                "call" => self.call(task, &ctx).await,
-                "run" => self.run(task, &ctx).await.map_err(TaskError::fatal),
+                "call" => self.call(task, &ctx).await.map(TaskResult::from),
+                "agent" | "validate" | "review" => self.step(task, &ctx).await,
+                // A run stored as one task (before runs were DAGs of their steps) becomes one.
+                "run" => Ok(TaskResult {
+                    output: serde_json::json!({ "planned": "the run's steps" }),
+                    then: run_tasks(task.max_attempts),
+                    ..Default::default()
+                }),
                 other => Err(TaskError::fatal(format!("unknown task kind `{other}`"))),
             }
         })
     }
 }
 
+/// What a factory step's dependencies produced, read from its input (their outputs by name).
+#[derive(Default)]
+struct StepInputs {
+    prd: Vec<Artifact>,
+    files: Vec<Artifact>,
+    diagnostics: Vec<DiagnosticReport>,
+    feedback: Vec<DiagnosticReport>,
+}
+
+/// A factory step's output, as stored with its task.
+#[derive(Deserialize)]
+struct StepOutput {
+    #[serde(default)]
+    artifacts: Vec<StoredArtifact>,
+    #[serde(default)]
+    diagnostics: Vec<DiagnosticReport>,
+    #[serde(default)]
+    feedback: Vec<DiagnosticReport>,
+}
+
+impl StepInputs {
+    fn parse(input: &serde_json::Value) -> Result<Self, String> {
+        let mut out = StepInputs::default();
+        let Some(deps) = input.as_object() else {
+            return Ok(out);
+        };
+        for (name, value) in deps {
+            let step: StepOutput =
+                serde_json::from_value(value.clone()).map_err(|e| format!("the output of step `{name}`: {e}"))?;
+            let artifacts = step.artifacts.iter().map(StoredArtifact::artifact).collect::<Result<Vec<_>, _>>()?;
+            if name == PRODUCT_MANAGER {
+                out.prd = artifacts;
+            } else if name.starts_with("developer") {
+                out.files = artifacts;
+            }
+            out.diagnostics.extend(step.diagnostics);
+            out.feedback.extend(step.feedback);
+        }
+        Ok(out)
+    }
+}
+
+fn fatal(e: impl std::fmt::Display) -> TaskError {
+    TaskError::fatal(e.to_string())
+}
+
+/// A step's plugin call never outlives the job's deadline.
+fn within(installed: Installed, ctx: &TaskContext) -> Installed {
+    match ctx.deadline {
+        Some(d) => {
+            let left = d.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+            let timeout = installed.timeout().min(left);
+            installed.with_timeout(timeout)
+        }
+        None => installed,
+    }
+}
+
 impl PluginExecutor {
+    /// Runs tasks with the plugins installed in `marketplace` (and the bundled first-party ones),
+    /// storing results in `db`.
+    pub fn new(db: Db, runtime: Arc<Runtime>, marketplace: Arc<Marketplace>, data_dir: PathBuf) -> Self {
+        PluginExecutor { db, runtime, marketplace, data_dir, bundled: Mutex::default() }
+    }
+
     async fn tenant_name(&self, tenant_id: &str) -> Result<String, String> {
         match self.db.tenant(tenant_id).await {
             Ok(Some(t)) => Ok(t.name),
@@ -393,16 +522,7 @@ impl PluginExecutor {
                 .marketplace
                 .load(&self.runtime, &tenant, &task.plugin)
                 .map_err(|e| TaskError::fatal(format!("{e:#}")))?;
-            // The call's own deadline never outlives the job's.
-            let installed = match ctx.deadline {
-                Some(d) => {
-                    let left = d.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-                    let timeout = installed.timeout().min(left);
-                    installed.with_timeout(timeout)
-                }
-                None => installed,
-            };
-            let mut tool = installed.any_tool(&task.tenant_id).await.map_err(|e| task_error(&e))?;
+            let mut tool = within(installed, ctx).any_tool(&task.tenant_id).await.map_err(|e| task_error(&e))?;
             let text = match &task.input {
                 serde_json::Value::String(s) => s.clone(),
                 other => serde_json::to_string(other).map_err(|e| TaskError::fatal(e.to_string()))?,
@@ -419,91 +539,165 @@ impl PluginExecutor {
         Ok(serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
     }
 
-    async fn run(&self, task: &Task, ctx: &TaskContext) -> Result<serde_json::Value, String> {
-        let input: RunInput = serde_json::from_value(task.input.clone()).map_err(|e| format!("input: {e}"))?;
-        input.check()?;
-        let tenant = self.tenant_name(&task.tenant_id).await?;
-        let choice = match input.provider.as_deref() {
-            None | Some("scripted") => ProviderChoice::Scripted { script: input.script.clone() },
-            Some(name) => {
-                let install = self.marketplace.get(&tenant, name).map_err(|e| format!("{e:#}"))?;
-                if install.kind != Kind::Provider {
-                    return Err(format!("installed plugin `{name}` is a {} plugin, not a provider", install.kind));
-                }
-                ProviderChoice::Installed {
-                    name: name.to_string(),
-                    tenant: tenant.clone(),
-                    data_dir: self.data_dir.clone(),
-                }
-            }
-        };
-        // Installing compiles (or loads from the cache): off the async workers.
+    /// A first-party plugin, loaded (compiled, or read from the compile cache) once per process,
+    /// off the async workers.
+    async fn bundled(&self, name: &str) -> Result<Arc<Plugin>, TaskError> {
+        if let Some(plugin) = self.bundled.lock().unwrap_or_else(|e| e.into_inner()).get(name) {
+            return Ok(plugin.clone());
+        }
+        let wasm = embedded::bundled_plugin(name)
+            .ok_or_else(|| fatal(format!("the first-party plugin `{name}` is not in this build")))?;
         let runtime = self.runtime.clone();
-        let pipeline = tokio::task::spawn_blocking(move || embedded::pipeline(&runtime, &choice, None))
+        let plugin = tokio::task::spawn_blocking(move || runtime.load(wasm))
             .await
-            .map_err(|e| format!("{e}"))?
-            .map_err(|e| format!("{e:#}"))?;
-        let out = self.data_dir.join("runs").join(&task.job_id);
-        let _ = std::fs::remove_dir_all(&out);
-        factory::prepare(&input.requirement, &out, true).map_err(|e| format!("{e:#}"))?;
+            .map_err(fatal)?
+            .map_err(|e| fatal(format!("loading the bundled `{name}` plugin: {e}")))?;
+        self.bundled.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string(), plugin.clone());
+        Ok(plugin)
+    }
+
+    /// The model provider a run asked for, installed for this step.
+    async fn provider(&self, input: &RunInput, tenant: &str) -> Result<(Installed, String), TaskError> {
+        match input.provider.as_deref() {
+            None | Some("scripted") => {
+                let choice = ProviderChoice::Scripted { script: input.script.clone() };
+                let mut grants = Grants::default();
+                if let Some(script) = &input.script {
+                    grants.config.insert("script".into(), script.clone());
+                }
+                let installed = self.bundled("scripted").await?.install(grants).map_err(fatal)?;
+                Ok((installed, choice.label()))
+            }
+            Some(name) => {
+                let install = self.marketplace.get(tenant, name).map_err(|e| fatal(format!("{e:#}")))?;
+                if install.kind != Kind::Provider {
+                    return Err(fatal(format!(
+                        "installed plugin `{name}` is a {} plugin, not a provider",
+                        install.kind
+                    )));
+                }
+                let choice = ProviderChoice::Installed {
+                    name: name.to_string(),
+                    tenant: tenant.to_string(),
+                    data_dir: self.data_dir.clone(),
+                };
+                let installed =
+                    self.marketplace.load(&self.runtime, tenant, name).map_err(|e| fatal(format!("{e:#}")))?;
+                Ok((installed, choice.label()))
+            }
+        }
+    }
+
+    /// Runs one step of a factory run.
+    async fn step(&self, task: &Task, ctx: &TaskContext) -> Result<TaskResult, TaskError> {
+        let job = self
+            .db
+            .job(&task.tenant_id, &task.job_id)
+            .await
+            .map_err(fatal)?
+            .ok_or_else(|| fatal("the job no longer exists"))?;
+        let input: RunInput = serde_json::from_value(job.input.clone()).map_err(|e| fatal(format!("input: {e}")))?;
+        input.check().map_err(TaskError::fatal)?;
         let request = RunRequest {
             requirement: input.requirement.clone(),
             options_json: input.options.as_ref().map(|o| o.to_string()).unwrap_or_else(|| "{}".into()),
             max_repair_rounds: input.max_repair_rounds.unwrap_or(2),
             tenant: task.tenant_id.clone(),
         };
-        let progress = |p: Progress| {
-            let data = match p {
-                Progress::Started { step } => serde_json::json!({ "step": step, "state": "started" }),
-                Progress::Finished(report) => serde_json::json!({
-                    "step": report.step, "state": report.outcome, "plugin": report.plugin,
-                    "duration_ms": report.duration_ms, "summary": report.summary,
+        let deps = StepInputs::parse(&task.input).map_err(TaskError::fatal)?;
+        let round = round_of(&task.name);
+        match task.kind.as_str() {
+            "agent" => {
+                let tenant = self.tenant_name(&task.tenant_id).await.map_err(TaskError::fatal)?;
+                let (provider, _) = self.provider(&input, &tenant).await?;
+                let router = Arc::new(Router::new(vec![within(provider, ctx)], None));
+                let agent = within(self.bundled(&task.plugin).await?.install(Grants::default()).map_err(fatal)?, ctx);
+                let (step, inputs, feedback) = if task.name == PRODUCT_MANAGER {
+                    (PRODUCT_MANAGER.to_string(), vec![], vec![])
+                } else {
+                    let mut inputs = deps.prd;
+                    inputs.extend(deps.files);
+                    (factory::developer_step(round), inputs, deps.feedback.iter().map(|d| d.diagnostic()).collect())
+                };
+                let (report, result) = factory::agent_step(&step, &agent, &router, &request, inputs, feedback).await;
+                let out = result.map_err(|e| task_error(&e))?;
+                let artifacts: Vec<StoredArtifact> = out.artifacts.iter().map(StoredArtifact::from).collect();
+                Ok(serde_json::json!({ "step": report, "artifacts": artifacts }).into())
+            }
+            "validate" => {
+                let validator =
+                    within(self.bundled(&task.plugin).await?.install(Grants::default()).map_err(fatal)?, ctx);
+                let mut all = deps.prd;
+                all.extend(deps.files);
+                let step = factory::validate_step_name(&task.plugin);
+                let (report, result) = factory::validate_step(&step, &validator, &task.tenant_id, &all).await;
+                let found = result.map_err(|e| task_error(&e))?;
+                Ok(serde_json::json!({ "step": report, "diagnostics": found }).into())
+            }
+            _ => self.review(task, &job, &input, &request, deps, round).await,
+        }
+    }
+
+    /// The end of a round: another round while validator errors remain and rounds are left,
+    /// else the report and the capsule.
+    async fn review(
+        &self,
+        task: &Task,
+        job: &Job,
+        input: &RunInput,
+        request: &RunRequest,
+        deps: StepInputs,
+        round: u32,
+    ) -> Result<TaskResult, TaskError> {
+        let errors: Vec<&DiagnosticReport> = deps.diagnostics.iter().filter(|d| d.is_error()).collect();
+        if !errors.is_empty() && round < request.max_repair_rounds {
+            return Ok(TaskResult {
+                output: serde_json::json!({
+                    "round": round, "errors": errors.len(), "next": factory::developer_step(round + 1),
+                    "feedback": errors,
                 }),
-            };
-            ctx.event("progress", data);
+                then: round_tasks(round + 1, task.max_attempts),
+                ..Default::default()
+            });
+        }
+        let tenant = self.tenant_name(&task.tenant_id).await.map_err(TaskError::fatal)?;
+        let provider = match input.provider.as_deref() {
+            None | Some("scripted") => ProviderChoice::Scripted { script: input.script.clone() },
+            Some(name) => ProviderChoice::Installed { name: name.into(), tenant, data_dir: self.data_dir.clone() },
         };
-        let report = factory::run(&pipeline, &request, &out, &progress).await;
-        let outcome = async {
-            let report = report.map_err(|e| format!("{e:#}"))?;
-            let capsule = capsule(&out, &task.job_id).map_err(|e| format!("packing the capsule: {e:#}"))?;
-            self.db.put_artifact(&task.job_id, "application/gzip", &capsule).await.map_err(|e| format!("{e}"))?;
-            serde_json::to_value(&report).map_err(|e| e.to_string())
-        }
-        .await;
-        let _ = std::fs::remove_dir_all(&out);
-        outcome
+        // Every step so far, in the order they were planned.
+        let tasks = self.db.job_tasks(&task.tenant_id, &task.job_id).await.map_err(fatal)?;
+        let steps: Vec<StepReport> = tasks
+            .iter()
+            .filter(|t| t.status == TaskStatus::Succeeded && matches!(t.kind.as_str(), "agent" | "validate"))
+            .filter_map(|t| t.output.as_ref()?.get("step").cloned())
+            .map(serde_json::from_value)
+            .collect::<Result<_, _>>()
+            .map_err(|e| fatal(format!("a step's stored report: {e}")))?;
+        let (status, stop_reason) = factory::verdict(&deps.diagnostics, round);
+        let mut files = deps.prd;
+        files.extend(deps.files);
+        let file_reports = factory::file_reports(&files).map_err(|e| fatal(format!("{e:#}")))?;
+        let report = RunReport {
+            requirement: request.requirement.clone(),
+            status: status.to_string(),
+            stop_reason,
+            provider: provider.label(),
+            repair_rounds: round,
+            tokens: steps.iter().fold(TokenCount::default(), |sum, s| sum.plus(s.tokens)),
+            steps,
+            diagnostics: deps.diagnostics,
+            files: file_reports,
+            duration_ms: (now_ms() - job.created_at).max(0) as u64,
+            started_at: (job.created_at / 1000).max(0) as u64,
+        };
+        let capsule = factory::capsule(&task.job_id, &files, &report)
+            .map_err(|e| fatal(format!("packing the capsule: {e:#}")))?;
+        Ok(TaskResult {
+            output: serde_json::to_value(&report).map_err(fatal)?,
+            job_output: true,
+            artifact: Some(qlayer_db::Artifact { media_type: "application/gzip".into(), bytes: capsule }),
+            then: vec![],
+        })
     }
-}
-
-/// Packs `dir` as a gzip-compressed tar under the folder `name/`, files in name order, with
-/// fixed times and modes so the same files give the same bytes.
-pub fn capsule(dir: &Path, name: &str) -> anyhow::Result<Vec<u8>> {
-    let encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    let mut tar = tar::Builder::new(encoder);
-    let mut files = Vec::new();
-    collect(dir, dir, &mut files)?;
-    files.sort();
-    for relative in files {
-        let data = std::fs::read(dir.join(&relative))?;
-        let mut header = tar::Header::new_gnu();
-        header.set_size(data.len() as u64);
-        header.set_mode(0o644);
-        header.set_mtime(0);
-        header.set_entry_type(tar::EntryType::Regular);
-        tar.append_data(&mut header, Path::new(name).join(&relative), data.as_slice())?;
-    }
-    Ok(tar.into_inner()?.finish()?)
-}
-
-fn collect(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let kind = entry.file_type()?;
-        if kind.is_dir() {
-            collect(root, &entry.path(), out)?;
-        } else if kind.is_file() {
-            out.push(entry.path().strip_prefix(root)?.to_path_buf());
-        }
-    }
-    Ok(())
 }

@@ -13,7 +13,7 @@ const RETRIES: u32 = 2;
 const MAX_BACKOFF: Duration = Duration::from_secs(20);
 
 /// Tokens spent so far.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TokenCount {
     /// Prompt tokens.
     pub prompt: u64,
@@ -27,6 +27,14 @@ impl TokenCount {
     /// Prompt plus completion tokens.
     pub fn total(&self) -> u64 {
         self.prompt + self.completion
+    }
+    /// Both counts together.
+    pub fn plus(&self, other: TokenCount) -> TokenCount {
+        TokenCount {
+            prompt: self.prompt + other.prompt,
+            completion: self.completion + other.completion,
+            calls: self.calls + other.calls,
+        }
     }
     /// What was spent since `earlier`.
     pub fn since(&self, earlier: TokenCount) -> TokenCount {

@@ -191,6 +191,30 @@ impl Svc {
         }
     }
 
+    /// A run's capsule, fetched over HTTP (it must be a tar.gz): its files by path, as text.
+    pub(crate) async fn capsule(&self, key: &str, run: &str) -> std::collections::BTreeMap<String, String> {
+        let res = self
+            .http
+            .get(format!("{}/v1/runs/{run}/capsule", self.base))
+            .header("authorization", format!("Bearer {key}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.headers()["content-type"], "application/gzip");
+        let bytes = res.bytes().await.unwrap();
+        let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(&bytes[..]));
+        let mut files = std::collections::BTreeMap::new();
+        for entry in archive.entries().unwrap() {
+            let mut entry = entry.unwrap();
+            let path = entry.path().unwrap().to_string_lossy().to_string();
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut entry, &mut text).unwrap();
+            files.insert(path, text);
+        }
+        files
+    }
+
     pub(crate) fn db(&self) -> &qlayer_db::Db {
         &self.running.as_ref().unwrap().db
     }
@@ -358,28 +382,9 @@ async fn plugins_jobs_runs_events_and_capsules(backend: Backend) {
     assert_eq!(got.body["output"]["status"], "passed", "{got:?}");
     assert_eq!(svc.get(&format!("/v1/runs/{id}"), &acme).await.status, 404, "a call job is not a run");
     // The capsule: a tar.gz of the generated project and its report.
-    let res = svc
-        .http
-        .get(format!("{}/v1/runs/{run}/capsule", svc.base))
-        .header("authorization", format!("Bearer {acme}"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
-    assert_eq!(res.headers()["content-type"], "application/gzip");
-    let bytes = res.bytes().await.unwrap();
-    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(&bytes[..]));
-    let mut names = Vec::new();
-    for entry in archive.entries().unwrap() {
-        let mut entry = entry.unwrap();
-        let path = entry.path().unwrap().to_string_lossy().to_string();
-        if path.ends_with("qlayer-run.json") {
-            let mut text = String::new();
-            std::io::Read::read_to_string(&mut entry, &mut text).unwrap();
-            assert!(text.contains("\"passed\""), "{text}");
-        }
-        names.push(path);
-    }
+    let files = svc.capsule(&acme, &run).await;
+    assert!(files[&format!("{run}/qlayer-run.json")].contains("\"passed\""), "{files:?}");
+    let names: Vec<&String> = files.keys().collect();
     assert!(names.iter().all(|n| n.starts_with(&format!("{run}/"))), "{names:?}");
     assert!(names.iter().any(|n| n.ends_with("qlayer-run.json")) && names.len() >= 2, "{names:?}");
 

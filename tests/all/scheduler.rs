@@ -10,6 +10,7 @@ use crate::api::{ADMIN, Svc, fresh_postgres, serve_process_in, service};
 use qlayer_db::Backend;
 use qlayer_tests::{TestRegistry, hostile};
 use serde_json::{Value, json};
+use std::sync::Arc;
 use std::time::Duration;
 
 fn now_ms() -> i64 {
@@ -642,4 +643,160 @@ async fn three_nodes_on_nats_survive_a_killed_node_and_dead_letter_a_poison_task
         }
     }
     db.close().await;
+}
+
+fn files_json(main_rs: &str) -> String {
+    json!({"files": [
+        {"path": "Cargo.toml", "content": "[package]\nname = \"x\"\nversion = \"0.1.0\"\n"},
+        {"path": "src/main.rs", "content": main_rs},
+    ]})
+    .to_string()
+}
+
+/// A factory run is a DAG of its steps: product manager → developer → validators → review, and
+/// the review adds a repair round only while validator errors remain and rounds are left. Every
+/// step runs once, its output is stored with its task, and the report and capsule end the job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_factory_run_is_a_dag_of_its_steps_with_repair_rounds_added_as_needed() {
+    let svc = service(Backend::Sqlite, false, |_| {}).await;
+    let (_, acme) = svc.tenant("acme").await;
+    // The first developer reply does not parse; the repair (its prompt carries the finding) does.
+    let script = json!({"rules": [
+        {"role": "developer", "contains": "rust-syntax", "reply": files_json("fn main() {}\n")},
+        {"role": "developer", "reply": files_json("fn main() {\n    let x = ;\n}\n")},
+    ]});
+    let r = svc.post("/v1/runs", &acme, json!({"requirement": "a CLI", "script": script.to_string()})).await;
+    assert_eq!(r.status, 201, "{r:?}");
+    let run = r.body["id"].as_str().unwrap().to_string();
+    let done = svc.wait(&acme, &run).await;
+    assert_eq!(
+        (done["status"].as_str(), done["output"]["status"].as_str()),
+        (Some("succeeded"), Some("passed")),
+        "{done}"
+    );
+    assert_eq!(done["output"]["repair_rounds"], 1);
+    let steps: Vec<&str> =
+        done["output"]["steps"].as_array().unwrap().iter().map(|s| s["step"].as_str().unwrap()).collect();
+    assert_eq!(steps, ["product-manager", "developer", "validate: syntax", "developer (repair 1)", "validate: syntax"]);
+    assert_eq!(done["task_count"], 7);
+    let tasks = svc.get(&format!("/v1/jobs/{run}/tasks"), &acme).await;
+    let items = tasks.body["items"].as_array().unwrap();
+    let names: Vec<&str> = items.iter().map(|t| t["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "product-manager",
+            "developer",
+            "validate-syntax",
+            "review",
+            "developer-repair-1",
+            "validate-syntax-repair-1",
+            "review-repair-1"
+        ]
+    );
+    assert!(items.iter().all(|t| t["status"] == "succeeded" && t["attempts"] == 1), "{tasks:?}");
+    assert_eq!(items[3]["output"]["errors"], 1, "the review names what goes back to the developer");
+    assert_eq!(items[4]["depends_on"], json!(["product-manager", "developer", "review"]));
+    // The capsule holds the repaired file and the report.
+    let files = svc.capsule(&acme, &run).await;
+    assert_eq!(files[&format!("{run}/src/main.rs")], "fn main() {}\n");
+    let report: Value = serde_json::from_str(&files[&format!("{run}/qlayer-run.json")]).unwrap();
+    assert_eq!(report, done["output"], "the capsule's report is the job's output");
+
+    // Rounds are bounded: a developer that never gets it right stops after max_repair_rounds.
+    let broken = json!({"rules": [{"role": "developer", "reply": files_json("fn main( {")}]});
+    let r = svc
+        .post("/v1/runs", &acme, json!({"requirement": "a CLI", "script": broken.to_string(), "max_repair_rounds": 1}))
+        .await;
+    let done = svc.wait(&acme, r.body["id"].as_str().unwrap()).await;
+    assert_eq!(done["output"]["status"], "failed-validation", "{done}");
+    assert_eq!((done["output"]["repair_rounds"].as_u64(), done["task_count"].as_u64()), (Some(1), Some(7)));
+    assert!(done["output"]["stop_reason"].as_str().unwrap().contains("after 1 repair rounds"), "{done}");
+}
+
+/// Stands for a host that dies during one step: it runs every other task, and on that one it
+/// says so and never returns.
+struct DiesAt {
+    inner: Arc<qlayer_host::jobs::PluginExecutor>,
+    task: &'static str,
+    reached: Arc<tokio::sync::Notify>,
+}
+
+impl qlayer_host::scheduler::Execute for DiesAt {
+    fn execute<'a>(
+        &'a self,
+        task: &'a qlayer_db::Task,
+        ctx: qlayer_host::scheduler::TaskContext,
+    ) -> futures::future::BoxFuture<'a, Result<qlayer_db::TaskResult, qlayer_host::scheduler::TaskError>> {
+        if task.name == self.task {
+            self.reached.notify_one();
+            return Box::pin(std::future::pending());
+        }
+        qlayer_host::scheduler::Execute::execute(&*self.inner, task, ctx)
+    }
+}
+
+/// A host that dies mid-run (during validation): another node takes the step over when its lease
+/// runs out and the run resumes there; the product manager and developer, already done, do
+/// not run again, and the report lists each step once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_factory_run_resumes_from_its_last_finished_step_after_its_host_dies() {
+    use qlayer_host::jobs::{PluginExecutor, plan};
+    use qlayer_host::scheduler::{Scheduler, SchedulerConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let db = qlayer_db::Db::open(&format!("sqlite://{}", dir.path().join("q.db").display())).await.unwrap();
+    let acme = db.create_tenant("acme").await.unwrap();
+    let market = qlayer_host::marketplace::Marketplace::open(dir.path(), Default::default()).unwrap();
+    let executor = Arc::new(PluginExecutor::new(
+        db.clone(),
+        Arc::new(qlayer_tests::runtime()),
+        Arc::new(market),
+        dir.path().into(),
+    ));
+    let config = |node: &str| SchedulerConfig { node_id: node.into(), lease_ms: 1_000, ..Default::default() };
+    let reached = Arc::new(tokio::sync::Notify::new());
+    let dying = DiesAt { inner: executor.clone(), task: "validate-syntax", reached: reached.clone() };
+    let a = Scheduler::new(db.clone(), config("node-a"), Arc::new(dying));
+    a.start().await.unwrap();
+    let input = json!({"requirement": "a todo list CLI"});
+    let (job, _) = a
+        .submit(qlayer_db::NewJob {
+            tenant_id: &acme.id,
+            kind: qlayer_db::JobKind::Run,
+            input: &input,
+            priority: 0,
+            idempotency_key: None,
+            deadline_at: None,
+            tasks: plan(qlayer_db::JobKind::Run, &input, 3).unwrap(),
+        })
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(120), reached.notified()).await.expect("the run reaches validation");
+    a.crash().await;
+
+    let b = Scheduler::new(db.clone(), config("node-b"), executor);
+    b.start().await.unwrap();
+    let mut finished = None;
+    for _ in 0..600 {
+        let now = db.job(&acme.id, &job.id).await.unwrap().unwrap();
+        if now.status.is_terminal() {
+            finished = Some(now);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let finished = finished.expect("the run finishes on the other node");
+    let output = finished.output.clone().unwrap();
+    assert_eq!((finished.status, output["status"].as_str()), (qlayer_db::JobStatus::Succeeded, Some("passed")));
+    let tasks = db.job_tasks(&acme.id, &job.id).await.unwrap();
+    let runs: Vec<(&str, i32, bool)> = tasks.iter().map(|t| (t.name.as_str(), t.attempts, t.resumed)).collect();
+    assert_eq!(
+        runs,
+        [("product-manager", 1, false), ("developer", 1, false), ("validate-syntax", 2, true), ("review", 1, false)],
+        "finished steps are not run again"
+    );
+    let steps: Vec<&str> = output["steps"].as_array().unwrap().iter().map(|s| s["step"].as_str().unwrap()).collect();
+    assert_eq!(steps, ["product-manager", "developer", "validate: syntax"]);
+    assert!(db.artifact(&acme.id, &job.id).await.unwrap().is_some(), "the capsule is stored with the job");
+    b.shutdown(Duration::from_secs(1)).await;
 }

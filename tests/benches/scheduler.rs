@@ -10,6 +10,11 @@
 //!    (lease expiry plus the next heartbeat's sweep) and on NATS JetStream (ack-wait = the lease,
 //!    then redelivery), for two lease lengths.
 //!
+//! 4. **Factory runs** on the scripted provider (a test double: the figure is the host's cost, not a
+//!    model's): a run through the scheduler as a DAG of its steps, each step's output stored
+//!    (SQLite), against the same pipeline called directly (`factory::run`) with the same plugins
+//!    already loaded; one at a time (latency) and eight at a time (runs per second).
+//!
 //! The NATS figures use a `nats-server -js` started for each run (Debian's package).
 //!
 //! `cargo bench -p qlayer-tests --bench scheduler` (docs/PERFORMANCE.md records the figures).
@@ -18,7 +23,7 @@
 use futures::future::BoxFuture;
 use qlayer_db::{Db, JobKind, NewJob, NewTask, Task};
 use qlayer_host::runtime::{Grants, Installed};
-use qlayer_host::scheduler::{Execute, Scheduler, SchedulerConfig, TaskContext, TaskError};
+use qlayer_host::scheduler::{Execute, Scheduler, SchedulerConfig, TaskContext, TaskError, TaskResult};
 use sqlx::Connection as _;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -28,11 +33,11 @@ use std::time::{Duration, Instant};
 struct Echo(Installed);
 
 impl Execute for Echo {
-    fn execute<'a>(&'a self, task: &'a Task, _: TaskContext) -> BoxFuture<'a, Result<serde_json::Value, TaskError>> {
+    fn execute<'a>(&'a self, task: &'a Task, _: TaskContext) -> BoxFuture<'a, Result<TaskResult, TaskError>> {
         Box::pin(async move {
             let mut tool = self.0.any_tool(&task.tenant_id).await.map_err(|e| TaskError::fatal(e.to_string()))?;
             let out = tool.invoke("ping").await.map_err(|e| TaskError::fatal(e.to_string()))?;
-            Ok(serde_json::Value::String(out))
+            Ok(serde_json::Value::String(out).into())
         })
     }
 }
@@ -41,8 +46,8 @@ impl Execute for Echo {
 struct Nothing;
 
 impl Execute for Nothing {
-    fn execute<'a>(&'a self, _: &'a Task, _: TaskContext) -> BoxFuture<'a, Result<serde_json::Value, TaskError>> {
-        Box::pin(async { Ok(serde_json::Value::Null) })
+    fn execute<'a>(&'a self, _: &'a Task, _: TaskContext) -> BoxFuture<'a, Result<TaskResult, TaskError>> {
+        Box::pin(async { Ok(serde_json::Value::Null.into()) })
     }
 }
 
@@ -53,11 +58,11 @@ struct Timed {
 }
 
 impl Execute for Timed {
-    fn execute<'a>(&'a self, task: &'a Task, _: TaskContext) -> BoxFuture<'a, Result<serde_json::Value, TaskError>> {
+    fn execute<'a>(&'a self, task: &'a Task, _: TaskContext) -> BoxFuture<'a, Result<TaskResult, TaskError>> {
         Box::pin(async move {
             tokio::time::sleep(self.cost).await;
             self.log.lock().unwrap().push((task.tenant_id.clone(), Instant::now()));
-            Ok(serde_json::Value::Null)
+            Ok(serde_json::Value::Null.into())
         })
     }
 }
@@ -279,18 +284,18 @@ async fn takeover(lease_ms: i64, queue: Option<&str>) -> Duration {
     let ids = tenants(&db, 1).await;
     struct Hang;
     impl Execute for Hang {
-        fn execute<'a>(&'a self, _: &'a Task, _: TaskContext) -> BoxFuture<'a, Result<serde_json::Value, TaskError>> {
+        fn execute<'a>(&'a self, _: &'a Task, _: TaskContext) -> BoxFuture<'a, Result<TaskResult, TaskError>> {
             Box::pin(async {
                 tokio::time::sleep(Duration::from_secs(3600)).await;
-                Ok(serde_json::Value::Null)
+                Ok(serde_json::Value::Null.into())
             })
         }
     }
     struct Note(Mutex<Option<Instant>>);
     impl Execute for Note {
-        fn execute<'a>(&'a self, _: &'a Task, _: TaskContext) -> BoxFuture<'a, Result<serde_json::Value, TaskError>> {
+        fn execute<'a>(&'a self, _: &'a Task, _: TaskContext) -> BoxFuture<'a, Result<TaskResult, TaskError>> {
             *self.0.lock().unwrap() = Some(Instant::now());
-            Box::pin(async { Ok(serde_json::Value::Null) })
+            Box::pin(async { Ok(serde_json::Value::Null.into()) })
         }
     }
     let mut cfg = config("node-a", 1, queue);
@@ -317,6 +322,104 @@ async fn takeover(lease_ms: i64, queue: Option<&str>) -> Duration {
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
+}
+
+/// `runs` factory runs called directly, `parallel` at a time: (median ms per run, runs/s).
+async fn direct_runs(pipeline: &Arc<qlayer_host::factory::Pipeline>, runs: usize, parallel: usize) -> (f64, f64) {
+    let started = Instant::now();
+    let limit = Arc::new(tokio::sync::Semaphore::new(parallel));
+    let mut handles = Vec::new();
+    for _ in 0..runs {
+        let (pipeline, limit) = (pipeline.clone(), limit.clone());
+        handles.push(tokio::spawn(async move {
+            let _slot = limit.acquire().await.unwrap();
+            let out = tempfile::tempdir().unwrap();
+            let request = qlayer_host::factory::RunRequest {
+                requirement: "a todo list CLI".into(),
+                options_json: "{}".into(),
+                max_repair_rounds: 2,
+                tenant: "t".into(),
+            };
+            let began = Instant::now();
+            let report = qlayer_host::factory::run(&pipeline, &request, out.path(), &|_| {}).await.unwrap();
+            assert_eq!(report.status, "passed");
+            began.elapsed()
+        }));
+    }
+    let mut took = Vec::new();
+    for h in handles {
+        took.push(h.await.unwrap());
+    }
+    took.sort();
+    (took[took.len() / 2].as_secs_f64() * 1e3, runs as f64 / started.elapsed().as_secs_f64())
+}
+
+/// `runs` factory runs through a scheduler on SQLite, `parallel` at a time: (median ms from
+/// submission to the finished job, runs/s).
+async fn scheduled_runs(runtime: &Arc<qlayer_host::runtime::Runtime>, runs: usize, parallel: usize) -> (f64, f64) {
+    let database = Database::sqlite().await;
+    let db = Db::open(&database.url).await.unwrap();
+    let tenant = db.create_tenant("acme").await.unwrap().id;
+    let dir = tempfile::tempdir().unwrap();
+    let market = qlayer_host::marketplace::Marketplace::open(dir.path(), Default::default()).unwrap();
+    let executor = Arc::new(qlayer_host::jobs::PluginExecutor::new(
+        db.clone(),
+        runtime.clone(),
+        Arc::new(market),
+        dir.path().into(),
+    ));
+    let scheduler = Scheduler::new(db.clone(), config("bench", parallel * 2, None), executor);
+    scheduler.start().await.unwrap();
+    // Warm-up: the first run loads the bundled plugins once.
+    let mut events = scheduler.subscribe();
+    let input = serde_json::json!({"requirement": "a todo list CLI"});
+    let submit = |scheduler: Arc<Scheduler>, tenant: String| {
+        let input = input.clone();
+        async move {
+            let tasks = qlayer_host::jobs::plan(JobKind::Run, &input, 3).unwrap();
+            let new = NewJob {
+                tenant_id: &tenant,
+                kind: JobKind::Run,
+                input: &input,
+                priority: 0,
+                idempotency_key: None,
+                deadline_at: None,
+                tasks,
+            };
+            (scheduler.submit(new).await.unwrap().0.id, Instant::now())
+        }
+    };
+    let (warm, _) = submit(scheduler.clone(), tenant.clone()).await;
+    loop {
+        let id = events.recv().await.unwrap();
+        if id == warm && db.job(&tenant, &warm).await.unwrap().unwrap().status.is_terminal() {
+            break;
+        }
+    }
+    let started = Instant::now();
+    let mut pending: HashMap<String, Instant> = HashMap::new();
+    let mut took = Vec::new();
+    let mut submitted = 0;
+    while took.len() < runs {
+        while submitted < runs && pending.len() < parallel {
+            let (id, at) = submit(scheduler.clone(), tenant.clone()).await;
+            pending.insert(id, at);
+            submitted += 1;
+        }
+        let id = events.recv().await.unwrap();
+        if let Some(at) = pending.get(&id).copied() {
+            let job = db.job(&tenant, &id).await.unwrap().unwrap();
+            if job.status.is_terminal() {
+                assert_eq!(job.output.unwrap()["status"], "passed");
+                took.push(at.elapsed());
+                pending.remove(&id);
+            }
+        }
+    }
+    let rate = runs as f64 / started.elapsed().as_secs_f64();
+    scheduler.shutdown(Duration::from_secs(1)).await;
+    took.sort();
+    (took[took.len() / 2].as_secs_f64() * 1e3, rate)
 }
 
 fn main() {
@@ -371,6 +474,25 @@ fn main() {
         fairness(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]).await;
         println!(" equal weights:");
         fairness(&[1; 10]).await;
+
+        println!("factory runs (scripted provider, a test double): median latency and runs/s");
+        let runtime = Arc::new(qlayer_tests::runtime());
+        let pipeline = Arc::new(
+            qlayer_host::embedded::pipeline(
+                &runtime,
+                &qlayer_host::embedded::ProviderChoice::Scripted { script: None },
+                None,
+            )
+            .unwrap(),
+        );
+        for parallel in [1, 8] {
+            let (direct_ms, direct_rate) = direct_runs(&pipeline, 40, parallel).await;
+            let (sched_ms, sched_rate) = scheduled_runs(&runtime, 40, parallel).await;
+            println!(
+                "  {parallel} at a time: direct {direct_ms:>6.1} ms/run {direct_rate:>6.1} runs/s; \
+                 scheduled DAG on SQLite {sched_ms:>6.1} ms/run {sched_rate:>6.1} runs/s"
+            );
+        }
 
         println!("takeover: a node dies holding a task; another node runs it after");
         for (label, on_nats) in [("embedded (SQL leases)", false), ("NATS JetStream", true)] {

@@ -19,7 +19,7 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 use std::fmt;
 use std::time::Duration;
-pub use tasks::{Lease, NewTask, Recorded, Task, TaskStatus};
+pub use tasks::{Lease, NewTask, Recorded, Task, TaskResult, TaskStatus};
 
 /// What went wrong with the store.
 #[derive(Debug, thiserror::Error)]

@@ -17,7 +17,7 @@ use sqlx::{Any, Row, Transaction};
 pub struct NewTask {
     /// Unique within the job.
     pub name: String,
-    /// `call` or `run`.
+    /// `call` (a tool call), or a factory run's step: `agent`, `validate` or `review`.
     pub kind: String,
     /// The plugin it calls.
     pub plugin: String,
@@ -89,7 +89,7 @@ pub struct Task {
     pub tenant_id: String,
     /// Its name in the job.
     pub name: String,
-    /// `call` or `run`.
+    /// `call` (a tool call), or a factory run's step: `agent`, `validate` or `review`.
     pub kind: String,
     /// The plugin it calls.
     pub plugin: String,
@@ -133,6 +133,28 @@ pub struct Lease {
     pub owner: String,
     /// The attempt (fencing token).
     pub attempt: i32,
+}
+
+/// What a task that succeeded leaves behind.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TaskResult {
+    /// Its output: stored with it, and given to dependants that have no input of their own.
+    pub output: serde_json::Value,
+    /// Tasks to add to its job, in the same transaction as the result: a step that decides what
+    /// comes next (the factory's review adds the next repair round). Their dependencies may name
+    /// any task of the job.
+    pub then: Vec<NewTask>,
+    /// When the job ends with this task, its output is the job's output (the factory's report)
+    /// instead of every task's output by name.
+    pub job_output: bool,
+    /// The job's artifact (the factory's capsule), stored in the same transaction.
+    pub artifact: Option<crate::Artifact>,
+}
+
+impl From<serde_json::Value> for TaskResult {
+    fn from(output: serde_json::Value) -> Self {
+        TaskResult { output, ..Default::default() }
+    }
 }
 
 /// What recording a task's end did.
@@ -204,7 +226,10 @@ async fn lock_live_job(tx: &mut Transaction<'_, Any>, job_id: &str, now: i64) ->
     row.map(|r| r.try_get::<i32, _>("task_count")).transpose().map_err(DbError::from)
 }
 
-/// Inserts a job's tasks (inside the submitting transaction).
+/// Inserts a job's tasks (in the submitting transaction, or a running task's), numbered from
+/// `first`; `all_wait`: every one starts `waiting` (tasks added by a running job, made ready by
+/// the caller's readiness pass).
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn insert_tasks(
     tx: &mut Transaction<'_, Any>,
     job_id: &str,
@@ -212,12 +237,15 @@ pub(crate) async fn insert_tasks(
     priority: i32,
     deadline_at: Option<i64>,
     tasks: &[NewTask],
+    first: usize,
+    all_wait: bool,
     now: i64,
 ) -> Result<(), DbError> {
-    for (index, task) in tasks.iter().enumerate() {
+    for (i, task) in tasks.iter().enumerate() {
+        let index = first + i;
         let input = serde_json::to_string(&task.input).map_err(|e| DbError::Invalid(e.to_string()))?;
         let deps = serde_json::to_string(&task.depends_on).map_err(|e| DbError::Invalid(e.to_string()))?;
-        let status = if task.depends_on.is_empty() { "ready" } else { "waiting" };
+        let status = if task.depends_on.is_empty() && !all_wait { "ready" } else { "waiting" };
         sqlx::query(
             "INSERT INTO tasks (id, job_id, tenant_id, name, kind, plugin, input, depends_on, priority, status, \
              max_attempts, not_before, deadline_at, created_at, updated_at) \
@@ -373,12 +401,13 @@ impl crate::Db {
         rows.iter().map(task_of).collect()
     }
 
-    /// Records a task's success under its lease: its dependants whose inputs are now all there
-    /// become ready, and when it was the job's last task the job succeeds (its output is that
-    /// task's output for a one-task job, else every task's output by name). A task of a larger
-    /// job gets a `progress` event saying it succeeded.
-    pub async fn complete_task(&self, lease: &Lease, output: &serde_json::Value) -> Result<Recorded, DbError> {
-        let text = serde_json::to_string(output).map_err(|e| DbError::Invalid(e.to_string()))?;
+    /// Records a task's success under its lease, with the tasks it adds to its job and the job's
+    /// artifact: its dependants whose inputs are now all there become ready, and when it was the
+    /// job's last task the job succeeds (its output is that task's output for a one-task job or
+    /// when the result says so, else every task's output by name). A task of a larger job gets a
+    /// `progress` event saying it succeeded.
+    pub async fn complete_task(&self, lease: &Lease, result: &TaskResult) -> Result<Recorded, DbError> {
+        let text = serde_json::to_string(&result.output).map_err(|e| DbError::Invalid(e.to_string()))?;
         retrying!(async {
             let now = now_ms();
             let mut tx = self.pool().begin().await?;
@@ -400,7 +429,37 @@ impl crate::Db {
             if done.rows_affected() != 1 {
                 return Ok(Recorded::default());
             }
-            if task_count == 1 {
+            if let Some(artifact) = &result.artifact {
+                sqlx::query("DELETE FROM job_artifacts WHERE job_id = $1")
+                    .bind(&lease.job_id)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("INSERT INTO job_artifacts (job_id, media_type, bytes) VALUES ($1, $2, $3)")
+                    .bind(&lease.job_id)
+                    .bind(&artifact.media_type)
+                    .bind(artifact.bytes.as_slice())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            if !result.then.is_empty() {
+                let row = sqlx::query("SELECT tenant_id, priority, deadline_at FROM jobs WHERE id = $1")
+                    .bind(&lease.job_id)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                let (tenant, priority, deadline): (String, i32, Option<i64>) =
+                    (row.try_get("tenant_id")?, row.try_get("priority")?, row.try_get("deadline_at")?);
+                // Added tasks always wait first: the readiness pass below promotes those whose
+                // dependencies are done, with their inputs filled in.
+                let first = task_count as usize;
+                insert_tasks(&mut tx, &lease.job_id, &tenant, priority, deadline, &result.then, first, true, now)
+                    .await?;
+                sqlx::query("UPDATE jobs SET task_count = $1 WHERE id = $2")
+                    .bind(task_count + result.then.len() as i32)
+                    .bind(&lease.job_id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            if task_count == 1 && result.then.is_empty() {
                 // The hot path: a one-task job ends with its task.
                 finish_job_in(&mut tx, &lease.job_id, crate::JobStatus::Succeeded, Some(&text), None, now).await?;
                 event_in(&mut tx, &lease.job_id, "succeeded", &serde_json::json!({})).await?;
@@ -425,7 +484,7 @@ impl crate::Db {
                     continue;
                 }
                 let mut task = task.clone();
-                if task.input.is_null() {
+                if task.input.is_null() && !task.depends_on.is_empty() {
                     let outputs: serde_json::Map<String, serde_json::Value> = tasks
                         .iter()
                         .filter(|t| task.depends_on.contains(&t.name))
@@ -448,7 +507,7 @@ impl crate::Db {
             }
             let mut job_finished = None;
             if tasks.iter().all(|t| t.status == TaskStatus::Succeeded) {
-                let output = if tasks.len() == 1 {
+                let output = if tasks.len() == 1 || result.job_output {
                     text.clone()
                 } else {
                     let all: serde_json::Map<String, serde_json::Value> = tasks
@@ -559,7 +618,8 @@ impl crate::Db {
     /// Gives an existing job its tasks (see [`crate::Db::jobs_without_tasks`]).
     pub async fn add_tasks(&self, job: &crate::Job, tasks: &[NewTask]) -> Result<(), DbError> {
         let mut tx = self.pool().begin().await?;
-        insert_tasks(&mut tx, &job.id, &job.tenant_id, job.priority, job.deadline_at, tasks, now_ms()).await?;
+        insert_tasks(&mut tx, &job.id, &job.tenant_id, job.priority, job.deadline_at, tasks, 0, false, now_ms())
+            .await?;
         sqlx::query("UPDATE jobs SET task_count = $1 WHERE id = $2")
             .bind(tasks.len() as i32)
             .bind(&job.id)

@@ -92,6 +92,7 @@ on_both!(
     job_lifecycle_events_cancellation_and_artifacts,
     a_lease_has_one_holder_and_fences_late_results,
     a_dag_runs_in_dependency_order_and_passes_outputs,
+    a_task_adds_tasks_to_its_job_and_ends_it_with_its_output_and_artifact,
     retries_wait_failures_cancel_the_rest_and_leases_come_back,
 );
 
@@ -355,9 +356,9 @@ async fn job_lifecycle_events_cancellation_and_artifacts(backend: Backend) {
     assert!(t.db.lease_task(&task_id, "node-b", 10_000).await.unwrap().is_none(), "one holder at a time");
     t.db.add_job_event(&job.id, "progress", &serde_json::json!({"step": "developer"})).await.unwrap();
     let output = serde_json::json!({"status": "passed"});
-    let recorded = t.db.complete_task(&lease_of(&leased, "node-a"), &output).await.unwrap();
+    let recorded = t.db.complete_task(&lease_of(&leased, "node-a"), &output.clone().into()).await.unwrap();
     assert_eq!(recorded.job_finished, Some(JobStatus::Succeeded));
-    let again = t.db.complete_task(&lease_of(&leased, "node-a"), &serde_json::json!("late")).await.unwrap();
+    let again = t.db.complete_task(&lease_of(&leased, "node-a"), &serde_json::json!("late").into()).await.unwrap();
     assert!(!again.recorded, "finished once");
     let done = t.db.job(&acme.id, &job.id).await.unwrap().unwrap();
     assert_eq!((done.status, done.output.clone(), done.priority), (JobStatus::Succeeded, Some(output), 3));
@@ -436,10 +437,10 @@ async fn a_lease_has_one_holder_and_fences_late_results(backend: Backend) {
     assert!(t.db.lease_task(&id, "node-third", 60_000).await.unwrap().is_none(), "the new lease is valid");
     // The first holder wakes up: its renewal no longer lists the task, its result is refused.
     assert!(t.db.renew_leases("node-first", 60_000).await.unwrap().is_empty());
-    let late = t.db.complete_task(&lease_of(&first, "node-first"), &serde_json::json!("stale")).await.unwrap();
+    let late = t.db.complete_task(&lease_of(&first, "node-first"), &serde_json::json!("stale").into()).await.unwrap();
     assert!(!late.recorded);
     assert_eq!(t.db.renew_leases("node-late", 60_000).await.unwrap(), std::slice::from_ref(&id));
-    let done = t.db.complete_task(&lease_of(&second, "node-late"), &serde_json::json!("fresh")).await.unwrap();
+    let done = t.db.complete_task(&lease_of(&second, "node-late"), &serde_json::json!("fresh").into()).await.unwrap();
     assert!(done.recorded);
     let job = t.db.job(&acme.id, &job.id).await.unwrap().unwrap();
     assert_eq!((job.status, job.output), (JobStatus::Succeeded, Some(serde_json::json!("fresh"))));
@@ -473,7 +474,7 @@ async fn a_dag_runs_in_dependency_order_and_passes_outputs(backend: Backend) {
         async move {
             let task = db.lease_task(&id, "n", 60_000).await.unwrap().unwrap();
             let out = serde_json::json!(format!("{}-done", task.name));
-            db.complete_task(&lease_of(&task, "n"), &out).await.unwrap()
+            db.complete_task(&lease_of(&task, "n"), &out.clone().into()).await.unwrap()
         }
     };
     let after_a = run("a").await;
@@ -491,6 +492,52 @@ async fn a_dag_runs_in_dependency_order_and_passes_outputs(backend: Backend) {
     // Another tenant sees none of it.
     let beta = t.db.create_tenant("beta").await.unwrap();
     assert!(t.db.job_tasks(&beta.id, &job.id).await.unwrap().is_empty());
+}
+
+/// A running task decides what comes next: the tasks it adds (in its result's transaction) wait
+/// for any task of the job, get their dependencies' outputs, and the last one can give the job
+/// its output and artifact. A stale lease adds nothing.
+async fn a_task_adds_tasks_to_its_job_and_ends_it_with_its_output_and_artifact(backend: Backend) {
+    let t = open(backend).await;
+    let acme = t.db.create_tenant("acme").await.unwrap();
+    let job = submit(&t.db, &acme.id, task("plan", "p", serde_json::json!(1), &[])).await;
+    let plan = t.db.lease_task(&format!("{}.000", job.id), "n", 60_000).await.unwrap().unwrap();
+    let mut then = task("work", "p", serde_json::Value::Null, &["plan"]);
+    then.extend(task("report", "p", serde_json::Value::Null, &["plan", "work"]));
+    let result = qlayer_db::TaskResult { output: serde_json::json!("planned"), then, ..Default::default() };
+    // A stale holder's result adds nothing.
+    let mut stale = lease_of(&plan, "n");
+    stale.attempt += 1;
+    assert!(!t.db.complete_task(&stale, &result).await.unwrap().recorded);
+    assert_eq!(t.db.job_tasks(&acme.id, &job.id).await.unwrap().len(), 1);
+
+    let recorded = t.db.complete_task(&lease_of(&plan, "n"), &result).await.unwrap();
+    assert_eq!(recorded.job_finished, None, "the job goes on with its new tasks");
+    let ready: Vec<(&str, &serde_json::Value)> = recorded.ready.iter().map(|t| (t.name.as_str(), &t.input)).collect();
+    assert_eq!(ready, [("work", &serde_json::json!({"plan": "planned"}))]);
+    assert_eq!(recorded.ready[0].id, format!("{}.001", job.id));
+    assert_eq!(t.db.job(&acme.id, &job.id).await.unwrap().unwrap().task_count, 3);
+
+    let work = t.db.lease_task(&recorded.ready[0].id, "n", 60_000).await.unwrap().unwrap();
+    let after = t.db.complete_task(&lease_of(&work, "n"), &serde_json::json!("worked").into()).await.unwrap();
+    assert_eq!(after.ready[0].input, serde_json::json!({"plan": "planned", "work": "worked"}));
+    let report = t.db.lease_task(&after.ready[0].id, "n", 60_000).await.unwrap().unwrap();
+    let artifact = qlayer_db::Artifact { media_type: "application/gzip".into(), bytes: vec![1, 2, 3] };
+    let last = qlayer_db::TaskResult {
+        output: serde_json::json!({"status": "passed"}),
+        job_output: true,
+        artifact: Some(artifact.clone()),
+        ..Default::default()
+    };
+    assert_eq!(
+        t.db.complete_task(&lease_of(&report, "n"), &last).await.unwrap().job_finished,
+        Some(JobStatus::Succeeded)
+    );
+    let done = t.db.job(&acme.id, &job.id).await.unwrap().unwrap();
+    assert_eq!(done.output, Some(serde_json::json!({"status": "passed"})), "the last task's output, not a map");
+    assert_eq!(t.db.artifact(&acme.id, &job.id).await.unwrap(), Some(artifact));
+    let names: Vec<String> = t.db.job_tasks(&acme.id, &job.id).await.unwrap().into_iter().map(|t| t.name).collect();
+    assert_eq!(names, ["plan", "work", "report"]);
 }
 
 /// A retry waits for its time; a given-up task fails its job and cancels its other tasks; a
@@ -534,7 +581,7 @@ async fn retries_wait_failures_cancel_the_rest_and_leases_come_back(backend: Bac
     assert!(!t.db.fail_task(&a.id, Some(&lease_of(&a, "n")), "again").await.unwrap(), "once");
     let statuses: Vec<TaskStatus> = t.db.job_tasks(&acme.id, &dag.id).await.unwrap().iter().map(|t| t.status).collect();
     assert_eq!(statuses, [TaskStatus::Failed, TaskStatus::Cancelled, TaskStatus::Cancelled]);
-    assert!(!t.db.complete_task(&lease_of(&b, "n"), &serde_json::json!(2)).await.unwrap().recorded);
+    assert!(!t.db.complete_task(&lease_of(&b, "n"), &serde_json::json!(2).into()).await.unwrap().recorded);
     let failed = t.db.job(&acme.id, &dag.id).await.unwrap().unwrap();
     assert_eq!((failed.status, failed.error.as_deref()), (JobStatus::Failed, Some("task `a`: bad input")));
     let kinds: Vec<String> = t.db.job_events(&acme.id, &dag.id, 0).await.unwrap().into_iter().map(|e| e.kind).collect();

@@ -23,6 +23,7 @@ use breaker::{BreakerPolicy, Breakers, Transition};
 use fair::{Charge, Entry, FairQueue};
 use futures::StreamExt as _;
 use futures::future::BoxFuture;
+pub use qlayer_db::TaskResult;
 use qlayer_db::{Db, DbError, Job, Lease, NewJob, Task};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -115,8 +116,8 @@ impl TaskContext {
 
 /// Runs tasks: the host's plugin calls, or a test's stand-in.
 pub trait Execute: Send + Sync + 'static {
-    /// Runs one task to its output.
-    fn execute<'a>(&'a self, task: &'a Task, ctx: TaskContext) -> BoxFuture<'a, Result<serde_json::Value, TaskError>>;
+    /// Runs one task to its result: its output, and what it adds to its job.
+    fn execute<'a>(&'a self, task: &'a Task, ctx: TaskContext) -> BoxFuture<'a, Result<TaskResult, TaskError>>;
 }
 
 /// Why a submission was refused.
@@ -630,7 +631,7 @@ impl Scheduler {
         };
         let started = Instant::now();
         enum Ended {
-            Done(Result<serde_json::Value, TaskError>),
+            Done(Result<TaskResult, TaskError>),
             Abandoned,
             Deadline,
         }

@@ -17,7 +17,8 @@
 //!
 //! The NATS figures use a `nats-server -js` started for each run (Debian's package).
 //!
-//! `cargo bench -p qlayer-tests --bench scheduler` (docs/PERFORMANCE.md records the figures).
+//! `cargo bench -p qlayer-tests --bench scheduler` (docs/PERFORMANCE.md records the figures);
+//! `-- throughput fairness factory takeover` runs only the sections named.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
 use futures::future::BoxFuture;
@@ -423,6 +424,9 @@ async fn scheduled_runs(runtime: &Arc<qlayer_host::runtime::Runtime>, runs: usiz
 }
 
 fn main() {
+    // Cargo passes `--bench`; any other argument names a section to run.
+    let chosen: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let run = |section: &str| chosen.is_empty() || chosen.iter().any(|c| c == section);
     let tokio = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     tokio.block_on(async {
         let runtime = qlayer_tests::runtime();
@@ -430,85 +434,91 @@ fn main() {
         let installed = plugin.install(Grants::default()).unwrap();
         let echo: Arc<dyn Execute> = Arc::new(Echo(installed.clone()));
 
-        println!(
-            "throughput: single-task jobs, 8 slots, 4 tenants, 8 concurrent submitters (jobs/s; median of 3 runs)"
-        );
-        let jobs = 2000;
-        let median = |mut v: Vec<f64>| {
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
-        let mut base = Vec::new();
-        for _ in 0..3 {
-            base.push(direct_calls(&installed, jobs).await);
-        }
-        println!("  baseline: the plugin called directly        {:>8.0} calls/s", median(base));
-        for (label, executor) in [("no-op plugin", echo.clone()), ("no plugin", Arc::new(Nothing) as Arc<dyn Execute>)]
-        {
-            let mut rates = Vec::new();
-            for _ in 0..3 {
-                let db = Database::sqlite().await;
-                rates.push(throughput(&db.url, None, executor.clone(), jobs).await);
-            }
-            println!("  SQLite, {label:<14}                     {:>8.0} jobs/s", median(rates));
-            let (mut rates, mut nats_rates) = (Vec::new(), Vec::new());
-            for _ in 0..3 {
-                let Some(db) = Database::postgres().await else { break };
-                rates.push(throughput(&db.url, None, executor.clone(), jobs).await);
-                db.drop_pg().await;
-                let Some(db) = Database::postgres().await else { break };
-                let nats = qlayer_tests::TestNats::start();
-                nats_rates.push(throughput(&db.url, Some(&nats.url), executor.clone(), jobs).await);
-                db.drop_pg().await;
-            }
-            if !rates.is_empty() {
-                println!("  PostgreSQL, {label:<14}                 {:>8.0} jobs/s", median(rates));
-            }
-            if !nats_rates.is_empty() {
-                println!("  PostgreSQL + NATS JetStream, {label:<14}{:>8.0} jobs/s", median(nats_rates));
-            }
-        }
-
-        println!("fairness under overload: 10 tenants, 4 slots, 4 ms tasks, all backlogged");
-        println!(" weights 1..10:");
-        fairness(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]).await;
-        println!(" equal weights:");
-        fairness(&[1; 10]).await;
-
-        println!("factory runs (scripted provider, a test double): median latency and runs/s");
-        let runtime = Arc::new(qlayer_tests::runtime());
-        let pipeline = Arc::new(
-            qlayer_host::embedded::pipeline(
-                &runtime,
-                &qlayer_host::embedded::ProviderChoice::Scripted { script: None },
-                None,
-            )
-            .unwrap(),
-        );
-        for parallel in [1, 8] {
-            let (direct_ms, direct_rate) = direct_runs(&pipeline, 40, parallel).await;
-            let (sched_ms, sched_rate) = scheduled_runs(&runtime, 40, parallel).await;
+        if run("throughput") {
             println!(
-                "  {parallel} at a time: direct {direct_ms:>6.1} ms/run {direct_rate:>6.1} runs/s; \
-                 scheduled DAG on SQLite {sched_ms:>6.1} ms/run {sched_rate:>6.1} runs/s"
+                "throughput: single-task jobs, 8 slots, 4 tenants, 8 concurrent submitters (jobs/s; median of 3 runs)"
             );
-        }
-
-        println!("takeover: a node dies holding a task; another node runs it after");
-        for (label, on_nats) in [("embedded (SQL leases)", false), ("NATS JetStream", true)] {
-            for lease_ms in [3_000, 6_000] {
-                let mut samples = Vec::new();
+            let jobs = 2000;
+            let median = |mut v: Vec<f64>| {
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            };
+            let mut base = Vec::new();
+            for _ in 0..3 {
+                base.push(direct_calls(&installed, jobs).await);
+            }
+            println!("  baseline: the plugin called directly        {:>8.0} calls/s", median(base));
+            for (label, executor) in
+                [("no-op plugin", echo.clone()), ("no plugin", Arc::new(Nothing) as Arc<dyn Execute>)]
+            {
+                let mut rates = Vec::new();
                 for _ in 0..3 {
-                    let nats = on_nats.then(qlayer_tests::TestNats::start);
-                    samples.push(takeover(lease_ms, nats.as_ref().map(|n| n.url.as_str())).await);
+                    let db = Database::sqlite().await;
+                    rates.push(throughput(&db.url, None, executor.clone(), jobs).await);
                 }
-                samples.sort();
+                println!("  SQLite, {label:<14}                     {:>8.0} jobs/s", median(rates));
+                let (mut rates, mut nats_rates) = (Vec::new(), Vec::new());
+                for _ in 0..3 {
+                    let Some(db) = Database::postgres().await else { break };
+                    rates.push(throughput(&db.url, None, executor.clone(), jobs).await);
+                    db.drop_pg().await;
+                    let Some(db) = Database::postgres().await else { break };
+                    let nats = qlayer_tests::TestNats::start();
+                    nats_rates.push(throughput(&db.url, Some(&nats.url), executor.clone(), jobs).await);
+                    db.drop_pg().await;
+                }
+                if !rates.is_empty() {
+                    println!("  PostgreSQL, {label:<14}                 {:>8.0} jobs/s", median(rates));
+                }
+                if !nats_rates.is_empty() {
+                    println!("  PostgreSQL + NATS JetStream, {label:<14}{:>8.0} jobs/s", median(nats_rates));
+                }
+            }
+        }
+        if run("fairness") {
+            println!("fairness under overload: 10 tenants, 4 slots, 4 ms tasks, all backlogged");
+            println!(" weights 1..10:");
+            fairness(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]).await;
+            println!(" equal weights:");
+            fairness(&[1; 10]).await;
+        }
+        if run("factory") {
+            println!("factory runs (scripted provider, a test double): median latency and runs/s");
+            let runtime = Arc::new(qlayer_tests::runtime());
+            let pipeline = Arc::new(
+                qlayer_host::embedded::pipeline(
+                    &runtime,
+                    &qlayer_host::embedded::ProviderChoice::Scripted { script: None },
+                    None,
+                )
+                .unwrap(),
+            );
+            for parallel in [1, 8] {
+                let (direct_ms, direct_rate) = direct_runs(&pipeline, 40, parallel).await;
+                let (sched_ms, sched_rate) = scheduled_runs(&runtime, 40, parallel).await;
                 println!(
-                    "  {label}, lease {lease_ms} ms (heartbeat {} ms): median {:.0} ms, max {:.0} ms",
-                    lease_ms / 3,
-                    samples[1].as_secs_f64() * 1e3,
-                    samples[2].as_secs_f64() * 1e3
+                    "  {parallel} at a time: direct {direct_ms:>6.1} ms/run {direct_rate:>6.1} runs/s; \
+                 scheduled DAG on SQLite {sched_ms:>6.1} ms/run {sched_rate:>6.1} runs/s"
                 );
+            }
+        }
+        if run("takeover") {
+            println!("takeover: a node dies holding a task; another node runs it after");
+            for (label, on_nats) in [("embedded (SQL leases)", false), ("NATS JetStream", true)] {
+                for lease_ms in [3_000, 6_000] {
+                    let mut samples = Vec::new();
+                    for _ in 0..3 {
+                        let nats = on_nats.then(qlayer_tests::TestNats::start);
+                        samples.push(takeover(lease_ms, nats.as_ref().map(|n| n.url.as_str())).await);
+                    }
+                    samples.sort();
+                    println!(
+                        "  {label}, lease {lease_ms} ms (heartbeat {} ms): median {:.0} ms, max {:.0} ms",
+                        lease_ms / 3,
+                        samples[1].as_secs_f64() * 1e3,
+                        samples[2].as_secs_f64() * 1e3
+                    );
+                }
             }
         }
     });

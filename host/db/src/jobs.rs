@@ -328,33 +328,6 @@ impl crate::Db {
         }
     }
 
-    /// Appends an event to a job. Two writers racing for the next number (two tasks of one job
-    /// on two nodes) meet at the primary key; the loser takes the number after.
-    pub async fn add_job_event(&self, job_id: &str, kind: &str, data: &serde_json::Value) -> Result<i64, DbError> {
-        let data = serde_json::to_string(data).map_err(|e| DbError::Invalid(e.to_string()))?;
-        let mut tries = 0;
-        loop {
-            match self.append_event(job_id, kind, &data).await {
-                Err(DbError::Sql(sqlx::Error::Database(e))) if e.is_unique_violation() && tries < 8 => tries += 1,
-                other => return other,
-            }
-        }
-    }
-
-    async fn append_event(&self, job_id: &str, kind: &str, data: &str) -> Result<i64, DbError> {
-        let row = sqlx::query(
-            "INSERT INTO job_events (job_id, seq, at, kind, data) \
-             VALUES ($1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM job_events WHERE job_id = $1), $2, $3, $4) RETURNING seq",
-        )
-        .bind(job_id)
-        .bind(now_ms())
-        .bind(kind)
-        .bind(data)
-        .fetch_one(self.pool())
-        .await?;
-        Ok(row.try_get("seq")?)
-    }
-
     /// Events of a job of `tenant_id` after `after`, in order (empty for another tenant's job).
     pub async fn job_events(&self, tenant_id: &str, job_id: &str, after: i64) -> Result<Vec<JobEvent>, DbError> {
         let rows = sqlx::query(
@@ -376,18 +349,6 @@ impl crate::Db {
                 })
             })
             .collect()
-    }
-
-    /// Stores a job's artifact (replacing one stored before).
-    pub async fn put_artifact(&self, job_id: &str, media_type: &str, bytes: &[u8]) -> Result<(), DbError> {
-        sqlx::query("DELETE FROM job_artifacts WHERE job_id = $1").bind(job_id).execute(self.pool()).await?;
-        sqlx::query("INSERT INTO job_artifacts (job_id, media_type, bytes) VALUES ($1, $2, $3)")
-            .bind(job_id)
-            .bind(media_type)
-            .bind(bytes.to_vec())
-            .execute(self.pool())
-            .await?;
-        Ok(())
     }
 
     /// The artifact of a job of `tenant_id`, if it has one.

@@ -354,9 +354,16 @@ async fn job_lifecycle_events_cancellation_and_artifacts(backend: Backend) {
     assert_eq!((leased.attempts, leased.status, leased.priority), (1, TaskStatus::Leased, 3));
     assert_eq!(t.db.job(&acme.id, &job.id).await.unwrap().unwrap().status, JobStatus::Running);
     assert!(t.db.lease_task(&task_id, "node-b", 10_000).await.unwrap().is_none(), "one holder at a time");
-    t.db.add_job_event(&job.id, "progress", &serde_json::json!({"step": "developer"})).await.unwrap();
     let output = serde_json::json!({"status": "passed"});
-    let recorded = t.db.complete_task(&lease_of(&leased, "node-a"), &output.clone().into()).await.unwrap();
+    // Binary artifacts round-trip on both databases (stored with the result), and only for the
+    // job's tenant.
+    let bytes: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
+    let result = qlayer_db::TaskResult {
+        output: output.clone(),
+        artifact: Some(qlayer_db::Artifact { media_type: "application/gzip".into(), bytes: bytes.clone() }),
+        ..Default::default()
+    };
+    let recorded = t.db.complete_task(&lease_of(&leased, "node-a"), &result).await.unwrap();
     assert_eq!(recorded.job_finished, Some(JobStatus::Succeeded));
     let again = t.db.complete_task(&lease_of(&leased, "node-a"), &serde_json::json!("late").into()).await.unwrap();
     assert!(!again.recorded, "finished once");
@@ -364,15 +371,11 @@ async fn job_lifecycle_events_cancellation_and_artifacts(backend: Backend) {
     assert_eq!((done.status, done.output.clone(), done.priority), (JobStatus::Succeeded, Some(output), 3));
     assert!(done.finished_at.is_some());
     let kinds: Vec<String> = t.db.job_events(&acme.id, &job.id, 0).await.unwrap().into_iter().map(|e| e.kind).collect();
-    assert_eq!(kinds, ["queued", "started", "progress", "succeeded"], "the lease records the start");
+    assert_eq!(kinds, ["queued", "started", "succeeded"], "the lease records the start");
     let after_first = t.db.job_events(&acme.id, &job.id, 1).await.unwrap();
-    assert_eq!(after_first.len(), 3);
+    assert_eq!(after_first.len(), 2);
     assert_eq!((after_first[0].seq, after_first[0].data["node"].as_str()), (2, Some("node-a")));
     assert!(matches!(t.db.cancel_job(&acme.id, &job.id, "x").await.unwrap(), CancelOutcome::AlreadyFinished(_)));
-
-    // Binary artifacts round-trip on both databases, and only for the job's tenant.
-    let bytes: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
-    t.db.put_artifact(&job.id, "application/gzip", &bytes).await.unwrap();
     let artifact = t.db.artifact(&acme.id, &job.id).await.unwrap().unwrap();
     assert_eq!((artifact.media_type.as_str(), artifact.bytes.len()), ("application/gzip", bytes.len()));
     assert!(artifact.bytes == bytes);

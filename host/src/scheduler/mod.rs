@@ -96,22 +96,12 @@ impl TaskError {
     }
 }
 
-/// Stores a progress event on a running task's job.
-type EventSink = Arc<dyn Fn(&str, serde_json::Value) + Send + Sync>;
-
-/// What a task may use while it runs.
-#[derive(Clone)]
+/// What a task may use while it runs. (Its progress is its job's events: `started` with the
+/// lease, `progress` with each finished task of a larger job, both written by the scheduler.)
+#[derive(Debug, Clone)]
 pub struct TaskContext {
     /// When the job's deadline passes, if it has one.
     pub deadline: Option<Instant>,
-    events: EventSink,
-}
-
-impl TaskContext {
-    /// Stores a progress event on the task's job (e.g. a factory step that finished).
-    pub fn event(&self, kind: &str, data: serde_json::Value) {
-        (self.events)(kind, data)
-    }
 }
 
 /// Runs tasks: the host's plugin calls, or a test's stand-in.
@@ -609,26 +599,7 @@ impl Scheduler {
         let (stop_tx, mut stop_rx) = watch::channel(Stop::Go);
         self.lock().running.insert(entry.task_id.clone(), RunningTask { job_id: entry.job_id.clone(), stop: stop_tx });
         let deadline = leased.deadline_at.map(|d| Instant::now() + Duration::from_millis((d - now).max(0) as u64));
-        // Progress events go through one writer per running task, in order; it is drained before
-        // the task's end is recorded, so no event ever lands after the job's last one.
-        let (event_tx, mut event_rx) = tokio::sync::mpsc::unbounded_channel::<(String, serde_json::Value)>();
-        let writer = tokio::spawn({
-            let (db, events, job) = (self.db.clone(), self.events.clone(), leased.job_id.clone());
-            async move {
-                while let Some((kind, data)) = event_rx.recv().await {
-                    if let Err(e) = db.add_job_event(&job, &kind, &data).await {
-                        tracing::error!(job = %job, error = %e, "storing a job event failed");
-                    }
-                    let _ = events.send(job.clone());
-                }
-            }
-        });
-        let ctx = TaskContext {
-            deadline,
-            events: Arc::new(move |kind: &str, data| {
-                let _ = event_tx.send((kind.to_string(), data));
-            }),
-        };
+        let ctx = TaskContext { deadline };
         let started = Instant::now();
         enum Ended {
             Done(Result<TaskResult, TaskError>),
@@ -649,11 +620,6 @@ impl Scheduler {
                 _ = past_deadline => Ended::Deadline,
             }
         };
-        // The work (and with it the context's sender) is gone: the writer ends once drained. An
-        // executor that kept a copy of the context elsewhere is not waited for beyond a bound.
-        if tokio::time::timeout(Duration::from_secs(10), writer).await.is_err() {
-            tracing::warn!(task = %leased.id, "progress events still pending after the task ended");
-        }
         self.lock().running.remove(&entry.task_id);
         let elapsed = started.elapsed();
         let plugin_label = leased.plugin.clone();

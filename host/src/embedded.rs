@@ -44,8 +44,6 @@ pub enum ProviderChoice {
         name: String,
         /// The tenant it is installed for.
         tenant: String,
-        /// The data directory holding the installs.
-        data_dir: PathBuf,
     },
 }
 
@@ -120,50 +118,68 @@ fn install_bundled(runtime: &Runtime, name: &str, grants: Grants) -> anyhow::Res
     Ok(plugin.install(grants)?)
 }
 
-/// Installs the provider for `choice`, granting only what it needs: the scripted provider gets its
-/// script; the openai provider gets its base URL's host, model and key.
-pub fn install_provider(runtime: &Runtime, choice: &ProviderChoice) -> anyhow::Result<Installed> {
-    let mut grants = Grants::default();
-    match choice {
-        ProviderChoice::Scripted { script } => {
-            if let Some(script) = script {
-                grants.config.insert("script".into(), script.clone());
+impl ProviderChoice {
+    /// For a bundled provider: its name and exactly the grants it needs (the scripted provider its
+    /// script; the openai provider its base URL's host, model and key). `None` for an installed one.
+    pub fn bundled_grants(&self) -> anyhow::Result<Option<(&'static str, Grants)>> {
+        let mut grants = Grants::default();
+        match self {
+            ProviderChoice::Scripted { script } => {
+                if let Some(script) = script {
+                    grants.config.insert("script".into(), script.clone());
+                }
+                Ok(Some(("scripted", grants)))
             }
-            install_bundled(runtime, "scripted", grants)
-        }
-        ProviderChoice::OpenAi { base_url, model, api_key } => {
-            let url = url::Url::parse(base_url)?;
-            let host = url.host_str().context("the base URL has no host")?;
-            let host = match url.port() {
-                Some(port) => format!("{host}:{port}"),
-                None => host.to_string(),
-            };
-            grants.outbound_hosts.push(HostPattern::parse(&host).map_err(anyhow::Error::msg)?);
-            grants.config.insert("base_url".into(), base_url.clone());
-            if let Some(model) = model {
-                grants.config.insert("model".into(), model.clone());
+            ProviderChoice::OpenAi { base_url, model, api_key } => {
+                let url = url::Url::parse(base_url)?;
+                let host = url.host_str().context("the base URL has no host")?;
+                let host = match url.port() {
+                    Some(port) => format!("{host}:{port}"),
+                    None => host.to_string(),
+                };
+                grants.outbound_hosts.push(HostPattern::parse(&host).map_err(anyhow::Error::msg)?);
+                grants.config.insert("base_url".into(), base_url.clone());
+                if let Some(model) = model {
+                    grants.config.insert("model".into(), model.clone());
+                }
+                if let Some(key) = api_key {
+                    grants.secrets.insert("api_key".into(), key.clone());
+                }
+                Ok(Some(("openai", grants)))
             }
-            if let Some(key) = api_key {
-                grants.secrets.insert("api_key".into(), key.clone());
-            }
-            install_bundled(runtime, "openai", grants)
-        }
-        ProviderChoice::Installed { name, tenant, data_dir } => {
-            let config = crate::marketplace::MarketplaceConfig::load(data_dir)?;
-            let installed =
-                crate::marketplace::Marketplace::open(data_dir.clone(), config)?.load(runtime, tenant, name)?;
-            let kind = installed.plugin().manifest().kind;
-            if kind != crate::runtime::Kind::Provider {
-                bail!("installed plugin `{name}` is a {kind} plugin, not a provider");
-            }
-            Ok(installed)
+            ProviderChoice::Installed { .. } => Ok(None),
         }
     }
 }
 
+/// Installs the provider for `choice`, granting only what it needs (see
+/// [`ProviderChoice::bundled_grants`]). An installed provider is loaded from `market`.
+pub async fn install_provider(
+    runtime: &Runtime,
+    choice: &ProviderChoice,
+    market: Option<&crate::marketplace::Marketplace>,
+) -> anyhow::Result<Installed> {
+    let ProviderChoice::Installed { name, tenant } = choice else {
+        let (bundled, grants) = choice.bundled_grants()?.context("a bundled provider has grants")?;
+        return install_bundled(runtime, bundled, grants);
+    };
+    let market = market.context("an installed provider needs the marketplace it is installed in")?;
+    let installed = market.load(runtime, tenant, name).await?;
+    let kind = installed.plugin().manifest().kind;
+    if kind != crate::runtime::Kind::Provider {
+        bail!("installed plugin `{name}` is a {kind} plugin, not a provider");
+    }
+    Ok(installed)
+}
+
 /// The default pipeline on the bundled plugins.
-pub fn pipeline(runtime: &Runtime, choice: &ProviderChoice, token_budget: Option<u64>) -> anyhow::Result<Pipeline> {
-    let provider = install_provider(runtime, choice)?;
+pub async fn pipeline(
+    runtime: &Runtime,
+    choice: &ProviderChoice,
+    token_budget: Option<u64>,
+    market: Option<&crate::marketplace::Marketplace>,
+) -> anyhow::Result<Pipeline> {
+    let provider = install_provider(runtime, choice, market).await?;
     Ok(Pipeline {
         product_manager: install_bundled(runtime, "product-manager", Grants::default())?,
         developer: install_bundled(runtime, "developer", Grants::default())?,

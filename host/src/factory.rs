@@ -80,7 +80,7 @@ pub struct StepReport {
 }
 
 /// A file written by the run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FileReport {
     /// Relative path.
     pub path: String,
@@ -91,7 +91,7 @@ pub struct FileReport {
 }
 
 /// The run report, written as `qlayer-run.json`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunReport {
     /// The requirement, verbatim.
     pub requirement: String,
@@ -527,6 +527,29 @@ pub fn capsule(name: &str, files: &[Artifact], report: &RunReport) -> anyhow::Re
         tar.append_data(&mut header, path, data)?;
     }
     Ok(tar.into_inner()?.finish()?)
+}
+
+/// Writes a capsule's files and report into `out` (without the capsule's top folder), under the
+/// same path rules as a run's files. Returns how many files it wrote.
+pub fn unpack(capsule: &[u8], out: &Path) -> anyhow::Result<usize> {
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(capsule));
+    let mut written = 0;
+    for entry in archive.entries().context("reading the capsule")? {
+        let mut entry = entry.context("reading the capsule")?;
+        let path = entry.path().context("reading the capsule")?.into_owned();
+        let mut parts = path.components();
+        parts.next();
+        let relative = parts.as_path().to_str().context("a capsule path is not UTF-8")?;
+        let target = safe_join(out, relative)?;
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        }
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut entry, &mut bytes).context("reading the capsule")?;
+        std::fs::write(&target, bytes).with_context(|| format!("writing {}", target.display()))?;
+        written += 1;
+    }
+    Ok(written)
 }
 
 #[cfg(test)]

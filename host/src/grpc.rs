@@ -222,13 +222,13 @@ impl keys_server::Keys for Grpc {
 impl plugins_server::Plugins for Grpc {
     async fn list_plugins(&self, request: Request<Empty>) -> Result<Response<PluginList>, Status> {
         let caller = self.caller(&request, "ListPlugins").await?;
-        let l = ops::list_plugins_op(&self.state, &caller)?;
+        let l = ops::list_plugins_op(&self.state, &caller).await?;
         Ok(Response::new(PluginList { items: l.items.into_iter().map(plugin).collect() }))
     }
 
     async fn get_plugin(&self, request: Request<NameRequest>) -> Result<Response<Plugin>, Status> {
         let caller = self.caller(&request, "GetPlugin").await?;
-        Ok(Response::new(plugin(ops::get_plugin_op(&self.state, &caller, &request.into_inner().name)?)))
+        Ok(Response::new(plugin(ops::get_plugin_op(&self.state, &caller, &request.into_inner().name).await?)))
     }
 
     async fn install_plugin(
@@ -344,6 +344,7 @@ impl runs_server::Runs for Grpc {
             script: r.script,
             options: r.options_json.as_deref().map(|o| json_field("options_json", o)).transpose()?,
             max_repair_rounds: r.max_repair_rounds,
+            token_budget: r.token_budget,
         };
         let input = serde_json::to_value(&run).map_err(ApiError::internal)?;
         let (j, _) = job_ops::submit_op(

@@ -21,7 +21,6 @@ use futures::future::BoxFuture;
 use qlayer_db::{Db, Job, JobKind, NewJob, NewTask, Task, TaskStatus};
 use serde::Deserialize;
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::broadcast;
@@ -58,6 +57,10 @@ pub struct RunInput {
     /// Repair rounds after the first validation (0-5, default 2).
     #[serde(default)]
     pub max_repair_rounds: Option<u32>,
+    /// Tokens the whole run may spend (prompt and completion, over every step). A step that
+    /// would start with the budget spent fails the run, naming the budget. Default: no limit.
+    #[serde(default)]
+    pub token_budget: Option<u64>,
 }
 
 /// The most repair rounds a run may ask for.
@@ -78,6 +81,9 @@ impl RunInput {
         }
         if self.max_repair_rounds.is_some_and(|n| n > MAX_REPAIR_ROUNDS) {
             return Err(format!("max_repair_rounds must be 0-{MAX_REPAIR_ROUNDS}"));
+        }
+        if self.token_budget == Some(0) {
+            return Err("token_budget must be at least 1".into());
         }
         if self.options.as_ref().is_some_and(|o| !o.is_object()) {
             return Err("options must be a JSON object".into());
@@ -325,17 +331,11 @@ impl std::fmt::Debug for JobRunner {
 }
 
 impl JobRunner {
-    /// Jobs over `db`, run by a scheduler configured by `config`.
-    pub fn new(
-        db: Db,
-        runtime: Arc<Runtime>,
-        marketplace: Arc<Marketplace>,
-        data_dir: PathBuf,
-        config: SchedulerConfig,
-    ) -> Arc<Self> {
+    /// Jobs over the executor's database, whose tasks `executor` runs, scheduled as `config` says.
+    pub fn new(executor: PluginExecutor, config: SchedulerConfig) -> Arc<Self> {
         let default_attempts = config.max_attempts;
-        let executor = Arc::new(PluginExecutor::new(db.clone(), runtime, marketplace, data_dir));
-        let scheduler = Scheduler::new(db, config, executor.clone());
+        let executor = Arc::new(executor);
+        let scheduler = Scheduler::new(executor.db.clone(), config, executor.clone());
         Arc::new(JobRunner { scheduler, executor, default_attempts })
     }
 
@@ -407,7 +407,9 @@ pub struct PluginExecutor {
     db: Db,
     runtime: Arc<Runtime>,
     marketplace: Arc<Marketplace>,
-    data_dir: PathBuf,
+    /// The model provider every run uses, whatever its input names (the CLI's, given by flags
+    /// and never stored).
+    provider: Option<ProviderChoice>,
     /// The first-party plugins the factory's steps use, loaded once.
     bundled: Mutex<HashMap<String, Arc<Plugin>>>,
 }
@@ -483,6 +485,27 @@ impl StepInputs {
     }
 }
 
+/// The reports of a run's finished steps (its succeeded agent and validate tasks), in the order
+/// they were planned.
+pub fn finished_steps(tasks: &[Task]) -> Result<Vec<StepReport>, String> {
+    tasks
+        .iter()
+        .filter(|t| t.status == TaskStatus::Succeeded && matches!(t.kind.as_str(), "agent" | "validate"))
+        .filter_map(|t| t.output.as_ref()?.get("step").cloned())
+        .map(serde_json::from_value)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("a step's stored report: {e}"))
+}
+
+/// Loading an installed plugin failed: retryable when the registry it is pulled from (on a node
+/// that has no copy yet) could not be reached, fatal otherwise (not installed, tampered, refused).
+fn load_error(e: anyhow::Error) -> TaskError {
+    let unreachable = e.chain().any(|c| {
+        matches!(c.downcast_ref::<qlayer_registry::RegistryError>(), Some(qlayer_registry::RegistryError::Transport(_)))
+    });
+    TaskError { retryable: unreachable, ..TaskError::fatal(format!("{e:#}")) }
+}
+
 fn fatal(e: impl std::fmt::Display) -> TaskError {
     TaskError::fatal(e.to_string())
 }
@@ -502,8 +525,14 @@ fn within(installed: Installed, ctx: &TaskContext) -> Installed {
 impl PluginExecutor {
     /// Runs tasks with the plugins installed in `marketplace` (and the bundled first-party ones),
     /// storing results in `db`.
-    pub fn new(db: Db, runtime: Arc<Runtime>, marketplace: Arc<Marketplace>, data_dir: PathBuf) -> Self {
-        PluginExecutor { db, runtime, marketplace, data_dir, bundled: Mutex::default() }
+    pub fn new(db: Db, runtime: Arc<Runtime>, marketplace: Arc<Marketplace>) -> Self {
+        PluginExecutor { db, runtime, marketplace, provider: None, bundled: Mutex::default() }
+    }
+
+    /// Runs every factory step with `provider`, whatever the run's input names.
+    pub fn with_provider(mut self, provider: ProviderChoice) -> Self {
+        self.provider = Some(provider);
+        self
     }
 
     async fn tenant_name(&self, tenant_id: &str) -> Result<String, String> {
@@ -518,10 +547,7 @@ impl PluginExecutor {
         let tenant = self.tenant_name(&task.tenant_id).await.map_err(TaskError::fatal)?;
         let started = Instant::now();
         let outcome = async {
-            let installed = self
-                .marketplace
-                .load(&self.runtime, &tenant, &task.plugin)
-                .map_err(|e| TaskError::fatal(format!("{e:#}")))?;
+            let installed = self.marketplace.load(&self.runtime, &tenant, &task.plugin).await.map_err(load_error)?;
             let mut tool = within(installed, ctx).any_tool(&task.tenant_id).await.map_err(|e| task_error(&e))?;
             let text = match &task.input {
                 serde_json::Value::String(s) => s.clone(),
@@ -556,36 +582,36 @@ impl PluginExecutor {
         Ok(plugin)
     }
 
-    /// The model provider a run asked for, installed for this step.
-    async fn provider(&self, input: &RunInput, tenant: &str) -> Result<(Installed, String), TaskError> {
-        match input.provider.as_deref() {
-            None | Some("scripted") => {
-                let choice = ProviderChoice::Scripted { script: input.script.clone() };
-                let mut grants = Grants::default();
-                if let Some(script) = &input.script {
-                    grants.config.insert("script".into(), script.clone());
-                }
-                let installed = self.bundled("scripted").await?.install(grants).map_err(fatal)?;
-                Ok((installed, choice.label()))
-            }
-            Some(name) => {
-                let install = self.marketplace.get(tenant, name).map_err(|e| fatal(format!("{e:#}")))?;
-                if install.kind != Kind::Provider {
-                    return Err(fatal(format!(
-                        "installed plugin `{name}` is a {} plugin, not a provider",
-                        install.kind
-                    )));
-                }
-                let choice = ProviderChoice::Installed {
-                    name: name.to_string(),
-                    tenant: tenant.to_string(),
-                    data_dir: self.data_dir.clone(),
-                };
-                let installed =
-                    self.marketplace.load(&self.runtime, tenant, name).map_err(|e| fatal(format!("{e:#}")))?;
-                Ok((installed, choice.label()))
-            }
+    /// The model provider a run uses.
+    fn choice(&self, input: &RunInput, tenant: &str) -> ProviderChoice {
+        if let Some(choice) = &self.provider {
+            return choice.clone();
         }
+        match input.provider.as_deref() {
+            None | Some("scripted") => ProviderChoice::Scripted { script: input.script.clone() },
+            Some(name) => ProviderChoice::Installed { name: name.to_string(), tenant: tenant.to_string() },
+        }
+    }
+
+    /// The model provider a run uses, installed for this step.
+    async fn provider(&self, input: &RunInput, tenant: &str) -> Result<Installed, TaskError> {
+        let choice = self.choice(input, tenant);
+        let ProviderChoice::Installed { name, tenant } = &choice else {
+            let (bundled, grants) =
+                choice.bundled_grants().map_err(|e| fatal(format!("{e:#}")))?.ok_or_else(|| fatal("no provider"))?;
+            return self.bundled(bundled).await?.install(grants).map_err(fatal);
+        };
+        let install = self.marketplace.get(tenant, name).await.map_err(|e| fatal(format!("{e:#}")))?;
+        if install.kind != Kind::Provider {
+            return Err(fatal(format!("installed plugin `{name}` is a {} plugin, not a provider", install.kind)));
+        }
+        self.marketplace.load(&self.runtime, tenant, name).await.map_err(load_error)
+    }
+
+    /// The reports of the run's steps that have finished, in the order they were planned.
+    async fn finished_steps(&self, task: &Task) -> Result<Vec<StepReport>, TaskError> {
+        let tasks = self.db.job_tasks(&task.tenant_id, &task.job_id).await.map_err(fatal)?;
+        finished_steps(&tasks).map_err(TaskError::fatal)
     }
 
     /// Runs one step of a factory run.
@@ -609,8 +635,26 @@ impl PluginExecutor {
         match task.kind.as_str() {
             "agent" => {
                 let tenant = self.tenant_name(&task.tenant_id).await.map_err(TaskError::fatal)?;
-                let (provider, _) = self.provider(&input, &tenant).await?;
-                let router = Arc::new(Router::new(vec![within(provider, ctx)], None));
+                let provider = self.provider(&input, &tenant).await?;
+                // What earlier steps spent counts against the run's budget.
+                let budget = match input.token_budget {
+                    Some(budget) => {
+                        let spent = self
+                            .finished_steps(task)
+                            .await?
+                            .iter()
+                            .fold(TokenCount::default(), |sum, s| sum.plus(s.tokens))
+                            .total();
+                        if spent >= budget {
+                            return Err(fatal(format!(
+                                "the run's token budget of {budget} is spent ({spent} tokens used)"
+                            )));
+                        }
+                        Some(budget - spent)
+                    }
+                    None => None,
+                };
+                let router = Arc::new(Router::new(vec![within(provider, ctx)], budget));
                 let agent = within(self.bundled(&task.plugin).await?.install(Grants::default()).map_err(fatal)?, ctx);
                 let (step, inputs, feedback) = if task.name == PRODUCT_MANAGER {
                     (PRODUCT_MANAGER.to_string(), vec![], vec![])
@@ -661,19 +705,8 @@ impl PluginExecutor {
             });
         }
         let tenant = self.tenant_name(&task.tenant_id).await.map_err(TaskError::fatal)?;
-        let provider = match input.provider.as_deref() {
-            None | Some("scripted") => ProviderChoice::Scripted { script: input.script.clone() },
-            Some(name) => ProviderChoice::Installed { name: name.into(), tenant, data_dir: self.data_dir.clone() },
-        };
-        // Every step so far, in the order they were planned.
-        let tasks = self.db.job_tasks(&task.tenant_id, &task.job_id).await.map_err(fatal)?;
-        let steps: Vec<StepReport> = tasks
-            .iter()
-            .filter(|t| t.status == TaskStatus::Succeeded && matches!(t.kind.as_str(), "agent" | "validate"))
-            .filter_map(|t| t.output.as_ref()?.get("step").cloned())
-            .map(serde_json::from_value)
-            .collect::<Result<_, _>>()
-            .map_err(|e| fatal(format!("a step's stored report: {e}")))?;
+        let provider = self.choice(input, &tenant);
+        let steps = self.finished_steps(task).await?;
         let (status, stop_reason) = factory::verdict(&deps.diagnostics, round);
         let mut files = deps.prd;
         files.extend(deps.files);

@@ -6,6 +6,7 @@ pub mod embedded;
 pub mod factory;
 pub mod grpc;
 pub mod jobs;
+pub mod local;
 pub mod marketplace;
 pub mod router;
 pub mod runtime;

@@ -4,7 +4,9 @@
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use qlayer_host::embedded::{self, ProviderChoice};
-use qlayer_host::factory::{self, Progress, RunRequest};
+use qlayer_host::factory;
+use qlayer_host::jobs::RunInput;
+use qlayer_host::local::{self, LocalRun, Update};
 use qlayer_host::marketplace::{self, GrantSpec, Marketplace, MarketplaceConfig};
 use qlayer_host::runtime::{Kind, Runtime, RuntimeConfig};
 use qlayer_host::scaffold;
@@ -32,8 +34,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Turn a requirement into a validated project: product-manager → developer → validators,
-    /// with bounded repair rounds. Writes the files and qlayer-run.json into --out.
+    /// Turn a requirement into a validated project: product-manager → developer → validators →
+    /// review, with bounded repair rounds, run as a job through the core scheduler in this
+    /// process. Writes the files and qlayer-run.json into --out.
     Run(RunArgs),
     /// Write, build and inspect plugins.
     #[command(subcommand)]
@@ -113,10 +116,10 @@ struct RunArgs {
     #[arg(long)]
     language: Option<String>,
     /// Repair rounds after the first validation.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(0..=10))]
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(0..=qlayer_host::jobs::MAX_REPAIR_ROUNDS as i64))]
     max_repair_rounds: u32,
     /// Tokens the whole run may spend.
-    #[arg(long, default_value_t = 500_000)]
+    #[arg(long, default_value_t = 500_000, value_parser = clap::value_parser!(u64).range(1..))]
     token_budget: u64,
     /// Where compiled plugins are cached (and installed plugins live).
     #[arg(long, env = "QLAYER_DATA_DIR")]
@@ -124,6 +127,10 @@ struct RunArgs {
     /// The tenant the run belongs to (and whose installed plugins it may use).
     #[arg(long, default_value = embedded::LOCAL_TENANT)]
     tenant: String,
+    /// Where the install records are (for `--provider installed:<name>`): sqlite://<path> or
+    /// postgres://... (default: the data dir's qlayer.db).
+    #[arg(long, env = "QLAYER_DATABASE_URL")]
+    database: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -258,9 +265,14 @@ enum PluginCommand {
 /// adds to `<data dir>/marketplace.toml`.
 #[derive(clap::Args)]
 struct MarketArgs {
-    /// Data directory (installs, local store, compile cache, marketplace.toml).
+    /// Data directory (local store, compile cache, marketplace.toml).
     #[arg(long, env = "QLAYER_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// Where the install records are: sqlite://<path> or postgres://... (default: the data
+    /// dir's qlayer.db, the one `qlayer serve` uses by default). Give a scale-mode service's
+    /// database to install for all its nodes.
+    #[arg(long, env = "QLAYER_DATABASE_URL")]
+    database: Option<String>,
     /// A registry (host:port) that may be used over plain HTTP.
     #[arg(long, env = "QLAYER_INSECURE_REGISTRIES", value_delimiter = ',')]
     insecure_registry: Vec<String>,
@@ -277,7 +289,7 @@ impl MarketArgs {
         self.data_dir.clone().unwrap_or_else(embedded::default_data_dir)
     }
 
-    fn open(&self) -> anyhow::Result<Marketplace> {
+    async fn open(&self) -> anyhow::Result<Marketplace> {
         let data_dir = self.data_dir();
         let mut config = MarketplaceConfig::load(&data_dir)?;
         config.insecure_registries.extend(self.insecure_registry.iter().filter(|r| !r.is_empty()).cloned());
@@ -286,7 +298,13 @@ impl MarketArgs {
             config.tenants.clear();
         }
         config.trusted_keys.extend(self.trusted_key.iter().cloned());
-        Marketplace::open(data_dir, config)
+        match &self.database {
+            Some(url) => {
+                let db = qlayer_db::Db::open(url).await.context("opening the database")?;
+                Marketplace::open(data_dir, config, db).await
+            }
+            None => Marketplace::open_local(data_dir, config).await,
+        }
     }
 
     fn runtime(&self) -> anyhow::Result<Runtime> {
@@ -445,11 +463,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                     "--base-url and --script are for the bundled providers; an installed one has its own grants"
                 );
             }
-            ProviderChoice::Installed {
-                name: name.to_string(),
-                tenant: args.tenant.clone(),
-                data_dir: args.data_dir.clone().unwrap_or_else(embedded::default_data_dir),
-            }
+            ProviderChoice::Installed { name: name.to_string(), tenant: args.tenant.clone() }
         }
         None => ProviderChoice::from_flags(
             &provider,
@@ -460,27 +474,49 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         )?,
     };
     factory::prepare(&args.requirement, &args.out, args.force)?;
-    let options = match &args.language {
-        Some(language) => serde_json::json!({ "language": language }).to_string(),
-        None => "{}".to_string(),
+    let input = RunInput {
+        requirement: args.requirement.clone(),
+        provider: None,
+        script: None,
+        options: args.language.as_ref().map(|language| serde_json::json!({ "language": language })),
+        max_repair_rounds: Some(args.max_repair_rounds),
+        token_budget: Some(args.token_budget),
     };
+    input.check().map_err(anyhow::Error::msg)?;
 
     let tokio = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     tokio.block_on(async {
         let data_dir = args.data_dir.clone().unwrap_or_else(embedded::default_data_dir);
         let runtime = Runtime::new(RuntimeConfig { cache_dir: Some(data_dir.join("cache")), ..Default::default() })?;
-        let pipeline = embedded::pipeline(&runtime, &choice, Some(args.token_budget))?;
+        let marketplace = MarketArgs {
+            data_dir: Some(data_dir.clone()),
+            database: args.database.clone(),
+            insecure_registry: vec![],
+            signature_policy: None,
+            trusted_key: vec![],
+        }
+        .open()
+        .await?;
+        // An installed provider is checked before anything runs.
+        if let ProviderChoice::Installed { name, tenant } = &choice {
+            let install = marketplace.get(tenant, name).await?;
+            if install.kind != Kind::Provider {
+                anyhow::bail!("installed plugin `{name}` is a {} plugin, not a provider", install.kind);
+            }
+        }
         println!("qlayer run: {:?}", args.requirement);
         println!("  provider: {}", choice.label());
-        let request = RunRequest {
-            requirement: args.requirement.clone(),
-            options_json: options,
-            max_repair_rounds: args.max_repair_rounds,
+        let run = LocalRun {
+            runtime: std::sync::Arc::new(runtime),
+            marketplace,
+            provider: choice,
             tenant: args.tenant.clone(),
+            input,
         };
-        let progress = |p: Progress| match p {
-            Progress::Started { step } => println!("  … {step}"),
-            Progress::Finished(s) => println!(
+        let progress = |update: Update| match update {
+            Update::Started { task, attempt } if attempt > 1 => println!("  … {task} (attempt {attempt})"),
+            Update::Started { task, .. } => println!("  … {task}"),
+            Update::Step(s) => println!(
                 "  {} {:<24} {}  [{} ms, {} tokens]",
                 if s.outcome == "ok" { "✓" } else { "✗" },
                 s.step,
@@ -488,8 +524,23 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 s.duration_ms,
                 s.tokens.total()
             ),
+            Update::Repair { round, errors } => {
+                println!("  ↻ repair round {round}: {errors} validator error(s) to fix")
+            }
+            Update::Failed { task, error } => println!("  ✗ {task}: {error}"),
         };
-        let report = factory::run(&pipeline, &request, &args.out, &progress).await?;
+        let finished = local::run(run, &progress).await?;
+        let report = finished.report;
+        match &finished.capsule {
+            Some(capsule) => {
+                factory::unpack(capsule, &args.out)?;
+            }
+            None => {
+                let path = args.out.join(factory::REPORT_FILE);
+                std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+        }
         for d in report.diagnostics.iter().filter(|d| d.severity != "info") {
             let place = match (&d.path, d.line) {
                 (Some(p), Some(l)) => format!("{p}:{l}"),
@@ -603,14 +654,14 @@ async fn market(cmd: PluginCommand) -> anyhow::Result<()> {
                 None => std::fs::read(&file).with_context(|| format!("reading {file}"))?,
             };
             let key = sign.as_deref().map(marketplace::read_key).transpose()?;
-            let digest = market.open()?.push(&wasm, &reference, key.as_ref()).await?;
+            let digest = market.open().await?.push(&wasm, &reference, key.as_ref()).await?;
             println!("pushed {reference}@{digest}{}", if key.is_some() { " (signed)" } else { "" });
         }
         PluginCommand::Search { registry, text, json, market } => {
             let registry = registry
                 .or_else(|| std::env::var("QLAYER_REGISTRY").ok())
                 .context("give a registry (host[:port]) or set QLAYER_REGISTRY")?;
-            let entries = market.open()?.search(&registry, text.as_deref()).await?;
+            let entries = market.open().await?.search(&registry, text.as_deref()).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&entries)?);
             } else if entries.is_empty() {
@@ -637,7 +688,7 @@ async fn market(cmd: PluginCommand) -> anyhow::Result<()> {
             }
         }
         PluginCommand::Info { reference, market } => {
-            let info = market.open()?.info(&reference).await?;
+            let info = market.open().await?.info(&reference).await?;
             print_manifest(&info.resolved.manifest);
             println!("  digest:    {}", info.resolved.digest);
             println!("  binary:    {} ({} bytes)", info.resolved.layer.digest, info.resolved.layer.size);
@@ -645,7 +696,7 @@ async fn market(cmd: PluginCommand) -> anyhow::Result<()> {
         }
         PluginCommand::Install { reference, tenant, grant, market } => {
             let grants = GrantSpec::parse(&grant)?;
-            let outcome = market.open()?.install(&market.runtime()?, &reference, &tenant, &grants).await?;
+            let outcome = market.open().await?.install(&market.runtime()?, &reference, &tenant, &grants).await?;
             print_manifest(&outcome.manifest);
             if let Some(w) = &outcome.warning {
                 eprintln!("warning: {w}");
@@ -665,7 +716,7 @@ async fn market(cmd: PluginCommand) -> anyhow::Result<()> {
             );
         }
         PluginCommand::List { tenant, json, market } => {
-            let installs = market.open()?.list(&tenant)?;
+            let installs = market.open().await?.list(&tenant).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&installs)?);
             } else if installs.is_empty() {
@@ -678,7 +729,7 @@ async fn market(cmd: PluginCommand) -> anyhow::Result<()> {
         }
         PluginCommand::Upgrade { name, tenant, grant, market } => {
             let grants = GrantSpec::parse(&grant)?;
-            match market.open()?.upgrade(&market.runtime()?, &tenant, &name, &grants).await? {
+            match market.open().await?.upgrade(&market.runtime()?, &tenant, &name, &grants).await? {
                 Some(outcome) => {
                     if let Some(w) = &outcome.warning {
                         eprintln!("warning: {w}");
@@ -697,11 +748,11 @@ async fn market(cmd: PluginCommand) -> anyhow::Result<()> {
             }
         }
         PluginCommand::Remove { name, tenant, market } => {
-            let removed = market.open()?.remove(&tenant, &name)?;
+            let removed = market.open().await?.remove(&tenant, &name).await?;
             println!("removed {} {} for tenant `{}`", removed.name, removed.version, removed.tenant);
         }
         PluginCommand::Call { name, input, tenant, market } => {
-            let installed = market.open()?.load(&market.runtime()?, &tenant, &name)?;
+            let installed = market.open().await?.load(&market.runtime()?, &tenant, &name).await?;
             let mut tool = installed.any_tool(&tenant).await?;
             println!("{}", tool.invoke(&input).await?);
         }

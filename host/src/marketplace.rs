@@ -12,12 +12,14 @@
 //! - **Upgrade** moves an install to the highest semantic-version tag above it (or, for an install
 //!   from a non-version tag such as `latest`, to where that tag points now), with the same grants.
 //!
-//! Installs live in `<data dir>/installs.json`, blobs in `<data dir>/store`, the operator's
-//! settings in `<data dir>/marketplace.toml`. Another tenant's install is reported exactly like a
+//! Install records live in the database (every node sharing it sees the same installs), blobs in
+//! `<data dir>/store` (a node pulls a blob it lacks from the registry by its pinned digest), the
+//! operator's settings in `<data dir>/marketplace.toml`. Another tenant's install is reported exactly like a
 //! missing one.
 
 use crate::runtime::{Format, Grants, HostPattern, Installed, Kind, Manifest, Runtime, Secret};
 use anyhow::{Context as _, bail};
+use qlayer_db::Db;
 use qlayer_registry::{
     BlobStore, CatalogEntry, Credentials, PrivateKey, PublicKey, Reference, Registry, RegistryConfig, RegistryError,
     Resolved, SignaturePolicy, Verification, parse_reference,
@@ -233,12 +235,6 @@ impl Install {
     }
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct InstallDb {
-    installs: Vec<Install>,
-}
-
 /// Why an install was refused before anything was stored.
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {
@@ -313,6 +309,7 @@ pub struct Marketplace {
     registry: Registry,
     store: BlobStore,
     keys: Vec<PublicKey>,
+    db: Db,
 }
 
 impl std::fmt::Debug for Marketplace {
@@ -326,8 +323,10 @@ fn now() -> u64 {
 }
 
 impl Marketplace {
-    /// Opens the marketplace in `data_dir` with `config` (see [`MarketplaceConfig::load`]).
-    pub fn open(data_dir: impl Into<PathBuf>, config: MarketplaceConfig) -> anyhow::Result<Self> {
+    /// Opens the marketplace in `data_dir` with `config` (see [`MarketplaceConfig::load`]),
+    /// keeping its install records in `db`. Records left in `<data dir>/installs.json` by an
+    /// earlier version are moved into `db` (the file is renamed `installs.json.imported`).
+    pub async fn open(data_dir: impl Into<PathBuf>, config: MarketplaceConfig, db: Db) -> anyhow::Result<Self> {
         let data_dir = data_dir.into();
         let mut keys = Vec::new();
         for path in &config.trusted_keys {
@@ -345,7 +344,19 @@ impl Marketplace {
             credentials: Credentials { docker_config: config.docker_config.clone() },
             max_blob_bytes: None,
         });
-        Ok(Marketplace { store: BlobStore::new(data_dir.join("store")), data_dir, config, registry, keys })
+        let market =
+            Marketplace { store: BlobStore::new(data_dir.join("store")), data_dir, config, registry, keys, db };
+        market.import_legacy_records().await?;
+        Ok(market)
+    }
+
+    /// Opens the marketplace with its records in the data directory's own database
+    /// (`<data dir>/qlayer.db`, the one `qlayer serve` uses by default).
+    pub async fn open_local(data_dir: impl Into<PathBuf>, config: MarketplaceConfig) -> anyhow::Result<Self> {
+        let data_dir = data_dir.into();
+        std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+        let db = Db::open_sqlite(&data_dir.join("qlayer.db")).await?;
+        Marketplace::open(data_dir, config, db).await
     }
 
     /// The registry client.
@@ -363,40 +374,37 @@ impl Marketplace {
         &self.config
     }
 
-    fn db_path(&self) -> PathBuf {
-        self.data_dir.join("installs.json")
-    }
-
-    fn read_db(&self) -> anyhow::Result<InstallDb> {
-        match std::fs::read(self.db_path()) {
-            Ok(bytes) => {
-                serde_json::from_slice(&bytes).with_context(|| format!("reading {}", self.db_path().display()))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(InstallDb::default()),
-            Err(e) => Err(e).with_context(|| format!("reading {}", self.db_path().display())),
+    /// Moves the records of `<data dir>/installs.json` (where versions before the records moved
+    /// to the database kept them) into the database, keeping any the database already has.
+    async fn import_legacy_records(&self) -> anyhow::Result<()> {
+        let path = self.data_dir.join("installs.json");
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Legacy {
+            installs: Vec<Install>,
         }
+        let legacy: Legacy = serde_json::from_slice(&bytes).with_context(|| format!("reading {}", path.display()))?;
+        for install in &legacy.installs {
+            self.db.insert_install(&install.tenant, &install.name, &install.blob, &record_of(install)?).await?;
+        }
+        let moved = self.data_dir.join("installs.json.imported");
+        std::fs::rename(&path, &moved).with_context(|| format!("renaming {}", path.display()))?;
+        tracing::info!(records = legacy.installs.len(), from = %path.display(), "imported install records into the database");
+        Ok(())
     }
 
-    /// Holds an exclusive lock on `<data dir>/installs.lock` for a read-modify-write of the
-    /// install records, so two `qlayer` processes cannot lose each other's changes.
-    fn lock_db(&self) -> anyhow::Result<std::fs::File> {
-        std::fs::create_dir_all(&self.data_dir).with_context(|| format!("creating {}", self.data_dir.display()))?;
-        let path = self.data_dir.join("installs.lock");
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        file.lock().with_context(|| format!("locking {}", path.display()))?;
-        Ok(file)
-    }
-
-    fn write_db(&self, db: &InstallDb) -> anyhow::Result<()> {
-        std::fs::create_dir_all(&self.data_dir).with_context(|| format!("creating {}", self.data_dir.display()))?;
-        let tmp = self.data_dir.join(format!(".installs.json.{}", std::process::id()));
-        std::fs::write(&tmp, serde_json::to_vec_pretty(db)?).with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, self.db_path()).with_context(|| format!("writing {}", self.db_path().display()))
+    /// The stored record of `tenant`'s install `name`, with its text (an upgrade replaces
+    /// exactly that text, so a concurrent change is noticed).
+    async fn stored(&self, tenant: &str, name: &str) -> anyhow::Result<Option<(Install, String)>> {
+        match self.db.install(tenant, name).await? {
+            Some(text) => Ok(Some((parse_record(&text)?, text))),
+            None => Ok(None),
+        }
     }
 
     /// Pushes a plugin binary to `reference` and, with `key`, signs it. Returns the digest.
@@ -431,13 +439,11 @@ impl Marketplace {
     ) -> anyhow::Result<InstallOutcome> {
         let reference = parse_reference(reference)?;
         let resolved = self.registry.resolve(&reference).await?;
-        if let Some(existing) =
-            self.read_db()?.installs.iter().find(|i| i.tenant == tenant && i.name == resolved.manifest.name)
-        {
+        if let Some((existing, _)) = self.stored(tenant, &resolved.manifest.name).await? {
             return Err(InstallError::AlreadyInstalled {
-                name: existing.name.clone(),
-                tenant: tenant.to_string(),
                 pinned: existing.pinned(),
+                name: existing.name,
+                tenant: tenant.to_string(),
             }
             .into());
         }
@@ -450,7 +456,7 @@ impl Marketplace {
         resolved: Resolved,
         tenant: &str,
         grants: GrantSpec,
-        replaced: Option<&Install>,
+        replaced: Option<&(Install, String)>,
     ) -> anyhow::Result<InstallOutcome> {
         let manifest = resolved.manifest.clone();
         // Capabilities first: nothing is downloaded for an install that would be refused.
@@ -521,57 +527,72 @@ impl Marketplace {
                 .unwrap_or_else(|| "not checked (policy off)".into()),
             installed_at: now(),
         };
-        let _lock = self.lock_db()?;
-        let mut db = self.read_db()?;
-        if replaced.is_none()
-            && let Some(existing) = db.installs.iter().find(|i| i.tenant == tenant && i.name == install.name)
-        {
-            // Another process installed it meanwhile.
-            return Err(InstallError::AlreadyInstalled {
-                name: existing.name.clone(),
-                tenant: tenant.to_string(),
-                pinned: existing.pinned(),
+        let record = record_of(&install)?;
+        match replaced {
+            None => {
+                if !self.db.insert_install(tenant, &install.name, &install.blob, &record).await? {
+                    // Another process (or node) installed it meanwhile.
+                    let pinned = match self.stored(tenant, &install.name).await? {
+                        Some((existing, _)) => existing.pinned(),
+                        None => "just removed again".into(),
+                    };
+                    return Err(InstallError::AlreadyInstalled {
+                        name: install.name,
+                        tenant: tenant.to_string(),
+                        pinned,
+                    }
+                    .into());
+                }
             }
-            .into());
+            Some((old, old_record)) => {
+                if !self.db.replace_install(tenant, &install.name, old_record, &install.blob, &record).await? {
+                    bail!(
+                        "plugin `{}` of tenant `{tenant}` was changed or removed while it was being upgraded; \
+                         nothing was replaced, try again",
+                        install.name
+                    );
+                }
+                self.collect(&old.blob).await?;
+            }
         }
-        db.installs.retain(|i| !(i.tenant == tenant && i.name == install.name));
-        db.installs.push(install.clone());
-        self.write_db(&db)?;
-        if let Some(old) = replaced {
-            self.collect(&db, &old.blob)?;
-        }
-        Ok(InstallOutcome { install, manifest, verification, warning, replaced: replaced.map(|r| r.version.clone()) })
+        Ok(InstallOutcome {
+            install,
+            manifest,
+            verification,
+            warning,
+            replaced: replaced.map(|(old, _)| old.version.clone()),
+        })
     }
 
     /// The installs of `tenant`, by name.
-    pub fn list(&self, tenant: &str) -> anyhow::Result<Vec<Install>> {
-        let mut installs: Vec<Install> = self.read_db()?.installs.into_iter().filter(|i| i.tenant == tenant).collect();
-        installs.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(installs)
+    pub async fn list(&self, tenant: &str) -> anyhow::Result<Vec<Install>> {
+        self.db.installs(tenant).await?.iter().map(|text| parse_record(text)).collect()
     }
 
     /// One install of `tenant`.
-    pub fn get(&self, tenant: &str, name: &str) -> anyhow::Result<Install> {
-        self.read_db()?
-            .installs
-            .into_iter()
-            .find(|i| i.tenant == tenant && i.name == name)
-            .ok_or_else(|| InstallError::NotInstalled { name: name.to_string(), tenant: tenant.to_string() }.into())
+    pub async fn get(&self, tenant: &str, name: &str) -> anyhow::Result<Install> {
+        match self.stored(tenant, name).await? {
+            Some((install, _)) => Ok(install),
+            None => Err(InstallError::NotInstalled { name: name.to_string(), tenant: tenant.to_string() }.into()),
+        }
     }
 
-    /// Removes an install; its blob goes when no other install uses it.
-    pub fn remove(&self, tenant: &str, name: &str) -> anyhow::Result<Install> {
-        let _lock = self.lock_db()?;
-        let install = self.get(tenant, name)?;
-        let mut db = self.read_db()?;
-        db.installs.retain(|i| !(i.tenant == tenant && i.name == name));
-        self.write_db(&db)?;
-        self.collect(&db, &install.blob)?;
+    /// Removes an install; its blob leaves this node's store when no install uses it.
+    pub async fn remove(&self, tenant: &str, name: &str) -> anyhow::Result<Install> {
+        let text = self
+            .db
+            .delete_install(tenant, name)
+            .await?
+            .ok_or_else(|| InstallError::NotInstalled { name: name.to_string(), tenant: tenant.to_string() })?;
+        let install = parse_record(&text)?;
+        self.collect(&install.blob).await?;
         Ok(install)
     }
 
-    fn collect(&self, db: &InstallDb, blob: &str) -> anyhow::Result<()> {
-        if !db.installs.iter().any(|i| i.blob == blob) {
+    /// Drops `blob` from this node's store when no install (of any tenant) uses it. Another
+    /// node's copy stays until that node collects it; a node missing a blob pulls it again.
+    async fn collect(&self, blob: &str) -> anyhow::Result<()> {
+        if !self.db.blob_installed(blob).await? {
             self.store.remove(blob)?;
         }
         Ok(())
@@ -587,7 +608,11 @@ impl Marketplace {
         name: &str,
         extra: &GrantSpec,
     ) -> anyhow::Result<Option<InstallOutcome>> {
-        let current = self.get(tenant, name)?;
+        let current_stored = self
+            .stored(tenant, name)
+            .await?
+            .ok_or_else(|| InstallError::NotInstalled { name: name.to_string(), tenant: tenant.to_string() })?;
+        let current = &current_stored.0;
         let repository = parse_reference(&format!("{}:latest", current.repository))?;
         let installed = semver::Version::parse(&current.version).ok();
         let mut tags: Vec<String> =
@@ -617,15 +642,37 @@ impl Marketplace {
         }
         let mut grants = current.grants.clone();
         grants.merge(extra);
-        self.install_resolved(runtime, resolved, tenant, grants, Some(&current)).await.map(Some)
+        self.install_resolved(runtime, resolved, tenant, grants, Some(&current_stored)).await.map(Some)
     }
 
-    /// Loads an installed plugin for `tenant` from the local store (no registry needed) with its
-    /// recorded grants.
-    pub fn load(&self, runtime: &Runtime, tenant: &str, name: &str) -> anyhow::Result<Installed> {
-        let install = self.get(tenant, name)?;
-        let wasm = self.store.read(&install.blob)?;
-        // store.read has just checked the bytes against this digest.
+    /// Loads an installed plugin for `tenant` with its recorded grants. The binary comes from
+    /// this node's store; a node that does not have it yet (the install was made through another
+    /// node sharing the database) pulls it from the registry by the pinned digest, verified.
+    pub async fn load(&self, runtime: &Runtime, tenant: &str, name: &str) -> anyhow::Result<Installed> {
+        let install = self.get(tenant, name).await?;
+        let wasm = if self.store.contains(&install.blob) {
+            self.store.read(&install.blob)?
+        } else {
+            let pinned = parse_reference(&install.pinned())?;
+            let resolved = self
+                .registry
+                .resolve(&pinned)
+                .await
+                .with_context(|| format!("pulling installed plugin `{name}` ({})", install.pinned()))?;
+            if resolved.layer.digest != install.blob {
+                bail!(
+                    "{} now names binary {}, not the installed {}; refusing it",
+                    install.pinned(),
+                    resolved.layer.digest,
+                    install.blob
+                );
+            }
+            self.registry
+                .fetch(&resolved, &self.store)
+                .await
+                .with_context(|| format!("pulling installed plugin `{name}` ({})", install.pinned()))?
+        };
+        // The store has just checked the bytes against this digest.
         let plugin = runtime
             .load_with_digest(&wasm, install.blob.clone())
             .with_context(|| format!("loading installed plugin `{name}`"))?;
@@ -634,6 +681,14 @@ impl Marketplace {
         }
         Ok(plugin.install(install.grants.to_grants()?)?)
     }
+}
+
+fn record_of(install: &Install) -> anyhow::Result<String> {
+    Ok(serde_json::to_string(install)?)
+}
+
+fn parse_record(text: &str) -> anyhow::Result<Install> {
+    serde_json::from_str(text).context("a stored install record is unreadable")
 }
 
 /// Writes a new key pair: `<prefix>.key` (private, mode 0600) and `<prefix>.pub`.

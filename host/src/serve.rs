@@ -340,8 +340,12 @@ pub async fn start(config: ServeConfig, data_dir: PathBuf) -> anyhow::Result<Run
         ..Default::default()
     })?);
     let market_config = crate::marketplace::MarketplaceConfig::load(&data_dir)?;
-    let marketplace = std::sync::Arc::new(crate::marketplace::Marketplace::open(data_dir.clone(), market_config)?);
-    let runner = crate::jobs::JobRunner::new(db.clone(), runtime, marketplace, data_dir.clone(), scheduler_config);
+    let marketplace =
+        std::sync::Arc::new(crate::marketplace::Marketplace::open(data_dir.clone(), market_config, db.clone()).await?);
+    let runner = crate::jobs::JobRunner::new(
+        crate::jobs::PluginExecutor::new(db.clone(), runtime, marketplace),
+        scheduler_config,
+    );
     let queued = runner.start().await?;
     tracing::info!(node = %node.id, queued, "scheduler started");
     let state = crate::api::AppState {

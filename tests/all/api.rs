@@ -160,13 +160,14 @@ impl Svc {
     pub(crate) async fn install(&self, key: &str, repo: &str, wasm: &[u8]) -> Reply {
         let registry = self.registry.as_ref().unwrap();
         let reference = format!("{}/{repo}:1.0.0", registry.addr);
-        let market = qlayer_host::marketplace::Marketplace::open(
+        let market = qlayer_host::marketplace::Marketplace::open_local(
             self._dir.path().join("pusher"),
             qlayer_host::marketplace::MarketplaceConfig {
                 insecure_registries: vec![registry.addr.clone()],
                 ..Default::default()
             },
         )
+        .await
         .unwrap();
         market.push(wasm, &reference, None).await.unwrap();
         self.post("/v1/plugins", key, json!({"reference": reference})).await

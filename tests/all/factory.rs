@@ -16,7 +16,7 @@ fn request(requirement: &str, rounds: u32) -> RunRequest {
 
 async fn run(choice: ProviderChoice, rounds: u32, budget: Option<u64>) -> (factory::RunReport, tempfile::TempDir) {
     let rt = runtime();
-    let pipeline = embedded::pipeline(&rt, &choice, budget).unwrap();
+    let pipeline = embedded::pipeline(&rt, &choice, budget, None).await.unwrap();
     let out = tempfile::tempdir().unwrap();
     factory::prepare("A todo list CLI, with due dates and tags", out.path(), false).unwrap();
     let report =

@@ -19,8 +19,8 @@ fn config(registry: &TestRegistry, policy: SignaturePolicy, keys: &[&Path]) -> M
     }
 }
 
-fn open(dir: &Path, config: MarketplaceConfig) -> Marketplace {
-    Marketplace::open(dir, config).unwrap()
+async fn open(dir: &Path, config: MarketplaceConfig) -> Marketplace {
+    Marketplace::open_local(dir, config).await.unwrap()
 }
 
 fn with_version(name: &str, version: &str) -> Vec<u8> {
@@ -46,7 +46,7 @@ fn no_grants() -> GrantSpec {
 async fn push_search_info_install_and_run_through_the_host() {
     let registry = TestRegistry::start();
     let data = tempfile::tempdir().unwrap();
-    let market = open(data.path(), config(&registry, SignaturePolicy::Warn, &[]));
+    let market = open(data.path(), config(&registry, SignaturePolicy::Warn, &[])).await;
     let rt = runtime();
 
     let stats = format!("{}/tools/text-stats:1.0.0", registry.addr);
@@ -76,9 +76,9 @@ async fn push_search_info_install_and_run_through_the_host() {
     let outcome = market.install(&rt, &stats, "acme", &no_grants()).await.unwrap();
     assert_eq!(outcome.install.digest, digest);
     assert!(outcome.warning.as_deref().unwrap().contains("not signed"), "{:?}", outcome.warning);
-    assert_eq!(market.list("acme").unwrap().len(), 1);
+    assert_eq!(market.list("acme").await.unwrap().len(), 1);
 
-    let installed = market.load(&rt, "acme", "text-stats").unwrap();
+    let installed = market.load(&rt, "acme", "text-stats").await.unwrap();
     let mut tool = installed.any_tool("acme").await.unwrap();
     let out: serde_json::Value =
         serde_json::from_str(&tool.invoke(r#"{"text":"the cat and the hat. The end!","top":1}"#).await.unwrap())
@@ -92,7 +92,7 @@ async fn push_search_info_install_and_run_through_the_host() {
 
     // The first-party provider installs from the registry and runs like the bundled one.
     market.install(&rt, &format!("{}/first-party/scripted:0.1.0", registry.addr), "acme", &no_grants()).await.unwrap();
-    let provider = market.load(&rt, "acme", "scripted").unwrap();
+    let provider = market.load(&rt, "acme", "scripted").await.unwrap();
     let models = provider.provider("acme").await.unwrap().models().await.unwrap();
     assert!(models.iter().any(|m| m.id.contains("scripted")), "{models:?}");
 
@@ -106,18 +106,18 @@ async fn push_search_info_install_and_run_through_the_host() {
     assert!(market.info(&format!("{}/tools/nothing-here:1.0.0", registry.addr)).await.is_err());
 
     // Another tenant's install looks exactly like a missing one.
-    let theirs = market.get("globex", "text-stats").unwrap_err().to_string();
-    let missing = market.get("globex", "no-such-plugin").unwrap_err().to_string();
+    let theirs = market.get("globex", "text-stats").await.unwrap_err().to_string();
+    let missing = market.get("globex", "no-such-plugin").await.unwrap_err().to_string();
     assert_eq!(theirs.replace("text-stats", "X"), missing.replace("no-such-plugin", "X"));
-    assert!(market.remove("globex", "text-stats").is_err());
-    assert!(market.list("globex").unwrap().is_empty());
+    assert!(market.remove("globex", "text-stats").await.is_err());
+    assert!(market.list("globex").await.unwrap().is_empty());
 
     // Installing twice is refused; removing frees the blob.
     let again = market.install(&rt, &stats, "acme", &no_grants()).await.unwrap_err();
     assert!(matches!(again.downcast_ref::<InstallError>(), Some(InstallError::AlreadyInstalled { .. })), "{again}");
-    market.remove("acme", "text-stats").unwrap();
+    market.remove("acme", "text-stats").await.unwrap();
     assert!(market.store().contains(&outcome.install.blob), "tenant initech still uses the blob");
-    market.remove("initech", "text-stats").unwrap();
+    market.remove("initech", "text-stats").await.unwrap();
     assert!(!market.store().contains(&outcome.install.blob), "the last install's removal frees the blob");
 }
 
@@ -125,7 +125,7 @@ async fn push_search_info_install_and_run_through_the_host() {
 async fn a_blob_altered_in_the_registry_is_refused_and_nothing_is_kept() {
     let registry = TestRegistry::start();
     let data = tempfile::tempdir().unwrap();
-    let market = open(data.path(), config(&registry, SignaturePolicy::Off, &[]));
+    let market = open(data.path(), config(&registry, SignaturePolicy::Off, &[])).await;
     let cache = tempfile::tempdir().unwrap();
     let rt = Runtime::new(RuntimeConfig { cache_dir: Some(cache.path().to_path_buf()), ..Default::default() }).unwrap();
     let wasm = marketplace_plugin("text-stats");
@@ -143,7 +143,7 @@ async fn a_blob_altered_in_the_registry_is_refused_and_nothing_is_kept() {
     assert!(err.contains("does not match its digest"), "{err}");
     assert!(err.contains("nothing of it was stored"), "{err}");
     assert!(market.store().digests().is_empty(), "the store holds nothing");
-    assert!(market.list("acme").unwrap().is_empty(), "nothing is installed");
+    assert!(market.list("acme").await.unwrap().is_empty(), "nothing is installed");
     let cached = std::fs::read_dir(cache.path()).map(|d| d.count()).unwrap_or(0);
     assert_eq!(cached, 0, "nothing was compiled");
 }
@@ -152,7 +152,7 @@ async fn a_blob_altered_in_the_registry_is_refused_and_nothing_is_kept() {
 async fn a_retagged_upstream_does_not_move_an_install_until_upgrade() {
     let registry = TestRegistry::start();
     let data = tempfile::tempdir().unwrap();
-    let market = open(data.path(), config(&registry, SignaturePolicy::Off, &[]));
+    let market = open(data.path(), config(&registry, SignaturePolicy::Off, &[])).await;
     let rt = runtime();
     let repo = format!("{}/tools/text-stats", registry.addr);
     let v1 = market.push(&with_version("text-stats", "1.0.0"), &format!("{repo}:1.0.0"), None).await.unwrap();
@@ -164,15 +164,15 @@ async fn a_retagged_upstream_does_not_move_an_install_until_upgrade() {
     let v2 = market.push(&with_version("text-stats", "1.1.0"), &format!("{repo}:1.1.0"), None).await.unwrap();
     market.push(&with_version("text-stats", "1.1.0"), &format!("{repo}:latest"), None).await.unwrap();
     assert_ne!(v1, v2);
-    let still = market.get("acme", "text-stats").unwrap();
+    let still = market.get("acme", "text-stats").await.unwrap();
     assert_eq!((still.version.as_str(), still.digest.as_str()), ("1.0.0", v1.as_str()));
-    let loaded = market.load(&rt, "acme", "text-stats").unwrap();
+    let loaded = market.load(&rt, "acme", "text-stats").await.unwrap();
     assert_eq!(loaded.plugin().manifest().version, "1.0.0");
 
     let upgraded = market.upgrade(&rt, "acme", "text-stats", &no_grants()).await.unwrap().unwrap();
     assert_eq!(upgraded.replaced.as_deref(), Some("1.0.0"));
     assert_eq!((upgraded.install.version.as_str(), upgraded.install.digest.as_str()), ("1.1.0", v2.as_str()));
-    assert_eq!(market.load(&rt, "acme", "text-stats").unwrap().plugin().manifest().version, "1.1.0");
+    assert_eq!(market.load(&rt, "acme", "text-stats").await.unwrap().plugin().manifest().version, "1.1.0");
     assert!(market.upgrade(&rt, "acme", "text-stats", &no_grants()).await.unwrap().is_none(), "already newest");
 
     // Semver-aware: 1.10.0 beats 1.9.0 (not lexical order); pre-releases are not offered.
@@ -195,7 +195,7 @@ async fn signature_policies_refuse_unsigned_wrong_key_and_other_digest() {
     let mut cfg = config(&registry, SignaturePolicy::Require, &[&alice_pub]);
     cfg.tenants
         .insert("lax".into(), TenantConfig { signature_policy: Some(SignaturePolicy::Warn), ..Default::default() });
-    let market = open(data.path(), cfg);
+    let market = open(data.path(), cfg).await;
     let rt = runtime();
     let r = |repo: &str| format!("{}/{repo}:1.0.0", registry.addr);
     let wasm = marketplace_plugin("text-stats");
@@ -211,10 +211,9 @@ async fn signature_policies_refuse_unsigned_wrong_key_and_other_digest() {
         Ok(other) => panic!("expected a signature refusal, got {other}"),
         Err(e) => panic!("expected a signature refusal, got {e:#}"),
     };
-    let fresh = |market: &Marketplace| market.remove("strict", "text-stats").map(|_| ());
 
     // Unsigned.
-    fresh(&market).unwrap();
+    market.remove("strict", "text-stats").await.unwrap();
     market.push(&wasm, &r("unsigned/text-stats"), None).await.unwrap();
     let err = market.install(&rt, &r("unsigned/text-stats"), "strict", &no_grants()).await.unwrap_err();
     assert!(err.to_string().contains("not signed"), "{err}");
@@ -268,46 +267,111 @@ async fn installed_plugins_load_from_the_local_store_when_the_registry_is_down()
     let cfg = config(&registry, SignaturePolicy::Off, &[]);
     let reference = format!("{}/tools/text-stats:1.0.0", registry.addr);
     {
-        let market = open(data.path(), cfg.clone());
+        let market = open(data.path(), cfg.clone()).await;
         market.push(&marketplace_plugin("text-stats"), &reference, None).await.unwrap();
         market.install(&runtime(), &reference, "acme", &no_grants()).await.unwrap();
     }
     registry.stop();
 
-    let market = open(data.path(), cfg);
+    let market = open(data.path(), cfg).await;
     let err = market.info(&reference).await.unwrap_err();
     assert!(err.to_string().contains(&registry.addr), "a registry error names the registry: {err}");
-    let installed = market.load(&runtime(), "acme", "text-stats").unwrap();
+    let installed = market.load(&runtime(), "acme", "text-stats").await.unwrap();
     let out = installed.any_tool("acme").await.unwrap().invoke(r#"{"text":"offline works"}"#).await.unwrap();
     assert!(out.contains("\"words\":2"), "{out}");
 
     // A file changed in the local store is caught on load.
-    let install = market.get("acme", "text-stats").unwrap();
+    let install = market.get("acme", "text-stats").await.unwrap();
     let path = market.store().path(&install.blob).unwrap();
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[10] ^= 1;
     std::fs::write(&path, bytes).unwrap();
-    let err = market.load(&runtime(), "acme", "text-stats").unwrap_err();
+    let err = market.load(&runtime(), "acme", "text-stats").await.unwrap_err();
     assert!(format!("{err:#}").contains("does not match its digest"), "{err:#}");
+}
+
+/// Nodes sharing a database (scale mode) share install records; each keeps its own blob store. A
+/// node that lacks a binary pulls it by the install's pinned digest (not its tag, which may have
+/// moved), verified; a tampered pull is refused and leaves nothing. Records an earlier version
+/// kept in `<data dir>/installs.json` are moved into the database.
+#[tokio::test]
+async fn nodes_sharing_a_database_share_installs_and_pull_binaries_by_their_pinned_digest() {
+    let registry = TestRegistry::start();
+    let shared = tempfile::tempdir().unwrap();
+    let db = qlayer_db::Db::open_sqlite(&shared.path().join("shared.db")).await.unwrap();
+    let cfg = config(&registry, SignaturePolicy::Off, &[]);
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let node = |i: usize| Marketplace::open(dirs[i].path(), cfg.clone(), db.clone());
+    let (a, b, c) = (node(0).await.unwrap(), node(1).await.unwrap(), node(2).await.unwrap());
+    let rt = runtime();
+    let repo = format!("{}/tools/text-stats", registry.addr);
+    let v1 = a.push(&with_version("text-stats", "1.0.0"), &format!("{repo}:latest"), None).await.unwrap();
+    let installed = a.install(&rt, &format!("{repo}:latest"), "acme", &no_grants()).await.unwrap().install;
+    assert_eq!(installed.digest, v1);
+
+    // Node B sees the install and has no binary until it first loads it.
+    assert_eq!(b.list("acme").await.unwrap(), vec![installed.clone()]);
+    assert!(!b.store().contains(&installed.blob));
+    // Upstream moves the tag: B still gets the pinned version.
+    a.push(&with_version("text-stats", "1.1.0"), &format!("{repo}:latest"), None).await.unwrap();
+    let loaded = b.load(&rt, "acme", "text-stats").await.unwrap();
+    assert_eq!(loaded.plugin().manifest().version, "1.0.0");
+    assert!(b.store().contains(&installed.blob), "pulled once, kept in B's store");
+    let out = loaded.any_tool("acme").await.unwrap().invoke(r#"{"text":"pulled by digest"}"#).await.unwrap();
+    assert!(out.contains("\"words\":3"), "{out}");
+    // One install per tenant and name across the nodes.
+    let again = b.install(&rt, &format!("{repo}:latest"), "acme", &no_grants()).await.unwrap_err();
+    assert!(matches!(again.downcast_ref::<InstallError>(), Some(InstallError::AlreadyInstalled { .. })), "{again}");
+    // Another tenant still sees nothing.
+    assert!(b.list("globex").await.unwrap().is_empty());
+    assert!(b.get("globex", "text-stats").await.is_err());
+
+    // The registry's copy is altered: node C, which has none, refuses it and keeps nothing.
+    let path = registry.blob_path(&installed.blob);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&path, bytes).unwrap();
+    let err = c.load(&rt, "acme", "text-stats").await.unwrap_err();
+    assert!(format!("{err:#}").contains("does not match its digest"), "{err:#}");
+    assert!(c.store().digests().is_empty(), "C keeps nothing of a tampered pull");
+    // B, which has a verified copy, carries on.
+    assert!(b.load(&rt, "acme", "text-stats").await.is_ok());
+
+    // Removed through A: gone for B too, though B's store still has the bytes.
+    a.remove("acme", "text-stats").await.unwrap();
+    let err = b.load(&rt, "acme", "text-stats").await.unwrap_err();
+    assert!(matches!(err.downcast_ref::<InstallError>(), Some(InstallError::NotInstalled { .. })), "{err:#}");
+
+    // Records from an earlier version's installs.json move into the database at open.
+    let legacy = tempfile::tempdir().unwrap();
+    let old = qlayer_host::marketplace::Install { tenant: "initech".into(), ..installed.clone() };
+    std::fs::write(legacy.path().join("installs.json"), serde_json::json!({"installs": [old]}).to_string()).unwrap();
+    let d = Marketplace::open(legacy.path(), cfg.clone(), db.clone()).await.unwrap();
+    assert_eq!(d.list("initech").await.unwrap(), vec![old.clone()]);
+    assert_eq!(a.get("initech", "text-stats").await.unwrap(), old, "every node sees the imported record");
+    assert!(!legacy.path().join("installs.json").exists());
+    assert!(legacy.path().join("installs.json.imported").exists());
+    db.close().await;
 }
 
 #[tokio::test]
 async fn an_unlisted_insecure_registry_and_ungranted_capabilities_are_refused() {
     let registry = TestRegistry::start();
     let data = tempfile::tempdir().unwrap();
-    let strict = open(data.path(), MarketplaceConfig::default());
+    let strict = open(data.path(), MarketplaceConfig::default()).await;
     let reference = format!("{}/tools/url-check:1.0.0", registry.addr);
     let err = strict.push(&marketplace_plugin("url-check"), &reference, None).await.unwrap_err();
     let message = format!("{err:#}");
     assert!(message.contains(&format!("--insecure-registry {}", registry.addr)), "{message}");
     assert!(strict.info(&reference).await.is_err());
 
-    let market = open(data.path(), config(&registry, SignaturePolicy::Off, &[]));
+    let market = open(data.path(), config(&registry, SignaturePolicy::Off, &[])).await;
     market.push(&marketplace_plugin("url-check"), &reference, None).await.unwrap();
     let err = market.install(&runtime(), &reference, "acme", &no_grants()).await.unwrap_err();
     assert!(err.to_string().contains("--grant host:<host[:port]>"), "{err}");
     assert!(market.store().digests().is_empty(), "nothing downloaded");
-    assert!(market.list("acme").unwrap().is_empty());
+    assert!(market.list("acme").await.unwrap().is_empty());
     // A grant the plugin did not ask for is refused too.
     let stats = format!("{}/tools/text-stats:1.0.0", registry.addr);
     market.push(&marketplace_plugin("text-stats"), &stats, None).await.unwrap();
@@ -326,7 +390,7 @@ async fn the_extism_tool_installs_from_the_registry_and_keeps_to_its_grants() {
     let granted = TestServer::start().await;
     let other = TestServer::start().await;
     let data = tempfile::tempdir().unwrap();
-    let market = open(data.path(), config(&registry, SignaturePolicy::Off, &[]));
+    let market = open(data.path(), config(&registry, SignaturePolicy::Off, &[])).await;
     let rt = runtime();
     let reference = format!("{}/tools/url-check:1.0.0", registry.addr);
     market.push(&marketplace_plugin("url-check"), &reference, None).await.unwrap();
@@ -334,7 +398,7 @@ async fn the_extism_tool_installs_from_the_registry_and_keeps_to_its_grants() {
     let outcome = market.install(&rt, &reference, "acme", &grants).await.unwrap();
     assert_eq!(outcome.install.format, Format::Extism);
 
-    let installed = market.load(&rt, "acme", "url-check").unwrap();
+    let installed = market.load(&rt, "acme", "url-check").await.unwrap();
     let mut tool = installed.any_tool("acme").await.unwrap();
     let out: serde_json::Value =
         serde_json::from_str(&tool.invoke(&format!(r#"{{"url":"http://{}/plain"}}"#, granted.addr)).await.unwrap())
@@ -406,7 +470,7 @@ async fn skopeo_reads_what_we_push_with_the_wasm_media_types() {
     let skopeo = ensure_program("skopeo", "skopeo");
     let registry = TestRegistry::start();
     let data = tempfile::tempdir().unwrap();
-    let market = open(data.path(), config(&registry, SignaturePolicy::Off, &[]));
+    let market = open(data.path(), config(&registry, SignaturePolicy::Off, &[])).await;
     let wasm = marketplace_plugin("text-stats");
     let reference = format!("{}/tools/text-stats:1.0.0", registry.addr);
     let digest = market.push(&wasm, &reference, None).await.unwrap();
@@ -440,7 +504,7 @@ async fn a_registry_with_basic_auth_takes_credentials_from_docker_config() {
     let data = tempfile::tempdir().unwrap();
     let reference = format!("{}/tools/text-stats:1.0.0", registry.addr);
 
-    let anonymous = open(data.path(), config(&registry, SignaturePolicy::Off, &[]));
+    let anonymous = open(data.path(), config(&registry, SignaturePolicy::Off, &[])).await;
     let err = anonymous.push(&marketplace_plugin("text-stats"), &reference, None).await.unwrap_err();
     assert!(format!("{err:#}").contains("refused access"), "{err:#}");
 
@@ -453,7 +517,7 @@ async fn a_registry_with_basic_auth_takes_credentials_from_docker_config() {
     .unwrap();
     let mut cfg = config(&registry, SignaturePolicy::Off, &[]);
     cfg.docker_config = Some(docker_config.clone());
-    let market = open(data.path(), cfg.clone());
+    let market = open(data.path(), cfg.clone()).await;
     market.push(&marketplace_plugin("text-stats"), &reference, None).await.unwrap();
     market.install(&runtime(), &reference, "acme", &no_grants()).await.unwrap();
     assert_eq!(market.search(&registry.addr, None).await.unwrap().len(), 1);
@@ -463,7 +527,7 @@ async fn a_registry_with_basic_auth_takes_credentials_from_docker_config() {
         format!(r#"{{"auths":{{"{}":{{"username":"alice","password":"wrong"}}}}}}"#, registry.addr),
     )
     .unwrap();
-    let err = open(data.path(), cfg).info(&reference).await.unwrap_err();
+    let err = open(data.path(), cfg).await.info(&reference).await.unwrap_err();
     let message = format!("{err:#}");
     assert!(message.contains("refused access"), "{message}");
     assert!(!message.contains("wrong"), "the password is not in the error: {message}");
@@ -673,7 +737,8 @@ fn credentials_are_not_sent_to_another_host_on_a_redirect_nor_logged() {
                     docker_config: Some(docker_config),
                     ..Default::default()
                 },
-            );
+            )
+            .await;
             let resolved = market.registry().resolve(&parse_reference(&format!("{addr}/tools/text-stats:1.0.0")).unwrap()).await.unwrap();
             assert_eq!(resolved.manifest.name, "text-stats");
             // The blob redirect goes to another origin, which answers 404 here: the download fails,

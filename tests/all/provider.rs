@@ -22,10 +22,10 @@ fn request(model: &str) -> CompletionRequest {
     }
 }
 
-fn openai(rt: &Runtime, server: &TestServer, key: Option<&str>) -> Installed {
+async fn openai(rt: &Runtime, server: &TestServer, key: Option<&str>) -> Installed {
     let choice =
         ProviderChoice::OpenAi { base_url: format!("{}/v1", server.url()), model: None, api_key: key.map(Secret::new) };
-    embedded::install_provider(rt, &choice).unwrap()
+    embedded::install_provider(rt, &choice, None).await.unwrap()
 }
 
 async fn fails_with(installed: &Installed, model: &str) -> PluginError {
@@ -40,7 +40,7 @@ async fn fails_with(installed: &Installed, model: &str) -> PluginError {
 async fn plain_completion_with_usage_and_bearer_key() {
     let server = TestServer::start().await;
     let rt = runtime();
-    let installed = openai(&rt, &server, Some("sk-test-key"));
+    let installed = openai(&rt, &server, Some("sk-test-key")).await;
     let reply = installed.provider("t").await.unwrap().complete(&request("ok")).await.unwrap();
     assert_eq!(reply.text, "echo: hi");
     assert_eq!(reply.model, "ok");
@@ -59,7 +59,7 @@ async fn no_key_means_no_authorization_header() {
     // Local servers (Ollama, vLLM, llama.cpp) need no key, and none is invented.
     let server = TestServer::start().await;
     let rt = runtime();
-    let installed = openai(&rt, &server, None);
+    let installed = openai(&rt, &server, None).await;
     installed.provider("t").await.unwrap().complete(&request("ok")).await.unwrap();
     assert_eq!(server.requests()[0].authorization, None);
 }
@@ -68,7 +68,7 @@ async fn no_key_means_no_authorization_header() {
 async fn streaming_yields_chunks_then_usage_then_ends() {
     let server = TestServer::start().await;
     let rt = runtime();
-    let installed = openai(&rt, &server, None);
+    let installed = openai(&rt, &server, None).await;
     let mut provider = installed.provider("t").await.unwrap();
     let mut stream = provider.stream(&request("ok")).await.unwrap();
     let (mut text, mut usage, mut finish) = (String::new(), None, None);
@@ -89,7 +89,7 @@ async fn streaming_yields_chunks_then_usage_then_ends() {
 async fn a_stream_cut_before_done_is_an_error_not_a_clean_end() {
     let server = TestServer::start().await;
     let rt = runtime();
-    let installed = openai(&rt, &server, None);
+    let installed = openai(&rt, &server, None).await;
     let mut provider = installed.provider("t").await.unwrap();
     let mut stream = provider.stream(&request("cut-stream")).await.unwrap();
     let mut result = Ok(None);
@@ -107,7 +107,7 @@ async fn a_stream_cut_before_done_is_an_error_not_a_clean_end() {
 async fn upstream_failures_map_to_the_contract() {
     let server = TestServer::start().await;
     let rt = runtime();
-    let installed = openai(&rt, &server, None);
+    let installed = openai(&rt, &server, None).await;
     assert_eq!(fails_with(&installed, "rate-limit").await, PluginError::RateLimited(Some(2000)));
     assert!(
         matches!(fails_with(&installed, "error-500").await, PluginError::Unavailable(m) if m.contains("500") && m.contains("upstream exploded"))
@@ -123,7 +123,7 @@ async fn a_slow_upstream_past_the_deadline_is_a_timeout() {
     let server = TestServer::start().await;
     let rt = runtime();
     // The host's per-call deadline (1 s) is shorter than the upstream's 3 s.
-    let installed = openai(&rt, &server, None).with_timeout(Duration::from_secs(1));
+    let installed = openai(&rt, &server, None).await.with_timeout(Duration::from_secs(1));
     let err = installed.provider("t").await.unwrap().complete(&request("slow")).await.unwrap_err();
     assert!(matches!(err.kind, CallErrorKind::Timeout(_)), "{err}");
     assert!(err.is_retryable());
@@ -146,7 +146,7 @@ async fn a_slow_upstream_past_the_configured_http_timeout_is_a_plugin_timeout() 
 async fn models_and_embeddings() {
     let server = TestServer::start().await;
     let rt = runtime();
-    let installed = openai(&rt, &server, None);
+    let installed = openai(&rt, &server, None).await;
     let mut provider = installed.provider("t").await.unwrap();
     let models = provider.models().await.unwrap();
     assert_eq!(models.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(), ["ok", "slow"]);
@@ -162,7 +162,7 @@ async fn models_and_embeddings() {
 async fn a_request_without_a_model_and_no_default_is_invalid_input() {
     let server = TestServer::start().await;
     let rt = runtime();
-    let installed = openai(&rt, &server, None);
+    let installed = openai(&rt, &server, None).await;
     let err = fails_with(&installed, "").await;
     assert!(matches!(err, PluginError::InvalidInput(m) if m.contains("no model")));
     assert!(server.requests().is_empty());
@@ -171,7 +171,7 @@ async fn a_request_without_a_model_and_no_default_is_invalid_input() {
 #[tokio::test]
 async fn the_scripted_provider_is_deterministic_and_streams() {
     let rt = runtime();
-    let installed = embedded::install_provider(&rt, &ProviderChoice::Scripted { script: None }).unwrap();
+    let installed = embedded::install_provider(&rt, &ProviderChoice::Scripted { script: None }, None).await.unwrap();
     let mut p = installed.provider("t").await.unwrap();
     let a = p.complete(&request("")).await.unwrap();
     let b = p.complete(&request("")).await.unwrap();
@@ -192,7 +192,7 @@ fn secrets_never_reach_the_logs_even_at_trace_level() {
         qlayer_tests::current_thread().block_on(async {
             let server = TestServer::start().await;
             let rt = runtime();
-            let installed = openai(&rt, &server, Some(key));
+            let installed = openai(&rt, &server, Some(key)).await;
             let mut p = installed.provider("t").await.unwrap();
             p.complete(&request("ok")).await.unwrap();
             let _ = p.complete(&request("unauthorized")).await;

@@ -40,13 +40,14 @@ async fn tenants_with_hostile(svc: &Svc, names: &[&str]) -> Vec<(String, String)
 async fn push_hostile(registry: &TestRegistry, timeout_ms: u64) -> String {
     let reference = format!("{}/test/hostile:1.0.0", registry.addr);
     let pusher = tempfile::tempdir().unwrap();
-    let market = qlayer_host::marketplace::Marketplace::open(
+    let market = qlayer_host::marketplace::Marketplace::open_local(
         pusher.path(),
         qlayer_host::marketplace::MarketplaceConfig {
             insecure_registries: vec![registry.addr.clone()],
             ..Default::default()
         },
     )
+    .await
     .unwrap();
     market.push(&hostile(64, timeout_ms), &reference, None).await.unwrap();
     reference
@@ -543,12 +544,19 @@ async fn three_nodes_on_nats_survive_a_killed_node_and_dead_letter_a_poison_task
     assert_eq!(status, 201, "{created}");
     let acme = created["api_key"].as_str().unwrap().to_string();
     let tenant = created["tenant"]["id"].as_str().unwrap().to_string();
-    // Installs are per node (each has its own data dir): install on each.
+    // Installed once, through one node: the record is in the shared database, and each node pulls
+    // the binary from the registry by its pinned digest the first time it runs it.
     let reference = push_hostile(&registry, 20_000).await;
-    for node in &nodes {
+    let (status, body) =
+        post(nodes[0].1.clone(), acme.clone(), "/v1/plugins".into(), json!({"reference": reference})).await;
+    assert_eq!(status, 201, "{body}");
+    for node in &nodes[1..] {
+        let listed: Value =
+            http.get(format!("{}/v1/plugins", node.1)).bearer_auth(&acme).send().await.unwrap().json().await.unwrap();
+        assert_eq!(listed["items"][0]["name"], "hostile", "{listed}");
         let (status, body) =
             post(node.1.clone(), acme.clone(), "/v1/plugins".into(), json!({"reference": reference})).await;
-        assert_eq!(status, 201, "{body}");
+        assert_eq!((status, body["error"]["code"].as_str()), (409, Some("conflict")), "{body}");
     }
     let db = qlayer_db::Db::open(&pg).await.unwrap();
     let wait = |id: String| {
@@ -712,6 +720,17 @@ async fn a_factory_run_is_a_dag_of_its_steps_with_repair_rounds_added_as_needed(
     assert_eq!(done["output"]["status"], "failed-validation", "{done}");
     assert_eq!((done["output"]["repair_rounds"].as_u64(), done["task_count"].as_u64()), (Some(1), Some(7)));
     assert!(done["output"]["stop_reason"].as_str().unwrap().contains("after 1 repair rounds"), "{done}");
+
+    // The run's token budget counts every step: once the product manager has spent it, the next
+    // step does not start and the run fails naming the budget.
+    let r = svc.post("/v1/runs", &acme, json!({"requirement": "a CLI", "token_budget": 1})).await;
+    assert_eq!(r.status, 201, "{r:?}");
+    let done = svc.wait(&acme, r.body["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert!(done["error"].as_str().unwrap().contains("token budget of 1 is spent"), "{done}");
+    let r = svc.post("/v1/runs", &acme, json!({"requirement": "a CLI", "token_budget": 0})).await;
+    assert_eq!((r.status, r.code()), (400, "invalid_request"), "{r:?}");
+    assert!(r.text.contains("token_budget must be at least 1"), "{r:?}");
 }
 
 /// Stands for a host that dies during one step: it runs every other task, and on that one it
@@ -746,13 +765,8 @@ async fn a_factory_run_resumes_from_its_last_finished_step_after_its_host_dies()
     let dir = tempfile::tempdir().unwrap();
     let db = qlayer_db::Db::open(&format!("sqlite://{}", dir.path().join("q.db").display())).await.unwrap();
     let acme = db.create_tenant("acme").await.unwrap();
-    let market = qlayer_host::marketplace::Marketplace::open(dir.path(), Default::default()).unwrap();
-    let executor = Arc::new(PluginExecutor::new(
-        db.clone(),
-        Arc::new(qlayer_tests::runtime()),
-        Arc::new(market),
-        dir.path().into(),
-    ));
+    let market = qlayer_host::marketplace::Marketplace::open(dir.path(), Default::default(), db.clone()).await.unwrap();
+    let executor = Arc::new(PluginExecutor::new(db.clone(), Arc::new(qlayer_tests::runtime()), Arc::new(market)));
     let config = |node: &str| SchedulerConfig { node_id: node.into(), lease_ms: 1_000, ..Default::default() };
     let reached = Arc::new(tokio::sync::Notify::new());
     let dying = DiesAt { inner: executor.clone(), task: "validate-syntax", reached: reached.clone() };

@@ -37,7 +37,12 @@ fn main() {
             let wasm = qlayer_host::embedded::bundled_plugin(name).unwrap();
             let reference = format!("{}/first-party/{name}:0.1.0", registry.addr);
             let scratch = tempfile::tempdir().unwrap();
-            Marketplace::open(scratch.path(), config.clone()).unwrap().push(wasm, &reference, None).await.unwrap();
+            Marketplace::open_local(scratch.path(), config.clone())
+                .await
+                .unwrap()
+                .push(wasm, &reference, None)
+                .await
+                .unwrap();
             let grants = if name == "openai" {
                 GrantSpec::parse(&[
                     "host:127.0.0.1:9".into(),
@@ -68,13 +73,13 @@ fn main() {
             let mut cold = Vec::new();
             for _ in 0..10 {
                 let data = tempfile::tempdir().unwrap();
-                let market = Marketplace::open(data.path(), config.clone()).unwrap();
+                let market = Marketplace::open_local(data.path(), config.clone()).await.unwrap();
                 let t = Instant::now();
                 let resolved = market.registry().resolve(&parse_reference(&reference).unwrap()).await.unwrap();
                 market.registry().fetch(&resolved, market.store()).await.unwrap();
                 pull.push(t.elapsed());
                 let data = tempfile::tempdir().unwrap();
-                let market = Marketplace::open(data.path(), config.clone()).unwrap();
+                let market = Marketplace::open_local(data.path(), config.clone()).await.unwrap();
                 let runtime =
                     Runtime::new(RuntimeConfig { cache_dir: Some(data.path().join("cache")), ..Default::default() })
                         .unwrap();
@@ -87,14 +92,14 @@ fn main() {
 
             // Warm: installed, compile cache filled; a new process's load (new runtime each time).
             let data = tempfile::tempdir().unwrap();
-            let market = Marketplace::open(data.path(), config.clone()).unwrap();
+            let market = Marketplace::open_local(data.path(), config.clone()).await.unwrap();
             let cache = data.path().join("cache");
             let runtime = Runtime::new(RuntimeConfig { cache_dir: Some(cache.clone()), ..Default::default() }).unwrap();
             market.install(&runtime, &reference, "bench", &grants).await.unwrap();
             let mut warm = Vec::new();
             for _ in 0..50 {
                 let t = Instant::now();
-                std::hint::black_box(market.load(&runtime, "bench", name).unwrap());
+                std::hint::black_box(market.load(&runtime, "bench", name).await.unwrap());
                 warm.push(t.elapsed());
             }
             stats(&format!("load from the local store, compiled code cached ({name})"), warm);

@@ -362,13 +362,8 @@ async fn scheduled_runs(runtime: &Arc<qlayer_host::runtime::Runtime>, runs: usiz
     let db = Db::open(&database.url).await.unwrap();
     let tenant = db.create_tenant("acme").await.unwrap().id;
     let dir = tempfile::tempdir().unwrap();
-    let market = qlayer_host::marketplace::Marketplace::open(dir.path(), Default::default()).unwrap();
-    let executor = Arc::new(qlayer_host::jobs::PluginExecutor::new(
-        db.clone(),
-        runtime.clone(),
-        Arc::new(market),
-        dir.path().into(),
-    ));
+    let market = qlayer_host::marketplace::Marketplace::open(dir.path(), Default::default(), db.clone()).await.unwrap();
+    let executor = Arc::new(qlayer_host::jobs::PluginExecutor::new(db.clone(), runtime.clone(), Arc::new(market)));
     let scheduler = Scheduler::new(db.clone(), config("bench", parallel * 2, None), executor);
     scheduler.start().await.unwrap();
     // Warm-up: the first run loads the bundled plugins once.
@@ -490,7 +485,9 @@ fn main() {
                     &runtime,
                     &qlayer_host::embedded::ProviderChoice::Scripted { script: None },
                     None,
+                    None,
                 )
+                .await
                 .unwrap(),
             );
             for parallel in [1, 8] {

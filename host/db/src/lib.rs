@@ -11,6 +11,7 @@
 //! - Another tenant's object is reported exactly like a missing one: lookups take the caller's
 //!   tenant and return `None` for anything outside it.
 
+mod installs;
 mod jobs;
 mod tasks;
 

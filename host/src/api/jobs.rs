@@ -58,6 +58,10 @@ pub struct SubmitRun {
     /// Repair rounds after the first validation (0-5, default 2).
     #[serde(default)]
     pub max_repair_rounds: Option<u32>,
+    /// Tokens the whole run may spend, over every step (at least 1; default: no limit). A step
+    /// that would start with the budget spent fails the run, naming the budget.
+    #[serde(default)]
+    pub token_budget: Option<u64>,
     /// -10 to 10 (default 0).
     #[serde(default)]
     pub priority: Option<i32>,
@@ -100,6 +104,19 @@ fn check_priority(priority: Option<i32>) -> Result<i32, ApiError> {
 
 /// Checks a job's input before it is accepted: the shape for its kind, and that a called plugin
 /// is installed for the tenant as a tool.
+/// The caller's install `name`; `None` when there is none (a failing database is not "none").
+async fn installed(
+    state: &AppState,
+    caller: &Caller,
+    name: &str,
+) -> Result<Option<crate::marketplace::Install>, ApiError> {
+    match state.runner.marketplace().get(caller.tenant_name(), name).await {
+        Ok(install) => Ok(Some(install)),
+        Err(e) if e.downcast_ref::<crate::marketplace::InstallError>().is_some() => Ok(None),
+        Err(e) => Err(ApiError::internal(format!("{e:#}"))),
+    }
+}
+
 async fn check_input(
     state: &AppState,
     caller: &Caller,
@@ -111,7 +128,7 @@ async fn check_input(
             let plan = CallPlan::parse(input).map_err(ApiError::invalid)?;
             let field = if matches!(plan, CallPlan::One(_)) { "input.plugin" } else { "input.tasks" };
             for plugin in plan.plugins() {
-                let install = state.runner.marketplace().get(caller.tenant_name(), plugin).map_err(|_| {
+                let install = installed(state, caller, plugin).await?.ok_or_else(|| {
                     ApiError::invalid(format!("{field}: plugin `{plugin}` is not installed for this tenant"))
                 })?;
                 if install.kind != crate::runtime::Kind::Tool {
@@ -127,7 +144,7 @@ async fn check_input(
                 serde_json::from_value(input.clone()).map_err(|e| ApiError::invalid(format!("input: {e}")))?;
             run.check().map_err(ApiError::invalid)?;
             if let Some(name) = run.provider.as_deref().filter(|p| *p != "scripted") {
-                let install = state.runner.marketplace().get(caller.tenant_name(), name).map_err(|_| {
+                let install = installed(state, caller, name).await?.ok_or_else(|| {
                     ApiError::invalid(format!("provider: plugin `{name}` is not installed for this tenant"))
                 })?;
                 if install.kind != crate::runtime::Kind::Provider {
@@ -398,6 +415,7 @@ pub async fn submit_run(
         script: body.script,
         options: body.options,
         max_repair_rounds: body.max_repair_rounds,
+        token_budget: body.token_budget,
     };
     let input = serde_json::to_value(&run).map_err(ApiError::internal)?;
     let limits = JobLimits { deadline_ms: body.deadline_ms, max_attempts: None };

@@ -358,12 +358,12 @@ pub struct PluginList {
     responses((status = 200, body = PluginList), (status = 401, body = ErrorBody)),
     security(("api_key" = [])))]
 pub async fn list_plugins(State(state): State<AppState>, caller: Caller) -> Result<axum::Json<PluginList>, ApiError> {
-    list_plugins_op(&state, &caller).map(axum::Json)
+    list_plugins_op(&state, &caller).await.map(axum::Json)
 }
 
 /// Lists installed plugins (REST and gRPC).
-pub fn list_plugins_op(state: &AppState, caller: &Caller) -> Result<PluginList, ApiError> {
-    let installs = state.runner.marketplace().list(caller.tenant_name()).map_err(ApiError::internal)?;
+pub async fn list_plugins_op(state: &AppState, caller: &Caller) -> Result<PluginList, ApiError> {
+    let installs = state.runner.marketplace().list(caller.tenant_name()).await.map_err(ApiError::internal)?;
     Ok(PluginList { items: installs.into_iter().map(PluginView::from).collect() })
 }
 
@@ -376,12 +376,18 @@ pub async fn get_plugin(
     caller: Caller,
     Path(name): Path<String>,
 ) -> Result<axum::Json<PluginView>, ApiError> {
-    get_plugin_op(&state, &caller, &name).map(axum::Json)
+    get_plugin_op(&state, &caller, &name).await.map(axum::Json)
 }
 
 /// One installed plugin (REST and gRPC).
-pub fn get_plugin_op(state: &AppState, caller: &Caller, name: &str) -> Result<PluginView, ApiError> {
-    state.runner.marketplace().get(caller.tenant_name(), name).map(PluginView::from).map_err(|e| install_error(e, name))
+pub async fn get_plugin_op(state: &AppState, caller: &Caller, name: &str) -> Result<PluginView, ApiError> {
+    state
+        .runner
+        .marketplace()
+        .get(caller.tenant_name(), name)
+        .await
+        .map(PluginView::from)
+        .map_err(|e| install_error(e, name))
 }
 
 /// Installs a plugin from a registry for the caller's tenant: verified pull, signature policy,
@@ -448,8 +454,13 @@ pub async fn remove_plugin(
 /// Removes an installed plugin (REST and gRPC).
 pub async fn remove_plugin_op(state: &AppState, caller: &Caller, name: &str) -> Result<(), ApiError> {
     caller.require_write()?;
-    let outcome =
-        state.runner.marketplace().remove(caller.tenant_name(), name).map(|_| ()).map_err(|e| install_error(e, name));
+    let outcome = state
+        .runner
+        .marketplace()
+        .remove(caller.tenant_name(), name)
+        .await
+        .map(|_| ())
+        .map_err(|e| install_error(e, name));
     state.audit(caller, "plugin.remove", name, &outcome).await;
     outcome
 }

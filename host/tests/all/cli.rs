@@ -125,9 +125,32 @@ fn a_run_whose_files_stay_invalid_exits_3_and_still_writes_the_report() {
     let (stdout, _) = text(&o);
     assert_eq!(o.status.code(), Some(3), "{stdout}");
     assert!(stdout.contains("error [rust-syntax] src/main.rs:1"), "{stdout}");
+    assert!(stdout.contains("↻ repair round 1: 1 validator error(s) to fix"), "{stdout}");
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("qlayer-run.json")).unwrap()).unwrap();
     assert_eq!(report["status"], "failed-validation");
+    assert_eq!(std::fs::read_to_string(out.join("src/main.rs")).unwrap(), "fn main( {", "the files are written too");
+}
+
+/// `qlayer run` is a job through the core scheduler: a step that cannot run (here, the token
+/// budget is spent after the first) fails the run with exit 3 and a `failed` report that names
+/// why and lists the steps that did run.
+#[test]
+fn a_run_that_spends_its_token_budget_stops_with_a_failed_report() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let o = qlayer(&["run", "x", "--out", out.to_str().unwrap(), "--token-budget", "1"], &tmp.path().join("data"));
+    let (stdout, stderr) = text(&o);
+    assert_eq!(o.status.code(), Some(3), "{stdout}{stderr}");
+    assert!(stdout.contains("✓ product-manager"), "{stdout}");
+    assert!(stdout.contains("token budget of 1 is spent"), "{stdout}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("qlayer-run.json")).unwrap()).unwrap();
+    assert_eq!(report["status"], "failed");
+    assert!(report["stop_reason"].as_str().unwrap().contains("token budget of 1 is spent"), "{report}");
+    let steps: Vec<&str> = report["steps"].as_array().unwrap().iter().map(|s| s["step"].as_str().unwrap()).collect();
+    assert_eq!(steps, ["product-manager"]);
+    assert!(report["tokens"]["prompt"].as_u64().unwrap() > 0);
 }
 
 #[test]

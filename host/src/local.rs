@@ -1,17 +1,18 @@
-//! `qlayer run`: one factory run through the core scheduler, in this process, on a scratch SQLite
-//! database that goes away with the run. It is the service's run — the same DAG of step tasks,
-//! leases, retries with backoff, circuit breakers and repair rounds — with the provider given by
-//! the command line (flags, an API key) and never stored.
+//! The CLI's work through the core scheduler: `qlayer run` and `qlayer plugin call` submit a job
+//! to a scheduler in their own process, on a scratch SQLite database that goes away with it. A
+//! run is the service's run — the same DAG of step tasks, leases, retries with backoff, circuit
+//! breakers and repair rounds — with the provider given by the command line (flags, an API key)
+//! and never stored; a call is the service's one-task call job.
 
 use crate::embedded::ProviderChoice;
 use crate::factory::{RunReport, StepReport};
 use crate::jobs::{self, JobLimits, JobRunner, PluginExecutor, RunInput};
 use crate::marketplace::Marketplace;
 use crate::router::TokenCount;
-use crate::runtime::Runtime;
+use crate::runtime::{Kind, Runtime};
 use crate::scheduler::SchedulerConfig;
 use anyhow::Context as _;
-use qlayer_db::{Db, JobKind, JobStatus, TaskStatus};
+use qlayer_db::{Db, Job, JobEvent, JobKind, JobStatus, Task, TaskStatus};
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -66,40 +67,105 @@ pub struct Finished {
     pub capsule: Option<Vec<u8>>,
 }
 
-/// Runs `run` through a scheduler on a scratch database, calling `on` as steps start and finish.
-pub async fn run(run: LocalRun, on: &(dyn Fn(Update) + Send + Sync)) -> anyhow::Result<Finished> {
-    let scratch = tempfile::Builder::new().prefix("qlayer-run-").tempdir().context("creating a scratch directory")?;
-    let db = Db::open_sqlite(&scratch.path().join("run.db")).await?;
-    let outcome = run_on(&db, run, on).await;
-    db.close().await;
-    outcome
+/// Called as a job goes on, with its new events and all its tasks.
+type Follow<'a> = dyn FnMut(&[JobEvent], &[Task]) -> anyhow::Result<()> + Send + 'a;
+
+/// A scheduler of this process's own, on a scratch SQLite database that goes with it.
+struct Local {
+    _scratch: tempfile::TempDir,
+    db: Db,
 }
 
-async fn run_on(db: &Db, run: LocalRun, on: &(dyn Fn(Update) + Send + Sync)) -> anyhow::Result<Finished> {
-    let tenant = db.create_tenant(&run.tenant).await.with_context(|| format!("tenant `{}`", run.tenant))?;
-    let label = run.provider.label();
-    let executor = PluginExecutor::new(db.clone(), run.runtime, Arc::new(run.marketplace)).with_provider(run.provider);
-    let config = SchedulerConfig { node_id: format!("cli-{}", std::process::id()), ..SchedulerConfig::default() };
-    let runner = JobRunner::new(executor, config);
-    runner.start().await?;
-    let mut wake = runner.subscribe();
-    let input = serde_json::to_value(&run.input)?;
-    let (job, _) = runner
-        .submit(&tenant.id, JobKind::Run, &input, 0, None, JobLimits::default())
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+impl Local {
+    async fn open() -> anyhow::Result<Local> {
+        let scratch = tempfile::Builder::new().prefix("qlayer-").tempdir().context("creating a scratch directory")?;
+        let db = Db::open_sqlite(&scratch.path().join("jobs.db")).await?;
+        Ok(Local { _scratch: scratch, db })
+    }
 
-    let (mut after, mut seen) = (0, HashSet::new());
-    let job = loop {
-        for event in db.job_events(&tenant.id, &job.id, after).await? {
-            after = event.seq;
+    /// Starts a scheduler running `executor`'s tasks, submits one job for `tenant` and follows it
+    /// to its end, calling `each` with the job's tasks whenever something happened.
+    async fn job(
+        &self,
+        executor: PluginExecutor,
+        tenant: &str,
+        kind: JobKind,
+        input: &serde_json::Value,
+        each: &mut Follow<'_>,
+    ) -> anyhow::Result<(Job, Vec<Task>)> {
+        let db = &self.db;
+        let tenant = db.create_tenant(tenant).await.with_context(|| format!("tenant `{tenant}`"))?;
+        let config = SchedulerConfig { node_id: format!("cli-{}", std::process::id()), ..SchedulerConfig::default() };
+        let runner = JobRunner::new(executor, config);
+        runner.start().await?;
+        let mut wake = runner.subscribe();
+        let submitted = runner.submit(&tenant.id, kind, input, 0, None, JobLimits::default()).await;
+        let (job, _) = submitted.map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut after = 0;
+        let outcome = loop {
+            // The job first: once it has ended, the events and tasks read next are its last.
+            let current = db.job(&tenant.id, &job.id).await?.context("the job disappeared")?;
+            let events = db.job_events(&tenant.id, &job.id, after).await?;
+            after = events.last().map(|e| e.seq).unwrap_or(after);
+            let tasks = db.job_tasks(&tenant.id, &job.id).await?;
+            each(&events, &tasks)?;
+            if current.status.is_terminal() {
+                break (current, tasks);
+            }
+            // A new event wakes the loop at once; the timeout covers announcements it missed.
+            let _ = tokio::time::timeout(Duration::from_millis(250), wake.recv()).await;
+        };
+        runner.shutdown(Duration::from_secs(1)).await;
+        Ok(outcome)
+    }
+
+    async fn close(self) {
+        self.db.close().await;
+    }
+}
+
+/// Calls the tool `plugin`, installed for `tenant` in `marketplace`, with `input` (given to the
+/// plugin verbatim) as a one-task job through a scheduler in this process: retryable failures
+/// are retried with backoff, like the service's calls. Returns the tool's output.
+pub async fn call(
+    runtime: Arc<Runtime>,
+    marketplace: Marketplace,
+    tenant: &str,
+    plugin: &str,
+    input: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let install = marketplace.get(tenant, plugin).await?;
+    if install.kind != Kind::Tool {
+        anyhow::bail!("plugin `{plugin}` is a {} plugin; `qlayer plugin call` invokes tool plugins", install.kind);
+    }
+    let local = Local::open().await?;
+    let executor = PluginExecutor::new(local.db.clone(), runtime, Arc::new(marketplace));
+    let job_input = serde_json::json!({ "plugin": plugin, "input": input });
+    let outcome = local.job(executor, tenant, JobKind::Call, &job_input, &mut |_, _| Ok(())).await;
+    local.close().await;
+    let (job, _) = outcome?;
+    match job.status {
+        JobStatus::Succeeded => Ok(job.output.unwrap_or(serde_json::Value::Null)),
+        status => Err(anyhow::anyhow!(job.error.unwrap_or_else(|| format!("the call was {}", status.as_str())))),
+    }
+}
+
+/// Runs `run` through a scheduler in this process, calling `on` as steps start and finish.
+pub async fn run(run: LocalRun, on: &(dyn Fn(Update) + Send + Sync)) -> anyhow::Result<Finished> {
+    let local = Local::open().await?;
+    let label = run.provider.label();
+    let executor =
+        PluginExecutor::new(local.db.clone(), run.runtime, Arc::new(run.marketplace)).with_provider(run.provider);
+    let input = serde_json::to_value(&run.input)?;
+    let mut seen = HashSet::new();
+    let mut each = |events: &[JobEvent], tasks: &[Task]| -> anyhow::Result<()> {
+        for event in events {
             let task = event.data["task"].as_str().unwrap_or_default();
             if event.kind == "started" && !task.starts_with("review") {
                 on(Update::Started { task: task.to_string(), attempt: event.data["attempt"].as_i64().unwrap_or(1) });
             }
         }
-        let tasks = db.job_tasks(&tenant.id, &job.id).await?;
-        for task in &tasks {
+        for task in tasks {
             let key = (task.id.clone(), task.attempts, task.status.as_str());
             if !matches!(task.status, TaskStatus::Succeeded | TaskStatus::Failed) || !seen.insert(key) {
                 continue;
@@ -116,23 +182,23 @@ async fn run_on(db: &Db, run: LocalRun, on: &(dyn Fn(Update) + Send + Sync)) -> 
                 _ => on(Update::Failed { task: task.name.clone(), error: task.error.clone().unwrap_or_default() }),
             }
         }
-        let current = db.job(&tenant.id, &job.id).await?.context("the run's job disappeared")?;
-        if current.status.is_terminal() {
-            break current;
-        }
-        // A new event wakes the loop at once; the timeout covers announcements it missed.
-        let _ = tokio::time::timeout(Duration::from_millis(250), wake.recv()).await;
+        Ok(())
     };
-    runner.shutdown(Duration::from_secs(1)).await;
-
+    let outcome = local.job(executor, &run.tenant, JobKind::Run, &input, &mut each).await;
+    let capsule = match &outcome {
+        Ok((job, _)) if job.status == JobStatus::Succeeded => {
+            local.db.artifact(&job.tenant_id, &job.id).await?.map(|a| a.bytes)
+        }
+        _ => None,
+    };
+    local.close().await;
+    let (job, tasks) = outcome?;
     if job.status == JobStatus::Succeeded {
         let output = job.output.context("the run ended without a report")?;
         let report: RunReport = serde_json::from_value(output).context("the run's report")?;
-        let capsule = db.artifact(&tenant.id, &job.id).await?.map(|a| a.bytes);
         return Ok(Finished { report, capsule });
     }
     // A step failed (or gave up): report what ran and why it stopped.
-    let tasks = db.job_tasks(&tenant.id, &job.id).await?;
     let steps = jobs::finished_steps(&tasks).map_err(anyhow::Error::msg)?;
     let rounds = tasks.iter().filter(|t| t.kind == "review" && t.status == TaskStatus::Succeeded).count() as u32;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64)?;

@@ -242,7 +242,8 @@ enum PluginCommand {
         #[command(flatten)]
         market: MarketArgs,
     },
-    /// Invoke an installed tool plugin with a JSON input and print its output.
+    /// Invoke an installed tool plugin with a JSON input and print its output (a one-task job
+    /// through the core scheduler in this process: retryable failures are retried with backoff).
     Call {
         /// The installed tool's name.
         name: String,
@@ -752,9 +753,11 @@ async fn market(cmd: PluginCommand) -> anyhow::Result<()> {
             println!("removed {} {} for tenant `{}`", removed.name, removed.version, removed.tenant);
         }
         PluginCommand::Call { name, input, tenant, market } => {
-            let installed = market.open().await?.load(&market.runtime()?, &tenant, &name).await?;
-            let mut tool = installed.any_tool(&tenant).await?;
-            println!("{}", tool.invoke(&input).await?);
+            let runtime = std::sync::Arc::new(market.runtime()?);
+            match local::call(runtime, market.open().await?, &tenant, &name, &input).await? {
+                serde_json::Value::String(text) => println!("{text}"),
+                output => println!("{output}"),
+            }
         }
         _ => anyhow::bail!("not a marketplace command"),
     }

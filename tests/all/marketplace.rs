@@ -586,6 +586,9 @@ fn the_cli_publishes_searches_installs_calls_and_removes() {
     assert!(ok && stdout.contains("\"words\":2"), "{stdout}{stderr}");
     let (ok, _, stderr) = cli(&["plugin", "call", "text-stats", "{}", "--tenant", "globex"], d, &registry);
     assert!(!ok && stderr.contains("not installed for tenant `globex`"), "{stderr}");
+    // The call is a job through the scheduler: the plugin's own refusal comes back as is.
+    let (ok, _, stderr) = cli(&["plugin", "call", "text-stats", r#"{"txt":"typo"}"#, "--tenant", "acme"], d, &registry);
+    assert!(!ok && stderr.contains("unknown field `txt`"), "{stderr}");
 
     let (ok, stdout, stderr) = cli(
         &[
@@ -603,6 +606,8 @@ fn the_cli_publishes_searches_installs_calls_and_removes() {
         &registry,
     );
     assert!(ok && stdout.contains("signed by trusted key `alice`"), "{stdout}{stderr}");
+    let (ok, _, stderr) = cli(&["plugin", "call", "scripted", "{}", "--tenant", "acme"], d, &registry);
+    assert!(!ok && stderr.contains("is a provider plugin; `qlayer plugin call` invokes tool plugins"), "{stderr}");
     // The flagship job runs on the provider installed from the registry.
     let out_dir = keys.path().join("project");
     let run = std::process::Command::new(qlayer_bin())

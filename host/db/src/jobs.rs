@@ -167,6 +167,14 @@ impl crate::Db {
     /// that job and `false` (nothing new is created) when the request is the same, and a
     /// conflict when it differs.
     pub async fn submit_job(&self, new: NewJob<'_>) -> Result<(Job, bool), DbError> {
+        self.submit_job_within(new, 0).await
+    }
+
+    /// [`Db::submit_job`], refusing it with [`DbError::Full`] when the tenant's open tasks and
+    /// the job's would exceed `max_open` (0: no limit). The count and the insert are one
+    /// transaction that holds the tenant's row, so concurrent submissions (from any node) cannot
+    /// together go past the limit.
+    pub async fn submit_job_within(&self, new: NewJob<'_>, max_open: i64) -> Result<(Job, bool), DbError> {
         if let Some(key) = new.idempotency_key
             && (key.is_empty() || key.len() > 255)
         {
@@ -184,6 +192,23 @@ impl crate::Db {
             return Err(DbError::Invalid("a job needs at least one task".into()));
         }
         let mut tx = self.pool().begin().await?;
+        if max_open > 0 {
+            // Serialise the tenant's submissions: a row lock on PostgreSQL, the write lock on SQLite.
+            sqlx::query("UPDATE tenants SET weight = weight WHERE id = $1")
+                .bind(new.tenant_id)
+                .execute(&mut *tx)
+                .await?;
+            let row = sqlx::query(
+                "SELECT COUNT(*) AS n FROM tasks WHERE tenant_id = $1 AND status IN ('waiting', 'ready', 'leased')",
+            )
+            .bind(new.tenant_id)
+            .fetch_one(&mut *tx)
+            .await?;
+            let open: i64 = row.try_get("n")?;
+            if open + new.tasks.len() as i64 > max_open {
+                return Err(DbError::Full { open, limit: max_open });
+            }
+        }
         let inserted = sqlx::query(
             "INSERT INTO jobs (id, tenant_id, kind, input, priority, idempotency_key, request_hash, status, created_at, \
              updated_at, deadline_at, task_count) VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued', $8, $8, $9, $10)",

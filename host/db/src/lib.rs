@@ -31,6 +31,14 @@ pub enum DbError {
     /// A name that must be unique is taken.
     #[error("{0} already exists")]
     Conflict(String),
+    /// The tenant has as many open tasks as it may (see [`Db::submit_job_within`]).
+    #[error("the tenant has {open} open tasks, the most it may have is {limit}; wait for some to finish")]
+    Full {
+        /// Its open tasks (waiting, ready or running).
+        open: i64,
+        /// The limit.
+        limit: i64,
+    },
     /// The database failed.
     #[error("database: {0}")]
     Sql(#[from] sqlx::Error),

@@ -89,6 +89,7 @@ on_both!(
     the_audit_chain_detects_changed_removed_and_reordered_records,
     migrations_are_idempotent,
     jobs_are_persisted_idempotent_paginated_and_scoped_to_their_tenant,
+    concurrent_submissions_never_take_a_tenant_past_its_open_task_limit,
     job_lifecycle_events_cancellation_and_artifacts,
     a_lease_has_one_holder_and_fences_late_results,
     a_dag_runs_in_dependency_order_and_passes_outputs,
@@ -280,6 +281,51 @@ async fn migrations_are_idempotent(backend: Backend) {
 
 fn call(tenant: &str, n: i64, key: Option<&'static str>) -> (String, serde_json::Value, Option<&'static str>) {
     (tenant.to_string(), serde_json::json!({"plugin": "text-stats", "input": {"n": n}}), key)
+}
+
+/// 12 submissions race for a tenant allowed 5 open tasks: exactly 5 get in, the others are
+/// refused naming the limit, and another tenant is not held by it.
+async fn concurrent_submissions_never_take_a_tenant_past_its_open_task_limit(backend: Backend) {
+    let t = open(backend).await;
+    let acme = t.db.create_tenant("acme").await.unwrap();
+    let beta = t.db.create_tenant("beta").await.unwrap();
+    let racers = (0..12).map(|n| {
+        let (db, tenant) = (t.db.clone(), acme.id.clone());
+        tokio::spawn(async move {
+            let input = serde_json::json!({ "n": n });
+            let new = NewJob {
+                tenant_id: &tenant,
+                kind: JobKind::Call,
+                input: &input,
+                priority: 0,
+                idempotency_key: None,
+                deadline_at: None,
+                tasks: one_task("text-stats"),
+            };
+            db.submit_job_within(new, 5).await
+        })
+    });
+    let mut accepted = 0;
+    for racer in racers.collect::<Vec<_>>() {
+        match racer.await.unwrap() {
+            Ok((_, true)) => accepted += 1,
+            Err(DbError::Full { open, limit }) => assert_eq!((open, limit), (5, 5)),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(accepted, 5);
+    assert_eq!(t.db.jobs(&acme.id, None, None, 100).await.unwrap().len(), 5);
+    let input = serde_json::json!({});
+    let new = NewJob {
+        tenant_id: &beta.id,
+        kind: JobKind::Call,
+        input: &input,
+        priority: 0,
+        idempotency_key: None,
+        deadline_at: None,
+        tasks: one_task("text-stats"),
+    };
+    assert!(t.db.submit_job_within(new, 5).await.is_ok(), "another tenant is not held");
 }
 
 async fn jobs_are_persisted_idempotent_paginated_and_scoped_to_their_tenant(backend: Backend) {

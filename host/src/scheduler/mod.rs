@@ -445,13 +445,11 @@ impl Scheduler {
     /// Stores a job with its tasks (before answering), then queues the ready ones. Returns the
     /// job and whether it is new (`false`: an earlier submission with the same idempotency key).
     pub async fn submit(&self, new: NewJob<'_>) -> Result<(Job, bool), SubmitError> {
-        if self.config.max_open_per_tenant > 0 {
-            let open = self.db.open_tasks(new.tenant_id).await?;
-            if open + new.tasks.len() as i64 > self.config.max_open_per_tenant {
-                return Err(SubmitError::QueueFull { open, limit: self.config.max_open_per_tenant });
-            }
-        }
-        let (job, created) = self.db.submit_job(new).await?;
+        let (job, created) =
+            self.db.submit_job_within(new, self.config.max_open_per_tenant).await.map_err(|e| match e {
+                DbError::Full { open, limit } => SubmitError::QueueFull { open, limit },
+                e => SubmitError::Db(e),
+            })?;
         if created {
             let ready: Vec<Task> = self
                 .db

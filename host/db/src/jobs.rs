@@ -2,8 +2,8 @@
 //! is acknowledged, with its progress events and its output artifact. Every lookup takes the
 //! caller's tenant; another tenant's job is reported as missing.
 
-use crate::{DbError, now_ms, random_hex, sha256_hex};
-use sqlx::Row;
+use crate::{DbError, now_ms};
+use sqlx::{Any, Row, Transaction};
 use sqlx::any::AnyRow;
 
 /// What kind of work a job is.
@@ -120,36 +120,6 @@ pub struct JobEvent {
     pub data: serde_json::Value,
 }
 
-/// A new job.
-#[derive(Debug, Clone)]
-pub struct NewJob<'a> {
-    /// Its tenant.
-    pub tenant_id: &'a str,
-    /// What it does.
-    pub kind: JobKind,
-    /// Its input.
-    pub input: &'a serde_json::Value,
-    /// Its priority.
-    pub priority: i32,
-    /// The caller's idempotency key.
-    pub idempotency_key: Option<&'a str>,
-    /// When to give it up (unix ms).
-    pub deadline_at: Option<i64>,
-    /// Its tasks (at least one).
-    pub tasks: Vec<crate::NewTask>,
-}
-
-/// What [`crate::Db::cancel_job`] did.
-#[derive(Debug, Clone, PartialEq)]
-pub enum CancelOutcome {
-    /// It was queued or running and is now cancelled.
-    Cancelled(Job),
-    /// It had already finished; nothing changed.
-    AlreadyFinished(Job),
-    /// No such job in the tenant.
-    NotFound,
-}
-
 /// A job's stored artifact.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Artifact {
@@ -163,107 +133,6 @@ pub(crate) const JOB_COLUMNS: &str = "id, tenant_id, kind, status, priority, ide
      created_at, updated_at, finished_at, deadline_at, task_count";
 
 impl crate::Db {
-    /// Persists a job as `queued`. With an idempotency key already used in the tenant, returns
-    /// that job and `false` (nothing new is created) when the request is the same, and a
-    /// conflict when it differs.
-    pub async fn submit_job(&self, new: NewJob<'_>) -> Result<(Job, bool), DbError> {
-        self.submit_job_within(new, 0).await
-    }
-
-    /// [`Db::submit_job`], refusing it with [`DbError::Full`] when the tenant's open tasks and
-    /// the job's would exceed `max_open` (0: no limit). The count and the insert are one
-    /// transaction that holds the tenant's row, so concurrent submissions (from any node) cannot
-    /// together go past the limit.
-    pub async fn submit_job_within(&self, new: NewJob<'_>, max_open: i64) -> Result<(Job, bool), DbError> {
-        if let Some(key) = new.idempotency_key
-            && (key.is_empty() || key.len() > 255)
-        {
-            return Err(DbError::Invalid("idempotency_key must be 1-255 characters".into()));
-        }
-        let input = serde_json::to_string(new.input).map_err(|e| DbError::Invalid(e.to_string()))?;
-        let request_hash = sha256_hex(format!("{}\n{}\n{}", new.kind.as_str(), new.priority, input).as_bytes());
-        let now = now_ms();
-        // Creation time, then a process-wide sequence (so ids made in the same millisecond still
-        // sort in creation order), then random bits (so other processes' ids never collide).
-        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed) & 0xff_ffff;
-        let id = format!("job_{now:012x}{seq:06x}{}", random_hex(5));
-        if new.tasks.is_empty() {
-            return Err(DbError::Invalid("a job needs at least one task".into()));
-        }
-        let mut tx = self.pool().begin().await?;
-        if max_open > 0 {
-            // Serialise the tenant's submissions: a row lock on PostgreSQL, the write lock on SQLite.
-            sqlx::query("UPDATE tenants SET weight = weight WHERE id = $1")
-                .bind(new.tenant_id)
-                .execute(&mut *tx)
-                .await?;
-            let row = sqlx::query(
-                "SELECT COUNT(*) AS n FROM tasks WHERE tenant_id = $1 AND status IN ('waiting', 'ready', 'leased')",
-            )
-            .bind(new.tenant_id)
-            .fetch_one(&mut *tx)
-            .await?;
-            let open: i64 = row.try_get("n")?;
-            if open + new.tasks.len() as i64 > max_open {
-                return Err(DbError::Full { open, limit: max_open });
-            }
-        }
-        let inserted = sqlx::query(
-            "INSERT INTO jobs (id, tenant_id, kind, input, priority, idempotency_key, request_hash, status, created_at, \
-             updated_at, deadline_at, task_count) VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued', $8, $8, $9, $10)",
-        )
-        .bind(&id)
-        .bind(new.tenant_id)
-        .bind(new.kind.as_str())
-        .bind(&input)
-        .bind(new.priority)
-        .bind(new.idempotency_key)
-        .bind(&request_hash)
-        .bind(now)
-        .bind(new.deadline_at)
-        .bind(new.tasks.len() as i32)
-        .execute(&mut *tx)
-        .await;
-        match inserted {
-            Ok(_) => {
-                crate::tasks::insert_tasks(
-                    &mut tx,
-                    &id,
-                    new.tenant_id,
-                    new.priority,
-                    new.deadline_at,
-                    &new.tasks,
-                    0,
-                    false,
-                    now,
-                )
-                .await?;
-                crate::tasks::event_in(&mut tx, &id, "queued", &serde_json::json!({})).await?;
-                tx.commit().await?;
-                let job = self.job(new.tenant_id, &id).await?.ok_or_else(|| DbError::Invalid("job vanished".into()))?;
-                Ok((job, true))
-            }
-            Err(sqlx::Error::Database(e)) if e.is_unique_violation() && new.idempotency_key.is_some() => {
-                drop(tx);
-                let row = sqlx::query(&format!(
-                    "SELECT {JOB_COLUMNS}, request_hash FROM jobs WHERE tenant_id = $1 AND idempotency_key = $2"
-                ))
-                .bind(new.tenant_id)
-                .bind(new.idempotency_key)
-                .fetch_one(self.pool())
-                .await?;
-                if row.try_get::<String, _>("request_hash")? != request_hash {
-                    return Err(DbError::Conflict(
-                        "a different request with this idempotency_key; use a new key for a new request".into(),
-                    ));
-                }
-                Ok((job_of(&row)?, false))
-            }
-            Err(e) => Err(e.into()),
-        }
-    }
-
     /// A job of `tenant_id`.
     pub async fn job(&self, tenant_id: &str, id: &str) -> Result<Option<Job>, DbError> {
         let row = sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1 AND tenant_id = $2"))
@@ -315,42 +184,6 @@ impl crate::Db {
         .fetch_one(self.pool())
         .await?;
         Ok((row.try_get("queued")?, row.try_get("running")?))
-    }
-
-    /// Cancels a queued or running job of `tenant_id`, and its tasks.
-    pub async fn cancel_job(&self, tenant_id: &str, id: &str, reason: &str) -> Result<CancelOutcome, DbError> {
-        let now = now_ms();
-        let mut tx = self.pool().begin().await?;
-        let done = sqlx::query(
-            "UPDATE jobs SET status = 'cancelled', error = $1, updated_at = $2, finished_at = $2 \
-             WHERE id = $3 AND tenant_id = $4 AND status IN ('queued', 'running')",
-        )
-        .bind(reason)
-        .bind(now)
-        .bind(id)
-        .bind(tenant_id)
-        .execute(&mut *tx)
-        .await?;
-        if done.rows_affected() == 1 {
-            sqlx::query(
-                "UPDATE tasks SET status = 'cancelled', lease_owner = NULL, lease_expires = NULL, updated_at = $1 \
-                 WHERE job_id = $2 AND status IN ('waiting', 'ready', 'leased')",
-            )
-            .bind(now)
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-            crate::tasks::event_in(&mut tx, id, "cancelled", &serde_json::json!({ "reason": reason })).await?;
-        }
-        tx.commit().await?;
-        let Some(job) = self.job(tenant_id, id).await? else {
-            return Ok(CancelOutcome::NotFound);
-        };
-        if done.rows_affected() == 1 {
-            Ok(CancelOutcome::Cancelled(job))
-        } else {
-            Ok(CancelOutcome::AlreadyFinished(job))
-        }
     }
 
     /// Events of a job of `tenant_id` after `after`, in order (empty for another tenant's job).
@@ -416,4 +249,47 @@ pub(crate) fn job_of(r: &AnyRow) -> Result<Job, DbError> {
         deadline_at: r.try_get("deadline_at")?,
         task_count: r.try_get("task_count")?,
     })
+}
+
+/// Appends an event inside a transaction.
+pub(crate) async fn event_in(
+    tx: &mut Transaction<'_, Any>,
+    job_id: &str,
+    kind: &str,
+    data: &serde_json::Value,
+) -> Result<(), DbError> {
+    let data = serde_json::to_string(data).map_err(|e| DbError::Invalid(e.to_string()))?;
+    sqlx::query(
+        "INSERT INTO job_events (job_id, seq, at, kind, data) \
+         VALUES ($1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM job_events WHERE job_id = $1), $2, $3, $4)",
+    )
+    .bind(job_id)
+    .bind(now_ms())
+    .bind(kind)
+    .bind(data)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Ends a job inside a transaction (the job row is already locked).
+pub(crate) async fn finish_job_in(
+    tx: &mut Transaction<'_, Any>,
+    job_id: &str,
+    status: JobStatus,
+    output: Option<&str>,
+    error: Option<&str>,
+    now: i64,
+) -> Result<(), DbError> {
+    sqlx::query(
+        "UPDATE jobs SET status = $1, output = $2, error = $3, updated_at = $4, finished_at = $4 WHERE id = $5",
+    )
+    .bind(status.as_str())
+    .bind(output)
+    .bind(error)
+    .bind(now)
+    .bind(job_id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }

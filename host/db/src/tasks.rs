@@ -7,8 +7,12 @@
 //! over) cannot record a late result. Writes that touch a job's tasks start by updating the job
 //! row, which serialises them per job on both databases (a row lock on PostgreSQL, the write
 //! lock on SQLite), so two tasks of one job finishing at once still see each other.
+//!
+//! Submitting and cancelling a job live here too, since both write its tasks. This module builds
+//! on `jobs` (the job rows, their events and how a job ends); `jobs` knows nothing of tasks.
 
-use crate::{DbError, now_ms};
+use crate::jobs::{JOB_COLUMNS, Job, JobKind, JobStatus, event_in, finish_job_in, job_of};
+use crate::{DbError, now_ms, random_hex, sha256_hex};
 use sqlx::any::AnyRow;
 use sqlx::{Any, Row, Transaction};
 
@@ -148,7 +152,7 @@ pub struct TaskResult {
     /// instead of every task's output by name.
     pub job_output: bool,
     /// The job's artifact (the factory's capsule), stored in the same transaction.
-    pub artifact: Option<crate::Artifact>,
+    pub artifact: Option<crate::jobs::Artifact>,
 }
 
 impl From<serde_json::Value> for TaskResult {
@@ -165,7 +169,7 @@ pub struct Recorded {
     /// Tasks of the job that became ready.
     pub ready: Vec<Task>,
     /// The job's end, if it ended.
-    pub job_finished: Option<crate::JobStatus>,
+    pub job_finished: Option<JobStatus>,
 }
 
 pub(crate) const TASK_COLUMNS: &str = "id, job_id, tenant_id, name, kind, plugin, input, depends_on, priority, status, \
@@ -189,27 +193,6 @@ macro_rules! retrying {
             }
         }
     }};
-}
-
-/// Appends an event inside a transaction.
-pub(crate) async fn event_in(
-    tx: &mut Transaction<'_, Any>,
-    job_id: &str,
-    kind: &str,
-    data: &serde_json::Value,
-) -> Result<(), DbError> {
-    let data = serde_json::to_string(data).map_err(|e| DbError::Invalid(e.to_string()))?;
-    sqlx::query(
-        "INSERT INTO job_events (job_id, seq, at, kind, data) \
-         VALUES ($1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM job_events WHERE job_id = $1), $2, $3, $4)",
-    )
-    .bind(job_id)
-    .bind(now_ms())
-    .bind(kind)
-    .bind(data)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
 }
 
 /// Locks the job row for the rest of the transaction; returns its task count, or `None` if the
@@ -270,7 +253,174 @@ pub(crate) async fn insert_tasks(
     Ok(())
 }
 
+/// A new job.
+#[derive(Debug, Clone)]
+pub struct NewJob<'a> {
+    /// Its tenant.
+    pub tenant_id: &'a str,
+    /// What it does.
+    pub kind: JobKind,
+    /// Its input.
+    pub input: &'a serde_json::Value,
+    /// Its priority.
+    pub priority: i32,
+    /// The caller's idempotency key.
+    pub idempotency_key: Option<&'a str>,
+    /// When to give it up (unix ms).
+    pub deadline_at: Option<i64>,
+    /// Its tasks (at least one).
+    pub tasks: Vec<NewTask>,
+}
+
+/// What [`crate::Db::cancel_job`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CancelOutcome {
+    /// It was queued or running and is now cancelled.
+    Cancelled(Job),
+    /// It had already finished; nothing changed.
+    AlreadyFinished(Job),
+    /// No such job in the tenant.
+    NotFound,
+}
+
 impl crate::Db {
+    /// Persists a job as `queued`. With an idempotency key already used in the tenant, returns
+    /// that job and `false` (nothing new is created) when the request is the same, and a
+    /// conflict when it differs.
+    pub async fn submit_job(&self, new: NewJob<'_>) -> Result<(Job, bool), DbError> {
+        self.submit_job_within(new, 0).await
+    }
+
+    /// [`Db::submit_job`], refusing it with [`DbError::Full`] when the tenant's open tasks and
+    /// the job's would exceed `max_open` (0: no limit). The count and the insert are one
+    /// transaction that holds the tenant's row, so concurrent submissions (from any node) cannot
+    /// together go past the limit.
+    pub async fn submit_job_within(&self, new: NewJob<'_>, max_open: i64) -> Result<(Job, bool), DbError> {
+        if let Some(key) = new.idempotency_key
+            && (key.is_empty() || key.len() > 255)
+        {
+            return Err(DbError::Invalid("idempotency_key must be 1-255 characters".into()));
+        }
+        let input = serde_json::to_string(new.input).map_err(|e| DbError::Invalid(e.to_string()))?;
+        let request_hash = sha256_hex(format!("{}\n{}\n{}", new.kind.as_str(), new.priority, input).as_bytes());
+        let now = now_ms();
+        // Creation time, then a process-wide sequence (so ids made in the same millisecond still
+        // sort in creation order), then random bits (so other processes' ids never collide).
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed) & 0xff_ffff;
+        let id = format!("job_{now:012x}{seq:06x}{}", random_hex(5));
+        if new.tasks.is_empty() {
+            return Err(DbError::Invalid("a job needs at least one task".into()));
+        }
+        let mut tx = self.pool().begin().await?;
+        if max_open > 0 {
+            // Serialise the tenant's submissions: a row lock on PostgreSQL, the write lock on SQLite.
+            sqlx::query("UPDATE tenants SET weight = weight WHERE id = $1")
+                .bind(new.tenant_id)
+                .execute(&mut *tx)
+                .await?;
+            let row = sqlx::query(
+                "SELECT COUNT(*) AS n FROM tasks WHERE tenant_id = $1 AND status IN ('waiting', 'ready', 'leased')",
+            )
+            .bind(new.tenant_id)
+            .fetch_one(&mut *tx)
+            .await?;
+            let open: i64 = row.try_get("n")?;
+            if open + new.tasks.len() as i64 > max_open {
+                return Err(DbError::Full { open, limit: max_open });
+            }
+        }
+        let inserted = sqlx::query(
+            "INSERT INTO jobs (id, tenant_id, kind, input, priority, idempotency_key, request_hash, status, created_at, \
+             updated_at, deadline_at, task_count) VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued', $8, $8, $9, $10)",
+        )
+        .bind(&id)
+        .bind(new.tenant_id)
+        .bind(new.kind.as_str())
+        .bind(&input)
+        .bind(new.priority)
+        .bind(new.idempotency_key)
+        .bind(&request_hash)
+        .bind(now)
+        .bind(new.deadline_at)
+        .bind(new.tasks.len() as i32)
+        .execute(&mut *tx)
+        .await;
+        match inserted {
+            Ok(_) => {
+                insert_tasks(
+                    &mut tx,
+                    &id,
+                    new.tenant_id,
+                    new.priority,
+                    new.deadline_at,
+                    &new.tasks,
+                    0,
+                    false,
+                    now,
+                )
+                .await?;
+                event_in(&mut tx, &id, "queued", &serde_json::json!({})).await?;
+                tx.commit().await?;
+                let job = self.job(new.tenant_id, &id).await?.ok_or_else(|| DbError::Invalid("job vanished".into()))?;
+                Ok((job, true))
+            }
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() && new.idempotency_key.is_some() => {
+                drop(tx);
+                let row = sqlx::query(&format!(
+                    "SELECT {JOB_COLUMNS}, request_hash FROM jobs WHERE tenant_id = $1 AND idempotency_key = $2"
+                ))
+                .bind(new.tenant_id)
+                .bind(new.idempotency_key)
+                .fetch_one(self.pool())
+                .await?;
+                if row.try_get::<String, _>("request_hash")? != request_hash {
+                    return Err(DbError::Conflict(
+                        "a different request with this idempotency_key; use a new key for a new request".into(),
+                    ));
+                }
+                Ok((job_of(&row)?, false))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Cancels a queued or running job of `tenant_id`, and its tasks.
+    pub async fn cancel_job(&self, tenant_id: &str, id: &str, reason: &str) -> Result<CancelOutcome, DbError> {
+        let now = now_ms();
+        let mut tx = self.pool().begin().await?;
+        let done = sqlx::query(
+            "UPDATE jobs SET status = 'cancelled', error = $1, updated_at = $2, finished_at = $2 \
+             WHERE id = $3 AND tenant_id = $4 AND status IN ('queued', 'running')",
+        )
+        .bind(reason)
+        .bind(now)
+        .bind(id)
+        .bind(tenant_id)
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() == 1 {
+            sqlx::query(
+                "UPDATE tasks SET status = 'cancelled', lease_owner = NULL, lease_expires = NULL, updated_at = $1 \
+                 WHERE job_id = $2 AND status IN ('waiting', 'ready', 'leased')",
+            )
+            .bind(now)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+            event_in(&mut tx, id, "cancelled", &serde_json::json!({ "reason": reason })).await?;
+        }
+        tx.commit().await?;
+        let Some(job) = self.job(tenant_id, id).await? else {
+            return Ok(CancelOutcome::NotFound);
+        };
+        if done.rows_affected() == 1 {
+            Ok(CancelOutcome::Cancelled(job))
+        } else {
+            Ok(CancelOutcome::AlreadyFinished(job))
+        }
+    }
+
     /// Leases a ready task (or one whose lease expired: its node died) for `lease_ms`, and
     /// records a `started` event with it: `None` if it is not ready (held under a live lease,
     /// cancelled, not due) or its job is over.
@@ -461,10 +611,10 @@ impl crate::Db {
             }
             if task_count == 1 && result.then.is_empty() {
                 // The hot path: a one-task job ends with its task.
-                finish_job_in(&mut tx, &lease.job_id, crate::JobStatus::Succeeded, Some(&text), None, now).await?;
+                finish_job_in(&mut tx, &lease.job_id, JobStatus::Succeeded, Some(&text), None, now).await?;
                 event_in(&mut tx, &lease.job_id, "succeeded", &serde_json::json!({})).await?;
                 tx.commit().await?;
-                return Ok(Recorded { recorded: true, ready: vec![], job_finished: Some(crate::JobStatus::Succeeded) });
+                return Ok(Recorded { recorded: true, ready: vec![], job_finished: Some(JobStatus::Succeeded) });
             }
             let rows = sqlx::query(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE job_id = $1 ORDER BY id"))
                 .bind(&lease.job_id)
@@ -516,9 +666,9 @@ impl crate::Db {
                         .collect();
                     serde_json::Value::Object(all).to_string()
                 };
-                finish_job_in(&mut tx, &lease.job_id, crate::JobStatus::Succeeded, Some(&output), None, now).await?;
+                finish_job_in(&mut tx, &lease.job_id, JobStatus::Succeeded, Some(&output), None, now).await?;
                 event_in(&mut tx, &lease.job_id, "succeeded", &serde_json::json!({})).await?;
-                job_finished = Some(crate::JobStatus::Succeeded);
+                job_finished = Some(JobStatus::Succeeded);
             }
             tx.commit().await?;
             Ok(Recorded { recorded: true, ready, job_finished })
@@ -596,7 +746,7 @@ impl crate::Db {
             .bind(&job_id)
             .execute(&mut *tx)
             .await?;
-            finish_job_in(&mut tx, &job_id, crate::JobStatus::Failed, None, Some(error), now).await?;
+            finish_job_in(&mut tx, &job_id, JobStatus::Failed, None, Some(error), now).await?;
             event_in(&mut tx, &job_id, "failed", &serde_json::json!({ "error": error })).await?;
             tx.commit().await?;
             Ok(true)
@@ -604,19 +754,19 @@ impl crate::Db {
     }
 
     /// Jobs left queued or running without tasks (stored before the scheduler had tasks).
-    pub async fn jobs_without_tasks(&self) -> Result<Vec<crate::Job>, DbError> {
+    pub async fn jobs_without_tasks(&self) -> Result<Vec<Job>, DbError> {
         let rows = sqlx::query(&format!(
             "SELECT {} FROM jobs j WHERE status IN ('queued', 'running') \
              AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.job_id = j.id) ORDER BY id",
-            crate::jobs::JOB_COLUMNS
+            JOB_COLUMNS
         ))
         .fetch_all(self.pool())
         .await?;
-        rows.iter().map(crate::jobs::job_of).collect()
+        rows.iter().map(job_of).collect()
     }
 
     /// Gives an existing job its tasks (see [`crate::Db::jobs_without_tasks`]).
-    pub async fn add_tasks(&self, job: &crate::Job, tasks: &[NewTask]) -> Result<(), DbError> {
+    pub async fn add_tasks(&self, job: &Job, tasks: &[NewTask]) -> Result<(), DbError> {
         let mut tx = self.pool().begin().await?;
         insert_tasks(&mut tx, &job.id, &job.tenant_id, job.priority, job.deadline_at, tasks, 0, false, now_ms())
             .await?;
@@ -673,28 +823,6 @@ impl crate::Db {
             .await?;
         Ok(done.rows_affected() == 1)
     }
-}
-
-/// Ends a job inside a transaction (the job row is already locked).
-pub(crate) async fn finish_job_in(
-    tx: &mut Transaction<'_, Any>,
-    job_id: &str,
-    status: crate::JobStatus,
-    output: Option<&str>,
-    error: Option<&str>,
-    now: i64,
-) -> Result<(), DbError> {
-    sqlx::query(
-        "UPDATE jobs SET status = $1, output = $2, error = $3, updated_at = $4, finished_at = $4 WHERE id = $5",
-    )
-    .bind(status.as_str())
-    .bind(output)
-    .bind(error)
-    .bind(now)
-    .bind(job_id)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
 }
 
 fn parse_json(text: &str) -> Result<serde_json::Value, DbError> {

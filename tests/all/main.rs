@@ -1,9 +1,4 @@
-//! Workspace integration tests, one binary.
+//! The workspace's layout: which crate may depend on which.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod api;
-mod factory;
-mod marketplace;
-mod provider;
-mod sandbox;
-mod scheduler;
+mod layout;

@@ -8,19 +8,25 @@ use hyper::body::Frame;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use qlayer_host::runtime::{Runtime, RuntimeConfig};
+use qlayer_runtime::{Runtime, RuntimeConfig};
+use sqlx::Connection as _;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// The raw component (no manifest) of a test guest package.
-pub fn guest(package: &str) -> Vec<u8> {
-    read_listed(qlayer_host::embedded::bundled::TEST_GUESTS, package, "test guest")
+/// The test guests and marketplace examples, built for wasm by `tests/build.rs`.
+pub mod built {
+    include!(concat!(env!("OUT_DIR"), "/guests.rs"));
 }
 
-/// Reads the file that `list` (built by host/build.rs) names for `key`.
+/// The raw component (no manifest) of a test guest package.
+pub fn guest(package: &str) -> Vec<u8> {
+    read_listed(built::TEST_GUESTS, package, "test guest")
+}
+
+/// Reads the file that `list` (built by tests/build.rs) names for `key`.
 fn read_listed(list: &[(&str, &str)], key: &str, what: &str) -> Vec<u8> {
     let path = list
         .iter()
@@ -58,7 +64,7 @@ pub fn fetcher() -> Vec<u8> {
 pub fn runtime() -> Runtime {
     Runtime::new(RuntimeConfig {
         cache_dir: None,
-        policy: qlayer_host::runtime::HostPolicy { max_instances: 64, ..Default::default() },
+        policy: qlayer_runtime::HostPolicy { max_instances: 64, ..Default::default() },
     })
     .unwrap_or_else(|e| panic!("runtime: {e:#}"))
 }
@@ -295,7 +301,7 @@ pub fn extism_hostile(memory_mb: u32, timeout_ms: u64) -> Vec<u8> {
 
 /// A marketplace example plugin (manifest embedded), by name.
 pub fn marketplace_plugin(name: &str) -> Vec<u8> {
-    read_listed(qlayer_host::embedded::bundled::MARKETPLACE, name, "marketplace plugin")
+    read_listed(built::MARKETPLACE, name, "marketplace plugin")
 }
 
 static APT: Mutex<()> = Mutex::new(());
@@ -418,15 +424,6 @@ impl Drop for TestRegistry {
     }
 }
 
-/// The `qlayer` binary of this build, beside the test executable (`cargo test --workspace` builds
-/// it; `cargo test -p qlayer-tests` alone may find a stale one).
-pub fn qlayer_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("no current exe: {e}"));
-    let bin = exe.parent().and_then(Path::parent).map(|d| d.join("qlayer")).unwrap_or_default();
-    assert!(bin.exists(), "{} is missing: run the tests with `cargo test --workspace`", bin.display());
-    bin
-}
-
 /// A NATS server with JetStream (Debian's `nats-server`, installed with apt-get when missing) on
 /// a free loopback port, its store in a temp dir. Stopped on drop.
 pub struct TestNats {
@@ -475,4 +472,49 @@ impl Drop for TestNats {
             let _ = child.wait();
         }
     }
+}
+
+/// The operator key the service tests start `qlayer serve` with.
+pub const ADMIN: &str = "ql_0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+/// A fresh PostgreSQL database on the machine's server, dropped (forcibly) on drop.
+pub struct PgDb {
+    admin: String,
+    name: String,
+}
+
+impl Drop for PgDb {
+    fn drop(&mut self) {
+        let (admin, name) = (self.admin.clone(), self.name.clone());
+        let _ = std::thread::spawn(move || {
+            let rt =
+                tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap_or_else(|e| panic!("{e}"));
+            rt.block_on(async {
+                if let Ok(mut conn) = sqlx::AnyConnection::connect(&admin).await {
+                    let _ =
+                        sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut conn).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// Creates a fresh database on the machine's PostgreSQL (`QLAYER_TEST_POSTGRES`, default
+/// `postgres://postgres@127.0.0.1:5432/postgres`): its URL and the guard that drops it.
+pub async fn fresh_postgres() -> (String, PgDb) {
+    sqlx::any::install_default_drivers();
+    let admin =
+        std::env::var("QLAYER_TEST_POSTGRES").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .subsec_nanos();
+    let name = format!("qlayer_api_{}_{nanos}", std::process::id());
+    let mut conn = sqlx::AnyConnection::connect(&admin)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL at {admin} is needed by this test: {e}"));
+    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await.unwrap_or_else(|e| panic!("{e}"));
+    let url = format!("{}/{name}", admin.rsplit_once('/').unwrap_or_else(|| panic!("{admin} has no database part")).0);
+    (url, PgDb { admin, name })
 }

@@ -121,11 +121,11 @@ impl From<qlayer_db::DbError> for ApiError {
     }
 }
 
-impl From<crate::scheduler::SubmitError> for ApiError {
-    fn from(e: crate::scheduler::SubmitError) -> Self {
+impl From<qlayer_scheduler::SubmitError> for ApiError {
+    fn from(e: qlayer_scheduler::SubmitError) -> Self {
         match e {
-            crate::scheduler::SubmitError::QueueFull { .. } => ApiError::queue_full(e.to_string()),
-            crate::scheduler::SubmitError::Db(e) => e.into(),
+            qlayer_scheduler::SubmitError::QueueFull { .. } => ApiError::queue_full(e.to_string()),
+            qlayer_scheduler::SubmitError::Db(e) => e.into(),
         }
     }
 }

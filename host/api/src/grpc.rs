@@ -3,10 +3,10 @@
 //! Credentials travel as `authorization: Bearer <api key>` metadata; errors map to gRPC codes
 //! with the REST error's stable code in the `x-qlayer-code` metadata.
 
-use crate::api::AppState;
-use crate::api::auth::{self, Caller};
-use crate::api::error::{ApiError, PageQuery};
-use crate::api::{jobs as job_ops, resources as ops};
+use crate::AppState;
+use crate::auth::{self, Caller};
+use crate::error::{ApiError, PageQuery};
+use crate::{jobs as job_ops, resources as ops};
 use futures::StreamExt as _;
 use std::pin::Pin;
 use tonic::{Request, Response, Status};
@@ -272,7 +272,7 @@ impl jobs_server::Jobs for Grpc {
             input,
             Some(r.priority),
             r.idempotency_key,
-            crate::jobs::JobLimits { deadline_ms: r.deadline_ms, max_attempts: r.max_attempts },
+            qlayer_jobs::JobLimits { deadline_ms: r.deadline_ms, max_attempts: r.max_attempts },
         )
         .await?;
         Ok(Response::new(job(j)))
@@ -338,7 +338,7 @@ impl runs_server::Runs for Grpc {
     async fn submit_run(&self, request: Request<SubmitRunRequest>) -> Result<Response<Job>, Status> {
         let caller = self.caller(&request, "SubmitRun").await?;
         let r = request.into_inner();
-        let run = crate::jobs::RunInput {
+        let run = qlayer_jobs::RunInput {
             requirement: r.requirement,
             provider: r.provider,
             script: r.script,
@@ -354,7 +354,7 @@ impl runs_server::Runs for Grpc {
             input,
             Some(r.priority),
             r.idempotency_key,
-            crate::jobs::JobLimits { deadline_ms: r.deadline_ms, max_attempts: None },
+            qlayer_jobs::JobLimits { deadline_ms: r.deadline_ms, max_attempts: None },
         )
         .await?;
         Ok(Response::new(job(j)))

@@ -4,12 +4,12 @@
 use super::AppState;
 use super::auth::Caller;
 use super::error::{ApiError, ApiJson, ApiQuery, ErrorBody};
-use crate::jobs::{CallPlan, JobLimits, RunInput};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use qlayer_db::{CancelOutcome, Job, JobEvent, JobKind, Task};
+use qlayer_jobs::{CallPlan, JobLimits, RunInput};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -109,10 +109,10 @@ async fn installed(
     state: &AppState,
     caller: &Caller,
     name: &str,
-) -> Result<Option<crate::marketplace::Install>, ApiError> {
+) -> Result<Option<qlayer_marketplace::Install>, ApiError> {
     match state.runner.marketplace().get(caller.tenant_name(), name).await {
         Ok(install) => Ok(Some(install)),
-        Err(e) if e.downcast_ref::<crate::marketplace::InstallError>().is_some() => Ok(None),
+        Err(e) if e.downcast_ref::<qlayer_marketplace::InstallError>().is_some() => Ok(None),
         Err(e) => Err(ApiError::internal(format!("{e:#}"))),
     }
 }
@@ -131,7 +131,7 @@ async fn check_input(
                 let install = installed(state, caller, plugin).await?.ok_or_else(|| {
                     ApiError::invalid(format!("{field}: plugin `{plugin}` is not installed for this tenant"))
                 })?;
-                if install.kind != crate::runtime::Kind::Tool {
+                if install.kind != qlayer_runtime::Kind::Tool {
                     return Err(ApiError::invalid(format!(
                         "{field}: plugin `{plugin}` is a {} plugin; jobs of kind `call` invoke tool plugins",
                         install.kind
@@ -147,7 +147,7 @@ async fn check_input(
                 let install = installed(state, caller, name).await?.ok_or_else(|| {
                     ApiError::invalid(format!("provider: plugin `{name}` is not installed for this tenant"))
                 })?;
-                if install.kind != crate::runtime::Kind::Provider {
+                if install.kind != qlayer_runtime::Kind::Provider {
                     return Err(ApiError::invalid(format!(
                         "provider: plugin `{name}` is a {} plugin, not a provider",
                         install.kind

@@ -1,12 +1,18 @@
-//! The REST API of `qlayer serve`: routes, authentication, limits, the one error shape, request
-//! ids and metrics, and the OpenAPI document generated from the handlers.
+//! The service: REST, SSE, OpenAPI, gRPC, limits, the one error shape, and `serve`.
+//! May depend on: `qlayer-runtime`, `qlayer-db`, `qlayer-scheduler`, `qlayer-marketplace`,
+//! `qlayer-jobs`, `qlayer-manifest`, `qlayer-registry`.
+//!
+//! The service behind `qlayer serve`: REST (routes, authentication, limits, the one error shape,
+//! request ids, metrics, server-sent events and the OpenAPI document generated from the
+//! handlers), gRPC, and [`serve`], which starts both over the scheduler.
 
 pub mod auth;
 pub mod error;
+pub mod grpc;
 pub mod jobs;
 pub mod resources;
+pub mod serve;
 
-use crate::jobs::JobRunner;
 use auth::{Caller, RateLimiter};
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderValue, StatusCode};
@@ -14,6 +20,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use error::{ApiError, ErrorBody};
+use qlayer_jobs::JobRunner;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::Instrument as _;

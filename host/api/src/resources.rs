@@ -308,8 +308,8 @@ pub struct Grants {
     pub secrets: std::collections::BTreeMap<String, String>,
 }
 
-impl From<crate::marketplace::Install> for PluginView {
-    fn from(i: crate::marketplace::Install) -> Self {
+impl From<qlayer_marketplace::Install> for PluginView {
+    fn from(i: qlayer_marketplace::Install) -> Self {
         PluginView {
             name: i.name,
             version: i.version,
@@ -421,7 +421,7 @@ pub async fn install_plugin_op(
                 "secret `{key}`: environment variable `{var}` is not offered to this tenant by the operator"
             )));
         }
-        let spec = crate::marketplace::GrantSpec {
+        let spec = qlayer_marketplace::GrantSpec {
             hosts: body.grants.hosts.clone(),
             config: body.grants.config.clone(),
             secrets: body.grants.secrets.clone(),
@@ -468,7 +468,7 @@ pub async fn remove_plugin_op(state: &AppState, caller: &Caller, name: &str) -> 
 /// Maps marketplace errors to the API's: the registry's and the install policy's errors are the
 /// caller's to see; anything else is internal.
 fn install_error(e: anyhow::Error, what: &str) -> ApiError {
-    use crate::marketplace::InstallError;
+    use qlayer_marketplace::InstallError;
     use qlayer_registry::RegistryError;
     if let Some(e) = e.downcast_ref::<InstallError>() {
         return match e {
@@ -497,7 +497,7 @@ fn install_error(e: anyhow::Error, what: &str) -> ApiError {
         };
     }
     // Manifest, load and policy problems of the artifact itself are the caller's to see.
-    if e.chain().any(|c| c.is::<crate::runtime::LoadError>() || c.is::<qlayer_manifest::ManifestError>()) {
+    if e.chain().any(|c| c.is::<qlayer_runtime::LoadError>() || c.is::<qlayer_manifest::ManifestError>()) {
         return ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "artifact_rejected", format!("{e:#}"));
     }
     ApiError::internal(format!("{e:#}"))

@@ -166,7 +166,7 @@ fn default_breaker_cooldown() -> i64 {
 impl JobsConfig {
     /// The scheduler's configuration for node `node_id`, after checking the ranges (the
     /// message names the key).
-    pub fn scheduler(&self, node_id: String) -> anyhow::Result<crate::scheduler::SchedulerConfig> {
+    pub fn scheduler(&self, node_id: String) -> anyhow::Result<qlayer_scheduler::SchedulerConfig> {
         let check = |ok: bool, key: &str, range: &str| {
             if ok { Ok(()) } else { Err(anyhow::anyhow!("[jobs] {key} must be {range}")) }
         };
@@ -185,7 +185,7 @@ impl JobsConfig {
         if let Some(url) = &self.queue {
             check(url.starts_with("nats://") || url.starts_with("tls://"), "queue", "a nats:// or tls:// URL")?;
         }
-        Ok(crate::scheduler::SchedulerConfig {
+        Ok(qlayer_scheduler::SchedulerConfig {
             node_id,
             concurrency: self.concurrency,
             tenant_concurrency: self.tenant_concurrency,
@@ -193,7 +193,7 @@ impl JobsConfig {
             max_attempts: self.max_attempts,
             retry_base_ms: self.retry_base_ms,
             retry_max_ms: self.retry_max_ms,
-            breaker: crate::scheduler::breaker::BreakerPolicy {
+            breaker: qlayer_scheduler::breaker::BreakerPolicy {
                 failures: self.breaker_failures,
                 cooldown_ms: self.breaker_cooldown_ms,
                 max_cooldown_ms: (self.breaker_cooldown_ms * 12).max(60_000),
@@ -309,9 +309,9 @@ pub struct Running {
     stop: tokio::sync::watch::Sender<bool>,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     grpc: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
-    runner: std::sync::Arc<crate::jobs::JobRunner>,
+    runner: std::sync::Arc<qlayer_jobs::JobRunner>,
     grace: Duration,
-    _node: crate::scheduler::NodeIdentity,
+    _node: qlayer_scheduler::NodeIdentity,
 }
 
 impl std::fmt::Debug for Running {
@@ -330,36 +330,36 @@ pub async fn start(config: ServeConfig, data_dir: PathBuf) -> anyhow::Result<Run
             format!("sqlite://{}", data_dir.join("qlayer.db").display())
         }
     };
-    let node = crate::scheduler::NodeIdentity::claim(&data_dir)?;
+    let node = qlayer_scheduler::NodeIdentity::claim(&data_dir)?;
     let scheduler_config = config.jobs.scheduler(node.id.clone())?;
     let db = qlayer_db::Db::open(&url).await.context("opening the database")?;
     let first_admin_key =
         db.bootstrap_admin(config.auth.admin_key.as_deref()).await?.map(|secret| secret.expose().to_string());
-    let runtime = std::sync::Arc::new(crate::runtime::Runtime::new(crate::runtime::RuntimeConfig {
+    let runtime = std::sync::Arc::new(qlayer_runtime::Runtime::new(qlayer_runtime::RuntimeConfig {
         cache_dir: Some(data_dir.join("cache")),
         ..Default::default()
     })?);
-    let market_config = crate::marketplace::MarketplaceConfig::load(&data_dir)?;
+    let market_config = qlayer_marketplace::MarketplaceConfig::load(&data_dir)?;
     let marketplace =
-        std::sync::Arc::new(crate::marketplace::Marketplace::open(data_dir.clone(), market_config, db.clone()).await?);
-    let runner = crate::jobs::JobRunner::new(
-        crate::jobs::PluginExecutor::new(db.clone(), runtime, marketplace),
+        std::sync::Arc::new(qlayer_marketplace::Marketplace::open(data_dir.clone(), market_config, db.clone()).await?);
+    let runner = qlayer_jobs::JobRunner::new(
+        qlayer_jobs::PluginExecutor::new(db.clone(), runtime, marketplace),
         scheduler_config,
     );
     let queued = runner.start().await?;
     tracing::info!(node = %node.id, queued, "scheduler started");
-    let state = crate::api::AppState {
+    let state = crate::AppState {
         db: db.clone(),
         runner: runner.clone(),
-        limiter: std::sync::Arc::new(crate::api::auth::RateLimiter::new(
+        limiter: std::sync::Arc::new(crate::auth::RateLimiter::new(
             config.limits.requests_per_second,
             config.limits.burst,
         )),
-        limits: crate::api::Limits {
+        limits: crate::Limits {
             max_body_bytes: config.limits.max_body_bytes,
             request_timeout: Duration::from_millis(config.limits.request_timeout_ms),
         },
-        metrics: crate::api::metrics_handle(),
+        metrics: crate::metrics_handle(),
     };
     let grpc_routes = crate::grpc::Grpc::new(state.clone()).routes(config.limits.max_body_bytes)?;
     let listener = tokio::net::TcpListener::bind(config.server.rest_addr)
@@ -368,7 +368,7 @@ pub async fn start(config: ServeConfig, data_dir: PathBuf) -> anyhow::Result<Run
     let rest_addr = listener.local_addr()?;
     tracing::info!(addr = %rest_addr, backend = ?db.backend(), "qlayer serve: REST listening");
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let server = axum::serve(listener, crate::api::router(state)).with_graceful_shutdown({
+    let server = axum::serve(listener, crate::router(state)).with_graceful_shutdown({
         let mut rx = stop_rx.clone();
         async move {
             let _ = rx.wait_for(|stop| *stop).await;

@@ -1,11 +1,11 @@
 //! Plugin host figures: instantiate-and-call from an `InstancePre`, warm call overhead, resident
 //! memory of 1,000 live tenant instances, and loading a cached compilation vs compiling.
 //!
-//! `cargo bench -p qlayer-host --bench plugin` (prints the figures; docs/PERFORMANCE.md records them).
+//! `cargo bench -p qlayer-bundled --bench plugin` (prints the figures; docs/PERFORMANCE.md records them).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
-use qlayer_host::embedded::bundled_plugin;
-use qlayer_host::runtime::{Grants, HostPolicy, Runtime, RuntimeConfig};
+use qlayer_bundled::bundled_plugin;
+use qlayer_runtime::{Grants, HostPolicy, Runtime, RuntimeConfig};
 use std::time::{Duration, Instant};
 
 fn stats(name: &str, mut samples: Vec<Duration>) {
@@ -85,7 +85,7 @@ fn main() {
         // The most trivial export in the contract: `agent.role()`, no arguments, a short string back.
         let agent =
             runtime.load(bundled_plugin("product-manager").unwrap()).unwrap().install(Grants::default()).unwrap();
-        let router = std::sync::Arc::new(qlayer_host::router::Router::new(vec![], None));
+        let router = std::sync::Arc::new(qlayer_gateway::Router::new(vec![], None));
         let mut a = agent.agent("warm", router).await.unwrap();
         for _ in 0..1000 {
             a.role().await.unwrap();

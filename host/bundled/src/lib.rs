@@ -1,12 +1,13 @@
+//! The first-party plugins, built for wasm by this crate's build script and baked in, and the
+//! embedded default.
+//! May depend on: `qlayer-runtime`, `qlayer-marketplace` (its build script: `qlayer-manifest`).
+//!
 //! The embedded default: the first-party plugins baked into this binary, installed for a local
 //! tenant with exactly the grants a run needs. No server, no config files.
 
-use crate::factory::Pipeline;
-use crate::router::Router;
-use crate::runtime::{Grants, HostPattern, Installed, Runtime, Secret};
 use anyhow::{Context as _, bail};
+use qlayer_runtime::{Grants, HostPattern, Installed, Runtime, Secret};
 use std::path::PathBuf;
-use std::sync::Arc;
 
 /// The tenant used by local CLI runs.
 pub const LOCAL_TENANT: &str = "local";
@@ -157,7 +158,7 @@ impl ProviderChoice {
 pub async fn install_provider(
     runtime: &Runtime,
     choice: &ProviderChoice,
-    market: Option<&crate::marketplace::Marketplace>,
+    market: Option<&qlayer_marketplace::Marketplace>,
 ) -> anyhow::Result<Installed> {
     let ProviderChoice::Installed { name, tenant } = choice else {
         let (bundled, grants) = choice.bundled_grants()?.context("a bundled provider has grants")?;
@@ -166,25 +167,8 @@ pub async fn install_provider(
     let market = market.context("an installed provider needs the marketplace it is installed in")?;
     let installed = market.load(runtime, tenant, name).await?;
     let kind = installed.plugin().manifest().kind;
-    if kind != crate::runtime::Kind::Provider {
+    if kind != qlayer_runtime::Kind::Provider {
         bail!("installed plugin `{name}` is a {kind} plugin, not a provider");
     }
     Ok(installed)
-}
-
-/// The default pipeline on the bundled plugins.
-pub async fn pipeline(
-    runtime: &Runtime,
-    choice: &ProviderChoice,
-    token_budget: Option<u64>,
-    market: Option<&crate::marketplace::Marketplace>,
-) -> anyhow::Result<Pipeline> {
-    let provider = install_provider(runtime, choice, market).await?;
-    Ok(Pipeline {
-        product_manager: install_bundled(runtime, "product-manager", Grants::default())?,
-        developer: install_bundled(runtime, "developer", Grants::default())?,
-        validators: vec![install_bundled(runtime, "syntax", Grants::default())?],
-        router: Arc::new(Router::new(vec![provider], token_budget)),
-        provider: choice.label(),
-    })
 }

@@ -8,7 +8,7 @@
 //!   rate held with p99 under 5 ms;
 //! - `wrk` (Debian's, closed loop) for the most requests per second, when it is installed.
 //!
-//! Run: `cargo build --release -p qlayer-host && cargo bench -p qlayer-tests --bench api`.
+//! Run: `cargo bench -p qlayer --bench api`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
 use std::process::{Command, Stdio};
@@ -17,12 +17,8 @@ use std::time::Duration;
 const ADMIN: &str = "ql_0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
 fn qlayer_binary() -> std::path::PathBuf {
-    // target/release/deps/api-<hash> → target/release/qlayer
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap();
-    let bin = dir.join("qlayer");
-    assert!(bin.exists(), "{} is missing: run `cargo build --release -p qlayer-host` first", bin.display());
-    bin
+    // Cargo builds the package's binary, in the bench's profile, before its benches.
+    std::path::PathBuf::from(env!("CARGO_BIN_EXE_qlayer"))
 }
 
 struct Server(std::process::Child);

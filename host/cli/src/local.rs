@@ -4,15 +4,15 @@
 //! breakers and repair rounds — with the provider given by the command line (flags, an API key)
 //! and never stored; a call is the service's one-task call job.
 
-use crate::embedded::ProviderChoice;
-use crate::factory::{RunReport, StepReport};
-use crate::jobs::{self, JobLimits, JobRunner, PluginExecutor, RunInput};
-use crate::marketplace::Marketplace;
-use crate::router::TokenCount;
-use crate::runtime::{Kind, Runtime};
-use crate::scheduler::SchedulerConfig;
 use anyhow::Context as _;
+use qlayer_bundled::ProviderChoice;
 use qlayer_db::{Db, Job, JobEvent, JobKind, JobStatus, Task, TaskStatus};
+use qlayer_factory::{RunReport, StepReport};
+use qlayer_gateway::TokenCount;
+use qlayer_jobs::{self as jobs, JobLimits, JobRunner, PluginExecutor, RunInput};
+use qlayer_marketplace::Marketplace;
+use qlayer_runtime::{Kind, Runtime};
+use qlayer_scheduler::SchedulerConfig;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;

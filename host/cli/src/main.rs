@@ -1,15 +1,21 @@
+//! The `qlayer` command line: `serve`, `run`, `plugin`, `audit`.
+//! May depend on: any crate of the workspace (it is the top).
+//!
 //! `qlayer`: the QuantumLayer plugin host's command line.
 #![allow(clippy::print_stdout)] // this is the CLI's own output code
 
+mod local;
+mod scaffold;
+mod telemetry;
+
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use qlayer_host::embedded::{self, ProviderChoice};
-use qlayer_host::factory;
-use qlayer_host::jobs::RunInput;
-use qlayer_host::local::{self, LocalRun, Update};
-use qlayer_host::marketplace::{self, GrantSpec, Marketplace, MarketplaceConfig};
-use qlayer_host::runtime::{Kind, Runtime, RuntimeConfig};
-use qlayer_host::scaffold;
+use local::{LocalRun, Update};
+use qlayer_bundled::{self as embedded, ProviderChoice};
+use qlayer_factory as factory;
+use qlayer_jobs::RunInput;
+use qlayer_marketplace::{self as marketplace, GrantSpec, Marketplace, MarketplaceConfig};
+use qlayer_runtime::{Kind, Runtime, RuntimeConfig};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -20,7 +26,7 @@ use std::process::ExitCode;
     about = "QuantumLayer: a sandboxed WebAssembly plugin host for AI software factories"
 )]
 struct Cli {
-    /// Log filter (tracing's env-filter syntax), e.g. `info` or `qlayer_host=debug`. Default:
+    /// Log filter (tracing's env-filter syntax), e.g. `info` or `qlayer_runtime=debug`. Default:
     /// `info` for `serve`, `warn` otherwise.
     #[arg(long, env = "QLAYER_LOG", global = true)]
     log: Option<String>,
@@ -116,7 +122,7 @@ struct RunArgs {
     #[arg(long)]
     language: Option<String>,
     /// Repair rounds after the first validation.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(0..=qlayer_host::jobs::MAX_REPAIR_ROUNDS as i64))]
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(0..=qlayer_jobs::MAX_REPAIR_ROUNDS as i64))]
     max_repair_rounds: u32,
     /// Tokens the whole run may spend.
     #[arg(long, default_value_t = 500_000, value_parser = clap::value_parser!(u64).range(1..))]
@@ -327,7 +333,7 @@ fn main() -> ExitCode {
     let otlp = match (&tokio, &cli.command) {
         (Some(rt), Command::Serve { otlp_endpoint: Some(endpoint), .. }) => {
             let _entered = rt.enter();
-            match qlayer_host::telemetry::otlp_provider(endpoint) {
+            match crate::telemetry::otlp_provider(endpoint) {
                 Ok(provider) => Some(provider),
                 Err(e) => {
                     eprintln!("error: OTLP export to {endpoint}: {e:#}");
@@ -383,7 +389,7 @@ fn init_logging(cli: &Cli, serving: bool, otlp: Option<&opentelemetry_sdk::trace
     } else {
         Box::new(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
     };
-    let otel = otlp.map(qlayer_host::telemetry::layer);
+    let otel = otlp.map(crate::telemetry::layer);
     tracing_subscriber::registry().with(lines).with(otel).with(filter).init();
 }
 
@@ -397,8 +403,8 @@ fn serve_command(
     queue: Option<String>,
 ) -> anyhow::Result<()> {
     let mut cfg = match &config {
-        Some(path) => qlayer_host::serve::ServeConfig::from_file(path)?,
-        None => qlayer_host::serve::ServeConfig::default(),
+        Some(path) => qlayer_api::serve::ServeConfig::from_file(path)?,
+        None => qlayer_api::serve::ServeConfig::default(),
     };
     cfg.apply_env()?;
     if let Some(addr) = rest_addr {
@@ -414,7 +420,7 @@ fn serve_command(
         cfg.jobs.queue = Some(url);
     }
     let data_dir = data_dir.unwrap_or_else(embedded::default_data_dir);
-    tokio.block_on(qlayer_host::serve::serve(cfg, data_dir))
+    tokio.block_on(qlayer_api::serve::serve(cfg, data_dir))
 }
 
 fn audit(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
@@ -630,7 +636,7 @@ fn plugin(cmd: PluginCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_manifest(m: &qlayer_host::runtime::Manifest) {
+fn print_manifest(m: &qlayer_runtime::Manifest) {
     println!("{} {} ({} plugin, {} format)", m.name, m.version, m.kind, m.format);
     println!("  {}", m.description);
     let list = |v: &[String]| if v.is_empty() { "none".to_string() } else { v.join(", ") };

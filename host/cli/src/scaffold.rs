@@ -2,8 +2,8 @@
 //! build` compiles it to a component with its manifest embedded (and checks that the host loads
 //! it), `qlayer plugin inspect` shows what a component is and asks for.
 
-use crate::runtime::{Kind, Manifest, Runtime, RuntimeConfig};
 use anyhow::{Context as _, bail};
+use qlayer_runtime::{Kind, Manifest, Runtime, RuntimeConfig};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
@@ -11,7 +11,7 @@ use std::process::Command;
 
 /// The toolchain file of this workspace, copied into scaffolded crates so they build with the
 /// same compiler and the wasm32-wasip2 target.
-const TOOLCHAIN: &str = include_str!("../../rust-toolchain.toml");
+const TOOLCHAIN: &str = include_str!("../../../rust-toolchain.toml");
 
 /// Creates a new plugin crate of `kind` named `name` in `dir`.
 pub fn new_plugin(kind: Kind, name: &str, dir: &Path, sdk: &Path) -> anyhow::Result<()> {
@@ -300,21 +300,10 @@ pub fn inspect(path: &Path) -> anyhow::Result<Inspection> {
     let wasm = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let manifest = qlayer_manifest::extract(&wasm).with_context(|| format!("{}", path.display()))?;
     let runtime = Runtime::new(RuntimeConfig {
-        policy: crate::runtime::HostPolicy { max_instances: 1, ..Default::default() },
+        policy: qlayer_runtime::HostPolicy { max_instances: 1, ..Default::default() },
         cache_dir: None,
     })?;
-    let (mut imports, mut exports) = (Vec::new(), Vec::new());
-    if !qlayer_manifest::is_component(&wasm) {
-        // A core module (an Extism plugin): list its imports and exported functions.
-        if let Ok(module) = wasmtime::Module::new(&wasmtime::Engine::default(), &wasm) {
-            imports = module.imports().map(|i| format!("{}::{}", i.module(), i.name())).collect();
-            exports = module.exports().map(|e| e.name().to_string()).collect();
-        }
-    } else if let Ok(component) = wasmtime::component::Component::new(runtime.engine(), &wasm) {
-        let ty = component.component_type();
-        imports = ty.imports(runtime.engine()).map(|(n, _)| n.to_string()).collect();
-        exports = ty.exports(runtime.engine()).map(|(n, _)| n.to_string()).collect();
-    }
+    let (imports, exports) = runtime.interface(&wasm);
     let load_error = runtime.load(&wasm).err().map(|e| e.to_string());
     Ok(Inspection {
         world: match manifest.format {

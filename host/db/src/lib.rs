@@ -1,3 +1,6 @@
+//! The SQL state (tenants, keys, audit, jobs and tasks, installs) on SQLite or PostgreSQL.
+//! May depend on: nothing of ours.
+//!
 //! QuantumLayer's SQL state, on SQLite (embedded default: a file in the data dir, WAL) or
 //! PostgreSQL (scale mode), through one code path (sqlx's Any driver) and one set of migrations,
 //! applied at open.
@@ -15,12 +18,12 @@ mod installs;
 mod jobs;
 mod tasks;
 
-pub use jobs::{Artifact, CancelOutcome, Job, JobEvent, JobKind, JobStatus, NewJob};
+pub use jobs::{Artifact, Job, JobEvent, JobKind, JobStatus};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 use std::fmt;
 use std::time::Duration;
-pub use tasks::{Lease, NewTask, Recorded, Task, TaskResult, TaskStatus};
+pub use tasks::{CancelOutcome, Lease, NewJob, NewTask, Recorded, Task, TaskResult, TaskStatus};
 
 /// What went wrong with the store.
 #[derive(Debug, thiserror::Error)]

@@ -1,37 +1,27 @@
-//! The software factory: requirement → product-manager (PRD) → developer (files) → validators,
-//! with a bounded repair loop (diagnostics go back to the developer), then the files and a JSON
-//! run report are written to the output directory.
+//! The software factory's steps (agents, validators, the repair verdict), reports and capsules.
+//! May depend on: `qlayer-runtime`, `qlayer-gateway`.
+//!
+//! The software factory's parts: requirement → product-manager (PRD) → developer (files) →
+//! validators, with a bounded repair loop (diagnostics go back to the developer); the run report,
+//! and the tar.gz capsule of the files and the report. `qlayer-jobs` runs these steps as the
+//! tasks of a DAG job on the scheduler.
 //!
 //! Every step runs as a plugin in its own sandboxed instance; the agents reach models only
 //! through the [`Router`].
 
-use crate::router::{Router, TokenCount};
-use crate::runtime::{AgentOutput, Artifact, CallError, Diagnostic, Installed, LlmHandler, Severity, Task};
 use anyhow::{Context as _, bail};
+use qlayer_gateway::{Router, TokenCount};
+use qlayer_runtime::{AgentOutput, Artifact, CallError, Diagnostic, Installed, LlmHandler, Severity, Task};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 /// The longest requirement accepted, in bytes.
 pub const MAX_REQUIREMENT_BYTES: usize = 16 * 1024;
 /// The name of the report written beside the generated files.
 pub const REPORT_FILE: &str = "qlayer-run.json";
-
-/// The plugins a run uses.
-pub struct Pipeline {
-    /// Writes the PRD.
-    pub product_manager: Installed,
-    /// Writes and repairs the files.
-    pub developer: Installed,
-    /// Check the files.
-    pub validators: Vec<Installed>,
-    /// Answers the agents' `llm` calls.
-    pub router: Arc<Router>,
-    /// Name of the provider chain, for the report.
-    pub provider: String,
-}
 
 /// What to build.
 #[derive(Debug, Clone)]
@@ -44,18 +34,6 @@ pub struct RunRequest {
     pub max_repair_rounds: u32,
     /// The tenant the run belongs to.
     pub tenant: String,
-}
-
-/// Progress of a run, as it happens.
-#[derive(Debug, Clone)]
-pub enum Progress {
-    /// A step started.
-    Started {
-        /// The step (`product-manager`, `developer`, `validate`, `repair 1`...).
-        step: String,
-    },
-    /// A step finished.
-    Finished(StepReport),
 }
 
 /// One step of a run, as recorded in the report.
@@ -165,10 +143,6 @@ pub fn prepare(requirement: &str, out: &Path, force: bool) -> anyhow::Result<()>
     std::fs::write(&probe, b"").with_context(|| format!("cannot write to the output directory {}", out.display()))?;
     let _ = std::fs::remove_file(probe);
     Ok(())
-}
-
-fn now_secs() -> u64 {
-    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 fn severity(s: Severity) -> &'static str {
@@ -350,111 +324,6 @@ pub fn validate_step_name(validator: &str) -> String {
     format!("validate: {validator}")
 }
 
-struct Recorder<'a> {
-    steps: Vec<StepReport>,
-    progress: &'a (dyn Fn(Progress) + Send + Sync),
-}
-
-impl Recorder<'_> {
-    fn start(&self, step: &str) {
-        (self.progress)(Progress::Started { step: step.to_string() });
-    }
-
-    fn finish(&mut self, report: StepReport) {
-        (self.progress)(Progress::Finished(report.clone()));
-        self.steps.push(report);
-    }
-}
-
-/// Runs the pipeline and writes the files and the report into `out` (prepared by [`prepare`]).
-/// A failed step still writes the report, with the reason; the error is in `status`.
-pub async fn run(
-    pipeline: &Pipeline,
-    request: &RunRequest,
-    out: &Path,
-    progress: &(dyn Fn(Progress) + Send + Sync),
-) -> anyhow::Result<RunReport> {
-    let started = Instant::now();
-    let started_at = now_secs();
-    let mut rec = Recorder { steps: Vec::new(), progress };
-    let outcome = steps(pipeline, &mut rec, request).await;
-    let (status, stop_reason, files, diagnostics, rounds) = match outcome {
-        Ok(Outcome { files, diagnostics, rounds }) => {
-            let (status, reason) = verdict(&diagnostics, rounds);
-            (status, reason, files, diagnostics, rounds)
-        }
-        Err(reason) => ("failed", reason, Vec::new(), Vec::new(), 0),
-    };
-    let written = write_files(out, &files)?;
-    let report = RunReport {
-        requirement: request.requirement.clone(),
-        status: status.to_string(),
-        stop_reason,
-        provider: pipeline.provider.clone(),
-        repair_rounds: rounds,
-        steps: rec.steps,
-        diagnostics,
-        files: written,
-        tokens: pipeline.router.spent(),
-        duration_ms: started.elapsed().as_millis() as u64,
-        started_at,
-    };
-    let json = serde_json::to_vec_pretty(&report)?;
-    let path = out.join(REPORT_FILE);
-    std::fs::write(&path, json).with_context(|| format!("writing {}", path.display()))?;
-    Ok(report)
-}
-
-struct Outcome {
-    files: Vec<Artifact>,
-    diagnostics: Vec<DiagnosticReport>,
-    rounds: u32,
-}
-
-async fn steps(pipeline: &Pipeline, rec: &mut Recorder<'_>, request: &RunRequest) -> Result<Outcome, String> {
-    // Product manager → PRD.
-    rec.start("product-manager");
-    let (report, result) =
-        agent_step("product-manager", &pipeline.product_manager, &pipeline.router, request, vec![], vec![]).await;
-    rec.finish(report);
-    let prd = result.map_err(|e| format!("product-manager failed: {e}"))?.artifacts;
-
-    let mut files: Vec<Artifact> = Vec::new();
-    let mut feedback: Vec<Diagnostic> = Vec::new();
-    let mut round = 0;
-    loop {
-        // Developer → files (or fixed files on a repair round).
-        let step = developer_step(round);
-        rec.start(&step);
-        let mut inputs = prd.clone();
-        inputs.extend(files.iter().cloned());
-        let (report, result) =
-            agent_step(&step, &pipeline.developer, &pipeline.router, request, inputs, feedback.clone()).await;
-        rec.finish(report);
-        files = result.map_err(|e| format!("{step} failed: {e}"))?.artifacts;
-
-        // Validators.
-        let mut all = prd.clone();
-        all.extend(files.iter().cloned());
-        let mut diagnostics = Vec::new();
-        for validator in &pipeline.validators {
-            let name = validator.plugin().manifest().name.clone();
-            let step = validate_step_name(&name);
-            rec.start(&step);
-            let (report, result) = validate_step(&step, validator, &request.tenant, &all).await;
-            rec.finish(report);
-            diagnostics.extend(result.map_err(|e| format!("validator {name} failed: {e}"))?);
-        }
-        if !diagnostics.iter().any(|d| d.is_error()) || round >= request.max_repair_rounds {
-            let mut out = prd.clone();
-            out.extend(files);
-            return Ok(Outcome { files: out, diagnostics, rounds: round });
-        }
-        round += 1;
-        feedback = diagnostics.iter().filter(|d| d.is_error()).map(DiagnosticReport::diagnostic).collect();
-    }
-}
-
 /// Joins a plugin-supplied relative path onto `root`, refusing anything that could escape it.
 pub fn safe_join(root: &Path, relative: &str) -> anyhow::Result<PathBuf> {
     let path = Path::new(relative);
@@ -489,19 +358,6 @@ fn file_report(file: &Artifact) -> FileReport {
         bytes: file.content.len(),
         sha256: format!("sha256:{}", hex::encode(Sha256::digest(&file.content))),
     }
-}
-
-fn write_files(out: &Path, files: &[Artifact]) -> anyhow::Result<Vec<FileReport>> {
-    let mut written = Vec::with_capacity(files.len());
-    for file in files {
-        let path = safe_join(out, &file.path)?;
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-        }
-        std::fs::write(&path, &file.content).with_context(|| format!("writing {}", path.display()))?;
-        written.push(file_report(file));
-    }
-    Ok(written)
 }
 
 /// Packs `files` and the report (as `qlayer-run.json`) as a gzip-compressed tar under the folder

@@ -1,9 +1,12 @@
+//! The gateway: agents' completions routed to the tenant's LLM provider plugins.
+//! May depend on: `qlayer-runtime`.
+//!
 //! Routes agents' `llm.complete` calls to the tenant's providers: a fallback chain, bounded
 //! retries of retryable errors (honouring the provider's retry-after), usage accounting, and a
 //! token budget so that no run can spend without bound.
 
-use crate::runtime::{CallError, Completion, CompletionRequest, Installed, LlmHandler, PluginError, describe};
 use futures::future::BoxFuture;
+use qlayer_runtime::{CallError, Completion, CompletionRequest, Installed, LlmHandler, PluginError, describe};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -88,7 +91,7 @@ impl Router {
                 Err(e) if e.is_retryable() && attempt < RETRIES => {
                     attempt += 1;
                     let wait = match &e.kind {
-                        crate::runtime::CallErrorKind::Plugin(PluginError::RateLimited(Some(ms))) => {
+                        qlayer_runtime::CallErrorKind::Plugin(PluginError::RateLimited(Some(ms))) => {
                             Duration::from_millis(*ms)
                         }
                         _ => Duration::from_millis(250 * 2u64.pow(attempt)),

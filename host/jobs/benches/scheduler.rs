@@ -12,19 +12,19 @@
 //!
 //! 4. **Factory runs** on the scripted provider (a test double: the figure is the host's cost, not a
 //!    model's): a run through the scheduler as a DAG of its steps, each step's output stored
-//!    (SQLite), against the same pipeline called directly (`factory::run`) with the same plugins
-//!    already loaded; one at a time (latency) and eight at a time (runs per second).
+//!    (SQLite), against the same steps' plugin calls made directly (no scheduler, nothing stored)
+//!    with the same plugins already loaded; one at a time (latency) and eight at a time (runs per second).
 //!
 //! The NATS figures use a `nats-server -js` started for each run (Debian's package).
 //!
-//! `cargo bench -p qlayer-tests --bench scheduler` (docs/PERFORMANCE.md records the figures);
+//! `cargo bench -p qlayer-jobs --bench scheduler` (docs/PERFORMANCE.md records the figures);
 //! `-- throughput fairness factory takeover` runs only the sections named.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
 use futures::future::BoxFuture;
 use qlayer_db::{Db, JobKind, NewJob, NewTask, Task};
-use qlayer_host::runtime::{Grants, Installed};
-use qlayer_host::scheduler::{Execute, Scheduler, SchedulerConfig, TaskContext, TaskError, TaskResult};
+use qlayer_runtime::{Grants, Installed};
+use qlayer_scheduler::{Execute, Scheduler, SchedulerConfig, TaskContext, TaskError, TaskResult};
 use sqlx::Connection as _;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -325,25 +325,75 @@ async fn takeover(lease_ms: i64, queue: Option<&str>) -> Duration {
     }
 }
 
+/// The factory's plugins, loaded once, for runs called directly (no scheduler, nothing stored).
+struct Direct {
+    provider: Installed,
+    product_manager: Installed,
+    developer: Installed,
+    syntax: Installed,
+}
+
+impl Direct {
+    async fn load(runtime: &qlayer_runtime::Runtime) -> Direct {
+        let bundled = |name: &str| {
+            runtime.load(qlayer_bundled::bundled_plugin(name).unwrap()).unwrap().install(Grants::default()).unwrap()
+        };
+        let scripted = qlayer_bundled::ProviderChoice::Scripted { script: None };
+        Direct {
+            provider: qlayer_bundled::install_provider(runtime, &scripted, None).await.unwrap(),
+            product_manager: bundled("product-manager"),
+            developer: bundled("developer"),
+            syntax: bundled("syntax"),
+        }
+    }
+
+    /// One run's steps called in order (product manager, developer, syntax), with the run's own
+    /// router, and its capsule packed: the same plugin calls a scheduled run makes.
+    async fn run(&self) {
+        use qlayer_factory::{RunReport, RunRequest, agent_step, capsule, validate_step};
+        let router = Arc::new(qlayer_gateway::Router::new(vec![self.provider.clone()], None));
+        let request = RunRequest {
+            requirement: "a todo list CLI".into(),
+            options_json: "{}".into(),
+            max_repair_rounds: 2,
+            tenant: "t".into(),
+        };
+        let (pm, prd) = agent_step("product-manager", &self.product_manager, &router, &request, vec![], vec![]).await;
+        let prd = prd.unwrap().artifacts;
+        let (dev, files) = agent_step("developer", &self.developer, &router, &request, prd.clone(), vec![]).await;
+        let mut all = prd;
+        all.extend(files.unwrap().artifacts);
+        let (check, found) = validate_step("validate: syntax", &self.syntax, "t", &all).await;
+        let diagnostics = found.unwrap();
+        assert!(!diagnostics.iter().any(|d| d.is_error()), "the scripted run passes");
+        let report = RunReport {
+            requirement: request.requirement.clone(),
+            status: "passed".into(),
+            stop_reason: String::new(),
+            provider: "scripted".into(),
+            repair_rounds: 0,
+            steps: vec![pm, dev, check],
+            diagnostics,
+            files: qlayer_factory::file_reports(&all).unwrap(),
+            tokens: router.spent(),
+            duration_ms: 0,
+            started_at: 0,
+        };
+        capsule("run", &all, &report).unwrap();
+    }
+}
+
 /// `runs` factory runs called directly, `parallel` at a time: (median ms per run, runs/s).
-async fn direct_runs(pipeline: &Arc<qlayer_host::factory::Pipeline>, runs: usize, parallel: usize) -> (f64, f64) {
+async fn direct_runs(direct: &Arc<Direct>, runs: usize, parallel: usize) -> (f64, f64) {
     let started = Instant::now();
     let limit = Arc::new(tokio::sync::Semaphore::new(parallel));
     let mut handles = Vec::new();
     for _ in 0..runs {
-        let (pipeline, limit) = (pipeline.clone(), limit.clone());
+        let (direct, limit) = (direct.clone(), limit.clone());
         handles.push(tokio::spawn(async move {
             let _slot = limit.acquire().await.unwrap();
-            let out = tempfile::tempdir().unwrap();
-            let request = qlayer_host::factory::RunRequest {
-                requirement: "a todo list CLI".into(),
-                options_json: "{}".into(),
-                max_repair_rounds: 2,
-                tenant: "t".into(),
-            };
             let began = Instant::now();
-            let report = qlayer_host::factory::run(&pipeline, &request, out.path(), &|_| {}).await.unwrap();
-            assert_eq!(report.status, "passed");
+            direct.run().await;
             began.elapsed()
         }));
     }
@@ -357,13 +407,13 @@ async fn direct_runs(pipeline: &Arc<qlayer_host::factory::Pipeline>, runs: usize
 
 /// `runs` factory runs through a scheduler on SQLite, `parallel` at a time: (median ms from
 /// submission to the finished job, runs/s).
-async fn scheduled_runs(runtime: &Arc<qlayer_host::runtime::Runtime>, runs: usize, parallel: usize) -> (f64, f64) {
+async fn scheduled_runs(runtime: &Arc<qlayer_runtime::Runtime>, runs: usize, parallel: usize) -> (f64, f64) {
     let database = Database::sqlite().await;
     let db = Db::open(&database.url).await.unwrap();
     let tenant = db.create_tenant("acme").await.unwrap().id;
     let dir = tempfile::tempdir().unwrap();
-    let market = qlayer_host::marketplace::Marketplace::open(dir.path(), Default::default(), db.clone()).await.unwrap();
-    let executor = Arc::new(qlayer_host::jobs::PluginExecutor::new(db.clone(), runtime.clone(), Arc::new(market)));
+    let market = qlayer_marketplace::Marketplace::open(dir.path(), Default::default(), db.clone()).await.unwrap();
+    let executor = Arc::new(qlayer_jobs::PluginExecutor::new(db.clone(), runtime.clone(), Arc::new(market)));
     let scheduler = Scheduler::new(db.clone(), config("bench", parallel * 2, None), executor);
     scheduler.start().await.unwrap();
     // Warm-up: the first run loads the bundled plugins once.
@@ -372,7 +422,7 @@ async fn scheduled_runs(runtime: &Arc<qlayer_host::runtime::Runtime>, runs: usiz
     let submit = |scheduler: Arc<Scheduler>, tenant: String| {
         let input = input.clone();
         async move {
-            let tasks = qlayer_host::jobs::plan(JobKind::Run, &input, 3).unwrap();
+            let tasks = qlayer_jobs::plan(JobKind::Run, &input, 3).unwrap();
             let new = NewJob {
                 tenant_id: &tenant,
                 kind: JobKind::Run,
@@ -480,18 +530,9 @@ fn main() {
         if run("factory") {
             println!("factory runs (scripted provider, a test double): median latency and runs/s");
             let runtime = Arc::new(qlayer_tests::runtime());
-            let pipeline = Arc::new(
-                qlayer_host::embedded::pipeline(
-                    &runtime,
-                    &qlayer_host::embedded::ProviderChoice::Scripted { script: None },
-                    None,
-                    None,
-                )
-                .await
-                .unwrap(),
-            );
+            let direct = Arc::new(Direct::load(&runtime).await);
             for parallel in [1, 8] {
-                let (direct_ms, direct_rate) = direct_runs(&pipeline, 40, parallel).await;
+                let (direct_ms, direct_rate) = direct_runs(&direct, 40, parallel).await;
                 let (sched_ms, sched_rate) = scheduled_runs(&runtime, 40, parallel).await;
                 println!(
                     "  {parallel} at a time: direct {direct_ms:>6.1} ms/run {direct_rate:>6.1} runs/s; \

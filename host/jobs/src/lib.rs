@@ -1,5 +1,9 @@
+//! What the scheduler runs: calls, call graphs and factory runs as DAGs of their steps.
+//! May depend on: `qlayer-runtime`, `qlayer-db`, `qlayer-scheduler`, `qlayer-gateway`,
+//! `qlayer-marketplace`, `qlayer-factory`, `qlayer-bundled`, `qlayer-registry`.
+//!
 //! The host's jobs: what a tenant asks for (a plugin call, a DAG of calls, a factory run),
-//! planned into tasks for the core scheduler ([`crate::scheduler`]), and how each task runs: a
+//! planned into tasks for the core scheduler ([`qlayer_scheduler`]), and how each task runs: a
 //! call loads the tenant's installed tool and invokes it under the job's deadline.
 //!
 //! A factory run is a DAG of its steps, each a task: `product-manager` → `developer` → one
@@ -11,14 +15,14 @@
 //! so a host killed mid-run resumes from the last finished step, and a step that fails in a
 //! retryable way is retried alone.
 
-use crate::embedded::{self, ProviderChoice};
-use crate::factory::{self, DiagnosticReport, RunReport, RunRequest, StepReport, StoredArtifact};
-use crate::marketplace::Marketplace;
-use crate::router::{Router, TokenCount};
-use crate::runtime::{Artifact, CallError, CallErrorKind, Grants, Installed, Kind, Plugin, PluginError, Runtime};
-use crate::scheduler::{Execute, Scheduler, SchedulerConfig, SubmitError, TaskContext, TaskError, TaskResult};
 use futures::future::BoxFuture;
+use qlayer_bundled::{self as embedded, ProviderChoice};
 use qlayer_db::{Db, Job, JobKind, NewJob, NewTask, Task, TaskStatus};
+use qlayer_factory::{self as factory, DiagnosticReport, RunReport, RunRequest, StepReport, StoredArtifact};
+use qlayer_gateway::{Router, TokenCount};
+use qlayer_marketplace::Marketplace;
+use qlayer_runtime::{Artifact, CallError, CallErrorKind, Grants, Installed, Kind, Plugin, PluginError, Runtime};
+use qlayer_scheduler::{Execute, Scheduler, SchedulerConfig, SubmitError, TaskContext, TaskError, TaskResult};
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -3,12 +3,12 @@
 //! installed plugin from the local store with its compiled code cached. Baseline in the same run:
 //! reading the same bytes from disk and hashing them.
 //!
-//! `cargo bench -p qlayer-tests --bench marketplace` (docs/PERFORMANCE.md records the figures).
+//! `cargo bench -p qlayer-marketplace --bench marketplace` (docs/PERFORMANCE.md records the figures).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
-use qlayer_host::marketplace::{GrantSpec, Marketplace, MarketplaceConfig};
-use qlayer_host::runtime::{Runtime, RuntimeConfig};
+use qlayer_marketplace::{GrantSpec, Marketplace, MarketplaceConfig};
 use qlayer_registry::{SignaturePolicy, parse_reference};
+use qlayer_runtime::{Runtime, RuntimeConfig};
 use qlayer_tests::TestRegistry;
 use std::time::{Duration, Instant};
 
@@ -34,7 +34,7 @@ fn main() {
     };
     tokio.block_on(async {
         for name in ["scripted", "openai"] {
-            let wasm = qlayer_host::embedded::bundled_plugin(name).unwrap();
+            let wasm = qlayer_bundled::bundled_plugin(name).unwrap();
             let reference = format!("{}/first-party/{name}:0.1.0", registry.addr);
             let scratch = tempfile::tempdir().unwrap();
             Marketplace::open_local(scratch.path(), config.clone())

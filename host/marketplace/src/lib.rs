@@ -1,3 +1,6 @@
+//! Installs from OCI registries per tenant: grants, signature policy, the blob store.
+//! May depend on: `qlayer-runtime`, `qlayer-db`, `qlayer-registry`, `qlayer-manifest`.
+//!
 //! The marketplace: plugins published to OCI registries and installed per tenant.
 //!
 //! - **Publish**: `push` sends a plugin in the wasm artifact layout and, with a key, attaches a
@@ -17,13 +20,13 @@
 //! operator's settings in `<data dir>/marketplace.toml`. Another tenant's install is reported exactly like a
 //! missing one.
 
-use crate::runtime::{Format, Grants, HostPattern, Installed, Kind, Manifest, Runtime, Secret};
 use anyhow::{Context as _, bail};
 use qlayer_db::Db;
 use qlayer_registry::{
     BlobStore, CatalogEntry, Credentials, PrivateKey, PublicKey, Reference, Registry, RegistryConfig, RegistryError,
     Resolved, SignaturePolicy, Verification, parse_reference,
 };
+use qlayer_runtime::{Format, Grants, HostPattern, Installed, Kind, Manifest, Runtime, Secret};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

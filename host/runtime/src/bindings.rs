@@ -7,7 +7,7 @@
 
 pub mod provider {
     wasmtime::component::bindgen!({
-        path: "../wit",
+        path: "../../wit",
         world: "provider-plugin",
         additional_derives: [PartialEq],
         imports: { default: async },
@@ -17,7 +17,7 @@ pub mod provider {
 
 pub mod agent {
     wasmtime::component::bindgen!({
-        path: "../wit",
+        path: "../../wit",
         world: "agent-plugin",
         imports: { default: async },
         exports: { default: async },
@@ -30,7 +30,7 @@ pub mod agent {
 
 pub mod validator {
     wasmtime::component::bindgen!({
-        path: "../wit",
+        path: "../../wit",
         world: "validator-plugin",
         imports: { default: async },
         exports: { default: async },
@@ -43,7 +43,7 @@ pub mod validator {
 
 pub mod tool {
     wasmtime::component::bindgen!({
-        path: "../wit",
+        path: "../../wit",
         world: "tool-plugin",
         imports: { default: async },
         exports: { default: async },

@@ -1,3 +1,7 @@
+//! The sandbox: engine, pooling, limits, grants, outbound policy, compile cache, component and
+//! Extism loading, the bindings of each WIT version.
+//! May depend on: `qlayer-manifest`, `qlayer-registry`.
+//!
 //! The sandbox: one wasmtime `Engine` for the process, a plugin per loaded component, and a fresh
 //! `Store` per tenant instance.
 //!
@@ -300,6 +304,31 @@ impl Runtime {
                 stop_ticker,
             }),
         })
+    }
+
+    /// The imports and exports `wasm` declares (a core module's imports as `module::name`), for
+    /// `qlayer plugin inspect`; empty lists when it does not compile.
+    pub fn interface(&self, wasm: &[u8]) -> (Vec<String>, Vec<String>) {
+        if !qlayer_manifest::is_component(wasm) {
+            // A core module (an Extism plugin): its imports and exported functions.
+            return match wasmtime::Module::new(&Engine::default(), wasm) {
+                Ok(module) => (
+                    module.imports().map(|i| format!("{}::{}", i.module(), i.name())).collect(),
+                    module.exports().map(|e| e.name().to_string()).collect(),
+                ),
+                Err(_) => (Vec::new(), Vec::new()),
+            };
+        }
+        match wasmtime::component::Component::new(&self.shared.engine, wasm) {
+            Ok(component) => {
+                let ty = component.component_type();
+                (
+                    ty.imports(&self.shared.engine).map(|(n, _)| n.to_string()).collect(),
+                    ty.exports(&self.shared.engine).map(|(n, _)| n.to_string()).collect(),
+                )
+            }
+            Err(_) => (Vec::new(), Vec::new()),
+        }
     }
 
     /// The engine (for benchmarks and tools).

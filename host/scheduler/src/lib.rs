@@ -1,3 +1,6 @@
+//! The core scheduler: durable DAG jobs, leases, fair sharing, retries, breakers, NATS scale mode.
+//! May depend on: `qlayer-db`.
+//!
 //! The core scheduler: every unit of work (a plugin call, a factory run, a DAG of calls) is a
 //! durable job made of tasks, stored before it is acknowledged and run under a lease.
 //!

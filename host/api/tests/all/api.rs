@@ -4,49 +4,11 @@
 //! metrics, the audit trail and the OpenAPI document. The main flows run on SQLite and on the
 //! machine's PostgreSQL (a fresh database per test).
 
+use qlayer_api::serve::{Running, ServeConfig};
 use qlayer_db::Backend;
-use qlayer_host::serve::{Running, ServeConfig};
-use qlayer_tests::{TestRegistry, hostile, marketplace_plugin};
+use qlayer_tests::{ADMIN, PgDb, TestRegistry, fresh_postgres, hostile, marketplace_plugin};
 use serde_json::{Value, json};
-use sqlx::Connection as _;
 use std::time::Duration;
-
-pub(crate) const ADMIN: &str = "ql_0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
-
-pub(crate) struct PgDb {
-    admin: String,
-    name: String,
-}
-
-impl Drop for PgDb {
-    fn drop(&mut self) {
-        let (admin, name) = (self.admin.clone(), self.name.clone());
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(async {
-                if let Ok(mut conn) = sqlx::AnyConnection::connect(&admin).await {
-                    let _ =
-                        sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut conn).await;
-                }
-            });
-        })
-        .join();
-    }
-}
-
-pub(crate) async fn fresh_postgres() -> (String, PgDb) {
-    sqlx::any::install_default_drivers();
-    let admin =
-        std::env::var("QLAYER_TEST_POSTGRES").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
-    let name = format!("qlayer_api_{}_{nanos}", std::process::id());
-    let mut conn = sqlx::AnyConnection::connect(&admin)
-        .await
-        .unwrap_or_else(|e| panic!("PostgreSQL at {admin} is needed by this test: {e}"));
-    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await.unwrap();
-    let url = format!("{}/{name}", admin.rsplit_once('/').unwrap().0);
-    (url, PgDb { admin, name })
-}
 
 /// A service for one test.
 pub(crate) struct Svc {
@@ -99,7 +61,7 @@ pub(crate) async fn service(backend: Backend, with_registry: bool, tweak: impl F
         }
     };
     tweak(&mut config);
-    let running = qlayer_host::serve::start(config, dir.path().to_path_buf()).await.unwrap();
+    let running = qlayer_api::serve::start(config, dir.path().to_path_buf()).await.unwrap();
     let base = format!("http://{}", running.rest_addr);
     Svc {
         running: Some(running),
@@ -160,9 +122,9 @@ impl Svc {
     pub(crate) async fn install(&self, key: &str, repo: &str, wasm: &[u8]) -> Reply {
         let registry = self.registry.as_ref().unwrap();
         let reference = format!("{}/{repo}:1.0.0", registry.addr);
-        let market = qlayer_host::marketplace::Marketplace::open_local(
+        let market = qlayer_marketplace::Marketplace::open_local(
             self._dir.path().join("pusher"),
-            qlayer_host::marketplace::MarketplaceConfig {
+            qlayer_marketplace::MarketplaceConfig {
                 insecure_registries: vec![registry.addr.clone()],
                 ..Default::default()
             },
@@ -669,18 +631,18 @@ async fn rate_limits_are_per_tenant_and_metrics_are_for_operators() {
 }
 
 /// `/openapi.json` is generated from the handlers; docs/openapi.json must be the same document.
-/// `QLAYER_UPDATE_OPENAPI=1 cargo test -p qlayer-tests openapi` rewrites it.
+/// `QLAYER_UPDATE_OPENAPI=1 cargo test -p qlayer-api openapi` rewrites it.
 #[tokio::test]
 async fn the_openapi_document_is_current() {
-    let generated = qlayer_host::api::openapi_json();
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/openapi.json");
+    let generated = qlayer_api::openapi_json();
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/openapi.json");
     if std::env::var_os("QLAYER_UPDATE_OPENAPI").is_some() {
         std::fs::write(&path, &generated).unwrap();
     }
     let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
     assert!(
         checked_in == generated,
-        "docs/openapi.json is stale: run `QLAYER_UPDATE_OPENAPI=1 cargo test -p qlayer-tests openapi` and commit it"
+        "docs/openapi.json is stale: run `QLAYER_UPDATE_OPENAPI=1 cargo test -p qlayer-api openapi` and commit it"
     );
     let doc: Value = serde_json::from_str(&generated).unwrap();
     for path in [
@@ -713,7 +675,7 @@ async fn the_openapi_document_is_current() {
 /// the job event stream, and server reflection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_with_a_real_tonic_client() {
-    use qlayer_host::grpc::proto::{
+    use qlayer_api::grpc::proto::{
         self, jobs_client::JobsClient, runs_client::RunsClient, tenants_client::TenantsClient,
     };
     use tonic::Code;
@@ -828,95 +790,6 @@ async fn grpc_with_a_real_tonic_client() {
     svc.stop().await;
 }
 
-/// `qlayer serve` as a process on free ports with a temp data dir and the test admin key, once it
-/// answers: the child, its base URL, a client, and the data dir (removed when dropped).
-pub(crate) async fn serve_process(
-    global: &[&str],
-    extra: &[&str],
-    stderr: std::process::Stdio,
-) -> (std::process::Child, String, reqwest::Client, tempfile::TempDir) {
-    let data = tempfile::tempdir().unwrap();
-    let (child, base, http) = serve_process_in(data.path(), global, extra, stderr).await;
-    (child, base, http, data)
-}
-
-/// `qlayer serve` as a process on free ports with `data` as its data dir, once it answers.
-pub(crate) async fn serve_process_in(
-    data: &std::path::Path,
-    global: &[&str],
-    extra: &[&str],
-    stderr: std::process::Stdio,
-) -> (std::process::Child, String, reqwest::Client) {
-    let (rest, grpc) = (qlayer_tests::free_port(), qlayer_tests::free_port());
-    let child = std::process::Command::new(qlayer_tests::qlayer_bin())
-        .args(global)
-        .args(["serve", "--rest-addr", &format!("127.0.0.1:{rest}"), "--grpc-addr", &format!("127.0.0.1:{grpc}")])
-        .args(extra)
-        .arg("--data-dir")
-        .arg(data)
-        .env("QLAYER_ADMIN_KEY", ADMIN)
-        .env_remove("QLAYER_DATABASE_URL")
-        .env_remove("QLAYER_CONFIG")
-        .env_remove("QLAYER_LOG_FORMAT")
-        .stdout(std::process::Stdio::null())
-        .stderr(stderr)
-        .spawn()
-        .unwrap();
-    let base = format!("http://127.0.0.1:{rest}");
-    qlayer_registry::install_tls_provider();
-    let http = reqwest::Client::builder().no_proxy().build().unwrap();
-    for _ in 0..400 {
-        if http.get(format!("{base}/healthz")).send().await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    (child, base, http)
-}
-
-/// `qlayer serve` as a process, logging at debug (trace for the HTTP layers): every line is JSON, request
-/// lines carry the request id and the tenant, and no API key (valid, unknown or the operator's)
-/// appears anywhere in the output.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn logs_are_json_lines_with_request_ids_and_never_hold_keys() {
-    let log = "debug,hyper=trace,h2=trace,axum=trace,tonic=trace,tower=trace";
-    let (child, base, http, _data) = serve_process(&["--log", log], &[], std::process::Stdio::piped()).await;
-    let created: Value = http
-        .post(format!("{base}/v1/tenants"))
-        .bearer_auth(ADMIN)
-        .header("content-type", "application/json")
-        .header("x-request-id", "trace-me-42")
-        .body(r#"{"name": "acme"}"#)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let acme = created["api_key"].as_str().unwrap().to_string();
-    let r = http.get(format!("{base}/v1/jobs")).bearer_auth(&acme).send().await.unwrap();
-    assert_eq!(r.status(), 200);
-    let request_id = r.headers()["x-request-id"].to_str().unwrap().to_string();
-    let unknown = format!("ql_{}", "d".repeat(64));
-    assert_eq!(http.get(format!("{base}/v1/jobs")).bearer_auth(&unknown).send().await.unwrap().status(), 401);
-    let status = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
-    assert!(status.success());
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{:?}", out.status);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    for secret in [ADMIN, acme.as_str(), unknown.as_str(), &ADMIN[3..], &acme[3..]] {
-        assert!(!stderr.contains(secret), "a key is in the log");
-    }
-    let lines: Vec<Value> =
-        stderr.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))).collect();
-    let requests: Vec<&Value> = lines.iter().filter(|l| l["fields"]["message"] == "request").collect();
-    let mine = requests.iter().find(|l| l["span"]["request_id"] == request_id.as_str()).expect("the request's line");
-    assert_eq!(mine["span"]["tenant"], "acme", "{mine}");
-    assert_eq!(mine["span"]["route"], "/v1/jobs");
-    assert_eq!(mine["fields"]["status"], 200);
-    assert!(requests.iter().any(|l| l["span"]["request_id"] == "trace-me-42"), "the caller's request id is kept");
-}
-
 /// Stopping hands unfinished work back: a job running at shutdown is picked up by the next
 /// start, and one queued behind it completes there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -944,7 +817,7 @@ async fn unfinished_jobs_are_handed_back_and_resumed_at_the_next_start() {
     config.auth.admin_key = Some(ADMIN.into());
     config.limits.requests_per_second = 0.0;
     config.jobs.concurrency = 2;
-    let restarted = qlayer_host::serve::start(config, dir).await.unwrap();
+    let restarted = qlayer_api::serve::start(config, dir).await.unwrap();
     svc.base = format!("http://{}", restarted.rest_addr);
     svc.running = Some(restarted);
     let done = svc.wait(&acme, &waiting).await;
@@ -957,79 +830,6 @@ async fn unfinished_jobs_are_handed_back_and_resumed_at_the_next_start() {
     let r = svc.post(&format!("/v1/jobs/{looping}/cancel"), &acme, json!({})).await;
     assert_eq!(r.body["status"], "cancelled");
     svc.stop().await;
-}
-
-/// With `--otlp-endpoint`, the request spans (id, route, tenant) reach an OpenTelemetry collector
-/// over OTLP/gRPC; a stand-in collector (tonic, the OTLP trace service) receives them.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn traces_reach_an_otlp_collector_when_one_is_configured() {
-    use opentelemetry_proto::tonic::collector::trace::v1::{
-        ExportTraceServiceRequest, ExportTraceServiceResponse,
-        trace_service_server::{TraceService, TraceServiceServer},
-    };
-    use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
-    type Spans = std::sync::Arc<std::sync::Mutex<Vec<(String, std::collections::HashMap<String, String>)>>>;
-    struct Collector(Spans);
-    #[tonic::async_trait]
-    impl TraceService for Collector {
-        async fn export(
-            &self,
-            request: tonic::Request<ExportTraceServiceRequest>,
-        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-            let mut seen = self.0.lock().unwrap();
-            for span in
-                request.into_inner().resource_spans.into_iter().flat_map(|r| r.scope_spans).flat_map(|s| s.spans)
-            {
-                let attributes = span
-                    .attributes
-                    .iter()
-                    .map(|kv| {
-                        let value = match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
-                            Some(Any::StringValue(s)) => s.clone(),
-                            other => format!("{other:?}"),
-                        };
-                        (kv.key.clone(), value)
-                    })
-                    .collect();
-                seen.push((span.name, attributes));
-            }
-            Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
-        }
-    }
-    let spans = Spans::default();
-    let collector_port = qlayer_tests::free_port();
-    let collector = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(Collector(spans.clone())))
-            .serve(format!("127.0.0.1:{collector_port}").parse().unwrap()),
-    );
-
-    let otlp = format!("http://127.0.0.1:{collector_port}");
-    let (child, base, http, _data) = serve_process(&[], &["--otlp-endpoint", &otlp], std::process::Stdio::null()).await;
-    let r = http
-        .post(format!("{base}/v1/tenants"))
-        .bearer_auth(ADMIN)
-        .header("content-type", "application/json")
-        .body(r#"{"name": "acme"}"#)
-        .send()
-        .await
-        .unwrap();
-    let acme = r.json::<Value>().await.unwrap()["api_key"].as_str().unwrap().to_string();
-    let r = http.get(format!("{base}/v1/jobs")).bearer_auth(&acme).send().await.unwrap();
-    let request_id = r.headers()["x-request-id"].to_str().unwrap().to_string();
-    // SIGTERM flushes the batch on the way out.
-    assert!(std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{:?}", out.status);
-    let seen = spans.lock().unwrap().clone();
-    let mine = seen
-        .iter()
-        .find(|(name, attrs)| name == "request" && attrs.get("request_id") == Some(&request_id))
-        .unwrap_or_else(|| panic!("the request's span was exported: {seen:?}"));
-    assert_eq!(mine.1.get("tenant").map(String::as_str), Some("acme"), "{mine:?}");
-    assert_eq!(mine.1.get("route").map(String::as_str), Some("/v1/jobs"));
-    assert!(seen.iter().all(|(_, attrs)| attrs.values().all(|v| !v.contains(&acme[3..]) && !v.contains(&ADMIN[3..]))));
-    collector.abort();
 }
 
 /// A request that outlives `request-timeout-ms` is stopped and answered 503 `timeout` (an install
@@ -1050,7 +850,7 @@ async fn a_request_over_its_deadline_is_stopped_with_503_timeout() {
 /// size limit is refused before it is decoded (OUT_OF_RANGE, tonic's code for it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_every_method_checks_the_caller_and_the_other_tenant_sees_nothing() {
-    use qlayer_host::grpc::proto::{
+    use qlayer_api::grpc::proto::{
         self, jobs_client::JobsClient, keys_client::KeysClient, plugins_client::PluginsClient, runs_client::RunsClient,
         tenants_client::TenantsClient,
     };

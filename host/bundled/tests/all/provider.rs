@@ -1,8 +1,8 @@
 //! The `openai` provider plugin against the local OpenAI-compatible test server (a test double):
 //! plain, streaming, embeddings, models, and every upstream failure mapped to the right error.
 
-use qlayer_host::embedded::{self, ProviderChoice};
-use qlayer_host::runtime::{
+use qlayer_bundled::{self as embedded, ProviderChoice};
+use qlayer_runtime::{
     CallErrorKind, CompletionRequest, EmbeddingRequest, Installed, Message, PluginError, Role, Runtime, Secret,
 };
 use qlayer_tests::{TestServer, runtime};
@@ -134,8 +134,8 @@ async fn a_slow_upstream_past_the_configured_http_timeout_is_a_plugin_timeout() 
     let server = TestServer::start().await;
     let rt = runtime();
     let plugin = rt.load(embedded::bundled_plugin("openai").unwrap()).unwrap();
-    let mut grants = qlayer_host::runtime::Grants::default();
-    grants.outbound_hosts.push(qlayer_host::runtime::HostPattern::parse(&server.addr.to_string()).unwrap());
+    let mut grants = qlayer_runtime::Grants::default();
+    grants.outbound_hosts.push(qlayer_runtime::HostPattern::parse(&server.addr.to_string()).unwrap());
     grants.config.insert("base_url".into(), format!("{}/v1", server.url()));
     grants.config.insert("timeout_ms".into(), "300".into());
     let installed = plugin.install(grants).unwrap();

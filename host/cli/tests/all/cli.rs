@@ -166,7 +166,7 @@ fn plugin_new_then_build_produces_a_component_the_host_loads() {
     let build = Command::new(env!("CARGO_BIN_EXE_qlayer"))
         .args(["plugin", "build", dir.to_str().unwrap(), "--out", wasm.to_str().unwrap()])
         // Reuse the workspace's compiled plugin dependencies.
-        .env("CARGO_TARGET_DIR", qlayer_host::embedded::bundled::PLUGIN_TARGET_DIR)
+        .env("CARGO_TARGET_DIR", qlayer_bundled::bundled::PLUGIN_TARGET_DIR)
         .output()
         .unwrap();
     assert!(build.status.success(), "{:?}", text(&build));
@@ -184,7 +184,7 @@ fn plugin_new_then_build_produces_a_component_the_host_loads() {
     );
 
     // And it runs in the host.
-    let rt = qlayer_host::runtime::Runtime::new(Default::default()).unwrap();
+    let rt = qlayer_runtime::Runtime::new(Default::default()).unwrap();
     let installed = rt.load(&std::fs::read(&wasm).unwrap()).unwrap().install(Default::default()).unwrap();
     let reply = tokio::runtime::Runtime::new()
         .unwrap()

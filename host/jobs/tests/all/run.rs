@@ -1,98 +1,236 @@
-//! The factory pipeline through the library: a whole run on the scripted provider, the bounded
-//! repair loop, bounded JSON retries with a model that never answers in JSON, and the budget.
+//! Factory runs through the core scheduler on SQLite, as `qlayer run` and the service run them:
+//! a whole run on the scripted provider (a test double), the bounded repair loop, bounded JSON
+//! re-asks with a model that never answers in JSON (the local OpenAI-compatible test server),
+//! the token budget, and a run that resumes from its last finished step after its host dies.
 
-use qlayer_host::embedded::{self, ProviderChoice};
-use qlayer_host::factory::{self, RunRequest};
+use qlayer_bundled::ProviderChoice;
+use qlayer_db::{Db, Job, JobKind, JobStatus, NewJob};
+use qlayer_jobs::{PluginExecutor, plan};
+use qlayer_scheduler::{Execute, Scheduler, SchedulerConfig, TaskContext, TaskError};
 use qlayer_tests::{TestServer, runtime};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
 
-fn request(requirement: &str, rounds: u32) -> RunRequest {
-    RunRequest {
-        requirement: requirement.into(),
-        options_json: "{}".into(),
-        max_repair_rounds: rounds,
-        tenant: "t".into(),
+/// A finished run: its job, and its capsule unpacked.
+struct Finished {
+    job: Job,
+    out: tempfile::TempDir,
+}
+
+impl Finished {
+    fn report(&self) -> &serde_json::Value {
+        self.job.output.as_ref().unwrap_or_else(|| panic!("no output: {:?}", self.job))
     }
 }
 
-async fn run(choice: ProviderChoice, rounds: u32, budget: Option<u64>) -> (factory::RunReport, tempfile::TempDir) {
-    let rt = runtime();
-    let pipeline = embedded::pipeline(&rt, &choice, budget, None).await.unwrap();
-    let out = tempfile::tempdir().unwrap();
-    factory::prepare("A todo list CLI, with due dates and tags", out.path(), false).unwrap();
-    let report =
-        factory::run(&pipeline, &request("A todo list CLI, with due dates and tags", rounds), out.path(), &|_| {})
-            .await
-            .unwrap();
-    (report, out)
+/// The job's row once it is terminal.
+async fn finished(db: &Db, tenant: &str, job: &str) -> Job {
+    for _ in 0..1200 {
+        let now = db.job(tenant, job).await.unwrap().unwrap();
+        if now.status.is_terminal() {
+            return now;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("job {job} did not finish")
 }
 
-#[tokio::test]
+/// Runs the factory on `choice` as a `run` job through a scheduler on a fresh SQLite database.
+async fn run(choice: ProviderChoice, rounds: u32, budget: Option<u64>) -> Finished {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(&format!("sqlite://{}", dir.path().join("q.db").display())).await.unwrap();
+    let tenant = db.create_tenant("t").await.unwrap();
+    let market = qlayer_marketplace::Marketplace::open(dir.path(), Default::default(), db.clone()).await.unwrap();
+    let executor = PluginExecutor::new(db.clone(), Arc::new(runtime()), Arc::new(market)).with_provider(choice);
+    let config = SchedulerConfig { node_id: "test".into(), ..Default::default() };
+    let scheduler = Scheduler::new(db.clone(), config, Arc::new(executor));
+    scheduler.start().await.unwrap();
+    let mut input = json!({"requirement": "A todo list CLI, with due dates and tags", "max_repair_rounds": rounds});
+    if let Some(budget) = budget {
+        input["token_budget"] = json!(budget);
+    }
+    let (job, _) = scheduler
+        .submit(NewJob {
+            tenant_id: &tenant.id,
+            kind: JobKind::Run,
+            input: &input,
+            priority: 0,
+            idempotency_key: None,
+            deadline_at: None,
+            tasks: plan(JobKind::Run, &input, 3).unwrap(),
+        })
+        .await
+        .unwrap();
+    let job = finished(&db, &tenant.id, &job.id).await;
+    let out = tempfile::tempdir().unwrap();
+    if let Some(capsule) = db.artifact(&tenant.id, &job.id).await.unwrap() {
+        qlayer_factory::unpack(&capsule.bytes, out.path()).unwrap();
+    }
+    scheduler.shutdown(Duration::from_secs(1)).await;
+    Finished { job, out }
+}
+
+fn steps(report: &serde_json::Value) -> Vec<&str> {
+    report["steps"].as_array().unwrap().iter().map(|s| s["step"].as_str().unwrap()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_on_the_scripted_provider_writes_validated_files_and_a_report() {
-    let (report, out) = run(ProviderChoice::Scripted { script: None }, 2, None).await;
-    assert_eq!(report.status, "passed", "{report:#?}");
-    let steps: Vec<&str> = report.steps.iter().map(|s| s.step.as_str()).collect();
-    assert_eq!(steps, ["product-manager", "developer", "validate: syntax"]);
-    assert!(report.steps.iter().all(|s| s.digest.starts_with("sha256:") && s.outcome == "ok"));
-    assert!(report.steps[0].tokens.total() > 0);
-    for file in ["docs/PRD.json", "Cargo.toml", "src/main.rs", "README.md", factory::REPORT_FILE] {
-        assert!(out.path().join(file).is_file(), "{file} missing");
+    let run = run(ProviderChoice::Scripted { script: None }, 2, None).await;
+    assert_eq!(run.job.status, JobStatus::Succeeded, "{:?}", run.job);
+    let report = run.report();
+    assert_eq!(report["status"], "passed", "{report:#}");
+    assert_eq!(steps(report), ["product-manager", "developer", "validate: syntax"]);
+    for step in report["steps"].as_array().unwrap() {
+        assert!(step["digest"].as_str().unwrap().starts_with("sha256:") && step["outcome"] == "ok", "{step}");
+    }
+    assert!(report["steps"][0]["tokens"]["prompt"].as_u64().unwrap() > 0, "{report:#}");
+    for file in ["docs/PRD.json", "Cargo.toml", "src/main.rs", "README.md", qlayer_factory::REPORT_FILE] {
+        assert!(run.out.path().join(file).is_file(), "{file} missing from the capsule");
     }
     let written: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.path().join(factory::REPORT_FILE)).unwrap()).unwrap();
-    assert_eq!(written["status"], "passed");
-    assert_eq!(written["files"].as_array().unwrap().len(), report.files.len());
+        serde_json::from_slice(&std::fs::read(run.out.path().join(qlayer_factory::REPORT_FILE)).unwrap()).unwrap();
+    assert_eq!(&written, report, "the capsule's report is the job's output");
 }
 
 fn files_json(main_rs: &str) -> String {
-    serde_json::json!({"files": [
+    json!({"files": [
         {"path": "Cargo.toml", "content": "[package]\nname = \"x\"\nversion = \"0.1.0\"\n"},
         {"path": "src/main.rs", "content": main_rs},
     ]})
     .to_string()
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn validator_findings_go_back_to_the_developer_until_fixed() {
-    let script = serde_json::json!({"rules": [
+    let script = json!({"rules": [
         // Second round: the prompt now carries the diagnostic, and the reply is fixed.
         {"role": "developer", "contains": "rust-syntax", "reply": files_json("fn main() {}\n")},
         {"role": "developer", "reply": files_json("fn main() {\n    let x = ;\n}\n")},
     ]});
-    let (report, out) = run(ProviderChoice::Scripted { script: Some(script.to_string()) }, 2, None).await;
-    assert_eq!(report.status, "passed", "{report:#?}");
-    assert_eq!(report.repair_rounds, 1);
-    assert!(report.steps.iter().any(|s| s.step == "developer (repair 1)"));
-    assert_eq!(std::fs::read_to_string(out.path().join("src/main.rs")).unwrap(), "fn main() {}\n");
+    let run = run(ProviderChoice::Scripted { script: Some(script.to_string()) }, 2, None).await;
+    let report = run.report();
+    assert_eq!(report["status"], "passed", "{report:#}");
+    assert_eq!(report["repair_rounds"], 1);
+    assert!(steps(report).contains(&"developer (repair 1)"), "{report:#}");
+    assert_eq!(std::fs::read_to_string(run.out.path().join("src/main.rs")).unwrap(), "fn main() {}\n");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repair_rounds_are_bounded_and_the_report_says_why_it_stopped() {
-    let script = serde_json::json!({"rules": [{"role": "developer", "reply": files_json("fn main( {")}]});
-    let (report, _out) = run(ProviderChoice::Scripted { script: Some(script.to_string()) }, 2, None).await;
-    assert_eq!(report.status, "failed-validation");
-    assert_eq!(report.repair_rounds, 2);
-    assert!(report.stop_reason.contains("after 2 repair rounds"), "{}", report.stop_reason);
-    let error = report.diagnostics.iter().find(|d| d.severity == "error").unwrap();
-    assert_eq!((error.rule.as_str(), error.path.as_deref(), error.line), ("rust-syntax", Some("src/main.rs"), Some(1)));
+    let script = json!({"rules": [{"role": "developer", "reply": files_json("fn main( {")}]});
+    let run = run(ProviderChoice::Scripted { script: Some(script.to_string()) }, 2, None).await;
+    let report = run.report();
+    assert_eq!(report["status"], "failed-validation", "{report:#}");
+    assert_eq!(report["repair_rounds"], 2);
+    assert!(report["stop_reason"].as_str().unwrap().contains("after 2 repair rounds"), "{report:#}");
+    let errors: Vec<&serde_json::Value> =
+        report["diagnostics"].as_array().unwrap().iter().filter(|d| d["severity"] == "error").collect();
+    let error = errors.first().unwrap_or_else(|| panic!("no error diagnostic: {report:#}"));
+    assert_eq!(
+        (&error["rule"], &error["path"], &error["line"]),
+        (&json!("rust-syntax"), &json!("src/main.rs"), &json!(1))
+    );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_that_never_answers_in_json_is_asked_a_bounded_number_of_times() {
     // The test server echoes the prompt: never a PRD.
     let server = TestServer::start().await;
     let choice =
         ProviderChoice::OpenAi { base_url: format!("{}/v1", server.url()), model: Some("ok".into()), api_key: None };
-    let (report, _out) = run(choice, 2, None).await;
-    assert_eq!(report.status, "failed");
-    assert!(report.stop_reason.contains("product-manager failed"), "{}", report.stop_reason);
-    assert!(report.stop_reason.contains("after 3 attempts"), "{}", report.stop_reason);
-    let chats = server.requests().iter().filter(|r| r.path == "/v1/chat/completions").count();
-    assert_eq!(chats, 3);
+    let run = run(choice, 2, None).await;
+    assert_eq!(run.job.status, JobStatus::Failed, "{:?}", run.job);
+    let error = run.job.error.clone().unwrap_or_default();
+    assert!(error.contains("product-manager"), "{error}");
+    assert!(error.contains("after 3 attempts"), "{error}");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_stops_when_its_token_budget_is_spent() {
-    let (report, _out) = run(ProviderChoice::Scripted { script: None }, 2, Some(10)).await;
-    assert_eq!(report.status, "failed");
-    assert!(report.stop_reason.contains("token budget of 10"), "{}", report.stop_reason);
+    let run = run(ProviderChoice::Scripted { script: None }, 2, Some(10)).await;
+    assert_eq!(run.job.status, JobStatus::Failed, "{:?}", run.job);
+    let error = run.job.error.clone().unwrap_or_default();
+    assert!(error.contains("token budget of 10"), "{error}");
+}
+
+/// Stands for a host that dies during one step: it runs every other task, and on that one it
+/// says so and never returns.
+struct DiesAt {
+    inner: Arc<PluginExecutor>,
+    task: &'static str,
+    reached: Arc<tokio::sync::Notify>,
+}
+
+impl Execute for DiesAt {
+    fn execute<'a>(
+        &'a self,
+        task: &'a qlayer_db::Task,
+        ctx: TaskContext,
+    ) -> futures::future::BoxFuture<'a, Result<qlayer_db::TaskResult, TaskError>> {
+        if task.name == self.task {
+            self.reached.notify_one();
+            return Box::pin(std::future::pending());
+        }
+        Execute::execute(&*self.inner, task, ctx)
+    }
+}
+
+/// A host that dies mid-run (during validation): another node takes the step over when its lease
+/// runs out and the run resumes there; the product manager and developer, already done, do
+/// not run again, and the report lists each step once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_factory_run_resumes_from_its_last_finished_step_after_its_host_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = qlayer_db::Db::open(&format!("sqlite://{}", dir.path().join("q.db").display())).await.unwrap();
+    let acme = db.create_tenant("acme").await.unwrap();
+    let market = qlayer_marketplace::Marketplace::open(dir.path(), Default::default(), db.clone()).await.unwrap();
+    let executor = Arc::new(PluginExecutor::new(db.clone(), Arc::new(qlayer_tests::runtime()), Arc::new(market)));
+    let config = |node: &str| SchedulerConfig { node_id: node.into(), lease_ms: 1_000, ..Default::default() };
+    let reached = Arc::new(tokio::sync::Notify::new());
+    let dying = DiesAt { inner: executor.clone(), task: "validate-syntax", reached: reached.clone() };
+    let a = Scheduler::new(db.clone(), config("node-a"), Arc::new(dying));
+    a.start().await.unwrap();
+    let input = json!({"requirement": "a todo list CLI"});
+    let (job, _) = a
+        .submit(qlayer_db::NewJob {
+            tenant_id: &acme.id,
+            kind: qlayer_db::JobKind::Run,
+            input: &input,
+            priority: 0,
+            idempotency_key: None,
+            deadline_at: None,
+            tasks: plan(qlayer_db::JobKind::Run, &input, 3).unwrap(),
+        })
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(120), reached.notified()).await.expect("the run reaches validation");
+    a.crash().await;
+
+    let b = Scheduler::new(db.clone(), config("node-b"), executor);
+    b.start().await.unwrap();
+    let mut finished = None;
+    for _ in 0..600 {
+        let now = db.job(&acme.id, &job.id).await.unwrap().unwrap();
+        if now.status.is_terminal() {
+            finished = Some(now);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let finished = finished.expect("the run finishes on the other node");
+    let output = finished.output.clone().unwrap();
+    assert_eq!((finished.status, output["status"].as_str()), (qlayer_db::JobStatus::Succeeded, Some("passed")));
+    let tasks = db.job_tasks(&acme.id, &job.id).await.unwrap();
+    let runs: Vec<(&str, i32, bool)> = tasks.iter().map(|t| (t.name.as_str(), t.attempts, t.resumed)).collect();
+    assert_eq!(
+        runs,
+        [("product-manager", 1, false), ("developer", 1, false), ("validate-syntax", 2, true), ("review", 1, false)],
+        "finished steps are not run again"
+    );
+    let steps: Vec<&str> = output["steps"].as_array().unwrap().iter().map(|s| s["step"].as_str().unwrap()).collect();
+    assert_eq!(steps, ["product-manager", "developer", "validate: syntax"]);
+    assert!(db.artifact(&acme.id, &job.id).await.unwrap().is_some(), "the capsule is stored with the job");
+    b.shutdown(Duration::from_secs(1)).await;
 }

@@ -3,10 +3,10 @@
 //! tampering, pinning and upgrades, signature policies, offline loads, transport rules, Extism
 //! tools, and interop with skopeo.
 
-use qlayer_host::marketplace::{GrantSpec, InstallError, Marketplace, MarketplaceConfig, TenantConfig};
-use qlayer_host::runtime::{CallErrorKind, Format, Runtime, RuntimeConfig};
+use qlayer_marketplace::{GrantSpec, InstallError, Marketplace, MarketplaceConfig, TenantConfig};
 use qlayer_registry::{SignaturePolicy, Verification, parse_reference};
-use qlayer_tests::{TestRegistry, TestServer, ensure_program, extism_hostile, marketplace_plugin, qlayer_bin, runtime};
+use qlayer_runtime::{CallErrorKind, Format, Runtime, RuntimeConfig};
+use qlayer_tests::{TestRegistry, TestServer, ensure_program, extism_hostile, marketplace_plugin, runtime};
 use std::path::Path;
 use std::time::Duration;
 
@@ -31,10 +31,8 @@ fn with_version(name: &str, version: &str) -> Vec<u8> {
     manifest.version = version.to_string();
     let package = format!("qlayer_tool_{}", name.replace('-', "_"));
     let target = if manifest.format == Format::Extism { "wasm32-unknown-unknown" } else { "wasm32-wasip2" };
-    let raw = Path::new(qlayer_host::embedded::bundled::PLUGIN_TARGET_DIR)
-        .join(target)
-        .join("release")
-        .join(format!("{package}.wasm"));
+    let raw =
+        Path::new(qlayer_tests::built::PLUGIN_TARGET_DIR).join(target).join("release").join(format!("{package}.wasm"));
     qlayer_manifest::embed(&std::fs::read(raw).unwrap(), &manifest).unwrap()
 }
 
@@ -56,7 +54,7 @@ async fn push_search_info_install_and_run_through_the_host() {
         .await
         .unwrap();
     // First-party plugins travel the same way.
-    let scripted = qlayer_host::embedded::bundled_plugin("scripted").unwrap();
+    let scripted = qlayer_bundled::bundled_plugin("scripted").unwrap();
     market.push(scripted, &format!("{}/first-party/scripted:0.1.0", registry.addr), None).await.unwrap();
 
     let all = market.search(&registry.addr, None).await.unwrap();
@@ -102,7 +100,7 @@ async fn push_search_info_install_and_run_through_the_host() {
     assert_eq!((pinned.install.digest.as_str(), pinned.install.tag.as_deref()), (digest.as_str(), None));
     let unknown = format!("{}/tools/text-stats@sha256:{}", registry.addr, "0".repeat(64));
     let err = market.info(&unknown).await.unwrap_err();
-    assert!(qlayer_host::marketplace::is_not_found(&err), "{err:#}");
+    assert!(qlayer_marketplace::is_not_found(&err), "{err:#}");
     assert!(market.info(&format!("{}/tools/nothing-here:1.0.0", registry.addr)).await.is_err());
 
     // Another tenant's install looks exactly like a missing one.
@@ -187,10 +185,10 @@ async fn a_retagged_upstream_does_not_move_an_install_until_upgrade() {
 async fn signature_policies_refuse_unsigned_wrong_key_and_other_digest() {
     let registry = TestRegistry::start();
     let keys = tempfile::tempdir().unwrap();
-    let (alice_key, alice_pub) = qlayer_host::marketplace::keygen(&keys.path().join("alice")).unwrap();
-    let (mallory_key, _) = qlayer_host::marketplace::keygen(&keys.path().join("mallory")).unwrap();
-    let alice = qlayer_host::marketplace::read_key(&alice_key).unwrap();
-    let mallory = qlayer_host::marketplace::read_key(&mallory_key).unwrap();
+    let (alice_key, alice_pub) = qlayer_marketplace::keygen(&keys.path().join("alice")).unwrap();
+    let (mallory_key, _) = qlayer_marketplace::keygen(&keys.path().join("mallory")).unwrap();
+    let alice = qlayer_marketplace::read_key(&alice_key).unwrap();
+    let mallory = qlayer_marketplace::read_key(&mallory_key).unwrap();
     let data = tempfile::tempdir().unwrap();
     let mut cfg = config(&registry, SignaturePolicy::Require, &[&alice_pub]);
     cfg.tenants
@@ -345,7 +343,7 @@ async fn nodes_sharing_a_database_share_installs_and_pull_binaries_by_their_pinn
 
     // Records from an earlier version's installs.json move into the database at open.
     let legacy = tempfile::tempdir().unwrap();
-    let old = qlayer_host::marketplace::Install { tenant: "initech".into(), ..installed.clone() };
+    let old = qlayer_marketplace::Install { tenant: "initech".into(), ..installed.clone() };
     std::fs::write(legacy.path().join("installs.json"), serde_json::json!({"installs": [old]}).to_string()).unwrap();
     let d = Marketplace::open(legacy.path(), cfg.clone(), db.clone()).await.unwrap();
     assert_eq!(d.list("initech").await.unwrap(), vec![old.clone()]);
@@ -422,7 +420,7 @@ async fn the_extism_tool_installs_from_the_registry_and_keeps_to_its_grants() {
     // Bad input is the plugin's invalid-input error.
     let mut tool = installed.any_tool("acme").await.unwrap();
     let err = tool.invoke(r#"{"link":"x"}"#).await.unwrap_err();
-    assert!(matches!(err.kind, CallErrorKind::Plugin(qlayer_host::runtime::PluginError::InvalidInput(_))), "{err}");
+    assert!(matches!(err.kind, CallErrorKind::Plugin(qlayer_runtime::PluginError::InvalidInput(_))), "{err}");
 }
 
 #[tokio::test]
@@ -449,7 +447,7 @@ async fn an_extism_plugin_that_loops_is_stopped_and_others_carry_on() {
     );
     let err = installed.any_tool("tenant-c").await.unwrap().invoke("fail").await.unwrap_err();
     assert!(
-        matches!(&err.kind, CallErrorKind::Plugin(qlayer_host::runtime::PluginError::InvalidInput(m)) if m == "told to fail"),
+        matches!(&err.kind, CallErrorKind::Plugin(qlayer_runtime::PluginError::InvalidInput(m)) if m == "told to fail"),
         "{err}"
     );
     // No grant: no network at all.
@@ -531,116 +529,6 @@ async fn a_registry_with_basic_auth_takes_credentials_from_docker_config() {
     let message = format!("{err:#}");
     assert!(message.contains("refused access"), "{message}");
     assert!(!message.contains("wrong"), "the password is not in the error: {message}");
-}
-
-fn cli(args: &[&str], data: &Path, registry: &TestRegistry) -> (bool, String, String) {
-    let out = std::process::Command::new(qlayer_bin())
-        .args(args)
-        .arg("--data-dir")
-        .arg(data)
-        .args(["--insecure-registry", &registry.addr])
-        .env_remove("QLAYER_SIGNATURE_POLICY")
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-#[test]
-fn the_cli_publishes_searches_installs_calls_and_removes() {
-    let registry = TestRegistry::start();
-    let data = tempfile::tempdir().unwrap();
-    let keys = tempfile::tempdir().unwrap();
-    let d = data.path();
-    let stats_file = keys.path().join("text-stats.wasm");
-    std::fs::write(&stats_file, marketplace_plugin("text-stats")).unwrap();
-    let stats = format!("{}/tools/text-stats:1.0.0", registry.addr);
-    let scripted = format!("{}/first-party/scripted:0.1.0", registry.addr);
-    let prefix = keys.path().join("alice");
-
-    let out = std::process::Command::new(qlayer_bin()).args(["plugin", "keygen"]).arg(&prefix).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let (key, public) = (prefix.with_extension("key"), prefix.with_extension("pub"));
-
-    let (ok, stdout, stderr) = cli(&["plugin", "push", stats_file.to_str().unwrap(), &stats], d, &registry);
-    assert!(ok && stdout.contains("pushed"), "{stdout}{stderr}");
-    let (ok, stdout, stderr) =
-        cli(&["plugin", "push", "bundled:scripted", &scripted, "--sign", key.to_str().unwrap()], d, &registry);
-    assert!(ok && stdout.contains("(signed)"), "{stdout}{stderr}");
-
-    let (ok, stdout, _) = cli(&["plugin", "search", &registry.addr], d, &registry);
-    assert!(ok && stdout.contains("text-stats 1.0.0") && stdout.contains("scripted 0.1.0"), "{stdout}");
-    let (ok, stdout, _) = cli(&["plugin", "info", &stats], d, &registry);
-    assert!(ok && stdout.contains("signature: not signed"), "{stdout}");
-
-    let (ok, stdout, stderr) = cli(&["plugin", "install", &stats, "--tenant", "acme"], d, &registry);
-    assert!(ok && stdout.contains("installed text-stats 1.0.0 for tenant `acme`"), "{stdout}{stderr}");
-    assert!(stderr.contains("warning") && stderr.contains("not signed"), "{stderr}");
-    let (ok, stdout, _) = cli(&["plugin", "list", "--tenant", "acme"], d, &registry);
-    assert!(ok && stdout.contains("text-stats 1.0.0"), "{stdout}");
-    let (ok, stdout, stderr) =
-        cli(&["plugin", "call", "text-stats", r#"{"text":"two words"}"#, "--tenant", "acme"], d, &registry);
-    assert!(ok && stdout.contains("\"words\":2"), "{stdout}{stderr}");
-    let (ok, _, stderr) = cli(&["plugin", "call", "text-stats", "{}", "--tenant", "globex"], d, &registry);
-    assert!(!ok && stderr.contains("not installed for tenant `globex`"), "{stderr}");
-    // The call is a job through the scheduler: the plugin's own refusal comes back as is.
-    let (ok, _, stderr) = cli(&["plugin", "call", "text-stats", r#"{"txt":"typo"}"#, "--tenant", "acme"], d, &registry);
-    assert!(!ok && stderr.contains("unknown field `txt`"), "{stderr}");
-
-    let (ok, stdout, stderr) = cli(
-        &[
-            "plugin",
-            "install",
-            &scripted,
-            "--tenant",
-            "acme",
-            "--signature-policy",
-            "require",
-            "--trusted-key",
-            public.to_str().unwrap(),
-        ],
-        d,
-        &registry,
-    );
-    assert!(ok && stdout.contains("signed by trusted key `alice`"), "{stdout}{stderr}");
-    let (ok, _, stderr) = cli(&["plugin", "call", "scripted", "{}", "--tenant", "acme"], d, &registry);
-    assert!(!ok && stderr.contains("is a provider plugin; `qlayer plugin call` invokes tool plugins"), "{stderr}");
-    // The flagship job runs on the provider installed from the registry.
-    let out_dir = keys.path().join("project");
-    let run = std::process::Command::new(qlayer_bin())
-        .args(["run", "A todo list CLI", "--provider", "installed:scripted", "--tenant", "acme", "--out"])
-        .arg(&out_dir)
-        .arg("--data-dir")
-        .arg(d)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    assert!(run.status.success(), "{stdout}{}", String::from_utf8_lossy(&run.stderr));
-    assert!(stdout.contains("provider: installed plugin `scripted` (tenant `acme`)"), "{stdout}");
-    assert!(out_dir.join("qlayer-run.json").exists());
-    let run = std::process::Command::new(qlayer_bin())
-        .args(["run", "x", "--provider", "installed:text-stats", "--tenant", "acme", "--out"])
-        .arg(keys.path().join("p2"))
-        .arg("--data-dir")
-        .arg(d)
-        .output()
-        .unwrap();
-    assert!(!run.status.success());
-    assert!(String::from_utf8_lossy(&run.stderr).contains("is a tool plugin, not a provider"));
-
-    let (ok, _, stderr) =
-        cli(&["plugin", "install", &stats, "--tenant", "strict", "--signature-policy", "require"], d, &registry);
-    assert!(!ok && stderr.contains("not signed"), "{stderr}");
-    let (ok, _, stderr) = cli(&["plugin", "install", &stats, "--tenant", "x", "--grant", "bogus"], d, &registry);
-    assert!(!ok && stderr.contains("--grant `bogus`"), "{stderr}");
-
-    let (ok, stdout, _) = cli(&["plugin", "remove", "text-stats", "--tenant", "acme"], d, &registry);
-    assert!(ok && stdout.contains("removed text-stats"), "{stdout}");
-    let (ok, stdout, _) = cli(&["plugin", "list", "--tenant", "acme"], d, &registry);
-    assert!(ok && !stdout.contains("text-stats") && stdout.contains("scripted"), "{stdout}");
 }
 
 /// A fake registry front for one artifact, requiring basic auth, that redirects blob downloads

@@ -1,9 +1,7 @@
 //! The sandbox holds: runaway guests are stopped, memory is capped, the network is closed except
 //! for granted hosts, tenants are isolated, and bad components are refused at load.
 
-use qlayer_host::runtime::{
-    CallErrorKind, CompletionRequest, Grants, HostPattern, LoadError, Message, PluginError, Role,
-};
+use qlayer_runtime::{CallErrorKind, CompletionRequest, Grants, HostPattern, LoadError, Message, PluginError, Role};
 use qlayer_tests::{TestServer, fetcher, guest, guest_with, hostile, runtime};
 use std::time::Duration;
 
@@ -57,9 +55,9 @@ async fn a_guest_that_grows_memory_past_its_cap_fails_cleanly() {
 
 #[tokio::test]
 async fn manifest_limits_are_clamped_by_host_policy() {
-    let rt = qlayer_host::runtime::Runtime::new(qlayer_host::runtime::RuntimeConfig {
+    let rt = qlayer_runtime::Runtime::new(qlayer_runtime::RuntimeConfig {
         cache_dir: None,
-        policy: qlayer_host::runtime::HostPolicy {
+        policy: qlayer_runtime::HostPolicy {
             max_memory_mb: 8,
             max_timeout: Duration::from_millis(200),
             max_instances: 4,
@@ -233,24 +231,24 @@ fn an_ungranted_capability_is_refused_at_install() {
 #[test]
 fn compiled_components_are_cached_on_disk_and_a_bad_entry_is_recompiled() {
     let dir = tempfile::tempdir().unwrap();
-    let config = || qlayer_host::runtime::RuntimeConfig {
+    let config = || qlayer_runtime::RuntimeConfig {
         cache_dir: Some(dir.path().to_path_buf()),
-        policy: qlayer_host::runtime::HostPolicy { max_instances: 4, ..Default::default() },
+        policy: qlayer_runtime::HostPolicy { max_instances: 4, ..Default::default() },
     };
     let wasm = hostile(32, 1000);
-    let first = qlayer_host::runtime::Runtime::new(config()).unwrap();
+    let first = qlayer_runtime::Runtime::new(config()).unwrap();
     let digest = first.load(&wasm).unwrap().digest().to_string();
     let entries: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).collect();
     assert_eq!(entries.len(), 1, "{entries:?}");
     assert!(entries[0].file_name().unwrap().to_string_lossy().starts_with(digest.trim_start_matches("sha256:")));
 
     // A second runtime (a restart) loads the cached compilation.
-    let second = qlayer_host::runtime::Runtime::new(config()).unwrap();
+    let second = qlayer_runtime::Runtime::new(config()).unwrap();
     assert_eq!(second.load(&wasm).unwrap().digest(), digest);
 
     // A corrupted entry is not trusted: it is recompiled and replaced.
     std::fs::write(&entries[0], b"garbage").unwrap();
-    let third = qlayer_host::runtime::Runtime::new(config()).unwrap();
+    let third = qlayer_runtime::Runtime::new(config()).unwrap();
     third.load(&wasm).unwrap();
     assert!(std::fs::metadata(&entries[0]).unwrap().len() > 1000);
 }
@@ -273,9 +271,9 @@ fn guest_output_and_host_log_reach_tracing_with_tenant_and_plugin() {
 
 #[tokio::test]
 async fn a_full_pool_queues_instead_of_failing() {
-    let rt = qlayer_host::runtime::Runtime::new(qlayer_host::runtime::RuntimeConfig {
+    let rt = qlayer_runtime::Runtime::new(qlayer_runtime::RuntimeConfig {
         cache_dir: None,
-        policy: qlayer_host::runtime::HostPolicy { max_instances: 2, ..Default::default() },
+        policy: qlayer_runtime::HostPolicy { max_instances: 2, ..Default::default() },
     })
     .unwrap();
     let installed = rt.load(&hostile(16, 5000)).unwrap().install(Grants::default()).unwrap();

@@ -1,0 +1,5 @@
+//! The service in process: REST, gRPC and the scheduler behind them.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod api;
+mod scheduler;

@@ -1,0 +1,119 @@
+//! The marketplace through the command line: `qlayer plugin push/search/info/install/list/call/remove`
+//! against a real registry (Debian's `docker-registry`, started per test on a free loopback port).
+
+use qlayer_tests::{TestRegistry, marketplace_plugin};
+use std::path::Path;
+
+fn cli(args: &[&str], data: &Path, registry: &TestRegistry) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_qlayer"))
+        .args(args)
+        .arg("--data-dir")
+        .arg(data)
+        .args(["--insecure-registry", &registry.addr])
+        .env_remove("QLAYER_SIGNATURE_POLICY")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_cli_publishes_searches_installs_calls_and_removes() {
+    let registry = TestRegistry::start();
+    let data = tempfile::tempdir().unwrap();
+    let keys = tempfile::tempdir().unwrap();
+    let d = data.path();
+    let stats_file = keys.path().join("text-stats.wasm");
+    std::fs::write(&stats_file, marketplace_plugin("text-stats")).unwrap();
+    let stats = format!("{}/tools/text-stats:1.0.0", registry.addr);
+    let scripted = format!("{}/first-party/scripted:0.1.0", registry.addr);
+    let prefix = keys.path().join("alice");
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_qlayer"))
+        .args(["plugin", "keygen"])
+        .arg(&prefix)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (key, public) = (prefix.with_extension("key"), prefix.with_extension("pub"));
+
+    let (ok, stdout, stderr) = cli(&["plugin", "push", stats_file.to_str().unwrap(), &stats], d, &registry);
+    assert!(ok && stdout.contains("pushed"), "{stdout}{stderr}");
+    let (ok, stdout, stderr) =
+        cli(&["plugin", "push", "bundled:scripted", &scripted, "--sign", key.to_str().unwrap()], d, &registry);
+    assert!(ok && stdout.contains("(signed)"), "{stdout}{stderr}");
+
+    let (ok, stdout, _) = cli(&["plugin", "search", &registry.addr], d, &registry);
+    assert!(ok && stdout.contains("text-stats 1.0.0") && stdout.contains("scripted 0.1.0"), "{stdout}");
+    let (ok, stdout, _) = cli(&["plugin", "info", &stats], d, &registry);
+    assert!(ok && stdout.contains("signature: not signed"), "{stdout}");
+
+    let (ok, stdout, stderr) = cli(&["plugin", "install", &stats, "--tenant", "acme"], d, &registry);
+    assert!(ok && stdout.contains("installed text-stats 1.0.0 for tenant `acme`"), "{stdout}{stderr}");
+    assert!(stderr.contains("warning") && stderr.contains("not signed"), "{stderr}");
+    let (ok, stdout, _) = cli(&["plugin", "list", "--tenant", "acme"], d, &registry);
+    assert!(ok && stdout.contains("text-stats 1.0.0"), "{stdout}");
+    let (ok, stdout, stderr) =
+        cli(&["plugin", "call", "text-stats", r#"{"text":"two words"}"#, "--tenant", "acme"], d, &registry);
+    assert!(ok && stdout.contains("\"words\":2"), "{stdout}{stderr}");
+    let (ok, _, stderr) = cli(&["plugin", "call", "text-stats", "{}", "--tenant", "globex"], d, &registry);
+    assert!(!ok && stderr.contains("not installed for tenant `globex`"), "{stderr}");
+    // The call is a job through the scheduler: the plugin's own refusal comes back as is.
+    let (ok, _, stderr) = cli(&["plugin", "call", "text-stats", r#"{"txt":"typo"}"#, "--tenant", "acme"], d, &registry);
+    assert!(!ok && stderr.contains("unknown field `txt`"), "{stderr}");
+
+    let (ok, stdout, stderr) = cli(
+        &[
+            "plugin",
+            "install",
+            &scripted,
+            "--tenant",
+            "acme",
+            "--signature-policy",
+            "require",
+            "--trusted-key",
+            public.to_str().unwrap(),
+        ],
+        d,
+        &registry,
+    );
+    assert!(ok && stdout.contains("signed by trusted key `alice`"), "{stdout}{stderr}");
+    let (ok, _, stderr) = cli(&["plugin", "call", "scripted", "{}", "--tenant", "acme"], d, &registry);
+    assert!(!ok && stderr.contains("is a provider plugin; `qlayer plugin call` invokes tool plugins"), "{stderr}");
+    // The flagship job runs on the provider installed from the registry.
+    let out_dir = keys.path().join("project");
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_qlayer"))
+        .args(["run", "A todo list CLI", "--provider", "installed:scripted", "--tenant", "acme", "--out"])
+        .arg(&out_dir)
+        .arg("--data-dir")
+        .arg(d)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(run.status.success(), "{stdout}{}", String::from_utf8_lossy(&run.stderr));
+    assert!(stdout.contains("provider: installed plugin `scripted` (tenant `acme`)"), "{stdout}");
+    assert!(out_dir.join("qlayer-run.json").exists());
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_qlayer"))
+        .args(["run", "x", "--provider", "installed:text-stats", "--tenant", "acme", "--out"])
+        .arg(keys.path().join("p2"))
+        .arg("--data-dir")
+        .arg(d)
+        .output()
+        .unwrap();
+    assert!(!run.status.success());
+    assert!(String::from_utf8_lossy(&run.stderr).contains("is a tool plugin, not a provider"));
+
+    let (ok, _, stderr) =
+        cli(&["plugin", "install", &stats, "--tenant", "strict", "--signature-policy", "require"], d, &registry);
+    assert!(!ok && stderr.contains("not signed"), "{stderr}");
+    let (ok, _, stderr) = cli(&["plugin", "install", &stats, "--tenant", "x", "--grant", "bogus"], d, &registry);
+    assert!(!ok && stderr.contains("--grant `bogus`"), "{stderr}");
+
+    let (ok, stdout, _) = cli(&["plugin", "remove", "text-stats", "--tenant", "acme"], d, &registry);
+    assert!(ok && stdout.contains("removed text-stats"), "{stdout}");
+    let (ok, stdout, _) = cli(&["plugin", "list", "--tenant", "acme"], d, &registry);
+    assert!(ok && !stdout.contains("text-stats") && stdout.contains("scripted"), "{stdout}");
+}

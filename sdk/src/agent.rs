@@ -77,6 +77,11 @@ pub struct JsonReply<T> {
 /// model and it is asked again, at most `max_attempts` times in all (weaker models often need one
 /// correction; an endless loop helps no one). `check` validates the parsed value beyond its shape.
 ///
+/// Once the attempts are spent it fails with [`PluginError::InvalidInput`] naming the last
+/// problem: a model that does not give usable JSON is not an outage, so the host neither retries
+/// the step nor counts it against the plugin's circuit breaker. Errors of the completion itself
+/// (the provider unavailable, rate limited, ...) are returned as they are.
+///
 /// ```no_run
 /// # use qlayer_sdk::*;
 /// #[derive(serde::Deserialize)]
@@ -120,7 +125,7 @@ pub fn complete_json<T: DeserializeOwned>(
         messages.push(Message::new(Role::User, problem.clone()));
         last_problem = problem;
     }
-    Err(PluginError::Unavailable(format!(
+    Err(PluginError::InvalidInput(format!(
         "the model gave no usable JSON after {max_attempts} attempts; last problem: {last_problem}"
     )))
 }

@@ -15,6 +15,7 @@ use std::time::Duration;
 /// A finished run: its job, and its capsule unpacked.
 struct Finished {
     job: Job,
+    tasks: Vec<qlayer_db::Task>,
     out: tempfile::TempDir,
 }
 
@@ -67,8 +68,9 @@ async fn run(choice: ProviderChoice, rounds: u32, budget: Option<u64>) -> Finish
     if let Some(capsule) = db.artifact(&tenant.id, &job.id).await.unwrap() {
         qlayer_factory::unpack(&capsule.bytes, out.path()).unwrap();
     }
+    let tasks = db.job_tasks(&tenant.id, &job.id).await.unwrap();
     scheduler.shutdown(Duration::from_secs(1)).await;
-    Finished { job, out }
+    Finished { job, tasks, out }
 }
 
 fn steps(report: &serde_json::Value) -> Vec<&str> {
@@ -144,7 +146,13 @@ async fn a_model_that_never_answers_in_json_is_asked_a_bounded_number_of_times()
     assert_eq!(run.job.status, JobStatus::Failed, "{:?}", run.job);
     let error = run.job.error.clone().unwrap_or_default();
     assert!(error.contains("product-manager"), "{error}");
-    assert!(error.contains("after 3 attempts"), "{error}");
+    assert!(error.contains("no usable JSON after 3 attempts"), "{error}");
+    // Spent re-asks fail the step once: it is not an outage, so the scheduler does not retry it
+    // (each retry would ask three more times) nor count it against the plugin's breaker.
+    let pm = run.tasks.iter().find(|t| t.name == "product-manager").unwrap();
+    assert_eq!(pm.attempts, 1, "{pm:?}");
+    let chats = server.requests().iter().filter(|r| r.path == "/v1/chat/completions").count();
+    assert_eq!(chats, 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

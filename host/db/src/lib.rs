@@ -477,8 +477,9 @@ impl Db {
     }
 
     /// Makes sure an admin can get in: with `configured` (a `ql_…` key from config or the
-    /// environment), that key is registered as an admin key of the `system` tenant; otherwise, on
-    /// first start only, an admin key is generated and returned to be shown once.
+    /// environment), that key is registered as an admin key of the `system` tenant, unless it was
+    /// revoked (it stays revoked, with a warning); otherwise, on first start only, an admin key is
+    /// generated and returned to be shown once.
     pub async fn bootstrap_admin(&self, configured: Option<&str>) -> Result<Option<KeySecret>, DbError> {
         let system =
             match sqlx::query("SELECT id FROM tenants WHERE name = 'system'").fetch_optional(&self.pool).await? {
@@ -489,14 +490,28 @@ impl Db {
             if !secret.starts_with("ql_") || secret.len() != 67 || !secret[3..].bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(DbError::Invalid("the admin bootstrap key must be `ql_` followed by 64 hex digits".into()));
             }
-            if self.authenticate(secret).await?.is_none() {
+            let hash = sha256_hex(secret.as_bytes());
+            let known = sqlx::query("SELECT revoked_at FROM api_keys WHERE hash = $1")
+                .bind(&hash)
+                .fetch_optional(&self.pool)
+                .await?
+                .map(|row| row.try_get::<Option<i64>, _>("revoked_at"))
+                .transpose()?;
+            if let Some(Some(_)) = known {
+                // Revoked through the API: configuration does not bring it back.
+                tracing::warn!(
+                    "the configured admin key (QLAYER_ADMIN_KEY / [auth] admin-key) was revoked; it stays revoked: \
+                     configure another key to get in"
+                );
+            }
+            if known.is_none() {
                 sqlx::query(
                     "INSERT INTO api_keys (id, tenant_id, name, role, prefix, hash, created_at) VALUES ($1, $2, 'bootstrap', 'admin', $3, $4, $5)",
                 )
                 .bind(format!("key_{}", random_hex(12)))
                 .bind(&system)
                 .bind(&secret[..11])
-                .bind(sha256_hex(secret.as_bytes()))
+                .bind(&hash)
                 .bind(now_ms())
                 .execute(&self.pool)
                 .await?;

@@ -199,6 +199,13 @@ async fn the_admin_bootstrap_key(backend: Backend) {
     assert_eq!(t.db.authenticate(&configured).await.unwrap().unwrap().role, Role::Admin);
     t.db.bootstrap_admin(Some(&configured)).await.unwrap(); // idempotent
     assert!(t.db.bootstrap_admin(Some("short")).await.is_err());
+
+    // Revoked through the API, the configured key stays revoked at the next start (which used
+    // to fail on the key's unique hash).
+    let key = t.db.authenticate(&configured).await.unwrap().unwrap();
+    assert!(t.db.revoke_key(&key.tenant_id, &key.key_id).await.unwrap());
+    assert!(t.db.bootstrap_admin(Some(&configured)).await.unwrap().is_none(), "the restart goes on");
+    assert!(t.db.authenticate(&configured).await.unwrap().is_none(), "and the key stays revoked");
 }
 
 async fn the_audit_chain_detects_changed_removed_and_reordered_records(backend: Backend) {

@@ -518,3 +518,13 @@ pub async fn fresh_postgres() -> (String, PgDb) {
     let url = format!("{}/{name}", admin.rsplit_once('/').unwrap_or_else(|| panic!("{admin} has no database part")).0);
     (url, PgDb { admin, name })
 }
+
+/// A developer agent's reply (the scripted provider's `reply`) of two files: a Cargo.toml and
+/// `src/main.rs` with `main_rs`, for scripts that make the syntax validator pass or fail.
+pub fn files_json(main_rs: &str) -> String {
+    serde_json::json!({"files": [
+        {"path": "Cargo.toml", "content": "[package]\nname = \"x\"\nversion = \"0.1.0\"\n"},
+        {"path": "src/main.rs", "content": main_rs},
+    ]})
+    .to_string()
+}

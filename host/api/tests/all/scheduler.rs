@@ -9,7 +9,7 @@
 use crate::api::{Svc, service};
 use qlayer_db::Backend;
 use qlayer_tests::ADMIN;
-use qlayer_tests::hostile;
+use qlayer_tests::{files_json, hostile};
 use serde_json::{Value, json};
 use std::time::Duration;
 
@@ -358,14 +358,6 @@ async fn tenant_weights_split_capacity_and_only_operators_set_them() {
     let r = put("tn_missing".into(), ADMIN.into(), json!({"weight": 2})).await;
     assert_eq!((r.status, r.code()), (404, "not_found"));
     svc.stop().await;
-}
-
-fn files_json(main_rs: &str) -> String {
-    json!({"files": [
-        {"path": "Cargo.toml", "content": "[package]\nname = \"x\"\nversion = \"0.1.0\"\n"},
-        {"path": "src/main.rs", "content": main_rs},
-    ]})
-    .to_string()
 }
 
 /// A factory run is a DAG of its steps: product manager → developer → validators → review, and

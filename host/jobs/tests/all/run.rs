@@ -7,7 +7,7 @@ use qlayer_bundled::ProviderChoice;
 use qlayer_db::{Db, Job, JobKind, JobStatus, NewJob};
 use qlayer_jobs::{PluginExecutor, plan};
 use qlayer_scheduler::{Execute, Scheduler, SchedulerConfig, TaskContext, TaskError};
-use qlayer_tests::{TestServer, runtime};
+use qlayer_tests::{TestServer, files_json, runtime};
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
@@ -94,14 +94,6 @@ async fn a_run_on_the_scripted_provider_writes_validated_files_and_a_report() {
     let written: serde_json::Value =
         serde_json::from_slice(&std::fs::read(run.out.path().join(qlayer_factory::REPORT_FILE)).unwrap()).unwrap();
     assert_eq!(&written, report, "the capsule's report is the job's output");
-}
-
-fn files_json(main_rs: &str) -> String {
-    json!({"files": [
-        {"path": "Cargo.toml", "content": "[package]\nname = \"x\"\nversion = \"0.1.0\"\n"},
-        {"path": "src/main.rs", "content": main_rs},
-    ]})
-    .to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

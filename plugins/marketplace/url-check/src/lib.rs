@@ -2,7 +2,7 @@
 //!
 //! Input: `{"url": "https://..."}`. Output: `{"url", "status", "bytes", "content_type", "ok"}`.
 //! Requests go through the host, which lets them reach only the hosts granted at install.
-// Built for wasm32-unknown-unknown by host/build.rs; empty on other targets (`cargo test --workspace`).
+// Built for wasm32-unknown-unknown by tests/build.rs; empty on other targets (`cargo test --workspace`).
 #![cfg(target_arch = "wasm32")]
 
 use extism_pdk::*;

@@ -1,7 +1,7 @@
 //! A hostile Extism tool for the host's tests: `loop` spins forever, `grow` allocates without
 //! end, `fetch:<url>` makes a request, `fail` returns an invalid-input error, anything else is
 //! echoed.
-// Built for wasm32-unknown-unknown by host/build.rs; empty on other targets (`cargo test --workspace`).
+// Built for wasm32-unknown-unknown by tests/build.rs; empty on other targets (`cargo test --workspace`).
 #![cfg(target_arch = "wasm32")]
 
 use extism_pdk::*;

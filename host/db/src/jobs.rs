@@ -3,8 +3,8 @@
 //! caller's tenant; another tenant's job is reported as missing.
 
 use crate::{DbError, now_ms};
-use sqlx::{Any, Row, Transaction};
 use sqlx::any::AnyRow;
+use sqlx::{Any, Row, Transaction};
 
 /// What kind of work a job is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]

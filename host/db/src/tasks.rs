@@ -348,18 +348,8 @@ impl crate::Db {
         .await;
         match inserted {
             Ok(_) => {
-                insert_tasks(
-                    &mut tx,
-                    &id,
-                    new.tenant_id,
-                    new.priority,
-                    new.deadline_at,
-                    &new.tasks,
-                    0,
-                    false,
-                    now,
-                )
-                .await?;
+                insert_tasks(&mut tx, &id, new.tenant_id, new.priority, new.deadline_at, &new.tasks, 0, false, now)
+                    .await?;
                 event_in(&mut tx, &id, "queued", &serde_json::json!({})).await?;
                 tx.commit().await?;
                 let job = self.job(new.tenant_id, &id).await?.ok_or_else(|| DbError::Invalid("job vanished".into()))?;

@@ -115,7 +115,7 @@ impl From<qlayer_db::DbError> for ApiError {
     fn from(e: qlayer_db::DbError) -> Self {
         match e {
             qlayer_db::DbError::Invalid(m) => ApiError::invalid(m),
-            qlayer_db::DbError::Conflict(m) => ApiError::conflict(format!("{m} already exists")),
+            qlayer_db::DbError::Conflict(m) => ApiError::conflict(m),
             other => ApiError::internal(other),
         }
     }

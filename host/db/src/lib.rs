@@ -31,8 +31,8 @@ pub enum DbError {
     /// The input is not acceptable; the message names the field.
     #[error("{0}")]
     Invalid(String),
-    /// A name that must be unique is taken.
-    #[error("{0} already exists")]
+    /// Something that must be unique is taken; the message says what.
+    #[error("{0}")]
     Conflict(String),
     /// The tenant has as many open tasks as it may (see [`Db::submit_job_within`]).
     #[error("the tenant has {open} open tasks, the most it may have is {limit}; wait for some to finish")]
@@ -364,7 +364,7 @@ impl Db {
         match inserted {
             Ok(_) => Ok(tenant),
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-                Err(DbError::Conflict(format!("a tenant named `{name}`")))
+                Err(DbError::Conflict(format!("a tenant named `{name}` already exists")))
             }
             Err(e) => Err(e.into()),
         }
@@ -575,7 +575,9 @@ impl Db {
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(DbError::Conflict("an audit record with the next sequence number (too many concurrent appenders)".into()))
+        Err(DbError::Conflict(
+            "an audit record with the next sequence number already exists (too many concurrent appenders)".into(),
+        ))
     }
 
     /// Audit records after `after_seq`, oldest first, at most `limit`; with `tenant_id`, only

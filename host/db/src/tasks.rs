@@ -266,8 +266,8 @@ pub struct NewJob<'a> {
     pub priority: i32,
     /// The caller's idempotency key.
     pub idempotency_key: Option<&'a str>,
-    /// When to give it up (unix ms).
-    pub deadline_at: Option<i64>,
+    /// How long it may take from its submission (ms); it is given up after that.
+    pub deadline_ms: Option<i64>,
     /// Its tasks (at least one).
     pub tasks: Vec<NewTask>,
 }
@@ -302,8 +302,22 @@ impl crate::Db {
             return Err(DbError::Invalid("idempotency_key must be 1-255 characters".into()));
         }
         let input = serde_json::to_string(new.input).map_err(|e| DbError::Invalid(e.to_string()))?;
-        let request_hash = sha256_hex(format!("{}\n{}\n{}", new.kind.as_str(), new.priority, input).as_bytes());
+        // What makes two submissions under one idempotency key the same request: everything the
+        // caller chose (the deadline as given, not the instant it falls on; each task's attempts).
+        let attempts: Vec<String> = new.tasks.iter().map(|t| t.max_attempts.to_string()).collect();
+        let request_hash = sha256_hex(
+            format!(
+                "{}\n{}\n{}\n{:?}\n{}",
+                new.kind.as_str(),
+                new.priority,
+                input,
+                new.deadline_ms,
+                attempts.join(",")
+            )
+            .as_bytes(),
+        );
         let now = now_ms();
+        let deadline_at = new.deadline_ms.map(|ms| now + ms);
         // Creation time, then a process-wide sequence (so ids made in the same millisecond still
         // sort in creation order), then random bits (so other processes' ids never collide).
         static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -342,14 +356,13 @@ impl crate::Db {
         .bind(new.idempotency_key)
         .bind(&request_hash)
         .bind(now)
-        .bind(new.deadline_at)
+        .bind(deadline_at)
         .bind(new.tasks.len() as i32)
         .execute(&mut *tx)
         .await;
         match inserted {
             Ok(_) => {
-                insert_tasks(&mut tx, &id, new.tenant_id, new.priority, new.deadline_at, &new.tasks, 0, false, now)
-                    .await?;
+                insert_tasks(&mut tx, &id, new.tenant_id, new.priority, deadline_at, &new.tasks, 0, false, now).await?;
                 event_in(&mut tx, &id, "queued", &serde_json::json!({})).await?;
                 tx.commit().await?;
                 let job = self.job(new.tenant_id, &id).await?.ok_or_else(|| DbError::Invalid("job vanished".into()))?;
@@ -366,7 +379,7 @@ impl crate::Db {
                 .await?;
                 if row.try_get::<String, _>("request_hash")? != request_hash {
                     return Err(DbError::Conflict(
-                        "a different request with this idempotency_key; use a new key for a new request".into(),
+                        "idempotency_key was used for a different request; use a new key for a new request".into(),
                     ));
                 }
                 Ok((job_of(&row)?, false))

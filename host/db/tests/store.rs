@@ -306,7 +306,7 @@ async fn concurrent_submissions_never_take_a_tenant_past_its_open_task_limit(bac
                 input: &input,
                 priority: 0,
                 idempotency_key: None,
-                deadline_at: None,
+                deadline_ms: None,
                 tasks: one_task("text-stats"),
             };
             db.submit_job_within(new, 5).await
@@ -329,7 +329,7 @@ async fn concurrent_submissions_never_take_a_tenant_past_its_open_task_limit(bac
         input: &input,
         priority: 0,
         idempotency_key: None,
-        deadline_at: None,
+        deadline_ms: None,
         tasks: one_task("text-stats"),
     };
     assert!(t.db.submit_job_within(new, 5).await.is_ok(), "another tenant is not held");
@@ -348,7 +348,7 @@ async fn jobs_are_persisted_idempotent_paginated_and_scoped_to_their_tenant(back
                 input: &input,
                 priority: 0,
                 idempotency_key: key,
-                deadline_at: None,
+                deadline_ms: None,
                 tasks: one_task("text-stats"),
             })
             .await
@@ -398,7 +398,7 @@ async fn job_lifecycle_events_cancellation_and_artifacts(backend: Backend) {
         input: &input,
         priority: 3,
         idempotency_key: None,
-        deadline_at: None,
+        deadline_ms: None,
         tasks: one_task("scripted"),
     };
     let (job, _) = t.db.submit_job(new.clone()).await.unwrap();
@@ -456,7 +456,7 @@ async fn submit(db: &Db, tenant: &str, tasks: Vec<NewTask>) -> qlayer_db::Job {
         input: &input,
         priority: 0,
         idempotency_key: None,
-        deadline_at: None,
+        deadline_ms: None,
         tasks,
     })
     .await

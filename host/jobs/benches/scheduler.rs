@@ -135,7 +135,7 @@ async fn submit_many(scheduler: &Arc<Scheduler>, tenants: &[String], per_tenant:
                     input: &input,
                     priority: 0,
                     idempotency_key: None,
-                    deadline_at: None,
+                    deadline_ms: None,
                     tasks: one_task(),
                 };
                 scheduler.submit(new).await.unwrap();
@@ -429,7 +429,7 @@ async fn scheduled_runs(runtime: &Arc<qlayer_runtime::Runtime>, runs: usize, par
                 input: &input,
                 priority: 0,
                 idempotency_key: None,
-                deadline_at: None,
+                deadline_ms: None,
                 tasks,
             };
             (scheduler.submit(new).await.unwrap().0.id, Instant::now())

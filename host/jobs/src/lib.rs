@@ -387,8 +387,8 @@ impl JobRunner {
     ) -> Result<(Job, bool), SubmitError> {
         let attempts = limits.max_attempts.map(|a| a as i32).unwrap_or(self.default_attempts);
         let tasks = plan(kind, input, attempts).map_err(|e| SubmitError::Db(qlayer_db::DbError::Invalid(e)))?;
-        let deadline_at = limits.deadline_ms.map(|ms| now_ms() + ms as i64);
-        self.scheduler.submit(NewJob { tenant_id, kind, input, priority, idempotency_key, deadline_at, tasks }).await
+        let deadline_ms = limits.deadline_ms.map(|ms| ms as i64);
+        self.scheduler.submit(NewJob { tenant_id, kind, input, priority, idempotency_key, deadline_ms, tasks }).await
     }
 
     /// Stops a cancelled job's work in progress (its status is already `cancelled`).

@@ -292,12 +292,19 @@ async fn plugins_jobs_runs_events_and_capsules(backend: Backend) {
     assert_eq!(done["status"], "succeeded", "{done}");
     assert_eq!(done["output"]["words"], 3, "{done}");
     // Idempotent: same key and request → the same job (200); same key, other request → 409.
-    let replay = svc.post("/v1/jobs", &acme, submit).await;
+    let replay = svc.post("/v1/jobs", &acme, submit.clone()).await;
     assert_eq!((replay.status, replay.body["id"].as_str()), (200, Some(id.as_str())));
     let clash = svc
         .post("/v1/jobs", &acme, json!({"kind": "call", "input": {"plugin": "text-stats", "input": {"text": "other"}}, "idempotency_key": "k1"}))
         .await;
     assert_eq!((clash.status, clash.code()), (409, "conflict"));
+    assert!(clash.text.contains("idempotency_key was used for a different request; use a new key"), "{clash:?}");
+    assert!(!clash.text.contains("already exists"), "{clash:?}");
+    // A deadline is part of the request: the same call with one added is a different request.
+    let mut with_deadline = submit.clone();
+    with_deadline["deadline_ms"] = json!(5);
+    let clash = svc.post("/v1/jobs", &acme, with_deadline).await;
+    assert_eq!((clash.status, clash.code()), (409, "conflict"), "{clash:?}");
     // Only installed tools can be called.
     let r = svc.post("/v1/jobs", &acme, json!({"kind": "call", "input": {"plugin": "nope", "input": 1}})).await;
     assert_eq!((r.status, r.code()), (400, "invalid_request"));

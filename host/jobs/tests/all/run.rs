@@ -58,7 +58,7 @@ async fn run(choice: ProviderChoice, rounds: u32, budget: Option<u64>) -> Finish
             input: &input,
             priority: 0,
             idempotency_key: None,
-            deadline_at: None,
+            deadline_ms: None,
             tasks: plan(JobKind::Run, &input, 3).unwrap(),
         })
         .await
@@ -200,7 +200,7 @@ async fn a_factory_run_resumes_from_its_last_finished_step_after_its_host_dies()
             input: &input,
             priority: 0,
             idempotency_key: None,
-            deadline_at: None,
+            deadline_ms: None,
             tasks: plan(qlayer_db::JobKind::Run, &input, 3).unwrap(),
         })
         .await

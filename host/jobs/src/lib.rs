@@ -95,8 +95,39 @@ impl RunInput {
         if self.script.is_some() && self.provider.as_deref().is_some_and(|p| p != "scripted") {
             return Err("script is only for the `scripted` provider".into());
         }
+        if let Some(script) = &self.script {
+            check_script(script)?;
+        }
         Ok(())
     }
+}
+
+/// The scripted provider's script (`plugins/providers/scripted`), checked when a run is
+/// submitted instead of failing its first step: `{"rules": [{"role"?, "contains"?, "reply"}]}`.
+fn check_script(script: &str) -> Result<(), String> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Script {
+        #[allow(dead_code)] // read by the plugin; here only its shape is checked
+        rules: Vec<Rule>,
+    }
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Rule {
+        role: Option<String>,
+        contains: Option<String>,
+        reply: String,
+    }
+    let mut json = serde_json::Deserializer::from_str(script);
+    serde_path_to_error::deserialize::<_, Script>(&mut json).map(drop).map_err(|e| {
+        let at = e.path().to_string();
+        let at = if at == "." { String::new() } else { format!(" at `{at}`") };
+        format!(
+            "script is not a script for the scripted provider ({{\"rules\": [{{\"role\", \"contains\", \"reply\"}}]}}){at}: {}",
+            e.inner()
+        )
+    })
 }
 
 /// One task of a `call` job given as a graph.

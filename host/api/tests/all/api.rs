@@ -503,6 +503,9 @@ async fn every_route_rejects_bad_input_with_a_clear_error() {
         ("/v1/jobs", json!({"kind": "run", "input": {"requirement": "x"}, "idempotency_key": ""}), "idempotency_key"),
         ("/v1/runs", json!({"requirement": "x".repeat(17 * 1024)}), "limit"),
         ("/v1/runs", json!({"requirement": "x", "provider": "ghost"}), "provider"),
+        ("/v1/runs", json!({"requirement": "x", "script": "not json"}), "script is not a script"),
+        ("/v1/runs", json!({"requirement": "x", "script": "{\"rules\": [{\"reply\": 1}]}"}), "reply"),
+        ("/v1/runs", json!({"requirement": "x", "script": "{\"rules\": [], \"extra\": 1}"}), "extra"),
         ("/v1/plugins", json!({"reference": "not a reference!"}), "reference"),
         ("/v1/plugins", json!({"reference": "r/x:1", "grants": {"hosts": ["bad host/x"]}}), "grants"),
     ] {

@@ -304,14 +304,14 @@ fn valid_semver(s: &str) -> bool {
 pub enum HostPattern {
     /// `*`: any host. Allowed in a manifest's request, never in a grant.
     Any,
-    /// `host` (any port) or `host:port`.
+    /// `host` (ports 80 and 443 only, as for a URL without a port) or `host:port`.
     Exact {
         /// Lowercase host name or IP literal.
         host: String,
         /// The port, when the pattern names one.
         port: Option<u16>,
     },
-    /// `*.example.com`: any subdomain of the suffix (not the suffix itself), any port.
+    /// `*.example.com`: any subdomain of the suffix (not the suffix itself), ports 80 and 443.
     Subdomains(String),
 }
 
@@ -339,16 +339,20 @@ impl HostPattern {
         Ok(HostPattern::Exact { host: host.to_ascii_lowercase(), port })
     }
 
-    /// Whether a request to `host` on `port` matches this pattern.
+    /// Whether a request to `host` on `port` matches this pattern. A pattern without a port
+    /// matches the web's default ports only (80 and 443): granting `127.0.0.1` does not open
+    /// every port of that host.
     pub fn matches(&self, host: &str, port: u16) -> bool {
         let host = host.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+        let default_port = port == 80 || port == 443;
         match self {
             HostPattern::Any => true,
             HostPattern::Exact { host: h, port: p } => {
-                h.trim_start_matches('[').trim_end_matches(']') == host && p.is_none_or(|p| p == port)
+                h.trim_start_matches('[').trim_end_matches(']') == host && p.map_or(default_port, |p| p == port)
             }
             HostPattern::Subdomains(suffix) => {
-                host.len() > suffix.len() + 1
+                default_port
+                    && host.len() > suffix.len() + 1
                     && host.ends_with(suffix.as_str())
                     && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
             }
@@ -535,13 +539,18 @@ timeout-ms = 30000
         assert!(exact.matches("API.example.com", 443));
         assert!(!exact.matches("evil.com", 443));
         assert!(!exact.matches("api.example.com.evil.com", 443));
+        // Without a port: the default ports only, not every port of the host.
+        assert!(exact.matches("api.example.com", 80));
+        assert!(!exact.matches("api.example.com", 6379));
+        assert!(!HostPattern::parse("127.0.0.1").unwrap().matches("127.0.0.1", 5432));
         let port = HostPattern::parse("127.0.0.1:8080").unwrap();
         assert!(port.matches("127.0.0.1", 8080));
         assert!(!port.matches("127.0.0.1", 8081));
         let sub = HostPattern::parse("*.example.com").unwrap();
-        assert!(sub.matches("a.example.com", 1));
-        assert!(!sub.matches("example.com", 1));
-        assert!(!sub.matches("aexample.com", 1));
+        assert!(sub.matches("a.example.com", 443));
+        assert!(!sub.matches("a.example.com", 1));
+        assert!(!sub.matches("example.com", 443));
+        assert!(!sub.matches("aexample.com", 443));
         let v6 = HostPattern::parse("[::1]:9000").unwrap();
         assert!(v6.matches("[::1]", 9000));
         assert_eq!(v6.to_string(), "[::1]:9000");

@@ -148,6 +148,9 @@ fn http_request(
 }
 
 fn permits(grants: &Grants, url: &reqwest::Url) -> bool {
+    if !url.username().is_empty() || url.password().is_some() {
+        return false;
+    }
     let Some(host) = url.host_str() else { return false };
     let Some(port) = url.port_or_known_default() else { return false };
     matches!(url.scheme(), "http" | "https") && grants.outbound_hosts.iter().any(|p| p.matches(host, port))

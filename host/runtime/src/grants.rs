@@ -98,8 +98,12 @@ impl Grants {
                 HostPattern::Any => return Err(GrantError::WildcardGrant { plugin }),
                 HostPattern::Exact { host, port } => asked.iter().any(|a| match a {
                     HostPattern::Any => true,
+                    // An ask without a port covers the default ports (a grant without one, or
+                    // with 80 or 443); another port must be asked for.
                     HostPattern::Exact { .. } => {
-                        a == grant || matches!(a, HostPattern::Exact { host: h, port: None } if h == host)
+                        a == grant
+                            || matches!(a, HostPattern::Exact { host: h, port: None }
+                                if h == host && port.is_none_or(|p| p == 80 || p == 443))
                     }
                     HostPattern::Subdomains(_) => a.matches(host, port.unwrap_or(443)),
                 }),
@@ -146,6 +150,7 @@ mod tests {
         assert!(hosts(&["api.openai.com"]).check(&manifest(&["*"])).is_ok());
         assert!(hosts(&["api.openai.com:443"]).check(&manifest(&["api.openai.com"])).is_ok());
         assert!(hosts(&["a.example.com"]).check(&manifest(&["*.example.com"])).is_ok());
+        assert!(hosts(&["api.openai.com:6379"]).check(&manifest(&["api.openai.com"])).is_err());
         assert!(matches!(
             hosts(&["evil.com"]).check(&manifest(&["api.openai.com"])),
             Err(GrantError::HostNotRequested { .. })

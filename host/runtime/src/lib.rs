@@ -21,6 +21,7 @@ mod bindings;
 mod cache;
 mod extism_tool;
 mod grants;
+mod logs;
 mod state;
 
 pub use extism_tool::ExtismInstance;
@@ -220,6 +221,9 @@ pub trait LlmHandler: Send + Sync {
 struct Shared {
     engine: Engine,
     linkers: [Linker<StoreState>; 4],
+    /// A provider's or tool's linker without wasi:http, for installs granted no host.
+    closed_linker: Linker<StoreState>,
+    tenant_logs: Arc<logs::TenantBudgets>,
     policy: HostPolicy,
     cache: Option<cache::CompiledCache>,
     slots: Arc<Semaphore>,
@@ -265,6 +269,9 @@ impl Runtime {
             // machinery (p3 streams, concurrent calls) is not used, and leaving its per-store
             // state out makes instantiation and every call cheaper.
             .concurrency_support(false)
+            // One memory per core module, as every toolchain we support emits; the memories of a
+            // component's core instances count together against the plugin's limit.
+            .wasm_multi_memory(false)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&wasm).map_err(anyhow::Error::from).context("creating the wasmtime engine")?;
 
@@ -274,6 +281,7 @@ impl Runtime {
             linker_for(&engine, Kind::Validator)?,
             linker_for(&engine, Kind::Tool)?,
         ];
+        let closed_linker = base_linker(&engine)?;
         let cache = match config.cache_dir {
             Some(dir) => Some(cache::CompiledCache::open(dir, &engine)?),
             None => None,
@@ -298,6 +306,8 @@ impl Runtime {
             shared: Arc::new(Shared {
                 engine,
                 linkers,
+                closed_linker,
+                tenant_logs: Arc::default(),
                 policy,
                 cache,
                 slots: Arc::new(Semaphore::new(instances as usize)),
@@ -394,11 +404,22 @@ impl Runtime {
             world: manifest.kind.world(),
             problem: format!("its exports do not match: {e:#}"),
         };
+        let closed = || {
+            let mut linker = self.shared.closed_linker.clone();
+            stub_http(&mut linker, &self.shared.engine, &component)?;
+            linker.instantiate_pre(&component)
+        };
         let pre = match manifest.kind {
-            Kind::Provider => Pre::Provider(ProviderPluginPre::new(pre).map_err(wrong)?),
+            Kind::Provider => Pre::Provider {
+                open: ProviderPluginPre::new(pre).map_err(wrong)?,
+                closed: ProviderPluginPre::new(closed().map_err(wrong)?).map_err(wrong)?,
+            },
             Kind::Agent => Pre::Agent(AgentPluginPre::new(pre).map_err(wrong)?),
             Kind::Validator => Pre::Validator(ValidatorPluginPre::new(pre).map_err(wrong)?),
-            Kind::Tool => Pre::Tool(ToolPluginPre::new(pre).map_err(wrong)?),
+            Kind::Tool => Pre::Tool {
+                open: ToolPluginPre::new(pre).map_err(wrong)?,
+                closed: ToolPluginPre::new(closed().map_err(wrong)?).map_err(wrong)?,
+            },
         };
         Ok(Arc::new(Plugin { manifest, digest, size: wasm.len(), pre, shared: self.shared.clone() }))
     }
@@ -419,22 +440,70 @@ fn kind_index(kind: Kind) -> usize {
     }
 }
 
-fn linker_for(engine: &Engine, kind: Kind) -> anyhow::Result<Linker<StoreState>> {
+/// What every kind links: WASI (granting nothing) and the `host` and `types` interfaces.
+fn base_linker(engine: &Engine) -> anyhow::Result<Linker<StoreState>> {
     use wasmtime::component::HasSelf;
     let mut linker = Linker::new(engine);
     // Every WASI interface is linked so that components built by ordinary toolchains load, but
     // the context behind them grants nothing: no preopened directories, no environment, no
-    // sockets. Only providers and tools get wasi:http, and their requests pass the outbound
-    // policy (with no host granted, every request is refused).
+    // sockets.
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
     bindings::host::add_to_linker::<_, HasSelf<StoreState>>(&mut linker, |s| s)?;
     bindings::types::add_to_linker::<_, HasSelf<StoreState>>(&mut linker, |s| s)?;
+    Ok(linker)
+}
+
+fn linker_for(engine: &Engine, kind: Kind) -> anyhow::Result<Linker<StoreState>> {
+    use wasmtime::component::HasSelf;
+    // Only providers and tools get wasi:http, and only when their install grants a host (see
+    // `Pre`); their requests pass the outbound policy.
+    let mut linker = base_linker(engine)?;
     match kind {
         Kind::Provider | Kind::Tool => wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?,
         Kind::Agent => bindings::llm::add_to_linker::<_, HasSelf<StoreState>>(&mut linker, |s| s)?,
         Kind::Validator => {}
     }
     Ok(linker)
+}
+
+/// Defines every `wasi:http` import of `component` as functions that trap, naming themselves (see
+/// [`unknown_http_import`]), and its resources as types nothing can create.
+fn stub_http(linker: &mut Linker<StoreState>, engine: &Engine, component: &Component) -> wasmtime::Result<()> {
+    use wasmtime::component::ResourceType;
+    use wasmtime::component::types::ComponentItem;
+    use wasmtime_wasi::p2;
+    struct NoHttp;
+    for (name, item) in component.component_type().imports(engine) {
+        let ComponentItem::ComponentInstance(instance) = item.ty else { continue };
+        if !name.starts_with("wasi:http/") {
+            continue;
+        }
+        let mut stubs = linker.instance(name)?;
+        for (export, item) in instance.exports(engine) {
+            match item.ty {
+                ComponentItem::ComponentFunc(_) => {
+                    let full = format!("{name}#{export}");
+                    stubs.func_new(export, move |_, _, _, _| {
+                        Err(wasmtime::Error::msg(format!("unknown import: `{full}` has not been defined")))
+                    })?;
+                }
+                ComponentItem::Resource(_) => {
+                    // wasi:http/types re-exports wasi:io's resources under their own names; those
+                    // must be the very types the WASI linker gave wasi:io.
+                    let ty = match export {
+                        "input-stream" => ResourceType::host::<p2::DynInputStream>(),
+                        "output-stream" => ResourceType::host::<p2::DynOutputStream>(),
+                        "io-error" => ResourceType::host::<p2::IoError>(),
+                        "pollable" => ResourceType::host::<p2::DynPollable>(),
+                        _ => ResourceType::host::<NoHttp>(),
+                    };
+                    stubs.resource(export, ty, |_, _| Ok(()))?
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Import namespaces each kind may use. Anything else is refused at load with its name.
@@ -490,11 +559,21 @@ fn check_world(engine: &Engine, component: &Component, manifest: &Manifest) -> R
     Ok(())
 }
 
+/// A pre-linked component. Providers and tools have two: `open` with wasi:http, for installs
+/// granted an outbound host, and `closed`, where every wasi:http function traps, for installs
+/// granted none, so that such a plugin cannot make the host hold anything for it (header maps,
+/// requests, bodies) however it misbehaves.
 enum Pre {
-    Provider(ProviderPluginPre<StoreState>),
+    Provider {
+        open: ProviderPluginPre<StoreState>,
+        closed: ProviderPluginPre<StoreState>,
+    },
     Agent(AgentPluginPre<StoreState>),
     Validator(ValidatorPluginPre<StoreState>),
-    Tool(ToolPluginPre<StoreState>),
+    Tool {
+        open: ToolPluginPre<StoreState>,
+        closed: ToolPluginPre<StoreState>,
+    },
     /// An Extism module: compiled per install, since its grants and config are bound at compile.
     Extism(Arc<[u8]>),
 }
@@ -602,6 +681,7 @@ impl Installed {
             self.grants.clone(),
             self.memory_bytes,
             llm,
+            self.plugin.shared.tenant_logs.clone(),
         );
         let mut store = Store::new(&self.plugin.shared.engine, state);
         store.limiter(|s| &mut s.limiter);
@@ -653,7 +733,10 @@ impl Installed {
 
     /// A live provider instance for `tenant`.
     pub async fn provider(&self, tenant: &str) -> Result<ProviderInstance, CallError> {
-        let Pre::Provider(pre) = &self.plugin.pre else { return Err(self.wrong_kind(tenant, Kind::Provider)) };
+        let Pre::Provider { open, closed } = &self.plugin.pre else {
+            return Err(self.wrong_kind(tenant, Kind::Provider));
+        };
+        let pre = if self.grants.outbound_hosts.is_empty() { closed } else { open };
         let (mut begun, deadline) = self.begin(tenant, None).await;
         let outcome = bounded(deadline, pre.instantiate_async(&mut begun.1)).await;
         self.finish(begun, outcome)
@@ -677,7 +760,7 @@ impl Installed {
 
     /// A live tool instance for `tenant`.
     pub async fn tool(&self, tenant: &str) -> Result<ToolInstance, CallError> {
-        let Pre::Tool(pre) = &self.plugin.pre else {
+        let Pre::Tool { open, closed } = &self.plugin.pre else {
             if let Pre::Extism(_) = &self.plugin.pre {
                 return Err(CallError {
                     plugin: Arc::from(self.plugin.manifest.name.as_str()),
@@ -689,6 +772,7 @@ impl Installed {
             }
             return Err(self.wrong_kind(tenant, Kind::Tool));
         };
+        let pre = if self.grants.outbound_hosts.is_empty() { closed } else { open };
         let (mut begun, deadline) = self.begin(tenant, None).await;
         let outcome = bounded(deadline, pre.instantiate_async(&mut begun.1)).await;
         self.finish(begun, outcome)
@@ -760,10 +844,37 @@ fn classify(store: &Store<StoreState>, e: wasmtime::Error, timeout: Duration) ->
         CallErrorKind::OutOfMemory { limit: limiter.memory_bytes, requested }
     } else if matches!(e.downcast_ref::<wasmtime::Trap>(), Some(wasmtime::Trap::Interrupt)) {
         CallErrorKind::Timeout(timeout)
+    } else if e.chain().any(|c| matches!(c.downcast_ref(), Some(wasmtime::component::ResourceTableError::Full))) {
+        CallErrorKind::Trap(format!(
+            "it held more than {} host resources (header maps, requests, streams) at once, the limit of one instance",
+            state::MAX_RESOURCES
+        ))
     } else {
-        CallErrorKind::Trap(format!("{e:#}"))
+        let message = format!("{e:#}");
+        if message.contains("total size of fields exceeds limit") {
+            return error_of(
+                store,
+                CallErrorKind::Trap(format!(
+                    "it built a header map larger than its limit of {} bytes (a share of its memory limit)",
+                    state::field_bytes(limiter.memory_bytes)
+                )),
+            );
+        }
+        match unknown_http_import(&message) {
+            Some(import) => CallErrorKind::Trap(format!(
+                "it used wasi:http (`{import}`), but its install grants no outbound host, so it has no HTTP"
+            )),
+            None => CallErrorKind::Trap(message),
+        }
     };
     error_of(store, kind)
+}
+
+/// The wasi:http function named in a trap of the `closed` linker (see [`Pre`]), if it is one.
+fn unknown_http_import(message: &str) -> Option<&str> {
+    let rest = message.split("unknown import: `").nth(1)?;
+    let import = rest.split('`').next()?;
+    import.starts_with("wasi:http/").then_some(import)
 }
 
 /// A live plugin instance in its own store, for one tenant. A trap, timeout or out-of-memory
@@ -830,6 +941,7 @@ impl<B: Send + Sync> Instance<B> {
     /// Turns the outcome of one guest call into a typed result; a trap, timeout or
     /// out-of-memory poisons the instance.
     fn finish<T>(&mut self, outcome: Option<wasmtime::Result<Result<T, PluginError>>>) -> Result<T, CallError> {
+        self.store.data().log.end_call();
         match outcome {
             Some(Ok(Ok(value))) => Ok(value),
             Some(Ok(Err(plugin_error))) => Err(error_of(&self.store, CallErrorKind::Plugin(plugin_error))),

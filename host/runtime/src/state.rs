@@ -5,6 +5,7 @@
 use super::LlmHandler;
 use super::bindings::{host, llm, types};
 use super::grants::Grants;
+use super::logs::{self, LogMeter, TenantBudgets};
 use qlayer_manifest::HostPattern;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -21,6 +22,8 @@ pub(crate) struct StoreState {
     /// When the current call must be finished; read by the epoch callback.
     pub(crate) deadline: Instant,
     pub(crate) limiter: Limiter,
+    /// The instance's log budget, shared with its stdout and stderr.
+    pub(crate) log: Arc<LogMeter>,
     grants: Arc<Grants>,
     llm: Option<Arc<dyn LlmHandler>>,
     wasi: WasiCtx,
@@ -36,16 +39,26 @@ impl StoreState {
         grants: Arc<Grants>,
         memory_bytes: usize,
         llm: Option<Arc<dyn LlmHandler>>,
+        tenant_logs: Arc<TenantBudgets>,
     ) -> Self {
+        let log = Arc::new(LogMeter::new(tenant.clone(), plugin.clone(), tenant_logs));
         // Nothing is inherited from the host process: no environment, no arguments, no preopened
-        // directories, no sockets. Guest stdout/stderr become tracing events.
+        // directories, no sockets. Guest stdout/stderr become tracing events, within the log budget.
         let wasi = WasiCtx::builder()
-            .stdout(GuestOutput { tenant: tenant.clone(), plugin: plugin.clone(), stream: "stdout" })
-            .stderr(GuestOutput { tenant: tenant.clone(), plugin: plugin.clone(), stream: "stderr" })
+            .stdout(GuestOutput { log: log.clone(), stream: "stdout" })
+            .stderr(GuestOutput { log: log.clone(), stream: "stderr" })
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)
             .build();
+        // What the guest makes the host hold for it is bounded too: the resource table (headers,
+        // requests, streams, pollables) has at most MAX_RESOURCES entries, and one header map at
+        // most FIELD_BYTES, so header maps can hold no more than about the instance's own memory
+        // limit (and never more than MAX_RESOURCES x 64 KiB).
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(MAX_RESOURCES);
+        let mut http = WasiHttpCtx::new();
+        http.set_field_size_limit(field_bytes(memory_bytes));
         StoreState {
             hooks: OutboundPolicy {
                 tenant: tenant.clone(),
@@ -56,11 +69,12 @@ impl StoreState {
             plugin,
             deadline: Instant::now(),
             limiter: Limiter::new(memory_bytes),
+            log,
             grants,
             llm,
             wasi,
-            http: WasiHttpCtx::new(),
-            table: ResourceTable::new(),
+            http,
+            table,
         }
     }
 }
@@ -77,10 +91,23 @@ impl WasiHttpView for StoreState {
     }
 }
 
-/// Caps one store's linear memories, tables and instances, and remembers a refused growth so a
+/// Host resources (wasi handles: header maps, requests, responses, streams, pollables) one
+/// instance may hold at once. An ordinary call holds a few dozen.
+pub(crate) const MAX_RESOURCES: usize = 1000;
+
+/// The size limit of one header map for an instance with `memory_bytes` of memory: its share of
+/// the memory limit over [`MAX_RESOURCES`] maps, between 8 and 64 KiB.
+pub(crate) fn field_bytes(memory_bytes: usize) -> usize {
+    (memory_bytes / MAX_RESOURCES).clamp(8 * 1024, 64 * 1024)
+}
+
+/// Caps one store's linear memories (all of them together: a component has several core
+/// instances, each may have a memory), tables and instances, and remembers a refused growth so a
 /// resulting trap can be reported as "out of memory" rather than as a bare `unreachable`.
 pub(crate) struct Limiter {
     pub(crate) memory_bytes: usize,
+    /// Bytes of linear memory the store's memories hold together.
+    pub(crate) memory_used: usize,
     pub(crate) refused_growth: Option<usize>,
 }
 
@@ -91,16 +118,19 @@ const MAX_MEMORIES: usize = 4;
 
 impl Limiter {
     fn new(memory_bytes: usize) -> Self {
-        Limiter { memory_bytes, refused_growth: None }
+        Limiter { memory_bytes, memory_used: 0, refused_growth: None }
     }
 }
 
 impl wasmtime::ResourceLimiter for Limiter {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
-        if desired > self.memory_bytes {
-            self.refused_growth = Some(desired);
+    fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        // A new memory arrives with current = 0; memories never shrink.
+        let total = self.memory_used.saturating_sub(current).saturating_add(desired);
+        if total > self.memory_bytes {
+            self.refused_growth = Some(total);
             return Ok(false);
         }
+        self.memory_used = total;
         Ok(true)
     }
 
@@ -132,6 +162,11 @@ struct OutboundPolicy {
 
 impl OutboundPolicy {
     fn permits(&self, uri: &http::Uri) -> bool {
+        // An authority with userinfo (`user:pass@host`) is refused outright: the grant check
+        // would see the host after the `@`, and what connects may not.
+        if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+            return false;
+        }
         let Some(host) = uri.host() else { return false };
         let port = uri.port_u16().unwrap_or(if uri.scheme() == Some(&http::uri::Scheme::HTTP) { 80 } else { 443 });
         self.allowed.iter().any(|p| p.matches(host, port))
@@ -185,8 +220,7 @@ impl WasiHttpHooks for OutboundPolicy {
 /// Guest stdout or stderr, forwarded line by line to tracing with the tenant and plugin.
 #[derive(Clone)]
 struct GuestOutput {
-    tenant: Arc<str>,
-    plugin: Arc<str>,
+    log: Arc<LogMeter>,
     stream: &'static str,
 }
 
@@ -202,8 +236,7 @@ impl StdoutStream for GuestOutput {
     }
 }
 
-/// Longest guest output line kept; longer lines are cut so a guest cannot balloon the log.
-const MAX_LINE: usize = 4096;
+use logs::MAX_LINE;
 
 struct LineLogger {
     out: GuestOutput,
@@ -212,8 +245,13 @@ struct LineLogger {
 
 impl LineLogger {
     fn emit(&self, line: &[u8]) {
+        let log = &self.out.log;
+        if !log.admit(line.len()) {
+            return;
+        }
         let text = String::from_utf8_lossy(&line[..line.len().min(MAX_LINE)]);
-        tracing::info!(tenant = %self.out.tenant, plugin = %self.out.plugin, stream = self.out.stream, "{}", text.trim_end());
+        let text = logs::escape(text.trim_end());
+        tracing::info!(tenant = %log.tenant, plugin = %log.plugin, stream = self.out.stream, "{text}");
     }
 }
 
@@ -222,7 +260,8 @@ impl tokio::io::AsyncWrite for LineLogger {
         let mut rest = buf;
         while let Some(i) = rest.iter().position(|b| *b == b'\n') {
             let mut line = std::mem::take(&mut self.pending);
-            line.extend_from_slice(&rest[..i]);
+            let room = MAX_LINE.saturating_sub(line.len());
+            line.extend_from_slice(&rest[..i.min(room)]);
             self.emit(&line);
             rest = &rest[i + 1..];
         }
@@ -258,7 +297,10 @@ impl types::Host for StoreState {}
 
 impl host::Host for StoreState {
     async fn log(&mut self, level: types::LogLevel, message: String) {
-        let message: String = message.chars().take(MAX_LINE).collect();
+        if !self.log.admit(message.len()) {
+            return;
+        }
+        let message = logs::escape(logs::cut(&message));
         let (tenant, plugin) = (&*self.tenant, &*self.plugin);
         match level {
             types::LogLevel::Trace => tracing::trace!(tenant, plugin, "{message}"),
@@ -284,5 +326,40 @@ impl llm::Host for StoreState {
             Some(llm) => llm.complete(&self.tenant, request).await,
             None => Err(types::PluginError::Unavailable("no LLM is routed to this plugin".into())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A core module with one memory of `pages` 64 KiB pages.
+    fn module_with_memory(pages: u8) -> Vec<u8> {
+        let mut wasm = b"\0asm\x01\0\0\0".to_vec();
+        // Memory section: one memory, no maximum, `pages` minimum (LEB128; `pages` < 128).
+        wasm.extend_from_slice(&[5, 3, 1, 0, pages]);
+        wasm
+    }
+
+    #[test]
+    fn the_memory_limit_holds_for_all_memories_of_a_store_together() {
+        let engine = wasmtime::Engine::default();
+        // Each 6 MiB: one fits a 16 MiB limit, two fit, the third would make 18 MiB.
+        let module = wasmtime::Module::new(&engine, module_with_memory(96)).unwrap();
+        let mut store = wasmtime::Store::new(&engine, Limiter::new(16 << 20));
+        store.limiter(|l| l);
+        wasmtime::Instance::new(&mut store, &module, &[]).unwrap();
+        wasmtime::Instance::new(&mut store, &module, &[]).unwrap();
+        assert!(wasmtime::Instance::new(&mut store, &module, &[]).is_err());
+        assert_eq!(store.data().refused_growth, Some(18 << 20));
+        assert_eq!(store.data().memory_used, 12 << 20);
+    }
+
+    #[test]
+    fn header_maps_get_a_share_of_the_memory_limit() {
+        assert_eq!(field_bytes(16 << 20), 16_777);
+        assert_eq!(field_bytes(1 << 20), 8 * 1024);
+        assert_eq!(field_bytes(512 << 20), 64 * 1024);
     }
 }

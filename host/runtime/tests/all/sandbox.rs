@@ -102,10 +102,79 @@ async fn a_granted_host_works_and_an_ungranted_host_is_refused() {
     }
     assert_eq!(server.requests().len(), before, "a refused request must never reach the server");
 
-    // No grant at all: no network.
+    // No grant at all: no wasi:http at all, and the error says why.
     let none = plugin.install(Grants::default()).unwrap();
     let err = none.provider("t").await.unwrap().complete(&ask(&format!("{}/plain", server.url()))).await.unwrap_err();
-    assert!(matches!(err.kind, CallErrorKind::Plugin(PluginError::Unauthorized(_))), "{err}");
+    match &err.kind {
+        CallErrorKind::Trap(m) => assert!(m.contains("grants no outbound host") && m.contains("wasi:http/"), "{m}"),
+        other => panic!("expected a trap naming wasi:http, got {other:?}"),
+    }
+    assert_eq!(server.requests().len(), before);
+}
+
+#[tokio::test]
+async fn an_authority_with_userinfo_is_refused_whatever_follows_the_at() {
+    let granted = TestServer::start().await;
+    let other = TestServer::start().await;
+    let rt = runtime();
+    let manifest = "name = \"hostile\"\nversion = \"0.1.0\"\nkind = \"tool\"\ndescription = \"d\"\n[capabilities]\noutbound-hosts = [\"*\"]\n";
+    let installed = rt
+        .load(&guest_with("qlayer-test-hostile", manifest))
+        .unwrap()
+        .install(grant(&[granted.addr.to_string()]))
+        .unwrap();
+    // The plain authority reaches the granted server: the guest's raw request works.
+    let reply = installed.tool("t").await.unwrap().invoke(&format!("raw-get {}", granted.addr)).await.unwrap();
+    assert_eq!(reply, "status 200");
+    let seen = granted.requests().len();
+    for authority in [format!("{}@{}", other.addr, granted.addr), format!("user:pass@{}", granted.addr)] {
+        let reply = installed.tool("t").await.unwrap().invoke(&format!("raw-get {authority}")).await.unwrap();
+        assert!(reply.contains("HttpRequestDenied"), "{authority}: {reply}");
+    }
+    assert_eq!(granted.requests().len(), seen, "the granted server is not reached with userinfo");
+    assert!(other.requests().is_empty(), "nor is the one before the `@`");
+}
+
+/// The hostile tool, asking for (and, installed with `grant`, granted) one outbound host.
+fn hostile_with_network(memory_mb: u32) -> Vec<u8> {
+    guest_with(
+        "qlayer-test-hostile",
+        &format!(
+            "name = \"hostile\"\nversion = \"0.1.0\"\nkind = \"tool\"\ndescription = \"d\"\n[capabilities]\noutbound-hosts = [\"api.example.com\"]\n[limits]\nmemory-mb = {memory_mb}\ntimeout-ms = 20000\n"
+        ),
+    )
+}
+
+#[tokio::test]
+async fn a_plugin_granted_no_host_cannot_make_the_host_hold_http_objects() {
+    let rt = runtime();
+    let installed = rt.load(&hostile(16, 10_000)).unwrap().install(Grants::default()).unwrap();
+    let err = installed.tool("t").await.unwrap().invoke("headers 20000 102400").await.unwrap_err();
+    match &err.kind {
+        CallErrorKind::Trap(m) => assert!(m.contains("grants no outbound host"), "{m}"),
+        other => panic!("expected a trap, got {other:?}: {err}"),
+    }
+}
+
+#[tokio::test]
+async fn host_resources_held_for_an_instance_are_capped() {
+    let rt = runtime();
+    let installed = rt.load(&hostile_with_network(16)).unwrap().install(grant(&["api.example.com".into()])).unwrap();
+    // More header maps than an instance may hold: stopped at the resource limit.
+    let err = installed.tool("t").await.unwrap().invoke("headers 20000 1024").await.unwrap_err();
+    match &err.kind {
+        CallErrorKind::Trap(m) => assert!(m.contains("more than 1000 host resources"), "{m}"),
+        other => panic!("expected the resource limit, got {other:?}: {err}"),
+    }
+    // A header map larger than this instance's share (16 MiB / 1000 maps, about 16 KiB) stops
+    // the call.
+    let err = installed.tool("t").await.unwrap().invoke("headers 1 102400").await.unwrap_err();
+    match &err.kind {
+        CallErrorKind::Trap(m) => assert!(m.contains("header map larger than its limit of 16777 bytes"), "{m}"),
+        other => panic!("expected the header limit, got {other:?}: {err}"),
+    }
+    // Within the limits it works, and the instance that failed left nothing behind.
+    assert_eq!(installed.tool("t").await.unwrap().invoke("headers 100 1024").await.unwrap(), "holding 100");
 }
 
 #[tokio::test]
@@ -267,6 +336,40 @@ fn guest_output_and_host_log_reach_tracing_with_tenant_and_plugin() {
     assert!(text.contains("hello from host.log"), "{text}");
     assert!(text.contains("tenant=\"tenant-7\"") || text.contains("tenant=tenant-7"), "{text}");
     assert!(text.contains("plugin=\"hostile\"") || text.contains("plugin=hostile"), "{text}");
+}
+
+#[test]
+fn a_call_that_floods_the_log_is_cut_at_its_budget_and_says_how_many_lines_it_dropped() {
+    for (op, source) in [("log 3000", "host.log"), ("print 3000", "stdout")] {
+        let text = qlayer_tests::capture_logs(|| {
+            qlayer_tests::current_thread().block_on(async {
+                let host = runtime();
+                let installed = host.load(&hostile(32, 20_000)).unwrap().install(Grants::default()).unwrap();
+                let mut tool = installed.tool("tenant-7").await.unwrap();
+                assert_eq!(tool.invoke(op).await.unwrap(), "wrote 3000");
+                // The next call has a budget of its own.
+                assert_eq!(tool.invoke("print").await.unwrap(), "printed");
+            });
+        });
+        // (The capture holds wasmtime's own debug lines too; count the host's log lines.)
+        let written = text.lines().filter(|l| l.contains("qlayer_runtime") && l.contains("flood line")).count();
+        assert_eq!(written, 1000, "{source}: a call writes at most 1000 lines");
+        assert!(text.contains("log budget exceeded, 2000 lines dropped"), "{source}");
+        assert!(text.contains("hello from host.log"), "{source}: the next call logs again");
+    }
+}
+
+#[test]
+fn a_logged_newline_cannot_forge_a_log_line() {
+    let text = qlayer_tests::capture_logs(|| {
+        qlayer_tests::current_thread().block_on(async {
+            let host = runtime();
+            let installed = host.load(&hostile(32, 5000)).unwrap().install(Grants::default()).unwrap();
+            assert_eq!(installed.tool("t").await.unwrap().invoke("forge").await.unwrap(), "forged");
+        });
+    });
+    assert!(text.contains("innocent\\nlevel=ERROR tenant=other forged line"), "{text}");
+    assert!(!text.lines().any(|l| l.starts_with("level=ERROR")), "{text}");
 }
 
 #[tokio::test]

@@ -1,7 +1,10 @@
 //! A test guest that misbehaves on request: `loop` spins forever, `alloc` grows memory without
 //! end, `panic` traps, `sleep-ms N` busy-waits, `print` writes to stdout, `fail-until T` is
 //! unavailable until the unix time T (ms), `rate-limited N` asks to be retried after N ms,
-//! anything else is echoed.
+//! `headers N BYTES` makes the host hold N wasi:http header maps of BYTES each, `log N` and
+//! `print N` write N lines through `host.log` and stdout, `raw-get AUTHORITY` sends a raw wasi:http
+//! GET to http://AUTHORITY/plain (no URL parsing on the guest's side) and reports what happened, `forge` logs a message with a newline
+//! and a forged log line in it; anything else is echoed.
 
 use qlayer_sdk::{PluginError, tool::Tool};
 
@@ -30,6 +33,56 @@ impl Tool for Hostile {
                 println!("hello from the guest's stdout");
                 qlayer_sdk::host::info("hello from host.log");
                 Ok("printed".into())
+            }
+            "forge" => {
+                qlayer_sdk::host::info("innocent\nlevel=ERROR tenant=other forged line");
+                Ok("forged".into())
+            }
+            other if other.starts_with("raw-get ") => {
+                use wasi::http::types::{Fields, OutgoingRequest, Scheme};
+                let request = OutgoingRequest::new(Fields::new());
+                request.set_scheme(Some(&Scheme::Http)).map_err(|_| PluginError::InvalidInput("scheme".into()))?;
+                request
+                    .set_authority(Some(&other[8..]))
+                    .map_err(|_| PluginError::InvalidInput("authority refused by set-authority".into()))?;
+                request.set_path_with_query(Some("/plain")).map_err(|_| PluginError::InvalidInput("path".into()))?;
+                let pending = match wasi::http::outgoing_handler::handle(request, None) {
+                    Ok(pending) => pending,
+                    Err(e) => return Ok(format!("refused: {e:?}")),
+                };
+                pending.subscribe().block();
+                Ok(match pending.get() {
+                    Some(Ok(Ok(response))) => format!("status {}", response.status()),
+                    Some(Ok(Err(e))) => format!("refused: {e:?}"),
+                    other => format!("no response: {other:?}"),
+                })
+            }
+            other if other.starts_with("headers ") => {
+                let (n, bytes) = other[8..].split_once(' ').unwrap_or((&other[8..], "1024"));
+                let n: usize = n.parse().map_err(|_| PluginError::InvalidInput("bad number".into()))?;
+                let bytes: usize = bytes.parse().map_err(|_| PluginError::InvalidInput("bad number".into()))?;
+                let value = vec![b'a'; bytes];
+                let mut held = Vec::new();
+                for i in 0..n {
+                    let fields = wasi::http::types::Fields::new();
+                    fields
+                        .append("x-big", &value)
+                        .map_err(|e| PluginError::InvalidInput(format!("header map {i} refused: {e:?}")))?;
+                    held.push(fields);
+                }
+                Ok(format!("holding {}", held.len()))
+            }
+            other if other.starts_with("log ") || other.starts_with("print ") => {
+                let (what, n) = other.split_once(' ').unwrap_or(("log", "0"));
+                let n: usize = n.parse().map_err(|_| PluginError::InvalidInput("bad number".into()))?;
+                for i in 0..n {
+                    if what == "log" {
+                        qlayer_sdk::host::info(&format!("flood line {i}"));
+                    } else {
+                        println!("flood line {i}");
+                    }
+                }
+                Ok(format!("wrote {n}"))
             }
             "env" => Ok(format!("{}", std::env::vars().count())),
             "fs" => Ok(match std::fs::read_dir("/") {

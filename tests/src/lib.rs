@@ -60,11 +60,18 @@ pub fn fetcher() -> Vec<u8> {
     )
 }
 
-/// A runtime with a small pool, for tests.
+/// The network policy of the tests' runtimes: their upstreams (test servers, registries) are on
+/// loopback, which the operator's default policy refuses; nothing else internal is allowed.
+pub fn loopback_allowed() -> qlayer_runtime::NetworkPolicy {
+    qlayer_runtime::NetworkPolicy::new(&["127.0.0.0/8", "[::1]"]).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A runtime with a small pool whose plugins may reach loopback (see [`loopback_allowed`]).
 pub fn runtime() -> Runtime {
     Runtime::new(RuntimeConfig {
         cache_dir: None,
         policy: qlayer_runtime::HostPolicy { max_instances: 64, ..Default::default() },
+        network: loopback_allowed(),
     })
     .unwrap_or_else(|e| panic!("runtime: {e:#}"))
 }
@@ -141,6 +148,7 @@ pub struct TestServer {
     pub addr: SocketAddr,
     /// Every request seen, in order.
     pub seen: Arc<Mutex<Vec<Seen>>>,
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
     _shutdown: tokio::sync::oneshot::Sender<()>,
 }
 
@@ -152,6 +160,8 @@ impl TestServer {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
         let log = seen.clone();
+        let accepted_count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = accepted_count.clone();
         tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
@@ -159,6 +169,7 @@ impl TestServer {
                     _ = &mut rx => return,
                 };
                 let Ok((stream, _)) = accepted else { continue };
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let log = log.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |req| handle(req, log.clone()));
@@ -168,7 +179,12 @@ impl TestServer {
                 });
             }
         });
-        TestServer { addr, seen, _shutdown: tx }
+        TestServer { addr, seen, accepted: accepted_count, _shutdown: tx }
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// `http://127.0.0.1:<port>`.

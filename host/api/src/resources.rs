@@ -427,6 +427,10 @@ pub async fn install_plugin_op(
             secrets: body.grants.secrets.clone(),
         };
         spec.to_grants().map_err(|e| ApiError::invalid(format!("grants: {e:#}")))?;
+        market
+            .check_registry(state.runner.runtime(), &body.reference)
+            .await
+            .map_err(|e| install_error(e, &body.reference))?;
         let done = market
             .install(state.runner.runtime(), &body.reference, caller.tenant_name(), &spec)
             .await
@@ -478,7 +482,12 @@ fn install_error(e: anyhow::Error, what: &str) -> ApiError {
             }
             InstallError::AlreadyInstalled { .. } => ApiError::conflict(e.to_string()),
             InstallError::NotInstalled { .. } => ApiError::not_found(format!("plugin `{what}` not found")),
+            InstallError::NetworkPolicy { .. } => ApiError::invalid(e.to_string()),
         };
+    }
+    // A grant the plugin did not ask for, `*`, or one the network policy refuses.
+    if let Some(e) = e.downcast_ref::<qlayer_runtime::GrantError>() {
+        return ApiError::invalid(e.to_string());
     }
     if let Some(e) = e.downcast_ref::<RegistryError>() {
         return match e {

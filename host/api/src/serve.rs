@@ -29,6 +29,28 @@ pub struct ServeConfig {
     /// The job executor.
     #[serde(default)]
     pub jobs: JobsConfig,
+    /// What plugins, and the host on a tenant's behalf, may reach besides public addresses.
+    #[serde(default)]
+    pub network: NetworkConfig,
+}
+
+/// `[network]`: by default plugins and tenant-requested installs reach public addresses only
+/// (no loopback, private, link-local, multicast or unspecified addresses); `allow` opens what
+/// really is internal.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct NetworkConfig {
+    /// Addresses, CIDR ranges and host names (each optionally with `:port`; without, every
+    /// port) that may be reached although they are not public: `["10.0.0.0/8", "llm.lan:8000"]`.
+    #[serde(default)]
+    pub allow: Vec<String>,
+}
+
+impl NetworkConfig {
+    /// The runtime's network policy. An entry that cannot be read is an error naming it.
+    pub fn policy(&self) -> anyhow::Result<qlayer_runtime::NetworkPolicy> {
+        qlayer_runtime::NetworkPolicy::new(&self.allow).map_err(|e| anyhow::anyhow!("[network] {e}"))
+    }
 }
 
 /// `[limits]`.
@@ -264,15 +286,21 @@ impl ServeConfig {
 
     /// Parses config text.
     pub fn from_toml(text: &str) -> anyhow::Result<Self> {
-        toml::from_str(text).map_err(|e| {
+        let config: Self = toml::from_str(text).map_err(|e| {
             let line = e.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
             anyhow::anyhow!("{}{}", e.message(), line.map(|l| format!(" (line {l})")).unwrap_or_default())
-        })
+        })?;
+        config.network.policy()?;
+        Ok(config)
     }
 
-    /// Applies `QLAYER_REST_ADDR`, `QLAYER_GRPC_ADDR`, `QLAYER_DATABASE_URL`, `QLAYER_ADMIN_KEY`
-    /// and `QLAYER_QUEUE`.
+    /// Applies `QLAYER_REST_ADDR`, `QLAYER_GRPC_ADDR`, `QLAYER_DATABASE_URL`, `QLAYER_ADMIN_KEY`,
+    /// `QLAYER_QUEUE` and `QLAYER_NETWORK_ALLOW` (comma-separated, added to `[network] allow`).
     pub fn apply_env(&mut self) -> anyhow::Result<()> {
+        if let Ok(allow) = std::env::var("QLAYER_NETWORK_ALLOW") {
+            self.network.allow.extend(allow.split(',').map(str::trim).filter(|a| !a.is_empty()).map(String::from));
+            self.network.policy().context("QLAYER_NETWORK_ALLOW")?;
+        }
         if let Ok(addr) = std::env::var("QLAYER_REST_ADDR") {
             self.server.rest_addr = addr
                 .parse()
@@ -337,6 +365,7 @@ pub async fn start(config: ServeConfig, data_dir: PathBuf) -> anyhow::Result<Run
         db.bootstrap_admin(config.auth.admin_key.as_deref()).await?.map(|secret| secret.expose().to_string());
     let runtime = std::sync::Arc::new(qlayer_runtime::Runtime::new(qlayer_runtime::RuntimeConfig {
         cache_dir: Some(data_dir.join("cache")),
+        network: config.network.policy()?,
         ..Default::default()
     })?);
     let market_config = qlayer_marketplace::MarketplaceConfig::load(&data_dir)?;

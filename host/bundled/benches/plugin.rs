@@ -36,6 +36,7 @@ fn main() {
     let runtime = Runtime::new(RuntimeConfig {
         cache_dir: None,
         policy: HostPolicy { max_instances: tenants + 16, ..Default::default() },
+        ..Default::default()
     })
     .unwrap();
     let installed = runtime.load(scripted).unwrap().install(Grants::default()).unwrap();
@@ -124,12 +125,14 @@ fn main() {
         let config = || RuntimeConfig {
             cache_dir: Some(dir.path().to_path_buf()),
             policy: HostPolicy { max_instances: 4, ..Default::default() },
+            ..Default::default()
         };
         let mut compile = Vec::new();
         for _ in 0..3 {
             let rt = Runtime::new(RuntimeConfig {
                 cache_dir: None,
                 policy: HostPolicy { max_instances: 4, ..Default::default() },
+                ..Default::default()
             })
             .unwrap();
             let t = Instant::now();

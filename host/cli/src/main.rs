@@ -289,6 +289,10 @@ struct MarketArgs {
     /// A trusted publisher's public key (PEM).
     #[arg(long)]
     trusted_key: Vec<PathBuf>,
+    /// A non-public address, CIDR range or host name (optionally :port) plugins may reach, such
+    /// as a local model server (127.0.0.1:11434); by default they reach public addresses only.
+    #[arg(long, env = "QLAYER_NETWORK_ALLOW", value_delimiter = ',')]
+    network_allow: Vec<String>,
 }
 
 impl MarketArgs {
@@ -315,7 +319,10 @@ impl MarketArgs {
     }
 
     fn runtime(&self) -> anyhow::Result<Runtime> {
-        Runtime::new(RuntimeConfig { cache_dir: Some(self.data_dir().join("cache")), ..Default::default() })
+        let allow: Vec<&String> = self.network_allow.iter().filter(|a| !a.is_empty()).collect();
+        let network =
+            qlayer_runtime::NetworkPolicy::new(&allow).map_err(|e| anyhow::anyhow!("--network-allow: {e}"))?;
+        Runtime::new(RuntimeConfig { cache_dir: Some(self.data_dir().join("cache")), network, ..Default::default() })
     }
 }
 
@@ -501,6 +508,9 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             insecure_registry: vec![],
             signature_policy: None,
             trusted_key: vec![],
+            network_allow: std::env::var("QLAYER_NETWORK_ALLOW")
+                .map(|v| v.split(',').map(|a| a.trim().to_string()).collect())
+                .unwrap_or_default(),
         }
         .open()
         .await?;

@@ -302,6 +302,7 @@ pub fn inspect(path: &Path) -> anyhow::Result<Inspection> {
     let runtime = Runtime::new(RuntimeConfig {
         policy: qlayer_runtime::HostPolicy { max_instances: 1, ..Default::default() },
         cache_dir: None,
+        ..Default::default()
     })?;
     let (imports, exports) = runtime.interface(&wasm);
     let load_error = runtime.load(&wasm).err().map(|e| e.to_string());

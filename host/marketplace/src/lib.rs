@@ -271,6 +271,14 @@ pub enum InstallError {
         /// What is installed.
         pinned: String,
     },
+    /// The reference's registry is an address the operator's network policy refuses.
+    #[error("registry `{registry}` cannot be used: {reason}")]
+    NetworkPolicy {
+        /// The registry (`host[:port]`).
+        registry: String,
+        /// Why.
+        reason: String,
+    },
     /// Not installed (or installed only for another tenant: they look the same).
     #[error("plugin `{name}` is not installed for tenant `{tenant}`")]
     NotInstalled {
@@ -375,6 +383,33 @@ impl Marketplace {
     /// The settings in force.
     pub fn config(&self) -> &MarketplaceConfig {
         &self.config
+    }
+
+    /// Checks, for an install a tenant asked for, that `reference`'s registry is one the host
+    /// may connect to on its behalf: listed by the operator (`insecure-registries`), or passing
+    /// the runtime's network policy on every address it resolves to. Without this a tenant could
+    /// make the host connect to any internal port and tell open from closed ones by the error.
+    pub async fn check_registry(&self, runtime: &Runtime, reference: &str) -> anyhow::Result<()> {
+        let reference = parse_reference(reference)?;
+        let registry = reference.resolve_registry().to_string();
+        if self.config.insecure_registries.iter().any(|r| r.eq_ignore_ascii_case(&registry)) {
+            return Ok(());
+        }
+        // `host`, `host:port`, `[v6]` or `[v6]:port`; registries speak HTTPS unless listed.
+        let (host, port) = match registry.rsplit_once(':') {
+            Some((host, port)) if !host.contains(':') || host.ends_with(']') => {
+                (host.to_string(), port.parse::<u16>().unwrap_or(443))
+            }
+            _ => (registry.clone(), 443),
+        };
+        match runtime.network().resolve(&host, port).await {
+            Ok(_) => Ok(()),
+            Err(qlayer_runtime::network::ResolveError::Refused(refused)) => {
+                Err(InstallError::NetworkPolicy { registry, reason: refused.to_string() }.into())
+            }
+            // A name that does not resolve fails the same way when pulling; say it here.
+            Err(e) => Err(RegistryError::Transport(format!("registry `{registry}`: {e}")).into()),
+        }
     }
 
     /// Moves the records of `<data dir>/installs.json` (where versions before the records moved

@@ -13,6 +13,7 @@
 //!   is refused otherwise; credentials are dropped on a cross-host redirect; the request is bounded
 //!   by the call's remaining time. Nothing else in the process is reachable.
 
+use super::outbound::Outbound;
 use super::{CallError, CallErrorKind, Grants, PluginError};
 use extism::{CurrentPlugin, EXTISM_ENV_MODULE, Function, UserData, Val, ValType};
 use std::collections::HashMap;
@@ -64,7 +65,7 @@ pub(crate) fn check_module(wasm: &[u8]) -> Result<(), String> {
 struct HttpState {
     tenant_plugin: String,
     grants: Arc<Grants>,
-    client: reqwest::Client,
+    outbound: Arc<Outbound>,
 }
 
 /// The instance var holding the last response's status (2 bytes, big-endian).
@@ -79,19 +80,13 @@ pub(crate) fn compile(
     grants: Arc<Grants>,
     memory_bytes: usize,
     timeout: Duration,
+    outbound: Arc<Outbound>,
 ) -> anyhow::Result<extism::CompiledPlugin> {
     let manifest = extism::Manifest::new([extism::Wasm::data(wasm.to_vec())])
         .with_memory_max((memory_bytes / 65536).max(1) as u32)
         .with_timeout(timeout)
         .with_config(grants.config.iter().map(|(k, v)| (k.clone(), v.clone())));
-    qlayer_registry::install_tls_provider();
-    let client = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        // Requests go straight to the granted host, never through a proxy from the environment.
-        .no_proxy()
-        .build()
-        .map_err(|e| anyhow::anyhow!("building the HTTP client: {e}"))?;
-    let state = UserData::new(HttpState { tenant_plugin: name.to_string(), grants, client });
+    let state = UserData::new(HttpState { tenant_plugin: name.to_string(), grants, outbound });
     let functions = [
         Function::new("http_request", [ValType::I64, ValType::I64], [ValType::I64], state.clone(), http_request)
             .with_namespace(EXTISM_ENV_MODULE),
@@ -132,13 +127,13 @@ fn http_request(
     };
     let remaining = plugin.time_remaining().unwrap_or(Duration::from_secs(30));
     let state = state.get()?;
-    let (client, grants, who) = {
+    let (outbound, grants, who) = {
         let s = state.lock().map_err(|_| anyhow::anyhow!("http state poisoned"))?;
-        (s.client.clone(), s.grants.clone(), s.tenant_plugin.clone())
+        (s.outbound.clone(), s.grants.clone(), s.tenant_plugin.clone())
     };
     let response = tokio::runtime::Handle::try_current()
         .map_err(|_| anyhow::anyhow!("http_request: no async runtime"))?
-        .block_on(send(&client, &grants, &who, request, body, remaining))?;
+        .block_on(send(&outbound, &grants, &who, request, body, remaining))?;
     let (status, headers, body) = response;
     plugin.vars_mut().insert(STATUS_VAR.into(), status.to_be_bytes().to_vec());
     plugin.vars_mut().insert(HEADERS_VAR.into(), serde_json::to_vec(&headers)?);
@@ -147,7 +142,7 @@ fn http_request(
     Ok(())
 }
 
-fn permits(grants: &Grants, url: &reqwest::Url) -> bool {
+fn permits(grants: &Grants, url: &url::Url) -> bool {
     if !url.username().is_empty() || url.password().is_some() {
         return false;
     }
@@ -157,20 +152,20 @@ fn permits(grants: &Grants, url: &reqwest::Url) -> bool {
 }
 
 async fn send(
-    client: &reqwest::Client,
+    outbound: &Outbound,
     grants: &Grants,
     who: &str,
     request: HttpRequest,
     body: Vec<u8>,
     remaining: Duration,
 ) -> anyhow::Result<(u16, HashMap<String, String>, Vec<u8>)> {
+    use http_body_util::BodyExt;
     let deadline = tokio::time::Instant::now() + remaining;
-    let mut url =
-        reqwest::Url::parse(&request.url).map_err(|e| anyhow::anyhow!("invalid URL `{}`: {e}", request.url))?;
-    let mut method = reqwest::Method::from_bytes(request.method.as_deref().unwrap_or("GET").to_uppercase().as_bytes())
+    let mut url = url::Url::parse(&request.url).map_err(|e| anyhow::anyhow!("invalid URL `{}`: {e}", request.url))?;
+    let mut method = http::Method::from_bytes(request.method.as_deref().unwrap_or("GET").to_uppercase().as_bytes())
         .map_err(|e| anyhow::anyhow!("invalid HTTP method: {e}"))?;
     let mut headers = request.headers;
-    let mut body = Some(body);
+    let mut body = Some(bytes::Bytes::from(body));
     for _ in 0..=MAX_REDIRECTS {
         if !permits(grants, &url) {
             tracing::warn!(plugin = %who, host = url.host_str().unwrap_or(""), "outbound request refused: host not granted to this plugin");
@@ -183,22 +178,25 @@ async fn send(
         }
         // Never log headers: they carry the credentials the plugin was granted.
         tracing::debug!(plugin = %who, method = %method, uri = %url, "outbound request");
-        let mut builder = client.request(method.clone(), url.clone());
+        let mut builder = http::Request::builder().method(method.clone()).uri(url.as_str());
         for (k, v) in &headers {
             if !k.eq_ignore_ascii_case("host") {
                 builder = builder.header(k, v);
             }
         }
-        if let Some(b) = body.clone().filter(|b| !b.is_empty()) {
-            builder = builder.body(b);
-        }
-        let send = tokio::time::timeout_at(deadline, builder.send());
-        let response = send
+        let payload = body.clone().unwrap_or_default();
+        let outgoing = builder
+            .body(http_body_util::Full::new(payload).map_err(|never| match never {}).boxed_unsync())
+            .map_err(|e| anyhow::anyhow!("invalid HTTP request: {e}"))?;
+        let slot = outbound.process_permit().map_err(|whose| {
+            anyhow::anyhow!("outbound request refused: {whose} requests in flight are at their limit")
+        })?;
+        let response = tokio::time::timeout_at(deadline, outbound.send(outgoing, None, slot))
             .await
             .map_err(|_| anyhow::anyhow!("timeout"))?
-            .map_err(|e| anyhow::anyhow!("HTTP request failed: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("HTTP request to {} failed: {e}", url.host_str().unwrap_or("")))?;
         if response.status().is_redirection()
-            && let Some(location) = response.headers().get(reqwest::header::LOCATION).and_then(|l| l.to_str().ok())
+            && let Some(location) = response.headers().get(http::header::LOCATION).and_then(|l| l.to_str().ok())
         {
             let next = url.join(location).map_err(|e| anyhow::anyhow!("bad redirect location: {e}"))?;
             if next.host_str() != url.host_str() || next.port_or_known_default() != url.port_or_known_default() {
@@ -206,8 +204,8 @@ async fn send(
                     !["authorization", "cookie", "proxy-authorization"].contains(&k.to_lowercase().as_str())
                 });
             }
-            if matches!(response.status().as_u16(), 301..=303) && method != reqwest::Method::HEAD {
-                method = reqwest::Method::GET;
+            if matches!(response.status().as_u16(), 301..=303) && method != http::Method::HEAD {
+                method = http::Method::GET;
                 body = None;
             }
             url = next;
@@ -220,13 +218,15 @@ async fn send(
             .filter_map(|(k, v)| v.to_str().ok().map(|v| (k.as_str().to_string(), v.to_string())))
             .collect();
         let mut out = Vec::new();
-        let mut response = response;
+        let mut body = response.into_body();
         loop {
-            let chunk = tokio::time::timeout_at(deadline, response.chunk())
+            let frame = tokio::time::timeout_at(deadline, body.frame())
                 .await
                 .map_err(|_| anyhow::anyhow!("timeout"))?
+                .transpose()
                 .map_err(|e| anyhow::anyhow!("reading the HTTP response: {e}"))?;
-            let Some(chunk) = chunk else { break };
+            let Some(frame) = frame else { break };
+            let Ok(chunk) = frame.into_data() else { continue };
             if out.len() + chunk.len() > MAX_HTTP_RESPONSE {
                 anyhow::bail!("HTTP response is larger than {MAX_HTTP_RESPONSE} bytes");
             }

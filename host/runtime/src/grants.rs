@@ -61,6 +61,16 @@ pub enum GrantError {
         /// The plugin.
         plugin: String,
     },
+    /// The grant names an address the operator's network policy does not allow.
+    #[error("plugin `{plugin}`: outbound host `{host}` cannot be granted: {reason}")]
+    NetworkPolicy {
+        /// The plugin.
+        plugin: String,
+        /// The granted host.
+        host: String,
+        /// Why.
+        reason: String,
+    },
     /// The plugin could not be prepared with these grants (an Extism module failed to compile).
     #[error("plugin `{plugin}` could not be prepared: {message}")]
     Prepare {

@@ -22,6 +22,8 @@ mod cache;
 mod extism_tool;
 mod grants;
 mod logs;
+pub mod network;
+mod outbound;
 mod state;
 
 pub use extism_tool::ExtismInstance;
@@ -31,6 +33,7 @@ pub use bindings::types::{
     Message, ModelInfo, PluginError, Role, Severity, Task, Usage,
 };
 pub use grants::{GrantError, Grants, Secret};
+pub use network::NetworkPolicy;
 pub use qlayer_manifest::{Format, HostPattern, Kind, Manifest};
 
 use anyhow::Context as _;
@@ -87,6 +90,8 @@ pub struct RuntimeConfig {
     pub cache_dir: Option<PathBuf>,
     /// Limits for every plugin.
     pub policy: HostPolicy,
+    /// Which non-public addresses plugins may reach (none by default).
+    pub network: NetworkPolicy,
 }
 
 /// Why a component could not be loaded.
@@ -224,6 +229,7 @@ struct Shared {
     /// A provider's or tool's linker without wasi:http, for installs granted no host.
     closed_linker: Linker<StoreState>,
     tenant_logs: Arc<logs::TenantBudgets>,
+    outbound: Arc<outbound::Outbound>,
     policy: HostPolicy,
     cache: Option<cache::CompiledCache>,
     slots: Arc<Semaphore>,
@@ -308,6 +314,7 @@ impl Runtime {
                 linkers,
                 closed_linker,
                 tenant_logs: Arc::default(),
+                outbound: Arc::new(outbound::Outbound::new(config.network)),
                 policy,
                 cache,
                 slots: Arc::new(Semaphore::new(instances as usize)),
@@ -349,6 +356,16 @@ impl Runtime {
     /// The policy in force.
     pub fn policy(&self) -> &HostPolicy {
         &self.shared.policy
+    }
+
+    /// The operator's network policy, which every plugin connection and grant passes.
+    pub fn network(&self) -> &NetworkPolicy {
+        self.shared.outbound.policy()
+    }
+
+    /// Outbound requests the process may have in flight (from its file-handle limit).
+    pub fn outbound_limit(&self) -> usize {
+        self.shared.outbound.process_limit()
     }
 
     /// Loads a plugin: reads its manifest, compiles it (or loads the cached compilation), checks
@@ -611,6 +628,13 @@ impl Plugin {
     /// are the manifest's, clamped by the host policy.
     pub fn install(self: &Arc<Self>, grants: Grants) -> Result<Installed, GrantError> {
         grants.check(&self.manifest)?;
+        for grant in &grants.outbound_hosts {
+            self.shared.outbound.policy().check_grant(grant).map_err(|refused| GrantError::NetworkPolicy {
+                plugin: self.manifest.name.clone(),
+                host: grant.to_string(),
+                reason: refused.to_string(),
+            })?;
+        }
         let policy = &self.shared.policy;
         let memory_mb = self.manifest.limits.memory_mb.unwrap_or(policy.default_memory_mb).min(policy.max_memory_mb);
         let timeout = self
@@ -624,9 +648,15 @@ impl Plugin {
         let memory_bytes = memory_mb as usize * 1024 * 1024;
         let extism = match &self.pre {
             Pre::Extism(wasm) => Some(Arc::new(
-                extism_tool::compile(&self.manifest.name, wasm, grants.clone(), memory_bytes, timeout).map_err(
-                    |e| GrantError::Prepare { plugin: self.manifest.name.clone(), message: format!("{e:#}") },
-                )?,
+                extism_tool::compile(
+                    &self.manifest.name,
+                    wasm,
+                    grants.clone(),
+                    memory_bytes,
+                    timeout,
+                    self.shared.outbound.clone(),
+                )
+                .map_err(|e| GrantError::Prepare { plugin: self.manifest.name.clone(), message: format!("{e:#}") })?,
             )),
             _ => None,
         };
@@ -682,6 +712,7 @@ impl Installed {
             self.memory_bytes,
             llm,
             self.plugin.shared.tenant_logs.clone(),
+            self.plugin.shared.outbound.clone(),
         );
         let mut store = Store::new(&self.plugin.shared.engine, state);
         store.limiter(|s| &mut s.limiter);

@@ -6,6 +6,7 @@ use super::LlmHandler;
 use super::bindings::{host, llm, types};
 use super::grants::Grants;
 use super::logs::{self, LogMeter, TenantBudgets};
+use super::outbound::{self, Outbound};
 use qlayer_manifest::HostPattern;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -40,6 +41,7 @@ impl StoreState {
         memory_bytes: usize,
         llm: Option<Arc<dyn LlmHandler>>,
         tenant_logs: Arc<TenantBudgets>,
+        outbound: Arc<Outbound>,
     ) -> Self {
         let log = Arc::new(LogMeter::new(tenant.clone(), plugin.clone(), tenant_logs));
         // Nothing is inherited from the host process: no environment, no arguments, no preopened
@@ -64,6 +66,8 @@ impl StoreState {
                 tenant: tenant.clone(),
                 plugin: plugin.clone(),
                 allowed: grants.outbound_hosts.clone(),
+                outbound,
+                slots: Arc::new(tokio::sync::Semaphore::new(outbound::PER_INSTANCE)),
             },
             tenant,
             plugin,
@@ -158,6 +162,9 @@ struct OutboundPolicy {
     tenant: Arc<str>,
     plugin: Arc<str>,
     allowed: Vec<HostPattern>,
+    outbound: Arc<Outbound>,
+    /// This instance's requests in flight.
+    slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl OutboundPolicy {
@@ -198,6 +205,17 @@ impl WasiHttpHooks for OutboundPolicy {
             );
             return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
         }
+        let permits = match self.outbound.permits(&self.tenant, &self.slots) {
+            Ok(permits) => permits,
+            Err(whose) => {
+                tracing::warn!(
+                    tenant = %self.tenant,
+                    plugin = %self.plugin,
+                    "outbound request refused: {whose} requests in flight are at their limit"
+                );
+                return Box::new(async { Err(wasmtime_wasi_http::Error::ConnectionLimitReached) });
+            }
+        };
         // Never log headers: they carry the credentials the plugin was granted.
         tracing::debug!(
             tenant = %self.tenant,
@@ -206,12 +224,14 @@ impl WasiHttpHooks for OutboundPolicy {
             uri = %request.uri(),
             "outbound request"
         );
+        let outbound = self.outbound.clone();
+        let first_byte = options.and_then(|o| o.first_byte_timeout);
         Box::new(async move {
-            use http_body_util::BodyExt;
-            let (res, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
+            let response = outbound.send(request, first_byte, permits).await?;
+            // The pooled client drives its connections itself: nothing more to run per request.
             Ok((
-                res.map(BodyExt::boxed_unsync),
-                Box::new(io) as Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
+                response,
+                Box::new(async { Ok(()) }) as Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
             ))
         })
     }

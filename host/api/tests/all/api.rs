@@ -1004,3 +1004,53 @@ async fn grpc_every_method_checks_the_caller_and_the_other_tenant_sees_nothing()
     assert!(e.message().contains("too large"), "{e:?}");
     svc.stop().await;
 }
+
+/// Issue 14 item 11: a tenant cannot point the host, or a plugin, at the operator's network.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_cannot_reach_the_operators_network_through_grants_or_install_references() {
+    let svc = service(Backend::Sqlite, true, |_| {}).await;
+    let (_, acme) = svc.tenant("acme").await;
+    let registry = svc.registry.as_ref().unwrap().addr.clone();
+    // Push the fetcher (asks for `*`) so that installs below only differ in their grants.
+    let reference = format!("{registry}/test/fetcher:1.0.0");
+    let pusher = qlayer_marketplace::Marketplace::open_local(
+        svc._dir.path().join("pusher"),
+        qlayer_marketplace::MarketplaceConfig { insecure_registries: vec![registry.clone()], ..Default::default() },
+    )
+    .await
+    .unwrap();
+    pusher.push(&qlayer_tests::fetcher(), &reference, None).await.unwrap();
+    let own = svc.base.trim_start_matches("http://").to_string();
+    for host in [own.as_str(), "169.254.169.254", "10.0.0.1", "[::1]:5432", "127.0.0.1:6379", "0.0.0.0:80"] {
+        let r = svc.post("/v1/plugins", &acme, json!({"reference": reference, "grants": {"hosts": [host]}})).await;
+        assert_eq!(r.status, 400, "{host}: {r:?}");
+        assert_eq!(r.body["error"]["code"], "invalid_request", "{r:?}");
+        let message = r.body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("network policy does not allow") && message.contains(host.trim_matches(['[', ']'])),
+            "{message}"
+        );
+    }
+    // `*` cannot be granted: a 400 naming the grant, not a 500.
+    let r = svc.post("/v1/plugins", &acme, json!({"reference": reference, "grants": {"hosts": ["*"]}})).await;
+    assert_eq!(r.status, 400, "{r:?}");
+    assert!(r.text.contains("`*` cannot be granted"), "{r:?}");
+    // An install reference on an internal address is refused before any connection, with the
+    // same words whether the port is open (the service's own) or closed.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut messages = Vec::new();
+    for target in [own.clone(), format!("127.0.0.1:{closed}")] {
+        let r = svc.post("/v1/plugins", &acme, json!({"reference": format!("{target}/x:1")})).await;
+        assert_eq!(r.status, 400, "{target}: {r:?}");
+        let message = r.body["error"]["message"].as_str().unwrap().to_string();
+        assert!(message.contains("loopback address, which the operator's network policy does not allow"), "{message}");
+        messages.push(message.replace(&target, "TARGET"));
+    }
+    assert_eq!(messages[0], messages[1], "an open and a closed port must look the same");
+    // Nothing was installed.
+    let r = svc.get("/v1/plugins", &acme).await;
+    assert_eq!(r.body["items"].as_array().map(Vec::len), Some(0), "{r:?}");
+}

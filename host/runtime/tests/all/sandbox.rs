@@ -63,6 +63,7 @@ async fn manifest_limits_are_clamped_by_host_policy() {
             max_instances: 4,
             ..Default::default()
         },
+        ..Default::default()
     })
     .unwrap();
     let installed = rt.load(&hostile(64, 60_000)).unwrap().install(Grants::default()).unwrap();
@@ -133,6 +134,86 @@ async fn an_authority_with_userinfo_is_refused_whatever_follows_the_at() {
     }
     assert_eq!(granted.requests().len(), seen, "the granted server is not reached with userinfo");
     assert!(other.requests().is_empty(), "nor is the one before the `@`");
+}
+
+/// A runtime with the operator's default network policy: public addresses only.
+fn default_policy_runtime() -> qlayer_runtime::Runtime {
+    qlayer_runtime::Runtime::new(qlayer_runtime::RuntimeConfig::default()).unwrap()
+}
+
+#[tokio::test]
+async fn grants_of_internal_addresses_are_refused_at_install_by_default() {
+    let rt = default_policy_runtime();
+    let plugin = rt.load(&fetcher()).unwrap();
+    for host in ["127.0.0.1:8080", "169.254.169.254", "10.0.0.1", "[::1]:5432", "127.0.0.1:6379", "0.0.0.0:80"] {
+        let err = plugin.install(grant(&[host.to_string()])).unwrap_err();
+        assert!(matches!(err, qlayer_runtime::GrantError::NetworkPolicy { .. }), "{host}: {err}");
+        assert!(err.to_string().contains("network policy does not allow"), "{err}");
+    }
+    // An operator's allow-list opens exactly what it names.
+    let rt = qlayer_runtime::Runtime::new(qlayer_runtime::RuntimeConfig {
+        network: qlayer_runtime::NetworkPolicy::new(&["127.0.0.1:8080"]).unwrap(),
+        ..Default::default()
+    })
+    .unwrap();
+    let plugin = rt.load(&fetcher()).unwrap();
+    assert!(plugin.install(grant(&["127.0.0.1:8080".into()])).is_ok());
+    assert!(plugin.install(grant(&["127.0.0.1:8081".into()])).is_err());
+}
+
+#[tokio::test]
+async fn a_name_that_resolves_to_an_internal_address_is_refused_at_connect_time() {
+    // `localhost` is a name: the grant passes at install, and the connection is checked on what
+    // the name resolves to (as a rebinding name's would be) and never made.
+    let server = TestServer::start().await;
+    let rt = default_policy_runtime();
+    let port = server.addr.port();
+    let installed = rt.load(&fetcher()).unwrap().install(grant(&[format!("localhost:{port}")])).unwrap();
+    let err = installed.provider("t").await.unwrap().complete(&ask(&format!("http://localhost:{port}/plain"))).await;
+    let err = err.unwrap_err();
+    assert!(
+        err.to_string().contains("DestinationIpProhibited") || err.to_string().to_lowercase().contains("prohibited"),
+        "{err}"
+    );
+    assert!(server.requests().is_empty(), "the internal server must never be reached");
+    // The same plugin, where the operator allows that name: it connects.
+    let rt = qlayer_runtime::Runtime::new(qlayer_runtime::RuntimeConfig {
+        network: qlayer_runtime::NetworkPolicy::new(&[format!("localhost:{port}")]).unwrap(),
+        ..Default::default()
+    })
+    .unwrap();
+    let installed = rt.load(&fetcher()).unwrap().install(grant(&[format!("localhost:{port}")])).unwrap();
+    let reply = installed.provider("t").await.unwrap().complete(&ask(&format!("http://localhost:{port}/plain"))).await;
+    assert_eq!(reply.unwrap().text, "200 granted host answered");
+}
+
+#[tokio::test]
+async fn outbound_requests_in_flight_are_capped_per_instance_and_connections_are_reused() {
+    let server = TestServer::start().await;
+    let rt = runtime();
+    let manifest = "name = \"hostile\"\nversion = \"0.1.0\"\nkind = \"tool\"\ndescription = \"d\"\n[capabilities]\noutbound-hosts = [\"*\"]\n[limits]\ntimeout-ms = 20000\n";
+    let installed = rt
+        .load(&guest_with("qlayer-test-hostile", manifest))
+        .unwrap()
+        .install(grant(&[server.addr.to_string()]))
+        .unwrap();
+    // 100 requests at once from one instance: 16 go out, the rest are refused at once.
+    let reply = installed.tool("t").await.unwrap().invoke(&format!("fan-out 100 {}", server.addr)).await.unwrap();
+    assert!(reply.starts_with("ok 16, refused 84 ") && reply.contains("ConnectionLimitReached"), "{reply}");
+    assert_eq!(server.requests().len(), 16);
+    // Sequential requests reuse one pooled connection.
+    let before = server.connections();
+    for _ in 0..20 {
+        assert_eq!(
+            installed.tool("t").await.unwrap().invoke(&format!("raw-get {}", server.addr)).await.unwrap(),
+            "status 200"
+        );
+    }
+    assert!(
+        server.connections() - before <= 1,
+        "20 sequential requests opened {} connections",
+        server.connections() - before
+    );
 }
 
 /// The hostile tool, asking for (and, installed with `grant`, granted) one outbound host.
@@ -303,6 +384,7 @@ fn compiled_components_are_cached_on_disk_and_a_bad_entry_is_recompiled() {
     let config = || qlayer_runtime::RuntimeConfig {
         cache_dir: Some(dir.path().to_path_buf()),
         policy: qlayer_runtime::HostPolicy { max_instances: 4, ..Default::default() },
+        ..Default::default()
     };
     let wasm = hostile(32, 1000);
     let first = qlayer_runtime::Runtime::new(config()).unwrap();
@@ -377,6 +459,7 @@ async fn a_full_pool_queues_instead_of_failing() {
     let rt = qlayer_runtime::Runtime::new(qlayer_runtime::RuntimeConfig {
         cache_dir: None,
         policy: qlayer_runtime::HostPolicy { max_instances: 2, ..Default::default() },
+        ..Default::default()
     })
     .unwrap();
     let installed = rt.load(&hostile(16, 5000)).unwrap().install(Grants::default()).unwrap();

@@ -3,7 +3,8 @@
 //! unavailable until the unix time T (ms), `rate-limited N` asks to be retried after N ms,
 //! `headers N BYTES` makes the host hold N wasi:http header maps of BYTES each, `log N` and
 //! `print N` write N lines through `host.log` and stdout, `raw-get AUTHORITY` sends a raw wasi:http
-//! GET to http://AUTHORITY/plain (no URL parsing on the guest's side) and reports what happened, `forge` logs a message with a newline
+//! GET to http://AUTHORITY/plain (no URL parsing on the guest's side) and reports what happened,
+//! `fan-out N AUTHORITY` sends N such GETs at once and holds every response until all answered, `forge` logs a message with a newline
 //! and a forged log line in it; anything else is echoed.
 
 use qlayer_sdk::{PluginError, tool::Tool};
@@ -56,6 +57,44 @@ impl Tool for Hostile {
                     Some(Ok(Err(e))) => format!("refused: {e:?}"),
                     other => format!("no response: {other:?}"),
                 })
+            }
+            other if other.starts_with("fan-out ") => {
+                // `fan-out N AUTHORITY`: N GETs at once, all held until every one has answered.
+                use wasi::http::types::{Fields, OutgoingRequest, Scheme};
+                let (n, authority) = other[8..].split_once(' ').unwrap_or(("0", ""));
+                let n: usize = n.parse().map_err(|_| PluginError::InvalidInput("bad number".into()))?;
+                let mut pending = Vec::new();
+                for _ in 0..n {
+                    let request = OutgoingRequest::new(Fields::new());
+                    let _ = request.set_scheme(Some(&Scheme::Http));
+                    let _ = request.set_authority(Some(authority));
+                    let _ = request.set_path_with_query(Some("/plain"));
+                    pending.push(wasi::http::outgoing_handler::handle(request, None));
+                }
+                let (mut ok, mut refused, mut errors) = (Vec::new(), 0, std::collections::BTreeSet::new());
+                for p in pending {
+                    match p {
+                        Ok(future) => {
+                            future.subscribe().block();
+                            match future.get() {
+                                Some(Ok(Ok(response))) => ok.push(response),
+                                Some(Ok(Err(e))) => {
+                                    refused += 1;
+                                    errors.insert(format!("{e:?}"));
+                                }
+                                other => {
+                                    refused += 1;
+                                    errors.insert(format!("{other:?}"));
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            refused += 1;
+                            errors.insert(format!("{e:?}"));
+                        }
+                    }
+                }
+                Ok(format!("ok {}, refused {refused} {}", ok.len(), errors.into_iter().collect::<Vec<_>>().join(",")))
             }
             other if other.starts_with("headers ") => {
                 let (n, bytes) = other[8..].split_once(' ').unwrap_or((&other[8..], "1024"));

@@ -202,6 +202,34 @@ where
     }
 }
 
+/// A path parameter (an id or a name), with rejections in the one error shape: one that is not
+/// valid UTF-8 once percent-decoded, or holds a control character (a NUL byte, which PostgreSQL
+/// cannot store, a newline), is a 400 naming the problem, the same on every database.
+#[derive(Debug, Clone)]
+pub struct ApiPath(pub String);
+
+impl<S> FromRequestParts<S> for ApiPath
+where
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match axum::extract::Path::<String>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(value)) if value.chars().any(char::is_control) => {
+                Err(ApiError::invalid("the path parameter contains a control character (such as %00)"))
+            }
+            Ok(axum::extract::Path(value)) => Ok(ApiPath(value)),
+            Err(axum::extract::rejection::PathRejection::FailedToDeserializePathParams(e))
+                if matches!(e.kind(), axum::extract::path::ErrorKind::InvalidUtf8InPathParam { .. }) =>
+            {
+                Err(ApiError::invalid("the path parameter is not valid UTF-8 once percent-decoded"))
+            }
+            Err(other) => Err(ApiError::invalid(other.body_text())),
+        }
+    }
+}
+
 /// The largest page a list returns.
 pub const MAX_PAGE_SIZE: u32 = 100;
 /// The page size when none is asked for.

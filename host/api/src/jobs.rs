@@ -3,8 +3,8 @@
 
 use super::AppState;
 use super::auth::Caller;
-use super::error::{ApiError, ApiJson, ApiQuery, ErrorBody};
-use axum::extract::{Path, State};
+use super::error::{ApiError, ApiJson, ApiPath, ApiQuery, ErrorBody};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -113,7 +113,10 @@ async fn installed(
     match state.runner.marketplace().get(caller.tenant_name(), name).await {
         Ok(install) => Ok(Some(install)),
         Err(e) if e.downcast_ref::<qlayer_marketplace::InstallError>().is_some() => Ok(None),
-        Err(e) => Err(ApiError::internal(format!("{e:#}"))),
+        Err(e) => match e.downcast::<qlayer_db::DbError>() {
+            Ok(db) => Err(db.into()),
+            Err(e) => Err(ApiError::internal(format!("{e:#}"))),
+        },
     }
 }
 
@@ -256,7 +259,7 @@ pub async fn find(state: &AppState, caller: &Caller, id: &str, kind: Option<JobK
 pub async fn get_job(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath,
 ) -> Result<axum::Json<Job>, ApiError> {
     find(&state, &caller, &id, None).await.map(axum::Json)
 }
@@ -276,7 +279,7 @@ pub struct TaskList {
 pub async fn job_tasks(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath,
 ) -> Result<axum::Json<TaskList>, ApiError> {
     job_tasks_op(&state, &caller, &id).await.map(axum::Json)
 }
@@ -295,7 +298,7 @@ pub async fn job_tasks_op(state: &AppState, caller: &Caller, id: &str) -> Result
 pub async fn cancel_job(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath,
 ) -> Result<axum::Json<Job>, ApiError> {
     cancel_op(&state, &caller, &id).await.map(axum::Json)
 }
@@ -328,7 +331,7 @@ pub async fn job_events(
     State(state): State<AppState>,
     caller: Caller,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath,
 ) -> Result<Response, ApiError> {
     find(&state, &caller, &id, None).await?;
     let after = headers
@@ -429,7 +432,7 @@ pub async fn submit_run(
 pub async fn get_run(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath,
 ) -> Result<axum::Json<Job>, ApiError> {
     find(&state, &caller, &id, Some(JobKind::Run)).await.map(axum::Json)
 }
@@ -451,7 +454,7 @@ pub async fn capsule_op(state: &AppState, caller: &Caller, id: &str) -> Result<q
 pub async fn run_capsule(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath,
 ) -> Result<Response, ApiError> {
     let artifact = capsule_op(&state, &caller, &id).await?;
     let disposition = format!("attachment; filename=\"{id}.tar.gz\"");

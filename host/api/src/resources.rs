@@ -2,8 +2,8 @@
 
 use super::AppState;
 use super::auth::Caller;
-use super::error::{ApiError, ApiJson, ApiQuery, ErrorBody, PageQuery};
-use axum::extract::{Path, State};
+use super::error::{ApiError, ApiJson, ApiPath, ApiQuery, ErrorBody, PageQuery};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use qlayer_db::{ApiKey, Role, Tenant};
@@ -101,7 +101,7 @@ pub async fn list_tenants_op(state: &AppState, caller: &Caller, page: PageQuery)
 pub async fn get_tenant(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath,
 ) -> Result<axum::Json<Tenant>, ApiError> {
     get_tenant_op(&state, &caller, &id).await.map(axum::Json)
 }
@@ -137,7 +137,7 @@ pub struct TenantShare {
 pub async fn set_tenant_share(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath,
     ApiJson(body): ApiJson<TenantShare>,
 ) -> Result<axum::Json<Tenant>, ApiError> {
     set_tenant_share_op(&state, &caller, &id, body).await.map(axum::Json)
@@ -248,7 +248,7 @@ pub async fn list_keys_op(state: &AppState, caller: &Caller) -> Result<KeyList, 
 pub async fn revoke_key(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath,
 ) -> Result<StatusCode, ApiError> {
     revoke_key_op(&state, &caller, &id).await.map(|()| StatusCode::NO_CONTENT)
 }
@@ -374,7 +374,7 @@ pub async fn list_plugins_op(state: &AppState, caller: &Caller) -> Result<Plugin
 pub async fn get_plugin(
     State(state): State<AppState>,
     caller: Caller,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath,
 ) -> Result<axum::Json<PluginView>, ApiError> {
     get_plugin_op(&state, &caller, &name).await.map(axum::Json)
 }
@@ -450,7 +450,7 @@ pub async fn install_plugin_op(
 pub async fn remove_plugin(
     State(state): State<AppState>,
     caller: Caller,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath,
 ) -> Result<StatusCode, ApiError> {
     remove_plugin_op(&state, &caller, &name).await.map(|()| StatusCode::NO_CONTENT)
 }

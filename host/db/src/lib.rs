@@ -44,10 +44,23 @@ pub enum DbError {
     },
     /// The database failed.
     #[error("database: {0}")]
-    Sql(#[from] sqlx::Error),
+    Sql(sqlx::Error),
     /// Migrations failed.
     #[error("database migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+impl From<sqlx::Error> for DbError {
+    /// PostgreSQL refuses a NUL character in text (22021) and `\u0000` in JSON (22P05), which
+    /// SQLite stores: that is bad input, never a database failure.
+    fn from(e: sqlx::Error) -> Self {
+        if let sqlx::Error::Database(d) = &e
+            && matches!(d.code().as_deref(), Some("22021" | "22P05"))
+        {
+            return DbError::Invalid("text may not contain a NUL character (\\u0000)".into());
+        }
+        DbError::Sql(e)
+    }
 }
 
 /// Which database is behind the store.

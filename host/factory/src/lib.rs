@@ -266,7 +266,15 @@ pub async fn agent_step(
         Task { requirement: request.requirement.clone(), inputs, feedback, options_json: request.options_json.clone() };
     let result = async {
         let mut instance = agent.agent(&request.tenant, llm).await?;
-        instance.run(&task).await
+        let mut out = instance.run(&task).await?;
+        // Where artifacts enter the host: every path gets its one spelling (`./docs/a.md` and
+        // `docs//a.md` are `docs/a.md`), so that every later comparison of paths is right.
+        out.artifacts = canonical_artifacts(std::mem::take(&mut out.artifacts)).map_err(|message| CallError {
+            plugin: Arc::from(agent.plugin().manifest().name.as_str()),
+            tenant: Arc::from(request.tenant.as_str()),
+            kind: qlayer_runtime::CallErrorKind::Plugin(qlayer_runtime::PluginError::InvalidInput(message)),
+        })?;
+        Ok::<_, CallError>(out)
     }
     .await;
     let outcome = match &result {
@@ -322,6 +330,38 @@ pub fn developer_step(round: u32) -> String {
 /// See [`developer_step`].
 pub fn validate_step_name(validator: &str) -> String {
     format!("validate: {validator}")
+}
+
+/// The one spelling of a plugin-supplied relative path: its normal components joined by `/`
+/// (`./docs//PRD.json` is `docs/PRD.json`), refusing what [`safe_join`] refuses.
+pub fn canonical_path(relative: &str) -> Result<String, String> {
+    let joined = safe_join(Path::new(""), relative).map_err(|e| format!("{e:#}"))?;
+    let parts: Vec<&str> = joined.components().filter_map(|c| c.as_os_str().to_str()).collect();
+    if parts.is_empty() {
+        return Err(format!("refusing the path {relative:?}: it names no file"));
+    }
+    Ok(parts.join("/"))
+}
+
+/// `artifacts` with canonical paths; of two with the same path, the later one (as writing them
+/// out in order would leave).
+pub fn canonical_artifacts(artifacts: Vec<Artifact>) -> Result<Vec<Artifact>, String> {
+    let mut out: Vec<Artifact> = Vec::with_capacity(artifacts.len());
+    for mut a in artifacts {
+        a.path = canonical_path(&a.path).map_err(|e| format!("artifact path: {e}"))?;
+        out.retain(|b| b.path != a.path);
+        out.push(a);
+    }
+    Ok(out)
+}
+
+/// The files of a run: the PRD, then the developer's files, except one that would replace a PRD
+/// file (the product manager's document is not the developer's to rewrite). Paths are canonical.
+pub fn run_files(prd: Vec<Artifact>, developer: Vec<Artifact>) -> Vec<Artifact> {
+    let mut files = prd;
+    let taken: std::collections::HashSet<String> = files.iter().map(|f| f.path.clone()).collect();
+    files.extend(developer.into_iter().filter(|f| !taken.contains(&f.path)));
+    files
 }
 
 /// Joins a plugin-supplied relative path onto `root`, refusing anything that could escape it.
@@ -412,6 +452,23 @@ pub fn unpack(capsule: &[u8], out: &Path) -> anyhow::Result<usize> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn artifact_paths_get_one_spelling_and_the_prd_is_not_replaced() {
+        let art = |p: &str, c: &str| Artifact { path: p.into(), media_type: "text/plain".into(), content: c.into() };
+        assert_eq!(canonical_path("./docs//PRD.json").unwrap(), "docs/PRD.json");
+        assert_eq!(canonical_path("a/./b").unwrap(), "a/b");
+        assert!(canonical_path("./").is_err());
+        assert!(canonical_path("../x").is_err());
+        let dev =
+            canonical_artifacts(vec![art("./docs/PRD.json", "forged"), art("src/a.rs", "1"), art("src//a.rs", "2")])
+                .unwrap();
+        assert_eq!(dev.iter().map(|a| a.path.as_str()).collect::<Vec<_>>(), ["docs/PRD.json", "src/a.rs"]);
+        assert_eq!(dev[1].content, b"2");
+        let files = run_files(vec![art("docs/PRD.json", "the PRD")], dev);
+        assert_eq!(files.len(), 2);
+        assert_eq!(files[0].content, b"the PRD");
+    }
 
     #[test]
     fn paths_cannot_escape_the_output_directory() {

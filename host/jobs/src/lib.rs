@@ -743,8 +743,7 @@ impl PluginExecutor {
         let provider = self.choice(input, &tenant);
         let steps = self.finished_steps(task).await?;
         let (status, stop_reason) = factory::verdict(&deps.diagnostics, round);
-        let mut files = deps.prd;
-        files.extend(deps.files);
+        let files = factory::run_files(deps.prd, deps.files);
         let file_reports = factory::file_reports(&files).map_err(|e| fatal(format!("{e:#}")))?;
         let report = RunReport {
             requirement: request.requirement.clone(),

@@ -194,7 +194,42 @@ macro_rules! on_both {
     };
 }
 
-on_both!(tenants_keys_and_roles, plugins_jobs_runs_events_and_capsules);
+on_both!(
+    tenants_keys_and_roles,
+    plugins_jobs_runs_events_and_capsules,
+    nul_bytes_and_bad_utf8_are_bad_input_on_every_database
+);
+
+/// Issue 14 items 13 and 14: a NUL byte (which PostgreSQL cannot store) or invalid UTF-8 in a path
+/// parameter, or `\u0000` in a body, is a 400 in the one error shape on both databases, not a 500
+/// or axum's text/plain.
+async fn nul_bytes_and_bad_utf8_are_bad_input_on_every_database(backend: Backend) {
+    let svc = service(backend, false, |_| {}).await;
+    let (_, acme) = svc.tenant("acme").await;
+    for (method, path) in [
+        ("GET", "/v1/jobs/job_%00"),
+        ("GET", "/v1/runs/%00/capsule"),
+        ("POST", "/v1/jobs/%00/cancel"),
+        ("GET", "/v1/plugins/%00"),
+        ("GET", "/v1/tenants/tn_%00"),
+        ("DELETE", "/v1/keys/key_%00"),
+        ("GET", "/v1/jobs/%FF%FE"),
+        ("GET", "/v1/runs/%C3%28/capsule"),
+    ] {
+        let key = if path.starts_with("/v1/tenants") { ADMIN } else { acme.as_str() };
+        let r = svc.send(method, path, Some(key), None).await;
+        assert_eq!(r.status, 400, "{method} {path}: {r:?}");
+        assert_eq!(r.headers["content-type"], "application/json", "{method} {path}");
+        assert_eq!(r.body["error"]["code"], "invalid_request", "{method} {path}: {r:?}");
+        let message = r.body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("control character") || message.contains("UTF-8"), "{message}");
+    }
+    let r = svc.post("/v1/tenants", ADMIN, json!({"name": "nul\u{0}name"})).await;
+    assert_ne!(r.status, 500, "{r:?}");
+    let r =
+        svc.post("/v1/jobs", &acme, json!({"kind": "call", "input": {"plugin": "p\u{0}", "input": "x\u{0}"}})).await;
+    assert_ne!(r.status, 500, "{r:?}");
+}
 
 async fn tenants_keys_and_roles(backend: Backend) {
     let svc = service(backend, false, |_| {}).await;

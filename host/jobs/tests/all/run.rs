@@ -111,6 +111,26 @@ async fn validator_findings_go_back_to_the_developer_until_fixed() {
     assert_eq!(std::fs::read_to_string(run.out.path().join("src/main.rs")).unwrap(), "fn main() {}\n");
 }
 
+/// Issue 14 item 22: a developer file at `./docs/PRD.json` is the same path as the PRD, and does
+/// not replace it; the capsule and the report name each file once, in its one spelling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_developer_file_cannot_replace_the_prd_by_spelling_its_path_differently() {
+    let reply = json!({"files": [
+        {"path": "./docs/PRD.json", "content": "{\"forged\": true}"},
+        {"path": "Cargo.toml", "content": "[package]\nname = \"x\"\nversion = \"0.1.0\"\n"},
+        {"path": "./src/main.rs", "content": "fn main() {}\n"},
+    ]});
+    let script = json!({"rules": [{"role": "developer", "reply": reply.to_string()}]});
+    let run = run(ProviderChoice::Scripted { script: Some(script.to_string()) }, 1, None).await;
+    let report = run.report();
+    assert_eq!(report["status"], "passed", "{report:#}");
+    let prd = std::fs::read_to_string(run.out.path().join("docs/PRD.json")).unwrap();
+    assert!(!prd.contains("forged"), "the PRD was replaced: {prd}");
+    let paths: Vec<&str> = report["files"].as_array().unwrap().iter().map(|f| f["path"].as_str().unwrap()).collect();
+    assert_eq!(paths.iter().filter(|p| p.contains("PRD")).count(), 1, "{paths:?}");
+    assert!(paths.contains(&"src/main.rs"), "{paths:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repair_rounds_are_bounded_and_the_report_says_why_it_stopped() {
     let script = json!({"rules": [{"role": "developer", "reply": files_json("fn main( {")}]});

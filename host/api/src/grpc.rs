@@ -75,11 +75,17 @@ impl Grpc {
         Ok(Caller(principal))
     }
 
-    /// The router with every service and reflection.
+    /// The router with every service, reflection (v1 and v1alpha, which older clients such as
+    /// grpcio-reflection speak only); `serve` adds `grpc.health.v1.Health`.
     pub fn routes(self, max_message_bytes: usize) -> anyhow::Result<tonic::service::Routes> {
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
         let mut routes = tonic::service::RoutesBuilder::default();
         routes
             .add_service(tenants_server::TenantsServer::new(self.clone()).max_decoding_message_size(max_message_bytes))
@@ -87,9 +93,23 @@ impl Grpc {
             .add_service(plugins_server::PluginsServer::new(self.clone()).max_decoding_message_size(max_message_bytes))
             .add_service(jobs_server::JobsServer::new(self.clone()).max_decoding_message_size(max_message_bytes))
             .add_service(runs_server::RunsServer::new(self).max_decoding_message_size(max_message_bytes))
-            .add_service(reflection);
+            .add_service(reflection)
+            .add_service(reflection_v1alpha);
         Ok(routes.routes())
     }
+}
+
+/// Reports a message over the size limit as `RESOURCE_EXHAUSTED`, as the gRPC spec says, where
+/// tonic answers `OUT_OF_RANGE`. Such a refusal comes before any response message, so its status
+/// is in the (trailers-only) response headers.
+pub fn resource_exhausted<B>(mut response: axum::http::Response<B>) -> axum::http::Response<B> {
+    let headers = response.headers_mut();
+    let too_large = headers.get("grpc-status").is_some_and(|s| s == "11")
+        && headers.get("grpc-message").and_then(|m| m.to_str().ok()).is_some_and(|m| m.contains("too%20large"));
+    if too_large {
+        headers.insert("grpc-status", axum::http::HeaderValue::from_static("8"));
+    }
+    response
 }
 
 fn page(limit: u32, after: String) -> PageQuery {

@@ -390,7 +390,9 @@ pub async fn start(config: ServeConfig, data_dir: PathBuf) -> anyhow::Result<Run
         },
         metrics: crate::metrics_handle(),
     };
-    let grpc_routes = crate::grpc::Grpc::new(state.clone()).routes(config.limits.max_body_bytes)?;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let grpc_routes =
+        crate::grpc::Grpc::new(state.clone()).routes(config.limits.max_body_bytes)?.add_service(health_service);
     let listener = tokio::net::TcpListener::bind(config.server.rest_addr)
         .await
         .with_context(|| format!("listening on {}", config.server.rest_addr))?;
@@ -415,11 +417,14 @@ pub async fn start(config: ServeConfig, data_dir: PathBuf) -> anyhow::Result<Run
         async move {
             tonic::transport::Server::builder()
                 .timeout(timeout)
+                .layer(tower::util::MapResponseLayer::new(crate::grpc::resource_exhausted))
                 .add_routes(grpc_routes)
                 .serve_with_incoming_shutdown(
                     tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
                     async move {
                         let _ = rx.wait_for(|stop| *stop).await;
+                        // Probes see the node going before its listener does.
+                        health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
                     },
                 )
                 .await
@@ -469,7 +474,13 @@ pub async fn serve(config: ServeConfig, data_dir: PathBuf) -> anyhow::Result<()>
         // Shown once, to the operator's terminal; never through the logs.
         #[allow(clippy::print_stderr)]
         {
-            eprintln!("qlayer: first start: admin API key (shown once, store it now): {secret}");
+            // A block of its own among the JSON log lines, so it is not missed.
+            let rule = "=".repeat(78);
+            eprintln!(
+                "\n{rule}\nqlayer: first start: admin API key (shown once, store it now):\n\n    {secret}\n\n\
+                 It belongs to the `system` tenant (an operator). Set QLAYER_ADMIN_KEY or [auth] admin-key\n\
+                 to choose your own instead.\n{rule}\n"
+            );
         }
     }
     #[allow(clippy::print_stdout)]

@@ -818,7 +818,7 @@ async fn grpc_with_a_real_tonic_client() {
         ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
         server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
     };
-    let mut reflection = ServerReflectionClient::new(channel);
+    let mut reflection = ServerReflectionClient::new(channel.clone());
     let request = ServerReflectionRequest {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
@@ -829,9 +829,38 @@ async fn grpc_with_a_real_tonic_client() {
         panic!("no service list")
     };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    for service in ["qlayer.v1.Tenants", "qlayer.v1.Keys", "qlayer.v1.Plugins", "qlayer.v1.Jobs", "qlayer.v1.Runs"] {
+    let expected = ["qlayer.v1.Tenants", "qlayer.v1.Keys", "qlayer.v1.Plugins", "qlayer.v1.Jobs", "qlayer.v1.Runs"];
+    for service in expected.iter().chain(&["grpc.health.v1.Health"]) {
         assert!(names.iter().any(|n| n == service), "{service} in {names:?}");
     }
+    // The same through reflection v1alpha, all older clients speak.
+    {
+        use tonic_reflection::pb::v1alpha::{
+            ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        };
+        let mut reflection = ServerReflectionClient::new(channel.clone());
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut answers =
+            reflection.server_reflection_info(futures::stream::iter([request])).await.unwrap().into_inner();
+        let Some(MessageResponse::ListServicesResponse(list)) =
+            answers.message().await.unwrap().unwrap().message_response
+        else {
+            panic!("no service list over v1alpha")
+        };
+        let alpha: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        for service in expected {
+            assert!(alpha.iter().any(|n| n == service), "{service} in {alpha:?}");
+        }
+    }
+    // grpc.health.v1.Health, as Kubernetes' gRPC probe and grpc_health_probe ask it (no key).
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    let mut health = HealthClient::new(channel);
+    let status = health.check(HealthCheckRequest { service: String::new() }).await.unwrap().into_inner().status;
+    assert_eq!(status, ServingStatus::Serving as i32);
     svc.stop().await;
 }
 
@@ -1035,7 +1064,7 @@ async fn grpc_every_method_checks_the_caller_and_the_other_tenant_sees_nothing()
         .submit_job(proto::SubmitJobRequest { kind: "run".into(), input_json: huge, ..Default::default() })
         .await
         .unwrap_err();
-    assert_eq!(e.code(), Code::OutOfRange, "tonic's answer to an oversized message: {e:?}");
+    assert_eq!(e.code(), Code::ResourceExhausted, "an oversized message: {e:?}");
     assert!(e.message().contains("too large"), "{e:?}");
     svc.stop().await;
 }

@@ -221,7 +221,12 @@ impl keys_server::Keys for Grpc {
         let caller = self.caller(&request, "CreateKey").await?;
         let r = request.into_inner();
         let role = r.role.parse().map_err(|e: qlayer_db::DbError| ApiError::invalid(format!("role: {e}")))?;
-        let c = ops::create_key_op(&self.state, &caller, ops::CreateKey { name: r.name, role }).await?;
+        let c = ops::create_key_op(
+            &self.state,
+            &caller,
+            ops::CreateKey { name: r.name, role, tenant_id: Some(r.tenant_id) },
+        )
+        .await?;
         Ok(Response::new(KeyCreated { key: Some(key(c.key)), api_key: c.api_key }))
     }
 

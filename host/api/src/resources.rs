@@ -179,6 +179,10 @@ pub struct CreateKey {
     pub name: String,
     /// `admin`, `developer` or `viewer`.
     pub role: Role,
+    /// Operators only: the tenant to issue the key for (default: the caller's own). How an
+    /// operator lets a tenant back in that lost its admin keys.
+    #[serde(default)]
+    pub tenant_id: Option<String>,
 }
 
 /// A new key.
@@ -197,9 +201,10 @@ pub struct KeyList {
     pub items: Vec<ApiKey>,
 }
 
-/// Creates a key in the caller's tenant (admins).
+/// Creates a key in the caller's tenant (admins), or, for an operator, in the tenant named by
+/// `tenant_id`.
 #[utoipa::path(post, path = "/v1/keys", tag = "keys", request_body = CreateKey,
-    responses((status = 201, body = KeyCreated), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+    responses((status = 201, body = KeyCreated), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("api_key" = [])))]
 pub async fn create_key(
     State(state): State<AppState>,
@@ -214,11 +219,18 @@ pub async fn create_key(
 pub async fn create_key_op(state: &AppState, caller: &Caller, body: CreateKey) -> Result<KeyCreated, ApiError> {
     caller.require_admin()?;
     let outcome = async {
+        let tenant = match body.tenant_id.as_deref().filter(|t| !t.is_empty()) {
+            None => caller.tenant_id(),
+            Some(own) if own == caller.tenant_id() => own,
+            Some(other) if caller.is_operator() => other,
+            // Another tenant looks exactly like a missing one.
+            Some(other) => return Err(ApiError::not_found(format!("tenant `{other}` not found"))),
+        };
         let (key, secret) = state
             .db
-            .create_key(caller.tenant_id(), &body.name, body.role)
+            .create_key(tenant, &body.name, body.role)
             .await?
-            .ok_or_else(|| ApiError::internal("the caller's tenant is missing"))?;
+            .ok_or_else(|| ApiError::not_found(format!("tenant `{tenant}` not found")))?;
         Ok::<_, ApiError>(KeyCreated { key, api_key: secret.expose().to_string() })
     }
     .await;
@@ -241,9 +253,10 @@ pub async fn list_keys_op(state: &AppState, caller: &Caller) -> Result<KeyList, 
     Ok(KeyList { items: state.db.keys(caller.tenant_id()).await? })
 }
 
-/// Revokes a key of the caller's tenant (admins).
+/// Revokes a key of the caller's tenant (admins). The tenant's last admin key is not revoked
+/// (409): create another first.
 #[utoipa::path(delete, path = "/v1/keys/{id}", tag = "keys", params(("id" = String, Path, description = "key id")),
-    responses((status = 204), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    responses((status = 204), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
     security(("api_key" = [])))]
 pub async fn revoke_key(
     State(state): State<AppState>,

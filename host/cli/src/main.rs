@@ -50,6 +50,10 @@ enum Command {
     /// The audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// API keys, straight in the service's database: how an operator on the host issues a key
+    /// for a tenant that lost its admin keys (or for the `system` tenant itself).
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Run the multi-tenant service (REST and gRPC). Config: --config file, then QLAYER_* environment,
     /// then flags.
     Serve {
@@ -82,12 +86,62 @@ enum Command {
 enum AuditCommand {
     /// Walk the hash chain; report the first record that was changed, removed or moved.
     Verify {
-        /// sqlite://<path> or postgres://... (default: the SQLite file in the data dir).
-        #[arg(long, env = "QLAYER_DATABASE_URL")]
-        database: Option<String>,
-        /// Data directory.
-        #[arg(long, env = "QLAYER_DATA_DIR")]
-        data_dir: Option<PathBuf>,
+        #[command(flatten)]
+        db: DatabaseArgs,
+    },
+}
+
+/// Where the service's database is.
+#[derive(clap::Args)]
+struct DatabaseArgs {
+    /// sqlite://<path> or postgres://... (default: the SQLite file in the data dir).
+    #[arg(long, env = "QLAYER_DATABASE_URL")]
+    database: Option<String>,
+    /// Data directory.
+    #[arg(long, env = "QLAYER_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+impl DatabaseArgs {
+    /// The database URL: the one given, else the data dir's SQLite file, which must exist.
+    fn url(&self) -> anyhow::Result<String> {
+        match &self.database {
+            Some(url) => Ok(url.clone()),
+            None => {
+                let dir = self.data_dir.clone().unwrap_or_else(embedded::default_data_dir);
+                let path = dir.join("qlayer.db");
+                if !path.exists() {
+                    anyhow::bail!("no database at {} (pass --database)", path.display());
+                }
+                Ok(format!("sqlite://{}", path.display()))
+            }
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Issue a key for a tenant and print it once (recorded in the audit log as `cli`).
+    Create {
+        /// The tenant's name (`system` for operators).
+        #[arg(long)]
+        tenant: String,
+        /// admin, developer or viewer.
+        #[arg(long, default_value = "admin")]
+        role: String,
+        /// A label for the key.
+        #[arg(long, default_value = "issued with qlayer keys")]
+        name: String,
+        #[command(flatten)]
+        db: DatabaseArgs,
+    },
+    /// List a tenant's keys (never the keys themselves: they are stored hashed).
+    List {
+        /// The tenant's name.
+        #[arg(long)]
+        tenant: String,
+        #[command(flatten)]
+        db: DatabaseArgs,
     },
 }
 
@@ -355,6 +409,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Plugin(cmd) => plugin(cmd).map(|()| ExitCode::SUCCESS),
         Command::Audit(cmd) => audit(cmd),
+        Command::Keys(cmd) => keys(cmd).map(|()| ExitCode::SUCCESS),
         Command::Serve { config, rest_addr, grpc_addr, database, data_dir, queue, otlp_endpoint: _ } => match &tokio {
             Some(rt) => {
                 serve_command(rt, config, rest_addr, grpc_addr, database, data_dir, queue).map(|()| ExitCode::SUCCESS)
@@ -431,18 +486,8 @@ fn serve_command(
 }
 
 fn audit(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
-    let AuditCommand::Verify { database, data_dir } = cmd;
-    let url = match database {
-        Some(url) => url,
-        None => {
-            let dir = data_dir.unwrap_or_else(embedded::default_data_dir);
-            let path = dir.join("qlayer.db");
-            if !path.exists() {
-                anyhow::bail!("no database at {} (pass --database)", path.display());
-            }
-            format!("sqlite://{}", path.display())
-        }
-    };
+    let AuditCommand::Verify { db } = cmd;
+    let url = db.url()?;
     let tokio = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     tokio.block_on(async {
         let db = qlayer_db::Db::open(&url).await?;
@@ -456,6 +501,48 @@ fn audit(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
                 ExitCode::from(3)
             }
         })
+    })
+}
+
+fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
+    let (tenant_name, url) = match &cmd {
+        KeysCommand::Create { tenant, db, .. } | KeysCommand::List { tenant, db, .. } => (tenant.clone(), db.url()?),
+    };
+    let tokio = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    tokio.block_on(async move {
+        let db = qlayer_db::Db::open(&url).await.context("opening the database")?;
+        let tenant = db
+            .tenant_named(&tenant_name)
+            .await?
+            .with_context(|| format!("no tenant named `{tenant_name}` in this database"))?;
+        match cmd {
+            KeysCommand::Create { role, name, .. } => {
+                let role: qlayer_db::Role = role.parse().map_err(|e| anyhow::anyhow!("--role: {e}"))?;
+                let (key, secret) =
+                    db.create_key(&tenant.id, &name, role).await?.context("the tenant was removed meanwhile")?;
+                db.audit(qlayer_db::AuditEntry {
+                    actor: "cli".into(),
+                    tenant_id: tenant.id.clone(),
+                    action: "key.create".into(),
+                    target: key.id.clone(),
+                    outcome: "ok".into(),
+                })
+                .await?;
+                println!("{}", secret.expose());
+                eprintln!(
+                    "key {} ({role}) for tenant `{}` ({}): shown once, store it now",
+                    key.id, tenant.name, tenant.id
+                );
+            }
+            KeysCommand::List { .. } => {
+                for key in db.keys(&tenant.id).await? {
+                    let state = if key.revoked_at.is_some() { "revoked" } else { "active" };
+                    println!("{}\t{}\t{state}\t{}", key.id, key.role, key.name);
+                }
+            }
+        }
+        db.close().await;
+        Ok(())
     })
 }
 

@@ -392,6 +392,15 @@ impl Db {
         row.map(|r| tenant_of(&r)).transpose()
     }
 
+    /// A tenant by name.
+    pub async fn tenant_named(&self, name: &str) -> Result<Option<Tenant>, DbError> {
+        let row = sqlx::query("SELECT id, name, created_at, weight, max_running FROM tenants WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| tenant_of(&r)).transpose()
+    }
+
     /// Tenants ordered by id, after `after` (keyset pagination), at most `limit`.
     pub async fn tenants(&self, after: Option<&str>, limit: u32) -> Result<Vec<Tenant>, DbError> {
         let rows = sqlx::query(
@@ -478,14 +487,45 @@ impl Db {
     }
 
     /// Revokes a key of `tenant_id`. `false` when there is no such live key in that tenant.
+    ///
+    /// A tenant's last admin key is not revoked ([`DbError::Conflict`]): nothing could mint it a
+    /// new one through the API. Concurrent revocations are serialised on the tenant's row, so two
+    /// of them cannot take the last two keys.
     pub async fn revoke_key(&self, tenant_id: &str, key_id: &str) -> Result<bool, DbError> {
-        let done =
-            sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND tenant_id = $3 AND revoked_at IS NULL")
-                .bind(now_ms())
+        let mut tx = self.pool.begin().await?;
+        // A row lock on PostgreSQL, the write lock on SQLite.
+        sqlx::query("UPDATE tenants SET weight = weight WHERE id = $1").bind(tenant_id).execute(&mut *tx).await?;
+        let Some(row) =
+            sqlx::query("SELECT role FROM api_keys WHERE id = $1 AND tenant_id = $2 AND revoked_at IS NULL")
                 .bind(key_id)
                 .bind(tenant_id)
-                .execute(&self.pool)
-                .await?;
+                .fetch_optional(&mut *tx)
+                .await?
+        else {
+            return Ok(false);
+        };
+        if row.try_get::<String, _>("role")? == "admin" {
+            let admins: i64 = sqlx::query(
+                "SELECT COUNT(*) AS n FROM api_keys WHERE tenant_id = $1 AND role = 'admin' AND revoked_at IS NULL",
+            )
+            .bind(tenant_id)
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get("n")?;
+            if admins <= 1 {
+                return Err(DbError::Conflict(format!(
+                    "key `{key_id}` is the tenant's last admin key; create another admin key first (an operator \
+                     can issue one with POST /v1/keys and tenant_id, or `qlayer keys create` on the host)"
+                )));
+            }
+        }
+        let done = sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND tenant_id = $3")
+            .bind(now_ms())
+            .bind(key_id)
+            .bind(tenant_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
         Ok(done.rows_affected() == 1)
     }
 

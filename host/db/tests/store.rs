@@ -85,6 +85,7 @@ on_both!(
     tenants_are_created_listed_and_unique,
     keys_are_shown_once_stored_hashed_and_scoped_to_their_tenant,
     revoked_keys_stop_working,
+    a_tenants_last_admin_key_cannot_be_revoked,
     the_admin_bootstrap_key,
     the_audit_chain_detects_changed_removed_and_reordered_records,
     migrations_are_idempotent,
@@ -185,6 +186,25 @@ async fn revoked_keys_stop_working(backend: Backend) {
     assert!(!t.db.revoke_key(&acme.id, &key.id).await.unwrap(), "already revoked");
     assert!(t.db.authenticate(secret.expose()).await.unwrap().is_none());
     assert!(t.db.keys(&acme.id).await.unwrap()[0].revoked_at.is_some());
+}
+
+/// Issue 14 item 17: a tenant cannot lock itself out for good.
+async fn a_tenants_last_admin_key_cannot_be_revoked(backend: Backend) {
+    let t = open(backend).await;
+    let acme = t.db.create_tenant("acme").await.unwrap();
+    let (only, _) = t.db.create_key(&acme.id, "only admin", Role::Admin).await.unwrap().unwrap();
+    let (dev, _) = t.db.create_key(&acme.id, "dev", Role::Developer).await.unwrap().unwrap();
+    let err = t.db.revoke_key(&acme.id, &only.id).await.unwrap_err();
+    assert!(matches!(err, qlayer_db::DbError::Conflict(ref m) if m.contains("last admin key")), "{err}");
+    assert!(t.db.revoke_key(&acme.id, &dev.id).await.unwrap(), "other roles are revoked as before");
+    // Two admins revoked at once: exactly one goes, the tenant keeps an admin.
+    let (second, _) = t.db.create_key(&acme.id, "second admin", Role::Admin).await.unwrap().unwrap();
+    let (a, b) = tokio::join!(t.db.revoke_key(&acme.id, &only.id), t.db.revoke_key(&acme.id, &second.id));
+    assert_eq!([a.is_ok(), b.is_ok()].iter().filter(|ok| **ok).count(), 1, "{a:?} {b:?}");
+    let live =
+        t.db.keys(&acme.id).await.unwrap().into_iter().filter(|k| k.role == Role::Admin && k.revoked_at.is_none());
+    assert_eq!(live.count(), 1);
+    assert_eq!(t.db.tenant_named("acme").await.unwrap().map(|t| t.id), Some(acme.id));
 }
 
 async fn the_admin_bootstrap_key(backend: Backend) {

@@ -983,9 +983,13 @@ async fn grpc_every_method_checks_the_caller_and_the_other_tenant_sees_nothing()
                 (
                     "CreateKey",
                     code(
-                        k.create_key(proto::CreateKeyRequest { name: "x".into(), role: "viewer".into() })
-                            .await
-                            .map(drop),
+                        k.create_key(proto::CreateKeyRequest {
+                            name: "x".into(),
+                            role: "viewer".into(),
+                            ..Default::default()
+                        })
+                        .await
+                        .map(drop),
                     ),
                 ),
                 ("ListKeys", code(k.list_keys(proto::Empty {}).await.map(drop))),
@@ -1117,4 +1121,34 @@ async fn a_tenant_cannot_reach_the_operators_network_through_grants_or_install_r
     // Nothing was installed.
     let r = svc.get("/v1/plugins", &acme).await;
     assert_eq!(r.body["items"].as_array().map(Vec::len), Some(0), "{r:?}");
+}
+
+/// Issue 14 item 17: a tenant cannot lock itself out, and an operator can let one back in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_admin_key_stays_and_operators_issue_keys_for_a_tenant() {
+    let svc = service(Backend::Sqlite, false, |_| {}).await;
+    let (acme_id, acme) = svc.tenant("acme").await;
+    let (beta_id, beta) = svc.tenant("beta").await;
+    let keys = svc.get("/v1/keys", &acme).await;
+    let only = keys.body["items"][0]["id"].as_str().unwrap().to_string();
+    let r = svc.delete(&format!("/v1/keys/{only}"), &acme).await;
+    assert_eq!(r.status, 409, "{r:?}");
+    assert!(r.text.contains("last admin key"), "{r:?}");
+    assert_eq!(svc.get("/v1/keys", &acme).await.status, 200, "the key still works");
+    // An operator issues acme an admin key; with two, acme may revoke the old one.
+    let r = svc.post("/v1/keys", ADMIN, json!({"name": "recovery", "role": "admin", "tenant_id": acme_id})).await;
+    assert_eq!(r.status, 201, "{r:?}");
+    assert_eq!(r.body["key"]["tenant_id"], acme_id.as_str(), "{r:?}");
+    let recovery = r.body["api_key"].as_str().unwrap().to_string();
+    assert_eq!(svc.delete(&format!("/v1/keys/{only}"), &recovery).await.status, 204);
+    assert_eq!(svc.get("/v1/keys", &acme).await.status, 401);
+    // A tenant's admin cannot issue keys elsewhere: the other tenant looks missing.
+    let r = svc.post("/v1/keys", &recovery, json!({"name": "x", "role": "admin", "tenant_id": beta_id})).await;
+    assert_eq!(r.status, 404, "{r:?}");
+    let r = svc.post("/v1/keys", &recovery, json!({"name": "x", "role": "admin", "tenant_id": "tn_missing"})).await;
+    assert_eq!(r.status, 404, "{r:?}");
+    let r = svc.post("/v1/keys", ADMIN, json!({"name": "x", "role": "admin", "tenant_id": "tn_missing"})).await;
+    assert_eq!(r.status, 404, "{r:?}");
+    assert_eq!(svc.get("/v1/keys", &beta).await.body["items"].as_array().unwrap().len(), 1, "beta unchanged");
+    svc.stop().await;
 }

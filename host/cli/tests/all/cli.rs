@@ -212,6 +212,34 @@ fn plugin_commands_reject_bad_input() {
 }
 
 #[test]
+fn qlayer_keys_issues_a_working_key_for_a_tenant_locked_out_of_the_api() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("qlayer.db");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let db = rt.block_on(async {
+        let db = qlayer_db::Db::open_sqlite(&path).await.unwrap();
+        db.create_tenant("acme").await.unwrap();
+        db
+    });
+    let o = qlayer(&["keys", "create", "--tenant", "acme", "--role", "admin"], tmp.path());
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "{stdout}{stderr}");
+    let secret = stdout.trim();
+    assert!(secret.starts_with("ql_") && stderr.contains("shown once"), "{stdout}{stderr}");
+    let principal = rt.block_on(db.authenticate(secret)).unwrap().expect("the key works");
+    assert_eq!((principal.tenant_name.as_str(), principal.role), ("acme", qlayer_db::Role::Admin));
+    let o = qlayer(&["keys", "list", "--tenant", "acme"], tmp.path());
+    let (stdout, _) = text(&o);
+    assert!(stdout.contains(&principal.key_id) && stdout.contains("admin\tactive"), "{stdout}");
+    assert!(!stdout.contains(secret), "a list never shows a key");
+    let o = qlayer(&["keys", "create", "--tenant", "nobody"], tmp.path());
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).1.contains("no tenant named `nobody`"), "{}", text(&o).1);
+    let records = rt.block_on(db.audit_records(None, 0, 10)).unwrap();
+    assert!(records.iter().any(|r| r.action == "key.create" && r.actor == "cli"), "{records:?}");
+}
+
+#[test]
 fn audit_verify_reports_an_intact_chain_and_the_first_broken_record() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("qlayer.db");

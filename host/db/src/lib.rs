@@ -385,20 +385,17 @@ impl Db {
 
     /// A tenant by id.
     pub async fn tenant(&self, id: &str) -> Result<Option<Tenant>, DbError> {
-        let row = sqlx::query("SELECT id, name, created_at, weight, max_running FROM tenants WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
+        self.tenant_where("SELECT id, name, created_at, weight, max_running FROM tenants WHERE id = $1", id).await
+    }
+
+    async fn tenant_where(&self, query: &'static str, value: &str) -> Result<Option<Tenant>, DbError> {
+        let row = sqlx::query(query).bind(value).fetch_optional(&self.pool).await?;
         row.map(|r| tenant_of(&r)).transpose()
     }
 
     /// A tenant by name.
     pub async fn tenant_named(&self, name: &str) -> Result<Option<Tenant>, DbError> {
-        let row = sqlx::query("SELECT id, name, created_at, weight, max_running FROM tenants WHERE name = $1")
-            .bind(name)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(|r| tenant_of(&r)).transpose()
+        self.tenant_where("SELECT id, name, created_at, weight, max_running FROM tenants WHERE name = $1", name).await
     }
 
     /// Tenants ordered by id, after `after` (keyset pagination), at most `limit`.

@@ -77,7 +77,8 @@ pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
 
 /// Checks the key and the tenant's rate, and records the tenant on the request's span.
 pub async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    let principal = match resolve(&state, req.headers()).await {
+    let client = client_of(&req);
+    let principal = match resolve(&state, req.headers(), client).await {
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
@@ -91,15 +92,94 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
     next.run(req).await
 }
 
-/// The principal behind a request's bearer key.
-pub async fn resolve(state: &AppState, headers: &axum::http::HeaderMap) -> Result<Principal, ApiError> {
-    let Some(token) = bearer(headers) else {
-        return Err(ApiError::unauthenticated("missing credentials: send `Authorization: Bearer <api key>`"));
+/// The address a REST request came from, when the server recorded it.
+pub fn client_of(req: &Request) -> Option<std::net::IpAddr> {
+    req.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip())
+}
+
+/// The principal behind a request's bearer key, from `client` (when known).
+///
+/// Failed authentications are limited per client address ([`AuthGuard`]): past the limit the
+/// client gets 429 with `Retry-After` before any key is looked at. A key just found unknown is
+/// remembered for a while, so a flood of the same bad key does not reach the database.
+pub async fn resolve(
+    state: &AppState,
+    headers: &axum::http::HeaderMap,
+    client: Option<std::net::IpAddr>,
+) -> Result<Principal, ApiError> {
+    let guard = &state.auth_guard;
+    if let Some(ip) = client
+        && let Err(wait) = guard.failures.peek(&ip.to_string())
+    {
+        return Err(ApiError::auth_throttled(wait.as_secs_f64().ceil().max(1.0) as u64));
+    }
+    let failed = |message: &str| {
+        if let Some(ip) = client {
+            let _ = guard.failures.check(&ip.to_string());
+        }
+        metrics::counter!("qlayer_auth_failures_total").increment(1);
+        ApiError::unauthenticated(message.to_string())
     };
+    let Some(token) = bearer(headers) else {
+        return Err(failed("missing credentials: send `Authorization: Bearer <api key>`"));
+    };
+    const INVALID: &str = "the API key is not valid: unknown, malformed or revoked";
+    if guard.known_unknown(token) {
+        return Err(failed(INVALID));
+    }
     match state.db.authenticate(token).await {
         Ok(Some(p)) => Ok(p),
-        Ok(None) => Err(ApiError::unauthenticated("the API key is not valid: unknown, malformed or revoked")),
+        Ok(None) => {
+            guard.remember_unknown(token);
+            Err(failed(INVALID))
+        }
         Err(e) => Err(ApiError::internal(e)),
+    }
+}
+
+/// Bounds what unauthenticated clients can make the service do.
+#[derive(Debug)]
+pub struct AuthGuard {
+    /// Failed authentications per client address.
+    failures: RateLimiter,
+    /// Hashes of keys recently found unknown, with when.
+    unknown: Mutex<HashMap<u64, Instant>>,
+}
+
+/// How long a key found unknown is answered from memory.
+const UNKNOWN_TTL: Duration = Duration::from_secs(30);
+/// Unknown keys remembered at most; past that the memory starts afresh.
+const UNKNOWN_MAX: usize = 10_000;
+
+impl AuthGuard {
+    /// `per_second` failures a second per client address on average, bursts of `burst`.
+    pub fn new(per_second: f64, burst: f64) -> Self {
+        AuthGuard { failures: RateLimiter::new(per_second, burst), unknown: Mutex::new(HashMap::new()) }
+    }
+
+    fn fingerprint(token: &str) -> u64 {
+        use std::hash::{BuildHasher, Hasher};
+        // Keyed per process (RandomState): the map's keys say nothing of the tokens.
+        static KEY: std::sync::OnceLock<std::collections::hash_map::RandomState> = std::sync::OnceLock::new();
+        let mut h = KEY.get_or_init(Default::default).build_hasher();
+        h.write(token.as_bytes());
+        h.finish()
+    }
+
+    fn known_unknown(&self, token: &str) -> bool {
+        let map = self.unknown.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&Self::fingerprint(token)).is_some_and(|at| at.elapsed() < UNKNOWN_TTL)
+    }
+
+    fn remember_unknown(&self, token: &str) {
+        let mut map = self.unknown.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= UNKNOWN_MAX {
+            map.retain(|_, at| at.elapsed() < UNKNOWN_TTL);
+            if map.len() >= UNKNOWN_MAX {
+                map.clear();
+            }
+        }
+        map.insert(Self::fingerprint(token), Instant::now());
     }
 }
 
@@ -115,6 +195,21 @@ impl RateLimiter {
     /// `rate` 0 turns the limit off.
     pub fn new(rate: f64, burst: f64) -> Self {
         RateLimiter { rate, burst: burst.max(1.0), buckets: Mutex::new(HashMap::new()) }
+    }
+
+    /// Whether `key` has a token now, without taking it; or how long until it has one.
+    pub fn peek(&self, key: &str) -> Result<(), Duration> {
+        if self.rate <= 0.0 {
+            return Ok(());
+        }
+        let buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        match buckets.get(key) {
+            Some((tokens, last)) => {
+                let tokens = (tokens + last.elapsed().as_secs_f64() * self.rate).min(self.burst);
+                if tokens >= 1.0 { Ok(()) } else { Err(Duration::from_secs_f64((1.0 - tokens) / self.rate)) }
+            }
+            None => Ok(()),
+        }
     }
 
     /// Takes a token for `key`, or says how long until one is available.
@@ -151,5 +246,14 @@ mod tests {
         assert!(wait > Duration::ZERO && wait <= Duration::from_secs(1), "{wait:?}");
         assert!(limiter.check("b").is_ok(), "another tenant has its own bucket");
         assert!(RateLimiter::new(0.0, 0.0).check("a").is_ok(), "rate 0 is off");
+        assert!(limiter.peek("a").is_err() && limiter.peek("c").is_ok(), "peek takes nothing");
+    }
+
+    #[test]
+    fn unknown_keys_are_remembered_for_a_while() {
+        let guard = AuthGuard::new(1.0, 5.0);
+        assert!(!guard.known_unknown("ql_bad"));
+        guard.remember_unknown("ql_bad");
+        assert!(guard.known_unknown("ql_bad") && !guard.known_unknown("ql_other"));
     }
 }

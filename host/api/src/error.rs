@@ -67,7 +67,18 @@ impl ApiError {
         Self::new(StatusCode::CONFLICT, "conflict", message)
     }
 
-    /// 429 with `Retry-After`.
+    /// 429 with `Retry-After`: too many failed authentications from the client's address.
+    pub fn auth_throttled(retry_after_secs: u64) -> Self {
+        let mut e = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!("too many failed authentications from this address; retry after {retry_after_secs} s"),
+        );
+        e.retry_after = Some(retry_after_secs);
+        e
+    }
+
+    /// 429 with `Retry-After`: the tenant is over its request rate.
     pub fn rate_limited(retry_after_secs: u64) -> Self {
         let mut e = Self::new(
             StatusCode::TOO_MANY_REQUESTS,

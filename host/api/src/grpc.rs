@@ -67,7 +67,7 @@ impl Grpc {
     async fn caller<T>(&self, request: &Request<T>, method: &'static str) -> Result<Caller, Status> {
         metrics::counter!("qlayer_grpc_requests_total", "method" => method).increment(1);
         let headers = request.metadata().clone().into_headers();
-        let principal = auth::resolve(&self.state, &headers).await?;
+        let principal = auth::resolve(&self.state, &headers, request.remote_addr().map(|a| a.ip())).await?;
         if let Err(wait) = self.state.limiter.check(&principal.tenant_id) {
             return Err(ApiError::rate_limited(wait.as_secs_f64().ceil().max(1.0) as u64).into());
         }

@@ -44,6 +44,8 @@ pub struct AppState {
     pub runner: Arc<JobRunner>,
     /// Per-tenant request rate.
     pub limiter: Arc<RateLimiter>,
+    /// Failed authentications per client address, and keys recently found unknown.
+    pub auth_guard: Arc<auth::AuthGuard>,
     /// Request limits.
     pub limits: Limits,
     /// Renders the Prometheus metrics.
@@ -242,8 +244,8 @@ pub async fn ready(State(state): State<AppState>) -> Response {
 #[utoipa::path(get, path = "/metrics", tag = "service",
     responses((status = 200, content_type = "text/plain", body = String), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
     security(("api_key" = [])))]
-pub async fn metrics_text(State(state): State<AppState>, headers: axum::http::HeaderMap) -> Result<Response, ApiError> {
-    let caller = Caller(auth::resolve(&state, &headers).await?);
+pub async fn metrics_text(State(state): State<AppState>, req: axum::extract::Request) -> Result<Response, ApiError> {
+    let caller = Caller(auth::resolve(&state, req.headers(), auth::client_of(&req)).await?);
     if !caller.is_operator() {
         return Err(ApiError::forbidden("metrics are for operators: an admin key of the `system` tenant"));
     }

@@ -69,6 +69,13 @@ pub struct LimitsConfig {
     /// How long a request may take (longer gets 503 `timeout`).
     #[serde(default = "default_timeout")]
     pub request_timeout_ms: u64,
+    /// Failed authentications per second per client address, on average (0: no limit); past it
+    /// the client gets 429 and Retry-After before its key is looked at.
+    #[serde(default = "default_auth_rate")]
+    pub auth_failures_per_second: f64,
+    /// Failed authentications a client address may have at once above that rate.
+    #[serde(default = "default_auth_burst")]
+    pub auth_failure_burst: f64,
 }
 
 impl Default for LimitsConfig {
@@ -78,8 +85,17 @@ impl Default for LimitsConfig {
             requests_per_second: default_rate(),
             burst: default_burst(),
             request_timeout_ms: default_timeout(),
+            auth_failures_per_second: default_auth_rate(),
+            auth_failure_burst: default_auth_burst(),
         }
     }
+}
+
+fn default_auth_rate() -> f64 {
+    1.0
+}
+fn default_auth_burst() -> f64 {
+    20.0
 }
 
 fn default_body() -> usize {
@@ -384,6 +400,10 @@ pub async fn start(config: ServeConfig, data_dir: PathBuf) -> anyhow::Result<Run
             config.limits.requests_per_second,
             config.limits.burst,
         )),
+        auth_guard: std::sync::Arc::new(crate::auth::AuthGuard::new(
+            config.limits.auth_failures_per_second,
+            config.limits.auth_failure_burst,
+        )),
         limits: crate::Limits {
             max_body_bytes: config.limits.max_body_bytes,
             request_timeout: Duration::from_millis(config.limits.request_timeout_ms),
@@ -399,7 +419,9 @@ pub async fn start(config: ServeConfig, data_dir: PathBuf) -> anyhow::Result<Run
     let rest_addr = listener.local_addr()?;
     tracing::info!(addr = %rest_addr, backend = ?db.backend(), "qlayer serve: REST listening");
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let server = axum::serve(listener, crate::router(state)).with_graceful_shutdown({
+    // With each connection's address: failed authentications are limited per client.
+    let app = crate::router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let server = axum::serve(listener, app).with_graceful_shutdown({
         let mut rx = stop_rx.clone();
         async move {
             let _ = rx.wait_for(|stop| *stop).await;

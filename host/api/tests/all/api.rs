@@ -52,6 +52,8 @@ pub(crate) async fn service(backend: Backend, with_registry: bool, tweak: impl F
     config.server.shutdown_grace_ms = 2_000;
     config.auth.admin_key = Some(ADMIN.into());
     config.limits.requests_per_second = 0.0;
+    // The tests send many bad keys on purpose; the one test of this limit turns it back on.
+    config.limits.auth_failures_per_second = 0.0;
     let pg = match backend {
         Backend::Sqlite => None,
         Backend::Postgres => {
@@ -1121,6 +1123,38 @@ async fn a_tenant_cannot_reach_the_operators_network_through_grants_or_install_r
     // Nothing was installed.
     let r = svc.get("/v1/plugins", &acme).await;
     assert_eq!(r.body["items"].as_array().map(Vec::len), Some(0), "{r:?}");
+}
+
+/// Issue 14 item 16: unauthenticated floods are limited per client address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_authentications_are_limited_per_client_address() {
+    let svc = service(Backend::Sqlite, false, |c| {
+        c.limits.auth_failures_per_second = 0.1;
+        c.limits.auth_failure_burst = 5.0;
+    })
+    .await;
+    let (_, acme) = svc.tenant("acme").await;
+    let bad = |i: usize| format!("ql_{:064x}", i);
+    for i in 0..5 {
+        assert_eq!(svc.get("/v1/jobs", &bad(i)).await.status, 401);
+    }
+    // The sixth failure in a row from this address: 429 with Retry-After, before any lookup.
+    let r = svc.get("/v1/jobs", &bad(99)).await;
+    assert_eq!(r.status, 429, "{r:?}");
+    assert!(r.headers.get("retry-after").is_some(), "{r:?}");
+    // Even a good key waits from this address (it could be the attacker's own).
+    assert_eq!(svc.get("/v1/jobs", &acme).await.status, 429);
+    // gRPC counts against the same address.
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", svc.running.as_ref().unwrap().grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut jobs = qlayer_api::grpc::proto::jobs_client::JobsClient::new(channel);
+    let mut request = tonic::Request::new(qlayer_api::grpc::proto::ListJobsRequest::default());
+    request.metadata_mut().insert("authorization", format!("Bearer {}", bad(7)).parse().unwrap());
+    assert_eq!(jobs.list_jobs(request).await.unwrap_err().code(), tonic::Code::ResourceExhausted);
+    svc.stop().await;
 }
 
 /// Issue 14 item 17: a tenant cannot lock itself out, and an operator can let one back in.

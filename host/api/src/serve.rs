@@ -559,6 +559,18 @@ mod tests {
     }
 
     #[test]
+    fn network_allow_entries_are_checked_when_the_config_is_read() {
+        let ok = ServeConfig::from_toml("[network]\nallow = [\"10.0.0.0/8\", \"llm.lan:8000\"]\n").unwrap();
+        assert_eq!(ok.network.allow.len(), 2);
+        for bad in ["*", "10.0.0.0/40", "http://x"] {
+            let err = ServeConfig::from_toml(&format!("[network]\nallow = [\"{bad}\"]\n")).unwrap_err();
+            let message = format!("{err:#}");
+            assert!(message.contains("[network]") && message.contains(bad), "{message}");
+        }
+        assert!(ServeConfig::from_toml("[network]\nalow = []\n").is_err(), "unknown keys too");
+    }
+
+    #[test]
     fn scheduler_settings_out_of_range_are_refused_naming_the_key() {
         for (text, key) in [
             ("[jobs]\nconcurrency = 0\n", "concurrency"),

@@ -55,7 +55,7 @@ impl StoreState {
             .build();
         // What the guest makes the host hold for it is bounded too: the resource table (headers,
         // requests, streams, pollables) has at most MAX_RESOURCES entries, and one header map at
-        // most FIELD_BYTES, so header maps can hold no more than about the instance's own memory
+        // most `field_bytes`, so header maps can hold no more than about the instance's own memory
         // limit (and never more than MAX_RESOURCES x 64 KiB).
         let mut table = ResourceTable::new();
         table.set_max_capacity(MAX_RESOURCES);
@@ -68,6 +68,7 @@ impl StoreState {
                 allowed: grants.outbound_hosts.clone(),
                 outbound,
                 slots: Arc::new(tokio::sync::Semaphore::new(outbound::PER_INSTANCE)),
+                log: log.clone(),
             },
             tenant,
             plugin,
@@ -165,6 +166,9 @@ struct OutboundPolicy {
     outbound: Arc<Outbound>,
     /// This instance's requests in flight.
     slots: Arc<tokio::sync::Semaphore>,
+    /// The instance's log budget: a guest that makes refused requests in a loop must not flood
+    /// the host's log with the refusals either.
+    log: Arc<LogMeter>,
 }
 
 impl OutboundPolicy {
@@ -197,22 +201,26 @@ impl WasiHttpHooks for OutboundPolicy {
         _fut: Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
     ) -> SendFuture {
         if !self.permits(request.uri()) {
-            tracing::warn!(
-                tenant = %self.tenant,
-                plugin = %self.plugin,
-                host = request.uri().authority().map(|a| a.as_str()).unwrap_or(""),
-                "outbound request refused: host not granted to this plugin"
-            );
+            if self.log.admit(0) {
+                tracing::warn!(
+                    tenant = %self.tenant,
+                    plugin = %self.plugin,
+                    host = request.uri().authority().map(|a| a.as_str()).unwrap_or(""),
+                    "outbound request refused: host not granted to this plugin"
+                );
+            }
             return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
         }
         let permits = match self.outbound.permits(&self.tenant, &self.slots) {
             Ok(permits) => permits,
             Err(whose) => {
-                tracing::warn!(
-                    tenant = %self.tenant,
-                    plugin = %self.plugin,
-                    "outbound request refused: {whose} requests in flight are at their limit"
-                );
+                if self.log.admit(0) {
+                    tracing::warn!(
+                        tenant = %self.tenant,
+                        plugin = %self.plugin,
+                        "outbound request refused: {whose} requests in flight are at their limit"
+                    );
+                }
                 return Box::new(async { Err(wasmtime_wasi_http::Error::ConnectionLimitReached) });
             }
         };

@@ -275,7 +275,27 @@ pub struct ExtismInstance {
     pub(crate) timeout: Duration,
     pub(crate) memory_bytes: usize,
     pub(crate) poisoned: bool,
-    pub(crate) _slot: OwnedSemaphorePermit,
+    /// The pool slot; while a call runs, the call's thread holds it, so that it is released only
+    /// once the guest has really stopped.
+    pub(crate) slot: Option<OwnedSemaphorePermit>,
+}
+
+/// Cancels an Extism call when dropped before it was disarmed: a call whose caller went away
+/// (a cancelled job) stops instead of running on to its manifest timeout.
+struct CancelOnDrop(Option<extism::CancelHandle>);
+
+impl CancelOnDrop {
+    fn cancel(&mut self) {
+        if let Some(handle) = self.0.take() {
+            let _ = handle.cancel();
+        }
+    }
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.cancel();
+    }
 }
 
 impl ExtismInstance {
@@ -290,12 +310,27 @@ impl ExtismInstance {
         }
         let Some(mut plugin) = self.plugin.take() else { return Err(self.error(CallErrorKind::Poisoned)) };
         let input = input_json.to_string();
-        let joined = tokio::task::spawn_blocking(move || {
+        // The call's deadline is this instance's (a job's deadline_ms included), not only the
+        // timeout compiled into the module: past it the call is cancelled, and so it is when
+        // this future is dropped.
+        let mut cancel = CancelOnDrop(Some(plugin.cancel_handle()));
+        let slot = self.slot.take();
+        let mut call = tokio::task::spawn_blocking(move || {
             let result = plugin.call::<&str, String>("invoke", &input).map_err(|e| format!("{e:#}"));
+            (plugin, result, slot)
+        });
+        let joined = match tokio::time::timeout(self.timeout, &mut call).await {
+            Ok(joined) => joined,
+            Err(_) => {
+                cancel.cancel();
+                call.await
+            }
+        };
+        cancel.0 = None;
+        let (plugin, result) = match joined.map(|(plugin, result, slot)| {
+            self.slot = slot;
             (plugin, result)
-        })
-        .await;
-        let (plugin, result) = match joined {
+        }) {
             Ok(done) => done,
             Err(e) => {
                 self.poisoned = true;

@@ -831,7 +831,7 @@ impl Installed {
             timeout: self.timeout,
             memory_bytes: self.memory_bytes,
             poisoned: false,
-            _slot: slot,
+            slot: Some(slot),
         })))
     }
 

@@ -463,6 +463,30 @@ async fn an_extism_plugin_that_loops_is_stopped_and_others_carry_on() {
     assert!(server.requests().is_empty());
 }
 
+/// Issue 14 item 8: an Extism call stops at the call's own deadline (a job's deadline_ms), not
+/// only at the timeout compiled into the module (here 300 s).
+#[tokio::test]
+async fn an_extism_call_stops_at_its_deadline_not_at_its_manifest_timeout() {
+    let rt = runtime();
+    let installed = rt.load(&extism_hostile(32, 300_000)).unwrap().install(Default::default()).unwrap();
+    let short = installed.clone().with_timeout(Duration::from_millis(200));
+    let mut tool = short.any_tool("tenant-a").await.unwrap();
+    // The bound only keeps a broken build from hanging CI; the call stops at about 200 ms.
+    let err = tokio::time::timeout(Duration::from_secs(60), tool.invoke("loop"))
+        .await
+        .expect("the call ran on past its deadline")
+        .unwrap_err();
+    assert!(matches!(err.kind, CallErrorKind::Timeout(d) if d == Duration::from_millis(200)), "{err}");
+    // A dropped call (a cancelled job) is cancelled too, and its instance's slot comes back.
+    let mut tool = installed.any_tool("tenant-b").await.unwrap();
+    let running = tokio::spawn(async move { tool.invoke("loop").await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    running.abort();
+    let _ = running.await;
+    let mut again = installed.any_tool("tenant-b").await.unwrap();
+    assert_eq!(again.invoke("hello").await.unwrap(), "echo:hello");
+}
+
 #[tokio::test]
 async fn skopeo_reads_what_we_push_with_the_wasm_media_types() {
     let skopeo = ensure_program("skopeo", "skopeo");

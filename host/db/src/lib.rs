@@ -45,9 +45,25 @@ pub enum DbError {
     /// The database failed.
     #[error("database: {0}")]
     Sql(sqlx::Error),
+    /// The database could not be reached.
+    #[error("cannot reach `{target}`: {message}")]
+    Connect {
+        /// `host[:port]/name` from the URL (never its password).
+        target: String,
+        /// Why.
+        message: String,
+    },
     /// Migrations failed.
     #[error("database migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// What a database URL points at, for messages: `host[:port]/name` (a PostgreSQL URL without
+/// its user and password) or the SQLite path.
+fn connect_target(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    rest.split('?').next().unwrap_or(rest).to_string()
 }
 
 impl From<sqlx::Error> for DbError {
@@ -329,7 +345,14 @@ impl Db {
                 })
             });
         }
-        let pool = options.connect(&url).await?;
+        let pool = options.connect(&url).await.map_err(|e| match e {
+            // Say where: "failed to lookup address information" alone names no host.
+            sqlx::Error::Io(io) => DbError::Connect { target: connect_target(&url), message: io.to_string() },
+            sqlx::Error::Tls(_) | sqlx::Error::PoolTimedOut => {
+                DbError::Connect { target: connect_target(&url), message: e.to_string() }
+            }
+            e => DbError::from(e),
+        })?;
         MIGRATOR.run(&pool).await?;
         Ok(Db { pool, backend, audit_lock: Default::default() })
     }

@@ -188,6 +188,15 @@ async fn revoked_keys_stop_working(backend: Backend) {
     assert!(t.db.keys(&acme.id).await.unwrap()[0].revoked_at.is_some());
 }
 
+/// Issue 14 item 25: a database that cannot be reached is named (never with its password).
+#[tokio::test]
+async fn an_unreachable_database_is_named_in_the_error() {
+    let err = Db::open("postgres://qlayer:s3cret@db.invalid:5432/qlayer?sslmode=disable").await.unwrap_err();
+    let message = err.to_string();
+    assert!(message.starts_with("cannot reach `db.invalid:5432/qlayer`: "), "{message}");
+    assert!(!message.contains("s3cret") && !message.contains("database: error communicating"), "{message}");
+}
+
 /// Issue 14 item 17: a tenant cannot lock itself out for good.
 async fn a_tenants_last_admin_key_cannot_be_revoked(backend: Backend) {
     let t = open(backend).await;

@@ -69,23 +69,17 @@ impl ApiError {
 
     /// 429 with `Retry-After`: too many failed authentications from the client's address.
     pub fn auth_throttled(retry_after_secs: u64) -> Self {
-        let mut e = Self::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            format!("too many failed authentications from this address; retry after {retry_after_secs} s"),
-        );
-        e.retry_after = Some(retry_after_secs);
-        e
+        Self::retry_after("too many failed authentications from this address", retry_after_secs)
     }
 
     /// 429 with `Retry-After`: the tenant is over its request rate.
     pub fn rate_limited(retry_after_secs: u64) -> Self {
-        let mut e = Self::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            format!("too many requests for this tenant; retry after {retry_after_secs} s"),
-        );
-        e.retry_after = Some(retry_after_secs);
+        Self::retry_after("too many requests for this tenant", retry_after_secs)
+    }
+
+    fn retry_after(what: &str, secs: u64) -> Self {
+        let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", format!("{what}; retry after {secs} s"));
+        e.retry_after = Some(secs);
         e
     }
 

@@ -14,6 +14,8 @@ pub const SECTION_NAME: &str = "qlayer-plugin";
 pub const MAX_MEMORY_MB: u32 = 4096;
 /// Longest per-call time a manifest may ask for, in milliseconds.
 pub const MAX_TIMEOUT_MS: u64 = 600_000;
+/// The largest `limits.output-kb` a manifest may ask for (256 MiB).
+pub const MAX_OUTPUT_KB: u32 = 262_144;
 /// Largest manifest accepted, in bytes.
 pub const MAX_MANIFEST_BYTES: usize = 64 * 1024;
 
@@ -162,6 +164,9 @@ pub struct Limits {
     pub memory_mb: Option<u32>,
     /// Longest time one call may take, in milliseconds.
     pub timeout_ms: Option<u64>,
+    /// Largest output one call may return, in KiB (a tool's output, an agent's artifacts, a
+    /// completion's text).
+    pub output_kb: Option<u32>,
 }
 
 /// Why a manifest could not be read.
@@ -264,6 +269,11 @@ impl Manifest {
             && !(1..=MAX_TIMEOUT_MS).contains(&ms)
         {
             return invalid("limits.timeout-ms", &format!("{ms} is outside 1..={MAX_TIMEOUT_MS}"));
+        }
+        if let Some(kb) = self.limits.output_kb
+            && !(1..=MAX_OUTPUT_KB).contains(&kb)
+        {
+            return invalid("limits.output-kb", &format!("{kb} is outside 1..={MAX_OUTPUT_KB}"));
         }
         Ok(())
     }

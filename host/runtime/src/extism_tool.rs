@@ -274,6 +274,7 @@ pub struct ExtismInstance {
     pub(crate) tenant: Arc<str>,
     pub(crate) timeout: Duration,
     pub(crate) memory_bytes: usize,
+    pub(crate) output_limit: usize,
     pub(crate) poisoned: bool,
     /// The pool slot; while a call runs, the call's thread holds it, so that it is released only
     /// once the guest has really stopped.
@@ -338,6 +339,11 @@ impl ExtismInstance {
             }
         };
         self.plugin = Some(plugin);
+        if let Ok(out) = &result
+            && out.len() > self.output_limit
+        {
+            return Err(self.error(CallErrorKind::OutputTooLarge { limit: self.output_limit, size: out.len() }));
+        }
         result.map_err(|message| {
             let kind = classify(&message, self.timeout, self.memory_bytes);
             if !matches!(kind, CallErrorKind::Plugin(_)) {

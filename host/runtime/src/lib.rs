@@ -69,6 +69,10 @@ pub struct HostPolicy {
     pub max_timeout: Duration,
     /// Live instances the pool holds at once; more callers wait for a slot.
     pub max_instances: u32,
+    /// Largest output of one call when the manifest does not say, in KiB.
+    pub default_output_kb: u32,
+    /// The largest output any call may return, in KiB.
+    pub max_output_kb: u32,
 }
 
 impl Default for HostPolicy {
@@ -79,6 +83,8 @@ impl Default for HostPolicy {
             default_timeout: Duration::from_secs(30),
             max_timeout: Duration::from_secs(300),
             max_instances: 1000,
+            default_output_kb: 4 * 1024,
+            max_output_kb: 64 * 1024,
         }
     }
 }
@@ -156,6 +162,14 @@ pub enum CallErrorKind {
     Trap(String),
     /// The instance was left unusable by an earlier trap, timeout or out-of-memory.
     Poisoned,
+    /// The call returned more than its output limit (the manifest's `output-kb`, clamped by
+    /// the host policy); nothing of it is kept.
+    OutputTooLarge {
+        /// The limit, in bytes.
+        limit: usize,
+        /// What it returned, in bytes.
+        size: usize,
+    },
 }
 
 impl CallError {
@@ -207,6 +221,9 @@ impl fmt::Display for CallError {
             }
             CallErrorKind::Trap(m) => write!(f, "{who} trapped: {m}"),
             CallErrorKind::Poisoned => write!(f, "{who}: this instance failed earlier and cannot be used again"),
+            CallErrorKind::OutputTooLarge { limit, size } => {
+                write!(f, "{who} returned {size} bytes, past its output limit of {limit} bytes (limits.output-kb)")
+            }
         }
     }
 }
@@ -644,6 +661,9 @@ impl Plugin {
             .map(Duration::from_millis)
             .unwrap_or(policy.default_timeout)
             .min(policy.max_timeout);
+        let output_bytes = self.manifest.limits.output_kb.unwrap_or(policy.default_output_kb).min(policy.max_output_kb)
+            as usize
+            * 1024;
         let grants = Arc::new(grants);
         let memory_bytes = memory_mb as usize * 1024 * 1024;
         let extism = match &self.pre {
@@ -660,7 +680,7 @@ impl Plugin {
             )),
             _ => None,
         };
-        Ok(Installed { plugin: self.clone(), grants, memory_bytes, timeout, extism })
+        Ok(Installed { plugin: self.clone(), grants, memory_bytes, output_bytes, timeout, extism })
     }
 }
 
@@ -670,6 +690,7 @@ pub struct Installed {
     plugin: Arc<Plugin>,
     grants: Arc<Grants>,
     memory_bytes: usize,
+    output_bytes: usize,
     timeout: Duration,
     extism: Option<Arc<extism::CompiledPlugin>>,
 }
@@ -696,6 +717,10 @@ impl Installed {
     /// The per-call deadline in force.
     pub fn timeout(&self) -> Duration {
         self.timeout
+    }
+    /// The largest output one call may return, in bytes.
+    pub fn output_limit(&self) -> usize {
+        self.output_bytes
     }
 
     /// Overrides the per-call deadline (still clamped by the host policy).
@@ -756,7 +781,14 @@ impl Installed {
         outcome: Option<wasmtime::Result<B>>,
     ) -> Result<Instance<B>, CallError> {
         match outcome {
-            Some(Ok(bindings)) => Ok(Instance { store, bindings, timeout: self.timeout, poisoned: false, _slot: slot }),
+            Some(Ok(bindings)) => Ok(Instance {
+                store,
+                bindings,
+                timeout: self.timeout,
+                output_limit: self.output_bytes,
+                poisoned: false,
+                _slot: slot,
+            }),
             Some(Err(e)) => Err(classify(&store, e, self.timeout)),
             None => Err(error_of(&store, CallErrorKind::Timeout(self.timeout))),
         }
@@ -830,6 +862,7 @@ impl Installed {
             tenant,
             timeout: self.timeout,
             memory_bytes: self.memory_bytes,
+            output_limit: self.output_bytes,
             poisoned: false,
             slot: Some(slot),
         })))
@@ -914,6 +947,7 @@ pub struct Instance<B> {
     store: Store<StoreState>,
     bindings: B,
     timeout: Duration,
+    output_limit: usize,
     poisoned: bool,
     _slot: OwnedSemaphorePermit,
 }
@@ -954,6 +988,14 @@ impl<B: Send + Sync> Instance<B> {
     /// Whether an earlier failure left this instance unusable.
     pub fn is_poisoned(&self) -> bool {
         self.poisoned
+    }
+
+    /// Refuses an output of `size` bytes past this instance's output limit.
+    fn within_output(&self, size: usize) -> Result<(), CallError> {
+        if size > self.output_limit {
+            return Err(error_of(&self.store, CallErrorKind::OutputTooLarge { limit: self.output_limit, size }));
+        }
+        Ok(())
     }
 
     /// Arms the deadline for one guest call; fails fast on a poisoned instance.
@@ -1005,7 +1047,9 @@ impl ProviderInstance {
 
     /// One completion.
     pub async fn complete(&mut self, request: &CompletionRequest) -> Result<Completion, CallError> {
-        guest_call!(self, quantumlayer_plugin_provider().call_complete(&mut self.store, request))
+        let completion = guest_call!(self, quantumlayer_plugin_provider().call_complete(&mut self.store, request))?;
+        self.within_output(completion.text.len())?;
+        Ok(completion)
     }
 
     /// Embeddings.
@@ -1066,7 +1110,10 @@ impl AgentInstance {
 
     /// Runs the agent on a task.
     pub async fn run(&mut self, task: &Task) -> Result<AgentOutput, CallError> {
-        guest_call!(self, quantumlayer_plugin_agent().call_run(&mut self.store, task))
+        let out = guest_call!(self, quantumlayer_plugin_agent().call_run(&mut self.store, task))?;
+        let size = out.summary.len() + out.artifacts.iter().map(|a| a.path.len() + a.content.len()).sum::<usize>();
+        self.within_output(size)?;
+        Ok(out)
     }
 }
 
@@ -1080,6 +1127,8 @@ impl ValidatorInstance {
 impl ToolInstance {
     /// Invokes the tool.
     pub async fn invoke(&mut self, input_json: &str) -> Result<String, CallError> {
-        guest_call!(self, quantumlayer_plugin_tool().call_invoke(&mut self.store, input_json))
+        let out = guest_call!(self, quantumlayer_plugin_tool().call_invoke(&mut self.store, input_json))?;
+        self.within_output(out.len())?;
+        Ok(out)
     }
 }

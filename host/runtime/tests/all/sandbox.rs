@@ -441,6 +441,32 @@ fn a_call_that_floods_the_log_is_cut_at_its_budget_and_says_how_many_lines_it_dr
     }
 }
 
+#[tokio::test]
+async fn an_output_past_the_limit_is_refused_with_a_typed_error() {
+    let rt = runtime();
+    let wasm = guest_with(
+        "qlayer-test-hostile",
+        "name = \"hostile\"\nversion = \"0.1.0\"\nkind = \"tool\"\ndescription = \"d\"\n[limits]\noutput-kb = 64\n",
+    );
+    let installed = rt.load(&wasm).unwrap().install(Grants::default()).unwrap();
+    assert_eq!(installed.output_limit(), 64 * 1024);
+    let mut tool = installed.tool("t").await.unwrap();
+    let err = tool.invoke("big 100000").await.unwrap_err();
+    assert!(matches!(err.kind, CallErrorKind::OutputTooLarge { limit: 65536, size: 100_000 }), "{err}");
+    assert!(err.to_string().contains("past its output limit of 65536 bytes"), "{err}");
+    assert!(!err.is_retryable());
+    // The instance is fine, and an output within the limit passes.
+    assert_eq!(tool.invoke("big 1000").await.unwrap().len(), 1000);
+    // Without a manifest limit, the policy's default (4 MiB), and the policy clamps any ask.
+    assert_eq!(rt.load(&hostile(16, 1000)).unwrap().install(Grants::default()).unwrap().output_limit(), 4 << 20);
+    let clamped = qlayer_runtime::Runtime::new(qlayer_runtime::RuntimeConfig {
+        policy: qlayer_runtime::HostPolicy { max_output_kb: 16, ..Default::default() },
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(clamped.load(&wasm).unwrap().install(Grants::default()).unwrap().output_limit(), 16 * 1024);
+}
+
 #[test]
 fn a_logged_newline_cannot_forge_a_log_line() {
     let text = qlayer_tests::capture_logs(|| {

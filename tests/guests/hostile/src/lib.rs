@@ -4,7 +4,7 @@
 //! `headers N BYTES` makes the host hold N wasi:http header maps of BYTES each, `log N` and
 //! `print N` write N lines through `host.log` and stdout, `raw-get AUTHORITY` sends a raw wasi:http
 //! GET to http://AUTHORITY/plain (no URL parsing on the guest's side) and reports what happened,
-//! `fan-out N AUTHORITY` sends N such GETs at once and holds every response until all answered, `forge` logs a message with a newline
+//! `big N` answers N bytes, `fan-out N AUTHORITY` sends N such GETs at once and holds every response until all answered, `forge` logs a message with a newline
 //! and a forged log line in it; anything else is echoed.
 
 use qlayer_sdk::{PluginError, tool::Tool};
@@ -38,6 +38,10 @@ impl Tool for Hostile {
             "forge" => {
                 qlayer_sdk::host::info("innocent\nlevel=ERROR tenant=other forged line");
                 Ok("forged".into())
+            }
+            other if other.starts_with("big ") => {
+                let n: usize = other[4..].parse().map_err(|_| PluginError::InvalidInput("bad number".into()))?;
+                Ok("x".repeat(n))
             }
             other if other.starts_with("raw-get ") => {
                 use wasi::http::types::{Fields, OutgoingRequest, Scheme};

@@ -256,12 +256,25 @@ pub struct ServerConfig {
     /// How long in-flight requests get to finish at shutdown.
     #[serde(default = "default_grace")]
     pub shutdown_grace_ms: u64,
+    /// How long a REST client may take to send a request's headers, and an idle keep-alive
+    /// connection may wait for its next request, before the connection is closed.
+    #[serde(default = "default_header_timeout")]
+    pub header_timeout_ms: u64,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { rest_addr: default_rest(), grpc_addr: default_grpc(), shutdown_grace_ms: default_grace() }
+        ServerConfig {
+            rest_addr: default_rest(),
+            grpc_addr: default_grpc(),
+            shutdown_grace_ms: default_grace(),
+            header_timeout_ms: default_header_timeout(),
+        }
     }
+}
+
+fn default_header_timeout() -> u64 {
+    10_000
 }
 
 fn default_rest() -> SocketAddr {
@@ -419,15 +432,12 @@ pub async fn start(config: ServeConfig, data_dir: PathBuf) -> anyhow::Result<Run
     let rest_addr = listener.local_addr()?;
     tracing::info!(addr = %rest_addr, backend = ?db.backend(), "qlayer serve: REST listening");
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    // With each connection's address: failed authentications are limited per client.
-    let app = crate::router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let server = axum::serve(listener, app).with_graceful_shutdown({
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        }
-    });
-    let server = tokio::spawn(async move { server.await });
+    let server = tokio::spawn(serve_rest(
+        listener,
+        crate::router(state),
+        Duration::from_millis(config.server.header_timeout_ms.max(1)),
+        stop_rx.clone(),
+    ));
     let grpc_listener = tokio::net::TcpListener::bind(config.server.grpc_addr)
         .await
         .with_context(|| format!("listening on {} (gRPC)", config.server.grpc_addr))?;
@@ -487,6 +497,57 @@ impl Running {
         self.db.close().await;
         outcome
     }
+}
+
+/// Serves REST on `listener` until `stop`, then lets open connections finish. Each connection
+/// has a header-read timeout (a slow-header client is cut, and so is an idle keep-alive one) and
+/// its address on every request, for the per-address limit on failed authentications.
+async fn serve_rest(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    header_timeout: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(header_timeout);
+    builder.http2().timer(TokioTimer::new()).keep_alive_interval(Some(header_timeout));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (stream, addr) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file handles, say: back off instead of spinning.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = async { let _ = stop.wait_for(|stop| *stop).await; } => break,
+        };
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(axum::extract::ConnectInfo(addr));
+            let mut app = app.clone();
+            async move { tower::Service::call(&mut app, req.map(axum::body::Body::new)).await }
+        });
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            // A connection that sends nothing is closed too: the protocol is only known (and
+            // hyper's header timer only runs) once its first bytes arrive.
+            let mut first = [0u8; 1];
+            if !matches!(tokio::time::timeout(header_timeout, stream.peek(&mut first)).await, Ok(Ok(1..))) {
+                return;
+            }
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            let _ = watcher.watch(connection.into_owned()).await;
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }
 
 /// Runs the service until SIGINT or SIGTERM, then stops as [`Running::stop`] does.

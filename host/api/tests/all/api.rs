@@ -1186,3 +1186,24 @@ async fn the_last_admin_key_stays_and_operators_issue_keys_for_a_tenant() {
     assert_eq!(svc.get("/v1/keys", &beta).await.body["items"].as_array().unwrap().len(), 1, "beta unchanged");
     svc.stop().await;
 }
+
+/// Issue 14 item 15: a client that never finishes its headers is cut off, and so is an idle
+/// keep-alive connection; others are served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_header_and_idle_connections_are_cut() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let svc = service(Backend::Sqlite, false, |c| c.server.header_timeout_ms = 300).await;
+    let addr = svc.running.as_ref().unwrap().rest_addr;
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // Served while the slow one hangs.
+    assert_eq!(svc.send("GET", "/healthz", None, None).await.status, 200);
+    // The bound only keeps a broken build from hanging CI; the server closes at about 300 ms.
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(30), slow.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the slow-header connection was never closed");
+    let read = tokio::time::timeout(Duration::from_secs(30), idle.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the idle connection was never closed");
+    svc.stop().await;
+}

@@ -113,17 +113,18 @@ async fn a_granted_host_works_and_an_ungranted_host_is_refused() {
     assert_eq!(server.requests().len(), before);
 }
 
+/// The hostile tool asking for any host, installed with `server` granted.
+fn hostile_granted(rt: &qlayer_runtime::Runtime, server: &TestServer) -> qlayer_runtime::Installed {
+    let manifest = "name = \"hostile\"\nversion = \"0.1.0\"\nkind = \"tool\"\ndescription = \"d\"\n[capabilities]\noutbound-hosts = [\"*\"]\n[limits]\ntimeout-ms = 20000\n";
+    rt.load(&guest_with("qlayer-test-hostile", manifest)).unwrap().install(grant(&[server.addr.to_string()])).unwrap()
+}
+
 #[tokio::test]
 async fn an_authority_with_userinfo_is_refused_whatever_follows_the_at() {
     let granted = TestServer::start().await;
     let other = TestServer::start().await;
     let rt = runtime();
-    let manifest = "name = \"hostile\"\nversion = \"0.1.0\"\nkind = \"tool\"\ndescription = \"d\"\n[capabilities]\noutbound-hosts = [\"*\"]\n";
-    let installed = rt
-        .load(&guest_with("qlayer-test-hostile", manifest))
-        .unwrap()
-        .install(grant(&[granted.addr.to_string()]))
-        .unwrap();
+    let installed = hostile_granted(&rt, &granted);
     // The plain authority reaches the granted server: the guest's raw request works.
     let reply = installed.tool("t").await.unwrap().invoke(&format!("raw-get {}", granted.addr)).await.unwrap();
     assert_eq!(reply, "status 200");
@@ -191,12 +192,7 @@ async fn a_name_that_resolves_to_an_internal_address_is_refused_at_connect_time(
 async fn outbound_requests_in_flight_are_capped_per_instance_and_connections_are_reused() {
     let server = TestServer::start().await;
     let rt = runtime();
-    let manifest = "name = \"hostile\"\nversion = \"0.1.0\"\nkind = \"tool\"\ndescription = \"d\"\n[capabilities]\noutbound-hosts = [\"*\"]\n[limits]\ntimeout-ms = 20000\n";
-    let installed = rt
-        .load(&guest_with("qlayer-test-hostile", manifest))
-        .unwrap()
-        .install(grant(&[server.addr.to_string()]))
-        .unwrap();
+    let installed = hostile_granted(&rt, &server);
     // 100 requests at once from one instance: 16 go out, the rest are refused at once.
     let reply = installed.tool("t").await.unwrap().invoke(&format!("fan-out 100 {}", server.addr)).await.unwrap();
     assert!(reply.starts_with("ok 16, refused 84 ") && reply.contains("ConnectionLimitReached"), "{reply}");

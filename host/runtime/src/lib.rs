@@ -247,6 +247,8 @@ struct Shared {
     closed_linker: Linker<StoreState>,
     tenant_logs: Arc<logs::TenantBudgets>,
     outbound: Arc<outbound::Outbound>,
+    /// Extism modules compiled for an install, by plugin digest, grants and limits.
+    extism_compiled: std::sync::Mutex<std::collections::HashMap<String, Arc<extism::CompiledPlugin>>>,
     policy: HostPolicy,
     cache: Option<cache::CompiledCache>,
     slots: Arc<Semaphore>,
@@ -332,6 +334,7 @@ impl Runtime {
                 closed_linker,
                 tenant_logs: Arc::default(),
                 outbound: Arc::new(outbound::Outbound::new(config.network)),
+                extism_compiled: Default::default(),
                 policy,
                 cache,
                 slots: Arc::new(Semaphore::new(instances as usize)),
@@ -378,6 +381,11 @@ impl Runtime {
     /// The operator's network policy, which every plugin connection and grant passes.
     pub fn network(&self) -> &NetworkPolicy {
         self.shared.outbound.policy()
+    }
+
+    /// Extism modules compiled and kept for reuse by later installs with the same grants.
+    pub fn compiled_extism_modules(&self) -> usize {
+        self.shared.extism_compiled.lock().map(|c| c.len()).unwrap_or(0)
     }
 
     /// Outbound requests the process may have in flight (from its file-handle limit).
@@ -667,22 +675,68 @@ impl Plugin {
         let grants = Arc::new(grants);
         let memory_bytes = memory_mb as usize * 1024 * 1024;
         let extism = match &self.pre {
-            Pre::Extism(wasm) => Some(Arc::new(
-                extism_tool::compile(
-                    &self.manifest.name,
-                    wasm,
-                    grants.clone(),
-                    memory_bytes,
-                    timeout,
-                    self.shared.outbound.clone(),
-                )
-                .map_err(|e| GrantError::Prepare { plugin: self.manifest.name.clone(), message: format!("{e:#}") })?,
-            )),
+            Pre::Extism(wasm) => Some(self.compiled_extism(wasm, &grants, memory_bytes, timeout)?),
             _ => None,
         };
         Ok(Installed { plugin: self.clone(), grants, memory_bytes, output_bytes, timeout, extism })
     }
 }
+
+impl Plugin {
+    /// The Extism module compiled for these grants and limits: from the runtime's cache when an
+    /// install with the same ones compiled it before (every call of a job loads its plugin
+    /// again), else compiled now, off the async workers, so a large module does not stall the
+    /// other requests on this thread.
+    fn compiled_extism(
+        &self,
+        wasm: &Arc<[u8]>,
+        grants: &Arc<Grants>,
+        memory_bytes: usize,
+        timeout: Duration,
+    ) -> Result<Arc<extism::CompiledPlugin>, GrantError> {
+        let mut key = format!("{}|{memory_bytes}|{}", self.digest, timeout.as_millis());
+        for host in &grants.outbound_hosts {
+            key.push_str(&format!("|h:{host}"));
+        }
+        for (k, v) in &grants.config {
+            key.push_str(&format!("|c:{k}={}", hex::encode(Sha256::digest(v.as_bytes()))));
+        }
+        for (k, v) in &grants.secrets {
+            key.push_str(&format!("|s:{k}={}", hex::encode(Sha256::digest(v.expose().as_bytes()))));
+        }
+        let cache = &self.shared.extism_compiled;
+        if let Some(compiled) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            return Ok(compiled.clone());
+        }
+        let compile = || {
+            extism_tool::compile(
+                &self.manifest.name,
+                wasm,
+                grants.clone(),
+                memory_bytes,
+                timeout,
+                self.shared.outbound.clone(),
+            )
+        };
+        let compiled = match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(compile)
+            }
+            _ => compile(),
+        }
+        .map_err(|e| GrantError::Prepare { plugin: self.manifest.name.clone(), message: format!("{e:#}") })?;
+        let compiled = Arc::new(compiled);
+        let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= MAX_COMPILED_EXTISM {
+            cache.clear();
+        }
+        cache.insert(key, compiled.clone());
+        Ok(compiled)
+    }
+}
+
+/// Compiled Extism modules the runtime keeps (one per plugin version, grants and limits).
+const MAX_COMPILED_EXTISM: usize = 128;
 
 /// A plugin with the grants and limits of one install. Instantiate it per tenant.
 #[derive(Clone)]

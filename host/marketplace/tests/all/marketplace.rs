@@ -463,6 +463,24 @@ async fn an_extism_plugin_that_loops_is_stopped_and_others_carry_on() {
     assert!(server.requests().is_empty());
 }
 
+/// Issue 14 item 9: an Extism module is compiled once per plugin, grants and limits, not on each
+/// load (every call of a job loads its plugin again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extism_module_is_compiled_once_for_the_same_grants() {
+    let rt = runtime();
+    let wasm = extism_hostile(32, 1000);
+    assert_eq!(rt.compiled_extism_modules(), 0);
+    for _ in 0..3 {
+        let installed = rt.load(&wasm).unwrap().install(Default::default()).unwrap();
+        assert_eq!(installed.any_tool("t").await.unwrap().invoke("hello").await.unwrap(), "echo:hello");
+    }
+    assert_eq!(rt.compiled_extism_modules(), 1, "three loads, one compile");
+    let mut grants = qlayer_runtime::Grants::default();
+    grants.outbound_hosts.push(qlayer_runtime::HostPattern::parse("api.example.com").unwrap());
+    rt.load(&wasm).unwrap().install(grants).unwrap();
+    assert_eq!(rt.compiled_extism_modules(), 2, "other grants, another compile");
+}
+
 /// Issue 14 item 8: an Extism call stops at the call's own deadline (a job's deadline_ms), not
 /// only at the timeout compiled into the module (here 300 s).
 #[tokio::test]

@@ -80,16 +80,25 @@ thread_local! {
     static CAPTURE: std::cell::RefCell<Option<Vec<u8>>> = const { std::cell::RefCell::new(None) };
 }
 
-/// Writes tracing output into the current thread's capture buffer, if one is set.
+/// Events of threads without a capture buffer, while [`capture_all_logs`] runs.
+static ALL_THREADS: std::sync::Mutex<Option<Vec<u8>>> = std::sync::Mutex::new(None);
+
+/// Writes tracing output into the current thread's capture buffer, if one is set, else into the
+/// all-threads buffer, if that one is.
 struct ThreadCapture;
 
 impl std::io::Write for ThreadCapture {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        CAPTURE.with(|c| {
-            if let Some(out) = c.borrow_mut().as_mut() {
+        let mine = CAPTURE.with(|c| match c.borrow_mut().as_mut() {
+            Some(out) => {
                 out.extend_from_slice(buf);
+                true
             }
+            None => false,
         });
+        if !mine && let Some(out) = ALL_THREADS.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            out.extend_from_slice(buf);
+        }
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -117,6 +126,16 @@ pub fn capture_logs(f: impl FnOnce()) -> String {
     f();
     let bytes = CAPTURE.with(|c| c.borrow_mut().take()).unwrap_or_default();
     String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// Like [`capture_logs`], with the events of other threads too (an Extism call runs on a
+/// blocking thread): they may include other tests' events, so look for what names this test's
+/// own tenant or plugin.
+pub fn capture_all_logs(f: impl FnOnce()) -> String {
+    *ALL_THREADS.lock().unwrap_or_else(|p| p.into_inner()) = Some(Vec::new());
+    let mine = capture_logs(f);
+    let others = ALL_THREADS.lock().unwrap_or_else(|p| p.into_inner()).take().unwrap_or_default();
+    mine + &String::from_utf8_lossy(&others)
 }
 
 /// A current-thread tokio runtime, for tests that capture logs.

@@ -13,6 +13,7 @@
 //!   is refused otherwise; credentials are dropped on a cross-host redirect; the request is bounded
 //!   by the call's remaining time. Nothing else in the process is reachable.
 
+use super::logs::{self, LogMeter};
 use super::outbound::Outbound;
 use super::{CallError, CallErrorKind, Grants, PluginError};
 use extism::{CurrentPlugin, EXTISM_ENV_MODULE, Function, UserData, Val, ValType};
@@ -66,6 +67,17 @@ struct HttpState {
     tenant_plugin: String,
     grants: Arc<Grants>,
     outbound: Arc<Outbound>,
+    /// Each live instance's log budget (with its tenant), by the instance's Extism id.
+    logs: LogMeters,
+}
+
+/// The log budgets of an install's live instances, by Extism instance id.
+pub(crate) type LogMeters = Arc<std::sync::Mutex<HashMap<u128, Arc<LogMeter>>>>;
+
+/// An Extism module compiled for one install, and its instances' log budgets.
+pub(crate) struct Compiled {
+    pub(crate) plugin: extism::CompiledPlugin,
+    pub(crate) logs: LogMeters,
 }
 
 /// The instance var holding the last response's status (2 bytes, big-endian).
@@ -81,20 +93,79 @@ pub(crate) fn compile(
     memory_bytes: usize,
     timeout: Duration,
     outbound: Arc<Outbound>,
-) -> anyhow::Result<extism::CompiledPlugin> {
+) -> anyhow::Result<Compiled> {
     let manifest = extism::Manifest::new([extism::Wasm::data(wasm.to_vec())])
         .with_memory_max((memory_bytes / 65536).max(1) as u32)
         .with_timeout(timeout)
         .with_config(grants.config.iter().map(|(k, v)| (k.clone(), v.clone())));
-    let state = UserData::new(HttpState { tenant_plugin: name.to_string(), grants, outbound });
+    let meters = LogMeters::default();
+    let state = UserData::new(HttpState { tenant_plugin: name.to_string(), grants, outbound, logs: meters.clone() });
     let functions = [
         Function::new("http_request", [ValType::I64, ValType::I64], [ValType::I64], state.clone(), http_request)
             .with_namespace(EXTISM_ENV_MODULE),
         Function::new("http_status_code", [], [ValType::I32], state.clone(), http_status_code)
             .with_namespace(EXTISM_ENV_MODULE),
-        Function::new("http_headers", [], [ValType::I64], state, http_headers).with_namespace(EXTISM_ENV_MODULE),
+        Function::new("http_headers", [], [ValType::I64], state.clone(), http_headers)
+            .with_namespace(EXTISM_ENV_MODULE),
     ];
-    extism::PluginBuilder::new(manifest).with_wasi(false).with_cache_disabled().with_functions(functions).compile()
+    // Extism's own log functions print whole messages (16 MiB lines) with an instance UUID; these
+    // replace them: the budget, cut and escaping of components' logs, with the tenant and plugin.
+    let levels = [
+        ("log_error", tracing::Level::ERROR),
+        ("log_warn", tracing::Level::WARN),
+        ("log_info", tracing::Level::INFO),
+        ("log_debug", tracing::Level::DEBUG),
+        ("log_trace", tracing::Level::TRACE),
+    ];
+    let log_functions = levels.into_iter().map(|(name, level)| {
+        Function::new(
+            name,
+            [ValType::I64],
+            [],
+            state.clone(),
+            move |plugin: &mut CurrentPlugin, inputs: &[Val], _: &mut [Val], state: UserData<HttpState>| {
+                guest_log(level, plugin, inputs, &state)
+            },
+        )
+        .with_namespace(EXTISM_ENV_MODULE)
+    });
+    let plugin = extism::PluginBuilder::new(manifest)
+        .with_wasi(false)
+        .with_cache_disabled()
+        .with_functions(functions.into_iter().chain(log_functions))
+        .compile()?;
+    Ok(Compiled { plugin, logs: meters })
+}
+
+fn guest_log(
+    level: tracing::Level,
+    plugin: &mut CurrentPlugin,
+    inputs: &[Val],
+    state: &UserData<HttpState>,
+) -> Result<(), extism::Error> {
+    let Some(handle) = plugin.memory_from_val(&inputs[0]) else { return Ok(()) };
+    let meter = {
+        let state = state.get()?;
+        let state = state.lock().map_err(|_| anyhow::anyhow!("http state poisoned"))?;
+        let meters = state.logs.lock().map_err(|_| anyhow::anyhow!("log state poisoned"))?;
+        meters.get(&plugin.id().as_u128()).cloned()
+    };
+    if let Some(meter) = meter {
+        let text = plugin.memory_str(handle).unwrap_or("(not UTF-8)");
+        if meter.admit(text.len()) {
+            let text = logs::escape(logs::cut(text));
+            let (tenant, plugin) = (&*meter.tenant, &*meter.plugin);
+            match level {
+                tracing::Level::ERROR => tracing::error!(tenant, plugin, "{text}"),
+                tracing::Level::WARN => tracing::warn!(tenant, plugin, "{text}"),
+                tracing::Level::INFO => tracing::info!(tenant, plugin, "{text}"),
+                tracing::Level::DEBUG => tracing::debug!(tenant, plugin, "{text}"),
+                tracing::Level::TRACE => tracing::trace!(tenant, plugin, "{text}"),
+            }
+        }
+    }
+    plugin.memory_free(handle)?;
+    Ok(())
 }
 
 #[derive(serde::Deserialize)]
@@ -275,6 +346,10 @@ pub struct ExtismInstance {
     pub(crate) timeout: Duration,
     pub(crate) memory_bytes: usize,
     pub(crate) output_limit: usize,
+    /// This instance's log budget, registered under its Extism id in `logs`.
+    pub(crate) log: Arc<LogMeter>,
+    pub(crate) logs: LogMeters,
+    pub(crate) id: u128,
     pub(crate) poisoned: bool,
     /// The pool slot; while a call runs, the call's thread holds it, so that it is released only
     /// once the guest has really stopped.
@@ -328,6 +403,7 @@ impl ExtismInstance {
             }
         };
         cancel.0 = None;
+        self.log.end_call();
         let (plugin, result) = match joined.map(|(plugin, result, slot)| {
             self.slot = slot;
             (plugin, result)
@@ -351,6 +427,14 @@ impl ExtismInstance {
             }
             self.error(kind)
         })
+    }
+}
+
+impl Drop for ExtismInstance {
+    fn drop(&mut self) {
+        if let Ok(mut meters) = self.logs.lock() {
+            meters.remove(&self.id);
+        }
     }
 }
 
@@ -381,6 +465,6 @@ fn classify(message: &str, timeout: Duration, memory_bytes: usize) -> CallErrorK
 }
 
 /// Builds a tenant's instance of a compiled Extism plugin.
-pub(crate) fn instantiate(compiled: &extism::CompiledPlugin) -> anyhow::Result<extism::Plugin> {
-    extism::Plugin::new_from_compiled(compiled)
+pub(crate) fn instantiate(compiled: &Compiled) -> anyhow::Result<extism::Plugin> {
+    extism::Plugin::new_from_compiled(&compiled.plugin)
 }

@@ -248,7 +248,7 @@ struct Shared {
     tenant_logs: Arc<logs::TenantBudgets>,
     outbound: Arc<outbound::Outbound>,
     /// Extism modules compiled for an install, by plugin digest, grants and limits.
-    extism_compiled: std::sync::Mutex<std::collections::HashMap<String, Arc<extism::CompiledPlugin>>>,
+    extism_compiled: std::sync::Mutex<std::collections::HashMap<String, Arc<extism_tool::Compiled>>>,
     policy: HostPolicy,
     cache: Option<cache::CompiledCache>,
     slots: Arc<Semaphore>,
@@ -693,7 +693,7 @@ impl Plugin {
         grants: &Arc<Grants>,
         memory_bytes: usize,
         timeout: Duration,
-    ) -> Result<Arc<extism::CompiledPlugin>, GrantError> {
+    ) -> Result<Arc<extism_tool::Compiled>, GrantError> {
         let mut key = format!("{}|{memory_bytes}|{}", self.digest, timeout.as_millis());
         for host in &grants.outbound_hosts {
             key.push_str(&format!("|h:{host}"));
@@ -746,7 +746,7 @@ pub struct Installed {
     memory_bytes: usize,
     output_bytes: usize,
     timeout: Duration,
-    extism: Option<Arc<extism::CompiledPlugin>>,
+    extism: Option<Arc<extism_tool::Compiled>>,
 }
 
 impl fmt::Debug for Installed {
@@ -910,6 +910,10 @@ impl Installed {
                 tenant: tenant.clone(),
                 kind: CallErrorKind::Trap(format!("instantiation failed: {e:#}")),
             })?;
+        let log = Arc::new(logs::LogMeter::new(tenant.clone(), name.clone(), self.plugin.shared.tenant_logs.clone()));
+        let id = plugin.id.as_u128();
+        let logs = self.extism.as_ref().map(|c| c.logs.clone()).unwrap_or_default();
+        logs.lock().unwrap_or_else(|p| p.into_inner()).insert(id, log.clone());
         Ok(AnyTool::Extism(Box::new(ExtismInstance {
             plugin: Some(plugin),
             name,
@@ -917,6 +921,9 @@ impl Installed {
             timeout: self.timeout,
             memory_bytes: self.memory_bytes,
             output_limit: self.output_bytes,
+            log,
+            logs,
+            id,
             poisoned: false,
             slot: Some(slot),
         })))

@@ -463,6 +463,28 @@ async fn an_extism_plugin_that_loops_is_stopped_and_others_carry_on() {
     assert!(server.requests().is_empty());
 }
 
+/// Issue 14 item 10: an Extism plugin's log lines carry its tenant and name, keep to the same
+/// budget as components' and cannot forge a line.
+#[test]
+fn extism_logs_are_budgeted_escaped_and_name_the_tenant_and_plugin() {
+    let text = qlayer_tests::capture_all_logs(|| {
+        qlayer_tests::current_thread().block_on(async {
+            let rt = runtime();
+            let installed = rt.load(&extism_hostile(32, 20_000)).unwrap().install(Default::default()).unwrap();
+            let mut tool = installed.any_tool("tenant-extism-logs").await.unwrap();
+            assert_eq!(tool.invoke("log:3000").await.unwrap(), "wrote 3000");
+            assert_eq!(tool.invoke("forge").await.unwrap(), "forged");
+        });
+    });
+    let ours: Vec<&str> = text.lines().filter(|l| l.contains("tenant-extism-logs")).collect();
+    let flood = ours.iter().filter(|l| l.contains("extism flood line")).count();
+    assert_eq!(flood, 1000, "a call writes at most 1000 lines");
+    assert!(ours.iter().all(|l| l.contains("extism-hostile")), "the plugin's name, not an instance id");
+    assert!(ours.iter().any(|l| l.contains("log budget exceeded, 2000 lines dropped")), "{ours:?}");
+    assert!(ours.iter().any(|l| l.contains("innocent\\nlevel=ERROR tenant=other forged line")), "{ours:?}");
+    assert!(!text.lines().any(|l| l.starts_with("level=ERROR")));
+}
+
 /// Issue 14 item 9: an Extism module is compiled once per plugin, grants and limits, not on each
 /// load (every call of a job loads its plugin again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -254,7 +254,7 @@ pub async fn find(state: &AppState, caller: &Caller, id: &str, kind: Option<JobK
 
 /// One job of the caller's tenant.
 #[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", params(("id" = String, Path, description = "job id")),
-    responses((status = 200, body = Job), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    responses((status = 200, body = Job), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("api_key" = [])))]
 pub async fn get_job(
     State(state): State<AppState>,
@@ -274,7 +274,7 @@ pub struct TaskList {
 /// The tasks of a job of the caller's tenant: each one's status, attempts, dependencies, and its
 /// output or last error.
 #[utoipa::path(get, path = "/v1/jobs/{id}/tasks", tag = "jobs", params(("id" = String, Path, description = "job id")),
-    responses((status = 200, body = TaskList), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    responses((status = 200, body = TaskList), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("api_key" = [])))]
 pub async fn job_tasks(
     State(state): State<AppState>,
@@ -292,7 +292,7 @@ pub async fn job_tasks_op(state: &AppState, caller: &Caller, id: &str) -> Result
 
 /// Cancels a queued or running job: a running plugin call is stopped.
 #[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs", params(("id" = String, Path, description = "job id")),
-    responses((status = 200, body = Job), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+    responses((status = 200, body = Job), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "already finished")),
     security(("api_key" = [])))]
 pub async fn cancel_job(
@@ -325,7 +325,7 @@ pub async fn cancel_op(state: &AppState, caller: &Caller, id: &str) -> Result<Jo
 /// `Last-Event-ID` to resume). The stream ends after the job's last event.
 #[utoipa::path(get, path = "/v1/jobs/{id}/events", tag = "jobs", params(("id" = String, Path, description = "job id")),
     responses((status = 200, content_type = "text/event-stream", body = JobEvent, description = "one `data:` line per event"),
-        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("api_key" = [])))]
 pub async fn job_events(
     State(state): State<AppState>,
@@ -427,7 +427,7 @@ pub async fn submit_run(
 
 /// One run: a job of kind `run`; once succeeded, `output` is the run report.
 #[utoipa::path(get, path = "/v1/runs/{id}", tag = "runs", params(("id" = String, Path, description = "run id")),
-    responses((status = 200, body = Job), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    responses((status = 200, body = Job), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("api_key" = [])))]
 pub async fn get_run(
     State(state): State<AppState>,
@@ -448,7 +448,7 @@ pub async fn capsule_op(state: &AppState, caller: &Caller, id: &str) -> Result<q
 
 /// The generated project as a tar.gz (files under `<run id>/`, with `qlayer-run.json`).
 #[utoipa::path(get, path = "/v1/runs/{id}/capsule", tag = "runs", params(("id" = String, Path, description = "run id")),
-    responses((status = 200, content_type = "application/gzip", body = Vec<u8>), (status = 401, body = ErrorBody),
+    responses((status = 200, content_type = "application/gzip", body = Vec<u8>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "the run has not succeeded")),
     security(("api_key" = [])))]
 pub async fn run_capsule(

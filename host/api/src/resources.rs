@@ -96,7 +96,7 @@ pub async fn list_tenants_op(state: &AppState, caller: &Caller, page: PageQuery)
 
 /// One tenant: operators see any; others see only their own.
 #[utoipa::path(get, path = "/v1/tenants/{id}", tag = "tenants", params(("id" = String, Path, description = "tenant id")),
-    responses((status = 200, body = Tenant), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    responses((status = 200, body = Tenant), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("api_key" = [])))]
 pub async fn get_tenant(
     State(state): State<AppState>,
@@ -256,7 +256,7 @@ pub async fn list_keys_op(state: &AppState, caller: &Caller) -> Result<KeyList, 
 /// Revokes a key of the caller's tenant (admins). The tenant's last admin key is not revoked
 /// (409): create another first.
 #[utoipa::path(delete, path = "/v1/keys/{id}", tag = "keys", params(("id" = String, Path, description = "key id")),
-    responses((status = 204), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
     security(("api_key" = [])))]
 pub async fn revoke_key(
     State(state): State<AppState>,
@@ -382,7 +382,7 @@ pub async fn list_plugins_op(state: &AppState, caller: &Caller) -> Result<Plugin
 
 /// One installed plugin of the caller's tenant.
 #[utoipa::path(get, path = "/v1/plugins/{name}", tag = "plugins", params(("name" = String, Path, description = "plugin name")),
-    responses((status = 200, body = PluginView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    responses((status = 200, body = PluginView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("api_key" = [])))]
 pub async fn get_plugin(
     State(state): State<AppState>,
@@ -458,7 +458,7 @@ pub async fn install_plugin_op(
 
 /// Removes an installed plugin of the caller's tenant.
 #[utoipa::path(delete, path = "/v1/plugins/{name}", tag = "plugins", params(("name" = String, Path, description = "plugin name")),
-    responses((status = 204), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("api_key" = [])))]
 pub async fn remove_plugin(
     State(state): State<AppState>,

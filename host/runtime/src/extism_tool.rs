@@ -13,7 +13,7 @@
 //!   is refused otherwise; credentials are dropped on a cross-host redirect; the request is bounded
 //!   by the call's remaining time. Nothing else in the process is reachable.
 
-use super::logs::{self, LogMeter};
+use super::logs::LogMeter;
 use super::outbound::Outbound;
 use super::{CallError, CallErrorKind, Grants, PluginError};
 use extism::{CurrentPlugin, EXTISM_ENV_MODULE, Function, UserData, Val, ValType};
@@ -151,18 +151,7 @@ fn guest_log(
         meters.get(&plugin.id().as_u128()).cloned()
     };
     if let Some(meter) = meter {
-        let text = plugin.memory_str(handle).unwrap_or("(not UTF-8)");
-        if meter.admit(text.len()) {
-            let text = logs::escape(logs::cut(text));
-            let (tenant, plugin) = (&*meter.tenant, &*meter.plugin);
-            match level {
-                tracing::Level::ERROR => tracing::error!(tenant, plugin, "{text}"),
-                tracing::Level::WARN => tracing::warn!(tenant, plugin, "{text}"),
-                tracing::Level::INFO => tracing::info!(tenant, plugin, "{text}"),
-                tracing::Level::DEBUG => tracing::debug!(tenant, plugin, "{text}"),
-                tracing::Level::TRACE => tracing::trace!(tenant, plugin, "{text}"),
-            }
-        }
+        meter.write(level, plugin.memory_str(handle).unwrap_or("(not UTF-8)"));
     }
     plugin.memory_free(handle)?;
     Ok(())

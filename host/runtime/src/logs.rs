@@ -123,6 +123,23 @@ impl LogMeter {
         false
     }
 
+    /// Writes one message of the plugin's at `level`, within the budget: cut, escaped, with the
+    /// tenant and the plugin.
+    pub(crate) fn write(&self, level: tracing::Level, message: &str) {
+        if !self.admit(message.len()) {
+            return;
+        }
+        let text = escape(cut(message));
+        let (tenant, plugin) = (&*self.tenant, &*self.plugin);
+        match level {
+            tracing::Level::ERROR => tracing::error!(tenant, plugin, "{text}"),
+            tracing::Level::WARN => tracing::warn!(tenant, plugin, "{text}"),
+            tracing::Level::INFO => tracing::info!(tenant, plugin, "{text}"),
+            tracing::Level::DEBUG => tracing::debug!(tenant, plugin, "{text}"),
+            tracing::Level::TRACE => tracing::trace!(tenant, plugin, "{text}"),
+        }
+    }
+
     /// Ends a call: says how many lines were dropped, if any, and starts the next call's budget.
     pub(crate) fn end_call(&self) {
         self.lines.store(0, Ordering::Relaxed);

@@ -325,18 +325,14 @@ impl types::Host for StoreState {}
 
 impl host::Host for StoreState {
     async fn log(&mut self, level: types::LogLevel, message: String) {
-        if !self.log.admit(message.len()) {
-            return;
-        }
-        let message = logs::escape(logs::cut(&message));
-        let (tenant, plugin) = (&*self.tenant, &*self.plugin);
-        match level {
-            types::LogLevel::Trace => tracing::trace!(tenant, plugin, "{message}"),
-            types::LogLevel::Debug => tracing::debug!(tenant, plugin, "{message}"),
-            types::LogLevel::Info => tracing::info!(tenant, plugin, "{message}"),
-            types::LogLevel::Warn => tracing::warn!(tenant, plugin, "{message}"),
-            types::LogLevel::Error => tracing::error!(tenant, plugin, "{message}"),
-        }
+        let level = match level {
+            types::LogLevel::Trace => tracing::Level::TRACE,
+            types::LogLevel::Debug => tracing::Level::DEBUG,
+            types::LogLevel::Info => tracing::Level::INFO,
+            types::LogLevel::Warn => tracing::Level::WARN,
+            types::LogLevel::Error => tracing::Level::ERROR,
+        };
+        self.log.write(level, &message);
     }
 
     async fn config(&mut self, key: String) -> Option<String> {

@@ -446,19 +446,21 @@ pub async fn start(config: ServeConfig, data_dir: PathBuf) -> anyhow::Result<Run
     let grpc = tokio::spawn({
         let mut rx = stop_rx.clone();
         let timeout = Duration::from_millis(config.limits.request_timeout_ms);
+        let header_timeout = Duration::from_millis(config.server.header_timeout_ms.max(1));
+        let incoming = with_preface(grpc_listener, header_timeout, stop_rx.clone());
         async move {
             tonic::transport::Server::builder()
                 .timeout(timeout)
+                // An idle connection is pinged; one that does not answer is closed.
+                .http2_keepalive_interval(Some(header_timeout))
+                .http2_keepalive_timeout(Some(header_timeout))
                 .layer(tower::util::MapResponseLayer::new(crate::grpc::resource_exhausted))
                 .add_routes(grpc_routes)
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
-                    async move {
-                        let _ = rx.wait_for(|stop| *stop).await;
-                        // Probes see the node going before its listener does.
-                        health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
-                    },
-                )
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = rx.wait_for(|stop| *stop).await;
+                    // Probes see the node going before its listener does.
+                    health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+                })
                 .await
         }
     });
@@ -548,6 +550,58 @@ async fn serve_rest(
     drop(listener);
     graceful.shutdown().await;
     Ok(())
+}
+
+/// The HTTP/2 client preface every gRPC connection starts with.
+const HTTP2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// gRPC's connections from `listener`, each handed to the server only once its whole HTTP/2
+/// preface has arrived within `header_timeout` (hyper's HTTP/2 server has no timer before the
+/// preface, so a client that connects and sends nothing, or half of it, would hold its socket
+/// for ever). The preface is peeked, not read: the server reads it as usual.
+fn with_preface(
+    listener: tokio::net::TcpListener,
+    header_timeout: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    let (ready, incoming) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accepting a gRPC connection failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                () = async { let _ = stop.wait_for(|stop| *stop).await; } => break,
+                () = ready.closed() => break,
+            };
+            let ready = ready.clone();
+            tokio::spawn(async move {
+                if tokio::time::timeout(header_timeout, preface_arrived(&stream)).await.is_ok_and(|arrived| arrived) {
+                    let _ = ready.send(Ok(stream)).await;
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(incoming)
+}
+
+/// Waits until `stream` holds the 24 bytes of the HTTP/2 preface (or anything else that many
+/// bytes long, which the server then refuses as it always did); false when it closes first.
+async fn preface_arrived(stream: &tokio::net::TcpStream) -> bool {
+    let mut buf = [0u8; HTTP2_PREFACE.len()];
+    loop {
+        match stream.peek(&mut buf).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) if n == buf.len() => return true,
+            // Part of it: peeking again at once would return the same bytes, so wait a little.
+            Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
 }
 
 /// Runs the service until SIGINT or SIGTERM, then stops as [`Running::stop`] does.

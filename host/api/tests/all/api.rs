@@ -1207,3 +1207,31 @@ async fn slow_header_and_idle_connections_are_cut() {
     assert!(read.is_ok(), "the idle connection was never closed");
     svc.stop().await;
 }
+
+/// Issue 14 item 15, gRPC: a connection that sends nothing, or only part of the HTTP/2 preface,
+/// is cut after the header timeout, while a real client is served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_connections_without_a_whole_preface_are_cut() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let svc = service(Backend::Sqlite, false, |c| c.server.header_timeout_ms = 300).await;
+    let addr = svc.running.as_ref().unwrap().grpc_addr;
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut half = tokio::net::TcpStream::connect(addr).await.unwrap();
+    half.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    let status = HealthClient::new(channel)
+        .check(HealthCheckRequest { service: String::new() })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(status, ServingStatus::Serving as i32);
+    // The bound only keeps a broken build from hanging CI; the server closes at about 300 ms.
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(30), silent.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the silent gRPC connection was never closed");
+    let read = tokio::time::timeout(Duration::from_secs(30), half.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the half-preface gRPC connection was never closed");
+    svc.stop().await;
+}

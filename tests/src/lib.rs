@@ -361,6 +361,43 @@ pub fn ensure_program(program: &str, package: &str) -> PathBuf {
     path
 }
 
+static PIP: Mutex<()> = Mutex::new(());
+
+/// A program from PyPI, installed with pip into a virtual environment of its own under the
+/// build's target directory (kept between runs; made again when missing), as `packages` pin it.
+/// Panics with what to do when Python or PyPI is not at hand.
+pub fn python_tool(program: &str, packages: &[&str]) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let venv = target.join("test-tools").join(packages.join("+").replace(['=', '<', '>', '[', ']', ','], "_"));
+    let path = venv.join("bin").join(program);
+    let _guard = PIP.lock().unwrap_or_else(|e| e.into_inner());
+    if path.exists() {
+        return path;
+    }
+    let run = |what: &str, command: &mut std::process::Command| {
+        let status = command.status();
+        if !matches!(status, Ok(s) if s.success()) {
+            panic!(
+                "{program} is needed by this test and {what} failed ({status:?}): it needs python3 with venv and \
+                 PyPI (pip install {})",
+                packages.join(" ")
+            );
+        }
+    };
+    let _ = std::fs::remove_dir_all(&venv);
+    run("creating its virtual environment", std::process::Command::new("python3").arg("-m").arg("venv").arg(&venv));
+    run(
+        "pip install",
+        std::process::Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .args(packages),
+    );
+    assert!(path.exists(), "pip installed {} but there is no {}", packages.join(" "), path.display());
+    path
+}
+
 /// A free loopback port (bound and released; good enough for a test server started right after).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

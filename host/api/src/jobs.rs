@@ -25,6 +25,7 @@ pub struct SubmitJob {
     pub input: serde_json::Value,
     /// -10 to 10 (default 0); higher runs first within the tenant.
     #[serde(default)]
+    #[schema(minimum = -10, maximum = 10)]
     pub priority: Option<i32>,
     /// Submitting again with the same key returns the first job instead of a new one.
     #[serde(default)]
@@ -32,9 +33,11 @@ pub struct SubmitJob {
     /// Give the job up this many ms after submission; a running plugin call is stopped
     /// (1 to 86400000).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 86400000)]
     pub deadline_ms: Option<u64>,
     /// Attempts per task, counting retries of retryable errors (1-20, default 5).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 20)]
     pub max_attempts: Option<u32>,
 }
 
@@ -42,7 +45,8 @@ pub struct SubmitJob {
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitRun {
-    /// What to build, in words (at most 16 KiB).
+    /// What to build, in words (at most 16,384 characters, not all white space).
+    #[schema(min_length = 1, max_length = 16384, pattern = r"\S")]
     pub requirement: String,
     /// `scripted` (the built-in offline test double; the default) or the name of an LLM provider
     /// plugin installed for the tenant.
@@ -57,19 +61,23 @@ pub struct SubmitRun {
     pub options: Option<serde_json::Value>,
     /// Repair rounds after the first validation (0-5, default 2).
     #[serde(default)]
+    #[schema(maximum = 5)]
     pub max_repair_rounds: Option<u32>,
     /// Tokens the whole run may spend, over every step (at least 1; default: no limit). A step
     /// that would start with the budget spent fails the run, naming the budget.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 9223372036854775807_u64)]
     pub token_budget: Option<u64>,
     /// -10 to 10 (default 0).
     #[serde(default)]
+    #[schema(minimum = -10, maximum = 10)]
     pub priority: Option<i32>,
     /// Submitting again with the same key returns the first run.
     #[serde(default)]
     pub idempotency_key: Option<String>,
     /// Give the run up this many ms after submission (1 to 86400000).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 86400000)]
     pub deadline_ms: Option<u64>,
 }
 
@@ -88,6 +96,7 @@ pub struct JobPage {
 #[into_params(parameter_in = Query)]
 pub struct JobQuery {
     /// 1-100 (default 20).
+    #[param(minimum = 1, maximum = 100)]
     pub limit: Option<u32>,
     /// The `next` cursor of the previous page.
     pub after: Option<String>,

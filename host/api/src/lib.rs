@@ -85,6 +85,7 @@ impl AppState {
         jobs::submit_job, jobs::list_jobs, jobs::get_job, jobs::cancel_job, jobs::job_events, jobs::job_tasks,
         jobs::submit_run, jobs::get_run, jobs::run_capsule,
     ),
+    components(schemas(qlayer_jobs::CallInput, qlayer_jobs::GraphInput, qlayer_jobs::GraphTask, qlayer_jobs::RunInput)),
     modifiers(&BearerAuth),
     tags(
         (name = "service", description = "Health, readiness and metrics"),
@@ -116,7 +117,122 @@ impl utoipa::Modify for BearerAuth {
 pub fn openapi_json() -> String {
     let mut doc = ApiDoc::openapi();
     doc.info.version = env!("CARGO_PKG_VERSION").to_string();
-    doc.to_pretty_json().unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}")) + "\n"
+    let mut doc = match serde_json::to_value(&doc) {
+        Ok(doc) => doc,
+        Err(e) => return format!("{{\"error\": \"{e}\"}}\n"),
+    };
+    shared_behaviour(&mut doc);
+    job_inputs_by_kind(&mut doc);
+    events_as_sent(&mut doc);
+    serde_json::to_string_pretty(&doc).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}")) + "\n"
+}
+
+/// A path parameter holds no control character ([`error::ApiPath`] refuses one with a 400).
+pub const PATH_PARAMETER_PATTERN: &str = "^[^\\u0000-\\u001f\\u007f-\\u009f]+$";
+
+/// Adds to every operation what the layers shared by all routes answer, so no handler has to
+/// repeat it: the request deadline (503 `timeout`), and on authenticated routes a missing or
+/// unknown key (401) and the rate limits (429 with `Retry-After`); for a JSON body, malformed
+/// JSON or fields (400), a body over the limit (413) and a missing JSON content type (415); for a
+/// path or query parameter, a bad value (400), and the pattern [`error::ApiPath`] enforces on
+/// path parameters.
+fn shared_behaviour(doc: &mut serde_json::Value) {
+    use serde_json::json;
+    let error = |description: &str| {
+        json!({
+            "description": description,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+        })
+    };
+    let Some(paths) = doc.get_mut("paths").and_then(|p| p.as_object_mut()) else { return };
+    for item in paths.values_mut() {
+        let Some(item) = item.as_object_mut() else { continue };
+        for op in item.values_mut() {
+            let Some(op) = op.as_object_mut() else { continue };
+            let authenticated = op.get("security").is_some();
+            let has_body = op.get("requestBody").is_some();
+            let mut has_params = false;
+            for param in op.get_mut("parameters").and_then(|p| p.as_array_mut()).into_iter().flatten() {
+                has_params = true;
+                if param["in"] == "path" {
+                    param["schema"]["pattern"] = json!(PATH_PARAMETER_PATTERN);
+                }
+            }
+            let Some(responses) = op.get_mut("responses").and_then(|r| r.as_object_mut()) else { continue };
+            let mut add = |status: &str, response: serde_json::Value, replace: bool| {
+                if replace || !responses.contains_key(status) {
+                    responses.insert(status.to_string(), response);
+                }
+            };
+            if has_body || has_params {
+                add("400", error("a parameter or the body is invalid"), false);
+            }
+            if has_body {
+                add("413", error("the body is larger than `[limits] max-body-bytes`"), false);
+                add("415", error("the body is not sent as `Content-Type: application/json`"), false);
+            }
+            if authenticated {
+                add("401", error("no API key, or an unknown or revoked one"), false);
+                let mut limited =
+                    error("over the tenant's request rate, or too many failed authentications from this address");
+                limited["headers"] = json!({"Retry-After": {
+                    "description": "seconds to wait before trying again",
+                    "schema": {"type": "integer", "minimum": 0}
+                }});
+                // Replaces what a handler may say, so every 429 names its header.
+                add("429", limited, true);
+            }
+            add("503", error("the request took longer than `[limits] request-timeout-ms`"), false);
+        }
+    }
+}
+
+/// `POST /v1/jobs` takes a `call` input or a `run` input, as `kind` says: one schema per kind, so
+/// a client (and a fuzzer) knows which input goes with which kind.
+fn job_inputs_by_kind(doc: &mut serde_json::Value) {
+    use serde_json::json;
+    let Some(schemas) = doc.pointer_mut("/components/schemas") else { return };
+    let Some(base) = schemas.get("SubmitJob").cloned() else { return };
+    let variant = |kind: &str, input: serde_json::Value| {
+        let mut v = base.clone();
+        v["properties"]["kind"] = json!({"type": "string", "enum": [kind]});
+        v["properties"]["input"] = input;
+        v.as_object_mut().map(|o| o.remove("description"));
+        v
+    };
+    let input = |name: &str| json!({"$ref": format!("#/components/schemas/{name}")});
+    schemas["SubmitJob"] = json!({
+        "description": base["description"],
+        "oneOf": [
+            variant("call", input("CallInput")),
+            variant("call", input("GraphInput")),
+            variant("run", input("RunInput"))
+        ]
+    });
+}
+
+/// Server-sent events are documented as they are sent: each event has an `id` (its `seq`), an
+/// `event` (its kind) and `data`, the JSON text of the declared schema.
+fn events_as_sent(doc: &mut serde_json::Value) {
+    use serde_json::json;
+    let Some(paths) = doc.get_mut("paths").and_then(|p| p.as_object_mut()) else { return };
+    for op in paths.values_mut().filter_map(|i| i.as_object_mut()).flat_map(|i| i.values_mut()) {
+        for response in op.get_mut("responses").and_then(|r| r.as_object_mut()).into_iter().flat_map(|r| r.values_mut())
+        {
+            if let Some(stream) = response.pointer_mut("/content/text~1event-stream") {
+                let data = stream["schema"].take();
+                stream["schema"] = json!({
+                    "type": "object",
+                    "required": ["id", "event", "data"],
+                    "properties": {
+                        "id": {"type": "string", "description": "the event's `seq`, for `Last-Event-ID`"},
+                        "event": {"type": "string", "description": "the event's `kind`"},
+                        "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": data}
+                    }
+                });
+            }
+        }
+    }
 }
 
 /// The REST router.

@@ -13,7 +13,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateTenant {
-    /// 1-64 lowercase letters, digits, `-` or `_`; unique.
+    /// 1-64 lowercase letters, digits, `-` or `_`, starting with a letter or digit; unique.
+    #[schema(pattern = r"^[a-z0-9][a-z0-9_-]{0,63}$")]
     pub name: String,
 }
 
@@ -121,10 +122,12 @@ pub async fn get_tenant_op(state: &AppState, caller: &Caller, id: &str) -> Resul
 pub struct TenantShare {
     /// Share of the scheduler relative to other tenants with work (1-1000; default 1): a tenant
     /// of weight 3 gets three times the capacity of one of weight 1 while both have work.
+    #[schema(minimum = 1, maximum = 1000)]
     pub weight: i64,
     /// Most tasks of this tenant running at once on a node (0-100000; 0: the host's
     /// `tenant-concurrency`).
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 100000)]
     pub max_running: i64,
 }
 
@@ -176,6 +179,7 @@ fn require_operator(caller: &Caller) -> Result<(), ApiError> {
 #[serde(deny_unknown_fields)]
 pub struct CreateKey {
     /// A label, 1-128 characters.
+    #[schema(min_length = 1, max_length = 128)]
     pub name: String,
     /// `admin`, `developer` or `viewer`.
     pub role: Role,

@@ -89,8 +89,7 @@ pub struct Job {
     /// The job's input.
     #[schema(value_type = Object)]
     pub input: serde_json::Value,
-    /// The result, once succeeded.
-    #[schema(value_type = Option<Object>)]
+    /// The result, once succeeded: any JSON value.
     pub output: Option<serde_json::Value>,
     /// What went wrong, once failed or cancelled.
     pub error: Option<String>,

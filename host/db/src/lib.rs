@@ -441,7 +441,7 @@ impl Db {
         name: &str,
         role: Role,
     ) -> Result<Option<(ApiKey, KeySecret)>, DbError> {
-        if name.is_empty() || name.len() > 128 {
+        if name.is_empty() || name.chars().count() > 128 {
             return Err(DbError::Invalid("key name must be 1-128 characters".into()));
         }
         if self.tenant(tenant_id).await?.is_none() {

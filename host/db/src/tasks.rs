@@ -97,8 +97,7 @@ pub struct Task {
     pub kind: String,
     /// The plugin it calls.
     pub plugin: String,
-    /// Its input (once ready: with its dependencies' outputs filled in).
-    #[schema(value_type = Object)]
+    /// Its input (once ready: with its dependencies' outputs filled in): any JSON value.
     pub input: serde_json::Value,
     /// Names of the tasks it waits for.
     pub depends_on: Vec<String>,
@@ -119,8 +118,7 @@ pub struct Task {
     pub lease_owner: Option<String>,
     /// Whether an earlier lease on it was handed back or lost (this run resumes it).
     pub resumed: bool,
-    /// Its result, once succeeded.
-    #[schema(value_type = Option<Object>)]
+    /// Its result, once succeeded: any JSON value.
     pub output: Option<serde_json::Value>,
     /// The last error.
     pub error: Option<String>,

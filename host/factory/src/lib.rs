@@ -18,8 +18,8 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-/// The longest requirement accepted, in bytes.
-pub const MAX_REQUIREMENT_BYTES: usize = 16 * 1024;
+/// The longest requirement accepted, in characters (so at most 64 KiB of UTF-8).
+pub const MAX_REQUIREMENT_CHARS: usize = 16 * 1024;
 /// The name of the report written beside the generated files.
 pub const REPORT_FILE: &str = "qlayer-run.json";
 
@@ -125,8 +125,9 @@ pub fn prepare(requirement: &str, out: &Path, force: bool) -> anyhow::Result<()>
     if requirement.trim().is_empty() {
         bail!("the requirement is empty: say what to build, e.g. qlayer run \"a todo list CLI\" --out todo");
     }
-    if requirement.len() > MAX_REQUIREMENT_BYTES {
-        bail!("the requirement is {} bytes; the limit is {MAX_REQUIREMENT_BYTES}", requirement.len());
+    let chars = requirement.chars().count();
+    if chars > MAX_REQUIREMENT_CHARS {
+        bail!("the requirement is {chars} characters; the limit is {MAX_REQUIREMENT_CHARS}");
     }
     if out.exists() && !out.is_dir() {
         bail!("--out {} exists and is not a directory", out.display());

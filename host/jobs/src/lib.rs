@@ -37,7 +37,6 @@ pub struct CallInput {
     pub plugin: String,
     /// What to pass it: a JSON string is passed as its text; anything else as JSON text.
     #[serde(default)]
-    #[schema(value_type = Object)]
     pub input: serde_json::Value,
 }
 
@@ -45,7 +44,8 @@ pub struct CallInput {
 #[derive(Debug, Clone, Deserialize, serde::Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RunInput {
-    /// What to build, in words (at most 16 KiB).
+    /// What to build, in words (at most 16,384 characters, not all white space).
+    #[schema(min_length = 1, max_length = 16384, pattern = r"\S")]
     pub requirement: String,
     /// `scripted` (the built-in offline test double; the default) or the name of an LLM provider
     /// plugin installed for the tenant.
@@ -60,10 +60,12 @@ pub struct RunInput {
     pub options: Option<serde_json::Value>,
     /// Repair rounds after the first validation (0-5, default 2).
     #[serde(default)]
+    #[schema(maximum = 5)]
     pub max_repair_rounds: Option<u32>,
     /// Tokens the whole run may spend (prompt and completion, over every step). A step that
     /// would start with the budget spent fails the run, naming the budget. Default: no limit.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 9223372036854775807_u64)]
     pub token_budget: Option<u64>,
 }
 
@@ -76,18 +78,15 @@ impl RunInput {
         if self.requirement.trim().is_empty() {
             return Err("requirement is empty: say what to build".into());
         }
-        if self.requirement.len() > factory::MAX_REQUIREMENT_BYTES {
-            return Err(format!(
-                "requirement is {} bytes; the limit is {}",
-                self.requirement.len(),
-                factory::MAX_REQUIREMENT_BYTES
-            ));
+        let chars = self.requirement.chars().count();
+        if chars > factory::MAX_REQUIREMENT_CHARS {
+            return Err(format!("requirement is {chars} characters; the limit is {}", factory::MAX_REQUIREMENT_CHARS));
         }
         if self.max_repair_rounds.is_some_and(|n| n > MAX_REPAIR_ROUNDS) {
             return Err(format!("max_repair_rounds must be 0-{MAX_REPAIR_ROUNDS}"));
         }
-        if self.token_budget == Some(0) {
-            return Err("token_budget must be at least 1".into());
+        if self.token_budget.is_some_and(|b| b == 0 || b > i64::MAX as u64) {
+            return Err(format!("token_budget must be 1 to {}", i64::MAX));
         }
         if self.options.as_ref().is_some_and(|o| !o.is_object()) {
             return Err("options must be a JSON object".into());
@@ -135,12 +134,12 @@ fn check_script(script: &str) -> Result<(), String> {
 #[serde(deny_unknown_fields)]
 pub struct GraphTask {
     /// Unique in the job: 1-64 letters, digits, `-` or `_`.
+    #[schema(pattern = r"^[A-Za-z0-9_-]{1,64}$")]
     pub name: String,
     /// The installed tool plugin it invokes.
     pub plugin: String,
     /// What to pass it. Without it, a task with dependencies gets their outputs, by name.
     #[serde(default)]
-    #[schema(value_type = Option<Object>)]
     pub input: Option<serde_json::Value>,
     /// Names of the tasks that must succeed first; tasks without a path between them run in
     /// parallel.
@@ -153,6 +152,7 @@ pub struct GraphTask {
 #[serde(deny_unknown_fields)]
 pub struct GraphInput {
     /// 1-64 tasks.
+    #[schema(min_items = 1, max_items = 64)]
     pub tasks: Vec<GraphTask>,
 }
 

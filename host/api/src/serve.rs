@@ -515,19 +515,7 @@ async fn serve_rest(
     builder.http1().timer(TokioTimer::new()).header_read_timeout(header_timeout);
     builder.http2().timer(TokioTimer::new()).keep_alive_interval(Some(header_timeout));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    loop {
-        let (stream, addr) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of file handles, say: back off instead of spinning.
-                    tracing::warn!(error = %e, "accepting a connection failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = async { let _ = stop.wait_for(|stop| *stop).await; } => break,
-        };
+    while let Some((stream, addr)) = accept_until_stopped(&listener, &mut stop).await {
         let app = app.clone();
         let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
             req.extensions_mut().insert(axum::extract::ConnectInfo(addr));
@@ -552,6 +540,26 @@ async fn serve_rest(
     Ok(())
 }
 
+/// The next connection on `listener`, or `None` once `stop` is set. A failed accept (out of file
+/// handles, say) is logged and retried after a pause instead of spinning.
+async fn accept_until_stopped(
+    listener: &tokio::net::TcpListener,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) -> Option<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => return Some(accepted),
+                Err(e) => {
+                    tracing::warn!(error = %e, addr = ?listener.local_addr().ok(), "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            () = async { let _ = stop.wait_for(|stop| *stop).await; } => return None,
+        }
+    }
+}
+
 /// The HTTP/2 client preface every gRPC connection starts with.
 const HTTP2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -568,15 +576,10 @@ fn with_preface(
     tokio::spawn(async move {
         loop {
             let (stream, _) = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accepting a gRPC connection failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
+                accepted = accept_until_stopped(&listener, &mut stop) => match accepted {
+                    Some(accepted) => accepted,
+                    None => break,
                 },
-                () = async { let _ = stop.wait_for(|stop| *stop).await; } => break,
                 () = ready.closed() => break,
             };
             let ready = ready.clone();

@@ -290,15 +290,36 @@ impl Registry {
                 RegistryError::Unauthorized { reference: reference.whole(), message }
             }
             other => {
-                let mut message = format!("registry {registry}: {other}");
-                if let E::RequestError(inner) = &other {
-                    let mut source: Option<&dyn std::error::Error> = std::error::Error::source(inner);
-                    while let Some(s) = source {
-                        message.push_str(&format!(": {s}"));
-                        source = s.source();
+                // reqwest's chain says each layer once ("error sending request for url (…): client
+                // error (Connect): tcp connect error: Connection refused"): name the URL and the
+                // root cause only. TLS is worth mentioning only when a connection was made.
+                let (mut message, unreachable) = match &other {
+                    E::RequestError(inner) => {
+                        let mut root: &dyn std::error::Error = inner;
+                        let mut unreachable = false;
+                        while let Some(next) = root.source() {
+                            unreachable |= next.to_string().starts_with("dns error")
+                                || next.downcast_ref::<std::io::Error>().is_some_and(|io| {
+                                    matches!(
+                                        io.kind(),
+                                        std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::HostUnreachable
+                                    )
+                                });
+                            root = next;
+                        }
+                        let url = inner.url().map(|u| u.to_string()).unwrap_or_else(|| registry.to_string());
+                        let what = if inner.is_timeout() {
+                            "timed out reaching"
+                        } else if inner.is_connect() {
+                            "cannot connect to"
+                        } else {
+                            "request failed:"
+                        };
+                        (format!("registry {registry}: {what} {url}: {root}"), unreachable)
                     }
-                }
-                if !self.config.insecure.iter().any(|r| r == registry) {
+                    other => (format!("registry {registry}: {other}"), false),
+                };
+                if !unreachable && !self.config.insecure.iter().any(|r| r == registry) {
                     message.push_str(&format!(
                         " (TLS is required for {registry}; if it serves plain HTTP on a trusted network, list it as an insecure registry, e.g. --insecure-registry {registry})"
                     ));

@@ -41,12 +41,18 @@ pub struct Refused {
     pub range: &'static str,
 }
 
+/// "an unspecified", "a loopback": the range with its article.
+fn with_article(range: &str) -> String {
+    let article = if range.starts_with(['a', 'e', 'i', 'o', 'u']) { "an" } else { "a" };
+    format!("{article} {range}")
+}
+
 impl fmt::Display for Refused {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.host.trim_start_matches('[').trim_end_matches(']') == self.addr.to_string() {
-            write!(f, "{} is a {} address", self.addr, self.range)?;
+            write!(f, "{} is {} address", self.addr, with_article(self.range))?;
         } else {
-            write!(f, "`{}` resolves to {}, a {} address", self.host, self.addr, self.range)?;
+            write!(f, "`{}` resolves to {}, {} address", self.host, self.addr, with_article(self.range))?;
         }
         write!(
             f,
@@ -313,6 +319,8 @@ mod tests {
         assert!(err.to_string().contains("169.254.169.254 is a link-local address"), "{err}");
         let err = policy.check("evil.example", addr("127.0.0.1:80")).unwrap_err();
         assert!(err.to_string().contains("`evil.example` resolves to 127.0.0.1, a loopback address"), "{err}");
+        let err = policy.check("0.0", addr("0.0.0.0:443")).unwrap_err();
+        assert!(err.to_string().contains("`0.0` resolves to 0.0.0.0, an unspecified address"), "{err}");
     }
 
     #[test]

@@ -716,3 +716,21 @@ fn credentials_are_not_sent_to_another_host_on_a_redirect_nor_logged() {
     assert!(!logs.contains("s3cret-pass"), "the password never reaches the logs");
     assert!(!logs.contains(&base64_encode("alice:s3cret-pass")), "nor its basic-auth encoding");
 }
+
+/// Issue 14 item 25: a registry error names the URL and its root cause once, and suggests
+/// `--insecure-registry` only where a connection was made (a plain-HTTP registry spoken to with
+/// TLS), not where nothing listens or the name does not resolve.
+#[tokio::test]
+async fn registry_errors_say_their_cause_once_and_hint_at_tls_only_when_it_can_be_tls() {
+    let registry = TestRegistry::start();
+    let data = tempfile::tempdir().unwrap();
+    let market = open(data.path(), MarketplaceConfig::default()).await;
+    let err = market.info(&format!("{}/tools/x:1", registry.addr)).await.unwrap_err().to_string();
+    assert!(err.contains("TLS is required for") && err.contains("--insecure-registry"), "{err}");
+
+    let closed = format!("127.0.0.1:{}", qlayer_tests::free_port());
+    let err = market.info(&format!("{closed}/tools/x:1")).await.unwrap_err().to_string();
+    assert!(err.contains(&format!("cannot connect to https://{closed}/v2/tools/x/manifests/1")), "{err}");
+    assert_eq!(err.matches("onnection refused").count(), 1, "{err}");
+    assert!(!err.contains("client error") && !err.contains("TLS is required"), "{err}");
+}

@@ -366,7 +366,8 @@ impl runs_server::Runs for Grpc {
         let run = qlayer_jobs::RunInput {
             requirement: r.requirement,
             provider: r.provider,
-            script: r.script,
+            script: qlayer_jobs::parse_script(r.script.map(serde_json::Value::String).unwrap_or_default())
+                .map_err(ApiError::invalid)?,
             options: r.options_json.as_deref().map(|o| json_field("options_json", o)).transpose()?,
             max_repair_rounds: r.max_repair_rounds,
             token_budget: r.token_budget,

@@ -53,8 +53,8 @@ pub struct SubmitRun {
     #[serde(default)]
     pub provider: Option<String>,
     /// For `scripted`: a script to answer from instead of its built-in rules.
-    #[serde(default)]
-    pub script: Option<String>,
+    #[serde(default, deserialize_with = "qlayer_jobs::script_or_its_text")]
+    pub script: Option<qlayer_jobs::Script>,
     /// Options for the agents, e.g. `{"language": "python"}`.
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
@@ -141,7 +141,7 @@ async fn check_input(
             let field = if matches!(plan, CallPlan::One(_)) { "input.plugin" } else { "input.tasks" };
             for plugin in plan.plugins() {
                 let install = installed(state, caller, plugin).await?.ok_or_else(|| {
-                    ApiError::invalid(format!("{field}: plugin `{plugin}` is not installed for this tenant"))
+                    ApiError::not_found(format!("{field}: plugin `{plugin}` is not installed for this tenant"))
                 })?;
                 if install.kind != qlayer_runtime::Kind::Tool {
                     return Err(ApiError::invalid(format!(
@@ -157,7 +157,7 @@ async fn check_input(
             run.check().map_err(ApiError::invalid)?;
             if let Some(name) = run.provider.as_deref().filter(|p| *p != "scripted") {
                 let install = installed(state, caller, name).await?.ok_or_else(|| {
-                    ApiError::invalid(format!("provider: plugin `{name}` is not installed for this tenant"))
+                    ApiError::not_found(format!("provider: plugin `{name}` is not installed for this tenant"))
                 })?;
                 if install.kind != qlayer_runtime::Kind::Provider {
                     return Err(ApiError::invalid(format!(
@@ -221,7 +221,8 @@ async fn submit(
 #[utoipa::path(post, path = "/v1/jobs", tag = "jobs", request_body = SubmitJob,
     responses((status = 201, body = Job), (status = 200, body = Job, description = "idempotent replay"),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
-        (status = 409, body = ErrorBody), (status = 413, body = ErrorBody), (status = 429, body = ErrorBody)),
+        (status = 404, body = ErrorBody, description = "a plugin the input names is not installed for the tenant"),
+        (status = 409, body = ErrorBody)),
     security(("api_key" = [])))]
 pub async fn submit_job(
     State(state): State<AppState>,
@@ -414,7 +415,8 @@ pub fn event_stream(
 /// repair; the generated project becomes the run's capsule.
 #[utoipa::path(post, path = "/v1/runs", tag = "runs", request_body = SubmitRun,
     responses((status = 201, body = Job), (status = 200, body = Job, description = "idempotent replay"),
-        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 409, body = ErrorBody)),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody, description = "the provider is not installed for the tenant"), (status = 409, body = ErrorBody)),
     security(("api_key" = [])))]
 pub async fn submit_run(
     State(state): State<AppState>,

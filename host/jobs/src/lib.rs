@@ -52,8 +52,8 @@ pub struct RunInput {
     #[serde(default)]
     pub provider: Option<String>,
     /// For `scripted`: a script to answer from instead of its built-in rules.
-    #[serde(default)]
-    pub script: Option<String>,
+    #[serde(default, deserialize_with = "script_or_its_text")]
+    pub script: Option<Script>,
     /// Options for the agents, e.g. `{"language": "python"}`.
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
@@ -94,39 +94,59 @@ impl RunInput {
         if self.script.is_some() && self.provider.as_deref().is_some_and(|p| p != "scripted") {
             return Err("script is only for the `scripted` provider".into());
         }
-        if let Some(script) = &self.script {
-            check_script(script)?;
-        }
         Ok(())
     }
 }
 
-/// The scripted provider's script (`plugins/providers/scripted`), checked when a run is
-/// submitted instead of failing its first step: `{"rules": [{"role"?, "contains"?, "reply"}]}`.
-fn check_script(script: &str) -> Result<(), String> {
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct Script {
-        #[allow(dead_code)] // read by the plugin; here only its shape is checked
-        rules: Vec<Rule>,
-    }
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    #[allow(dead_code)]
-    struct Rule {
-        role: Option<String>,
-        contains: Option<String>,
-        reply: String,
-    }
-    let mut json = serde_json::Deserializer::from_str(script);
-    serde_path_to_error::deserialize::<_, Script>(&mut json).map(drop).map_err(|e| {
-        let at = e.path().to_string();
+/// A script for the scripted provider (`plugins/providers/scripted`): the first rule whose role
+/// and text match answers.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Script {
+    /// Tried in order.
+    pub rules: Vec<ScriptRule>,
+}
+
+/// One rule of a [`Script`].
+#[derive(Debug, Clone, Deserialize, serde::Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ScriptRule {
+    /// Only for this agent role (default: any).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    /// Only when the prompt contains this text (default: any prompt).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contains: Option<String>,
+    /// The reply.
+    pub reply: String,
+}
+
+/// Reads a run's `script`: the script as JSON, or (as earlier versions took it, and as gRPC sends
+/// it) its JSON text. Either way it is checked here, when the run is submitted, instead of
+/// failing its first step; the message names the field at fault.
+pub fn script_or_its_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Script>, D::Error> {
+    let value = serde_json::Value::deserialize(d)?;
+    parse_script(value).map_err(serde::de::Error::custom)
+}
+
+/// A script from its JSON (or its JSON text), or `None` for null.
+pub fn parse_script(value: serde_json::Value) -> Result<Option<Script>, String> {
+    let explain = |at: String, e: &dyn std::fmt::Display| {
         let at = if at == "." { String::new() } else { format!(" at `{at}`") };
         format!(
-            "script is not a script for the scripted provider ({{\"rules\": [{{\"role\", \"contains\", \"reply\"}}]}}){at}: {}",
-            e.inner()
+            "script is not a script for the scripted provider ({{\"rules\": [{{\"role\", \"contains\", \"reply\"}}]}}){at}: {e}"
         )
-    })
+    };
+    match value {
+        serde_json::Value::Null => Ok(None),
+        serde_json::Value::String(text) => {
+            let mut json = serde_json::Deserializer::from_str(&text);
+            serde_path_to_error::deserialize(&mut json).map(Some).map_err(|e| explain(e.path().to_string(), e.inner()))
+        }
+        value => {
+            serde_path_to_error::deserialize(value).map(Some).map_err(|e| explain(e.path().to_string(), e.inner()))
+        }
+    }
 }
 
 /// One task of a `call` job given as a graph.
@@ -623,7 +643,9 @@ impl PluginExecutor {
             return choice.clone();
         }
         match input.provider.as_deref() {
-            None | Some("scripted") => ProviderChoice::Scripted { script: input.script.clone() },
+            None | Some("scripted") => {
+                ProviderChoice::Scripted { script: input.script.as_ref().and_then(|s| serde_json::to_string(s).ok()) }
+            }
             Some(name) => ProviderChoice::Installed { name: name.to_string(), tenant: tenant.to_string() },
         }
     }

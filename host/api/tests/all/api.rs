@@ -344,7 +344,7 @@ async fn plugins_jobs_runs_events_and_capsules(backend: Backend) {
     assert_eq!((clash.status, clash.code()), (409, "conflict"), "{clash:?}");
     // Only installed tools can be called.
     let r = svc.post("/v1/jobs", &acme, json!({"kind": "call", "input": {"plugin": "nope", "input": 1}})).await;
-    assert_eq!((r.status, r.code()), (400, "invalid_request"));
+    assert_eq!((r.status, r.code()), (404, "not_found"), "a plugin that is not installed is missing: {r:?}");
     assert!(r.body["error"]["message"].as_str().unwrap().contains("input.plugin"), "{r:?}");
 
     // A factory run, followed as server-sent events with a real HTTP client.
@@ -539,10 +539,10 @@ async fn every_route_rejects_bad_input_with_a_clear_error() {
         ("/v1/jobs", json!({"kind": "call", "input": {"input": 1}}), "plugin"),
         ("/v1/jobs", json!({"kind": "run", "input": {"requirement": "x"}, "idempotency_key": ""}), "idempotency_key"),
         ("/v1/runs", json!({"requirement": "x".repeat(17 * 1024)}), "limit"),
-        ("/v1/runs", json!({"requirement": "x", "provider": "ghost"}), "provider"),
         ("/v1/runs", json!({"requirement": "x", "script": "not json"}), "script is not a script"),
         ("/v1/runs", json!({"requirement": "x", "script": "{\"rules\": [{\"reply\": 1}]}"}), "reply"),
         ("/v1/runs", json!({"requirement": "x", "script": "{\"rules\": [], \"extra\": 1}"}), "extra"),
+        ("/v1/runs", json!({"requirement": "x", "script": {"rules": [{"reply": 1}]}}), "rules[0].reply"),
         ("/v1/plugins", json!({"reference": "not a reference!"}), "reference"),
         ("/v1/plugins", json!({"reference": "r/x:1", "grants": {"hosts": ["bad host/x"]}}), "grants"),
     ] {
@@ -550,6 +550,9 @@ async fn every_route_rejects_bad_input_with_a_clear_error() {
         assert_eq!((r.status, r.code()), (400, "invalid_request"), "{body}: {r:?}");
         assert!(r.body["error"]["message"].as_str().unwrap().contains(needle), "{body} names `{needle}`: {r:?}");
     }
+    let r = svc.post("/v1/runs", &acme, json!({"requirement": "x", "provider": "ghost"})).await;
+    assert_eq!((r.status, r.code()), (404, "not_found"), "a provider that is not installed is missing: {r:?}");
+    assert!(r.text.contains("provider: plugin `ghost` is not installed"), "{r:?}");
     let r = svc
         .post("/v1/plugins", &acme, json!({"reference": "r/x:1", "grants": {"secrets": {"k": "QLAYER_ADMIN_KEY"}}}))
         .await;

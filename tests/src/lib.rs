@@ -387,7 +387,8 @@ pub fn python_tool(program: &str, packages: &[&str]) -> PathBuf {
         }
     };
     let _ = std::fs::remove_dir_all(&venv);
-    run("creating its virtual environment", std::process::Command::new("python3").arg("-m").arg("venv").arg(&venv));
+    let python = newest_python();
+    run("creating its virtual environment", std::process::Command::new(&python).arg("-m").arg("venv").arg(&venv));
     run(
         "pip install",
         std::process::Command::new(venv.join("bin/pip"))
@@ -396,6 +397,35 @@ pub fn python_tool(program: &str, packages: &[&str]) -> PathBuf {
     );
     assert!(path.exists(), "pip installed {} but there is no {}", packages.join(" "), path.display());
     path
+}
+
+/// The newest Python 3.12 or later on PATH or installed with pyenv, else `python3`. CPython
+/// 3.11.7 crashes inside Hypothesis (`SystemError: AST constructor recursion depth mismatch`)
+/// while schemathesis generates some bodies; 3.12 does not.
+fn newest_python() -> PathBuf {
+    let version = |python: &std::path::Path| -> Option<(u32, u32)> {
+        let out = std::process::Command::new(python)
+            .args(["-c", "import sys; print(sys.version_info[0], sys.version_info[1])"])
+            .env_remove("PYENV_VERSION")
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let mut parts = text.split_whitespace().map(|p| p.parse::<u32>().ok());
+        Some((parts.next()??, parts.next()??))
+    };
+    let mut candidates: Vec<PathBuf> = ["python3.14", "python3.13", "python3.12"].iter().map(PathBuf::from).collect();
+    if let Ok(out) = std::process::Command::new("pyenv").arg("root").output() {
+        let root = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if let Ok(entries) = std::fs::read_dir(root.join("versions")) {
+            candidates.extend(entries.flatten().map(|e| e.path().join("bin/python3")));
+        }
+    }
+    candidates
+        .into_iter()
+        .filter_map(|python| version(&python).filter(|v| *v >= (3, 12)).map(|v| (v, python)))
+        .max_by_key(|(v, _)| *v)
+        .map(|(_, python)| python)
+        .unwrap_or_else(|| PathBuf::from("python3"))
 }
 
 /// A free loopback port (bound and released; good enough for a test server started right after).

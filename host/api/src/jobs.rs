@@ -27,8 +27,10 @@ pub struct SubmitJob {
     #[serde(default)]
     #[schema(minimum = -10, maximum = 10)]
     pub priority: Option<i32>,
-    /// Submitting again with the same key returns the first job instead of a new one.
+    /// Submitting again with the same key returns the first job instead of a new one (1-255
+    /// characters).
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 255)]
     pub idempotency_key: Option<String>,
     /// Give the job up this many ms after submission; a running plugin call is stopped
     /// (1 to 86400000).
@@ -72,8 +74,9 @@ pub struct SubmitRun {
     #[serde(default)]
     #[schema(minimum = -10, maximum = 10)]
     pub priority: Option<i32>,
-    /// Submitting again with the same key returns the first run.
+    /// Submitting again with the same key returns the first run (1-255 characters).
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 255)]
     pub idempotency_key: Option<String>,
     /// Give the run up this many ms after submission (1 to 86400000).
     #[serde(default)]

@@ -313,8 +313,11 @@ pub struct PluginView {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Grants {
-    /// Outbound hosts (`host` or `host:port`).
+    /// Outbound hosts: `host`, `host:port` or `*.domain` (a host without a port means ports 80
+    /// and 443). Also taken: upper case, and IPv6 literals in brackets (`[::1]:8080`).
     #[serde(default)]
+    #[schema(inline, value_type = Vec<String>, max_length = 253,
+        pattern = r"^(\*\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*|[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*(:([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?)$")]
     pub hosts: Vec<String>,
     /// Config values.
     #[serde(default)]
@@ -347,7 +350,12 @@ impl From<qlayer_marketplace::Install> for PluginView {
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InstallPlugin {
-    /// An OCI reference: `registry/repository:tag` or `@sha256:...`.
+    /// An OCI reference: `registry/repository:tag` or `registry/repository@sha256:<64 hex>`
+    /// (without a registry, Docker Hub's; without a tag, `latest`).
+    #[schema(
+        max_length = 255,
+        pattern = r"^([a-zA-Z0-9]([a-zA-Z0-9-]*[a-zA-Z0-9])?(\.[a-zA-Z0-9]([a-zA-Z0-9-]*[a-zA-Z0-9])?)*(:([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?/)?[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*(/[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*)*(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[0-9a-f]{64})?$"
+    )]
     pub reference: String,
     /// What to grant; only what the plugin asks for may be granted.
     #[serde(default)]
@@ -499,12 +507,16 @@ fn install_error(e: anyhow::Error, what: &str) -> ApiError {
             }
             InstallError::AlreadyInstalled { .. } => ApiError::conflict(e.to_string()),
             InstallError::NotInstalled { .. } => ApiError::not_found(format!("plugin `{what}` not found")),
-            InstallError::NetworkPolicy { .. } => ApiError::invalid(e.to_string()),
+            // Understood, and refused by the operator's policy.
+            InstallError::NetworkPolicy { .. } => ApiError::forbidden(e.to_string()),
         };
     }
     // A grant the plugin did not ask for, `*`, or one the network policy refuses.
     if let Some(e) = e.downcast_ref::<qlayer_runtime::GrantError>() {
-        return ApiError::invalid(e.to_string());
+        return match e {
+            qlayer_runtime::GrantError::NetworkPolicy { .. } => ApiError::forbidden(e.to_string()),
+            _ => ApiError::invalid(e.to_string()),
+        };
     }
     if let Some(e) = e.downcast_ref::<RegistryError>() {
         return match e {

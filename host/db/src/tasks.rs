@@ -295,7 +295,7 @@ impl crate::Db {
     /// together go past the limit.
     pub async fn submit_job_within(&self, new: NewJob<'_>, max_open: i64) -> Result<(Job, bool), DbError> {
         if let Some(key) = new.idempotency_key
-            && (key.is_empty() || key.len() > 255)
+            && (key.is_empty() || key.chars().count() > 255)
         {
             return Err(DbError::Invalid("idempotency_key must be 1-255 characters".into()));
         }

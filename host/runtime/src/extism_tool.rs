@@ -343,6 +343,9 @@ pub struct ExtismInstance {
     /// The pool slot; while a call runs, the call's thread holds it, so that it is released only
     /// once the guest has really stopped.
     pub(crate) slot: Option<OwnedSemaphorePermit>,
+    /// The compilation (and so the engine) this instance runs on, held like the slot: while it
+    /// is held, no other instance gets it (a cancel bumps the whole engine's epoch).
+    pub(crate) lease: Option<Arc<Compiled>>,
 }
 
 /// Cancels an Extism call when dropped before it was disarmed: a call whose caller went away
@@ -379,10 +382,10 @@ impl ExtismInstance {
         // timeout compiled into the module: past it the call is cancelled, and so it is when
         // this future is dropped.
         let mut cancel = CancelOnDrop(Some(plugin.cancel_handle()));
-        let slot = self.slot.take();
+        let held = (self.slot.take(), self.lease.take());
         let mut call = tokio::task::spawn_blocking(move || {
             let result = plugin.call::<&str, String>("invoke", &input).map_err(|e| format!("{e:#}"));
-            (plugin, result, slot)
+            (plugin, result, held)
         });
         let joined = match tokio::time::timeout(self.timeout, &mut call).await {
             Ok(joined) => joined,
@@ -393,8 +396,8 @@ impl ExtismInstance {
         };
         cancel.0 = None;
         self.log.end_call();
-        let (plugin, result) = match joined.map(|(plugin, result, slot)| {
-            self.slot = slot;
+        let (plugin, result) = match joined.map(|(plugin, result, (slot, lease))| {
+            (self.slot, self.lease) = (slot, lease);
             (plugin, result)
         }) {
             Ok(done) => done,

@@ -252,7 +252,7 @@ struct Shared {
     tenant_logs: Arc<logs::TenantBudgets>,
     outbound: Arc<outbound::Outbound>,
     /// Extism modules compiled for an install, by plugin digest, grants and limits.
-    extism_compiled: std::sync::Mutex<std::collections::HashMap<String, Arc<extism_tool::Compiled>>>,
+    extism_compiled: std::sync::Mutex<std::collections::HashMap<String, Vec<Arc<extism_tool::Compiled>>>>,
     policy: HostPolicy,
     cache: Option<cache::CompiledCache>,
     slots: Arc<Semaphore>,
@@ -392,7 +392,7 @@ impl Runtime {
 
     /// Extism modules compiled and kept for reuse by later installs with the same grants.
     pub fn compiled_extism_modules(&self) -> usize {
-        self.shared.extism_compiled.lock().map(|c| c.len()).unwrap_or(0)
+        self.shared.extism_compiled.lock().map(|c| c.values().map(Vec::len).sum()).unwrap_or(0)
     }
 
     /// Outbound requests the process may have in flight (from its file-handle limit).
@@ -682,10 +682,20 @@ impl Plugin {
         let grants = Arc::new(grants);
         let memory_bytes = memory_mb as usize * 1024 * 1024;
         let extism = match &self.pre {
-            Pre::Extism(wasm) => Some(self.compiled_extism(wasm, &grants, memory_bytes, timeout)?),
+            // Compiled here so a module the host cannot prepare is refused at install; each
+            // tenant's instances then come from a compilation of their own (see any_tool).
+            Pre::Extism(wasm) => Some(self.compiled_extism(wasm, &grants, memory_bytes, timeout, None)?),
             _ => None,
         };
-        Ok(Installed { plugin: self.clone(), grants, memory_bytes, output_bytes, timeout, extism })
+        Ok(Installed {
+            plugin: self.clone(),
+            grants,
+            memory_bytes,
+            output_bytes,
+            timeout,
+            extism,
+            extism_timeout: timeout,
+        })
     }
 }
 
@@ -694,14 +704,19 @@ impl Plugin {
     /// install with the same ones compiled it before (every call of a job loads its plugin
     /// again), else compiled now, off the async workers, so a large module does not stall the
     /// other requests on this thread.
+    ///
+    /// With a `tenant`, the compilation is that tenant's own. Extism stops a call (its deadline,
+    /// or a cancel) by bumping the epoch of the engine the compilation holds, which stops every
+    /// call running on that engine at that moment: tenants must never share one.
     fn compiled_extism(
         &self,
         wasm: &Arc<[u8]>,
         grants: &Arc<Grants>,
         memory_bytes: usize,
         timeout: Duration,
+        tenant: Option<&str>,
     ) -> Result<Arc<extism_tool::Compiled>, GrantError> {
-        let mut key = format!("{}|{memory_bytes}|{}", self.digest, timeout.as_millis());
+        let mut key = format!("{}|{memory_bytes}|{}|t:{}", self.digest, timeout.as_millis(), tenant.unwrap_or(""));
         for host in &grants.outbound_hosts {
             key.push_str(&format!("|h:{host}"));
         }
@@ -712,7 +727,12 @@ impl Plugin {
             key.push_str(&format!("|s:{k}={}", hex::encode(Sha256::digest(v.expose().as_bytes()))));
         }
         let cache = &self.shared.extism_compiled;
-        if let Some(compiled) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        // For an instance, a compilation no live instance holds (only the cache does): an engine
+        // is never shared by two live instances, of one tenant or of two.
+        let free = |c: &Arc<extism_tool::Compiled>| tenant.is_none() || Arc::strong_count(c) == 1;
+        if let Some(compiled) =
+            cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key).and_then(|all| all.iter().find(|c| free(c)))
+        {
             return Ok(compiled.clone());
         }
         let compile = || {
@@ -737,10 +757,18 @@ impl Plugin {
         if cache.len() >= MAX_COMPILED_EXTISM {
             cache.clear();
         }
-        cache.insert(key, compiled.clone());
+        let kept = cache.entry(key).or_default();
+        // Beyond this many at once, further instances compile without being kept.
+        if kept.len() < MAX_COMPILED_PER_KEY {
+            kept.push(compiled.clone());
+        }
         Ok(compiled)
     }
 }
+
+/// Compilations kept for one plugin version, grants, limits and tenant: as many as its live
+/// instances at once, up to this.
+const MAX_COMPILED_PER_KEY: usize = 8;
 
 /// Compiled Extism modules the runtime keeps (one per plugin version, grants and limits).
 const MAX_COMPILED_EXTISM: usize = 128;
@@ -753,7 +781,10 @@ pub struct Installed {
     memory_bytes: usize,
     output_bytes: usize,
     timeout: Duration,
+    /// The Extism compilation made at install (its deadline is the install's, whatever
+    /// `with_timeout` sets for a call).
     extism: Option<Arc<extism_tool::Compiled>>,
+    extism_timeout: Duration,
 }
 
 impl fmt::Debug for Installed {
@@ -904,11 +935,22 @@ impl Installed {
 
     /// A live tool instance for `tenant`, whatever its format (component or Extism).
     pub async fn any_tool(&self, tenant: &str) -> Result<AnyTool, CallError> {
-        let Some(compiled) = &self.extism else { return self.tool(tenant).await.map(AnyTool::Component) };
+        let (Some(_), Pre::Extism(wasm)) = (&self.extism, &self.plugin.pre) else {
+            return self.tool(tenant).await.map(AnyTool::Component);
+        };
+        // The tenant's own compilation: see compiled_extism.
+        let compiled = self
+            .plugin
+            .compiled_extism(wasm, &self.grants, self.memory_bytes, self.extism_timeout, Some(tenant))
+            .map_err(|e| CallError {
+                plugin: Arc::from(self.plugin.manifest.name.as_str()),
+                tenant: Arc::from(tenant),
+                kind: CallErrorKind::Trap(format!("instantiation failed: {e}")),
+            })?;
         let slot = self.slot().await;
-        let compiled = compiled.clone();
         let (name, tenant): (Arc<str>, Arc<str>) = (Arc::from(self.plugin.manifest.name.as_str()), Arc::from(tenant));
-        let plugin = tokio::task::spawn_blocking(move || extism_tool::instantiate(&compiled))
+        let for_instance = compiled.clone();
+        let plugin = tokio::task::spawn_blocking(move || extism_tool::instantiate(&for_instance))
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))
             .and_then(|r| r)
@@ -919,7 +961,7 @@ impl Installed {
             })?;
         let log = Arc::new(logs::LogMeter::new(tenant.clone(), name.clone(), self.plugin.shared.tenant_logs.clone()));
         let id = plugin.id.as_u128();
-        let logs = self.extism.as_ref().map(|c| c.logs.clone()).unwrap_or_default();
+        let logs = compiled.logs.clone();
         logs.lock().unwrap_or_else(|p| p.into_inner()).insert(id, log.clone());
         Ok(AnyTool::Extism(Box::new(ExtismInstance {
             plugin: Some(plugin),
@@ -933,6 +975,7 @@ impl Installed {
             id,
             poisoned: false,
             slot: Some(slot),
+            lease: Some(compiled),
         })))
     }
 

@@ -485,10 +485,11 @@ fn extism_logs_are_budgeted_escaped_and_name_the_tenant_and_plugin() {
     assert!(!text.lines().any(|l| l.starts_with("level=ERROR")));
 }
 
-/// Issue 14 item 9: an Extism module is compiled once per plugin, grants and limits, not on each
-/// load (every call of a job loads its plugin again).
+/// Issue 14 item 9: an Extism module is compiled once per plugin, grants and limits (at install,
+/// to refuse what cannot be prepared) and once per tenant (tenants never share an engine), not on
+/// each load (every call of a job loads its plugin again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_extism_module_is_compiled_once_for_the_same_grants() {
+async fn an_extism_module_is_compiled_once_for_the_same_grants_and_tenant() {
     let rt = runtime();
     let wasm = extism_hostile(32, 1000);
     assert_eq!(rt.compiled_extism_modules(), 0);
@@ -496,11 +497,14 @@ async fn an_extism_module_is_compiled_once_for_the_same_grants() {
         let installed = rt.load(&wasm).unwrap().install(Default::default()).unwrap();
         assert_eq!(installed.any_tool("t").await.unwrap().invoke("hello").await.unwrap(), "echo:hello");
     }
-    assert_eq!(rt.compiled_extism_modules(), 1, "three loads, one compile");
+    assert_eq!(rt.compiled_extism_modules(), 2, "three loads: one compile at install, one for the tenant");
+    let installed = rt.load(&wasm).unwrap().install(Default::default()).unwrap();
+    assert_eq!(installed.any_tool("u").await.unwrap().invoke("hello").await.unwrap(), "echo:hello");
+    assert_eq!(rt.compiled_extism_modules(), 3, "another tenant, a compile of its own");
     let mut grants = qlayer_runtime::Grants::default();
     grants.outbound_hosts.push(qlayer_runtime::HostPattern::parse("api.example.com").unwrap());
     rt.load(&wasm).unwrap().install(grants).unwrap();
-    assert_eq!(rt.compiled_extism_modules(), 2, "other grants, another compile");
+    assert_eq!(rt.compiled_extism_modules(), 4, "other grants, another compile");
 }
 
 /// Issue 14 item 8: an Extism call stops at the call's own deadline (a job's deadline_ms), not
@@ -733,4 +737,31 @@ async fn registry_errors_say_their_cause_once_and_hint_at_tls_only_when_it_can_b
     assert!(err.contains(&format!("cannot connect to https://{closed}/v2/tools/x/manifests/1")), "{err}");
     assert_eq!(err.matches("onnection refused").count(), 1, "{err}");
     assert!(!err.contains("client error") && !err.contains("TLS is required"), "{err}");
+}
+
+/// Extism stops a call by bumping its engine's epoch, which stops every call on that engine:
+/// one tenant's deadline (here 200 ms) must not stop another tenant's call of the same plugin
+/// (here with 3 s to go), so tenants never share a compilation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_tenants_extism_deadline_does_not_stop_another_tenants_call() {
+    let rt = runtime();
+    let installed = rt.load(&extism_hostile(64, 60_000)).unwrap().install(Default::default()).unwrap();
+    let slow = {
+        let installed = installed.clone();
+        tokio::spawn(async move {
+            let mut b = installed.with_timeout(Duration::from_millis(3000)).any_tool("tenant-b").await.unwrap();
+            let started = std::time::Instant::now();
+            (b.invoke("loop").await, started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let short = installed.clone().with_timeout(Duration::from_millis(200));
+    let err = short.any_tool("tenant-a").await.unwrap().invoke("loop").await.unwrap_err();
+    assert!(matches!(err.kind, CallErrorKind::Timeout(d) if d == Duration::from_millis(200)), "{err}");
+    // B loops too, so it ends at its own deadline and not before (a lower bound, not a timing
+    // one): stopped by A's, it ended after about 0.5 s, reported as its own timeout all the same.
+    let (outcome, ran) = slow.await.unwrap();
+    let err = outcome.unwrap_err();
+    assert!(matches!(err.kind, CallErrorKind::Timeout(d) if d == Duration::from_secs(3)), "{err}");
+    assert!(ran >= Duration::from_secs(3), "tenant b's call was stopped after {ran:?} by tenant a's deadline");
 }

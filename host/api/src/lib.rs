@@ -115,6 +115,11 @@ impl utoipa::Modify for BearerAuth {
 
 /// The OpenAPI document as pretty JSON (what `/openapi.json` serves and `docs/openapi.json` holds).
 pub fn openapi_json() -> String {
+    static DOC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DOC.get_or_init(build_openapi_json).clone()
+}
+
+fn build_openapi_json() -> String {
     let mut doc = ApiDoc::openapi();
     doc.info.version = env!("CARGO_PKG_VERSION").to_string();
     let mut doc = match serde_json::to_value(&doc) {
@@ -128,7 +133,7 @@ pub fn openapi_json() -> String {
 }
 
 /// A path parameter holds no control character ([`error::ApiPath`] refuses one with a 400).
-pub const PATH_PARAMETER_PATTERN: &str = "^[^\\u0000-\\u001f\\u007f-\\u009f]+$";
+const PATH_PARAMETER_PATTERN: &str = "^[^\\u0000-\\u001f\\u007f-\\u009f]+$";
 
 /// Adds to every operation what the layers shared by all routes answer, so no handler has to
 /// repeat it: the request deadline (503 `timeout`), and on authenticated routes a missing or

@@ -681,21 +681,12 @@ impl Plugin {
             * 1024;
         let grants = Arc::new(grants);
         let memory_bytes = memory_mb as usize * 1024 * 1024;
-        let extism = match &self.pre {
-            // Compiled here so a module the host cannot prepare is refused at install; each
-            // tenant's instances then come from a compilation of their own (see any_tool).
-            Pre::Extism(wasm) => Some(self.compiled_extism(wasm, &grants, memory_bytes, timeout, None)?),
-            _ => None,
-        };
-        Ok(Installed {
-            plugin: self.clone(),
-            grants,
-            memory_bytes,
-            output_bytes,
-            timeout,
-            extism,
-            extism_timeout: timeout,
-        })
+        if let Pre::Extism(wasm) = &self.pre {
+            // Compiled (or found compiled) here, so a module the host cannot prepare is refused
+            // at install; its instances lease compilations from the cache (see any_tool).
+            self.compiled_extism(wasm, &grants, memory_bytes, timeout, false)?;
+        }
+        Ok(Installed { plugin: self.clone(), grants, memory_bytes, output_bytes, timeout, extism_timeout: timeout })
     }
 }
 
@@ -705,18 +696,20 @@ impl Plugin {
     /// again), else compiled now, off the async workers, so a large module does not stall the
     /// other requests on this thread.
     ///
-    /// With a `tenant`, the compilation is that tenant's own. Extism stops a call (its deadline,
-    /// or a cancel) by bumping the epoch of the engine the compilation holds, which stops every
-    /// call running on that engine at that moment: tenants must never share one.
+    /// `lease`: for an instance, which holds the compilation until its last call has stopped. A
+    /// leased compilation is one no live instance holds (only the cache does): Extism stops a
+    /// call (its deadline, or a cancel) by bumping the epoch of the compilation's engine, which
+    /// stops every call running on that engine at that moment, so two live instances, of one
+    /// tenant or of two, never share one. One after another they may.
     fn compiled_extism(
         &self,
         wasm: &Arc<[u8]>,
         grants: &Arc<Grants>,
         memory_bytes: usize,
         timeout: Duration,
-        tenant: Option<&str>,
+        lease: bool,
     ) -> Result<Arc<extism_tool::Compiled>, GrantError> {
-        let mut key = format!("{}|{memory_bytes}|{}|t:{}", self.digest, timeout.as_millis(), tenant.unwrap_or(""));
+        let mut key = format!("{}|{memory_bytes}|{}", self.digest, timeout.as_millis());
         for host in &grants.outbound_hosts {
             key.push_str(&format!("|h:{host}"));
         }
@@ -727,9 +720,7 @@ impl Plugin {
             key.push_str(&format!("|s:{k}={}", hex::encode(Sha256::digest(v.expose().as_bytes()))));
         }
         let cache = &self.shared.extism_compiled;
-        // For an instance, a compilation no live instance holds (only the cache does): an engine
-        // is never shared by two live instances, of one tenant or of two.
-        let free = |c: &Arc<extism_tool::Compiled>| tenant.is_none() || Arc::strong_count(c) == 1;
+        let free = |c: &Arc<extism_tool::Compiled>| !lease || Arc::strong_count(c) == 1;
         if let Some(compiled) =
             cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key).and_then(|all| all.iter().find(|c| free(c)))
         {
@@ -766,8 +757,8 @@ impl Plugin {
     }
 }
 
-/// Compilations kept for one plugin version, grants, limits and tenant: as many as its live
-/// instances at once, up to this.
+/// Compilations kept for one plugin version, grants and limits: as many as its live instances
+/// at once, up to this.
 const MAX_COMPILED_PER_KEY: usize = 8;
 
 /// Compiled Extism modules the runtime keeps (one per plugin version, grants and limits).
@@ -781,9 +772,8 @@ pub struct Installed {
     memory_bytes: usize,
     output_bytes: usize,
     timeout: Duration,
-    /// The Extism compilation made at install (its deadline is the install's, whatever
-    /// `with_timeout` sets for a call).
-    extism: Option<Arc<extism_tool::Compiled>>,
+    /// The deadline an Extism compilation carries: the install's, whatever `with_timeout` sets
+    /// for a call (which stops it sooner).
     extism_timeout: Duration,
 }
 
@@ -935,13 +925,11 @@ impl Installed {
 
     /// A live tool instance for `tenant`, whatever its format (component or Extism).
     pub async fn any_tool(&self, tenant: &str) -> Result<AnyTool, CallError> {
-        let (Some(_), Pre::Extism(wasm)) = (&self.extism, &self.plugin.pre) else {
-            return self.tool(tenant).await.map(AnyTool::Component);
-        };
-        // The tenant's own compilation: see compiled_extism.
+        let Pre::Extism(wasm) = &self.plugin.pre else { return self.tool(tenant).await.map(AnyTool::Component) };
+        // A compilation no other live instance runs on: see compiled_extism.
         let compiled = self
             .plugin
-            .compiled_extism(wasm, &self.grants, self.memory_bytes, self.extism_timeout, Some(tenant))
+            .compiled_extism(wasm, &self.grants, self.memory_bytes, self.extism_timeout, true)
             .map_err(|e| CallError {
                 plugin: Arc::from(self.plugin.manifest.name.as_str()),
                 tenant: Arc::from(tenant),

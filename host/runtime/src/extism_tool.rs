@@ -348,14 +348,44 @@ pub struct ExtismInstance {
     pub(crate) lease: Option<Arc<Compiled>>,
 }
 
-/// Cancels an Extism call when dropped before it was disarmed: a call whose caller went away
-/// (a cancelled job) stops instead of running on to its manifest timeout.
-struct CancelOnDrop(Option<extism::CancelHandle>);
+/// How a call and whoever stops it meet: `stopped` is set before the first cancel, and the call
+/// checks it before it starts; `ended` is set once the call has returned.
+#[derive(Default)]
+struct CallStop {
+    stopped: std::sync::atomic::AtomicBool,
+    ended: std::sync::atomic::AtomicBool,
+}
+
+/// How often a cancel is sent again until the call has ended.
+const CANCEL_REPEAT: Duration = Duration::from_millis(10);
+
+/// Stops an Extism call at its deadline, or when dropped before it was disarmed (a cancelled
+/// job), instead of letting it run on to its manifest timeout. Extism ignores a cancel that
+/// reaches its timer before the call has started (the call then runs to its manifest timeout,
+/// up to 300 s), so a call checks `stopped` before it starts, and the cancel is sent again every
+/// 10 ms until the call has ended.
+struct CancelOnDrop {
+    handle: Option<extism::CancelHandle>,
+    stop: Arc<CallStop>,
+}
 
 impl CancelOnDrop {
     fn cancel(&mut self) {
-        if let Some(handle) = self.0.take() {
-            let _ = handle.cancel();
+        use std::sync::atomic::Ordering::SeqCst;
+        let Some(handle) = self.handle.take() else { return };
+        self.stop.stopped.store(true, SeqCst);
+        let _ = handle.cancel();
+        let stop = self.stop.clone();
+        // Outside a runtime (one shutting down) only the flag stops a call not yet started.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            drop(runtime.spawn(async move {
+                while !stop.ended.load(SeqCst) {
+                    tokio::time::sleep(CANCEL_REPEAT).await;
+                    if !stop.ended.load(SeqCst) {
+                        let _ = handle.cancel();
+                    }
+                }
+            }));
         }
     }
 }
@@ -381,10 +411,18 @@ impl ExtismInstance {
         // The call's deadline is this instance's (a job's deadline_ms included), not only the
         // timeout compiled into the module: past it the call is cancelled, and so it is when
         // this future is dropped.
-        let mut cancel = CancelOnDrop(Some(plugin.cancel_handle()));
+        let stop = Arc::new(CallStop::default());
+        let mut cancel = CancelOnDrop { handle: Some(plugin.cancel_handle()), stop: stop.clone() };
         let held = (self.slot.take(), self.lease.take());
         let mut call = tokio::task::spawn_blocking(move || {
-            let result = plugin.call::<&str, String>("invoke", &input).map_err(|e| format!("{e:#}"));
+            use std::sync::atomic::Ordering::SeqCst;
+            let result = if stop.stopped.load(SeqCst) {
+                // Stopped before it started (the blocking pool was busy past the deadline).
+                Err("timeout".to_string())
+            } else {
+                plugin.call::<&str, String>("invoke", &input).map_err(|e| format!("{e:#}"))
+            };
+            stop.ended.store(true, SeqCst);
             (plugin, result, held)
         });
         let joined = match tokio::time::timeout(self.timeout, &mut call).await {
@@ -394,7 +432,7 @@ impl ExtismInstance {
                 call.await
             }
         };
-        cancel.0 = None;
+        cancel.handle = None;
         self.log.end_call();
         let (plugin, result) = match joined.map(|(plugin, result, (slot, lease))| {
             (self.slot, self.lease) = (slot, lease);

@@ -767,3 +767,45 @@ async fn one_tenants_extism_deadline_does_not_stop_another_tenants_call() {
     assert!(matches!(err.kind, CallErrorKind::Timeout(d) if d == Duration::from_secs(3)), "{err}");
     assert!(ran >= Duration::from_secs(3), "tenant b's call was stopped after {ran:?} by tenant a's deadline");
 }
+
+/// A deadline or cancel that comes while the call still waits for a blocking thread (the pool was
+/// busy) stops it all the same: Extism drops a cancel sent before the call has started, and the
+/// call then ran to its manifest timeout (here 300 s), holding its thread and slot.
+#[test]
+fn an_extism_call_stopped_before_it_started_does_not_run() {
+    let tokio = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    tokio.block_on(async {
+        let rt = runtime();
+        let installed = rt.load(&extism_hostile(32, 300_000)).unwrap().install(Default::default()).unwrap();
+        let short = installed.clone().with_timeout(Duration::from_millis(100));
+        let mut late = short.any_tool("tenant-a").await.unwrap();
+        let mut dropped = installed.any_tool("tenant-b").await.unwrap();
+        let mut after = installed.any_tool("tenant-c").await.unwrap();
+        // The one blocking thread is busy for 500 ms: both calls below wait for it.
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let busy = tokio::task::spawn_blocking(move || wait.recv());
+        // Dropped (a cancelled job) before it started.
+        let running = tokio::spawn(async move { dropped.invoke("loop").await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        running.abort();
+        let _ = running.await;
+        // Past its deadline before it started: it must not run the guest (`log:1` returns at once).
+        let timed_out = tokio::spawn(async move { late.invoke("log:1").await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        release.send(()).unwrap();
+        busy.await.unwrap().unwrap();
+        let err = timed_out.await.unwrap().unwrap_err();
+        assert!(matches!(err.kind, CallErrorKind::Timeout(d) if d == Duration::from_millis(100)), "{err}");
+        // The dropped call did not take the one thread for 300 s: the next call runs. (The bound
+        // only keeps a broken build from hanging CI.)
+        let out = tokio::time::timeout(Duration::from_secs(60), after.invoke("hello"))
+            .await
+            .expect("the dropped call is still running");
+        assert_eq!(out.unwrap(), "echo:hello");
+    });
+}

@@ -161,7 +161,7 @@ fn job(j: qlayer_db::Job) -> Job {
         priority: j.priority,
         idempotency_key: j.idempotency_key,
         input_json: j.input.to_string(),
-        output_json: j.output.map(|o| o.to_string()),
+        output_json: j.output.map(qlayer_db::JsonText::into_string),
         error: j.error,
         created_at: j.created_at,
         updated_at: j.updated_at,
@@ -339,7 +339,7 @@ impl jobs_server::Jobs for Grpc {
                 attempts: t.attempts,
                 max_attempts: t.max_attempts,
                 depends_on: t.depends_on,
-                output_json: t.output.map(|o| o.to_string()),
+                output_json: t.output.map(qlayer_db::JsonText::into_string),
                 error: t.error,
             })
             .collect();

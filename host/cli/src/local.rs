@@ -6,7 +6,7 @@
 
 use anyhow::Context as _;
 use qlayer_bundled::ProviderChoice;
-use qlayer_db::{Db, Job, JobEvent, JobKind, JobStatus, Task, TaskStatus};
+use qlayer_db::{Db, Job, JobEvent, JobKind, JobStatus, JsonText, Task, TaskStatus};
 use qlayer_factory::{RunReport, StepReport};
 use qlayer_gateway::TokenCount;
 use qlayer_jobs::{self as jobs, JobLimits, JobRunner, PluginExecutor, RunInput};
@@ -133,7 +133,7 @@ pub async fn call(
     tenant: &str,
     plugin: &str,
     input: &str,
-) -> anyhow::Result<serde_json::Value> {
+) -> anyhow::Result<JsonText> {
     let install = marketplace.get(tenant, plugin).await?;
     if install.kind != Kind::Tool {
         anyhow::bail!("plugin `{plugin}` is a {} plugin; `qlayer plugin call` invokes tool plugins", install.kind);
@@ -145,7 +145,7 @@ pub async fn call(
     local.close().await;
     let (job, _) = outcome?;
     match job.status {
-        JobStatus::Succeeded => Ok(job.output.unwrap_or(serde_json::Value::Null)),
+        JobStatus::Succeeded => Ok(job.output.unwrap_or_default()),
         status => Err(anyhow::anyhow!(job.error.unwrap_or_else(|| format!("the call was {}", status.as_str())))),
     }
 }
@@ -170,7 +170,9 @@ pub async fn run(run: LocalRun, on: &(dyn Fn(Update) + Send + Sync)) -> anyhow::
             if !matches!(task.status, TaskStatus::Succeeded | TaskStatus::Failed) || !seen.insert(key) {
                 continue;
             }
-            let output = task.output.as_ref();
+            // A factory step's output is small: read it whole.
+            let output = task.output.as_ref().map(JsonText::to_value);
+            let output = output.as_ref();
             match (task.status, output.and_then(|o| o.get("step"))) {
                 (TaskStatus::Succeeded, Some(step)) => on(Update::Step(serde_json::from_value(step.clone())?)),
                 (TaskStatus::Succeeded, None) => {
@@ -195,7 +197,7 @@ pub async fn run(run: LocalRun, on: &(dyn Fn(Update) + Send + Sync)) -> anyhow::
     let (job, tasks) = outcome?;
     if job.status == JobStatus::Succeeded {
         let output = job.output.context("the run ended without a report")?;
-        let report: RunReport = serde_json::from_value(output).context("the run's report")?;
+        let report: RunReport = output.read().context("the run's report")?;
         return Ok(Finished { report, capsule });
     }
     // A step failed (or gave up): report what ran and why it stopped.

@@ -857,9 +857,10 @@ async fn market(cmd: PluginCommand) -> anyhow::Result<()> {
         }
         PluginCommand::Call { name, input, tenant, market } => {
             let runtime = std::sync::Arc::new(market.runtime()?);
-            match local::call(runtime, market.open().await?, &tenant, &name, &input).await? {
-                serde_json::Value::String(text) => println!("{text}"),
-                output => println!("{output}"),
+            let output = local::call(runtime, market.open().await?, &tenant, &name, &input).await?;
+            match output.read::<String>() {
+                Ok(text) => println!("{text}"),
+                Err(_) => println!("{output}"),
             }
         }
         _ => anyhow::bail!("not a marketplace command"),

@@ -90,7 +90,9 @@ pub struct Job {
     #[schema(value_type = Object)]
     pub input: serde_json::Value,
     /// The result, once succeeded: any JSON value.
-    pub output: Option<serde_json::Value>,
+    // Kept as its text (see JsonText).
+    #[schema(value_type = Option<serde_json::Value>)]
+    pub output: Option<crate::JsonText>,
     /// What went wrong, once failed or cancelled.
     pub error: Option<String>,
     /// Unix milliseconds.
@@ -240,7 +242,7 @@ pub(crate) fn job_of(r: &AnyRow) -> Result<Job, DbError> {
         priority: r.try_get("priority")?,
         idempotency_key: r.try_get("idempotency_key")?,
         input: parse_json(&r.try_get::<String, _>("input")?)?,
-        output: r.try_get::<Option<String>, _>("output")?.map(|s| parse_json(&s)).transpose()?,
+        output: r.try_get::<Option<String>, _>("output")?.map(crate::json::stored).transpose()?,
         error: r.try_get("error")?,
         created_at: r.try_get("created_at")?,
         updated_at: r.try_get("updated_at")?,

@@ -16,9 +16,11 @@
 
 mod installs;
 mod jobs;
+mod json;
 mod tasks;
 
 pub use jobs::{Artifact, Job, JobEvent, JobKind, JobStatus};
+pub use json::JsonText;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 use std::fmt;

@@ -98,7 +98,9 @@ pub struct Task {
     /// The plugin it calls.
     pub plugin: String,
     /// Its input (once ready: with its dependencies' outputs filled in): any JSON value.
-    pub input: serde_json::Value,
+    // Kept as its text (see JsonText), like the output.
+    #[schema(value_type = serde_json::Value)]
+    pub input: crate::JsonText,
     /// Names of the tasks it waits for.
     pub depends_on: Vec<String>,
     /// Higher runs first within the tenant.
@@ -119,7 +121,9 @@ pub struct Task {
     /// Whether an earlier lease on it was handed back or lost (this run resumes it).
     pub resumed: bool,
     /// Its result, once succeeded: any JSON value.
-    pub output: Option<serde_json::Value>,
+    // Kept as its text (see JsonText).
+    #[schema(value_type = Option<serde_json::Value>)]
+    pub output: Option<crate::JsonText>,
     /// The last error.
     pub error: Option<String>,
 }
@@ -141,7 +145,7 @@ pub struct Lease {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct TaskResult {
     /// Its output: stored with it, and given to dependants that have no input of their own.
-    pub output: serde_json::Value,
+    pub output: crate::JsonText,
     /// Tasks to add to its job, in the same transaction as the result: a step that decides what
     /// comes next (the factory's review adds the next repair round). Their dependencies may name
     /// any task of the job.
@@ -153,9 +157,15 @@ pub struct TaskResult {
     pub artifact: Option<crate::jobs::Artifact>,
 }
 
+impl From<crate::JsonText> for TaskResult {
+    fn from(output: crate::JsonText) -> Self {
+        TaskResult { output, ..Default::default() }
+    }
+}
+
 impl From<serde_json::Value> for TaskResult {
     fn from(output: serde_json::Value) -> Self {
-        TaskResult { output, ..Default::default() }
+        TaskResult { output: output.into(), ..Default::default() }
     }
 }
 
@@ -558,7 +568,7 @@ impl crate::Db {
     /// when the result says so, else every task's output by name). A task of a larger job gets a
     /// `progress` event saying it succeeded.
     pub async fn complete_task(&self, lease: &Lease, result: &TaskResult) -> Result<Recorded, DbError> {
-        let text = serde_json::to_string(&result.output).map_err(|e| DbError::Invalid(e.to_string()))?;
+        let text = result.output.get();
         retrying!(async {
             let now = now_ms();
             let mut tx = self.pool().begin().await?;
@@ -570,7 +580,7 @@ impl crate::Db {
                  lease_expires = NULL, updated_at = $2 \
                  WHERE id = $3 AND status = 'leased' AND lease_owner = $4 AND attempts = $5",
             )
-            .bind(&text)
+            .bind(text)
             .bind(now)
             .bind(&lease.task_id)
             .bind(&lease.owner)
@@ -612,7 +622,7 @@ impl crate::Db {
             }
             if task_count == 1 && result.then.is_empty() {
                 // The hot path: a one-task job ends with its task.
-                finish_job_in(&mut tx, &lease.job_id, JobStatus::Succeeded, Some(&text), None, now).await?;
+                finish_job_in(&mut tx, &lease.job_id, JobStatus::Succeeded, Some(text), None, now).await?;
                 event_in(&mut tx, &lease.job_id, "succeeded", &serde_json::json!({})).await?;
                 tx.commit().await?;
                 return Ok(Recorded { recorded: true, ready: vec![], job_finished: Some(JobStatus::Succeeded) });
@@ -636,18 +646,13 @@ impl crate::Db {
                 }
                 let mut task = task.clone();
                 if task.input.is_null() && !task.depends_on.is_empty() {
-                    let outputs: serde_json::Map<String, serde_json::Value> = tasks
-                        .iter()
-                        .filter(|t| task.depends_on.contains(&t.name))
-                        .map(|t| (t.name.clone(), t.output.clone().unwrap_or(serde_json::Value::Null)))
-                        .collect();
-                    task.input = serde_json::Value::Object(outputs);
+                    task.input = by_name(tasks.iter().filter(|t| task.depends_on.contains(&t.name)));
                 }
                 sqlx::query(
                     "UPDATE tasks SET status = 'ready', input = $1, not_before = $2, updated_at = $2 \
                      WHERE id = $3 AND status = 'waiting'",
                 )
-                .bind(serde_json::to_string(&task.input).map_err(|e| DbError::Invalid(e.to_string()))?)
+                .bind(task.input.get())
                 .bind(now)
                 .bind(&task.id)
                 .execute(&mut *tx)
@@ -658,16 +663,9 @@ impl crate::Db {
             }
             let mut job_finished = None;
             if tasks.iter().all(|t| t.status == TaskStatus::Succeeded) {
-                let output = if tasks.len() == 1 || result.job_output {
-                    text.clone()
-                } else {
-                    let all: serde_json::Map<String, serde_json::Value> = tasks
-                        .iter()
-                        .map(|t| (t.name.clone(), t.output.clone().unwrap_or(serde_json::Value::Null)))
-                        .collect();
-                    serde_json::Value::Object(all).to_string()
-                };
-                finish_job_in(&mut tx, &lease.job_id, JobStatus::Succeeded, Some(&output), None, now).await?;
+                let output =
+                    if tasks.len() == 1 || result.job_output { result.output.clone() } else { by_name(tasks.iter()) };
+                finish_job_in(&mut tx, &lease.job_id, JobStatus::Succeeded, Some(output.get()), None, now).await?;
                 event_in(&mut tx, &lease.job_id, "succeeded", &serde_json::json!({})).await?;
                 job_finished = Some(JobStatus::Succeeded);
             }
@@ -826,8 +824,13 @@ impl crate::Db {
     }
 }
 
-fn parse_json(text: &str) -> Result<serde_json::Value, DbError> {
-    serde_json::from_str(text).map_err(|e| DbError::Invalid(format!("stored JSON is unreadable: {e}")))
+/// The outputs of `tasks` by name (`null` for one without), as one JSON object, built from their
+/// text.
+fn by_name<'a>(tasks: impl Iterator<Item = &'a Task>) -> crate::JsonText {
+    let all: std::collections::BTreeMap<&str, &serde_json::value::RawValue> = tasks
+        .map(|t| (t.name.as_str(), t.output.as_ref().map_or(serde_json::value::RawValue::NULL, |o| o.as_raw())))
+        .collect();
+    crate::JsonText::of(&all)
 }
 
 pub(crate) fn task_of(r: &AnyRow) -> Result<Task, DbError> {
@@ -838,7 +841,7 @@ pub(crate) fn task_of(r: &AnyRow) -> Result<Task, DbError> {
         name: r.try_get("name")?,
         kind: r.try_get("kind")?,
         plugin: r.try_get("plugin")?,
-        input: parse_json(&r.try_get::<String, _>("input")?)?,
+        input: crate::json::stored(r.try_get::<String, _>("input")?)?,
         depends_on: serde_json::from_str(&r.try_get::<String, _>("depends_on")?)
             .map_err(|e| DbError::Invalid(format!("stored depends_on is unreadable: {e}")))?,
         priority: r.try_get("priority")?,
@@ -849,7 +852,7 @@ pub(crate) fn task_of(r: &AnyRow) -> Result<Task, DbError> {
         deadline_at: r.try_get("deadline_at")?,
         lease_owner: r.try_get("lease_owner")?,
         resumed: r.try_get::<i32, _>("resumed")? != 0,
-        output: r.try_get::<Option<String>, _>("output")?.map(|s| parse_json(&s)).transpose()?,
+        output: r.try_get::<Option<String>, _>("output")?.map(crate::json::stored).transpose()?,
         error: r.try_get("error")?,
     })
 }

@@ -441,7 +441,7 @@ async fn job_lifecycle_events_cancellation_and_artifacts(backend: Backend) {
     // job's tenant.
     let bytes: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
     let result = qlayer_db::TaskResult {
-        output: output.clone(),
+        output: output.clone().into(),
         artifact: Some(qlayer_db::Artifact { media_type: "application/gzip".into(), bytes: bytes.clone() }),
         ..Default::default()
     };
@@ -450,7 +450,7 @@ async fn job_lifecycle_events_cancellation_and_artifacts(backend: Backend) {
     let again = t.db.complete_task(&lease_of(&leased, "node-a"), &serde_json::json!("late").into()).await.unwrap();
     assert!(!again.recorded, "finished once");
     let done = t.db.job(&acme.id, &job.id).await.unwrap().unwrap();
-    assert_eq!((done.status, done.output.clone(), done.priority), (JobStatus::Succeeded, Some(output), 3));
+    assert_eq!((done.status, done.output.clone(), done.priority), (JobStatus::Succeeded, Some(output.into()), 3));
     assert!(done.finished_at.is_some());
     let kinds: Vec<String> = t.db.job_events(&acme.id, &job.id, 0).await.unwrap().into_iter().map(|e| e.kind).collect();
     assert_eq!(kinds, ["queued", "started", "succeeded"], "the lease records the start");
@@ -528,7 +528,7 @@ async fn a_lease_has_one_holder_and_fences_late_results(backend: Backend) {
     let done = t.db.complete_task(&lease_of(&second, "node-late"), &serde_json::json!("fresh").into()).await.unwrap();
     assert!(done.recorded);
     let job = t.db.job(&acme.id, &job.id).await.unwrap().unwrap();
-    assert_eq!((job.status, job.output), (JobStatus::Succeeded, Some(serde_json::json!("fresh"))));
+    assert_eq!((job.status, job.output), (JobStatus::Succeeded, Some(serde_json::json!("fresh").into())));
 
     // The heartbeat's sweep takes expired leases back to ready as well.
     let swept = submit(&t.db, &acme.id, one_task("p")).await;
@@ -573,7 +573,7 @@ async fn a_dag_runs_in_dependency_order_and_passes_outputs(backend: Backend) {
     let after_d = run("d").await;
     assert_eq!(after_d.job_finished, Some(JobStatus::Succeeded));
     let job = t.db.job(&acme.id, &job.id).await.unwrap().unwrap();
-    assert_eq!(job.output.unwrap()["d"], "d-done");
+    assert_eq!(job.output.unwrap().to_value()["d"], "d-done");
     // Another tenant sees none of it.
     let beta = t.db.create_tenant("beta").await.unwrap();
     assert!(t.db.job_tasks(&beta.id, &job.id).await.unwrap().is_empty());
@@ -589,7 +589,7 @@ async fn a_task_adds_tasks_to_its_job_and_ends_it_with_its_output_and_artifact(b
     let plan = t.db.lease_task(&format!("{}.000", job.id), "n", 60_000).await.unwrap().unwrap();
     let mut then = task("work", "p", serde_json::Value::Null, &["plan"]);
     then.extend(task("report", "p", serde_json::Value::Null, &["plan", "work"]));
-    let result = qlayer_db::TaskResult { output: serde_json::json!("planned"), then, ..Default::default() };
+    let result = qlayer_db::TaskResult { output: serde_json::json!("planned").into(), then, ..Default::default() };
     // A stale holder's result adds nothing.
     let mut stale = lease_of(&plan, "n");
     stale.attempt += 1;
@@ -598,8 +598,9 @@ async fn a_task_adds_tasks_to_its_job_and_ends_it_with_its_output_and_artifact(b
 
     let recorded = t.db.complete_task(&lease_of(&plan, "n"), &result).await.unwrap();
     assert_eq!(recorded.job_finished, None, "the job goes on with its new tasks");
-    let ready: Vec<(&str, &serde_json::Value)> = recorded.ready.iter().map(|t| (t.name.as_str(), &t.input)).collect();
-    assert_eq!(ready, [("work", &serde_json::json!({"plan": "planned"}))]);
+    let ready: Vec<(&str, serde_json::Value)> =
+        recorded.ready.iter().map(|t| (t.name.as_str(), t.input.to_value())).collect();
+    assert_eq!(ready, [("work", serde_json::json!({"plan": "planned"}))]);
     assert_eq!(recorded.ready[0].id, format!("{}.001", job.id));
     assert_eq!(t.db.job(&acme.id, &job.id).await.unwrap().unwrap().task_count, 3);
 
@@ -609,7 +610,7 @@ async fn a_task_adds_tasks_to_its_job_and_ends_it_with_its_output_and_artifact(b
     let report = t.db.lease_task(&after.ready[0].id, "n", 60_000).await.unwrap().unwrap();
     let artifact = qlayer_db::Artifact { media_type: "application/gzip".into(), bytes: vec![1, 2, 3] };
     let last = qlayer_db::TaskResult {
-        output: serde_json::json!({"status": "passed"}),
+        output: serde_json::json!({"status": "passed"}).into(),
         job_output: true,
         artifact: Some(artifact.clone()),
         ..Default::default()
@@ -619,7 +620,7 @@ async fn a_task_adds_tasks_to_its_job_and_ends_it_with_its_output_and_artifact(b
         Some(JobStatus::Succeeded)
     );
     let done = t.db.job(&acme.id, &job.id).await.unwrap().unwrap();
-    assert_eq!(done.output, Some(serde_json::json!({"status": "passed"})), "the last task's output, not a map");
+    assert_eq!(done.output, Some(serde_json::json!({"status": "passed"}).into()), "the last task's output, not a map");
     assert_eq!(t.db.artifact(&acme.id, &job.id).await.unwrap(), Some(artifact));
     let names: Vec<String> = t.db.job_tasks(&acme.id, &job.id).await.unwrap().into_iter().map(|t| t.name).collect();
     assert_eq!(names, ["plan", "work", "report"]);

@@ -456,7 +456,7 @@ async fn scheduled_runs(runtime: &Arc<qlayer_runtime::Runtime>, runs: usize, par
         if let Some(at) = pending.get(&id).copied() {
             let job = db.job(&tenant, &id).await.unwrap().unwrap();
             if job.status.is_terminal() {
-                assert_eq!(job.output.unwrap()["status"], "passed");
+                assert_eq!(job.output.unwrap().to_value()["status"], "passed");
                 took.push(at.elapsed());
                 pending.remove(&id);
             }

@@ -17,14 +17,14 @@
 
 use futures::future::BoxFuture;
 use qlayer_bundled::{self as embedded, ProviderChoice};
-use qlayer_db::{Db, Job, JobKind, NewJob, NewTask, Task, TaskStatus};
+use qlayer_db::{Db, Job, JobKind, JsonText, NewJob, NewTask, Task, TaskStatus};
 use qlayer_factory::{self as factory, DiagnosticReport, RunReport, RunRequest, StepReport, StoredArtifact};
 use qlayer_gateway::{Router, TokenCount};
 use qlayer_marketplace::Marketplace;
 use qlayer_runtime::{Artifact, CallError, CallErrorKind, Grants, Installed, Kind, Plugin, PluginError, Runtime};
 use qlayer_scheduler::{Execute, Scheduler, SchedulerConfig, SubmitError, TaskContext, TaskError, TaskResult};
 use serde::Deserialize;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::broadcast;
@@ -488,7 +488,7 @@ impl Execute for PluginExecutor {
                 "agent" | "validate" | "review" => self.step(task, &ctx).await,
                 // A run stored as one task (before runs were DAGs of their steps) becomes one.
                 "run" => Ok(TaskResult {
-                    output: serde_json::json!({ "planned": "the run's steps" }),
+                    output: serde_json::json!({ "planned": "the run's steps" }).into(),
                     then: run_tasks(task.max_attempts),
                     ..Default::default()
                 }),
@@ -519,14 +519,15 @@ struct StepOutput {
 }
 
 impl StepInputs {
-    fn parse(input: &serde_json::Value) -> Result<Self, String> {
+    fn parse(input: &JsonText) -> Result<Self, String> {
         let mut out = StepInputs::default();
-        let Some(deps) = input.as_object() else {
+        // A step's input is its dependencies' outputs by name, or nothing.
+        let Ok(deps) = input.read::<BTreeMap<String, &serde_json::value::RawValue>>() else {
             return Ok(out);
         };
         for (name, value) in deps {
             let step: StepOutput =
-                serde_json::from_value(value.clone()).map_err(|e| format!("the output of step `{name}`: {e}"))?;
+                serde_json::from_str(value.get()).map_err(|e| format!("the output of step `{name}`: {e}"))?;
             let artifacts = step.artifacts.iter().map(StoredArtifact::artifact).collect::<Result<Vec<_>, _>>()?;
             if name == PRODUCT_MANAGER {
                 out.prd = artifacts;
@@ -546,8 +547,15 @@ pub fn finished_steps(tasks: &[Task]) -> Result<Vec<StepReport>, String> {
     tasks
         .iter()
         .filter(|t| t.status == TaskStatus::Succeeded && matches!(t.kind.as_str(), "agent" | "validate"))
-        .filter_map(|t| t.output.as_ref()?.get("step").cloned())
-        .map(serde_json::from_value)
+        .filter_map(|t| {
+            #[derive(Deserialize)]
+            struct Step<'a> {
+                #[serde(borrow)]
+                step: Option<&'a serde_json::value::RawValue>,
+            }
+            let step = t.output.as_ref()?.read::<Step>().ok()?.step?;
+            Some(serde_json::from_str::<StepReport>(step.get()))
+        })
         .collect::<Result<_, _>>()
         .map_err(|e| format!("a step's stored report: {e}"))
 }
@@ -598,15 +606,16 @@ impl PluginExecutor {
         }
     }
 
-    async fn call(&self, task: &Task, ctx: &TaskContext) -> Result<serde_json::Value, TaskError> {
+    async fn call(&self, task: &Task, ctx: &TaskContext) -> Result<JsonText, TaskError> {
         let tenant = self.tenant_name(&task.tenant_id).await.map_err(TaskError::fatal)?;
         let started = Instant::now();
         let outcome = async {
             let installed = self.marketplace.load(&self.runtime, &tenant, &task.plugin).await.map_err(load_error)?;
             let mut tool = within(installed, ctx).any_tool(&task.tenant_id).await.map_err(|e| task_error(&e))?;
-            let text = match &task.input {
-                serde_json::Value::String(s) => s.clone(),
-                other => serde_json::to_string(other).map_err(|e| TaskError::fatal(e.to_string()))?,
+            // A JSON string input is handed over as its text; any other value as its JSON.
+            let text = match task.input.get().starts_with('"') {
+                true => task.input.read::<String>().map_err(|e| TaskError::fatal(e.to_string()))?,
+                false => task.input.get().to_string(),
             };
             tool.invoke(&text).await.map_err(|e| task_error(&e))
         }
@@ -616,8 +625,8 @@ impl PluginExecutor {
             .increment(1);
         metrics::histogram!("qlayer_plugin_call_duration_seconds", "plugin" => task.plugin.clone())
             .record(started.elapsed().as_secs_f64());
-        let text = outcome?;
-        Ok(serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
+        // Kept as its text: a large output is checked, never built into a tree.
+        Ok(JsonText::or_string(outcome?))
     }
 
     /// A first-party plugin, loaded (compiled, or read from the compile cache) once per process,
@@ -756,7 +765,8 @@ impl PluginExecutor {
                 output: serde_json::json!({
                     "round": round, "errors": errors.len(), "next": factory::developer_step(round + 1),
                     "feedback": errors,
-                }),
+                })
+                .into(),
                 then: round_tasks(round + 1, task.max_attempts),
                 ..Default::default()
             });
@@ -783,7 +793,7 @@ impl PluginExecutor {
         let capsule = factory::capsule(&task.job_id, &files, &report)
             .map_err(|e| fatal(format!("packing the capsule: {e:#}")))?;
         Ok(TaskResult {
-            output: serde_json::to_value(&report).map_err(fatal)?,
+            output: JsonText::of(&report),
             job_output: true,
             artifact: Some(qlayer_db::Artifact { media_type: "application/gzip".into(), bytes: capsule }),
             then: vec![],

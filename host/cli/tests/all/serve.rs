@@ -302,7 +302,7 @@ async fn sigkill_mid_run_then_restart_completes_every_job_once(backend: Backend)
         assert!(
             job.output
                 .unwrap()
-                .as_str()
+                .read::<String>()
                 .unwrap()
                 .ends_with(&format!("job {}", ids.iter().position(|i| i == id).unwrap()))
         );
@@ -427,7 +427,11 @@ async fn three_nodes_on_nats_survive_a_killed_node_and_dead_letter_a_poison_task
     child.wait().unwrap();
     let killed_at = now_ms();
     let done = wait(long.clone()).await;
-    assert_eq!((done.status.as_str(), done.output.clone()), ("succeeded", Some(json!("slept long"))), "{done:?}");
+    assert_eq!(
+        (done.status.as_str(), done.output.clone()),
+        ("succeeded", Some(json!("slept long").into())),
+        "{done:?}"
+    );
     let events = db.job_events(&tenant, &long, 0).await.unwrap();
     let starts: Vec<&qlayer_db::JobEvent> = events.iter().filter(|e| e.kind == "started").collect();
     assert_eq!(starts.len(), 2, "{events:?}");

@@ -20,8 +20,8 @@ struct Finished {
 }
 
 impl Finished {
-    fn report(&self) -> &serde_json::Value {
-        self.job.output.as_ref().unwrap_or_else(|| panic!("no output: {:?}", self.job))
+    fn report(&self) -> serde_json::Value {
+        self.job.output.as_ref().unwrap_or_else(|| panic!("no output: {:?}", self.job)).to_value()
     }
 }
 
@@ -81,7 +81,7 @@ fn steps(report: &serde_json::Value) -> Vec<&str> {
 async fn a_run_on_the_scripted_provider_writes_validated_files_and_a_report() {
     let run = run(ProviderChoice::Scripted { script: None }, 2, None).await;
     assert_eq!(run.job.status, JobStatus::Succeeded, "{:?}", run.job);
-    let report = run.report();
+    let report = &run.report();
     assert_eq!(report["status"], "passed", "{report:#}");
     assert_eq!(steps(report), ["product-manager", "developer", "validate: syntax"]);
     for step in report["steps"].as_array().unwrap() {
@@ -104,7 +104,7 @@ async fn validator_findings_go_back_to_the_developer_until_fixed() {
         {"role": "developer", "reply": files_json("fn main() {\n    let x = ;\n}\n")},
     ]});
     let run = run(ProviderChoice::Scripted { script: Some(script.to_string()) }, 2, None).await;
-    let report = run.report();
+    let report = &run.report();
     assert_eq!(report["status"], "passed", "{report:#}");
     assert_eq!(report["repair_rounds"], 1);
     assert!(steps(report).contains(&"developer (repair 1)"), "{report:#}");
@@ -122,7 +122,7 @@ async fn a_developer_file_cannot_replace_the_prd_by_spelling_its_path_differentl
     ]});
     let script = json!({"rules": [{"role": "developer", "reply": reply.to_string()}]});
     let run = run(ProviderChoice::Scripted { script: Some(script.to_string()) }, 1, None).await;
-    let report = run.report();
+    let report = &run.report();
     assert_eq!(report["status"], "passed", "{report:#}");
     let prd = std::fs::read_to_string(run.out.path().join("docs/PRD.json")).unwrap();
     assert!(!prd.contains("forged"), "the PRD was replaced: {prd}");
@@ -135,7 +135,7 @@ async fn a_developer_file_cannot_replace_the_prd_by_spelling_its_path_differentl
 async fn repair_rounds_are_bounded_and_the_report_says_why_it_stopped() {
     let script = json!({"rules": [{"role": "developer", "reply": files_json("fn main( {")}]});
     let run = run(ProviderChoice::Scripted { script: Some(script.to_string()) }, 2, None).await;
-    let report = run.report();
+    let report = &run.report();
     assert_eq!(report["status"], "failed-validation", "{report:#}");
     assert_eq!(report["repair_rounds"], 2);
     assert!(report["stop_reason"].as_str().unwrap().contains("after 2 repair rounds"), "{report:#}");
@@ -240,7 +240,7 @@ async fn a_factory_run_resumes_from_its_last_finished_step_after_its_host_dies()
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let finished = finished.expect("the run finishes on the other node");
-    let output = finished.output.clone().unwrap();
+    let output = finished.output.clone().unwrap().to_value();
     assert_eq!((finished.status, output["status"].as_str()), (qlayer_db::JobStatus::Succeeded, Some("passed")));
     let tasks = db.job_tasks(&acme.id, &job.id).await.unwrap();
     let runs: Vec<(&str, i32, bool)> = tasks.iter().map(|t| (t.name.as_str(), t.attempts, t.resumed)).collect();

@@ -11,6 +11,9 @@ use wasmtime::component::Component;
 pub(crate) struct CompiledCache {
     dir: PathBuf,
     engine_key: String,
+    /// The wasmtime cache configuration Extism modules compile with, written at the first
+    /// Extism compile (see [`CompiledCache::extism`]).
+    extism: std::sync::OnceLock<Option<PathBuf>>,
 }
 
 impl CompiledCache {
@@ -18,7 +21,24 @@ impl CompiledCache {
         create_private_dir(&dir).with_context(|| format!("creating the compile cache {}", dir.display()))?;
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
-        Ok(CompiledCache { dir, engine_key: format!("{:016x}", hasher.finish()) })
+        Ok(CompiledCache { dir, engine_key: format!("{:016x}", hasher.finish()), extism: Default::default() })
+    }
+
+    /// The wasmtime cache configuration file for Extism modules: Extism builds its own engine and
+    /// compiles from the module's bytes, so its compilations are kept by wasmtime's own cache
+    /// (keyed by the module's bytes, wasmtime's version and the compiler's settings), under
+    /// `<cache dir>/extism`. The grants are bound per instance, not compiled in: one entry serves
+    /// every install of a module.
+    pub(crate) fn extism(&self) -> Option<&Path> {
+        self.extism
+            .get_or_init(|| match extism_config(&self.dir) {
+                Ok(config) => Some(config),
+                Err(e) => {
+                    tracing::warn!(dir = %self.dir.display(), "Extism modules will compile without a cache: {e:#}");
+                    None
+                }
+            })
+            .as_deref()
     }
 
     fn path(&self, digest: &str) -> PathBuf {
@@ -56,6 +76,21 @@ fn deserialize(engine: &Engine, path: &Path) -> anyhow::Result<Component> {
     // (temp file + rename) from `Component::serialize`, and wasmtime itself checks the header
     // against this engine's version and configuration before using an entry.
     Ok(unsafe { Component::deserialize_file(engine, path) }?)
+}
+
+/// Writes `<dir>/extism.toml`, pointing wasmtime's cache at `<dir>/extism` (owner-only, like the
+/// components' entries: wasmtime trusts what it reads there).
+fn extism_config(dir: &Path) -> anyhow::Result<PathBuf> {
+    let entries = std::fs::canonicalize(dir)?.join("extism");
+    create_private_dir(&entries)?;
+    let directory = entries.to_str().context("the cache directory's path is not UTF-8")?;
+    let mut table = toml::Table::new();
+    table.insert("directory".into(), toml::Value::String(directory.into()));
+    let mut config = toml::Table::new();
+    config.insert("cache".into(), toml::Value::Table(table));
+    let path = dir.join("extism.toml");
+    write_atomically(&path, toml::to_string(&config)?.as_bytes())?;
+    Ok(path)
 }
 
 fn create_private_dir(dir: &Path) -> std::io::Result<()> {

@@ -93,6 +93,7 @@ pub(crate) fn compile(
     memory_bytes: usize,
     timeout: Duration,
     outbound: Arc<Outbound>,
+    cache_config: Option<&std::path::Path>,
 ) -> anyhow::Result<Compiled> {
     let manifest = extism::Manifest::new([extism::Wasm::data(wasm.to_vec())])
         .with_memory_max((memory_bytes / 65536).max(1) as u32)
@@ -129,11 +130,14 @@ pub(crate) fn compile(
         )
         .with_namespace(EXTISM_ENV_MODULE)
     });
-    let plugin = extism::PluginBuilder::new(manifest)
-        .with_wasi(false)
-        .with_cache_disabled()
-        .with_functions(functions.into_iter().chain(log_functions))
-        .compile()?;
+    let builder = extism::PluginBuilder::new(manifest).with_wasi(false);
+    // Compiled once per module and kept on disk when the runtime has a compile cache; never from
+    // Extism's defaults (the user's ~/.config/wasmtime or EXTISM_CACHE_CONFIG).
+    let builder = match cache_config {
+        Some(config) => builder.with_cache_config(config),
+        None => builder.with_cache_disabled(),
+    };
+    let plugin = builder.with_functions(functions.into_iter().chain(log_functions)).compile()?;
     Ok(Compiled { plugin, logs: meters })
 }
 

@@ -734,6 +734,7 @@ impl Plugin {
                 memory_bytes,
                 timeout,
                 self.shared.outbound.clone(),
+                self.shared.cache.as_ref().and_then(cache::CompiledCache::extism),
             )
         };
         let compiled = match tokio::runtime::Handle::try_current() {

@@ -809,3 +809,59 @@ fn an_extism_call_stopped_before_it_started_does_not_run() {
         assert_eq!(out.unwrap(), "echo:hello");
     });
 }
+
+/// Extism modules compile once per compile cache, not once per process: the next runtime on the
+/// same cache directory reads the compilation from disk. What proves it is read: with a module's
+/// entry overwritten by another module's, the next runtime runs the other module's code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extism_compilations_are_kept_on_disk_for_the_next_process() {
+    let (cache, other) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let make = |dir: &Path| {
+        Runtime::new(RuntimeConfig {
+            cache_dir: Some(dir.to_path_buf()),
+            policy: qlayer_runtime::HostPolicy { max_instances: 64, ..Default::default() },
+            network: qlayer_tests::loopback_allowed(),
+        })
+        .unwrap()
+    };
+    // wasmtime's compiled modules, by file name (Extism's own kernel module is one of them).
+    let entries = |dir: &Path| {
+        let modules = dir.join("extism/modules");
+        let mut out = std::collections::BTreeMap::new();
+        for version in std::fs::read_dir(&modules).unwrap().flatten() {
+            for entry in std::fs::read_dir(version.path()).unwrap().flatten() {
+                let name = entry.file_name().into_string().unwrap();
+                if !name.starts_with('.') && !name.ends_with(".stats") {
+                    out.insert(name, entry.path());
+                }
+            }
+        }
+        out
+    };
+    let hostile = extism_hostile(32, 10_000);
+    let echo = |rt: Runtime| {
+        let hostile = hostile.clone();
+        async move {
+            let mut tool = rt.load(&hostile).unwrap().install(Default::default()).unwrap().any_tool("t").await.unwrap();
+            tool.invoke("hello").await
+        }
+    };
+    assert_eq!(echo(make(cache.path())).await.unwrap(), "echo:hello");
+    let url_check =
+        make(other.path()).load(&marketplace_plugin("url-check")).unwrap().install(Default::default()).unwrap();
+    url_check.any_tool("t").await.unwrap();
+    let (ours, theirs) = (entries(cache.path()), entries(other.path()));
+    let only = |a: &std::collections::BTreeMap<String, std::path::PathBuf>,
+                b: &std::collections::BTreeMap<String, std::path::PathBuf>| {
+        a.iter().filter(|(name, _)| !b.contains_key(*name)).map(|(_, path)| path.clone()).collect::<Vec<_>>()
+    };
+    let (hostile_entry, url_check_entry) = (only(&ours, &theirs), only(&theirs, &ours));
+    assert_eq!((hostile_entry.len(), url_check_entry.len(), ours.len()), (1, 1, 2), "{ours:?} {theirs:?}");
+    // Read back as written, by a runtime that never compiled it.
+    assert_eq!(echo(make(cache.path())).await.unwrap(), "echo:hello");
+    std::fs::copy(&url_check_entry[0], &hostile_entry[0]).unwrap();
+    let swapped = echo(make(cache.path())).await;
+    // url-check's own answer to input that is not `{"url": ...}`.
+    let ran_url_check = matches!(&swapped, Err(e) if e.to_string().contains("expected {\"url\": string}"));
+    assert!(ran_url_check, "the module was compiled again instead of read from disk: {swapped:?}");
+}

@@ -688,6 +688,24 @@ impl Marketplace {
     /// node sharing the database) pulls it from the registry by the pinned digest, verified.
     pub async fn load(&self, runtime: &Runtime, tenant: &str, name: &str) -> anyhow::Result<Installed> {
         let install = self.get(tenant, name).await?;
+        // Loaded by an earlier call (from bytes checked against this digest then), or loaded now.
+        let plugin = match runtime.loaded(&install.blob) {
+            Some(plugin) => plugin,
+            None => self.load_blob(runtime, &install).await?,
+        };
+        if plugin.manifest().name != install.name || plugin.manifest().version != install.version {
+            bail!("the stored binary of `{name}` is not the installed version; reinstall it");
+        }
+        Ok(plugin.install(install.grants.to_grants()?)?)
+    }
+
+    /// Reads (or pulls) an install's binary and loads it.
+    async fn load_blob(
+        &self,
+        runtime: &Runtime,
+        install: &Install,
+    ) -> anyhow::Result<std::sync::Arc<qlayer_runtime::Plugin>> {
+        let name = &install.name;
         let wasm = if self.store.contains(&install.blob) {
             self.store.read(&install.blob)?
         } else {
@@ -711,13 +729,9 @@ impl Marketplace {
                 .with_context(|| format!("pulling installed plugin `{name}` ({})", install.pinned()))?
         };
         // The store has just checked the bytes against this digest.
-        let plugin = runtime
+        runtime
             .load_with_digest(&wasm, install.blob.clone())
-            .with_context(|| format!("loading installed plugin `{name}`"))?;
-        if plugin.manifest().name != install.name || plugin.manifest().version != install.version {
-            bail!("the stored binary of `{name}` is not the installed version; reinstall it");
-        }
-        Ok(plugin.install(install.grants.to_grants()?)?)
+            .with_context(|| format!("loading installed plugin `{name}`"))
     }
 }
 

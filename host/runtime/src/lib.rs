@@ -253,6 +253,12 @@ struct Shared {
     outbound: Arc<outbound::Outbound>,
     /// Extism modules compiled for an install, by plugin digest, grants and limits.
     extism_compiled: std::sync::Mutex<std::collections::HashMap<String, Vec<Arc<extism_tool::Compiled>>>>,
+    /// Plugins loaded (compiled or read from the compile cache, checked and pre-linked), by
+    /// digest: a call of an installed plugin does not load it again. A digest names the bytes,
+    /// so an entry is never stale.
+    loaded: std::sync::Mutex<std::collections::HashMap<String, Arc<Loaded>>>,
+    /// Plugins loaded so far (misses of `loaded`).
+    loads: std::sync::atomic::AtomicUsize,
     policy: HostPolicy,
     cache: Option<cache::CompiledCache>,
     slots: Arc<Semaphore>,
@@ -342,6 +348,8 @@ impl Runtime {
                 tenant_logs: Arc::default(),
                 outbound: Arc::new(outbound::Outbound::new(config.network)),
                 extism_compiled: Default::default(),
+                loaded: Default::default(),
+                loads: Default::default(),
                 policy,
                 cache,
                 slots: Arc::new(Semaphore::new(instances as usize)),
@@ -390,6 +398,25 @@ impl Runtime {
         self.shared.outbound.policy()
     }
 
+    /// How many times a plugin was loaded (compiled or read from the compile cache, checked and
+    /// pre-linked) since the runtime started; loading a digest already loaded does not count.
+    pub fn plugin_loads(&self) -> usize {
+        self.shared.loads.load(Ordering::Relaxed)
+    }
+
+    /// The plugin with this (checked) digest, when it is loaded already: what a caller holding
+    /// only the digest can use instead of reading and checking the bytes again.
+    pub fn loaded(&self, digest: &str) -> Option<Arc<Plugin>> {
+        let loaded = self.shared.loaded.lock().unwrap_or_else(|p| p.into_inner()).get(digest).cloned()?;
+        Some(Arc::new(Plugin {
+            manifest: loaded.manifest.clone(),
+            digest: digest.to_string(),
+            size: loaded.size,
+            pre: loaded.pre.clone(),
+            shared: self.shared.clone(),
+        }))
+    }
+
     /// Extism modules compiled and kept for reuse by later installs with the same grants.
     pub fn compiled_extism_modules(&self) -> usize {
         self.shared.extism_compiled.lock().map(|c| c.values().map(Vec::len).sum()).unwrap_or(0)
@@ -410,6 +437,21 @@ impl Runtime {
     /// marketplace's store does), so they are not hashed twice. The digest keys the compile cache:
     /// passing a wrong one would load another plugin's cached code, so only pass a checked one.
     pub fn load_with_digest(&self, wasm: &[u8], digest: String) -> Result<Arc<Plugin>, LoadError> {
+        if let Some(plugin) = self.loaded(&digest) {
+            return Ok(plugin);
+        }
+        let plugin = self.load_uncached(wasm, digest)?;
+        self.shared.loads.fetch_add(1, Ordering::Relaxed);
+        let mut loaded = self.shared.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        if loaded.len() >= MAX_LOADED {
+            loaded.clear();
+        }
+        let entry = Loaded { manifest: plugin.manifest.clone(), size: plugin.size, pre: plugin.pre.clone() };
+        loaded.insert(plugin.digest.clone(), Arc::new(entry));
+        Ok(plugin)
+    }
+
+    fn load_uncached(&self, wasm: &[u8], digest: String) -> Result<Arc<Plugin>, LoadError> {
         let manifest = qlayer_manifest::extract(wasm)?;
         let is_component = qlayer_manifest::is_component(wasm);
         if manifest.format == Format::Extism {
@@ -427,7 +469,7 @@ impl Runtime {
                 world: "extism tool",
                 problem,
             })?;
-            let pre = Pre::Extism(Arc::from(wasm));
+            let pre = Arc::new(Pre::Extism(Arc::from(wasm)));
             return Ok(Arc::new(Plugin { manifest, digest, size: wasm.len(), pre, shared: self.shared.clone() }));
         }
         if !is_component {
@@ -470,7 +512,7 @@ impl Runtime {
                 closed: ToolPluginPre::new(closed().map_err(wrong)?).map_err(wrong)?,
             },
         };
-        Ok(Arc::new(Plugin { manifest, digest, size: wasm.len(), pre, shared: self.shared.clone() }))
+        Ok(Arc::new(Plugin { manifest, digest, size: wasm.len(), pre: Arc::new(pre), shared: self.shared.clone() }))
     }
 
     /// Reads and loads a component file.
@@ -632,9 +674,21 @@ pub struct Plugin {
     manifest: Manifest,
     digest: String,
     size: usize,
-    pre: Pre,
+    pre: Arc<Pre>,
     shared: Arc<Shared>,
 }
+
+/// What a loaded plugin keeps across calls (all but the runtime it belongs to, so the runtime
+/// can keep it without holding itself).
+struct Loaded {
+    manifest: Manifest,
+    size: usize,
+    pre: Arc<Pre>,
+}
+
+/// Loaded plugins kept at most (all are dropped when more are loaded: a plugin loads again in
+/// about a millisecond from the compile cache).
+const MAX_LOADED: usize = 256;
 
 impl fmt::Debug for Plugin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -681,7 +735,7 @@ impl Plugin {
             * 1024;
         let grants = Arc::new(grants);
         let memory_bytes = memory_mb as usize * 1024 * 1024;
-        if let Pre::Extism(wasm) = &self.pre {
+        if let Pre::Extism(wasm) = &*self.pre {
             // Compiled (or found compiled) here, so a module the host cannot prepare is refused
             // at install; its instances lease compilations from the cache (see any_tool).
             self.compiled_extism(wasm, &grants, memory_bytes, timeout, false)?;
@@ -879,7 +933,7 @@ impl Installed {
 
     /// A live provider instance for `tenant`.
     pub async fn provider(&self, tenant: &str) -> Result<ProviderInstance, CallError> {
-        let Pre::Provider { open, closed } = &self.plugin.pre else {
+        let Pre::Provider { open, closed } = &*self.plugin.pre else {
             return Err(self.wrong_kind(tenant, Kind::Provider));
         };
         let pre = if self.grants.outbound_hosts.is_empty() { closed } else { open };
@@ -890,7 +944,7 @@ impl Installed {
 
     /// A live agent instance for `tenant`, whose `llm` calls go to `llm`.
     pub async fn agent(&self, tenant: &str, llm: Arc<dyn LlmHandler>) -> Result<AgentInstance, CallError> {
-        let Pre::Agent(pre) = &self.plugin.pre else { return Err(self.wrong_kind(tenant, Kind::Agent)) };
+        let Pre::Agent(pre) = &*self.plugin.pre else { return Err(self.wrong_kind(tenant, Kind::Agent)) };
         let (mut begun, deadline) = self.begin(tenant, Some(llm)).await;
         let outcome = bounded(deadline, pre.instantiate_async(&mut begun.1)).await;
         self.finish(begun, outcome)
@@ -898,7 +952,7 @@ impl Installed {
 
     /// A live validator instance for `tenant`.
     pub async fn validator(&self, tenant: &str) -> Result<ValidatorInstance, CallError> {
-        let Pre::Validator(pre) = &self.plugin.pre else { return Err(self.wrong_kind(tenant, Kind::Validator)) };
+        let Pre::Validator(pre) = &*self.plugin.pre else { return Err(self.wrong_kind(tenant, Kind::Validator)) };
         let (mut begun, deadline) = self.begin(tenant, None).await;
         let outcome = bounded(deadline, pre.instantiate_async(&mut begun.1)).await;
         self.finish(begun, outcome)
@@ -906,8 +960,8 @@ impl Installed {
 
     /// A live tool instance for `tenant`.
     pub async fn tool(&self, tenant: &str) -> Result<ToolInstance, CallError> {
-        let Pre::Tool { open, closed } = &self.plugin.pre else {
-            if let Pre::Extism(_) = &self.plugin.pre {
+        let Pre::Tool { open, closed } = &*self.plugin.pre else {
+            if let Pre::Extism(_) = &*self.plugin.pre {
                 return Err(CallError {
                     plugin: Arc::from(self.plugin.manifest.name.as_str()),
                     tenant: Arc::from(tenant),
@@ -926,7 +980,7 @@ impl Installed {
 
     /// A live tool instance for `tenant`, whatever its format (component or Extism).
     pub async fn any_tool(&self, tenant: &str) -> Result<AnyTool, CallError> {
-        let Pre::Extism(wasm) = &self.plugin.pre else { return self.tool(tenant).await.map(AnyTool::Component) };
+        let Pre::Extism(wasm) = &*self.plugin.pre else { return self.tool(tenant).await.map(AnyTool::Component) };
         // A compilation no other live instance runs on: see compiled_extism.
         let compiled = self
             .plugin

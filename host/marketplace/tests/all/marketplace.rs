@@ -288,6 +288,33 @@ async fn installed_plugins_load_from_the_local_store_when_the_registry_is_down()
     assert!(format!("{err:#}").contains("does not match its digest"), "{err:#}");
 }
 
+/// A call of an installed plugin does not read, check and load its binary again: the runtime
+/// keeps what it loaded by digest, for every tenant that installed the same binary.
+#[tokio::test]
+async fn an_installed_plugin_is_loaded_once_not_per_call() {
+    let registry = TestRegistry::start();
+    let data = tempfile::tempdir().unwrap();
+    let market = open(data.path(), config(&registry, SignaturePolicy::Off, &[])).await;
+    let reference = format!("{}/tools/text-stats:1.0.0", registry.addr);
+    market.push(&marketplace_plugin("text-stats"), &reference, None).await.unwrap();
+    let rt = runtime();
+    for tenant in ["acme", "beta"] {
+        market.install(&rt, &reference, tenant, &no_grants()).await.unwrap();
+    }
+    let loads = rt.plugin_loads();
+    for tenant in ["acme", "beta", "acme"] {
+        let installed = market.load(&rt, tenant, "text-stats").await.unwrap();
+        let out = installed.any_tool(tenant).await.unwrap().invoke(r#"{"text":"two words"}"#).await.unwrap();
+        assert!(out.contains("\"words\":2"), "{out}");
+    }
+    assert_eq!(rt.plugin_loads(), loads, "loaded at install, not again per call");
+    // Another runtime (another node's pool) loads it for itself, once.
+    let other = runtime();
+    market.load(&other, "acme", "text-stats").await.unwrap();
+    market.load(&other, "beta", "text-stats").await.unwrap();
+    assert_eq!(other.plugin_loads(), 1);
+}
+
 /// Nodes sharing a database (scale mode) share install records; each keeps its own blob store. A
 /// node that lacks a binary pulls it by the install's pinned digest (not its tag, which may have
 /// moved), verified; a tampered pull is refused and leaves nothing. Records an earlier version
@@ -301,7 +328,8 @@ async fn nodes_sharing_a_database_share_installs_and_pull_binaries_by_their_pinn
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let node = |i: usize| Marketplace::open(dirs[i].path(), cfg.clone(), db.clone());
     let (a, b, c) = (node(0).await.unwrap(), node(1).await.unwrap(), node(2).await.unwrap());
-    let rt = runtime();
+    // Each node has its own runtime (its own pool, and its own loaded plugins).
+    let (rt, rt_b, rt_c) = (runtime(), runtime(), runtime());
     let repo = format!("{}/tools/text-stats", registry.addr);
     let v1 = a.push(&with_version("text-stats", "1.0.0"), &format!("{repo}:latest"), None).await.unwrap();
     let installed = a.install(&rt, &format!("{repo}:latest"), "acme", &no_grants()).await.unwrap().install;
@@ -312,7 +340,7 @@ async fn nodes_sharing_a_database_share_installs_and_pull_binaries_by_their_pinn
     assert!(!b.store().contains(&installed.blob));
     // Upstream moves the tag: B still gets the pinned version.
     a.push(&with_version("text-stats", "1.1.0"), &format!("{repo}:latest"), None).await.unwrap();
-    let loaded = b.load(&rt, "acme", "text-stats").await.unwrap();
+    let loaded = b.load(&rt_b, "acme", "text-stats").await.unwrap();
     assert_eq!(loaded.plugin().manifest().version, "1.0.0");
     assert!(b.store().contains(&installed.blob), "pulled once, kept in B's store");
     let out = loaded.any_tool("acme").await.unwrap().invoke(r#"{"text":"pulled by digest"}"#).await.unwrap();
@@ -330,15 +358,15 @@ async fn nodes_sharing_a_database_share_installs_and_pull_binaries_by_their_pinn
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0xff;
     std::fs::write(&path, bytes).unwrap();
-    let err = c.load(&rt, "acme", "text-stats").await.unwrap_err();
+    let err = c.load(&rt_c, "acme", "text-stats").await.unwrap_err();
     assert!(format!("{err:#}").contains("does not match its digest"), "{err:#}");
     assert!(c.store().digests().is_empty(), "C keeps nothing of a tampered pull");
     // B, which has a verified copy, carries on.
-    assert!(b.load(&rt, "acme", "text-stats").await.is_ok());
+    assert!(b.load(&rt_b, "acme", "text-stats").await.is_ok());
 
     // Removed through A: gone for B too, though B's store still has the bytes.
     a.remove("acme", "text-stats").await.unwrap();
-    let err = b.load(&rt, "acme", "text-stats").await.unwrap_err();
+    let err = b.load(&rt_b, "acme", "text-stats").await.unwrap_err();
     assert!(matches!(err.downcast_ref::<InstallError>(), Some(InstallError::NotInstalled { .. })), "{err:#}");
 
     // Records from an earlier version's installs.json move into the database at open.

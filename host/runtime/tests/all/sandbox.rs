@@ -392,6 +392,10 @@ fn compiled_components_are_cached_on_disk_and_a_bad_entry_is_recompiled() {
     // A second runtime (a restart) loads the cached compilation.
     let second = qlayer_runtime::Runtime::new(config()).unwrap();
     assert_eq!(second.load(&wasm).unwrap().digest(), digest);
+    // That process ends: it maps the entry (and keeps what it loaded), and writing over a mapped
+    // file in place (which the cache itself never does: it renames a new file in) would pull the
+    // pages from under it.
+    drop((first, second));
 
     // A corrupted entry is not trusted: it is recompiled and replaced.
     std::fs::write(&entries[0], b"garbage").unwrap();

@@ -4,7 +4,7 @@
 //! `headers N BYTES` makes the host hold N wasi:http header maps of BYTES each, `log N` and
 //! `print N` write N lines through `host.log` and stdout, `raw-get AUTHORITY` sends a raw wasi:http
 //! GET to http://AUTHORITY/plain (no URL parsing on the guest's side) and reports what happened,
-//! `big N` answers N bytes, `fan-out N AUTHORITY` sends N such GETs at once and holds every response until all answered, `forge` logs a message with a newline
+//! `big N` answers N bytes, `json-array N` a JSON array of one-digit numbers N bytes long, `fan-out N AUTHORITY` sends N such GETs at once and holds every response until all answered, `forge` logs a message with a newline
 //! and a forged log line in it; anything else is echoed.
 
 use qlayer_sdk::{PluginError, tool::Tool};
@@ -42,6 +42,12 @@ impl Tool for Hostile {
             other if other.starts_with("big ") => {
                 let n: usize = other[4..].parse().map_err(|_| PluginError::InvalidInput("bad number".into()))?;
                 Ok("x".repeat(n))
+            }
+            other if other.starts_with("json-array ") => {
+                let n: usize = other[11..].parse().map_err(|_| PluginError::InvalidInput("bad number".into()))?;
+                // `[` + k - 1 times `7,` + `7]`: 2k + 1 bytes.
+                let k = (n.saturating_sub(1) / 2).max(1);
+                Ok(format!("[{}7]", "7,".repeat(k - 1)))
             }
             other if other.starts_with("raw-get ") => {
                 use wasi::http::types::{Fields, OutgoingRequest, Scheme};

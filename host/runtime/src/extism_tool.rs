@@ -191,13 +191,17 @@ fn http_request(
     };
     let remaining = plugin.time_remaining().unwrap_or(Duration::from_secs(30));
     let state = state.get()?;
-    let (outbound, grants, who) = {
+    let (outbound, grants, who, tenant) = {
         let s = state.lock().map_err(|_| anyhow::anyhow!("http state poisoned"))?;
-        (s.outbound.clone(), s.grants.clone(), s.tenant_plugin.clone())
+        // The instance's tenant, from its log budget (registered before its first call).
+        let meters = s.logs.lock().map_err(|_| anyhow::anyhow!("log state poisoned"))?;
+        let tenant = meters.get(&plugin.id().as_u128()).map(|m| m.tenant.clone());
+        let tenant = tenant.ok_or_else(|| anyhow::anyhow!("http_request: the instance has no tenant"))?;
+        (s.outbound.clone(), s.grants.clone(), s.tenant_plugin.clone(), tenant)
     };
     let response = tokio::runtime::Handle::try_current()
         .map_err(|_| anyhow::anyhow!("http_request: no async runtime"))?
-        .block_on(send(&outbound, &grants, &who, request, body, remaining))?;
+        .block_on(send(&outbound, &grants, &who, &tenant, request, body, remaining))?;
     let (status, headers, body) = response;
     plugin.vars_mut().insert(STATUS_VAR.into(), status.to_be_bytes().to_vec());
     plugin.vars_mut().insert(HEADERS_VAR.into(), serde_json::to_vec(&headers)?);
@@ -219,6 +223,7 @@ async fn send(
     outbound: &Outbound,
     grants: &Grants,
     who: &str,
+    tenant: &Arc<str>,
     request: HttpRequest,
     body: Vec<u8>,
     remaining: Duration,
@@ -252,7 +257,7 @@ async fn send(
         let outgoing = builder
             .body(http_body_util::Full::new(payload).map_err(|never| match never {}).boxed_unsync())
             .map_err(|e| anyhow::anyhow!("invalid HTTP request: {e}"))?;
-        let slot = outbound.process_permit().map_err(|whose| {
+        let slot = outbound.tenant_permit(tenant).map_err(|whose| {
             anyhow::anyhow!("outbound request refused: {whose} requests in flight are at their limit")
         })?;
         let response = tokio::time::timeout_at(deadline, outbound.send(outgoing, None, slot))

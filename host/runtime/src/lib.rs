@@ -77,6 +77,9 @@ pub struct HostPolicy {
     pub default_output_kb: u32,
     /// The largest output any call may return, in KiB.
     pub max_output_kb: u32,
+    /// Outbound requests one tenant's instances may have in flight at once, components' and
+    /// Extism plugins' together ([`outbound::PER_TENANT`] by default).
+    pub outbound_per_tenant: usize,
 }
 
 impl Default for HostPolicy {
@@ -89,6 +92,7 @@ impl Default for HostPolicy {
             max_instances: 1000,
             default_output_kb: 4 * 1024,
             max_output_kb: 64 * 1024,
+            outbound_per_tenant: outbound::PER_TENANT,
         }
     }
 }
@@ -346,7 +350,7 @@ impl Runtime {
                 linkers,
                 closed_linker,
                 tenant_logs: Arc::default(),
-                outbound: Arc::new(outbound::Outbound::new(config.network)),
+                outbound: Arc::new(outbound::Outbound::new(config.network, policy.outbound_per_tenant)),
                 extism_compiled: Default::default(),
                 loaded: Default::default(),
                 loads: Default::default(),

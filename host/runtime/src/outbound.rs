@@ -5,8 +5,9 @@
 //! - **Reuse**: connections to the same upstream are kept (up to [`IDLE_PER_HOST`], for
 //!   [`IDLE_TIMEOUT`]) and reused by every instance, as any HTTP client does; credentials travel
 //!   per request, never with the connection.
-//! - **Bounds**: an instance may have [`PER_INSTANCE`] requests in flight, a tenant
-//!   [`PER_TENANT`], the process a share of its file handles that leaves a reserve for its own
+//! - **Bounds**: an instance may have [`PER_INSTANCE`] requests in flight (an Extism instance
+//!   one: its call blocks in it), a tenant [`PER_TENANT`] (`HostPolicy::outbound_per_tenant`),
+//!   components' and Extism plugins' together, the process a share of its file handles that leaves a reserve for its own
 //!   listeners and database ([`process_limit`]). Past a bound a request fails at once with
 //!   "connection limit reached"; it never waits on other tenants.
 //! - **Where to**: the connector resolves the name, checks every address against the policy and
@@ -68,11 +69,13 @@ pub(crate) struct Outbound {
     policy: Arc<NetworkPolicy>,
     process: Arc<Semaphore>,
     process_limit: usize,
+    /// Requests one tenant may have in flight.
+    per_tenant: usize,
     tenants: Mutex<HashMap<Arc<str>, Arc<Semaphore>>>,
 }
 
 impl Outbound {
-    pub(crate) fn new(policy: NetworkPolicy) -> Self {
+    pub(crate) fn new(policy: NetworkPolicy, per_tenant: usize) -> Self {
         qlayer_registry::install_tls_provider();
         let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.into() };
         let tls = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
@@ -88,6 +91,7 @@ impl Outbound {
             policy,
             process: Arc::new(Semaphore::new(process_limit)),
             process_limit,
+            per_tenant: per_tenant.max(1),
             tenants: Mutex::new(HashMap::new()),
         }
     }
@@ -101,9 +105,9 @@ impl Outbound {
         let mut tenants = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
         if tenants.len() > 10_000 {
             // Forget idle tenants (every permit back).
-            tenants.retain(|_, s| s.available_permits() < PER_TENANT);
+            tenants.retain(|_, s| s.available_permits() < self.per_tenant);
         }
-        tenants.entry(tenant.clone()).or_insert_with(|| Arc::new(Semaphore::new(PER_TENANT))).clone()
+        tenants.entry(tenant.clone()).or_insert_with(|| Arc::new(Semaphore::new(self.per_tenant))).clone()
     }
 
     /// Takes the permits for one request of `tenant` from `instance`'s slots; which bound was
@@ -115,11 +119,13 @@ impl Outbound {
         Ok(Permits { _held: vec![one, two, three] })
     }
 
-    /// The process permit alone, for an Extism call's request: such a call makes one request at
-    /// a time, and its instance holds a pool slot, so the pool bounds it per tenant.
-    pub(crate) fn process_permit(&self) -> Result<Permits, &'static str> {
-        let one = self.process.clone().try_acquire_owned().map_err(|_| "the host's")?;
-        Ok(Permits { _held: vec![one] })
+    /// The tenant's and the process's permits, for an Extism call's request: such a call makes
+    /// one request at a time (its instance is blocked in it), so the instance bound holds by
+    /// construction.
+    pub(crate) fn tenant_permit(&self, tenant: &Arc<str>) -> Result<Permits, &'static str> {
+        let two = self.tenant_slots(tenant).try_acquire_owned().map_err(|_| "this tenant's")?;
+        let three = self.process.clone().try_acquire_owned().map_err(|_| "the host's")?;
+        Ok(Permits { _held: vec![two, three] })
     }
 
     /// The requests the process may have in flight.

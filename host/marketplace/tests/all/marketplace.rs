@@ -893,3 +893,61 @@ async fn extism_compilations_are_kept_on_disk_for_the_next_process() {
     let ran_url_check = matches!(&swapped, Err(e) if e.to_string().contains("expected {\"url\": string}"));
     assert!(ran_url_check, "the module was compiled again instead of read from disk: {swapped:?}");
 }
+
+/// An Extism plugin's outbound requests count against its tenant's bound, as components' do:
+/// each Extism instance makes one request at a time, but a tenant with many instances could
+/// hold as many requests as the pool has slots. Past the bound a request fails at once; another
+/// tenant's goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extism_requests_count_against_their_tenants_bound() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    // An upstream that holds every request until told to answer.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (arrived, mut arrivals) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let (release, answer) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        loop {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let (arrived, mut answer) = (arrived.clone(), answer.clone());
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = socket.read(&mut buf).await;
+                arrived.send(()).unwrap();
+                let _ = answer.wait_for(|go| *go).await;
+                let _ = socket.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok").await;
+            });
+        }
+    });
+    let rt = Runtime::new(RuntimeConfig {
+        cache_dir: None,
+        policy: qlayer_runtime::HostPolicy { max_instances: 16, outbound_per_tenant: 2, ..Default::default() },
+        network: qlayer_tests::loopback_allowed(),
+    })
+    .unwrap();
+    let grants = qlayer_runtime::Grants {
+        outbound_hosts: vec![qlayer_runtime::HostPattern::parse(&addr.to_string()).unwrap()],
+        ..Default::default()
+    };
+    let installed = rt.load(&extism_hostile(32, 30_000)).unwrap().install(grants).unwrap();
+    let url = format!("fetch:http://{addr}/plain");
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut tool = installed.any_tool("tenant-a").await.unwrap();
+        let url = url.clone();
+        held.push(tokio::spawn(async move { tool.invoke(&url).await }));
+        arrivals.recv().await.unwrap();
+    }
+    // Tenant a has two requests in flight: a third of its own is refused at once.
+    let err = installed.any_tool("tenant-a").await.unwrap().invoke(&url).await.unwrap_err();
+    assert!(err.to_string().contains("this tenant's requests in flight are at their limit"), "{err}");
+    // Tenant b is not held up by a's bound.
+    let mut b = installed.any_tool("tenant-b").await.unwrap();
+    let other = tokio::spawn(async move { b.invoke(&url).await });
+    arrivals.recv().await.unwrap();
+    release.send(true).unwrap();
+    for call in held {
+        call.await.unwrap().unwrap();
+    }
+    other.await.unwrap().unwrap();
+}

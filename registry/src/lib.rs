@@ -52,6 +52,15 @@ pub enum RegistryError {
     /// No such repository, tag or digest.
     #[error("{0} was not found in the registry")]
     NotFound(String),
+    /// The host's egress proxy refused a destination the client was led to (a redirect, a token
+    /// realm, a name that now resolves elsewhere): the operator's network policy.
+    #[error("the host's network policy refused a connection made for {reference}: {message}")]
+    NetworkPolicy {
+        /// The reference.
+        reference: String,
+        /// The destination, and why.
+        message: String,
+    },
     /// The registry refused the credentials, or asked for some.
     #[error("the registry refused access to {reference}: {message}")]
     Unauthorized {
@@ -118,6 +127,9 @@ pub struct RegistryConfig {
     pub credentials: Credentials,
     /// Largest plugin binary accepted (default 256 MiB).
     pub max_blob_bytes: Option<u64>,
+    /// A proxy (`http://host:port`) every connection goes through, for HTTP and HTTPS: the
+    /// host's egress proxy, which checks each destination against the operator's network policy.
+    pub proxy: Option<String>,
 }
 
 /// A plugin artifact as the registry describes it, before anything is downloaded.
@@ -232,6 +244,10 @@ pub fn install_tls_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+/// How the host's egress proxy begins the body of a `403` for a destination its network policy
+/// refuses (see `qlayer_runtime::egress`).
+pub const EGRESS_REFUSED: &str = "refused by the host's network policy:";
+
 impl Registry {
     /// A client with `config`.
     pub fn new(config: RegistryConfig) -> Self {
@@ -241,6 +257,8 @@ impl Registry {
             connect_timeout: Some(Duration::from_secs(10)),
             read_timeout: Some(Duration::from_secs(60)),
             user_agent: concat!("qlayer/", env!("CARGO_PKG_VERSION")),
+            http_proxy: config.proxy.clone(),
+            https_proxy: config.proxy.clone(),
             ..Default::default()
         });
         Registry { client, config }
@@ -286,6 +304,10 @@ impl Registry {
                 RegistryError::Unauthorized { reference: reference.whole(), message: envelope.to_string() }
             }
             E::ServerError { code: 404, .. } => RegistryError::NotFound(reference.whole()),
+            E::ServerError { code: 403, message, .. } if message.starts_with(EGRESS_REFUSED) => {
+                let message = message[EGRESS_REFUSED.len()..].trim_start().to_string();
+                RegistryError::NetworkPolicy { reference: reference.whole(), message }
+            }
             E::ServerError { code: 401 | 403, message, .. } => {
                 RegistryError::Unauthorized { reference: reference.whole(), message }
             }

@@ -522,6 +522,7 @@ fn install_error(e: anyhow::Error, what: &str) -> ApiError {
         return match e {
             RegistryError::BadReference { .. } => ApiError::invalid(e.to_string()),
             RegistryError::NotFound(_) => ApiError::not_found(e.to_string()),
+            RegistryError::NetworkPolicy { .. } => ApiError::forbidden(e.to_string()),
             RegistryError::Unauthorized { .. } => {
                 ApiError::new(StatusCode::BAD_GATEWAY, "registry_refused", e.to_string())
             }

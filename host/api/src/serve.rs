@@ -392,12 +392,17 @@ pub async fn start(config: ServeConfig, data_dir: PathBuf) -> anyhow::Result<Run
     let db = qlayer_db::Db::open(&url).await.context("opening the database")?;
     let first_admin_key =
         db.bootstrap_admin(config.auth.admin_key.as_deref()).await?.map(|secret| secret.expose().to_string());
+    let network = config.network.policy()?;
     let runtime = std::sync::Arc::new(qlayer_runtime::Runtime::new(qlayer_runtime::RuntimeConfig {
         cache_dir: Some(data_dir.join("cache")),
-        network: config.network.policy()?,
+        network: network.clone(),
         ..Default::default()
     })?);
-    let market_config = qlayer_marketplace::MarketplaceConfig::load(&data_dir)?;
+    // The registry client's connections pass the same policy as the plugins', when they connect.
+    let market_config = qlayer_marketplace::MarketplaceConfig {
+        egress: Some(network),
+        ..qlayer_marketplace::MarketplaceConfig::load(&data_dir)?
+    };
     let marketplace =
         std::sync::Arc::new(qlayer_marketplace::Marketplace::open(data_dir.clone(), market_config, db.clone()).await?);
     let runner = qlayer_jobs::JobRunner::new(

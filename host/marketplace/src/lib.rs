@@ -52,6 +52,12 @@ pub struct MarketplaceConfig {
     /// Per-tenant settings.
     #[serde(default)]
     pub tenants: BTreeMap<String, TenantConfig>,
+    /// The operator's network policy for the registry client (the service sets it, not the
+    /// file): when set, every connection the client makes (to a registry, its token realm, a
+    /// redirected blob download) goes through an egress proxy that checks the destination's
+    /// addresses when it connects. `None` (the operator's own CLI): unchecked.
+    #[serde(skip)]
+    pub egress: Option<qlayer_runtime::NetworkPolicy>,
 }
 
 /// Settings for one tenant.
@@ -321,6 +327,8 @@ pub struct Marketplace {
     store: BlobStore,
     keys: Vec<PublicKey>,
     db: Db,
+    /// The registry client's egress proxy, when `config.egress` is set; stops with the marketplace.
+    _egress: Option<qlayer_runtime::egress::EgressProxy>,
 }
 
 impl std::fmt::Debug for Marketplace {
@@ -350,13 +358,29 @@ impl Marketplace {
                 keys.push(PublicKey::from_file(&path).map_err(anyhow::Error::msg)?);
             }
         }
+        let egress = match &config.egress {
+            Some(policy) => Some(
+                qlayer_runtime::egress::EgressProxy::start(policy.clone(), config.insecure_registries.clone())
+                    .await
+                    .context("starting the registry client's egress proxy")?,
+            ),
+            None => None,
+        };
         let registry = Registry::new(RegistryConfig {
             insecure: config.insecure_registries.clone(),
             credentials: Credentials { docker_config: config.docker_config.clone() },
             max_blob_bytes: None,
+            proxy: egress.as_ref().map(qlayer_runtime::egress::EgressProxy::url),
         });
-        let market =
-            Marketplace { store: BlobStore::new(data_dir.join("store")), data_dir, config, registry, keys, db };
+        let market = Marketplace {
+            store: BlobStore::new(data_dir.join("store")),
+            data_dir,
+            config,
+            registry,
+            keys,
+            db,
+            _egress: egress,
+        };
         market.import_legacy_records().await?;
         Ok(market)
     }

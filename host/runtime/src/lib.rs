@@ -22,6 +22,7 @@
 
 mod bindings;
 mod cache;
+pub mod egress;
 mod extism_tool;
 mod grants;
 mod logs;

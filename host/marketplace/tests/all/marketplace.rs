@@ -951,3 +951,53 @@ async fn extism_requests_count_against_their_tenants_bound() {
     }
     other.await.unwrap().unwrap();
 }
+
+/// With the operator's network policy set, the registry client's connections go through the
+/// host's egress proxy, which checks each destination when it connects: a registry the operator
+/// listed is reached, but its redirect of the blob download to an internal address (loopback,
+/// which the default policy refuses) is refused, and nothing reaches that address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_redirect_to_an_internal_address_is_refused_when_it_connects() {
+    let internal = TestServer::start().await;
+    let wasm = marketplace_plugin("text-stats");
+    let manifest = qlayer_manifest::extract(&wasm).unwrap();
+    let config = br#"{"architecture":"wasm","os":"wasip2","layerDigests":[]}"#;
+    let oci = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.wasm.config.v0+json", "digest": qlayer_registry::digest_of(config), "size": config.len()},
+        "layers": [{"mediaType": "application/wasm", "digest": qlayer_registry::digest_of(&wasm), "size": wasm.len()}],
+        "annotations": {"dev.quantumlayer.plugin.manifest": manifest.to_toml()},
+    });
+    let (addr, seen) = redirecting_registry(serde_json::to_vec(&oci).unwrap(), internal.addr).await;
+    let docker = tempfile::tempdir().unwrap();
+    let docker_config = docker.path().join("config.json");
+    std::fs::write(
+        &docker_config,
+        format!(r#"{{"auths":{{"{addr}":{{"auth":"{}"}}}}}}"#, base64_encode("alice:s3cret-pass")),
+    )
+    .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let market = open(
+        data.path(),
+        MarketplaceConfig {
+            insecure_registries: vec![addr.to_string()],
+            docker_config: Some(docker_config),
+            egress: Some(qlayer_runtime::NetworkPolicy::default()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let resolved =
+        market.registry().resolve(&parse_reference(&format!("{addr}/tools/text-stats:1.0.0")).unwrap()).await.unwrap();
+    assert_eq!(resolved.manifest.name, "text-stats", "the listed registry is reached through the proxy");
+    let err = market.registry().fetch(&resolved, market.store()).await.unwrap_err();
+    assert!(market.store().digests().is_empty());
+    assert!(seen.lock().unwrap().iter().any(|(p, _)| p.contains("/blobs/")), "the registry redirected the download");
+    assert!(internal.requests().is_empty(), "the internal address got: {:?} ({err})", internal.requests());
+    assert!(
+        matches!(err, qlayer_registry::RegistryError::NetworkPolicy { ref message, .. }
+            if message.contains(&internal.addr.to_string()) && message.contains("loopback")),
+        "{err}"
+    );
+}

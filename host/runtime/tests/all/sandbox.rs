@@ -498,3 +498,96 @@ async fn a_full_pool_queues_instead_of_failing() {
     let mut third = third.await.unwrap();
     assert_eq!(third.invoke("served").await.unwrap(), "served");
 }
+
+/// The registry client's egress proxy tunnels `CONNECT` (HTTPS registries) to a destination the
+/// policy allows, and refuses one it does not with `403` before connecting.
+#[tokio::test]
+async fn the_egress_proxy_tunnels_allowed_destinations_and_refuses_others() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let server = TestServer::start().await;
+    let exchange = |proxy: String, target: String| async move {
+        let mut stream = tokio::net::TcpStream::connect(proxy.trim_start_matches("http://")).await.unwrap();
+        let connect = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");
+        stream.write_all(connect.as_bytes()).await.unwrap();
+        let mut head = vec![0u8; 4096];
+        let n = stream.read(&mut head).await.unwrap();
+        let head = String::from_utf8_lossy(&head[..n]).to_string();
+        if !head.starts_with("HTTP/1.1 200") {
+            return (head, String::new());
+        }
+        // Through the tunnel: a plain request to the destination.
+        let get = format!("GET /plain HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n");
+        stream.write_all(get.as_bytes()).await.unwrap();
+        let mut body = String::new();
+        stream.read_to_string(&mut body).await.unwrap();
+        (head, body)
+    };
+    let allowed = qlayer_runtime::egress::EgressProxy::start(qlayer_tests::loopback_allowed(), vec![]).await.unwrap();
+    let (head, through) = exchange(allowed.url(), server.addr.to_string()).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(through.starts_with("HTTP/1.1 200"), "the tunnel reaches the destination: {through}");
+    assert_eq!(server.requests().len(), 1);
+    // The default policy refuses loopback: 403 naming it, and nothing reaches the server.
+    let default = qlayer_runtime::egress::EgressProxy::start(Default::default(), vec![]).await.unwrap();
+    let (head, _) = exchange(default.url(), server.addr.to_string()).await;
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    assert!(head.contains(qlayer_registry::EGRESS_REFUSED) && head.contains("loopback"), "{head}");
+    assert_eq!(server.requests().len(), 1, "the refused tunnel sent nothing");
+    // Unless the operator listed the destination by name (an insecure registry).
+    let listed =
+        qlayer_runtime::egress::EgressProxy::start(Default::default(), vec![server.addr.to_string()]).await.unwrap();
+    let (head, _) = exchange(listed.url(), server.addr.to_string()).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+}
+
+/// What the registry client does for an HTTPS registry, end to end: reqwest (as oci-client
+/// builds it) sends `CONNECT` to the egress proxy and speaks TLS through the tunnel to a server
+/// whose certificate it trusts; the same request to a refused destination fails before connecting.
+#[tokio::test]
+async fn an_https_request_goes_through_the_egress_proxy_as_the_registry_client_sends_it() {
+    use rustls::pki_types::pem::PemObject as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    qlayer_registry::install_tls_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let made = std::process::Command::new(qlayer_tests::ensure_program("openssl", "openssl"))
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
+        .args(["-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "openssl: {}", String::from_utf8_lossy(&made.stderr));
+    let certs: Vec<_> = rustls::pki_types::CertificateDer::pem_file_iter(&cert).unwrap().map(Result::unwrap).collect();
+    let private = rustls::pki_types::PrivateKeyDer::from_pem_file(&key).unwrap();
+    let tls = rustls::ServerConfig::builder().with_no_client_auth().with_single_cert(certs, private).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(stream).await else { return };
+                let mut buf = vec![0u8; 4096];
+                let _ = tls.read(&mut buf).await;
+                let _ = tls.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\nhello").await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    let client = |proxy: String| {
+        let root = reqwest::Certificate::from_pem(&std::fs::read(&cert).unwrap()).unwrap();
+        reqwest::Client::builder().tls_certs_merge([root]).proxy(reqwest::Proxy::https(proxy).unwrap()).build().unwrap()
+    };
+    let url = format!("https://localhost:{port}/v2/");
+    let allowed = qlayer_runtime::egress::EgressProxy::start(qlayer_tests::loopback_allowed(), vec![]).await.unwrap();
+    let body = client(allowed.url()).get(&url).send().await.unwrap().text().await.unwrap();
+    assert_eq!(body, "hello");
+    let refused = qlayer_runtime::egress::EgressProxy::start(Default::default(), vec![]).await.unwrap();
+    let err = client(refused.url()).get(&url).send().await.unwrap_err();
+    assert!(err.is_connect(), "refused at the tunnel, before any TLS: {err:?}");
+}

@@ -629,6 +629,37 @@ async fn a_registry_with_basic_auth_takes_credentials_from_docker_config() {
     assert!(!message.contains("wrong"), "the password is not in the error: {message}");
 }
 
+/// `redirecting_registry` serving the text-stats plugin, and a docker config holding its
+/// credentials: (registry address, what it was sent, the docker config's dir and file).
+async fn redirecting_text_stats(
+    blob_host: std::net::SocketAddr,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<(String, Option<String>)>>>,
+    tempfile::TempDir,
+    std::path::PathBuf,
+) {
+    let wasm = marketplace_plugin("text-stats");
+    let manifest = qlayer_manifest::extract(&wasm).unwrap();
+    let config = br#"{"architecture":"wasm","os":"wasip2","layerDigests":[]}"#;
+    let oci = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.wasm.config.v0+json", "digest": qlayer_registry::digest_of(config), "size": config.len()},
+        "layers": [{"mediaType": "application/wasm", "digest": qlayer_registry::digest_of(&wasm), "size": wasm.len()}],
+        "annotations": {"dev.quantumlayer.plugin.manifest": manifest.to_toml()},
+    });
+    let (addr, seen) = redirecting_registry(serde_json::to_vec(&oci).unwrap(), blob_host).await;
+    let docker = tempfile::tempdir().unwrap();
+    let docker_config = docker.path().join("config.json");
+    std::fs::write(
+        &docker_config,
+        format!(r#"{{"auths":{{"{addr}":{{"auth":"{}"}}}}}}"#, base64_encode("alice:s3cret-pass")),
+    )
+    .unwrap();
+    (addr, seen, docker, docker_config)
+}
+
 /// A fake registry front for one artifact, requiring basic auth, that redirects blob downloads
 /// to `blob_host` (another origin). Records (path, Authorization) of every request.
 async fn redirecting_registry(
@@ -704,22 +735,7 @@ fn credentials_are_not_sent_to_another_host_on_a_redirect_nor_logged() {
     let logs = qlayer_tests::capture_logs(|| {
         registry_addr = tokio.block_on(async {
             let other = TestServer::start().await;
-            let wasm = marketplace_plugin("text-stats");
-            let manifest = qlayer_manifest::extract(&wasm).unwrap();
-            let config = br#"{"architecture":"wasm","os":"wasip2","layerDigests":[]}"#;
-            let oci = serde_json::json!({
-                "schemaVersion": 2,
-                "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "config": {"mediaType": "application/vnd.wasm.config.v0+json", "digest": qlayer_registry::digest_of(config), "size": config.len()},
-                "layers": [{"mediaType": "application/wasm", "digest": qlayer_registry::digest_of(&wasm), "size": wasm.len()}],
-                "annotations": {"dev.quantumlayer.plugin.manifest": manifest.to_toml()},
-            });
-            let (addr, seen) = redirecting_registry(serde_json::to_vec(&oci).unwrap(), other.addr).await;
-
-            let docker = tempfile::tempdir().unwrap();
-            let docker_config = docker.path().join("config.json");
-            std::fs::write(&docker_config, format!(r#"{{"auths":{{"{addr}":{{"auth":"{}"}}}}}}"#, base64_encode("alice:s3cret-pass")))
-                .unwrap();
+            let (addr, seen, _docker, docker_config) = redirecting_text_stats(other.addr).await;
             let data = tempfile::tempdir().unwrap();
             let market = open(
                 data.path(),
@@ -730,7 +746,11 @@ fn credentials_are_not_sent_to_another_host_on_a_redirect_nor_logged() {
                 },
             )
             .await;
-            let resolved = market.registry().resolve(&parse_reference(&format!("{addr}/tools/text-stats:1.0.0")).unwrap()).await.unwrap();
+            let resolved = market
+                .registry()
+                .resolve(&parse_reference(&format!("{addr}/tools/text-stats:1.0.0")).unwrap())
+                .await
+                .unwrap();
             assert_eq!(resolved.manifest.name, "text-stats");
             // The blob redirect goes to another origin, which answers 404 here: the download fails,
             // and what matters is what that origin was sent.
@@ -738,7 +758,10 @@ fn credentials_are_not_sent_to_another_host_on_a_redirect_nor_logged() {
             assert!(market.store().digests().is_empty());
 
             let seen = seen.lock().unwrap().clone();
-            assert!(seen.iter().any(|(p, a)| p.contains("/manifests/") && a.is_some()), "the registry got the credentials: {seen:?}");
+            assert!(
+                seen.iter().any(|(p, a)| p.contains("/manifests/") && a.is_some()),
+                "the registry got the credentials: {seen:?}"
+            );
             let redirected = other.requests();
             assert_eq!(redirected.len(), 1, "{redirected:?}");
             assert_eq!(redirected[0].path, "/blob");
@@ -959,24 +982,7 @@ async fn extism_requests_count_against_their_tenants_bound() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_registry_redirect_to_an_internal_address_is_refused_when_it_connects() {
     let internal = TestServer::start().await;
-    let wasm = marketplace_plugin("text-stats");
-    let manifest = qlayer_manifest::extract(&wasm).unwrap();
-    let config = br#"{"architecture":"wasm","os":"wasip2","layerDigests":[]}"#;
-    let oci = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.wasm.config.v0+json", "digest": qlayer_registry::digest_of(config), "size": config.len()},
-        "layers": [{"mediaType": "application/wasm", "digest": qlayer_registry::digest_of(&wasm), "size": wasm.len()}],
-        "annotations": {"dev.quantumlayer.plugin.manifest": manifest.to_toml()},
-    });
-    let (addr, seen) = redirecting_registry(serde_json::to_vec(&oci).unwrap(), internal.addr).await;
-    let docker = tempfile::tempdir().unwrap();
-    let docker_config = docker.path().join("config.json");
-    std::fs::write(
-        &docker_config,
-        format!(r#"{{"auths":{{"{addr}":{{"auth":"{}"}}}}}}"#, base64_encode("alice:s3cret-pass")),
-    )
-    .unwrap();
+    let (addr, seen, _docker, docker_config) = redirecting_text_stats(internal.addr).await;
     let data = tempfile::tempdir().unwrap();
     let market = open(
         data.path(),

@@ -663,9 +663,10 @@ impl crate::Db {
             }
             let mut job_finished = None;
             if tasks.iter().all(|t| t.status == TaskStatus::Succeeded) {
-                let output =
-                    if tasks.len() == 1 || result.job_output { result.output.clone() } else { by_name(tasks.iter()) };
-                finish_job_in(&mut tx, &lease.job_id, JobStatus::Succeeded, Some(output.get()), None, now).await?;
+                // This task's output (no copy of it), or every task's by name.
+                let all = (tasks.len() > 1 && !result.job_output).then(|| by_name(tasks.iter()));
+                let output = all.as_ref().map_or(text, crate::JsonText::get);
+                finish_job_in(&mut tx, &lease.job_id, JobStatus::Succeeded, Some(output), None, now).await?;
                 event_in(&mut tx, &lease.job_id, "succeeded", &serde_json::json!({})).await?;
                 job_finished = Some(JobStatus::Succeeded);
             }

@@ -448,7 +448,8 @@ impl Runtime {
         let plugin = self.load_uncached(wasm, digest)?;
         self.shared.loads.fetch_add(1, Ordering::Relaxed);
         let mut loaded = self.shared.loaded.lock().unwrap_or_else(|p| p.into_inner());
-        if loaded.len() >= MAX_LOADED {
+        let held: usize = loaded.values().map(|l| l.size).sum();
+        if loaded.len() >= MAX_LOADED || held + plugin.size > MAX_LOADED_BYTES {
             loaded.clear();
         }
         let entry = Loaded { manifest: plugin.manifest.clone(), size: plugin.size, pre: plugin.pre.clone() };
@@ -694,6 +695,9 @@ struct Loaded {
 /// Loaded plugins kept at most (all are dropped when more are loaded: a plugin loads again in
 /// about a millisecond from the compile cache).
 const MAX_LOADED: usize = 256;
+/// Their binaries' sizes together, at most (an Extism plugin keeps its bytes to compile from,
+/// and tenants choose what they install).
+const MAX_LOADED_BYTES: usize = 512 << 20;
 
 impl fmt::Debug for Plugin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -68,10 +68,13 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
     }
 }
 
-/// The bearer token of a request, if it has one.
+/// The bearer token of a request, if it has one; else its `x-api-key` header (what Anthropic's
+/// SDKs send).
 pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
-    let value = headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.split_once(' ')?;
+    let Some(value) = headers.get(axum::http::header::AUTHORIZATION) else {
+        return headers.get("x-api-key")?.to_str().ok().map(str::trim);
+    };
+    let (scheme, token) = value.to_str().ok()?.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 

@@ -135,11 +135,23 @@ impl From<qlayer_scheduler::SubmitError> for ApiError {
     }
 }
 
+/// An error response's code and message, kept on the response so that a route answering in
+/// another API's shape (the OpenAI-compatible gateway) can say the same in its own.
+#[derive(Debug, Clone)]
+pub struct ErrorInfo {
+    /// The stable code.
+    pub code: &'static str,
+    /// The message.
+    pub message: String,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         metrics::counter!("qlayer_http_errors_total", "code" => self.code).increment(1);
+        let info = ErrorInfo { code: self.code, message: self.message.clone() };
         let body = ErrorBody { error: ErrorDetail { code: self.code, message: self.message } };
         let mut response = (self.status, axum::Json(body)).into_response();
+        response.extensions_mut().insert(info);
         if let Some(secs) = self.retry_after {
             response.headers_mut().insert(axum::http::header::RETRY_AFTER, HeaderValue::from(secs));
         }

@@ -1,5 +1,5 @@
 //! The service: REST, SSE, OpenAPI, gRPC, limits, the one error shape, and `serve`.
-//! May depend on: `qlayer-runtime`, `qlayer-db`, `qlayer-scheduler`, `qlayer-marketplace`,
+//! May depend on: `qlayer-runtime`, `qlayer-db`, `qlayer-scheduler`, `qlayer-gateway`, `qlayer-marketplace`,
 //! `qlayer-jobs`, `qlayer-manifest`, `qlayer-registry`.
 //!
 //! The service behind `qlayer serve`: REST (routes, authentication, limits, the one error shape,
@@ -8,6 +8,7 @@
 
 pub mod auth;
 pub mod error;
+pub mod gateway;
 pub mod grpc;
 pub mod jobs;
 pub mod resources;
@@ -50,6 +51,8 @@ pub struct AppState {
     pub limits: Limits,
     /// Renders the Prometheus metrics.
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// The OpenAI-compatible gateway.
+    pub gateway: Option<Arc<qlayer_gateway::service::Gateway>>,
 }
 
 impl AppState {
@@ -84,6 +87,8 @@ impl AppState {
         resources::list_plugins, resources::install_plugin, resources::get_plugin, resources::remove_plugin,
         jobs::submit_job, jobs::list_jobs, jobs::get_job, jobs::cancel_job, jobs::job_events, jobs::job_tasks,
         jobs::submit_run, jobs::get_run, jobs::run_capsule,
+        gateway::chat_completions, gateway::messages, gateway::embeddings, gateway::list_models, gateway::get_model,
+        gateway::put_model, gateway::delete_model, gateway::usage,
     ),
     components(schemas(qlayer_jobs::CallInput, qlayer_jobs::GraphInput, qlayer_jobs::GraphTask, qlayer_jobs::RunInput)),
     modifiers(&BearerAuth),
@@ -94,6 +99,7 @@ impl AppState {
         (name = "plugins", description = "Plugins installed for the caller's tenant from OCI registries"),
         (name = "jobs", description = "Work submitted by the caller's tenant"),
         (name = "runs", description = "Factory runs: requirement to validated project"),
+        (name = "gateway", description = "The OpenAI-compatible LLM gateway: the tenant's model table, completions and embeddings through its provider plugins (errors in OpenAI's shape), and usage"),
     )
 )]
 pub struct ApiDoc;
@@ -128,6 +134,7 @@ fn build_openapi_json() -> String {
     };
     shared_behaviour(&mut doc);
     job_inputs_by_kind(&mut doc);
+    gateway::document(&mut doc);
     events_as_sent(&mut doc);
     serde_json::to_string_pretty(&doc).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}")) + "\n"
 }
@@ -258,6 +265,13 @@ pub fn router(state: AppState) -> axum::Router {
         .route("/v1/runs", post(jobs::submit_run))
         .route("/v1/runs/{id}", get(jobs::get_run))
         .route("/v1/runs/{id}/capsule", get(jobs::run_capsule))
+        .route("/v1/chat/completions", post(gateway::chat_completions))
+        .route("/v1/messages", post(gateway::messages))
+        .route("/v1/embeddings", post(gateway::embeddings))
+        .route("/v1/models", get(gateway::list_models))
+        // A catch-all: model names may hold `/` (`meta/llama-3.1-8b`).
+        .route("/v1/models/{*name}", get(gateway::get_model).put(gateway::put_model).delete(gateway::delete_model))
+        .route("/v1/usage", get(gateway::usage))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::authenticate));
     axum::Router::new()
         .route("/healthz", get(health))
@@ -280,6 +294,7 @@ pub fn router(state: AppState) -> axum::Router {
         })
         .layer(axum::extract::DefaultBodyLimit::max(state.limits.max_body_bytes))
         .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
+        .layer(axum::middleware::from_fn(gateway::wire_errors))
         .with_state(state)
 }
 

@@ -32,6 +32,77 @@ pub struct ServeConfig {
     /// What plugins, and the host on a tenant's behalf, may reach besides public addresses.
     #[serde(default)]
     pub network: NetworkConfig,
+    /// The OpenAI-compatible gateway.
+    #[serde(default)]
+    pub gateway: GatewaySection,
+}
+
+/// `[gateway]`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct GatewaySection {
+    /// Requests this node serves at once, shared fairly between tenants by their weights (each
+    /// tenant's `max_running` applies too); more wait their turn.
+    #[serde(default = "default_gateway_concurrency")]
+    pub concurrency: usize,
+    /// Retries of one deployment on a retryable error (rate limited, unavailable, timeout)
+    /// before falling back to the next (0-5).
+    #[serde(default = "default_gateway_retries")]
+    pub retries: u32,
+    /// Failures in a row that make a deployment cool down (0: never).
+    #[serde(default = "default_gateway_breaker")]
+    pub breaker_failures: u32,
+    /// How long a deployment first cools down, in ms; doubles while its probes fail.
+    #[serde(default = "default_gateway_cooldown")]
+    pub breaker_cooldown_ms: i64,
+}
+
+impl Default for GatewaySection {
+    fn default() -> Self {
+        GatewaySection {
+            concurrency: default_gateway_concurrency(),
+            retries: default_gateway_retries(),
+            breaker_failures: default_gateway_breaker(),
+            breaker_cooldown_ms: default_gateway_cooldown(),
+        }
+    }
+}
+
+fn default_gateway_concurrency() -> usize {
+    512
+}
+fn default_gateway_retries() -> u32 {
+    1
+}
+fn default_gateway_breaker() -> u32 {
+    3
+}
+fn default_gateway_cooldown() -> i64 {
+    5_000
+}
+
+impl GatewaySection {
+    /// The gateway's configuration, after checking the ranges (the message names the key).
+    pub fn config(&self) -> anyhow::Result<qlayer_gateway::service::GatewayConfig> {
+        if !(1..=100_000).contains(&self.concurrency) {
+            anyhow::bail!("[gateway] concurrency must be 1 to 100000");
+        }
+        if self.retries > 5 {
+            anyhow::bail!("[gateway] retries must be 0 to 5");
+        }
+        if !(1..=3_600_000).contains(&self.breaker_cooldown_ms) {
+            anyhow::bail!("[gateway] breaker-cooldown-ms must be 1 to 3600000");
+        }
+        Ok(qlayer_gateway::service::GatewayConfig {
+            retries: self.retries,
+            breaker: qlayer_scheduler::breaker::BreakerPolicy {
+                failures: self.breaker_failures,
+                cooldown_ms: self.breaker_cooldown_ms,
+                max_cooldown_ms: (self.breaker_cooldown_ms * 12).max(60_000),
+            },
+            ..Default::default()
+        })
+    }
 }
 
 /// `[network]`: by default plugins and tenant-requested installs reach public addresses only
@@ -239,6 +310,7 @@ impl JobsConfig {
             max_open_per_tenant: self.max_open_per_tenant,
             queue_url: self.queue.clone(),
             max_deliver: self.max_deliver,
+            interactive_concurrency: default_gateway_concurrency(),
         })
     }
 }
@@ -367,6 +439,7 @@ pub struct Running {
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     grpc: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     runner: std::sync::Arc<qlayer_jobs::JobRunner>,
+    gateway: std::sync::Arc<qlayer_gateway::service::Gateway>,
     grace: Duration,
     _node: qlayer_scheduler::NodeIdentity,
 }
@@ -388,7 +461,9 @@ pub async fn start(config: ServeConfig, data_dir: PathBuf) -> anyhow::Result<Run
         }
     };
     let node = qlayer_scheduler::NodeIdentity::claim(&data_dir)?;
-    let scheduler_config = config.jobs.scheduler(node.id.clone())?;
+    let mut scheduler_config = config.jobs.scheduler(node.id.clone())?;
+    let gateway_config = config.gateway.config()?;
+    scheduler_config.interactive_concurrency = config.gateway.concurrency;
     let db = qlayer_db::Db::open(&url).await.context("opening the database")?;
     let first_admin_key =
         db.bootstrap_admin(config.auth.admin_key.as_deref()).await?.map(|secret| secret.expose().to_string());
@@ -411,6 +486,12 @@ pub async fn start(config: ServeConfig, data_dir: PathBuf) -> anyhow::Result<Run
     );
     let queued = runner.start().await?;
     tracing::info!(node = %node.id, queued, "scheduler started");
+    let gateway = qlayer_gateway::service::Gateway::new(
+        db.clone(),
+        std::sync::Arc::new(crate::gateway::MarketProviders { runner: runner.clone() }),
+        runner.scheduler().admission().clone(),
+        gateway_config,
+    );
     let state = crate::AppState {
         db: db.clone(),
         runner: runner.clone(),
@@ -427,6 +508,7 @@ pub async fn start(config: ServeConfig, data_dir: PathBuf) -> anyhow::Result<Run
             request_timeout: Duration::from_millis(config.limits.request_timeout_ms),
         },
         metrics: crate::metrics_handle(),
+        gateway: Some(gateway.clone()),
     };
     let (health, health_service) = tonic_health::server::health_reporter();
     let grpc_routes =
@@ -478,6 +560,7 @@ pub async fn start(config: ServeConfig, data_dir: PathBuf) -> anyhow::Result<Run
         stop,
         server,
         runner,
+        gateway,
         grace: Duration::from_millis(config.server.shutdown_grace_ms),
         _node: node,
     })
@@ -494,6 +577,8 @@ impl Running {
             tracing::warn!("gRPC calls in flight cut at the grace period");
         }
         self.runner.shutdown(self.grace.saturating_sub(started.elapsed())).await;
+        // Usage records of the requests that finished are written before the store closes.
+        self.gateway.shutdown().await;
         let outcome = match requests {
             Ok(joined) => joined.context("the server task failed")?.context("serving"),
             Err(_) => {

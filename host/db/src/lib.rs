@@ -1,4 +1,4 @@
-//! The SQL state (tenants, keys, audit, jobs and tasks, installs) on SQLite or PostgreSQL.
+//! The SQL state (tenants, keys, audit, jobs and tasks, installs, model tables, usage) on SQLite or PostgreSQL.
 //! May depend on: nothing of ours.
 //!
 //! QuantumLayer's SQL state, on SQLite (embedded default: a file in the data dir, WAL) or
@@ -14,11 +14,13 @@
 //! - Another tenant's object is reported exactly like a missing one: lookups take the caller's
 //!   tenant and return `None` for anything outside it.
 
+mod gateway;
 mod installs;
 mod jobs;
 mod json;
 mod tasks;
 
+pub use gateway::{ModelEntry, UsageFilter, UsageGroup, UsageRecord, UsageSum};
 pub use jobs::{Artifact, Job, JobEvent, JobKind, JobStatus};
 pub use json::JsonText;
 use sqlx::any::{AnyPoolOptions, AnyRow};

@@ -96,7 +96,71 @@ on_both!(
     a_dag_runs_in_dependency_order_and_passes_outputs,
     a_task_adds_tasks_to_its_job_and_ends_it_with_its_output_and_artifact,
     retries_wait_failures_cancel_the_rest_and_leases_come_back,
+    model_tables_and_usage_sums_are_kept_per_tenant,
 );
+
+/// The gateway's state: model entries are replaced and removed per tenant, and usage sums group
+/// by model, key and day, filtered by time and key, never across tenants.
+async fn model_tables_and_usage_sums_are_kept_per_tenant(backend: Backend) {
+    use qlayer_db::{UsageFilter, UsageGroup, UsageRecord};
+    let t = open(backend).await;
+    let db = &t.db;
+    db.put_model("tn_a", "chat", r#"{"deployments": []}"#).await.unwrap();
+    db.put_model("tn_a", "chat", r#"{"strategy": "cost"}"#).await.unwrap();
+    db.put_model("tn_b", "chat", "{}").await.unwrap();
+    let a = db.models("tn_a").await.unwrap();
+    assert_eq!((a.len(), a[0].spec.as_str()), (1, r#"{"strategy": "cost"}"#), "replaced, not added");
+    assert!(!db.delete_model("tn_a", "other").await.unwrap());
+    assert!(db.delete_model("tn_b", "chat").await.unwrap());
+    assert_eq!(db.models("tn_a").await.unwrap().len(), 1, "another tenant's delete left it");
+    let record = |tenant: &str, key: &str, model: &str, tokens: i64, at: i64, status: &str| UsageRecord {
+        tenant_id: tenant.into(),
+        key_id: key.into(),
+        endpoint: "chat".into(),
+        model: model.into(),
+        deployment: "openai/x".into(),
+        prompt_tokens: tokens,
+        completion_tokens: tokens * 2,
+        cost_nanos: tokens * 1_000,
+        latency_us: 10,
+        ttft_us: None,
+        cache: if status == "hit" { "hit".into() } else { "miss".into() },
+        status: if status == "hit" { "ok".into() } else { status.into() },
+        at,
+    };
+    let day = 86_400_000;
+    let records = vec![
+        record("tn_a", "k1", "chat", 10, 5, "ok"),
+        record("tn_a", "k1", "chat", 20, day + 5, "hit"),
+        record("tn_a", "k2", "embed", 1, day + 6, "upstream_timeout"),
+        record("tn_b", "k9", "chat", 1_000, 5, "ok"),
+    ];
+    // More rows than one statement's chunk, in one call.
+    let many: Vec<UsageRecord> = (0..1_100).map(|i| record("tn_c", "k", "m", 1, i, "ok")).collect();
+    db.record_usage(&records).await.unwrap();
+    db.record_usage(&many).await.unwrap();
+    let all = db.usage("tn_a", &UsageFilter::default(), UsageGroup::All).await.unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!((all[0].requests, all[0].errors, all[0].cache_hits), (3, 1, 1), "{all:?}");
+    assert_eq!((all[0].prompt_tokens, all[0].completion_tokens, all[0].cost_nanos), (31, 62, 31_000));
+    let by_model = db.usage("tn_a", &UsageFilter::default(), UsageGroup::Model).await.unwrap();
+    assert_eq!(by_model.iter().map(|s| (s.key.as_str(), s.requests)).collect::<Vec<_>>(), [("chat", 2), ("embed", 1)]);
+    let by_day = db.usage("tn_a", &UsageFilter::default(), UsageGroup::Day).await.unwrap();
+    assert_eq!(
+        by_day.iter().map(|s| (s.key.clone(), s.requests)).collect::<Vec<_>>(),
+        [("0".to_string(), 1), (day.to_string(), 2)]
+    );
+    let k1_later = UsageFilter { from: Some(6), key_id: Some("k1".into()), ..Default::default() };
+    let sums = db.usage("tn_a", &k1_later, UsageGroup::Key).await.unwrap();
+    assert_eq!(sums.iter().map(|s| (s.key.as_str(), s.prompt_tokens)).collect::<Vec<_>>(), [("k1", 20)]);
+    let none = db
+        .usage("tn_a", &UsageFilter { key_id: Some("k9".into()), ..Default::default() }, UsageGroup::All)
+        .await
+        .unwrap();
+    assert!(none.is_empty(), "another tenant's key shows nothing: {none:?}");
+    let c = db.usage("tn_c", &UsageFilter::default(), UsageGroup::All).await.unwrap();
+    assert_eq!(c[0].requests, 1_100);
+}
 
 fn one_task(plugin: &str) -> Vec<NewTask> {
     task("call", plugin, serde_json::json!("x"), &[])

@@ -1,9 +1,22 @@
-//! The gateway: agents' completions routed to the tenant's LLM provider plugins.
-//! May depend on: `qlayer-runtime`.
+//! The gateway: applications' and agents' completions routed to the tenant's LLM provider plugins.
+//! May depend on: `qlayer-runtime`, `qlayer-db`, `qlayer-scheduler`.
 //!
-//! Routes agents' `llm.complete` calls to the tenant's providers: a fallback chain, bounded
-//! retries of retryable errors (honouring the provider's retry-after), usage accounting, and a
-//! token budget so that no run can spend without bound.
+//! - [`service::Gateway`]: the OpenAI-compatible gateway's request path. A request is admitted
+//!   by the scheduler's fair sharing, looked up in the tenant's model table ([`table`]), routed
+//!   over the model's deployments by its strategy and their health ([`route`]), answered by a
+//!   provider plugin instance, and metered off the path in batches ([`meter`]). [`openai`] is
+//!   OpenAI's wire format, in one place.
+//! - [`Router`]: agents' `llm.complete` calls during a factory run: a fallback chain, bounded
+//!   retries of retryable errors (honouring the provider's retry-after), usage accounting, and a
+//!   token budget so that no run can spend without bound.
+
+pub mod anthropic;
+pub mod meter;
+pub mod openai;
+pub mod request;
+pub mod route;
+pub mod service;
+pub mod table;
 
 use futures::future::BoxFuture;
 use qlayer_runtime::{CallError, Completion, CompletionRequest, Installed, LlmHandler, PluginError, describe};
@@ -107,7 +120,7 @@ impl Router {
 }
 
 /// Up to 25% random jitter, so that many callers do not retry in step.
-fn jitter(d: Duration) -> Duration {
+pub(crate) fn jitter(d: Duration) -> Duration {
     let nanos =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|t| t.subsec_nanos()).unwrap_or(0);
     d + d.mul_f64(f64::from(nanos % 1000) / 4000.0)
@@ -148,4 +161,152 @@ impl LlmHandler for Router {
             Err(last)
         })
     }
+}
+
+/// A gateway error, rendered in each API's own shape by the service ([`openai::error_body`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayError {
+    /// The HTTP status.
+    pub status: u16,
+    /// A stable code (`model_not_found`, `upstream_rate_limited`...).
+    pub code: Option<String>,
+    /// For people: names what is wrong.
+    pub message: String,
+    /// The request field at fault.
+    pub param: Option<String>,
+    /// Seconds to wait, for a 429 or 503.
+    pub retry_after: Option<u64>,
+}
+
+impl std::fmt::Display for GatewayError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.message, self.status)
+    }
+}
+
+impl std::error::Error for GatewayError {}
+
+impl GatewayError {
+    /// An error with a status, a code and a message.
+    pub fn new(status: u16, code: &str, message: impl Into<String>) -> Self {
+        GatewayError { status, code: Some(code.to_string()), message: message.into(), param: None, retry_after: None }
+    }
+
+    /// 400 for a request that cannot be served as sent.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        GatewayError { status: 400, code: None, message: message.into(), param: None, retry_after: None }
+    }
+
+    /// 500: the cause goes to the log.
+    pub fn internal(cause: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %cause, "gateway internal error");
+        Self::new(500, "internal", "internal error; the server log has the details under this response's x-request-id")
+    }
+
+    /// Names the request field at fault.
+    pub fn param(mut self, param: &str) -> Self {
+        self.param = Some(param.to_string());
+        self
+    }
+
+    /// Sets the code.
+    pub fn code(mut self, code: &str) -> Self {
+        self.code = Some(code.to_string());
+        self
+    }
+
+    /// OpenAI's 404 for a model the tenant does not have (another tenant's looks the same).
+    pub fn model_not_found(name: &str) -> Self {
+        Self::new(
+            404,
+            "model_not_found",
+            format!("The model `{}` does not exist or you do not have access to it.", name.escape_debug()),
+        )
+        .param("model")
+    }
+
+    /// 503 when every deployment of `model` is cooling down: `Retry-After` says when the first
+    /// one may be probed.
+    pub fn cooling(model: &str, cooling: &[(usize, i64)], now: i64) -> Self {
+        let first = cooling.iter().map(|(_, until)| *until).min().unwrap_or(now + 1_000);
+        let secs = ((first - now).max(0) as u64).div_ceil(1000).max(1);
+        let mut e = Self::new(
+            503,
+            "no_healthy_deployment",
+            format!(
+                "every deployment of model `{model}` is cooling down after failures; the first may be tried again in {secs} s"
+            ),
+        );
+        e.retry_after = Some(secs);
+        e
+    }
+
+    /// 400: `feature` is asked for and deployment `d` of `model` cannot express it.
+    pub fn unsupported(feature: openai::Feature, model: &str, d: &table::Deployment) -> Self {
+        Self::invalid(format!(
+            "{}: model `{model}` is served by plugin `{}`, which speaks contract {} and cannot express {}",
+            feature.field(),
+            d.plugin,
+            service_contract(),
+            feature.what()
+        ))
+        .param(feature.field())
+        .code("unsupported_feature")
+    }
+
+    /// 400: no deployment of `model` can express `feature`.
+    pub fn unsupported_anywhere(feature: openai::Feature, model: &str, spec: &table::ModelSpec) -> Self {
+        let plugins: Vec<String> = spec.deployments.iter().map(|d| format!("`{}`", d.plugin)).collect();
+        Self::invalid(format!(
+            "{}: model `{model}` is served by plugin {}, which speaks contract {} and cannot express {}",
+            feature.field(),
+            plugins.join(", "),
+            service_contract(),
+            feature.what()
+        ))
+        .param(feature.field())
+        .code("unsupported_feature")
+    }
+
+    /// What a failed provider call means for the client.
+    pub fn from_call(d: &table::Deployment, e: &CallError) -> Self {
+        let at = format!("deployment `{}`", d.key());
+        match &e.kind {
+            qlayer_runtime::CallErrorKind::Plugin(p) => match p {
+                PluginError::InvalidInput(m) => {
+                    Self::new(400, "upstream_invalid_request", format!("{at}: the upstream refused the request: {m}"))
+                }
+                PluginError::Unauthorized(m) => Self::new(
+                    502,
+                    "upstream_unauthorized",
+                    format!("{at}: the upstream refused the plugin's credentials: {m}"),
+                ),
+                PluginError::RateLimited(ms) => {
+                    let mut err =
+                        Self::new(429, "upstream_rate_limited", format!("{at}: the upstream is rate limiting"));
+                    err.retry_after = Some(ms.map(|ms| ms.div_ceil(1000)).unwrap_or(1).max(1));
+                    err
+                }
+                PluginError::Unavailable(m) => {
+                    Self::new(503, "upstream_unavailable", format!("{at}: the upstream is unavailable: {m}"))
+                }
+                PluginError::Timeout => {
+                    Self::new(504, "upstream_timeout", format!("{at}: the upstream did not answer in time"))
+                }
+                PluginError::Internal(m) => {
+                    Self::new(502, "provider_failed", format!("{at}: the provider plugin failed: {m}"))
+                }
+            },
+            qlayer_runtime::CallErrorKind::Timeout(d) => Self::new(
+                504,
+                "upstream_timeout",
+                format!("{at}: no answer within the plugin's {} ms deadline", d.as_millis()),
+            ),
+            _ => Self::new(502, "provider_failed", format!("{at}: {e}")),
+        }
+    }
+}
+
+fn service_contract() -> &'static str {
+    "quantumlayer:plugin@0.1.0"
 }

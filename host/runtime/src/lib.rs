@@ -1242,23 +1242,56 @@ pub struct ChunkStream<'a> {
 impl ChunkStream<'_> {
     /// The next chunk, or `None` once the stream has ended cleanly.
     pub async fn next(&mut self) -> Result<Option<CompletionChunk>, CallError> {
-        let Some(handle) = self.handle else { return Ok(None) };
-        let inst = &mut *self.instance;
-        let deadline = inst.begin()?;
-        let guest = inst.bindings.quantumlayer_plugin_provider().completion_stream();
-        let outcome = bounded(deadline, guest.call_next(&mut inst.store, handle)).await;
-        let chunk = inst.finish(outcome);
-        match chunk {
-            Ok(Some(chunk)) => Ok(Some(chunk)),
-            other => {
-                // Ended or failed: release the guest's resource (best effort; a poisoned store is
-                // dropped with its instance anyway).
-                self.handle = None;
-                if !self.instance.poisoned {
-                    let _ = handle.resource_drop_async(&mut self.instance.store).await;
-                }
-                other
+        next_chunk(self.instance, &mut self.handle).await
+    }
+}
+
+/// A streamed completion that owns its provider instance (to hand to a response body): dropping
+/// it stops the guest and its upstream request.
+pub struct OwnedChunkStream {
+    instance: ProviderInstance,
+    handle: Option<ResourceAny>,
+}
+
+impl OwnedChunkStream {
+    /// The next chunk, or `None` once the stream has ended cleanly.
+    pub async fn next(&mut self) -> Result<Option<CompletionChunk>, CallError> {
+        next_chunk(&mut self.instance, &mut self.handle).await
+    }
+}
+
+impl ProviderInstance {
+    /// Starts a streamed completion that keeps this instance; read it with
+    /// [`OwnedChunkStream::next`].
+    pub async fn into_stream(mut self, request: &CompletionRequest) -> Result<OwnedChunkStream, CallError> {
+        let inst = &mut self;
+        let handle = guest_call!(inst, quantumlayer_plugin_provider().call_stream(&mut inst.store, request))?;
+        Ok(OwnedChunkStream { instance: self, handle: Some(handle) })
+    }
+}
+
+async fn next_chunk(
+    inst: &mut ProviderInstance,
+    slot: &mut Option<ResourceAny>,
+) -> Result<Option<CompletionChunk>, CallError> {
+    let Some(handle) = *slot else { return Ok(None) };
+    let deadline = inst.begin()?;
+    let guest = inst.bindings.quantumlayer_plugin_provider().completion_stream();
+    let outcome = bounded(deadline, guest.call_next(&mut inst.store, handle)).await;
+    let chunk = inst.finish(outcome);
+    match chunk {
+        Ok(Some(chunk)) => {
+            inst.within_output(chunk.delta.len())?;
+            Ok(Some(chunk))
+        }
+        other => {
+            // Ended or failed: release the guest's resource (best effort; a poisoned store is
+            // dropped with its instance anyway).
+            *slot = None;
+            if !inst.poisoned {
+                let _ = handle.resource_drop_async(&mut inst.store).await;
             }
+            other
         }
     }
 }

@@ -20,6 +20,7 @@
 
 pub mod breaker;
 pub mod fair;
+pub mod interactive;
 pub mod nats;
 
 use breaker::{BreakerPolicy, Breakers, Transition};
@@ -59,6 +60,9 @@ pub struct SchedulerConfig {
     pub queue_url: Option<String>,
     /// Scale mode: deliveries of a task message after which it is dead-lettered.
     pub max_deliver: i64,
+    /// Interactive requests (the gateway's) this node serves at once, shared fairly between
+    /// tenants by the same weights ([`interactive`]); each tenant's `max_running` applies too.
+    pub interactive_concurrency: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -75,6 +79,7 @@ impl Default for SchedulerConfig {
             max_open_per_tenant: 10_000,
             queue_url: None,
             max_deliver: 20,
+            interactive_concurrency: 512,
         }
     }
 }
@@ -160,6 +165,7 @@ pub struct Scheduler {
     loops: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     workers: tokio::sync::Mutex<tokio::task::JoinSet<()>>,
     nats: std::sync::OnceLock<Arc<nats::NatsQueue>>,
+    admission: Arc<interactive::Admission>,
 }
 
 impl std::fmt::Debug for Scheduler {
@@ -197,7 +203,9 @@ impl Scheduler {
     pub fn new(db: Db, config: SchedulerConfig, executor: Arc<dyn Execute>) -> Arc<Self> {
         let (events, _) = broadcast::channel(4096);
         let (stopping, _) = watch::channel(false);
+        let admission = interactive::Admission::new(config.interactive_concurrency, config.tenant_concurrency);
         Arc::new(Scheduler {
+            admission,
             inner: Mutex::new(Inner {
                 queue: FairQueue::new(config.tenant_concurrency),
                 breakers: Breakers::new(config.breaker),
@@ -418,8 +426,15 @@ impl Scheduler {
         let mut inner = self.lock();
         for (tenant, weight, max_running) in shares {
             inner.queue.configure(&tenant, weight as f64, max_running.max(0) as usize);
+            self.admission.configure(&tenant, weight as f64, max_running.max(0) as usize);
         }
         Ok(())
+    }
+
+    /// Interactive admission (the gateway's completions): not persisted, shared between tenants
+    /// by the same weights and limits as tasks.
+    pub fn admission(&self) -> &Arc<interactive::Admission> {
+        &self.admission
     }
 
     /// Announcements of new job events: the id of the job that has one.

@@ -103,6 +103,10 @@ impl Svc {
         self.send("POST", path, Some(key), Some(body.to_string())).await
     }
 
+    pub(crate) async fn put(&self, path: &str, key: &str, body: Value) -> Reply {
+        self.send("PUT", path, Some(key), Some(body.to_string())).await
+    }
+
     pub(crate) async fn delete(&self, path: &str, key: &str) -> Reply {
         self.send("DELETE", path, Some(key), None).await
     }
@@ -122,6 +126,11 @@ impl Svc {
 
     /// Pushes a plugin to the test registry and installs it for the key's tenant.
     pub(crate) async fn install(&self, key: &str, repo: &str, wasm: &[u8]) -> Reply {
+        self.install_with(key, repo, wasm, None).await
+    }
+
+    /// [`Svc::install`] with grants.
+    pub(crate) async fn install_with(&self, key: &str, repo: &str, wasm: &[u8], grants: Option<Value>) -> Reply {
         let registry = self.registry.as_ref().unwrap();
         let reference = format!("{}/{repo}:1.0.0", registry.addr);
         let market = qlayer_marketplace::Marketplace::open_local(
@@ -134,7 +143,11 @@ impl Svc {
         .await
         .unwrap();
         market.push(wasm, &reference, None).await.unwrap();
-        self.post("/v1/plugins", key, json!({"reference": reference})).await
+        let mut body = json!({"reference": reference});
+        if let Some(grants) = grants {
+            body["grants"] = grants;
+        }
+        self.post("/v1/plugins", key, body).await
     }
 
     /// Polls a job until it is over (the bound only keeps a broken build from hanging CI).
@@ -730,17 +743,27 @@ async fn the_openapi_document_is_current() {
 async fn schemathesis_finds_the_server_doing_what_the_openapi_document_says() {
     let st = qlayer_tests::python_tool("st", &["schemathesis==4.32.5"]);
     let dir = tempfile::tempdir().unwrap();
-    // Two rules the schema cannot state, each allowed for its one operation: no registry is
-    // reachable from the test machine, so a well-formed install reference gets the documented 502
-    // `registry_unavailable`; and a call graph's `after` must name tasks of the same graph,
-    // without a cycle (a rule between fields), else 400.
+    // Rules the schema cannot state, each allowed for its operations: no registry is reachable
+    // from the test machine, so a well-formed install reference gets the documented 502
+    // `registry_unavailable`; a call graph's `after` must name tasks of the same graph, without
+    // a cycle (a rule between fields), else 400; and the gateway's requests have rules between
+    // fields (message order, `stream_options` only with `stream`, a model entry's deployments
+    // naming installed providers, which no run has), else 400.
     std::fs::write(
         dir.path().join("schemathesis.toml"),
         "[[operations]]\ninclude-name = \"POST /v1/plugins\"\n\
          checks.not_a_server_error.expected-statuses = [\"2xx\", \"3xx\", \"4xx\", \"502\"]\n\n\
          [[operations]]\ninclude-name = \"POST /v1/jobs\"\n\
          checks.positive_data_acceptance.expected-statuses = \
-         [\"2xx\", \"3xx\", \"400\", \"401\", \"403\", \"404\", \"409\", \"429\", \"5xx\"]\n",
+         [\"2xx\", \"3xx\", \"400\", \"401\", \"403\", \"404\", \"409\", \"429\", \"5xx\"]\n\n\
+         [[operations]]\ninclude-name = \"POST /v1/chat/completions\"\n\
+         checks.positive_data_acceptance.expected-statuses = [\"2xx\", \"400\", \"401\", \"403\", \"404\"]\n\n\
+         [[operations]]\ninclude-name = \"POST /v1/messages\"\n\
+         checks.positive_data_acceptance.expected-statuses = [\"2xx\", \"400\", \"401\", \"403\", \"404\"]\n\n\
+         [[operations]]\ninclude-name = \"POST /v1/embeddings\"\n\
+         checks.positive_data_acceptance.expected-statuses = [\"2xx\", \"400\", \"401\", \"403\", \"404\"]\n\n\
+         [[operations]]\ninclude-name = \"PUT /v1/models/{name}\"\n\
+         checks.positive_data_acceptance.expected-statuses = [\"2xx\", \"400\", \"401\", \"403\", \"404\"]\n",
     )
     .unwrap();
     for operator in [false, true] {

@@ -1,0 +1,277 @@
+//! The OpenAI-compatible gateway of `qlayer serve`: the official `openai` Python SDK against it,
+//! routing (fallback on retryable errors only, breakers, all deployments cooling down), streams
+//! cut by the upstream, metering that sums to what the upstream reported, and tenant isolation.
+//! The upstream is the local OpenAI-compatible test server (`qlayer_tests::TestServer`, a test
+//! double), reached through the real `openai` provider plugin installed from a real registry.
+
+use crate::api::{Svc, service};
+use qlayer_db::Backend;
+use qlayer_tests::TestServer;
+use serde_json::{Value, json};
+use std::time::Duration;
+
+/// A service whose tenant `acme` has the openai plugin installed, asking `upstream`.
+async fn gateway_service(tweak: impl FnOnce(&mut qlayer_api::serve::ServeConfig)) -> (Svc, TestServer, String, String) {
+    let upstream = TestServer::start().await;
+    let svc = service(Backend::Sqlite, true, |c| {
+        // The test server is on loopback, which the operator opens here as one would for a
+        // local Ollama.
+        c.network.allow = vec!["127.0.0.1".into()];
+        tweak(c);
+    })
+    .await;
+    let (tenant, acme) = svc.tenant("acme").await;
+    let grants = json!({
+        "hosts": [upstream.url().trim_start_matches("http://")],
+        "config": {"base_url": format!("{}/v1", upstream.url())}
+    });
+    let wasm = qlayer_bundled::bundled_plugin("openai").unwrap();
+    let r = svc.install_with(&acme, "providers/openai", wasm, Some(grants)).await;
+    assert_eq!(r.status, 201, "{r:?}");
+    (svc, upstream, tenant, acme)
+}
+
+async fn model(svc: &Svc, key: &str, name: &str, spec: Value) {
+    let r = svc.put(&format!("/v1/models/{name}"), key, spec).await;
+    assert_eq!(r.status, 200, "{r:?}");
+}
+
+fn deployment(model: &str) -> Value {
+    json!({"plugin": "openai", "model": model, "input_price": 1.0, "output_price": 2.0})
+}
+
+async fn chat(svc: &Svc, key: &str, model: &str) -> crate::api::Reply {
+    svc.post("/v1/chat/completions", key, json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}))
+        .await
+}
+
+/// Polls `/v1/usage` until `requests` are recorded (records are written off the request path).
+async fn usage(svc: &Svc, key: &str, query: &str, requests: i64) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..200 {
+        let r = svc.get(&format!("/v1/usage?{query}"), key).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        let total: i64 = r.body["data"].as_array().unwrap().iter().map(|g| g["requests"].as_i64().unwrap()).sum();
+        if total >= requests {
+            return r.body;
+        }
+        last = r.body;
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("usage never reached {requests} requests: {last}");
+}
+
+/// The official SDK: models, a completion field for field, a stream with usage, a cut stream,
+/// embeddings as base64 and floats, and errors as the SDK's own exception classes (unknown model,
+/// unknown field, `n`, tools a 0.1.0 provider cannot express, a bad key, another tenant's model).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_openai_sdk_works_against_the_gateway() {
+    let python = qlayer_tests::python_tool("python", &["openai==3.57.0"]);
+    let (svc, upstream, _tenant, acme) = gateway_service(|_| {}).await;
+    model(&svc, &acme, "chat", json!({"deployments": [deployment("ok")]})).await;
+    model(&svc, &acme, "cut", json!({"deployments": [deployment("cut-stream")]})).await;
+    model(&svc, &acme, "embed", json!({"deployments": [deployment("text-embedding-test")]})).await;
+    let (_, other) = svc.tenant("other").await;
+    let stdout = run_sdk_script(python, "openai_sdk.py", &svc.base, &acme, &other).await;
+    for check in ["models", "completion", "stream", "cut stream", "embeddings", "errors"] {
+        assert!(stdout.contains(&format!("{check}: ok")), "{check} ran: {stdout}");
+    }
+    // The upstream got the contract's request in its own shape, with the deployment's model.
+    let seen = upstream.requests();
+    let first = seen.iter().find(|s| s.path == "/v1/chat/completions").unwrap();
+    let body: Value = serde_json::from_str(&first.body).unwrap();
+    assert_eq!((body["model"].as_str(), body["max_tokens"].as_u64()), (Some("ok"), Some(16)), "{body}");
+    svc.stop().await;
+}
+
+/// The official `anthropic` SDK against `/v1/messages`, through the same openai provider plugin:
+/// a message, a stream's event sequence with usage, a cut stream, and errors as its own classes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_anthropic_sdk_works_against_the_messages_endpoint() {
+    let python = qlayer_tests::python_tool("python", &["anthropic==2.16.0"]);
+    let (svc, _upstream, _tenant, acme) = gateway_service(|_| {}).await;
+    model(&svc, &acme, "chat", json!({"deployments": [deployment("ok")]})).await;
+    model(&svc, &acme, "cut", json!({"deployments": [deployment("cut-stream")]})).await;
+    let stdout = run_sdk_script(python, "anthropic_sdk.py", &svc.base, &acme, "").await;
+    for check in ["message", "stream", "cut stream", "errors"] {
+        assert!(stdout.contains(&format!("{check}: ok")), "{check} ran: {stdout}");
+    }
+    let report = usage(&svc, &acme, "", 3).await;
+    assert!(report["data"][0]["requests"].as_i64().unwrap() >= 3, "{report}");
+    svc.stop().await;
+}
+
+/// Runs one of `tests/sdk/*.py` with the service's base URL and keys; returns its output.
+async fn run_sdk_script(python: std::path::PathBuf, script: &str, base: &str, key: &str, other: &str) -> String {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk").join(script);
+    let (base, key, other) = (base.to_string(), key.to_string(), other.to_string());
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .arg(script)
+            .env("QLAYER_BASE", base)
+            .env("QLAYER_KEY", key)
+            .env("QLAYER_OTHER_KEY", other)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "the SDK script failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    stdout
+}
+
+/// Fallback happens on retryable errors only: a rate-limited deployment falls back to the next;
+/// an upstream that refuses the plugin's key does not (the next is never asked). A deployment
+/// that keeps failing cools down, and when every deployment of a model cools down the client
+/// gets 503 with a Retry-After saying when the first comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routing_falls_back_on_retryable_errors_only_and_cools_failing_deployments_down() {
+    let (svc, upstream, _tenant, acme) = gateway_service(|c| {
+        c.gateway.retries = 0;
+        c.gateway.breaker_failures = 2;
+        c.gateway.breaker_cooldown_ms = 60_000;
+    })
+    .await;
+    model(&svc, &acme, "fallback", json!({"deployments": [deployment("rate-limit"), deployment("ok")]})).await;
+    let r = chat(&svc, &acme, "fallback").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.headers["x-qlayer-deployment"], "openai/ok");
+    assert_eq!(r.body["choices"][0]["message"]["content"], "echo: hi");
+
+    model(&svc, &acme, "strict", json!({"deployments": [deployment("unauthorized"), deployment("ok")]})).await;
+    let asked_before = upstream.requests().len();
+    let r = chat(&svc, &acme, "strict").await;
+    assert_eq!(r.status, 502, "{r:?}");
+    assert_eq!(r.body["error"]["code"], "upstream_unauthorized", "{r:?}");
+    assert_eq!(r.body["error"]["type"], "server_error");
+    assert!(r.body["error"]["message"].as_str().unwrap().contains("openai/unauthorized"), "{r:?}");
+    assert_eq!(upstream.requests().len(), asked_before + 1, "no fallback after a non-retryable error");
+
+    // error-500 is `unavailable`: retryable; with one deployment, two failures open its circuit.
+    model(&svc, &acme, "down", json!({"deployments": [deployment("error-500")]})).await;
+    for _ in 0..2 {
+        let r = chat(&svc, &acme, "down").await;
+        assert_eq!((r.status, r.body["error"]["code"].as_str()), (503, Some("upstream_unavailable")), "{r:?}");
+    }
+    let asked_before = upstream.requests().len();
+    let r = chat(&svc, &acme, "down").await;
+    assert_eq!((r.status, r.body["error"]["code"].as_str()), (503, Some("no_healthy_deployment")), "{r:?}");
+    let retry_after: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((50..=60).contains(&retry_after), "says when the first deployment may be tried: {retry_after}");
+    assert_eq!(upstream.requests().len(), asked_before, "a cooling deployment is not asked");
+    // Another model sharing no deployment with it is unaffected.
+    assert_eq!(chat(&svc, &acme, "fallback").await.status, 200);
+    svc.stop().await;
+}
+
+/// A stream the upstream cuts after its first chunks: the client gets those chunks, then an error
+/// event, and never `[DONE]`; the usage of what was streamed is metered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_stream_ends_with_an_error_event_and_no_done() {
+    let (svc, _upstream, _tenant, acme) = gateway_service(|_| {}).await;
+    model(&svc, &acme, "cut", json!({"deployments": [deployment("cut-stream")]})).await;
+    let r = svc
+        .post(
+            "/v1/chat/completions",
+            &acme,
+            json!({"model": "cut", "stream": true, "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "the first chunk came, so the stream started: {r:?}");
+    let events: Vec<&str> = r.text.split("\n\n").filter(|e| !e.is_empty()).collect();
+    assert!(!r.text.contains("data: [DONE]"), "{}", r.text);
+    let last: Value = serde_json::from_str(events.last().unwrap().trim_start_matches("data: ")).unwrap();
+    assert!(last["error"]["message"].as_str().unwrap().contains("openai/cut-stream"), "{last}");
+    let text: String = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e.trim_start_matches("data: ")).unwrap())
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(text, "echo: hi", "every chunk before the cut, in order");
+    let report = usage(&svc, &acme, "", 1).await;
+    assert_eq!(report["data"][0]["errors"], 1, "{report}");
+    assert!(report["data"][0]["completion_tokens"].as_i64().unwrap() > 0, "what was streamed is charged: {report}");
+    svc.stop().await;
+}
+
+/// Usage sums equal what the upstream reported, per model and per key, with the price table's
+/// cost; another tenant sees none of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_sums_what_the_upstream_reported_per_model_and_key() {
+    let (svc, _upstream, _tenant, acme) = gateway_service(|_| {}).await;
+    model(&svc, &acme, "chat", json!({"deployments": [deployment("ok")]})).await;
+    model(&svc, &acme, "embed", json!({"deployments": [deployment("e")]})).await;
+    let (dev_id, dev) = svc.key(&acme, "developer").await;
+    for key in [&acme, &acme, &dev] {
+        assert_eq!(chat(&svc, key, "chat").await.status, 200);
+    }
+    let r = svc
+        .post(
+            "/v1/chat/completions",
+            &dev,
+            json!({"model": "chat", "stream": true, "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+    assert!(r.text.ends_with("data: [DONE]\n\n"), "{r:?}");
+    let r = svc.post("/v1/embeddings", &acme, json!({"model": "embed", "input": ["a", "b"]})).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let by_model = usage(&svc, &acme, "group_by=model", 5).await;
+    let group = |report: &Value, name: &str| {
+        report["data"].as_array().unwrap().iter().find(|g| g["group"] == name).cloned().unwrap_or(Value::Null)
+    };
+    // Three whole completions of 7 + 3 tokens and a stream of 5 + 2, at 1 and 2 per million.
+    let chat_usage = group(&by_model, "chat");
+    assert_eq!(chat_usage["requests"], 4, "{by_model}");
+    assert_eq!((chat_usage["prompt_tokens"].as_i64(), chat_usage["completion_tokens"].as_i64()), (Some(26), Some(11)));
+    assert_eq!(chat_usage["cost_nanos"], (26 + 11 * 2) * 1000, "{chat_usage}");
+    assert_eq!(group(&by_model, "embed")["prompt_tokens"], 3, "{by_model}");
+    let by_key = usage(&svc, &acme, "group_by=key", 5).await;
+    let dev_usage = group(&by_key, &dev_id);
+    assert_eq!((dev_usage["requests"].as_i64(), dev_usage["prompt_tokens"].as_i64()), (Some(2), Some(12)), "{by_key}");
+    let only_dev = usage(&svc, &acme, &format!("key={dev_id}"), 2).await;
+    assert_eq!(only_dev["data"][0]["requests"], 2, "{only_dev}");
+    let (_, other) = svc.tenant("other").await;
+    let theirs = svc.get("/v1/usage", &other).await;
+    assert_eq!(theirs.body["data"], json!([]), "{theirs:?}");
+    let r = svc.get("/v1/usage?group_by=week", &acme).await;
+    assert_eq!((r.status, r.code()), (400, "invalid_request"), "{r:?}");
+    svc.stop().await;
+}
+
+/// The model table through the API: admins set and remove entries, a deployment must name an
+/// installed provider, viewers cannot change it, and errors are in OpenAI's shape.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_model_table_is_checked_and_kept_per_tenant() {
+    let (svc, _upstream, _tenant, acme) = gateway_service(|_| {}).await;
+    for (spec, says) in [
+        (json!({"deployments": [{"plugin": "missing"}]}), "no plugin `missing` is installed"),
+        (json!({"deployments": []}), "1 to 16 deployments"),
+        (json!({"deployments": [{"plugin": "openai", "temperature": 1}]}), "temperature"),
+        (json!({"strategy": "fastest", "deployments": [{"plugin": "openai"}]}), "fastest"),
+    ] {
+        let r = svc.put("/v1/models/m", &acme, spec.clone()).await;
+        assert_eq!(r.status, 400, "{spec}: {r:?}");
+        assert_eq!(r.body["error"]["type"], "invalid_request_error", "{r:?}");
+        assert!(r.body["error"]["message"].as_str().unwrap().contains(says), "{spec}: {r:?}");
+    }
+    model(&svc, &acme, "m", json!({"strategy": "cost", "deployments": [deployment("ok")]})).await;
+    let r = svc.get("/v1/models/m", &acme).await;
+    assert_eq!((r.body["id"].as_str(), r.body["strategy"].as_str()), (Some("m"), Some("cost")), "{r:?}");
+    let (_, viewer) = svc.key(&acme, "viewer").await;
+    assert_eq!(svc.put("/v1/models/m", &viewer, json!({"deployments": [deployment("ok")]})).await.status, 403);
+    let r = chat(&svc, &viewer, "m").await;
+    assert_eq!((r.status, r.body["error"]["type"].as_str()), (403, Some("permission_error")), "{r:?}");
+    assert_eq!(svc.get("/v1/models", &viewer).await.body["data"][0]["id"], "m");
+    // Malformed JSON and an unauthenticated call, in OpenAI's shape too.
+    let r = svc.send("POST", "/v1/chat/completions", Some(&acme), Some("{\"model\": ".into())).await;
+    assert_eq!((r.status, r.body["error"]["code"].as_str()), (400, Some("malformed_json")), "{r:?}");
+    let r = svc.send("POST", "/v1/chat/completions", None, Some("{}".into())).await;
+    assert_eq!((r.status, r.body["error"]["type"].as_str()), (401, Some("authentication_error")), "{r:?}");
+    let r = svc.delete("/v1/models/m", &acme).await;
+    assert_eq!((r.status, r.body["deleted"].as_bool()), (200, Some(true)), "{r:?}");
+    let r = chat(&svc, &acme, "m").await;
+    assert_eq!((r.status, r.body["error"]["code"].as_str()), (404, Some("model_not_found")), "gone at once: {r:?}");
+    assert_eq!(svc.delete("/v1/models/m", &acme).await.status, 404);
+    svc.stop().await;
+}

@@ -1,0 +1,652 @@
+//! The gateway's request path: admission by the scheduler's fair sharing, the tenant's model
+//! table, (the cache, in its own issue), routing over the model's deployments with retries and
+//! fallback on retryable errors only, the provider plugin call, and metering off the path.
+
+use crate::meter::Meter;
+use crate::openai::{ChatRequest, EmbedRequest, Feature};
+use crate::route::{Health, Outcome, Plan};
+use crate::table::{Deployment, ModelSpec};
+use crate::{GatewayError, jitter};
+use futures::future::BoxFuture;
+use qlayer_db::{Db, UsageRecord};
+use qlayer_runtime::{
+    CallError, CallErrorKind, Completion, CompletionChunk, EmbeddingRequest, Embeddings, Installed, OwnedChunkStream,
+    PluginError, Usage,
+};
+use qlayer_scheduler::breaker::BreakerPolicy;
+use qlayer_scheduler::interactive::{Admission, Permit};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Loads a tenant's installed provider plugins (the service implements it over the
+/// marketplace; tests over bundled plugins).
+pub trait Providers: Send + Sync {
+    /// The provider plugin `plugin` installed for the tenant named `tenant`, with its grants;
+    /// an error message naming what is wrong when it is not installed or not a provider.
+    fn load<'a>(&'a self, tenant: &'a str, plugin: &'a str) -> BoxFuture<'a, Result<Installed, String>>;
+}
+
+/// Who is calling.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The tenant's id (model tables and usage are keyed by it).
+    pub tenant_id: String,
+    /// The tenant's name (installs are keyed by it).
+    pub tenant_name: String,
+    /// The API key's id.
+    pub key_id: String,
+}
+
+/// How the gateway behaves.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Retries of one deployment on a retryable error before falling back to the next.
+    pub retries: u32,
+    /// First retry delay; doubles per retry, with jitter, and never shorter than the upstream's
+    /// retry-after.
+    pub retry_base: Duration,
+    /// A retry-after longer than this moves on to the next deployment instead of waiting.
+    pub max_retry_wait: Duration,
+    /// When a deployment's circuit opens and for how long.
+    pub breaker: BreakerPolicy,
+    /// How long a node keeps a tenant's model table and loaded plugins before reading them
+    /// again (changes made through this node apply at once; through another node, within this).
+    pub table_ttl: Duration,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            retries: 1,
+            retry_base: Duration::from_millis(100),
+            max_retry_wait: Duration::from_secs(5),
+            breaker: BreakerPolicy { failures: 3, cooldown_ms: 5_000, max_cooldown_ms: 60_000 },
+            table_ttl: Duration::from_secs(1),
+        }
+    }
+}
+
+type Table = Arc<HashMap<String, Arc<ModelSpec>>>;
+
+/// The gateway of one node.
+pub struct Gateway {
+    db: Db,
+    providers: Arc<dyn Providers>,
+    admission: Arc<Admission>,
+    health: Arc<Health>,
+    meter: Meter,
+    config: GatewayConfig,
+    tables: Mutex<HashMap<String, (Instant, Table)>>,
+    installed: Mutex<HashMap<(String, String), (Instant, Installed)>>,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway").field("config", &self.config).finish()
+    }
+}
+
+/// The contract a provider speaks, and what it can express.
+fn contract_supports(_installed: &Installed, _feature: Feature) -> bool {
+    // Every provider today is bound through quantumlayer:plugin@0.1.0, which has none of them.
+    false
+}
+
+/// What a routed call produced, and where.
+#[derive(Debug)]
+pub struct Routed<T> {
+    /// The answer.
+    pub value: T,
+    /// The deployment that gave it.
+    pub deployment: Deployment,
+    /// Time spent inside the provider call (the rest of a request's time is the host's).
+    pub upstream: Duration,
+}
+
+/// A stream that has produced its first chunk (fallback is over), with its metering: dropping
+/// it before the end (the client left) stops the provider and meters what was spent.
+pub struct LiveStream {
+    stream: OwnedChunkStream,
+    first: Option<CompletionChunk>,
+    record: Option<UsageRecord>,
+    deployment: Deployment,
+    meter: Meter,
+    started: Instant,
+    prompt_estimate: u32,
+    text_bytes: usize,
+    usage: Option<Usage>,
+    upstream: Duration,
+    _permit: Permit,
+}
+
+impl std::fmt::Debug for LiveStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveStream").field("deployment", &self.deployment.key()).finish()
+    }
+}
+
+impl LiveStream {
+    /// The deployment serving it.
+    pub fn deployment(&self) -> &Deployment {
+        &self.deployment
+    }
+
+    /// Time spent inside provider calls so far.
+    pub fn upstream(&self) -> Duration {
+        self.upstream
+    }
+
+    /// The next chunk; `Ok(None)` at a clean end. An error ends the stream (no end marker).
+    pub async fn next(&mut self) -> Result<Option<CompletionChunk>, GatewayError> {
+        let chunk = match self.first.take() {
+            Some(first) => Ok(Some(first)),
+            None => {
+                let began = Instant::now();
+                let chunk = self.stream.next().await;
+                self.upstream += began.elapsed();
+                chunk
+            }
+        };
+        match chunk {
+            Ok(Some(c)) => {
+                self.text_bytes += c.delta.len();
+                if let Some(u) = c.usage {
+                    self.usage = Some(u);
+                }
+                Ok(Some(c))
+            }
+            Ok(None) => {
+                self.finish("ok");
+                Ok(None)
+            }
+            Err(e) => {
+                let error = GatewayError::from_call(&self.deployment, &e);
+                self.finish(error.code.as_deref().unwrap_or("error"));
+                Err(error)
+            }
+        }
+    }
+
+    fn finish(&mut self, status: &str) {
+        let Some(mut record) = self.record.take() else { return };
+        // What the upstream reported; else an estimate (about 4 bytes a token), so a stream cut
+        // short or abandoned is still charged for what it used.
+        let usage = self.usage.unwrap_or(Usage {
+            prompt_tokens: self.prompt_estimate,
+            completion_tokens: self.text_bytes.div_ceil(4) as u32,
+        });
+        record.prompt_tokens = i64::from(usage.prompt_tokens);
+        record.completion_tokens = i64::from(usage.completion_tokens);
+        record.cost_nanos =
+            self.deployment.cost_nanos(u64::from(usage.prompt_tokens), u64::from(usage.completion_tokens));
+        record.latency_us = self.started.elapsed().as_micros() as i64;
+        record.status = status.to_string();
+        self.meter.record(record);
+    }
+}
+
+impl Drop for LiveStream {
+    fn drop(&mut self) {
+        self.finish("client_closed");
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// About 4 bytes a token: what a request is charged for when the upstream says nothing.
+fn estimate_tokens(text_bytes: usize) -> u32 {
+    text_bytes.div_ceil(4).min(u32::MAX as usize) as u32
+}
+
+impl Gateway {
+    /// A gateway over `db` (model tables, usage), admitting through `admission` (the
+    /// scheduler's) and loading plugins from `providers`.
+    pub fn new(
+        db: Db,
+        providers: Arc<dyn Providers>,
+        admission: Arc<Admission>,
+        config: GatewayConfig,
+    ) -> Arc<Gateway> {
+        Arc::new(Gateway {
+            meter: Meter::start(db.clone()),
+            db,
+            providers,
+            admission,
+            health: Arc::new(Health::new(config.breaker)),
+            config,
+            tables: Mutex::new(HashMap::new()),
+            installed: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The metering channel.
+    pub fn meter(&self) -> &Meter {
+        &self.meter
+    }
+
+    /// The store.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// Writes buffered usage records; for a clean shutdown.
+    pub async fn shutdown(&self) {
+        self.meter.close().await;
+    }
+
+    /// Forgets what this node read of `tenant_id`'s table (after a change through it).
+    pub fn invalidate(&self, tenant_id: &str) {
+        self.tables.lock().unwrap_or_else(|p| p.into_inner()).remove(tenant_id);
+    }
+
+    /// The tenant's model table.
+    pub async fn table(&self, tenant_id: &str) -> Result<Table, GatewayError> {
+        if let Some((at, table)) = self.tables.lock().unwrap_or_else(|p| p.into_inner()).get(tenant_id)
+            && at.elapsed() < self.config.table_ttl
+        {
+            return Ok(table.clone());
+        }
+        let rows = self.db.models(tenant_id).await.map_err(GatewayError::internal)?;
+        let mut table = HashMap::with_capacity(rows.len());
+        for row in rows {
+            match serde_json::from_str::<ModelSpec>(&row.spec) {
+                Ok(spec) => {
+                    table.insert(row.name, Arc::new(spec));
+                }
+                Err(e) => {
+                    tracing::error!(tenant = tenant_id, model = %row.name, "a stored model entry is unreadable: {e}")
+                }
+            }
+        }
+        let table = Arc::new(table);
+        self.tables
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(tenant_id.to_string(), (Instant::now(), table.clone()));
+        Ok(table)
+    }
+
+    /// The entry of model `name`, or OpenAI's 404 for it.
+    async fn spec(&self, caller: &Caller, name: &str) -> Result<Arc<ModelSpec>, GatewayError> {
+        self.table(&caller.tenant_id).await?.get(name).cloned().ok_or_else(|| GatewayError::model_not_found(name))
+    }
+
+    /// Checks a table entry, and that each deployment's plugin is an installed provider, then
+    /// stores it.
+    pub async fn put_model(
+        &self,
+        caller: &Caller,
+        name: &str,
+        spec: &ModelSpec,
+    ) -> Result<qlayer_db::ModelEntry, GatewayError> {
+        spec.check(name).map_err(GatewayError::invalid)?;
+        for (i, d) in spec.deployments.iter().enumerate() {
+            self.providers
+                .load(&caller.tenant_name, &d.plugin)
+                .await
+                .map_err(|e| GatewayError::invalid(format!("deployments[{i}].plugin: {e}")).param("deployments"))?;
+        }
+        let text = serde_json::to_string(spec).map_err(GatewayError::internal)?;
+        let entry = self.db.put_model(&caller.tenant_id, name, &text).await.map_err(GatewayError::internal)?;
+        self.invalidate(&caller.tenant_id);
+        Ok(entry)
+    }
+
+    /// Removes model `name`; 404 when the tenant has none.
+    pub async fn delete_model(&self, caller: &Caller, name: &str) -> Result<(), GatewayError> {
+        let removed = self.db.delete_model(&caller.tenant_id, name).await.map_err(GatewayError::internal)?;
+        self.invalidate(&caller.tenant_id);
+        if removed { Ok(()) } else { Err(GatewayError::model_not_found(name)) }
+    }
+
+    async fn installed(&self, tenant: &str, plugin: &str) -> Result<Installed, String> {
+        let key = (tenant.to_string(), plugin.to_string());
+        if let Some((at, installed)) = self.installed.lock().unwrap_or_else(|p| p.into_inner()).get(&key)
+            && at.elapsed() < self.config.table_ttl
+        {
+            return Ok(installed.clone());
+        }
+        let installed = self.providers.load(tenant, plugin).await?;
+        let mut cache = self.installed.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() > 10_000 {
+            cache.retain(|_, (at, _)| at.elapsed() < self.config.table_ttl);
+        }
+        cache.insert(key, (Instant::now(), installed.clone()));
+        Ok(installed)
+    }
+
+    fn record(&self, caller: &Caller, endpoint: &str, model: &str) -> UsageRecord {
+        UsageRecord {
+            tenant_id: caller.tenant_id.clone(),
+            key_id: caller.key_id.clone(),
+            endpoint: endpoint.to_string(),
+            model: model.to_string(),
+            deployment: String::new(),
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            cost_nanos: 0,
+            latency_us: 0,
+            ttft_us: None,
+            cache: "off".to_string(),
+            status: "ok".to_string(),
+            at: now_ms(),
+        }
+    }
+
+    fn meter_failure(&self, mut record: UsageRecord, started: Instant, e: &GatewayError) {
+        record.latency_us = started.elapsed().as_micros() as i64;
+        record.status = e.code.clone().unwrap_or_else(|| format!("http_{}", e.status));
+        self.meter.record(record);
+    }
+
+    /// Routes one call over the deployments of `spec` that can serve it: in the strategy's
+    /// order, skipping cooling ones, retrying a retryable error with backoff, then falling back
+    /// to the next; anything else fails at once. `call` makes one attempt on an instance.
+    async fn route<T, F, Fut>(
+        &self,
+        caller: &Caller,
+        model: &str,
+        spec: &ModelSpec,
+        needs: &[Feature],
+        deadline: Instant,
+        mut call: F,
+    ) -> Result<Routed<T>, GatewayError>
+    where
+        F: FnMut(Installed, String) -> Fut,
+        Fut: std::future::Future<Output = Result<T, CallError>>,
+    {
+        let plan = self.health.plan(&caller.tenant_id, spec.strategy, &spec.deployments, now_ms());
+        let Plan { order, cooling } = plan;
+        if order.is_empty() {
+            return Err(GatewayError::cooling(model, &cooling, now_ms()));
+        }
+        let mut last: Option<GatewayError> = None;
+        let mut capable = 0;
+        for i in order {
+            let d = &spec.deployments[i];
+            let installed = match self.installed(&caller.tenant_name, &d.plugin).await {
+                Ok(installed) => installed,
+                Err(e) => {
+                    last = Some(GatewayError::new(
+                        502,
+                        "deployment_unavailable",
+                        format!("deployment `{}`: {e}", d.key()),
+                    ));
+                    continue;
+                }
+            };
+            if let Some(f) = needs.iter().find(|f| !contract_supports(&installed, **f)) {
+                last.get_or_insert(GatewayError::unsupported(*f, model, d));
+                continue;
+            }
+            capable += 1;
+            let mut attempt = 0;
+            loop {
+                let in_flight = self.health.start(&caller.tenant_id, d);
+                let began = Instant::now();
+                let result = call(installed.clone(), d.model.clone()).await;
+                let took = began.elapsed();
+                drop(in_flight);
+                match result {
+                    Ok(value) => {
+                        self.health.finish(&caller.tenant_id, d, Outcome::Success, took.as_secs_f64() * 1e3, now_ms());
+                        return Ok(Routed { value, deployment: d.clone(), upstream: took });
+                    }
+                    Err(e) => {
+                        let error = GatewayError::from_call(d, &e);
+                        let outcome = if matches!(e.kind, CallErrorKind::Plugin(PluginError::InvalidInput(_))) {
+                            Outcome::Neutral
+                        } else {
+                            Outcome::Failure
+                        };
+                        self.health.finish(&caller.tenant_id, d, outcome, 0.0, now_ms());
+                        if !e.is_retryable() {
+                            tracing::info!(tenant = %caller.tenant_name, deployment = %d.key(), "not retried: {e}");
+                            return Err(error);
+                        }
+                        tracing::warn!(tenant = %caller.tenant_name, deployment = %d.key(), attempt, "retryable: {e}");
+                        let asked = match &e.kind {
+                            CallErrorKind::Plugin(PluginError::RateLimited(Some(ms))) => {
+                                Some(Duration::from_millis(*ms))
+                            }
+                            _ => None,
+                        };
+                        last = Some(error);
+                        if attempt >= self.config.retries {
+                            break;
+                        }
+                        attempt += 1;
+                        let wait =
+                            jitter(self.config.retry_base * 2u32.pow(attempt - 1)).max(asked.unwrap_or_default());
+                        if wait > self.config.max_retry_wait || Instant::now() + wait >= deadline {
+                            break;
+                        }
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+        }
+        if capable == 0
+            && let Some(f) = needs.iter().copied().next()
+        {
+            return Err(GatewayError::unsupported_anywhere(f, model, spec));
+        }
+        Err(last.unwrap_or_else(|| GatewayError::cooling(model, &cooling, now_ms())))
+    }
+
+    /// A whole chat completion.
+    pub async fn complete(
+        &self,
+        caller: &Caller,
+        chat: &ChatRequest,
+        started: Instant,
+        deadline: Instant,
+    ) -> Result<Routed<Completion>, GatewayError> {
+        let _permit = self.admission.admit(&caller.tenant_id).await;
+        let mut record = self.record(caller, chat.endpoint, &chat.model);
+        let spec = match self.spec(caller, &chat.model).await {
+            Ok(spec) => spec,
+            Err(e) => {
+                self.meter_failure(record, started, &e);
+                return Err(e);
+            }
+        };
+        // Until an answer comes, what the request would be charged if the client left.
+        let guard = AbandonGuard {
+            meter: &self.meter,
+            record: Some(record.clone()),
+            started,
+            prompt_estimate: estimate_tokens(chat.request.messages.iter().map(|m| m.content.len()).sum()),
+        };
+        let routed = self
+            .route(
+                caller,
+                &chat.model,
+                &spec,
+                &chat.needs,
+                deadline,
+                |installed: Installed, model: String| async move {
+                    let mut request = chat.request.clone();
+                    request.model = model;
+                    installed.provider(&caller.tenant_name).await?.complete(&request).await
+                },
+            )
+            .await;
+        guard.defuse();
+        match routed {
+            Ok(routed) => {
+                let usage = routed.value.usage;
+                record.deployment = routed.deployment.key();
+                record.prompt_tokens = i64::from(usage.prompt_tokens);
+                record.completion_tokens = i64::from(usage.completion_tokens);
+                record.cost_nanos =
+                    routed.deployment.cost_nanos(u64::from(usage.prompt_tokens), u64::from(usage.completion_tokens));
+                record.latency_us = started.elapsed().as_micros() as i64;
+                self.meter.record(record);
+                Ok(routed)
+            }
+            Err(e) => {
+                self.meter_failure(record, started, &e);
+                Err(e)
+            }
+        }
+    }
+
+    /// A streamed chat completion, once its first chunk has come: until then a failing
+    /// deployment falls back to the next; after it, never.
+    pub async fn stream(
+        &self,
+        caller: &Caller,
+        chat: &ChatRequest,
+        started: Instant,
+        deadline: Instant,
+    ) -> Result<LiveStream, GatewayError> {
+        let permit = self.admission.admit(&caller.tenant_id).await;
+        let mut record = self.record(caller, chat.endpoint, &chat.model);
+        let spec = match self.spec(caller, &chat.model).await {
+            Ok(spec) => spec,
+            Err(e) => {
+                self.meter_failure(record, started, &e);
+                return Err(e);
+            }
+        };
+        let prompt_estimate = estimate_tokens(chat.request.messages.iter().map(|m| m.content.len()).sum());
+        let guard = AbandonGuard { meter: &self.meter, record: Some(record.clone()), started, prompt_estimate };
+        let routed = self
+            .route(
+                caller,
+                &chat.model,
+                &spec,
+                &chat.needs,
+                deadline,
+                |installed: Installed, model: String| async move {
+                    let mut request = chat.request.clone();
+                    request.model = model;
+                    let mut stream = installed.provider(&caller.tenant_name).await?.into_stream(&request).await?;
+                    // The first chunk decides: an upstream that fails before it can still fall back.
+                    let first = stream.next().await?;
+                    Ok((stream, first))
+                },
+            )
+            .await;
+        guard.defuse();
+        match routed {
+            Ok(routed) => {
+                let (stream, first) = routed.value;
+                record.deployment = routed.deployment.key();
+                record.ttft_us = Some(started.elapsed().as_micros() as i64);
+                Ok(LiveStream {
+                    stream,
+                    first,
+                    record: Some(record),
+                    deployment: routed.deployment,
+                    meter: self.meter.clone(),
+                    started,
+                    prompt_estimate,
+                    text_bytes: 0,
+                    usage: None,
+                    upstream: routed.upstream,
+                    _permit: permit,
+                })
+            }
+            Err(e) => {
+                self.meter_failure(record, started, &e);
+                Err(e)
+            }
+        }
+    }
+
+    /// Embeddings.
+    pub async fn embed(
+        &self,
+        caller: &Caller,
+        embed: &EmbedRequest,
+        started: Instant,
+        deadline: Instant,
+    ) -> Result<Routed<Embeddings>, GatewayError> {
+        let _permit = self.admission.admit(&caller.tenant_id).await;
+        let mut record = self.record(caller, "embeddings", &embed.model);
+        let spec = match self.spec(caller, &embed.model).await {
+            Ok(spec) => spec,
+            Err(e) => {
+                self.meter_failure(record, started, &e);
+                return Err(e);
+            }
+        };
+        let guard = AbandonGuard {
+            meter: &self.meter,
+            record: Some(record.clone()),
+            started,
+            prompt_estimate: estimate_tokens(embed.inputs.iter().map(String::len).sum()),
+        };
+        let routed = self
+            .route(caller, &embed.model, &spec, &[], deadline, |installed: Installed, model: String| async move {
+                let request = EmbeddingRequest { model, inputs: embed.inputs.clone() };
+                let out = installed.provider(&caller.tenant_name).await?.embed(&request).await?;
+                Ok(out)
+            })
+            .await;
+        guard.defuse();
+        match routed {
+            Ok(routed) => {
+                if routed.value.vectors.len() != embed.inputs.len() {
+                    let e = GatewayError::new(
+                        502,
+                        "provider_failed",
+                        format!(
+                            "deployment `{}` returned {} vectors for {} inputs",
+                            routed.deployment.key(),
+                            routed.value.vectors.len(),
+                            embed.inputs.len()
+                        ),
+                    );
+                    self.meter_failure(record, started, &e);
+                    return Err(e);
+                }
+                let usage = routed.value.usage;
+                record.deployment = routed.deployment.key();
+                record.prompt_tokens = i64::from(usage.prompt_tokens);
+                record.cost_nanos = routed.deployment.cost_nanos(u64::from(usage.prompt_tokens), 0);
+                record.latency_us = started.elapsed().as_micros() as i64;
+                self.meter.record(record);
+                Ok(routed)
+            }
+            Err(e) => {
+                self.meter_failure(record, started, &e);
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Meters a request whose client left before it was answered (its future dropped mid-call):
+/// the provider call is cancelled with it, and the prompt it had sent is still charged.
+struct AbandonGuard<'a> {
+    meter: &'a Meter,
+    record: Option<UsageRecord>,
+    started: Instant,
+    prompt_estimate: u32,
+}
+
+impl AbandonGuard<'_> {
+    fn defuse(mut self) {
+        self.record = None;
+    }
+}
+
+impl Drop for AbandonGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(mut record) = self.record.take() {
+            record.prompt_tokens = i64::from(self.prompt_estimate);
+            record.latency_us = self.started.elapsed().as_micros() as i64;
+            record.status = "client_closed".into();
+            self.meter.record(record);
+        }
+    }
+}

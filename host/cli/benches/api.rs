@@ -16,107 +16,8 @@ use std::time::Duration;
 
 const ADMIN: &str = "ql_0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
-fn qlayer_binary() -> std::path::PathBuf {
-    // Cargo builds the package's binary, in the bench's profile, before its benches.
-    std::path::PathBuf::from(env!("CARGO_BIN_EXE_qlayer"))
-}
-
-struct Server(std::process::Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
-}
-
-/// Sends `rate` requests per second for `secs` seconds over `CONNECTIONS` keep-alive HTTP/1.1
-/// connections, one blocking thread each: request `n` is due at `start + n / rate` and is sent
-/// then, or as soon as its connection is free when the server is behind; its latency is counted
-/// from when it was due. Returns the latencies, sorted, and the count of failures.
-fn open_loop(
-    addr: std::net::SocketAddr,
-    path: &str,
-    key: Option<&str>,
-    rate: u32,
-    secs: u64,
-) -> (Vec<Duration>, usize) {
-    const CONNECTIONS: u64 = 8;
-    let total = u64::from(rate) * secs;
-    let interval = Duration::from_secs_f64(1.0 / f64::from(rate));
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{}\r\n",
-        key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default()
-    );
-    let start = std::time::Instant::now() + Duration::from_millis(20);
-    let threads: Vec<_> = (0..CONNECTIONS)
-        .map(|c| {
-            let request = request.clone();
-            std::thread::spawn(move || {
-                let mut stream = std::io::BufReader::new(std::net::TcpStream::connect(addr).unwrap());
-                stream.get_ref().set_nodelay(true).unwrap();
-                let mut latencies = Vec::new();
-                let mut failures = 0;
-                let mut n = c;
-                while n < total {
-                    let due = start + interval * n as u32;
-                    let now = std::time::Instant::now();
-                    if due > now {
-                        std::thread::sleep(due - now);
-                    }
-                    match exchange(&mut stream, request.as_bytes()) {
-                        Ok(200) => latencies.push(due.elapsed()),
-                        _ => failures += 1,
-                    }
-                    n += CONNECTIONS;
-                }
-                (latencies, failures)
-            })
-        })
-        .collect();
-    let mut latencies = Vec::with_capacity(total as usize);
-    let mut failures = 0;
-    for t in threads {
-        let (l, f) = t.join().unwrap();
-        latencies.extend(l);
-        failures += f;
-    }
-    latencies.sort();
-    (latencies, failures)
-}
-
-/// One request and its whole response on a keep-alive connection; returns the status.
-fn exchange(stream: &mut std::io::BufReader<std::net::TcpStream>, request: &[u8]) -> std::io::Result<u16> {
-    use std::io::{BufRead as _, Read as _, Write as _};
-    stream.get_mut().write_all(request)?;
-    let mut line = String::new();
-    stream.read_line(&mut line)?;
-    let status = line.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let mut length = 0usize;
-    loop {
-        line.clear();
-        stream.read_line(&mut line)?;
-        if line == "\r\n" || line.is_empty() {
-            break;
-        }
-        if let Some((name, value)) = line.split_once(':')
-            && name.eq_ignore_ascii_case("content-length")
-        {
-            length = value.trim().parse().unwrap_or(0);
-        }
-    }
-    let mut body = vec![0u8; length];
-    stream.read_exact(&mut body)?;
-    Ok(status)
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.2}", d.as_secs_f64() * 1000.0)
-}
+mod load;
+use load::{Server, ms, open_loop, percentile, qlayer_binary};
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 1)]
 async fn main() {
@@ -175,7 +76,7 @@ async fn main() {
     let bare: std::net::SocketAddr = format!("127.0.0.1:{bare_port}").parse().unwrap();
     let route_path = route.trim_start_matches(&base).to_string();
     // Warm up caches.
-    open_loop(addr, &route_path, Some(&key), 500, 2);
+    open_loop(addr, &load::get(addr, &route_path, Some(&key)), 500, 2, 8);
 
     println!("open loop over 8 keep-alive connections, 5 s per rate; latency from each request's due time (ms)");
     println!(
@@ -184,9 +85,9 @@ async fn main() {
     );
     let mut best = None;
     for rate in [250u32, 500, 1000, 2000, 3000, 4000, 5000, 6000, 8000, 10000] {
-        let (bare_lat, _) = open_loop(bare, "/", None, rate, 5);
-        let (base_lat, base_fail) = open_loop(addr, "/healthz", None, rate, 5);
-        let (lat, fail) = open_loop(addr, &route_path, Some(&key), rate, 5);
+        let (bare_lat, _) = open_loop(bare, &load::get(bare, "/", None), rate, 5, 8);
+        let (base_lat, base_fail) = open_loop(addr, &load::get(addr, "/healthz", None), rate, 5, 8);
+        let (lat, fail) = open_loop(addr, &load::get(addr, &route_path, Some(&key)), rate, 5, 8);
         let p99 = percentile(&lat, 0.99);
         println!(
             "{rate:>7}  {:>10} / {:>9}  {:>10} / {:>9}  {:>14} / {:>11}{}",

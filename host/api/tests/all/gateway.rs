@@ -275,3 +275,35 @@ async fn the_model_table_is_checked_and_kept_per_tenant() {
     assert_eq!(svc.delete("/v1/models/m", &acme).await.status, 404);
     svc.stop().await;
 }
+
+/// A client that leaves while the upstream is still working: the provider call is dropped with
+/// the request (its admission slot frees at once, so with `[gateway] concurrency = 1` the next
+/// request is served), and the request is metered as `client_closed` with the prompt it sent,
+/// not as the answer the upstream would have given three seconds later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_cancels_the_upstream_call_and_is_charged_what_it_sent() {
+    let (svc, upstream, _tenant, acme) = gateway_service(|c| c.gateway.concurrency = 1).await;
+    model(&svc, &acme, "slow", json!({"deployments": [deployment("slow")]})).await;
+    model(&svc, &acme, "chat", json!({"deployments": [deployment("ok")]})).await;
+    let impatient = reqwest::Client::builder().no_proxy().timeout(Duration::from_millis(500)).build().unwrap();
+    let gone = impatient
+        .post(format!("{}/v1/chat/completions", svc.base))
+        .bearer_auth(&acme)
+        .json(&json!({"model": "slow", "messages": [{"role": "user", "content": "hi there you"}]}))
+        .send()
+        .await;
+    assert!(gone.is_err(), "the client gave up: {gone:?}");
+    assert!(upstream.requests().iter().any(|s| s.body.contains("\"slow\"")), "the upstream was asked");
+    // The only slot is free again: this is served, not queued behind the abandoned call.
+    let r = chat(&svc, &acme, "chat").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let report = usage(&svc, &acme, "group_by=model&model=slow", 1).await;
+    let slow = &report["data"][0];
+    assert_eq!(slow["errors"], 1, "metered as client_closed, not as an answer: {report}");
+    assert_eq!((slow["prompt_tokens"].as_i64(), slow["completion_tokens"].as_i64()), (Some(3), Some(0)), "{report}");
+    // Three seconds on, the upstream's late answer changed nothing.
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    let report = usage(&svc, &acme, "group_by=model&model=slow", 1).await;
+    assert_eq!(report["data"][0]["requests"], 1, "{report}");
+    svc.stop().await;
+}

@@ -1,0 +1,278 @@
+//! The latency the OpenAI-compatible gateway adds, against a `qlayer serve` process (SQLite, the
+//! embedded default) whose tenant routes model `bench` through the real `openai` provider plugin
+//! (installed from a local registry) to an instant OpenAI-compatible mock upstream (a test double
+//! in this process, on its own two threads). Each figure is measured against the mock called
+//! directly in the same run:
+//!
+//! - 1 request in flight: p50 and p99 of whole completions, and the time to first token of
+//!   streams (a fresh connection each, as SDKs open streams);
+//! - an open-loop load at fixed rates over 16 keep-alive connections (latency from each request's
+//!   due time), up to saturation, and the highest rate with p99 added under 5 ms;
+//! - the server's resident memory idle, at the end of the load, and after it;
+//! - the host's own time per request as the server reports it (`x-qlayer-overhead-ms`).
+//!
+//! Run: `cargo bench -p qlayer --bench gateway`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
+
+mod load;
+
+use load::{Server, exchange, ms, open_loop, percentile, qlayer_binary};
+use std::io::{BufRead as _, Read as _, Write as _};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const ADMIN: &str = "ql_0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+const BODY: &str = r#"{"model": "bench", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}"#;
+const STREAM_BODY: &str = r#"{"model": "bench", "stream": true, "messages": [{"role": "user", "content": "hi"}]}"#;
+
+/// The instant upstream: a canned completion, or five chunks and `[DONE]`.
+fn start_mock() -> SocketAddr {
+    let port = qlayer_tests::free_port();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(async move {
+            let reply = serde_json::json!({
+                "id": "chatcmpl-mock", "object": "chat.completion", "created": 0, "model": "mock",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "pong"}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
+            })
+            .to_string();
+            let mut events = String::new();
+            for word in ["a", "b", "c", "d", "e"] {
+                events.push_str(&format!(
+                    "data: {}\n\n",
+                    serde_json::json!({"choices": [{"index": 0, "delta": {"content": word}, "finish_reason": null}]})
+                ));
+            }
+            events.push_str(&format!(
+                "data: {}\n\ndata: [DONE]\n\n",
+                serde_json::json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": {"prompt_tokens": 3, "completion_tokens": 5}})
+            ));
+            let app = axum::Router::new().route(
+                "/v1/chat/completions",
+                axum::routing::post(move |body: String| {
+                    let (reply, events) = (reply.clone(), events.clone());
+                    async move {
+                        if body.contains("\"stream\":true") || body.contains("\"stream\": true") {
+                            ([(axum::http::header::CONTENT_TYPE, "text/event-stream")], events)
+                        } else {
+                            ([(axum::http::header::CONTENT_TYPE, "application/json")], reply)
+                        }
+                    }
+                }),
+            );
+            let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+            axum::serve(listener, app).await.unwrap();
+        });
+    });
+    format!("127.0.0.1:{port}").parse().unwrap()
+}
+
+/// `n` requests one after another on one keep-alive connection: latencies sorted, and the mean
+/// of `x-qlayer-overhead-ms` when the server sends it.
+fn one_in_flight(addr: SocketAddr, request: &str, n: usize) -> (Vec<Duration>, Option<f64>) {
+    let mut stream = std::io::BufReader::new(std::net::TcpStream::connect(addr).unwrap());
+    stream.get_ref().set_nodelay(true).unwrap();
+    let mut latencies = Vec::with_capacity(n);
+    for _ in 0..n {
+        let began = Instant::now();
+        assert_eq!(exchange(&mut stream, request.as_bytes()).unwrap(), 200);
+        latencies.push(began.elapsed());
+    }
+    latencies.sort();
+    (latencies, None)
+}
+
+/// Time to the first content of a stream, on a fresh connection per stream, read to its end.
+fn ttft(addr: SocketAddr, request: &str, n: usize) -> Vec<Duration> {
+    let mut firsts = Vec::with_capacity(n);
+    for _ in 0..n {
+        let began = Instant::now();
+        let tcp = std::net::TcpStream::connect(addr).unwrap();
+        tcp.set_nodelay(true).unwrap();
+        let mut stream = std::io::BufReader::new(tcp);
+        let request = request.replacen("HTTP/1.1\r\n", "HTTP/1.1\r\nConnection: close\r\n", 1);
+        stream.get_mut().write_all(request.as_bytes()).unwrap();
+        let mut line = String::new();
+        let mut first = None;
+        while stream.read_line(&mut line).unwrap() > 0 {
+            if first.is_none() && line.contains("\"content\"") {
+                first = Some(began.elapsed());
+            }
+            line.clear();
+        }
+        let mut rest = Vec::new();
+        let _ = stream.read_to_end(&mut rest);
+        firsts.push(first.expect("the stream carried content"));
+    }
+    firsts.sort();
+    firsts
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn added(via: Duration, direct: Duration) -> String {
+    format!("{:+.3}", (via.as_secs_f64() - direct.as_secs_f64()) * 1000.0)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 1)]
+async fn main() {
+    let mock = start_mock();
+    let registry = qlayer_tests::TestRegistry::start();
+    let data = tempfile::tempdir().unwrap();
+    let (port, grpc) = (qlayer_tests::free_port(), qlayer_tests::free_port());
+    std::fs::write(data.path().join("marketplace.toml"), format!("insecure-registries = [\"{}\"]\n", registry.addr))
+        .unwrap();
+    let config = data.path().join("qlayer.toml");
+    std::fs::write(&config, "[limits]\nrequests-per-second = 0\n[network]\nallow = [\"127.0.0.1\"]\n").unwrap();
+    let child = Command::new(qlayer_binary())
+        .args(["--log", "error", "serve", "--config"])
+        .arg(&config)
+        .args(["--rest-addr", &format!("127.0.0.1:{port}"), "--grpc-addr", &format!("127.0.0.1:{grpc}"), "--data-dir"])
+        .arg(data.path())
+        .env("QLAYER_ADMIN_KEY", ADMIN)
+        .env_remove("QLAYER_DATABASE_URL")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let server = Server(child);
+    let pid = server.0.id();
+    let base = format!("http://127.0.0.1:{port}");
+    qlayer_registry::install_tls_provider();
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    for _ in 0..200 {
+        if client.get(format!("{base}/healthz")).send().await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let send = |method: reqwest::Method, path: &str, key: &str, body: serde_json::Value| {
+        client.request(method, format!("{base}{path}")).bearer_auth(key).json(&body).send()
+    };
+    let created: serde_json::Value =
+        send(reqwest::Method::POST, "/v1/tenants", ADMIN, serde_json::json!({"name": "bench"}))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    let key = created["api_key"].as_str().unwrap().to_string();
+    let reference = format!("{}/bench/openai:0.1.0", registry.addr);
+    let pusher = qlayer_marketplace::Marketplace::open_local(
+        data.path().join("pusher"),
+        qlayer_marketplace::MarketplaceConfig {
+            insecure_registries: vec![registry.addr.clone()],
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    pusher.push(qlayer_bundled::bundled_plugin("openai").unwrap(), &reference, None).await.unwrap();
+    let grants = serde_json::json!({"hosts": [mock.to_string()], "config": {"base_url": format!("http://{mock}/v1")}});
+    let r =
+        send(reqwest::Method::POST, "/v1/plugins", &key, serde_json::json!({"reference": reference, "grants": grants}))
+            .await
+            .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    let r = send(
+        reqwest::Method::PUT,
+        "/v1/models/bench",
+        &key,
+        serde_json::json!({"deployments": [{"plugin": "openai", "model": "mock"}]}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let via = load::post(addr, "/v1/chat/completions", Some(&key), BODY);
+    let direct = load::post(mock, "/v1/chat/completions", None, BODY);
+    // Warm up: the plugin's first instance, connections, the caches.
+    let _ = one_in_flight(addr, &via, 500);
+    let idle = rss_mib(pid);
+
+    println!("1 request in flight, 5,000 sequential requests on one keep-alive connection (ms)");
+    let (d, _) = one_in_flight(mock, &direct, 5_000);
+    let (g, _) = one_in_flight(addr, &via, 5_000);
+    let (d50, d99, g50, g99) = (percentile(&d, 0.5), percentile(&d, 0.99), percentile(&g, 0.5), percentile(&g, 0.99));
+    println!("  mock direct   p50 {} p99 {}", ms(d50), ms(d99));
+    println!("  via gateway   p50 {} p99 {}", ms(g50), ms(g99));
+    println!("  added         p50 {} p99 {}", added(g50, d50), added(g99, d99));
+    // The server's own account of its time, from its header, over 200 requests.
+    let mut overhead = Vec::new();
+    for _ in 0..200 {
+        let r = client
+            .post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(&key)
+            .header("content-type", "application/json")
+            .body(BODY)
+            .send()
+            .await
+            .unwrap();
+        overhead.push(r.headers()["x-qlayer-overhead-ms"].to_str().unwrap().parse::<f64>().unwrap());
+    }
+    overhead.sort_by(f64::total_cmp);
+    println!("  x-qlayer-overhead-ms (host time, not upstream): p50 {:.3} p99 {:.3}", overhead[100], overhead[197]);
+
+    println!("streams, 1 in flight, a fresh connection each: time to first token (ms), 1,000 streams");
+    let sd = ttft(mock, &load::post(mock, "/v1/chat/completions", None, STREAM_BODY), 1_000);
+    let sg = ttft(addr, &load::post(addr, "/v1/chat/completions", Some(&key), STREAM_BODY), 1_000);
+    println!("  mock direct   p50 {} p99 {}", ms(percentile(&sd, 0.5)), ms(percentile(&sd, 0.99)));
+    println!("  via gateway   p50 {} p99 {}", ms(percentile(&sg, 0.5)), ms(percentile(&sg, 0.99)));
+    println!(
+        "  added         p50 {} p99 {}",
+        added(percentile(&sg, 0.5), percentile(&sd, 0.5)),
+        added(percentile(&sg, 0.99), percentile(&sd, 0.99))
+    );
+
+    println!("open loop over 16 keep-alive connections, 5 s per rate; latency from each request's due time (ms)");
+    println!(
+        "{:>7}  {:>22}  {:>22}  {:>16}  {:>9}",
+        "req/s", "mock direct p50 / p99", "via gateway p50 / p99", "added p50 / p99", "RSS MiB"
+    );
+    let mut best = None;
+    let mut peak = idle;
+    for rate in [250u32, 500, 1000, 2000, 3000, 4000, 5000, 6000, 8000] {
+        let (dl, _) = open_loop(mock, &direct, rate, 5, 16);
+        let (gl, fail) = open_loop(addr, &via, rate, 5, 16);
+        let rss = rss_mib(pid);
+        peak = peak.max(rss);
+        let (d50, d99, g50, g99) =
+            (percentile(&dl, 0.5), percentile(&dl, 0.99), percentile(&gl, 0.5), percentile(&gl, 0.99));
+        println!(
+            "{rate:>7}  {:>10} / {:>9}  {:>10} / {:>9}  {:>7} / {:>7}  {rss:>9.1}{}",
+            ms(d50),
+            ms(d99),
+            ms(g50),
+            ms(g99),
+            added(g50, d50),
+            added(g99, d99),
+            if fail > 0 { format!("  ({fail} failed)") } else { String::new() }
+        );
+        if g99.saturating_sub(d99) < Duration::from_millis(5) && fail == 0 {
+            best = Some(rate);
+        }
+        if gl.len() < (u64::from(rate) * 5 * 9 / 10) as usize || percentile(&gl, 0.5) > Duration::from_millis(50) {
+            println!("  saturated at {rate} req/s");
+            break;
+        }
+    }
+    match best {
+        Some(rate) => println!("highest rate with p99 added < 5 ms: {rate} req/s"),
+        None => println!("no rate held p99 added < 5 ms"),
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    println!(
+        "resident memory of qlayer serve: idle {idle:.1} MiB, highest at a rate's end {peak:.1} MiB, 3 s after the load {:.1} MiB",
+        rss_mib(pid)
+    );
+    drop(server);
+}

@@ -407,7 +407,7 @@ pub struct ModelList {
     security(("api_key" = [])))]
 pub async fn list_models(State(state): State<AppState>, caller: Caller) -> Result<axum::Json<ModelList>, OpenAiError> {
     let rows = state.db.models(caller.tenant_id()).await.map_err(ApiError::from)?;
-    let data = rows
+    let mut data: Vec<ModelObject> = rows
         .into_iter()
         .map(|r| ModelObject {
             id: r.name,
@@ -417,12 +417,37 @@ pub async fn list_models(State(state): State<AppState>, caller: Caller) -> Resul
             spec: None,
         })
         .collect();
+    // The server's defaults, where the tenant has no entry of that name.
+    if let Some(gateway) = &state.gateway {
+        for name in gateway.defaults().keys() {
+            if !data.iter().any(|m| &m.id == name) {
+                data.push(ModelObject {
+                    id: name.clone(),
+                    object: "model",
+                    created: 0,
+                    owned_by: "system".into(),
+                    spec: None,
+                });
+            }
+        }
+        data.sort_by(|a, b| a.id.cmp(&b.id));
+    }
     Ok(axum::Json(ModelList { object: "list", data }))
 }
 
 async fn model_object(state: &AppState, caller: &Caller, name: &str) -> Result<ModelObject, OpenAiError> {
     let rows = state.db.models(caller.tenant_id()).await.map_err(ApiError::from)?;
-    let row = rows.into_iter().find(|r| r.name == name).ok_or_else(|| GatewayError::model_not_found(name))?;
+    let Some(row) = rows.into_iter().find(|r| r.name == name) else {
+        let default = state.gateway.as_ref().and_then(|g| g.defaults().get(name).cloned());
+        let spec = default.ok_or_else(|| GatewayError::model_not_found(name))?;
+        return Ok(ModelObject {
+            id: name.to_string(),
+            object: "model",
+            created: 0,
+            owned_by: "system".into(),
+            spec: Some((*spec).clone()),
+        });
+    };
     let spec: ModelSpec = serde_json::from_str(&row.spec).map_err(GatewayError::internal)?;
     Ok(ModelObject {
         id: row.name,
@@ -592,6 +617,8 @@ pub async fn usage_op(state: &AppState, caller: &Caller, q: &UsageQuery) -> Resu
 pub struct MarketProviders {
     /// Has the marketplace and the runtime.
     pub runner: Arc<qlayer_jobs::JobRunner>,
+    /// `[gateway] upstream`'s provider, plugin `upstream` for every tenant.
+    pub upstream: Option<qlayer_runtime::Installed>,
 }
 
 impl Providers for MarketProviders {
@@ -601,6 +628,11 @@ impl Providers for MarketProviders {
         plugin: &'a str,
     ) -> futures::future::BoxFuture<'a, Result<qlayer_runtime::Installed, String>> {
         Box::pin(async move {
+            if plugin == crate::serve::UPSTREAM
+                && let Some(upstream) = &self.upstream
+            {
+                return Ok(upstream.clone());
+            }
             let market = self.runner.marketplace();
             let installed = match market.load(self.runner.runtime(), tenant, plugin).await {
                 Ok(installed) => installed,

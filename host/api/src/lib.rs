@@ -1,5 +1,5 @@
 //! The service: REST, SSE, OpenAPI, gRPC, limits, the one error shape, and `serve`.
-//! May depend on: `qlayer-runtime`, `qlayer-db`, `qlayer-scheduler`, `qlayer-gateway`, `qlayer-marketplace`,
+//! May depend on: `qlayer-runtime`, `qlayer-db`, `qlayer-scheduler`, `qlayer-gateway`, `qlayer-bundled`, `qlayer-marketplace`,
 //! `qlayer-jobs`, `qlayer-manifest`, `qlayer-registry`.
 //!
 //! The service behind `qlayer serve`: REST (routes, authentication, limits, the one error shape,

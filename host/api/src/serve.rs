@@ -38,9 +38,21 @@ pub struct ServeConfig {
 }
 
 /// `[gateway]`.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct GatewaySection {
+    /// One line to front an OpenAI-compatible upstream (`http://127.0.0.1:11434/v1` for a local
+    /// Ollama) for every tenant: the bundled openai provider, as plugin `upstream`, granted that
+    /// host (which the operator's network policy then allows); a model name a tenant's table
+    /// lacks is asked of the upstream as it is.
+    #[serde(default)]
+    pub upstream: Option<String>,
+    /// The environment variable holding the upstream's key, sent as a bearer token.
+    #[serde(default)]
+    pub upstream_key_env: Option<String>,
+    /// Model entries every tenant has (its own entry of the same name wins).
+    #[serde(default)]
+    pub models: std::collections::BTreeMap<String, qlayer_gateway::table::ModelSpec>,
     /// Requests this node serves at once, shared fairly between tenants by their weights (each
     /// tenant's `max_running` applies too); more wait their turn.
     #[serde(default = "default_gateway_concurrency")]
@@ -60,6 +72,9 @@ pub struct GatewaySection {
 impl Default for GatewaySection {
     fn default() -> Self {
         GatewaySection {
+            upstream: None,
+            upstream_key_env: None,
+            models: Default::default(),
             concurrency: default_gateway_concurrency(),
             retries: default_gateway_retries(),
             breaker_failures: default_gateway_breaker(),
@@ -81,7 +96,39 @@ fn default_gateway_cooldown() -> i64 {
     5_000
 }
 
+/// The plugin name of `[gateway] upstream`'s provider.
+pub const UPSTREAM: &str = "upstream";
+
 impl GatewaySection {
+    /// The bundled openai provider for `[gateway] upstream`, granted exactly its host, base URL
+    /// and key; `None` without one.
+    pub fn upstream(&self, runtime: &qlayer_runtime::Runtime) -> anyhow::Result<Option<qlayer_runtime::Installed>> {
+        let Some(url) = &self.upstream else { return Ok(None) };
+        let key = match &self.upstream_key_env {
+            Some(var) => Some(
+                std::env::var(var)
+                    .with_context(|| format!("[gateway] upstream-key-env names `{var}`, which is not set"))?,
+            ),
+            None => None,
+        };
+        let choice = qlayer_bundled::ProviderChoice::from_flags("openai", Some(url.clone()), None, key, None)
+            .context("[gateway] upstream")?;
+        let (name, grants) = choice.bundled_grants()?.context("the openai provider is bundled")?;
+        let wasm = qlayer_bundled::bundled_plugin(name).context("the openai provider is in this build")?;
+        Ok(Some(runtime.load(wasm)?.install(grants)?))
+    }
+
+    /// The upstream's `host[:port]`, which the operator allows by naming it.
+    pub fn upstream_host(&self) -> anyhow::Result<Option<String>> {
+        let Some(url) = &self.upstream else { return Ok(None) };
+        let parsed = url::Url::parse(url).with_context(|| format!("[gateway] upstream `{url}` is not a URL"))?;
+        let host = parsed.host_str().with_context(|| format!("[gateway] upstream `{url}` has no host"))?;
+        Ok(Some(match parsed.port() {
+            Some(port) => format!("{host}:{port}"),
+            None => host.trim_matches(['[', ']']).to_string(),
+        }))
+    }
+
     /// The gateway's configuration, after checking the ranges (the message names the key).
     pub fn config(&self) -> anyhow::Result<qlayer_gateway::service::GatewayConfig> {
         if !(1..=100_000).contains(&self.concurrency) {
@@ -93,7 +140,12 @@ impl GatewaySection {
         if !(1..=3_600_000).contains(&self.breaker_cooldown_ms) {
             anyhow::bail!("[gateway] breaker-cooldown-ms must be 1 to 3600000");
         }
+        for (name, spec) in &self.models {
+            spec.check(name).map_err(|e| anyhow::anyhow!("[gateway.models.{name}] {e}"))?;
+        }
         Ok(qlayer_gateway::service::GatewayConfig {
+            defaults: self.models.iter().map(|(n, s)| (n.clone(), std::sync::Arc::new(s.clone()))).collect(),
+            passthrough: self.upstream.as_ref().map(|_| UPSTREAM.to_string()),
             retries: self.retries,
             breaker: qlayer_scheduler::breaker::BreakerPolicy {
                 failures: self.breaker_failures,
@@ -396,7 +448,8 @@ impl ServeConfig {
     }
 
     /// Applies `QLAYER_REST_ADDR`, `QLAYER_GRPC_ADDR`, `QLAYER_DATABASE_URL`, `QLAYER_ADMIN_KEY`,
-    /// `QLAYER_QUEUE` and `QLAYER_NETWORK_ALLOW` (comma-separated, added to `[network] allow`).
+    /// `QLAYER_QUEUE`, `QLAYER_UPSTREAM` (`[gateway] upstream`) and `QLAYER_NETWORK_ALLOW`
+    /// (comma-separated, added to `[network] allow`).
     pub fn apply_env(&mut self) -> anyhow::Result<()> {
         if let Ok(allow) = std::env::var("QLAYER_NETWORK_ALLOW") {
             self.network.allow.extend(allow.split(',').map(str::trim).filter(|a| !a.is_empty()).map(String::from));
@@ -420,6 +473,9 @@ impl ServeConfig {
         }
         if let Ok(queue) = std::env::var("QLAYER_QUEUE") {
             self.jobs.queue = Some(queue);
+        }
+        if let Ok(upstream) = std::env::var("QLAYER_UPSTREAM") {
+            self.gateway.upstream = Some(upstream);
         }
         Ok(())
     }
@@ -467,7 +523,12 @@ pub async fn start(config: ServeConfig, data_dir: PathBuf) -> anyhow::Result<Run
     let db = qlayer_db::Db::open(&url).await.context("opening the database")?;
     let first_admin_key =
         db.bootstrap_admin(config.auth.admin_key.as_deref()).await?.map(|secret| secret.expose().to_string());
-    let network = config.network.policy()?;
+    let mut network_config = config.network.clone();
+    // The operator's own upstream is reachable because the operator named it.
+    if let Some(host) = config.gateway.upstream_host()? {
+        network_config.allow.push(host);
+    }
+    let network = network_config.policy()?;
     let runtime = std::sync::Arc::new(qlayer_runtime::Runtime::new(qlayer_runtime::RuntimeConfig {
         cache_dir: Some(data_dir.join("cache")),
         network: network.clone(),
@@ -486,9 +547,10 @@ pub async fn start(config: ServeConfig, data_dir: PathBuf) -> anyhow::Result<Run
     );
     let queued = runner.start().await?;
     tracing::info!(node = %node.id, queued, "scheduler started");
+    let upstream = config.gateway.upstream(runner.runtime())?;
     let gateway = qlayer_gateway::service::Gateway::new(
         db.clone(),
-        std::sync::Arc::new(crate::gateway::MarketProviders { runner: runner.clone() }),
+        std::sync::Arc::new(crate::gateway::MarketProviders { runner: runner.clone(), upstream }),
         runner.scheduler().admission().clone(),
         gateway_config,
     );

@@ -79,6 +79,10 @@ enum Command {
         /// Export traces over OTLP/gRPC to this collector, e.g. http://127.0.0.1:4317.
         #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
         otlp_endpoint: Option<String>,
+        /// Front an OpenAI-compatible upstream for every tenant's gateway calls, e.g.
+        /// http://127.0.0.1:11434/v1 for a local Ollama ([gateway] upstream).
+        #[arg(long)]
+        upstream: Option<String>,
     },
 }
 
@@ -410,12 +414,15 @@ fn main() -> ExitCode {
         Command::Plugin(cmd) => plugin(cmd).map(|()| ExitCode::SUCCESS),
         Command::Audit(cmd) => audit(cmd),
         Command::Keys(cmd) => keys(cmd).map(|()| ExitCode::SUCCESS),
-        Command::Serve { config, rest_addr, grpc_addr, database, data_dir, queue, otlp_endpoint: _ } => match &tokio {
-            Some(rt) => {
-                serve_command(rt, config, rest_addr, grpc_addr, database, data_dir, queue).map(|()| ExitCode::SUCCESS)
+        Command::Serve { config, rest_addr, grpc_addr, database, data_dir, queue, otlp_endpoint: _, upstream } => {
+            match &tokio {
+                Some(rt) => {
+                    serve_command(rt, ServeFlags { config, rest_addr, grpc_addr, database, data_dir, queue, upstream })
+                        .map(|()| ExitCode::SUCCESS)
+                }
+                None => Err(anyhow::anyhow!("no runtime")),
             }
-            None => Err(anyhow::anyhow!("no runtime")),
-        },
+        }
     };
     if let Some(provider) = otlp {
         // Flush what is batched before exiting, while the runtime holding its connection runs.
@@ -455,15 +462,19 @@ fn init_logging(cli: &Cli, serving: bool, otlp: Option<&opentelemetry_sdk::trace
     tracing_subscriber::registry().with(lines).with(otel).with(filter).init();
 }
 
-fn serve_command(
-    tokio: &tokio::runtime::Runtime,
+/// `qlayer serve`'s flags, which override the config file and the environment.
+struct ServeFlags {
     config: Option<PathBuf>,
     rest_addr: Option<std::net::SocketAddr>,
     grpc_addr: Option<std::net::SocketAddr>,
     database: Option<String>,
     data_dir: Option<PathBuf>,
     queue: Option<String>,
-) -> anyhow::Result<()> {
+    upstream: Option<String>,
+}
+
+fn serve_command(tokio: &tokio::runtime::Runtime, flags: ServeFlags) -> anyhow::Result<()> {
+    let ServeFlags { config, rest_addr, grpc_addr, database, data_dir, queue, upstream } = flags;
     let mut cfg = match &config {
         Some(path) => qlayer_api::serve::ServeConfig::from_file(path)?,
         None => qlayer_api::serve::ServeConfig::default(),
@@ -480,6 +491,9 @@ fn serve_command(
     }
     if let Some(url) = queue {
         cfg.jobs.queue = Some(url);
+    }
+    if let Some(url) = upstream {
+        cfg.gateway.upstream = Some(url);
     }
     let data_dir = data_dir.unwrap_or_else(embedded::default_data_dir);
     tokio.block_on(qlayer_api::serve::serve(cfg, data_dir))

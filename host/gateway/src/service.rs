@@ -53,6 +53,12 @@ pub struct GatewayConfig {
     /// How long a node keeps a tenant's model table and loaded plugins before reading them
     /// again (changes made through this node apply at once; through another node, within this).
     pub table_ttl: Duration,
+    /// Model entries every tenant has (the server config's); a tenant's own entry of the same
+    /// name wins.
+    pub defaults: HashMap<String, Arc<ModelSpec>>,
+    /// A plugin every tenant can use (the server's upstream) that serves a model name no table
+    /// has, asked for as it is.
+    pub passthrough: Option<String>,
 }
 
 impl Default for GatewayConfig {
@@ -63,6 +69,8 @@ impl Default for GatewayConfig {
             max_retry_wait: Duration::from_secs(5),
             breaker: BreakerPolicy { failures: 3, cooldown_ms: 5_000, max_cooldown_ms: 60_000 },
             table_ttl: Duration::from_secs(1),
+            defaults: HashMap::new(),
+            passthrough: None,
         }
     }
 }
@@ -269,9 +277,35 @@ impl Gateway {
         Ok(table)
     }
 
-    /// The entry of model `name`, or OpenAI's 404 for it.
+    /// The server's default model entries.
+    pub fn defaults(&self) -> &HashMap<String, Arc<ModelSpec>> {
+        &self.config.defaults
+    }
+
+    /// The entry of model `name`: the tenant's, else the server's default, else the upstream's
+    /// model of that name when the server fronts one; else OpenAI's 404.
     async fn spec(&self, caller: &Caller, name: &str) -> Result<Arc<ModelSpec>, GatewayError> {
-        self.table(&caller.tenant_id).await?.get(name).cloned().ok_or_else(|| GatewayError::model_not_found(name))
+        if let Some(spec) = self.table(&caller.tenant_id).await?.get(name) {
+            return Ok(spec.clone());
+        }
+        if let Some(spec) = self.config.defaults.get(name) {
+            return Ok(spec.clone());
+        }
+        match &self.config.passthrough {
+            Some(plugin) if crate::table::valid_model_name(name) => Ok(Arc::new(ModelSpec {
+                strategy: crate::table::Strategy::Priority,
+                deployments: vec![Deployment {
+                    plugin: plugin.clone(),
+                    model: name.to_string(),
+                    weight: 1,
+                    input_price: 0.0,
+                    output_price: 0.0,
+                    rpm: None,
+                    tpm: None,
+                }],
+            })),
+            _ => Err(GatewayError::model_not_found(name)),
+        }
     }
 
     /// Checks a table entry, and that each deployment's plugin is an installed provider, then

@@ -307,3 +307,52 @@ async fn a_client_that_leaves_cancels_the_upstream_call_and_is_charged_what_it_s
     assert_eq!(report["data"][0]["requests"], 1, "{report}");
     svc.stop().await;
 }
+
+/// One line of server config fronts an OpenAI-compatible upstream for every tenant: a model name
+/// no table has is asked of the upstream as it is, with no plugin installed and no model set; the
+/// server's default entries apply to every tenant, and a tenant's own entry of the same name wins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_line_of_config_fronts_an_upstream_for_every_tenant() {
+    let upstream = TestServer::start().await;
+    let url = format!("{}/v1", upstream.url());
+    let svc = service(Backend::Sqlite, false, |c| {
+        c.gateway.upstream = Some(url.clone());
+        c.gateway.models.insert(
+            "fast".into(),
+            serde_json::from_value(json!({"deployments": [{"plugin": "upstream", "model": "ok"}]})).unwrap(),
+        );
+    })
+    .await;
+    let (_, acme) = svc.tenant("acme").await;
+    let r = chat(&svc, &acme, "llama3.1").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        (r.body["model"].as_str(), r.headers["x-qlayer-deployment"].to_str().unwrap()),
+        (Some("llama3.1"), "upstream/llama3.1")
+    );
+    let asked: Value = serde_json::from_str(&upstream.requests().last().unwrap().body).unwrap();
+    assert_eq!(asked["model"], "llama3.1", "asked of the upstream as it is");
+    let r = chat(&svc, &acme, "fast").await;
+    assert_eq!((r.status, r.headers["x-qlayer-deployment"].to_str().unwrap()), (200, "upstream/ok"), "{r:?}");
+    let listed = svc.get("/v1/models", &acme).await;
+    assert_eq!(listed.body["data"][0]["id"], "fast", "{listed:?}");
+    assert_eq!(svc.get("/v1/models/fast", &acme).await.body["deployments"][0]["model"], "ok");
+    // The tenant's own entry wins over the default.
+    svc.put("/v1/models/fast", &acme, json!({"deployments": [{"plugin": "upstream", "model": "slow"}]})).await;
+    let (_, other) = svc.tenant("other").await;
+    assert_eq!(
+        chat(&svc, &other, "fast").await.headers["x-qlayer-deployment"],
+        "upstream/ok",
+        "other tenants keep the default"
+    );
+    let r = svc
+        .send(
+            "POST",
+            "/v1/chat/completions",
+            Some(&acme),
+            Some(json!({"model": "bad name!", "messages": [{"role": "user", "content": "x"}]}).to_string()),
+        )
+        .await;
+    assert_eq!((r.status, r.body["error"]["code"].as_str()), (404, Some("model_not_found")), "{r:?}");
+    svc.stop().await;
+}

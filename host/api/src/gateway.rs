@@ -173,33 +173,35 @@ pub async fn chat_completions(
     let who = who(&caller);
     if !chat.stream {
         let routed = gateway.complete(&who, &chat, arrived, deadline).await?;
-        let mut response =
-            ([(header::CONTENT_TYPE, "application/json")], openai::completion(&chat.model, &routed.value))
-                .into_response();
-        let headers = response.headers_mut();
-        headers.insert("x-qlayer-overhead-ms", overhead(arrived, routed.upstream));
-        if let Ok(v) = HeaderValue::from_str(&routed.deployment.key()) {
-            headers.insert("x-qlayer-deployment", v);
-        }
-        return Ok(response);
+        return Ok(whole(openai::completion(&chat.model, &routed.value), arrived, routed.upstream, &routed.deployment));
     }
     let live = gateway.stream(&who, &chat, arrived, deadline).await?;
-    let overhead = overhead(arrived, live.upstream());
-    let deployment = HeaderValue::from_str(&live.deployment().key()).ok();
-    let writer = ChunkWriter::new(&chat.model, chat.include_usage);
-    Ok(event_stream(live, writer, overhead, deployment))
+    Ok(event_stream(live, ChunkWriter::new(&chat.model, chat.include_usage), arrived))
+}
+
+/// A whole answer's response, with the host's time and the deployment that answered.
+fn whole(
+    text: String,
+    arrived: Instant,
+    upstream: std::time::Duration,
+    deployment: &qlayer_gateway::table::Deployment,
+) -> Response {
+    let mut response = ([(header::CONTENT_TYPE, "application/json")], text).into_response();
+    let headers = response.headers_mut();
+    headers.insert("x-qlayer-overhead-ms", overhead(arrived, upstream));
+    if let Ok(v) = HeaderValue::from_str(&deployment.key()) {
+        headers.insert("x-qlayer-deployment", v);
+    }
+    response
 }
 
 /// A stream's response: each step sends what the next provider chunks produce; a clean end sends
 /// the API's end marker, a cut one an error event and no end marker. A client that leaves drops
 /// the body: the provider instance (and its upstream request) goes with it, and the stream is
 /// metered as it stood.
-fn event_stream<W: StreamWriter>(
-    live: LiveStream,
-    writer: W,
-    overhead: HeaderValue,
-    deployment: Option<HeaderValue>,
-) -> Response {
+fn event_stream<W: StreamWriter>(live: LiveStream, writer: W, arrived: Instant) -> Response {
+    let overhead = overhead(arrived, live.upstream());
+    let deployment = HeaderValue::from_str(&live.deployment().key()).ok();
     let body = futures::stream::unfold(Some((live, writer)), |state| async move {
         let (mut live, mut writer) = state?;
         let mut out = String::new();
@@ -290,22 +292,11 @@ pub async fn messages(
     let who = who(&caller);
     if !chat.stream {
         let routed = gateway.complete(&who, &chat, arrived, deadline).await.map_err(AnthropicError)?;
-        let mut response =
-            ([(header::CONTENT_TYPE, "application/json")], anthropic::message(&chat.model, &routed.value))
-                .into_response();
-        let headers = response.headers_mut();
-        headers.insert("x-qlayer-overhead-ms", overhead(arrived, routed.upstream));
-        if let Ok(v) = HeaderValue::from_str(&routed.deployment.key()) {
-            headers.insert("x-qlayer-deployment", v);
-        }
-        return Ok(response);
+        return Ok(whole(anthropic::message(&chat.model, &routed.value), arrived, routed.upstream, &routed.deployment));
     }
     let prompt: usize = chat.request.messages.iter().map(|m| m.content.len()).sum();
     let live = gateway.stream(&who, &chat, arrived, deadline).await.map_err(AnthropicError)?;
-    let overhead = overhead(arrived, live.upstream());
-    let deployment = HeaderValue::from_str(&live.deployment().key()).ok();
-    let writer = anthropic::EventWriter::new(&chat.model, prompt.div_ceil(4) as u32);
-    Ok(event_stream(live, writer, overhead, deployment))
+    Ok(event_stream(live, anthropic::EventWriter::new(&chat.model, prompt.div_ceil(4) as u32), arrived))
 }
 
 /// Anthropic's error shape.

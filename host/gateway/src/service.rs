@@ -474,6 +474,41 @@ impl Gateway {
         Err(last.unwrap_or_else(|| GatewayError::cooling(model, &cooling, now_ms())))
     }
 
+    /// The start every request shares: its admission (waiting for its fair turn), its usage
+    /// record, its model's entry (a miss is metered and answered 404), and the guard that meters
+    /// it if the client leaves before an answer.
+    async fn begin(
+        &self,
+        caller: &Caller,
+        endpoint: &str,
+        model: &str,
+        prompt_bytes: usize,
+        started: Instant,
+    ) -> Result<Begun<'_>, GatewayError> {
+        let permit = self.admission.admit(&caller.tenant_id).await;
+        let record = self.record(caller, endpoint, model);
+        let spec = match self.spec(caller, model).await {
+            Ok(spec) => spec,
+            Err(e) => {
+                self.meter_failure(record, started, &e);
+                return Err(e);
+            }
+        };
+        let prompt_estimate = estimate_tokens(prompt_bytes);
+        let guard = AbandonGuard { meter: &self.meter, record: Some(record.clone()), started, prompt_estimate };
+        Ok(Begun { permit, record, spec, guard, prompt_estimate })
+    }
+
+    /// Meters an answered request.
+    fn meter_answer(&self, mut record: UsageRecord, d: &Deployment, usage: Usage, started: Instant) {
+        record.deployment = d.key();
+        record.prompt_tokens = i64::from(usage.prompt_tokens);
+        record.completion_tokens = i64::from(usage.completion_tokens);
+        record.cost_nanos = d.cost_nanos(u64::from(usage.prompt_tokens), u64::from(usage.completion_tokens));
+        record.latency_us = started.elapsed().as_micros() as i64;
+        self.meter.record(record);
+    }
+
     /// A whole chat completion.
     pub async fn complete(
         &self,
@@ -482,22 +517,9 @@ impl Gateway {
         started: Instant,
         deadline: Instant,
     ) -> Result<Routed<Completion>, GatewayError> {
-        let _permit = self.admission.admit(&caller.tenant_id).await;
-        let mut record = self.record(caller, chat.endpoint, &chat.model);
-        let spec = match self.spec(caller, &chat.model).await {
-            Ok(spec) => spec,
-            Err(e) => {
-                self.meter_failure(record, started, &e);
-                return Err(e);
-            }
-        };
-        // Until an answer comes, what the request would be charged if the client left.
-        let guard = AbandonGuard {
-            meter: &self.meter,
-            record: Some(record.clone()),
-            started,
-            prompt_estimate: estimate_tokens(chat.request.messages.iter().map(|m| m.content.len()).sum()),
-        };
+        let prompt = chat.request.messages.iter().map(|m| m.content.len()).sum();
+        let Begun { permit: _permit, record, spec, guard, .. } =
+            self.begin(caller, chat.endpoint, &chat.model, prompt, started).await?;
         let routed = self
             .route(
                 caller,
@@ -515,14 +537,7 @@ impl Gateway {
         guard.defuse();
         match routed {
             Ok(routed) => {
-                let usage = routed.value.usage;
-                record.deployment = routed.deployment.key();
-                record.prompt_tokens = i64::from(usage.prompt_tokens);
-                record.completion_tokens = i64::from(usage.completion_tokens);
-                record.cost_nanos =
-                    routed.deployment.cost_nanos(u64::from(usage.prompt_tokens), u64::from(usage.completion_tokens));
-                record.latency_us = started.elapsed().as_micros() as i64;
-                self.meter.record(record);
+                self.meter_answer(record, &routed.deployment, routed.value.usage, started);
                 Ok(routed)
             }
             Err(e) => {
@@ -541,17 +556,9 @@ impl Gateway {
         started: Instant,
         deadline: Instant,
     ) -> Result<LiveStream, GatewayError> {
-        let permit = self.admission.admit(&caller.tenant_id).await;
-        let mut record = self.record(caller, chat.endpoint, &chat.model);
-        let spec = match self.spec(caller, &chat.model).await {
-            Ok(spec) => spec,
-            Err(e) => {
-                self.meter_failure(record, started, &e);
-                return Err(e);
-            }
-        };
-        let prompt_estimate = estimate_tokens(chat.request.messages.iter().map(|m| m.content.len()).sum());
-        let guard = AbandonGuard { meter: &self.meter, record: Some(record.clone()), started, prompt_estimate };
+        let prompt = chat.request.messages.iter().map(|m| m.content.len()).sum();
+        let Begun { permit, mut record, spec, guard, prompt_estimate } =
+            self.begin(caller, chat.endpoint, &chat.model, prompt, started).await?;
         let routed = self
             .route(
                 caller,
@@ -604,21 +611,9 @@ impl Gateway {
         started: Instant,
         deadline: Instant,
     ) -> Result<Routed<Embeddings>, GatewayError> {
-        let _permit = self.admission.admit(&caller.tenant_id).await;
-        let mut record = self.record(caller, "embeddings", &embed.model);
-        let spec = match self.spec(caller, &embed.model).await {
-            Ok(spec) => spec,
-            Err(e) => {
-                self.meter_failure(record, started, &e);
-                return Err(e);
-            }
-        };
-        let guard = AbandonGuard {
-            meter: &self.meter,
-            record: Some(record.clone()),
-            started,
-            prompt_estimate: estimate_tokens(embed.inputs.iter().map(String::len).sum()),
-        };
+        let prompt = embed.inputs.iter().map(String::len).sum();
+        let Begun { permit: _permit, record, spec, guard, .. } =
+            self.begin(caller, "embeddings", &embed.model, prompt, started).await?;
         let routed = self
             .route(caller, &embed.model, &spec, &[], deadline, |installed: Installed, model: String| async move {
                 let request = EmbeddingRequest { model, inputs: embed.inputs.clone() };
@@ -643,12 +638,8 @@ impl Gateway {
                     self.meter_failure(record, started, &e);
                     return Err(e);
                 }
-                let usage = routed.value.usage;
-                record.deployment = routed.deployment.key();
-                record.prompt_tokens = i64::from(usage.prompt_tokens);
-                record.cost_nanos = routed.deployment.cost_nanos(u64::from(usage.prompt_tokens), 0);
-                record.latency_us = started.elapsed().as_micros() as i64;
-                self.meter.record(record);
+                let usage = Usage { prompt_tokens: routed.value.usage.prompt_tokens, completion_tokens: 0 };
+                self.meter_answer(record, &routed.deployment, usage, started);
                 Ok(routed)
             }
             Err(e) => {
@@ -657,6 +648,15 @@ impl Gateway {
             }
         }
     }
+}
+
+/// What [`Gateway::begin`] gives a request.
+struct Begun<'a> {
+    permit: Permit,
+    record: UsageRecord,
+    spec: Arc<ModelSpec>,
+    guard: AbandonGuard<'a>,
+    prompt_estimate: u32,
 }
 
 /// Meters a request whose client left before it was answered (its future dropped mid-call):

@@ -130,8 +130,15 @@ pub async fn resolve(
     if guard.known_unknown(token) {
         return Err(failed(INVALID));
     }
+    let digest = qlayer_db::key_digest(token);
+    if let Some(p) = guard.known(&digest) {
+        return Ok(p);
+    }
     match state.db.authenticate(token).await {
-        Ok(Some(p)) => Ok(p),
+        Ok(Some(p)) => {
+            guard.remember_known(digest, &p);
+            Ok(p)
+        }
         Ok(None) => {
             guard.remember_unknown(token);
             Err(failed(INVALID))
@@ -147,7 +154,16 @@ pub struct AuthGuard {
     failures: RateLimiter,
     /// Hashes of keys recently found unknown, with when.
     unknown: Mutex<HashMap<u64, Instant>>,
+    /// Keys recently verified, by their SHA-256 (never the key), with whom they belong to and
+    /// when: a request does not query the database for its key again within [`KNOWN_TTL`].
+    known: Mutex<HashMap<[u8; 32], (Principal, Instant)>>,
 }
+
+/// How long a verified key is answered from memory. A key revoked through this node stops at
+/// once ([`AuthGuard::forget_key`]); through another node sharing the database, within this.
+pub const KNOWN_TTL: Duration = Duration::from_secs(2);
+/// Verified keys remembered at most.
+const KNOWN_MAX: usize = 10_000;
 
 /// How long a key found unknown is answered from memory.
 const UNKNOWN_TTL: Duration = Duration::from_secs(30);
@@ -157,7 +173,32 @@ const UNKNOWN_MAX: usize = 10_000;
 impl AuthGuard {
     /// `per_second` failures a second per client address on average, bursts of `burst`.
     pub fn new(per_second: f64, burst: f64) -> Self {
-        AuthGuard { failures: RateLimiter::new(per_second, burst), unknown: Mutex::new(HashMap::new()) }
+        AuthGuard {
+            failures: RateLimiter::new(per_second, burst),
+            unknown: Mutex::new(HashMap::new()),
+            known: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn known(&self, digest: &[u8; 32]) -> Option<Principal> {
+        let map = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(digest).filter(|(_, at)| at.elapsed() < KNOWN_TTL).map(|(p, _)| p.clone())
+    }
+
+    fn remember_known(&self, digest: [u8; 32], principal: &Principal) {
+        let mut map = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= KNOWN_MAX {
+            map.retain(|_, (_, at)| at.elapsed() < KNOWN_TTL);
+            if map.len() >= KNOWN_MAX {
+                map.clear();
+            }
+        }
+        map.insert(digest, (principal.clone(), Instant::now()));
+    }
+
+    /// Forgets a key this node verified (it was just revoked).
+    pub fn forget_key(&self, key_id: &str) {
+        self.known.lock().unwrap_or_else(|p| p.into_inner()).retain(|_, (p, _)| p.key_id != key_id);
     }
 
     fn fingerprint(token: &str) -> u64 {
@@ -250,6 +291,26 @@ mod tests {
         assert!(limiter.check("b").is_ok(), "another tenant has its own bucket");
         assert!(RateLimiter::new(0.0, 0.0).check("a").is_ok(), "rate 0 is off");
         assert!(limiter.peek("a").is_err() && limiter.peek("c").is_ok(), "peek takes nothing");
+    }
+
+    #[test]
+    fn verified_keys_are_remembered_by_digest_and_forgotten_when_revoked() {
+        let guard = AuthGuard::new(1.0, 5.0);
+        let principal = Principal {
+            key_id: "key_1".into(),
+            tenant_id: "tn_1".into(),
+            tenant_name: "acme".into(),
+            role: qlayer_db::Role::Admin,
+        };
+        let digest = qlayer_db::key_digest("ql_good");
+        assert!(guard.known(&digest).is_none());
+        guard.remember_known(digest, &principal);
+        assert_eq!(guard.known(&digest), Some(principal.clone()));
+        assert!(guard.known(&qlayer_db::key_digest("ql_other")).is_none(), "another key is not it");
+        guard.forget_key("key_2");
+        assert!(guard.known(&digest).is_some(), "another key's revocation leaves it");
+        guard.forget_key("key_1");
+        assert!(guard.known(&digest).is_none(), "its revocation forgets it");
     }
 
     #[test]

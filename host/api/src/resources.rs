@@ -274,7 +274,10 @@ pub async fn revoke_key(
 pub async fn revoke_key_op(state: &AppState, caller: &Caller, id: &str) -> Result<(), ApiError> {
     caller.require_admin()?;
     let outcome = match state.db.revoke_key(caller.tenant_id(), id).await {
-        Ok(true) => Ok(()),
+        Ok(true) => {
+            state.auth_guard.forget_key(id);
+            Ok(())
+        }
         Ok(false) => Err(ApiError::not_found(format!("key `{id}` not found"))),
         Err(e) => Err(e.into()),
     };

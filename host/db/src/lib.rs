@@ -271,6 +271,13 @@ fn random_hex(bytes: usize) -> String {
     hex::encode(buf)
 }
 
+/// The SHA-256 of an API key, as a cache of verified keys may hold it instead of the key.
+pub fn key_digest(secret: &str) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, secret.as_bytes()).as_ref());
+    out
+}
+
 fn sha256_hex(data: &[u8]) -> String {
     hex::encode(ring::digest::digest(&ring::digest::SHA256, data))
 }

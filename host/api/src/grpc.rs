@@ -92,7 +92,8 @@ impl Grpc {
             .add_service(keys_server::KeysServer::new(self.clone()).max_decoding_message_size(max_message_bytes))
             .add_service(plugins_server::PluginsServer::new(self.clone()).max_decoding_message_size(max_message_bytes))
             .add_service(jobs_server::JobsServer::new(self.clone()).max_decoding_message_size(max_message_bytes))
-            .add_service(runs_server::RunsServer::new(self).max_decoding_message_size(max_message_bytes))
+            .add_service(runs_server::RunsServer::new(self.clone()).max_decoding_message_size(max_message_bytes))
+            .add_service(usage_server::UsageServer::new(self).max_decoding_message_size(max_message_bytes))
             .add_service(reflection)
             .add_service(reflection_v1alpha);
         Ok(routes.routes())
@@ -396,5 +397,38 @@ impl runs_server::Runs for Grpc {
         let caller = self.caller(&request, "GetCapsule").await?;
         let a = job_ops::capsule_op(&self.state, &caller, &request.into_inner().id).await?;
         Ok(Response::new(Capsule { media_type: a.media_type, data: a.bytes }))
+    }
+}
+
+#[tonic::async_trait]
+impl usage_server::Usage for Grpc {
+    async fn get_usage(&self, request: Request<UsageRequest>) -> Result<Response<UsageReport>, Status> {
+        let caller = self.caller(&request, "GetUsage").await?;
+        let r = request.into_inner();
+        let query = crate::gateway::UsageQuery {
+            from: (r.from != 0).then_some(r.from),
+            to: (r.to != 0).then_some(r.to),
+            key: (!r.key.is_empty()).then_some(r.key),
+            model: (!r.model.is_empty()).then_some(r.model),
+            group_by: (!r.group_by.is_empty()).then_some(r.group_by),
+        };
+        let report = crate::gateway::usage_op(&self.state, &caller, &query).await?;
+        Ok(Response::new(UsageReport {
+            group_by: report.group_by,
+            data: report
+                .data
+                .into_iter()
+                .map(|g| UsageRow {
+                    group: g.group,
+                    requests: g.requests,
+                    errors: g.errors,
+                    cache_hits: g.cache_hits,
+                    prompt_tokens: g.prompt_tokens,
+                    completion_tokens: g.completion_tokens,
+                    total_tokens: g.total_tokens,
+                    cost_nanos: g.cost_nanos,
+                })
+                .collect(),
+        }))
     }
 }

@@ -54,6 +54,30 @@ enum Command {
     /// for a tenant that lost its admin keys (or for the `system` tenant itself).
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// A tenant's gateway model table, straight in the service's database (running nodes see a
+    /// change within a second).
+    #[command(subcommand)]
+    Models(ModelsCommand),
+    /// A tenant's gateway usage: requests, tokens and cost, summed per group.
+    Usage {
+        /// The tenant's name.
+        #[arg(long)]
+        tenant: String,
+        /// day, model, key or deployment; one total when left out.
+        #[arg(long)]
+        group_by: Option<String>,
+        /// From this time (unix ms).
+        #[arg(long)]
+        from: Option<i64>,
+        /// Up to this time (unix ms).
+        #[arg(long)]
+        to: Option<i64>,
+        /// Only this model name.
+        #[arg(long)]
+        model: Option<String>,
+        #[command(flatten)]
+        db: DatabaseArgs,
+    },
     /// Run the multi-tenant service (REST and gRPC). Config: --config file, then QLAYER_* environment,
     /// then flags.
     Serve {
@@ -96,6 +120,39 @@ enum AuditCommand {
 }
 
 /// Where the service's database is.
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// The tenant's model names, strategies and deployments.
+    List {
+        /// The tenant's name.
+        #[arg(long)]
+        tenant: String,
+        #[command(flatten)]
+        db: DatabaseArgs,
+    },
+    /// Sets the models of a TOML file (`[models.NAME]` with `strategy` and `deployments`, as
+    /// `PUT /v1/models/{name}` takes them); each deployment must name an installed provider.
+    Set {
+        /// The TOML file.
+        file: PathBuf,
+        /// The tenant's name.
+        #[arg(long)]
+        tenant: String,
+        #[command(flatten)]
+        db: DatabaseArgs,
+    },
+    /// Removes a model name from the tenant's table.
+    Remove {
+        /// The model name.
+        name: String,
+        /// The tenant's name.
+        #[arg(long)]
+        tenant: String,
+        #[command(flatten)]
+        db: DatabaseArgs,
+    },
+}
+
 #[derive(clap::Args)]
 struct DatabaseArgs {
     /// sqlite://<path> or postgres://... (default: the SQLite file in the data dir).
@@ -414,6 +471,10 @@ fn main() -> ExitCode {
         Command::Plugin(cmd) => plugin(cmd).map(|()| ExitCode::SUCCESS),
         Command::Audit(cmd) => audit(cmd),
         Command::Keys(cmd) => keys(cmd).map(|()| ExitCode::SUCCESS),
+        Command::Models(cmd) => models(cmd).map(|()| ExitCode::SUCCESS),
+        Command::Usage { tenant, group_by, from, to, model, db } => {
+            usage(&tenant, group_by, from, to, model, &db).map(|()| ExitCode::SUCCESS)
+        }
         Command::Serve { config, rest_addr, grpc_addr, database, data_dir, queue, otlp_endpoint: _, upstream } => {
             match &tokio {
                 Some(rt) => {
@@ -515,6 +576,131 @@ fn audit(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
                 ExitCode::from(3)
             }
         })
+    })
+}
+
+/// A TOML file of model entries for `qlayer models set`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModelsFile {
+    models: std::collections::BTreeMap<String, qlayer_gateway::table::ModelSpec>,
+}
+
+/// Opens the database and finds the tenant named `name`.
+async fn open_tenant(db: &DatabaseArgs, name: &str) -> anyhow::Result<(qlayer_db::Db, qlayer_db::Tenant)> {
+    let db = qlayer_db::Db::open(&db.url()?).await.context("opening the database")?;
+    let tenant = db.tenant_named(name).await?.with_context(|| format!("no tenant named `{name}` in this database"))?;
+    Ok((db, tenant))
+}
+
+fn models(cmd: ModelsCommand) -> anyhow::Result<()> {
+    let tokio = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    tokio.block_on(async move {
+        match cmd {
+            ModelsCommand::List { tenant, db } => {
+                let (db, tenant) = open_tenant(&db, &tenant).await?;
+                for entry in db.models(&tenant.id).await? {
+                    let spec: qlayer_gateway::table::ModelSpec = serde_json::from_str(&entry.spec)?;
+                    let deployments: Vec<String> = spec.deployments.iter().map(|d| d.key()).collect();
+                    println!("{}\t{}\t{}", entry.name, spec.strategy.as_str(), deployments.join(", "));
+                }
+                db.close().await;
+            }
+            ModelsCommand::Set { file, tenant, db } => {
+                let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+                let parsed: ModelsFile = toml::from_str(&text).with_context(|| format!("{}", file.display()))?;
+                let (db, tenant) = open_tenant(&db, &tenant).await?;
+                // Every entry is checked before any is written.
+                for (name, spec) in &parsed.models {
+                    spec.check(name).map_err(|e| anyhow::anyhow!("{}: models.{name}: {e}", file.display()))?;
+                    for (i, d) in spec.deployments.iter().enumerate() {
+                        let record = db.install(&tenant.name, &d.plugin).await?.with_context(|| {
+                            format!(
+                                "models.{name}.deployments[{i}]: no plugin `{}` is installed for `{}`",
+                                d.plugin, tenant.name
+                            )
+                        })?;
+                        let install: qlayer_marketplace::Install = serde_json::from_str(&record)?;
+                        if install.kind != qlayer_runtime::Kind::Provider {
+                            anyhow::bail!(
+                                "models.{name}.deployments[{i}]: plugin `{}` is a {} plugin, not a provider",
+                                d.plugin,
+                                install.kind
+                            );
+                        }
+                    }
+                }
+                for (name, spec) in &parsed.models {
+                    db.put_model(&tenant.id, name, &serde_json::to_string(spec)?).await?;
+                    db.audit(qlayer_db::AuditEntry {
+                        actor: "cli".into(),
+                        tenant_id: tenant.id.clone(),
+                        action: "model.put".into(),
+                        target: name.clone(),
+                        outcome: "ok".into(),
+                    })
+                    .await?;
+                    eprintln!("model `{name}` set for tenant `{}`", tenant.name);
+                }
+                db.close().await;
+            }
+            ModelsCommand::Remove { name, tenant, db } => {
+                let (db, tenant) = open_tenant(&db, &tenant).await?;
+                if !db.delete_model(&tenant.id, &name).await? {
+                    anyhow::bail!("tenant `{}` has no model `{name}`", tenant.name);
+                }
+                db.audit(qlayer_db::AuditEntry {
+                    actor: "cli".into(),
+                    tenant_id: tenant.id.clone(),
+                    action: "model.delete".into(),
+                    target: name.clone(),
+                    outcome: "ok".into(),
+                })
+                .await?;
+                eprintln!("model `{name}` removed for tenant `{}`", tenant.name);
+                db.close().await;
+            }
+        }
+        Ok(())
+    })
+}
+
+fn usage(
+    tenant: &str,
+    group_by: Option<String>,
+    from: Option<i64>,
+    to: Option<i64>,
+    model: Option<String>,
+    db: &DatabaseArgs,
+) -> anyhow::Result<()> {
+    use qlayer_db::UsageGroup;
+    let group = match group_by.as_deref() {
+        None => UsageGroup::All,
+        Some("day") => UsageGroup::Day,
+        Some("model") => UsageGroup::Model,
+        Some("key") => UsageGroup::Key,
+        Some("deployment") => UsageGroup::Deployment,
+        Some(other) => anyhow::bail!("--group-by `{other}` is not one of day, model, key, deployment"),
+    };
+    let tokio = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    tokio.block_on(async move {
+        let (db, tenant) = open_tenant(db, tenant).await?;
+        let filter = qlayer_db::UsageFilter { from, to, key_id: None, model };
+        println!("group\trequests\terrors\tcache_hits\tprompt_tokens\tcompletion_tokens\tcost");
+        for s in db.usage(&tenant.id, &filter, group).await? {
+            println!(
+                "{}\t{}\t{}\t{}\t{}\t{}\t{:.9}",
+                if s.key.is_empty() { "total" } else { &s.key },
+                s.requests,
+                s.errors,
+                s.cache_hits,
+                s.prompt_tokens,
+                s.completion_tokens,
+                s.cost_nanos as f64 / 1e9
+            );
+        }
+        db.close().await;
+        Ok(())
     })
 }
 

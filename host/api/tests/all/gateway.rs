@@ -231,6 +231,29 @@ async fn usage_sums_what_the_upstream_reported_per_model_and_key() {
     assert_eq!((dev_usage["requests"].as_i64(), dev_usage["prompt_tokens"].as_i64()), (Some(2), Some(12)), "{by_key}");
     let only_dev = usage(&svc, &acme, &format!("key={dev_id}"), 2).await;
     assert_eq!(only_dev["data"][0]["requests"], 2, "{only_dev}");
+    // The gRPC mirror says the same.
+    let endpoint = format!("http://{}", svc.running.as_ref().unwrap().grpc_addr);
+    let channel = tonic::transport::Endpoint::from_shared(endpoint).unwrap().connect().await.unwrap();
+    let bearer = format!("Bearer {acme}");
+    let mut usage_client = qlayer_api::grpc::proto::usage_client::UsageClient::with_interceptor(
+        channel,
+        move |mut req: tonic::Request<()>| {
+            req.metadata_mut().insert("authorization", bearer.parse().unwrap());
+            Ok(req)
+        },
+    );
+    let grpc = usage_client
+        .get_usage(qlayer_api::grpc::proto::UsageRequest { group_by: "model".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    let chat_row = grpc.data.iter().find(|g| g.group == "chat").unwrap();
+    assert_eq!((chat_row.requests, chat_row.prompt_tokens, chat_row.cost_nanos), (4, 26, (26 + 11 * 2) * 1000));
+    let e = usage_client
+        .get_usage(qlayer_api::grpc::proto::UsageRequest { group_by: "week".into(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
     let (_, other) = svc.tenant("other").await;
     let theirs = svc.get("/v1/usage", &other).await;
     assert_eq!(theirs.body["data"], json!([]), "{theirs:?}");

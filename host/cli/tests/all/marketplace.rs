@@ -117,3 +117,86 @@ fn the_cli_publishes_searches_installs_calls_and_removes() {
     let (ok, stdout, _) = cli(&["plugin", "list", "--tenant", "acme"], d, &registry);
     assert!(ok && !stdout.contains("text-stats") && stdout.contains("scripted"), "{stdout}");
 }
+
+/// `qlayer models set/list/remove` and `qlayer usage` on the service's database: a file's
+/// entries are checked (each deployment an installed provider) before any is written, and usage
+/// sums print per group.
+#[test]
+fn qlayer_models_and_usage_manage_a_tenants_gateway_table() {
+    let registry = TestRegistry::start();
+    let data = tempfile::tempdir().unwrap();
+    let d = data.path();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let db = rt.block_on(qlayer_db::Db::open_sqlite(&d.join("qlayer.db"))).unwrap();
+    let tenant = rt.block_on(db.create_tenant("acme")).unwrap();
+    let scripted = format!("{}/first-party/scripted:0.1.0", registry.addr);
+    let stats_file = d.join("text-stats.wasm");
+    std::fs::write(&stats_file, marketplace_plugin("text-stats")).unwrap();
+    let stats = format!("{}/tools/text-stats:1.0.0", registry.addr);
+    for args in [
+        vec!["plugin", "push", "bundled:scripted", scripted.as_str()],
+        vec!["plugin", "push", stats_file.to_str().unwrap(), stats.as_str()],
+        vec!["plugin", "install", scripted.as_str(), "--tenant", "acme"],
+        vec!["plugin", "install", stats.as_str(), "--tenant", "acme"],
+    ] {
+        let (ok, stdout, stderr) = cli(&args, d, &registry);
+        assert!(ok, "{args:?}: {stdout}{stderr}");
+    }
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_qlayer"))
+            .args(args)
+            .arg("--data-dir")
+            .arg(d)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let file = d.join("models.toml");
+    std::fs::write(&file, "[models.chat]\nstrategy = \"cost\"\ndeployments = [{ plugin = \"scripted\", input_price = 0.5 }]\n\n[models.tool]\ndeployments = [{ plugin = \"text-stats\" }]\n").unwrap();
+    let (ok, _, stderr) = run(&["models", "set", file.to_str().unwrap(), "--tenant", "acme"]);
+    assert!(
+        !ok && stderr.contains("models.tool.deployments[0]: plugin `text-stats` is a tool plugin, not a provider"),
+        "{stderr}"
+    );
+    assert!(rt.block_on(db.models(&tenant.id)).unwrap().is_empty(), "nothing is written when one entry is bad");
+    std::fs::write(
+        &file,
+        "[models.chat]\nstrategy = \"cost\"\ndeployments = [{ plugin = \"scripted\", input_price = 0.5 }]\n",
+    )
+    .unwrap();
+    let (ok, _, stderr) = run(&["models", "set", file.to_str().unwrap(), "--tenant", "acme"]);
+    assert!(ok && stderr.contains("model `chat` set"), "{stderr}");
+    let (ok, stdout, _) = run(&["models", "list", "--tenant", "acme"]);
+    assert!(ok && stdout.contains("chat\tcost\tscripted/"), "{stdout}");
+    std::fs::write(&file, "[models.bad]\ndeployments = [{ plugin = \"nope\" }]\n").unwrap();
+    let (ok, _, stderr) = run(&["models", "set", file.to_str().unwrap(), "--tenant", "acme"]);
+    assert!(!ok && stderr.contains("no plugin `nope` is installed for `acme`"), "{stderr}");
+    rt.block_on(db.record_usage(&[qlayer_db::UsageRecord {
+        tenant_id: tenant.id.clone(),
+        key_id: "key_1".into(),
+        endpoint: "chat".into(),
+        model: "chat".into(),
+        deployment: "scripted/".into(),
+        prompt_tokens: 1_000,
+        completion_tokens: 10,
+        cost_nanos: 500_000,
+        latency_us: 5,
+        ttft_us: None,
+        cache: "off".into(),
+        status: "ok".into(),
+        at: 1,
+    }]))
+    .unwrap();
+    let (ok, stdout, stderr) = run(&["usage", "--tenant", "acme", "--group-by", "model"]);
+    assert!(ok && stdout.contains("chat\t1\t0\t0\t1000\t10\t0.000500000"), "{stdout}{stderr}");
+    let (ok, _, stderr) = run(&["usage", "--tenant", "acme", "--group-by", "week"]);
+    assert!(!ok && stderr.contains("--group-by `week`"), "{stderr}");
+    let (ok, _, stderr) = run(&["models", "remove", "chat", "--tenant", "acme"]);
+    assert!(ok && stderr.contains("removed"), "{stderr}");
+    let (ok, _, stderr) = run(&["models", "remove", "chat", "--tenant", "acme"]);
+    assert!(!ok && stderr.contains("has no model `chat`"), "{stderr}");
+}

@@ -24,6 +24,10 @@ use std::time::{Duration, Instant};
 
 const ADMIN: &str = "ql_0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 const BODY: &str = r#"{"model": "bench", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}"#;
+/// The paced stream: this many chunks, one every `PACE`; a gap over ten times `PACE` is a stall.
+const PACED_CHUNKS: usize = 20;
+const PACE: Duration = Duration::from_millis(10);
+const PACED_BODY: &str = r#"{"model": "paced", "stream": true, "messages": [{"role": "user", "content": "hi"}]}"#;
 const STREAM_BODY: &str = r#"{"model": "bench", "stream": true, "messages": [{"role": "user", "content": "hi"}]}"#;
 
 /// The instant upstream: a canned completion, or five chunks and `[DONE]`.
@@ -54,10 +58,27 @@ fn start_mock() -> SocketAddr {
                 axum::routing::post(move |body: String| {
                     let (reply, events) = (reply.clone(), events.clone());
                     async move {
-                        if body.contains("\"stream\":true") || body.contains("\"stream\": true") {
-                            ([(axum::http::header::CONTENT_TYPE, "text/event-stream")], events)
+                        use axum::response::IntoResponse as _;
+                        let sse = [(axum::http::header::CONTENT_TYPE, "text/event-stream")];
+                        if body.contains("\"paced\"") {
+                            // PACED_CHUNKS chunks, one every PACE.
+                            let chunks = futures::stream::unfold(0usize, |n| async move {
+                                if n > PACED_CHUNKS {
+                                    return None;
+                                }
+                                tokio::time::sleep(PACE).await;
+                                let event = if n == PACED_CHUNKS {
+                                    "data: {\"choices\": [{\"index\": 0, \"delta\": {}, \"finish_reason\": \"stop\"}]}\n\ndata: [DONE]\n\n".to_string()
+                                } else {
+                                    format!("data: {{\"choices\": [{{\"index\": 0, \"delta\": {{\"content\": \"w{n} \"}}}}]}}\n\n")
+                                };
+                                Some((Ok::<_, std::convert::Infallible>(event), n + 1))
+                            });
+                            (sse, axum::body::Body::from_stream(chunks)).into_response()
+                        } else if body.contains("\"stream\":true") || body.contains("\"stream\": true") {
+                            (sse, events).into_response()
                         } else {
-                            ([(axum::http::header::CONTENT_TYPE, "application/json")], reply)
+                            ([(axum::http::header::CONTENT_TYPE, "application/json")], reply).into_response()
                         }
                     }
                 }),
@@ -108,6 +129,43 @@ fn ttft(addr: SocketAddr, request: &str, n: usize) -> Vec<Duration> {
     }
     firsts.sort();
     firsts
+}
+
+/// `n` paced streams at once, each on its own connection: the longest gap between two reads of
+/// any stream (the first read counts from the request), and how many streams ended without
+/// their end marker.
+async fn held(addr: SocketAddr, request: String, n: usize) -> (Duration, usize) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let request = request.replacen("HTTP/1.1\r\n", "HTTP/1.1\r\nConnection: close\r\n", 1);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let request = request.clone();
+        tasks.spawn(async move {
+            let Ok(mut tcp) = tokio::net::TcpStream::connect(addr).await else { return (Duration::MAX, false) };
+            if tcp.write_all(request.as_bytes()).await.is_err() {
+                return (Duration::MAX, false);
+            }
+            let (mut last, mut worst, mut seen) = (Instant::now(), Duration::ZERO, Vec::new());
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                match tcp.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => {
+                        worst = worst.max(last.elapsed());
+                        last = Instant::now();
+                        seen.extend_from_slice(&buf[..k]);
+                    }
+                }
+            }
+            (worst, seen.windows(12).any(|w| w == b"data: [DONE]"))
+        });
+    }
+    let (mut worst, mut cut) = (Duration::ZERO, 0);
+    while let Some(Ok((gap, done))) = tasks.join_next().await {
+        worst = worst.max(gap);
+        cut += usize::from(!done);
+    }
+    (worst, cut)
 }
 
 fn rss_mib(pid: u32) -> f64 {
@@ -192,6 +250,15 @@ async fn main() {
     .await
     .unwrap();
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let r = send(
+        reqwest::Method::PUT,
+        "/v1/models/paced",
+        &key,
+        serde_json::json!({"deployments": [{"plugin": "openai", "model": "paced"}]}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let via = load::post(addr, "/v1/chat/completions", Some(&key), BODY);
     let direct = load::post(mock, "/v1/chat/completions", None, BODY);
@@ -232,6 +299,33 @@ async fn main() {
         added(percentile(&sg, 0.5), percentile(&sd, 0.5)),
         added(percentile(&sg, 0.99), percentile(&sd, 0.99))
     );
+
+    println!(
+        "streams held at once: {PACED_CHUNKS} chunks each, one every {} ms; a stall is a gap over {} ms",
+        PACE.as_millis(),
+        PACE.as_millis() * 10
+    );
+    let mut most = None;
+    for n in [64usize, 128, 256, 512, 1024] {
+        let (dg, dc) = held(mock, load::post(mock, "/v1/chat/completions", None, PACED_BODY), n).await;
+        let (gg, gc) = held(addr, load::post(addr, "/v1/chat/completions", Some(&key), PACED_BODY), n).await;
+        println!(
+            "  {n:>5} streams: longest gap mock direct {} ms{}, via gateway {} ms{}",
+            ms(dg),
+            if dc > 0 { format!(" ({dc} cut)") } else { String::new() },
+            ms(gg),
+            if gc > 0 { format!(" ({gc} cut)") } else { String::new() }
+        );
+        if gg <= PACE * 10 && gc == 0 {
+            most = Some(n);
+        } else {
+            break;
+        }
+    }
+    match most {
+        Some(n) => println!("most streams held with no stall via the gateway: {n}"),
+        None => println!("even 64 streams stalled via the gateway"),
+    }
 
     println!("open loop over 16 keep-alive connections, 5 s per rate; latency from each request's due time (ms)");
     println!(

@@ -408,17 +408,13 @@ pub async fn list_models(State(state): State<AppState>, caller: Caller) -> Resul
             spec: None,
         })
         .collect();
-    // The server's defaults, where the tenant has no entry of that name.
+    // The server's defaults, then the models of its upstream, where the tenant has no entry
+    // of that name.
     if let Some(gateway) = &state.gateway {
-        for name in gateway.defaults().keys() {
-            if !data.iter().any(|m| &m.id == name) {
-                data.push(ModelObject {
-                    id: name.clone(),
-                    object: "model",
-                    created: 0,
-                    owned_by: "system".into(),
-                    spec: None,
-                });
+        let upstream = gateway.passthrough_models(&who(&caller)).await;
+        for name in gateway.defaults().keys().cloned().chain(upstream) {
+            if !data.iter().any(|m| m.id == name) {
+                data.push(ModelObject { id: name, object: "model", created: 0, owned_by: "system".into(), spec: None });
             }
         }
         data.sort_by(|a, b| a.id.cmp(&b.id));

@@ -277,6 +277,24 @@ impl Gateway {
         Ok(table)
     }
 
+    /// The models the server's passthrough upstream serves (none without one, or when it does
+    /// not answer: the list is a convenience, and its failure is logged).
+    pub async fn passthrough_models(&self, caller: &Caller) -> Vec<String> {
+        let Some(plugin) = &self.config.passthrough else { return Vec::new() };
+        let listed = async {
+            let installed = self.installed(&caller.tenant_name, plugin).await.map_err(|e| e.to_string())?;
+            let mut instance = installed.provider(&caller.tenant_name).await.map_err(|e| e.to_string())?;
+            instance.models().await.map_err(|e| e.to_string())
+        };
+        match listed.await {
+            Ok(models) => models.into_iter().map(|m| m.id).filter(|id| crate::table::valid_model_name(id)).collect(),
+            Err(e) => {
+                tracing::warn!(plugin = %plugin, "listing the upstream's models failed: {e}");
+                Vec::new()
+            }
+        }
+    }
+
     /// The server's default model entries.
     pub fn defaults(&self) -> &HashMap<String, Arc<ModelSpec>> {
         &self.config.defaults

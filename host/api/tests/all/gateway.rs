@@ -357,8 +357,11 @@ async fn one_line_of_config_fronts_an_upstream_for_every_tenant() {
     assert_eq!(asked["model"], "llama3.1", "asked of the upstream as it is");
     let r = chat(&svc, &acme, "fast").await;
     assert_eq!((r.status, r.headers["x-qlayer-deployment"].to_str().unwrap()), (200, "upstream/ok"), "{r:?}");
+    // The list: the server's default, then the upstream's own models (the test server has
+    // `ok` and `slow`).
     let listed = svc.get("/v1/models", &acme).await;
-    assert_eq!(listed.body["data"][0]["id"], "fast", "{listed:?}");
+    let ids: Vec<&str> = listed.body["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["fast", "ok", "slow"], "{listed:?}");
     assert_eq!(svc.get("/v1/models/fast", &acme).await.body["deployments"][0]["model"], "ok");
     // The tenant's own entry wins over the default.
     svc.put("/v1/models/fast", &acme, json!({"deployments": [{"plugin": "upstream", "model": "slow"}]})).await;

@@ -14,39 +14,16 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-const ADMIN: &str = "ql_0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
-
 mod load;
-use load::{Server, ms, open_loop, percentile, qlayer_binary};
+use load::{ADMIN, ms, open_loop, percentile};
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 1)]
 async fn main() {
     let data = tempfile::tempdir().unwrap();
-    let port = qlayer_tests::free_port();
-    let grpc = qlayer_tests::free_port();
-    let config = data.path().join("qlayer.toml");
-    std::fs::write(&config, "[limits]\nrequests-per-second = 0\n").unwrap();
-    let child = Command::new(qlayer_binary())
-        .args(["--log", "error", "serve", "--config"])
-        .arg(&config)
-        .args(["--rest-addr", &format!("127.0.0.1:{port}"), "--grpc-addr", &format!("127.0.0.1:{grpc}"), "--data-dir"])
-        .arg(data.path())
-        .env("QLAYER_ADMIN_KEY", ADMIN)
-        .env_remove("QLAYER_DATABASE_URL")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _server = Server(child);
+    let (_server, port) = load::serve(data.path(), "[limits]\nrequests-per-second = 0\n");
     let base = format!("http://127.0.0.1:{port}");
     qlayer_registry::install_tls_provider();
     let client = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(256).build().unwrap();
-    for _ in 0..200 {
-        if client.get(format!("{base}/healthz")).send().await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     let created: serde_json::Value = client
         .post(format!("{base}/v1/tenants"))
         .header("authorization", format!("Bearer {ADMIN}"))

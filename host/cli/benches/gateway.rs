@@ -16,13 +16,11 @@
 
 mod load;
 
-use load::{Server, exchange, ms, open_loop, percentile, qlayer_binary};
+use load::{ADMIN, exchange, ms, open_loop, percentile, rss_mib};
 use std::io::{BufRead as _, Read as _, Write as _};
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const ADMIN: &str = "ql_0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 const BODY: &str = r#"{"model": "bench", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}"#;
 /// The paced stream: this many chunks, one every `PACE`; a gap over ten times `PACE` is a stall.
 const PACED_CHUNKS: usize = 20;
@@ -168,15 +166,6 @@ async fn held(addr: SocketAddr, request: String, n: usize) -> (Duration, usize) 
     (worst, cut)
 }
 
-fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
 fn added(via: Duration, direct: Duration) -> String {
     format!("{:+.3}", (via.as_secs_f64() - direct.as_secs_f64()) * 1000.0)
 }
@@ -186,33 +175,14 @@ async fn main() {
     let mock = start_mock();
     let registry = qlayer_tests::TestRegistry::start();
     let data = tempfile::tempdir().unwrap();
-    let (port, grpc) = (qlayer_tests::free_port(), qlayer_tests::free_port());
     std::fs::write(data.path().join("marketplace.toml"), format!("insecure-registries = [\"{}\"]\n", registry.addr))
         .unwrap();
-    let config = data.path().join("qlayer.toml");
-    std::fs::write(&config, "[limits]\nrequests-per-second = 0\n[network]\nallow = [\"127.0.0.1\"]\n").unwrap();
-    let child = Command::new(qlayer_binary())
-        .args(["--log", "error", "serve", "--config"])
-        .arg(&config)
-        .args(["--rest-addr", &format!("127.0.0.1:{port}"), "--grpc-addr", &format!("127.0.0.1:{grpc}"), "--data-dir"])
-        .arg(data.path())
-        .env("QLAYER_ADMIN_KEY", ADMIN)
-        .env_remove("QLAYER_DATABASE_URL")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let server = Server(child);
+    let (server, port) =
+        load::serve(data.path(), "[limits]\nrequests-per-second = 0\n[network]\nallow = [\"127.0.0.1\"]\n");
     let pid = server.0.id();
     let base = format!("http://127.0.0.1:{port}");
     qlayer_registry::install_tls_provider();
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
-    for _ in 0..200 {
-        if client.get(format!("{base}/healthz")).send().await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     let send = |method: reqwest::Method, path: &str, key: &str, body: serde_json::Value| {
         client.request(method, format!("{base}{path}")).bearer_auth(key).json(&body).send()
     };

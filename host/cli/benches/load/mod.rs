@@ -9,7 +9,51 @@ pub fn qlayer_binary() -> std::path::PathBuf {
     std::path::PathBuf::from(env!("CARGO_BIN_EXE_qlayer"))
 }
 
+/// The admin key the benches' servers start with.
+pub const ADMIN: &str = "ql_0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
 pub struct Server(pub std::process::Child);
+
+/// Starts `qlayer serve` on free loopback ports with `config` (TOML) in `data`, the embedded
+/// default's SQLite there, and waits until `/healthz` answers. Returns it and its REST port.
+pub fn serve(data: &std::path::Path, config: &str) -> (Server, u16) {
+    let (port, grpc) = (qlayer_tests::free_port(), qlayer_tests::free_port());
+    let path = data.join("qlayer.toml");
+    std::fs::write(&path, config).unwrap();
+    let child = std::process::Command::new(qlayer_binary())
+        .args(["--log", "error", "serve", "--config"])
+        .arg(&path)
+        .args(["--rest-addr", &format!("127.0.0.1:{port}"), "--grpc-addr", &format!("127.0.0.1:{grpc}"), "--data-dir"])
+        .arg(data)
+        .env("QLAYER_ADMIN_KEY", ADMIN)
+        .env_remove("QLAYER_DATABASE_URL")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let server = Server(child);
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    for _ in 0..200 {
+        if let Ok(tcp) = std::net::TcpStream::connect(addr)
+            && exchange(&mut std::io::BufReader::new(tcp), get(addr, "/healthz", None).as_bytes())
+                .is_ok_and(|s| s == 200)
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (server, port)
+}
+
+/// The resident set of `pid`, in MiB.
+pub fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
 
 impl Drop for Server {
     fn drop(&mut self) {

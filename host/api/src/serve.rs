@@ -861,4 +861,35 @@ mod tests {
         let ok = ServeConfig::from_toml("[jobs]\nqueue = \"nats://127.0.0.1:4222\"\n").unwrap();
         assert_eq!(ok.jobs.scheduler("node".into()).unwrap().queue_url.as_deref(), Some("nats://127.0.0.1:4222"));
     }
+
+    #[test]
+    fn gateway_settings_are_checked_naming_the_key() {
+        for (text, says) in [
+            ("[gateway]\nconcurrency = 0\n", "[gateway] concurrency"),
+            ("[gateway]\nretries = 9\n", "[gateway] retries"),
+            ("[gateway]\nbreaker-cooldown-ms = 0\n", "[gateway] breaker-cooldown-ms"),
+            ("[gateway.models.fast]\ndeployments = []\n", "[gateway.models.fast] deployments"),
+            ("[gateway.models.fast]\ndeployments = [{ plugin = \"Bad Name\" }]\n", "deployments[0].plugin"),
+        ] {
+            let config = ServeConfig::from_toml(text).unwrap();
+            let err = config.gateway.config().unwrap_err();
+            assert!(err.to_string().contains(says), "{text}: {err}");
+        }
+        for (text, says) in [
+            ("[gateway]\nupstrem = \"x\"\n", "upstrem"),
+            ("[gateway.models.fast]\ndeployments = [{ plugin = \"a\", temperature = 1 }]\n", "temperature"),
+        ] {
+            let err = ServeConfig::from_toml(text).unwrap_err();
+            assert!(format!("{err:#}").contains(says), "{text}: {err:#}");
+        }
+        let bad = ServeConfig::from_toml("[gateway]\nupstream = \"not a url\"\n").unwrap();
+        assert!(bad.gateway.upstream_host().unwrap_err().to_string().contains("[gateway] upstream"));
+        let ok = ServeConfig::from_toml(
+            "[gateway]\nupstream = \"http://127.0.0.1:11434/v1\"\n[gateway.models.fast]\ndeployments = [{ plugin = \"upstream\", model = \"llama3.1\" }]\n",
+        )
+        .unwrap();
+        assert_eq!(ok.gateway.upstream_host().unwrap().as_deref(), Some("127.0.0.1:11434"));
+        let config = ok.gateway.config().unwrap();
+        assert_eq!((config.passthrough.as_deref(), config.defaults.len()), (Some(UPSTREAM), 1));
+    }
 }

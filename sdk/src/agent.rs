@@ -9,18 +9,16 @@
 //! impl Agent for Summariser {
 //!     fn role() -> String { "summariser".into() }
 //!     fn run(task: Task) -> Result<AgentOutput, PluginError> {
-//!         let reply = qlayer_sdk::agent::complete(&CompletionRequest {
-//!             model: String::new(),
-//!             messages: vec![Message::new(Role::User, task.requirement)],
-//!             max_tokens: None, temperature: None, stop: vec![], json_output: false,
-//!         })?;
+//!         let reply = qlayer_sdk::agent::complete(&CompletionRequest::new(
+//!             vec![Message::new(Role::User, task.requirement)],
+//!         ))?;
 //!         Ok(AgentOutput { artifacts: vec![Artifact::text("SUMMARY.md", reply.text)], summary: "summarised".into() })
 //!     }
 //! }
 //! qlayer_sdk::export_agent!(Summariser);
 //! ```
 
-use crate::{AgentOutput, Completion, CompletionRequest, Message, PluginError, Role, Task, Usage};
+use crate::{AgentOutput, Completion, CompletionRequest, Message, PluginError, ResponseFormat, Role, Task, Usage};
 use serde::de::DeserializeOwned;
 use std::marker::PhantomData;
 
@@ -31,8 +29,8 @@ pub mod bindings {
         path: "../wit",
         world: "quantumlayer:plugin/agent-plugin",
         with: {
-            "quantumlayer:plugin/types@0.1.0": crate::__bindings::quantumlayer::plugin::types,
-            "quantumlayer:plugin/host@0.1.0": crate::__bindings::quantumlayer::plugin::host,
+            "quantumlayer:plugin/types@0.2.0": crate::__bindings::quantumlayer::plugin::types,
+            "quantumlayer:plugin/host@0.2.0": crate::__bindings::quantumlayer::plugin::host,
         },
         pub_export_macro: true,
         export_macro_name: "__export_agent_world",
@@ -53,8 +51,8 @@ pub trait Agent: 'static {
 /// ```no_run
 /// # use qlayer_sdk::*;
 /// let reply = qlayer_sdk::agent::complete(&CompletionRequest {
-///     model: String::new(), messages: vec![Message::new(Role::User, "hi")],
-///     max_tokens: Some(100), temperature: None, stop: vec![], json_output: false,
+///     max_tokens: Some(100),
+///     ..CompletionRequest::new(vec![Message::new(Role::User, "hi")])
 /// })?;
 /// # Ok::<(), PluginError>(())
 /// ```
@@ -102,12 +100,9 @@ pub fn complete_json<T: DeserializeOwned>(
     let mut last_problem = String::new();
     for attempt in 1..=max_attempts.max(1) {
         let reply = complete(&CompletionRequest {
-            model: String::new(),
-            messages: messages.clone(),
-            max_tokens: None,
             temperature: Some(0.2),
-            stop: vec![],
-            json_output: true,
+            response_format: ResponseFormat::JsonObject,
+            ..CompletionRequest::new(messages.clone())
         })?;
         usage.prompt_tokens += reply.usage.prompt_tokens;
         usage.completion_tokens += reply.usage.completion_tokens;

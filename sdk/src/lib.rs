@@ -1,5 +1,5 @@
 //! Write QuantumLayer plugins in Rust: LLM providers, role agents, validators and tools, built as
-//! WebAssembly components for the `quantumlayer:plugin@0.1.0` contract.
+//! WebAssembly components for the `quantumlayer:plugin@0.2.0` contract.
 //!
 //! Enable the feature of the one world your plugin targets (`provider`, `agent`, `validator` or
 //! `tool`), implement its trait, and export it with its macro:
@@ -30,7 +30,7 @@ pub mod __bindings {
     // The shared types and the `host` import, generated once; each world module below reuses
     // them so that one `Completion` type serves every world.
     wit_bindgen::generate!({
-        inline: "package qlayer:sdk; world base { import quantumlayer:plugin/host@0.1.0; }",
+        inline: "package qlayer:sdk; world base { import quantumlayer:plugin/host@0.2.0; }",
         path: "../wit",
         world: "qlayer:sdk/base",
         generate_all,
@@ -40,8 +40,9 @@ pub mod __bindings {
 }
 
 pub use __bindings::quantumlayer::plugin::types::{
-    AgentOutput, Artifact, Completion, CompletionChunk, CompletionRequest, Diagnostic, EmbeddingRequest, Embeddings,
-    LogLevel, Message, ModelInfo, PluginError, Role, Severity, Task, Usage,
+    AgentOutput, Artifact, Completion, CompletionChunk, CompletionRequest, ContentPart, Diagnostic, EmbeddingRequest,
+    Embeddings, FinishReason, ImageUrl, JsonSchema, LogLevel, Message, ModelInfo, PluginError, ResponseFormat, Role,
+    Severity, Task, ToolCall, ToolCallDelta, ToolChoice, ToolDefinition, Usage,
 };
 
 pub mod host;
@@ -62,15 +63,67 @@ pub mod validator;
 pub mod tool;
 
 impl Message {
-    /// A message with the given role.
+    /// A message of `role` with one text part.
     ///
     /// ```
     /// use qlayer_sdk::{Message, Role};
     /// let m = Message::new(Role::User, "hello");
-    /// assert_eq!(m.content, "hello");
+    /// assert_eq!(m.text(), "hello");
     /// ```
-    pub fn new(role: Role, content: impl Into<String>) -> Self {
-        Message { role, content: content.into() }
+    pub fn new(role: Role, text: impl Into<String>) -> Self {
+        Message {
+            role,
+            content: vec![ContentPart::Text(text.into())],
+            tool_calls: vec![],
+            tool_call_id: None,
+            name: None,
+        }
+    }
+
+    /// The message's text parts, joined (image parts left out).
+    pub fn text(&self) -> String {
+        self.content
+            .iter()
+            .filter_map(|p| match p {
+                ContentPart::Text(t) => Some(t.as_str()),
+                ContentPart::ImageUrl(_) => None,
+            })
+            .collect()
+    }
+}
+
+impl CompletionRequest {
+    /// A request for the provider's default model with everything else unset; set fields with
+    /// struct update syntax (`CompletionRequest { max_tokens: Some(100), ..CompletionRequest::new(m) }`).
+    pub fn new(messages: Vec<Message>) -> Self {
+        CompletionRequest {
+            model: String::new(),
+            messages,
+            tools: vec![],
+            tool_choice: None,
+            parallel_tool_calls: None,
+            response_format: ResponseFormat::Text,
+            max_tokens: None,
+            temperature: None,
+            top_p: None,
+            top_k: None,
+            seed: None,
+            stop: vec![],
+            user: None,
+        }
+    }
+}
+
+impl FinishReason {
+    /// The reason as OpenAI's `finish_reason` says it (`stop`, `length`, `tool_calls`, ...).
+    pub fn as_openai(&self) -> &str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::ToolCalls => "tool_calls",
+            FinishReason::ContentFilter => "content_filter",
+            FinishReason::Other(other) => other,
+        }
     }
 }
 

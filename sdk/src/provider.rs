@@ -15,7 +15,8 @@
 //!         Ok(vec![ModelInfo { id: "constant".into(), owned_by: "me".into() }])
 //!     }
 //!     fn complete(r: CompletionRequest) -> Result<Completion, PluginError> {
-//!         Ok(Completion { model: r.model, text: "hi".into(), finish_reason: "stop".into(),
+//!         Ok(Completion { model: r.model, text: "hi".into(), tool_calls: vec![],
+//!                         finish_reason: FinishReason::Stop,
 //!                         usage: Usage { prompt_tokens: 1, completion_tokens: 1 } })
 //!     }
 //!     fn stream(_: CompletionRequest) -> Result<Done, PluginError> { Ok(Done) }
@@ -37,8 +38,8 @@ pub mod bindings {
         path: "../wit",
         world: "quantumlayer:plugin/provider-plugin",
         with: {
-            "quantumlayer:plugin/types@0.1.0": crate::__bindings::quantumlayer::plugin::types,
-            "quantumlayer:plugin/host@0.1.0": crate::__bindings::quantumlayer::plugin::host,
+            "quantumlayer:plugin/types@0.2.0": crate::__bindings::quantumlayer::plugin::types,
+            "quantumlayer:plugin/host@0.2.0": crate::__bindings::quantumlayer::plugin::host,
         },
         pub_export_macro: true,
         export_macro_name: "__export_provider_world",

@@ -25,8 +25,8 @@ pub mod bindings {
         path: "../wit",
         world: "quantumlayer:plugin/validator-plugin",
         with: {
-            "quantumlayer:plugin/types@0.1.0": crate::__bindings::quantumlayer::plugin::types,
-            "quantumlayer:plugin/host@0.1.0": crate::__bindings::quantumlayer::plugin::host,
+            "quantumlayer:plugin/types@0.2.0": crate::__bindings::quantumlayer::plugin::types,
+            "quantumlayer:plugin/host@0.2.0": crate::__bindings::quantumlayer::plugin::host,
         },
         pub_export_macro: true,
         export_macro_name: "__export_validator_world",

@@ -150,6 +150,8 @@ pub struct Seen {
     pub path: String,
     /// The Authorization header, if any.
     pub authorization: Option<String>,
+    /// The `api-key` header (Azure OpenAI's), if any.
+    pub api_key: Option<String>,
     /// The body.
     pub body: String,
 }
@@ -162,6 +164,17 @@ type Body = BoxBody<Bytes, Infallible>;
 /// The chat behaviour is chosen by the request's `model`: `ok` (default), `rate-limit` (429 with
 /// Retry-After: 2), `error-500`, `malformed` (200 with a broken body), `slow` (answers after 3 s),
 /// `cut-stream` (a stream that stops before `[DONE]`), `unauthorized` (401).
+///
+/// Tools, as OpenAI takes them: each tool, `tool_choice` and `response_format` is checked
+/// against OpenAI's wire format (a 400 naming what is wrong, as OpenAI answers). With tools and a
+/// last message that is not a tool result, the answer calls the named tool (else the first) with
+/// `{"text": <last user text>}`, streamed in three argument pieces; after a tool result it
+/// answers `tool said: <result>`. A `json_schema` response format gets an object with a value of
+/// each property's type (strings `echo: <last>`).
+///
+/// Azure OpenAI's paths too: `/openai/deployments/{deployment}/chat/completions` and
+/// `/embeddings` need `?api-version=` and an `api-key` header (401 without, as Azure answers);
+/// the deployment is the model.
 pub struct TestServer {
     /// `127.0.0.1:<port>`.
     pub addr: SocketAddr,
@@ -231,14 +244,44 @@ fn json(status: StatusCode, v: serde_json::Value) -> Response<Body> {
 async fn handle(req: Request<hyper::body::Incoming>, log: Arc<Mutex<Vec<Seen>>>) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
     let authorization = req.headers().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_string);
+    let api_key = req.headers().get("api-key").and_then(|v| v.to_str().ok()).map(str::to_string);
     let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     let body = String::from_utf8_lossy(&body).into_owned();
     if let Ok(mut l) = log.lock() {
-        l.push(Seen { path: path.clone(), authorization, body: body.clone() });
+        l.push(Seen {
+            path: path.clone(),
+            authorization: authorization.clone(),
+            api_key: api_key.clone(),
+            body: body.clone(),
+        });
     }
     let request: serde_json::Value = serde_json::from_str(&body).unwrap_or(serde_json::Value::Null);
-    let model = request["model"].as_str().unwrap_or("ok").to_string();
-    let route = path.split('?').next().unwrap_or("");
+    let mut model = request["model"].as_str().unwrap_or("ok").to_string();
+    let mut route = path.split('?').next().unwrap_or("").to_string();
+    if let Some(rest) = route.strip_prefix("/openai/deployments/") {
+        // Azure: the deployment names the model; the operation follows it.
+        let Some((deployment, operation)) = rest.split_once('/') else {
+            return Ok(json(
+                StatusCode::NOT_FOUND,
+                serde_json::json!({"error": {"code": "404", "message": "Resource not found"}}),
+            ));
+        };
+        if !path.contains("api-version=") {
+            return Ok(json(
+                StatusCode::NOT_FOUND,
+                serde_json::json!({"error": {"code": "404", "message": "Resource not found (no api-version)"}}),
+            ));
+        }
+        if api_key.is_none() || authorization.is_some() {
+            return Ok(json(
+                StatusCode::UNAUTHORIZED,
+                serde_json::json!({"error": {"code": "401", "message": "Access denied due to invalid subscription key or wrong API endpoint."}}),
+            ));
+        }
+        model = deployment.to_string();
+        route = format!("/v1/{operation}");
+    }
+    let route = route.as_str();
     Ok(match route {
         "/plain" => full(StatusCode::OK, "text/plain", "granted host answered"),
         "/redirect" => {
@@ -267,8 +310,163 @@ async fn handle(req: Request<hyper::body::Incoming>, log: Arc<Mutex<Vec<Seen>>>)
     })
 }
 
+/// A message's text: its string content, or its text parts joined.
+fn text_of(message: &serde_json::Value) -> String {
+    match &message["content"] {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Array(parts) => parts.iter().filter_map(|p| p["text"].as_str()).collect(),
+        _ => String::new(),
+    }
+}
+
+fn bad_request(message: String, param: &str) -> Response<Body> {
+    json(
+        StatusCode::BAD_REQUEST,
+        serde_json::json!({"error": {"message": message, "type": "invalid_request_error", "param": param, "code": null}}),
+    )
+}
+
+/// Checks `tools`, `tool_choice` and `response_format` as OpenAI does; the tool to call, if any.
+fn check_tools(request: &serde_json::Value) -> Result<Option<String>, Response<Body>> {
+    let tools = request["tools"].as_array().cloned().unwrap_or_default();
+    for (i, t) in tools.iter().enumerate() {
+        if t["type"] != "function" || !t["function"]["name"].is_string() {
+            return Err(bad_request(format!("tools[{i}]: expected {{type: function, function: {{name}}}}"), "tools"));
+        }
+        if !t["function"].get("parameters").is_none_or(serde_json::Value::is_object) {
+            return Err(bad_request(format!("tools[{i}].function.parameters: expected an object"), "tools"));
+        }
+    }
+    let format = &request["response_format"];
+    if format["type"] == "json_schema"
+        && (!format["json_schema"]["name"].is_string() || !format["json_schema"]["schema"].is_object())
+    {
+        return Err(bad_request(
+            "response_format.json_schema: needs `name` and a `schema` object".into(),
+            "response_format",
+        ));
+    }
+    let choice = &request["tool_choice"];
+    let named = choice["function"]["name"].as_str().map(str::to_string);
+    if !choice.is_null() && !choice.is_string() && named.is_none() {
+        return Err(bad_request(
+            "tool_choice: expected a string or {type: function, function: {name}}".into(),
+            "tool_choice",
+        ));
+    }
+    if choice == "none" || tools.is_empty() {
+        return Ok(None);
+    }
+    let last_is_result = request["messages"].as_array().and_then(|m| m.last()).is_some_and(|m| m["role"] == "tool");
+    if last_is_result {
+        return Ok(None);
+    }
+    Ok(named.or_else(|| tools[0]["function"]["name"].as_str().map(str::to_string)))
+}
+
+/// An object with a value of each property's type, for a `json_schema` response format.
+fn from_schema(schema: &serde_json::Value, text: &str) -> serde_json::Value {
+    let mut out = serde_json::Map::new();
+    if let Some(props) = schema["properties"].as_object() {
+        for (name, p) in props {
+            let v = match p["type"].as_str() {
+                Some("integer") => serde_json::json!(1),
+                Some("number") => serde_json::json!(1.5),
+                Some("boolean") => serde_json::json!(true),
+                Some("array") => serde_json::json!([]),
+                Some("object") => from_schema(p, text),
+                _ => serde_json::json!(text),
+            };
+            out.insert(name.clone(), v);
+        }
+    }
+    serde_json::Value::Object(out)
+}
+
+/// The last char boundary of `s` at or before `at`.
+fn boundary(s: &str, at: usize) -> usize {
+    (0..=at.min(s.len())).rev().find(|i| s.is_char_boundary(*i)).unwrap_or(0)
+}
+
+fn sse(events: Vec<String>) -> Response<Body> {
+    let frames = futures::stream::iter(events.into_iter().map(|e| Ok::<_, Infallible>(Frame::data(Bytes::from(e)))));
+    let mut r = Response::new(BodyExt::boxed(StreamBody::new(frames)));
+    r.headers_mut().insert("content-type", "text/event-stream".parse().unwrap_or_else(|_| unreachable!()));
+    r
+}
+
 async fn chat(model: &str, stream: bool, request: &serde_json::Value) -> Response<Body> {
-    let last = request["messages"].as_array().and_then(|m| m.last()).and_then(|m| m["content"].as_str()).unwrap_or("");
+    let messages = request["messages"].as_array().cloned().unwrap_or_default();
+    let last_message = messages.last().cloned().unwrap_or(serde_json::Value::Null);
+    let last_user = messages.iter().rev().find(|m| m["role"] == "user").map(text_of).unwrap_or_default();
+    let call = match check_tools(request) {
+        Ok(call) => call,
+        Err(refused) => return refused,
+    };
+    let last_owned = if last_message["role"] == "tool" {
+        format!("tool said: {}", text_of(&last_message))
+    } else {
+        text_of(&last_message)
+    };
+    let last = last_owned.as_str();
+    if let Some(tool) = call {
+        let arguments = serde_json::json!({"text": last_user}).to_string();
+        let id = "call_test_1";
+        if !stream {
+            return json(
+                StatusCode::OK,
+                serde_json::json!({
+                    "id": "test", "object": "chat.completion", "model": model,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": null, "tool_calls": [
+                        {"id": id, "type": "function", "function": {"name": tool, "arguments": arguments}}]},
+                        "finish_reason": "tool_calls"}],
+                    "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+                }),
+            );
+        }
+        let (a, b) = (boundary(&arguments, arguments.len() / 3), boundary(&arguments, 2 * arguments.len() / 3));
+        let pieces = [&arguments[..a], &arguments[a..b], &arguments[b..]];
+        let mut events = vec![format!(
+            "data: {}
+
+",
+            serde_json::json!({"choices": [{"delta": {"role": "assistant", "content": null, "tool_calls": [
+                {"index": 0, "id": id, "type": "function", "function": {"name": tool, "arguments": ""}}]}}]})
+        )];
+        for p in pieces {
+            events.push(format!(
+                "data: {}
+
+",
+                serde_json::json!({"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": p}}]}}]})
+            ));
+        }
+        events.push(format!(
+            "data: {}
+
+",
+            serde_json::json!({"choices": [{"delta": {}, "finish_reason": "tool_calls"}]})
+        ));
+        events.push(format!(
+            "data: {}
+
+",
+            serde_json::json!({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2}})
+        ));
+        events.push(
+            "data: [DONE]
+
+"
+            .to_string(),
+        );
+        return sse(events);
+    }
+    let schema_reply = (request["response_format"]["type"] == "json_schema").then(|| {
+        from_schema(&request["response_format"]["json_schema"]["schema"], &format!("echo: {last}")).to_string()
+    });
+    if let Some(reply_text) = schema_reply.as_ref().filter(|_| !stream) {
+        return json(StatusCode::OK, reply(model, reply_text));
+    }
     match model {
         "rate-limit" => {
             let mut r = json(StatusCode::TOO_MANY_REQUESTS, serde_json::json!({"error": {"message": "slow down"}}));
@@ -285,7 +483,13 @@ async fn chat(model: &str, stream: bool, request: &serde_json::Value) -> Respons
             json(StatusCode::OK, reply(model, "late"))
         }
         _ if stream => {
-            let words = vec!["echo: ".to_string(), last.to_string()];
+            let words = match &schema_reply {
+                Some(reply) => {
+                    let half = boundary(reply, reply.len() / 2);
+                    vec![reply[..half].to_string(), reply[half..].to_string()]
+                }
+                None => vec!["echo: ".to_string(), last.to_string()],
+            };
             let cut = model == "cut-stream";
             let mut events: Vec<String> =
                 vec![format!("data: {}\n\n", serde_json::json!({"choices": [{"delta": {"role": "assistant"}}]}))];
@@ -306,11 +510,7 @@ async fn chat(model: &str, stream: bool, request: &serde_json::Value) -> Respons
                 ));
                 events.push("data: [DONE]\n\n".to_string());
             }
-            let frames =
-                futures::stream::iter(events.into_iter().map(|e| Ok::<_, Infallible>(Frame::data(Bytes::from(e)))));
-            let mut r = Response::new(BodyExt::boxed(StreamBody::new(frames)));
-            r.headers_mut().insert("content-type", "text/event-stream".parse().unwrap_or_else(|_| unreachable!()));
-            r
+            sse(events)
         }
         _ => json(StatusCode::OK, reply(model, &format!("echo: {last}"))),
     }

@@ -148,7 +148,7 @@ fn arrived(req_arrived: Option<axum::Extension<Arrived>>) -> Instant {
 /// Creates a chat completion (OpenAI-compatible): the request's `model` is a name of the
 /// tenant's model table; `stream: true` answers with server-sent events ending in `[DONE]`.
 #[utoipa::path(post, path = "/v1/chat/completions", tag = "gateway",
-    request_body(content = Object, description = "OpenAI's chat completion request: `model` (a name of the tenant's model table), `messages`, and optionally `stream`, `stream_options`, `max_tokens`/`max_completion_tokens`, `temperature`, `stop`, `response_format`, `user`, `metadata`, `n` (1). An unknown field is refused by name."),
+    request_body(content = Object, description = "OpenAI's chat completion request: `model` (a name of the tenant's model table), `messages` (text and image parts, assistant tool calls, tool results), and optionally `tools`, `tool_choice`, `parallel_tool_calls`, `response_format` (text, json_object, json_schema), `stream`, `stream_options`, `max_tokens`/`max_completion_tokens`, `temperature`, `top_p`, `seed`, `stop`, `user`, `metadata`, `n` (1). An unknown field is refused by name; what a contract-0.1.0 provider cannot express is refused naming the feature and the plugin."),
     responses(
         (status = 200, description = "the completion (`chat.completion`), or with `stream: true` its chunks (`chat.completion.chunk`) as server-sent events, then `data: [DONE]`", content_type = "application/json", body = Object),
         (status = 400, description = "a field is invalid, unknown, or asks for what the model's providers cannot express (OpenAI's error shape names it in `param`)", body = OpenAiErrorBody),
@@ -271,7 +271,7 @@ impl IntoResponse for AnthropicError {
 /// request's `model` is a name of the tenant's model table; `stream: true` answers with
 /// Anthropic's event sequence. The key may come as `x-api-key`.
 #[utoipa::path(post, path = "/v1/messages", tag = "gateway",
-    request_body(content = Object, description = "Anthropic's Messages request: `model` (a name of the tenant's model table), `max_tokens`, `messages`, and optionally `system`, `stop_sequences`, `temperature`, `stream`, `metadata`. An unknown field is refused by name."),
+    request_body(content = Object, description = "Anthropic's Messages request: `model` (a name of the tenant's model table), `max_tokens`, `messages` (text, image, tool_use and tool_result blocks), and optionally `system`, `tools`, `tool_choice`, `stop_sequences`, `temperature`, `top_p`, `top_k`, `stream`, `metadata`. An unknown field is refused by name."),
     responses(
         (status = 200, description = "the message, or with `stream: true` its events (`message_start` … `message_stop`)", body = Object),
         (status = 400, body = AnthropicErrorBody), (status = 403, body = AnthropicErrorBody), (status = 404, body = AnthropicErrorBody),
@@ -294,7 +294,7 @@ pub async fn messages(
         let routed = gateway.complete(&who, &chat, arrived, deadline).await.map_err(AnthropicError)?;
         return Ok(whole(anthropic::message(&chat.model, &routed.value), arrived, routed.upstream, &routed.deployment));
     }
-    let prompt: usize = chat.request.messages.iter().map(|m| m.content.len()).sum();
+    let prompt: usize = chat.prompt_bytes();
     let live = gateway.stream(&who, &chat, arrived, deadline).await.map_err(AnthropicError)?;
     Ok(event_stream(live, anthropic::EventWriter::new(&chat.model, prompt.div_ceil(4) as u32), arrived))
 }
@@ -650,7 +650,20 @@ pub fn document(doc: &mut Value) {
         "properties": {
             "type": {"type": "string", "enum": ["text", "image_url"]},
             "text": text,
-            "image_url": {"type": "object", "required": ["url"], "properties": {"url": text}}
+            "image_url": {"type": "object", "required": ["url"], "properties": {
+                "url": text, "detail": {"type": "string", "enum": ["auto", "low", "high"]}}}
+        }
+    });
+    let tool_name = json!({"type": "string", "pattern": "^[a-zA-Z0-9_-]{1,64}$"});
+    let tool_call = json!({
+        "type": "object",
+        "additionalProperties": false,
+        "required": ["id", "type", "function"],
+        "properties": {
+            "id": {"type": "string", "minLength": 1},
+            "type": {"type": "string", "enum": ["function"]},
+            "function": {"type": "object", "additionalProperties": false, "required": ["name", "arguments"],
+                "properties": {"name": text, "arguments": {"type": "string", "description": "JSON text"}}}
         }
     });
     let message = json!({
@@ -661,17 +674,27 @@ pub fn document(doc: &mut Value) {
             "role": {"type": "string", "enum": ["system", "developer", "user", "assistant", "tool"]},
             "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": part}, {"type": "null"}]},
             "name": {"type": ["string", "null"]},
-            "tool_calls": {"type": ["array", "null"]},
+            "tool_calls": {"type": ["array", "null"], "items": tool_call,
+                "description": "an assistant message's calls; each `tool` message after it answers one by `tool_call_id`"},
             "tool_call_id": {"type": ["string", "null"]},
-            "refusal": {"type": ["string", "null"]}
+            "refusal": {"type": ["string", "null"]},
+            "annotations": {"description": "sent back by SDKs with an answer's message; ignored"},
+            "audio": {"type": "null"},
+            "function_call": {"type": "null"}
         }
     });
     let tool = json!({
         "type": "object",
+        "additionalProperties": false,
         "required": ["type", "function"],
         "properties": {
             "type": {"type": "string", "enum": ["function"]},
-            "function": {"type": "object", "required": ["name"], "properties": {"name": text}}
+            "function": {"type": "object", "additionalProperties": false, "required": ["name"], "properties": {
+                "name": tool_name,
+                "description": {"type": ["string", "null"]},
+                "parameters": {"type": ["object", "null"], "description": "the arguments' JSON Schema"},
+                "strict": boolean
+            }}
         }
     });
     let chat = json!({
@@ -697,12 +720,25 @@ pub fn document(doc: &mut Value) {
             "metadata": {"type": ["object", "null"], "maxProperties": 16, "propertyNames": {"maxLength": 64},
                 "additionalProperties": {"type": "string", "maxLength": 512}},
             "store": boolean,
-            "response_format": {"type": ["object", "null"], "required": ["type"], "properties": {
+            "response_format": {"type": ["object", "null"], "additionalProperties": false, "required": ["type"], "properties": {
                 "type": {"type": "string", "enum": ["text", "json_object", "json_schema"]},
-                "json_schema": {"type": "object", "required": ["name"], "properties": {"name": text}}
+                "json_schema": {"type": "object", "additionalProperties": false, "required": ["name"], "properties": {
+                    "name": tool_name,
+                    "description": {"type": ["string", "null"]},
+                    "schema": {"type": ["object", "null"]},
+                    "strict": boolean
+                }}
             }},
-            "tools": {"type": ["array", "null"], "maxItems": openai::MAX_TOOLS, "items": tool},
-            "tool_choice": {},
+            "tools": {"type": ["array", "null"], "maxItems": openai::MAX_TOOLS, "items": tool,
+                "description": "tool names are distinct"},
+            "tool_choice": {"description": "only with tools; a named function must be one of them", "oneOf": [
+                {"type": "string", "enum": ["auto", "none", "required"]},
+                {"type": "object", "additionalProperties": false, "required": ["type", "function"], "properties": {
+                    "type": {"type": "string", "enum": ["function"]},
+                    "function": {"type": "object", "additionalProperties": false, "required": ["name"], "properties": {"name": text}}
+                }},
+                {"type": "null"}
+            ]},
             "parallel_tool_calls": boolean,
             "frequency_penalty": {"type": ["number", "null"], "minimum": 0, "maximum": 0},
             "presence_penalty": {"type": ["number", "null"], "minimum": 0, "maximum": 0},
@@ -729,8 +765,15 @@ pub fn document(doc: &mut Value) {
         "type": "object",
         "required": ["type"],
         "properties": {
-            "type": {"type": "string", "enum": ["text", "image", "document", "tool_use", "tool_result"]},
-            "text": text
+            "type": {"type": "string", "enum": ["text", "image", "tool_use", "tool_result"]},
+            "text": text,
+            "source": {"type": "object", "description": "an image's: `base64` (media_type, data) or `url`"},
+            "id": text,
+            "name": text,
+            "input": {"type": "object", "description": "a tool_use block's arguments"},
+            "tool_use_id": {"type": "string", "description": "a tool_result's: the tool_use of the assistant turn before"},
+            "content": {"description": "a tool_result's: a string or text and image blocks"},
+            "is_error": {"type": "boolean"}
         }
     });
     let blocks = json!({"oneOf": [{"type": "string"}, {"type": "array", "items": block}]});
@@ -756,8 +799,18 @@ pub fn document(doc: &mut Value) {
             "metadata": {"type": ["object", "null"], "additionalProperties": false,
                 "properties": {"user_id": {"type": ["string", "null"]}}},
             "tools": {"type": ["array", "null"], "maxItems": openai::MAX_TOOLS,
-                "items": {"type": "object", "required": ["name"], "properties": {"name": text}}},
-            "tool_choice": {},
+                "items": {"type": "object", "additionalProperties": false, "required": ["name", "input_schema"], "properties": {
+                    "type": {"type": ["string", "null"], "enum": ["custom", null]},
+                    "name": tool_name,
+                    "description": {"type": ["string", "null"]},
+                    "input_schema": {"type": "object"},
+                    "cache_control": {}
+                }}},
+            "tool_choice": {"type": ["object", "null"], "additionalProperties": false, "required": ["type"], "properties": {
+                "type": {"type": "string", "enum": ["auto", "any", "tool", "none"]},
+                "name": {"type": ["string", "null"], "description": "with type `tool`: one of `tools`"},
+                "disable_parallel_tool_use": boolean
+            }},
             "service_tier": {"type": ["string", "null"], "enum": ["auto", "standard_only", null]}
         }
     });

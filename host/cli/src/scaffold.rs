@@ -145,15 +145,11 @@ impl Agent for Plugin {
 
     fn run(task: Task) -> Result<AgentOutput, PluginError> {
         let reply = qlayer_sdk::agent::complete(&CompletionRequest {
-            model: String::new(),
-            messages: vec![
+            max_tokens: Some(400),
+            ..CompletionRequest::new(vec![
                 Message::new(Role::System, "Role: summariser.\nSummarise the requirement in one paragraph."),
                 Message::new(Role::User, task.requirement),
-            ],
-            max_tokens: Some(400),
-            temperature: None,
-            stop: vec![],
-            json_output: false,
+            ])
         })?;
         Ok(AgentOutput { artifacts: vec![Artifact::text("SUMMARY.md", reply.text)], summary: "summary written".into() })
     }
@@ -171,14 +167,19 @@ use qlayer_sdk::*;
 struct Plugin;
 
 fn reply(request: &CompletionRequest) -> Result<String, PluginError> {
-    request.messages.last().map(|m| m.content.clone()).ok_or_else(|| PluginError::InvalidInput("no messages".into()))
+    request.messages.last().map(Message::text).ok_or_else(|| PluginError::InvalidInput("no messages".into()))
 }
 
 struct Once(Option<String>);
 
 impl ChunkSource for Once {
     fn next_chunk(&mut self) -> Result<Option<CompletionChunk>, PluginError> {
-        Ok(self.0.take().map(|delta| CompletionChunk { delta, finish_reason: Some("stop".into()), usage: None }))
+        Ok(self.0.take().map(|delta| CompletionChunk {
+            delta,
+            tool_calls: vec![],
+            finish_reason: Some(FinishReason::Stop),
+            usage: None,
+        }))
     }
 }
 
@@ -189,7 +190,13 @@ impl Provider for Plugin {
     }
     fn complete(request: CompletionRequest) -> Result<Completion, PluginError> {
         let text = reply(&request)?;
-        Ok(Completion { model: "echo".into(), text, finish_reason: "stop".into(), usage: Usage { prompt_tokens: 0, completion_tokens: 0 } })
+        Ok(Completion {
+            model: "echo".into(),
+            text,
+            tool_calls: vec![],
+            finish_reason: FinishReason::Stop,
+            usage: Usage { prompt_tokens: 0, completion_tokens: 0 },
+        })
     }
     fn stream(request: CompletionRequest) -> Result<Once, PluginError> {
         Ok(Once(Some(reply(&request)?)))

@@ -3,8 +3,11 @@
 //! `message_stop`) and errors rendered as Anthropic sends them. Providers never see these shapes.
 
 use crate::GatewayError;
-use crate::request::{ChatRequest, Feature};
-use qlayer_runtime::{Completion, CompletionChunk, CompletionRequest, Message, Role, Usage};
+use crate::request::ChatRequest;
+use qlayer_runtime::{
+    Completion, CompletionChunk, CompletionRequest, ContentPart, FinishReason, ImageUrl, Message, Role, ToolCall,
+    ToolChoice, ToolDefinition, Usage,
+};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -21,9 +24,27 @@ struct WireMessages {
     top_k: Option<u32>,
     stream: Option<bool>,
     metadata: Option<Metadata>,
-    tools: Option<Vec<Value>>,
-    tool_choice: Option<Value>,
+    tools: Option<Vec<WireTool>>,
+    tool_choice: Option<WireToolChoice>,
     service_tier: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireTool {
+    r#type: Option<String>,
+    name: String,
+    description: Option<String>,
+    input_schema: serde_json::Map<String, Value>,
+    cache_control: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireToolChoice {
+    r#type: String,
+    name: Option<String>,
+    disable_parallel_tool_use: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -65,38 +86,61 @@ pub fn messages_request(body: &[u8]) -> Result<ChatRequest, GatewayError> {
     if w.service_tier.as_deref().is_some_and(|t| t != "auto" && t != "standard_only") {
         return Err(invalid("service_tier", "service_tier: expected `auto` or `standard_only`"));
     }
-    let _ = w.metadata.map(|m| m.user_id);
-    let mut needs = Vec::new();
-    if let Some(tools) = &w.tools {
-        if tools.len() > crate::openai::MAX_TOOLS {
+    let user = w.metadata.and_then(|m| m.user_id);
+    let mut tools = Vec::new();
+    for (i, t) in w.tools.unwrap_or_default().into_iter().enumerate() {
+        if t.r#type.as_deref().is_some_and(|ty| ty != "custom") {
             return Err(invalid(
-                "tools",
-                format!("tools: the most a request may define is {}", crate::openai::MAX_TOOLS),
+                &format!("tools.{i}.type"),
+                format!("tools.{i}.type: server tools are not available through this gateway (custom tools are)"),
             ));
         }
-        for (i, tool) in tools.iter().enumerate() {
-            if tool.get("name").and_then(Value::as_str).is_none() {
-                return Err(invalid(&format!("tools.{i}.name"), format!("tools.{i}.name: a tool needs a name")));
+        let _ = t.cache_control;
+        tools.push(ToolDefinition {
+            name: t.name,
+            description: t.description,
+            parameters_json: Value::Object(t.input_schema).to_string(),
+            strict: false,
+        });
+    }
+    crate::openai::check_tools(&tools, |i| format!("tools.{i}.name"))?;
+    let (tool_choice, parallel_tool_calls) = match w.tool_choice {
+        None => (None, None),
+        Some(c) => {
+            if tools.is_empty() && c.r#type != "none" {
+                return Err(invalid("tool_choice", "tool_choice: is only allowed when tools are given"));
             }
+            let choice = match (c.r#type.as_str(), c.name) {
+                ("auto", None) => ToolChoice::Auto,
+                ("any", None) => ToolChoice::Required,
+                ("none", None) => ToolChoice::None,
+                ("tool", Some(name)) => {
+                    if !tools.iter().any(|t| t.name == name) {
+                        return Err(invalid(
+                            "tool_choice.name",
+                            format!("tool_choice.name: no tool named `{}` is defined in `tools`", name.escape_debug()),
+                        ));
+                    }
+                    ToolChoice::Named(name)
+                }
+                ("tool", None) => {
+                    return Err(invalid("tool_choice.name", "tool_choice.name: type `tool` names the tool"));
+                }
+                _ => {
+                    return Err(invalid(
+                        "tool_choice.type",
+                        "tool_choice.type: expected `auto`, `any`, `tool` (with a name) or `none`",
+                    ));
+                }
+            };
+            (Some(choice), c.disable_parallel_tool_use.map(|d| !d))
         }
-        if !tools.is_empty() {
-            needs.push(Feature::Tools);
-        }
-    }
-    if w.tool_choice.is_some() {
-        needs.push(Feature::ToolChoice);
-    }
-    if w.top_p.is_some() {
-        needs.push(Feature::TopP);
-    }
-    if w.top_k.is_some() {
-        needs.push(Feature::TopK);
-    }
+    };
     let mut messages = Vec::with_capacity(w.messages.len() + 1);
     if let Some(system) = &w.system {
-        let text = blocks(system, "system", &mut needs)?;
-        if !text.is_empty() {
-            messages.push(Message { role: Role::System, content: text });
+        let parts = system_text(system)?;
+        if !parts.is_empty() {
+            messages.push(Message::new(Role::System, parts));
         }
     }
     if w.messages.is_empty() {
@@ -105,6 +149,8 @@ pub fn messages_request(body: &[u8]) -> Result<ChatRequest, GatewayError> {
     if w.messages.len() > crate::openai::MAX_MESSAGES {
         return Err(invalid("messages", format!("messages: the most is {}", crate::openai::MAX_MESSAGES)));
     }
+    // The ids of the last assistant turn's tool uses not answered yet.
+    let mut open_calls: Vec<String> = Vec::new();
     for (i, m) in w.messages.iter().enumerate() {
         let at = format!("messages.{i}");
         let role = match m.role.as_str() {
@@ -120,72 +166,216 @@ pub fn messages_request(body: &[u8]) -> Result<ChatRequest, GatewayError> {
                 ));
             }
         };
-        let text = blocks(&m.content, &format!("{at}.content"), &mut needs)?;
-        messages.push(Message { role, content: text });
+        let turn = blocks(&m.content, &format!("{at}.content"), role)?;
+        if role == Role::Assistant {
+            open_calls = turn.tool_calls.iter().map(|c| c.id.clone()).collect();
+        } else {
+            for (id, here) in turn.results.iter().map(|(m, here)| (m.tool_call_id.clone().unwrap_or_default(), here)) {
+                let Some(pos) = open_calls.iter().position(|c| *c == id) else {
+                    return Err(invalid(
+                        here,
+                        format!(
+                            "{here}.tool_use_id: `{}` answers no tool_use block of the assistant turn before it",
+                            id.escape_debug()
+                        ),
+                    ));
+                };
+                open_calls.remove(pos);
+            }
+            open_calls.clear();
+        }
+        // Tool results become `tool` messages, ahead of the turn's other content.
+        messages.extend(turn.results.into_iter().map(|(m, _)| m));
+        if !turn.parts.is_empty() || !turn.tool_calls.is_empty() {
+            messages.push(Message {
+                role,
+                content: turn.parts,
+                tool_calls: turn.tool_calls,
+                tool_call_id: None,
+                name: None,
+            });
+        }
     }
     Ok(ChatRequest {
         endpoint: "messages",
         model: w.model,
         request: CompletionRequest {
-            model: String::new(),
-            messages,
+            tools,
+            tool_choice,
+            parallel_tool_calls,
             max_tokens: Some(w.max_tokens),
             temperature: w.temperature,
+            top_p: w.top_p,
+            top_k: w.top_k,
             stop: w.stop_sequences.unwrap_or_default(),
-            json_output: false,
+            user,
+            ..CompletionRequest::new("", messages)
         },
         stream: w.stream.unwrap_or(false),
         include_usage: true,
-        needs,
     })
 }
 
-/// A content value: a string, or blocks (text joined; tool and image blocks need a provider
-/// that can express them).
-fn blocks(value: &Value, at: &str, needs: &mut Vec<Feature>) -> Result<String, GatewayError> {
-    let mut need = |f: Feature| {
-        if !needs.contains(&f) {
-            needs.push(f);
-        }
-    };
+/// The system prompt: a string or text blocks, joined.
+fn system_text(value: &Value) -> Result<String, GatewayError> {
     match value {
         Value::String(s) => Ok(s.clone()),
         Value::Array(items) => {
             let mut text = String::new();
             for (j, block) in items.iter().enumerate() {
-                let here = format!("{at}.{j}");
-                match block.get("type").and_then(Value::as_str) {
-                    Some("text") => match block.get("text").and_then(Value::as_str) {
-                        Some(t) => text.push_str(t),
-                        None => return Err(invalid(&here, format!("{here}: a text block needs `text`"))),
-                    },
-                    Some("image") | Some("document") => need(Feature::ImageInput),
-                    Some("tool_use") | Some("tool_result") => need(Feature::ToolMessages),
-                    Some(other) => {
+                match (block.get("type").and_then(Value::as_str), block.get("text").and_then(Value::as_str)) {
+                    (Some("text"), Some(t)) => text.push_str(t),
+                    _ => {
                         return Err(invalid(
-                            &here,
-                            format!(
-                                "{here}: blocks of type `{}` are not available through this gateway",
-                                other.escape_debug()
-                            ),
+                            &format!("system.{j}"),
+                            format!("system.{j}: the system prompt is text blocks"),
                         ));
                     }
-                    None => return Err(invalid(&here, format!("{here}: a block needs a `type`"))),
                 }
             }
             Ok(text)
         }
-        _ => Err(invalid(at, format!("{at}: expected a string or a list of content blocks"))),
+        _ => Err(invalid("system", "system: expected a string or a list of text blocks")),
     }
 }
 
-fn stop_reason(reason: &str) -> &'static str {
-    match reason {
-        "length" | "max_tokens" => "max_tokens",
-        "tool_calls" | "tool-calls" | "tool_use" => "tool_use",
-        "content_filter" => "refusal",
-        _ => "end_turn",
+/// One turn's content, split the way the contract carries it.
+struct Turn {
+    /// Text and images, in order.
+    parts: Vec<ContentPart>,
+    /// An assistant turn's `tool_use` blocks.
+    tool_calls: Vec<ToolCall>,
+    /// A user turn's `tool_result` blocks, as `tool` messages, with where each was.
+    results: Vec<(Message, String)>,
+}
+
+/// A content value: a string, or blocks (text, image, tool_use in an assistant turn,
+/// tool_result in a user turn).
+fn blocks(value: &Value, at: &str, role: Role) -> Result<Turn, GatewayError> {
+    let mut turn = Turn { parts: Vec::new(), tool_calls: Vec::new(), results: Vec::new() };
+    let items = match value {
+        Value::String(s) => {
+            turn.parts.push(ContentPart::Text(s.clone()));
+            return Ok(turn);
+        }
+        Value::Array(items) => items,
+        _ => return Err(invalid(at, format!("{at}: expected a string or a list of content blocks"))),
+    };
+    for (j, block) in items.iter().enumerate() {
+        let here = format!("{at}.{j}");
+        let str_field = |name: &str| block.get(name).and_then(Value::as_str);
+        match str_field("type") {
+            Some("text") => match str_field("text") {
+                Some(t) => turn.parts.push(ContentPart::Text(t.to_string())),
+                None => return Err(invalid(&here, format!("{here}: a text block needs `text`"))),
+            },
+            Some("image") => turn.parts.push(ContentPart::ImageUrl(image(block, &here)?)),
+            Some("tool_use") if role == Role::Assistant => {
+                let (Some(id), Some(name)) = (str_field("id"), str_field("name")) else {
+                    return Err(invalid(&here, format!("{here}: a tool_use block needs `id` and `name`")));
+                };
+                let input = block.get("input").filter(|i| i.is_object()).ok_or_else(|| {
+                    invalid(&format!("{here}.input"), format!("{here}.input: a tool_use block's input is an object"))
+                })?;
+                turn.tool_calls.push(ToolCall {
+                    id: id.to_string(),
+                    name: name.to_string(),
+                    arguments: input.to_string(),
+                });
+            }
+            Some("tool_result") if role == Role::User => {
+                let Some(id) = str_field("tool_use_id") else {
+                    return Err(invalid(&here, format!("{here}: a tool_result block needs `tool_use_id`")));
+                };
+                let mut result = match block.get("content") {
+                    None | Some(Value::Null) => Message::new(Role::Tool, ""),
+                    Some(content) => {
+                        let inner = blocks(content, &format!("{here}.content"), Role::Tool)?;
+                        Message {
+                            role: Role::Tool,
+                            content: inner.parts,
+                            tool_calls: vec![],
+                            tool_call_id: None,
+                            name: None,
+                        }
+                    }
+                };
+                if block.get("is_error").and_then(Value::as_bool) == Some(true) {
+                    result.content.insert(0, ContentPart::Text("Error: ".into()));
+                }
+                result.tool_call_id = Some(id.to_string());
+                turn.results.push((result, here));
+            }
+            Some(kind @ ("tool_use" | "tool_result")) => {
+                let wanted = if kind == "tool_use" { "assistant" } else { "user" };
+                return Err(invalid(&here, format!("{here}: {kind} blocks belong in {wanted} turns")));
+            }
+            Some(other) => {
+                return Err(invalid(
+                    &here,
+                    format!("{here}: blocks of type `{}` are not available through this gateway", other.escape_debug()),
+                ));
+            }
+            None => return Err(invalid(&here, format!("{here}: a block needs a `type`"))),
+        }
     }
+    Ok(turn)
+}
+
+/// An image block's source as a URL: a `data:` URL for base64 data.
+fn image(block: &Value, at: &str) -> Result<ImageUrl, GatewayError> {
+    let source = block.get("source");
+    let get = |name: &str| source.and_then(|s| s.get(name)).and_then(Value::as_str);
+    match get("type") {
+        Some("base64") => match (get("media_type"), get("data")) {
+            (Some(media), Some(data)) => Ok(ImageUrl { url: format!("data:{media};base64,{data}"), detail: None }),
+            _ => Err(invalid(
+                &format!("{at}.source"),
+                format!("{at}.source: a base64 image needs `media_type` and `data`"),
+            )),
+        },
+        Some("url") => match get("url") {
+            Some(url) => Ok(ImageUrl { url: url.to_string(), detail: None }),
+            None => Err(invalid(&format!("{at}.source"), format!("{at}.source: a url image needs `url`"))),
+        },
+        _ => Err(invalid(&format!("{at}.source"), format!("{at}.source: expected a `base64` or `url` source"))),
+    }
+}
+
+/// A tool call's arguments as the object Anthropic's `input` is: the model's JSON, or, when it
+/// wrote something that is not an object, that text under `arguments`.
+fn tool_input(arguments: &str) -> Value {
+    match serde_json::from_str::<Value>(arguments) {
+        Ok(v @ Value::Object(_)) => v,
+        _ if arguments.trim().is_empty() => json!({}),
+        _ => json!({"arguments": arguments}),
+    }
+}
+
+fn stop_reason(reason: &FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Stop => "end_turn",
+        FinishReason::Length => "max_tokens",
+        FinishReason::ToolCalls => "tool_use",
+        FinishReason::ContentFilter => "refusal",
+        FinishReason::Other(other) => match other.as_str() {
+            "stop_sequence" => "stop_sequence",
+            "max_tokens" => "max_tokens",
+            "tool_use" => "tool_use",
+            _ => "end_turn",
+        },
+    }
+}
+
+fn content_blocks(c: &Completion) -> Value {
+    let mut blocks = Vec::new();
+    if !c.text.is_empty() || c.tool_calls.is_empty() {
+        blocks.push(json!({"type": "text", "text": c.text}));
+    }
+    for t in &c.tool_calls {
+        blocks.push(json!({"type": "tool_use", "id": t.id, "name": t.name, "input": tool_input(&t.arguments)}));
+    }
+    Value::Array(blocks)
 }
 
 /// A whole message as Anthropic sends it; `model` is the name the client asked for.
@@ -195,7 +385,7 @@ pub fn message(model: &str, c: &Completion) -> String {
         "type": "message",
         "role": "assistant",
         "model": model,
-        "content": [{"type": "text", "text": c.text}],
+        "content": content_blocks(c),
         "stop_reason": stop_reason(&c.finish_reason),
         "stop_sequence": null,
         "usage": {"input_tokens": c.usage.prompt_tokens, "output_tokens": c.usage.completion_tokens},
@@ -203,15 +393,20 @@ pub fn message(model: &str, c: &Completion) -> String {
     .to_string()
 }
 
-/// Renders a stream as Anthropic's event sequence: `message_start`, one text block
-/// (`content_block_start`, its deltas, `content_block_stop`), `message_delta` with the stop
-/// reason and usage, and `message_stop`, which only a clean end writes.
+/// Renders a stream as Anthropic's event sequence: `message_start`, the content blocks in order
+/// (a text block with `text_delta`s, a `tool_use` block per tool call with `input_json_delta`s;
+/// each `content_block_start` … `content_block_stop`), `message_delta` with the stop reason and
+/// usage, and `message_stop`, which only a clean end writes.
 #[derive(Debug)]
 pub struct EventWriter {
     id: String,
     model: String,
     prompt_estimate: u32,
     started: bool,
+    /// The open block: its index in the message, and the provider's tool call index if it is a
+    /// tool_use block.
+    open: Option<(u32, Option<u32>)>,
+    blocks: u32,
     stop: Option<&'static str>,
     usage: Option<Usage>,
 }
@@ -245,6 +440,8 @@ impl EventWriter {
             model: model.to_string(),
             prompt_estimate,
             started: false,
+            open: None,
+            blocks: 0,
             stop: None,
             usage: None,
         }
@@ -264,28 +461,69 @@ impl EventWriter {
                 "usage": {"input_tokens": self.prompt_estimate, "output_tokens": 0}
             }}),
         );
+    }
+
+    /// Closes the open block, if any.
+    fn close(&mut self, out: &mut String) {
+        if let Some((index, _)) = self.open.take() {
+            event(out, "content_block_stop", json!({"type": "content_block_stop", "index": index}));
+        }
+    }
+
+    /// Opens a new block, closing the one before.
+    fn open(&mut self, out: &mut String, tool: Option<u32>, block: Value) -> u32 {
+        self.close(out);
+        let index = self.blocks;
+        self.blocks += 1;
+        self.open = Some((index, tool));
         event(
             out,
             "content_block_start",
-            json!({"type": "content_block_start", "index": 0,
-            "content_block": {"type": "text", "text": ""}}),
+            json!({"type": "content_block_start", "index": index, "content_block": block}),
         );
+        index
     }
 
     /// The events for one chunk from the provider.
     pub fn chunk(&mut self, c: &CompletionChunk, out: &mut String) {
         self.start(out);
-        if !c.delta.is_empty() && self.stop.is_none() {
+        if self.stop.is_some() {
+            if let Some(u) = c.usage {
+                self.usage = Some(u);
+            }
+            return;
+        }
+        if !c.delta.is_empty() {
+            let index = match self.open {
+                Some((index, None)) => index,
+                _ => self.open(out, None, json!({"type": "text", "text": ""})),
+            };
             event(
                 out,
                 "content_block_delta",
-                json!({"type": "content_block_delta", "index": 0,
+                json!({"type": "content_block_delta", "index": index,
                 "delta": {"type": "text_delta", "text": c.delta}}),
             );
         }
-        if let Some(reason) = &c.finish_reason
-            && self.stop.is_none()
-        {
+        for t in &c.tool_calls {
+            let index = match self.open {
+                Some((index, Some(tool))) if tool == t.index && t.id.is_none() => index,
+                _ => {
+                    let block = json!({"type": "tool_use", "id": t.id.clone().unwrap_or_default(),
+                        "name": t.name.clone().unwrap_or_default(), "input": {}});
+                    self.open(out, Some(t.index), block)
+                }
+            };
+            if !t.arguments.is_empty() {
+                event(
+                    out,
+                    "content_block_delta",
+                    json!({"type": "content_block_delta", "index": index,
+                    "delta": {"type": "input_json_delta", "partial_json": t.arguments}}),
+                );
+            }
+        }
+        if let Some(reason) = &c.finish_reason {
             self.stop = Some(stop_reason(reason));
         }
         if let Some(u) = c.usage {
@@ -296,7 +534,10 @@ impl EventWriter {
     /// The events of a clean end.
     pub fn end(&mut self, out: &mut String) {
         self.start(out);
-        event(out, "content_block_stop", json!({"type": "content_block_stop", "index": 0}));
+        if self.blocks == 0 {
+            self.open(out, None, json!({"type": "text", "text": ""}));
+        }
+        self.close(out);
         let usage = self.usage.unwrap_or(Usage { prompt_tokens: self.prompt_estimate, completion_tokens: 0 });
         event(
             out,
@@ -352,15 +593,35 @@ mod tests {
         )
         .unwrap();
         assert_eq!(r.request.messages.len(), 2);
-        assert_eq!((r.request.messages[0].role, r.request.messages[1].content.as_str()), (Role::System, "hi"));
+        assert_eq!((r.request.messages[0].role, r.request.messages[1].text().as_str()), (Role::System, "hi"));
         assert_eq!((r.request.max_tokens, r.request.stop.clone()), (Some(10), vec!["END".to_string()]));
-        let needs = messages_request(
-            br#"{"model": "m", "max_tokens": 10, "tools": [{"name": "f", "input_schema": {}}],
-                "messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "x"}]}]}"#,
+        let r = messages_request(
+            br#"{"model": "m", "max_tokens": 10, "top_k": 5,
+                "tools": [{"name": "f", "description": "d", "input_schema": {"type": "object"}}],
+                "tool_choice": {"type": "any", "disable_parallel_tool_use": true},
+                "messages": [{"role": "user", "content": "go"},
+                  {"role": "assistant", "content": [{"type": "text", "text": "calling"},
+                    {"type": "tool_use", "id": "t1", "name": "f", "input": {"a": 1}}]},
+                  {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "x"},
+                    {"type": "text", "text": "and?"},
+                    {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA=="}}]}]}"#,
         )
-        .unwrap()
-        .needs;
-        assert_eq!(needs, [Feature::Tools, Feature::ToolMessages]);
+        .unwrap();
+        let q = &r.request;
+        assert_eq!(
+            (q.tools[0].name.as_str(), q.tool_choice.clone(), q.parallel_tool_calls),
+            ("f", Some(ToolChoice::Required), Some(false))
+        );
+        assert_eq!(q.top_k, Some(5));
+        assert_eq!(q.messages[1].tool_calls[0].arguments, r#"{"a":1}"#);
+        assert_eq!(
+            (q.messages[2].role, q.messages[2].tool_call_id.as_deref(), q.messages[2].text()),
+            (Role::Tool, Some("t1"), "x".into())
+        );
+        assert_eq!(q.messages[3].text(), "and?");
+        assert!(matches!(&q.messages[3].content[1], ContentPart::ImageUrl(i) if i.url == "data:image/png;base64,AA=="));
+        use qlayer_runtime::Unexpressible as F;
+        assert_eq!(r.needs(), [F::Tools, F::ToolChoice, F::ToolMessages, F::ImageInput, F::TopK]);
         for (body, param) in [
             (r#"{"model": "m", "messages": [{"role": "user", "content": "x"}]}"#, None),
             (
@@ -372,6 +633,14 @@ mod tests {
                 Some("thinking"),
             ),
             (r#"{"model": "m", "max_tokens": 1, "messages": []}"#, Some("messages")),
+            (
+                r#"{"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "nope", "content": "x"}]}]}"#,
+                Some("messages.0.content.0"),
+            ),
+            (
+                r#"{"model": "m", "max_tokens": 1, "tools": [{"name": "f", "input_schema": {}}], "tool_choice": {"type": "tool", "name": "g"}, "messages": [{"role": "user", "content": "x"}]}"#,
+                Some("tool_choice.name"),
+            ),
         ] {
             let e = messages_request(body.as_bytes()).unwrap_err();
             assert_eq!((e.status, e.param.as_deref()), (400, param), "{body}: {e:?}");
@@ -382,10 +651,19 @@ mod tests {
     fn a_stream_is_the_event_sequence_anthropic_sends() {
         let mut w = EventWriter::new("m", 4);
         let mut out = String::new();
-        w.chunk(&CompletionChunk { delta: "Hi".into(), finish_reason: Some("stop".into()), usage: None }, &mut out);
+        w.chunk(
+            &CompletionChunk {
+                delta: "Hi".into(),
+                tool_calls: vec![],
+                finish_reason: Some(FinishReason::Stop),
+                usage: None,
+            },
+            &mut out,
+        );
         w.chunk(
             &CompletionChunk {
                 delta: String::new(),
+                tool_calls: vec![],
                 finish_reason: None,
                 usage: Some(Usage { prompt_tokens: 5, completion_tokens: 1 }),
             },
@@ -405,5 +683,74 @@ mod tests {
             ]
         );
         assert!(out.contains(r#""stop_reason":"end_turn""#) && out.contains(r#""output_tokens":1"#), "{out}");
+    }
+
+    #[test]
+    fn streamed_tool_calls_are_tool_use_blocks_with_input_json_deltas() {
+        let mut w = EventWriter::new("m", 4);
+        let mut out = String::new();
+        let chunk = |delta: &str, calls: Vec<qlayer_runtime::ToolCallDelta>, f: Option<FinishReason>| CompletionChunk {
+            delta: delta.into(),
+            tool_calls: calls,
+            finish_reason: f,
+            usage: None,
+        };
+        let piece = |index: u32, id: Option<&str>, args: &str| qlayer_runtime::ToolCallDelta {
+            index,
+            id: id.map(str::to_string),
+            name: id.map(|_| "f".to_string()),
+            arguments: args.into(),
+        };
+        w.chunk(&chunk("Let me look.", vec![], None), &mut out);
+        w.chunk(&chunk("", vec![piece(0, Some("t1"), "")], None), &mut out);
+        w.chunk(&chunk("", vec![piece(0, None, "{\"a\":")], None), &mut out);
+        w.chunk(&chunk("", vec![piece(0, None, " 1}")], None), &mut out);
+        w.chunk(&chunk("", vec![piece(1, Some("t2"), "{}")], Some(FinishReason::ToolCalls)), &mut out);
+        w.end(&mut out);
+        let events: Vec<(String, Value)> = out
+            .split("\n\n")
+            .filter(|e| !e.is_empty())
+            .map(|e| {
+                let (name, data) = e.split_once("\ndata: ").unwrap();
+                (name.trim_start_matches("event: ").to_string(), serde_json::from_str(data).unwrap())
+            })
+            .collect();
+        let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "message_start",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_stop",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_delta",
+                "content_block_stop",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_stop",
+                "message_delta",
+                "message_stop"
+            ]
+        );
+        assert_eq!(events[4].1["content_block"], json!({"type": "tool_use", "id": "t1", "name": "f", "input": {}}));
+        assert_eq!((events[4].1["index"].clone(), events[8].1["index"].clone()), (json!(1), json!(2)));
+        assert_eq!(events[5].1["delta"], json!({"type": "input_json_delta", "partial_json": "{\"a\":"}));
+        assert_eq!(events[11].1["delta"]["stop_reason"], "tool_use");
+    }
+
+    #[test]
+    fn a_message_with_tool_calls_has_tool_use_blocks() {
+        let c = Completion {
+            model: "x".into(),
+            text: String::new(),
+            tool_calls: vec![ToolCall { id: "t1".into(), name: "f".into(), arguments: "{\"a\": 1}".into() }],
+            finish_reason: FinishReason::ToolCalls,
+            usage: Usage { prompt_tokens: 1, completion_tokens: 2 },
+        };
+        let body: Value = serde_json::from_str(&message("m", &c)).unwrap();
+        assert_eq!(body["content"], json!([{"type": "tool_use", "id": "t1", "name": "f", "input": {"a": 1}}]));
+        assert_eq!(body["stop_reason"], "tool_use");
     }
 }

@@ -245,12 +245,12 @@ impl GatewayError {
     pub fn unsupported(feature: openai::Feature, model: &str, d: &table::Deployment) -> Self {
         Self::invalid(format!(
             "{}: model `{model}` is served by plugin `{}`, which speaks contract {} and cannot express {}",
-            feature.field(),
+            request::field(feature),
             d.plugin,
             service_contract(),
-            feature.what()
+            feature.describe()
         ))
-        .param(feature.field())
+        .param(request::field(feature))
         .code("unsupported_feature")
     }
 
@@ -259,12 +259,12 @@ impl GatewayError {
         let plugins: Vec<String> = spec.deployments.iter().map(|d| format!("`{}`", d.plugin)).collect();
         Self::invalid(format!(
             "{}: model `{model}` is served by plugin {}, which speaks contract {} and cannot express {}",
-            feature.field(),
+            request::field(feature),
             plugins.join(", "),
             service_contract(),
-            feature.what()
+            feature.describe()
         ))
-        .param(feature.field())
+        .param(request::field(feature))
         .code("unsupported_feature")
     }
 
@@ -307,6 +307,7 @@ impl GatewayError {
     }
 }
 
-fn service_contract() -> &'static str {
-    "quantumlayer:plugin@0.1.0"
+/// The one contract version that lacks features a request may ask for.
+fn service_contract() -> qlayer_runtime::Contract {
+    qlayer_runtime::Contract::V0_1
 }

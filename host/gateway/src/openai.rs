@@ -3,7 +3,10 @@
 //! rendered as OpenAI sends them. Providers never see these shapes.
 
 use crate::GatewayError;
-use qlayer_runtime::{Completion, CompletionChunk, CompletionRequest, Message, Role, Usage};
+use qlayer_runtime::{
+    Completion, CompletionChunk, CompletionRequest, ContentPart, FinishReason, ImageUrl, JsonSchema, Message,
+    ResponseFormat, Role, ToolCall, ToolChoice, ToolDefinition, Usage,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -29,9 +32,9 @@ struct WireChat {
     safety_identifier: Option<String>,
     metadata: Option<std::collections::BTreeMap<String, String>>,
     store: Option<bool>,
-    response_format: Option<Value>,
-    tools: Option<Vec<Value>>,
-    tool_choice: Option<Value>,
+    response_format: Option<WireFormat>,
+    tools: Option<Vec<WireTool>>,
+    tool_choice: Option<WireToolChoice>,
     parallel_tool_calls: Option<bool>,
     frequency_penalty: Option<f32>,
     presence_penalty: Option<f32>,
@@ -39,6 +42,73 @@ struct WireChat {
     logprobs: Option<bool>,
     service_tier: Option<String>,
     prompt_cache_key: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireTool {
+    r#type: String,
+    function: WireFunction,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireFunction {
+    name: String,
+    description: Option<String>,
+    parameters: Option<serde_json::Map<String, Value>>,
+    strict: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum WireToolChoice {
+    Mode(String),
+    Named(NamedTool),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NamedTool {
+    r#type: String,
+    function: NamedFunction,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NamedFunction {
+    name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireFormat {
+    r#type: String,
+    json_schema: Option<WireSchema>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireSchema {
+    name: String,
+    description: Option<String>,
+    schema: Option<serde_json::Map<String, Value>>,
+    strict: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireToolCall {
+    id: String,
+    r#type: String,
+    function: WireCalled,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireCalled {
+    name: String,
+    arguments: String,
 }
 
 #[derive(Deserialize)]
@@ -62,9 +132,47 @@ struct WireMessage {
     #[serde(default)]
     content: Value,
     name: Option<String>,
-    tool_calls: Option<Vec<Value>>,
+    tool_calls: Option<Vec<WireToolCall>>,
     tool_call_id: Option<String>,
     refusal: Option<String>,
+    /// Response-only fields that SDKs send back when a client appends the answer's message to
+    /// the history (`messages.append(choice.message)`): annotations are ignored, as OpenAI does;
+    /// audio and the deprecated function call are refused by name.
+    annotations: Option<Value>,
+    audio: Option<Value>,
+    function_call: Option<Value>,
+}
+
+/// Whether `name` is a tool name OpenAI accepts: 1 to 64 letters, digits, `_` and `-`.
+pub fn valid_tool_name(name: &str) -> bool {
+    (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Checks the tool definitions shared by both APIs: how many, valid and distinct names.
+pub fn check_tools(tools: &[ToolDefinition], at: impl Fn(usize) -> String) -> Result<(), GatewayError> {
+    if tools.len() > MAX_TOOLS {
+        return Err(invalid(
+            "tools",
+            format!("tools: {} tools, the most a request may define is {MAX_TOOLS}", tools.len()),
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (i, t) in tools.iter().enumerate() {
+        let here = at(i);
+        if !valid_tool_name(&t.name) {
+            return Err(invalid(
+                &here,
+                format!(
+                    "{here}: `{}` is not a valid tool name (1 to 64 of a-z, A-Z, 0-9, _ and -)",
+                    t.name.escape_debug()
+                ),
+            ));
+        }
+        if !seen.insert(t.name.as_str()) {
+            return Err(invalid(&here, format!("{here}: tool `{}` is defined twice", t.name)));
+        }
+    }
+    Ok(())
 }
 
 /// The most messages one request may carry.
@@ -153,7 +261,7 @@ pub fn chat_request(body: &[u8]) -> Result<ChatRequest, GatewayError> {
         "service_tier",
         "only `auto` and `default` are available through this gateway",
     )?;
-    let _ = (&w.user, &w.safety_identifier, &w.store, &w.prompt_cache_key);
+    let _ = (&w.store, &w.prompt_cache_key);
     if let Some(metadata) = &w.metadata
         && (metadata.len() > 16 || metadata.iter().any(|(k, v)| k.chars().count() > 64 || v.chars().count() > 512))
     {
@@ -182,50 +290,94 @@ pub fn chat_request(body: &[u8]) -> Result<ChatRequest, GatewayError> {
     if max_tokens == Some(0) {
         return Err(invalid("max_tokens", "max_tokens: must be at least 1"));
     }
-    let mut needs = Vec::new();
-    if let Some(tools) = &w.tools {
-        if tools.len() > MAX_TOOLS {
+    let mut tools = Vec::new();
+    for (i, t) in w.tools.unwrap_or_default().into_iter().enumerate() {
+        if t.r#type != "function" {
             return Err(invalid(
-                "tools",
-                format!("tools: {} tools, the most a request may define is {MAX_TOOLS}", tools.len()),
+                &format!("tools[{i}].type"),
+                format!(
+                    "tools[{i}].type: `{}` tools are not available through this gateway (`function` is)",
+                    t.r#type.escape_debug()
+                ),
             ));
         }
-        for (i, tool) in tools.iter().enumerate() {
-            if tool.get("type").and_then(Value::as_str) != Some("function")
-                || tool.pointer("/function/name").and_then(Value::as_str).is_none()
-            {
+        tools.push(ToolDefinition {
+            name: t.function.name,
+            description: t.function.description,
+            parameters_json: match t.function.parameters {
+                Some(p) => Value::Object(p).to_string(),
+                None => r#"{"type":"object","properties":{}}"#.to_string(),
+            },
+            strict: t.function.strict.unwrap_or(false),
+        });
+    }
+    check_tools(&tools, |i| format!("tools[{i}].function.name"))?;
+    if (w.tool_choice.is_some() || w.parallel_tool_calls.is_some()) && tools.is_empty() {
+        let param = if w.tool_choice.is_some() { "tool_choice" } else { "parallel_tool_calls" };
+        return Err(invalid(param, format!("{param}: is only allowed when tools are given")));
+    }
+    let tool_choice = match w.tool_choice {
+        None => None,
+        Some(WireToolChoice::Mode(mode)) => Some(match mode.as_str() {
+            "auto" => ToolChoice::Auto,
+            "none" => ToolChoice::None,
+            "required" => ToolChoice::Required,
+            other => {
                 return Err(invalid(
-                    &format!("tools[{i}]"),
-                    format!("tools[{i}]: a tool is `{{\"type\": \"function\", \"function\": {{\"name\": ...}}}}`"),
+                    "tool_choice",
+                    format!(
+                        "tool_choice: `{}` is not `auto`, `none`, `required` or a named function",
+                        other.escape_debug()
+                    ),
                 ));
             }
+        }),
+        Some(WireToolChoice::Named(named)) => {
+            if named.r#type != "function" {
+                return Err(invalid("tool_choice.type", "tool_choice.type: expected `function`"));
+            }
+            if !tools.iter().any(|t| t.name == named.function.name) {
+                return Err(invalid(
+                    "tool_choice.function.name",
+                    format!(
+                        "tool_choice.function.name: no tool named `{}` is defined in `tools`",
+                        named.function.name.escape_debug()
+                    ),
+                ));
+            }
+            Some(ToolChoice::Named(named.function.name))
         }
-        if !tools.is_empty() {
-            needs.push(Feature::Tools);
-        }
-    }
-    if w.tool_choice.is_some() || w.parallel_tool_calls.is_some() {
-        if w.tools.as_ref().is_none_or(Vec::is_empty) {
-            return Err(invalid("tool_choice", "tool_choice: is only allowed when tools are given"));
-        }
-        needs.push(Feature::ToolChoice);
-    }
-    if w.top_p.is_some() {
-        needs.push(Feature::TopP);
-    }
-    if w.seed.is_some() {
-        needs.push(Feature::Seed);
-    }
-    let mut json_output = false;
-    if let Some(format) = &w.response_format {
-        match format.get("type").and_then(Value::as_str) {
-            Some("text") => {}
-            Some("json_object") => json_output = true,
-            Some("json_schema") => {
-                if format.pointer("/json_schema/name").and_then(Value::as_str).is_none() {
-                    return Err(invalid("response_format.json_schema", "response_format.json_schema: needs a `name`"));
+    };
+    let response_format = match w.response_format {
+        None => ResponseFormat::Text,
+        Some(f) => match (f.r#type.as_str(), f.json_schema) {
+            ("text", None) => ResponseFormat::Text,
+            ("json_object", None) => ResponseFormat::JsonObject,
+            ("json_schema", Some(schema)) => {
+                if !valid_tool_name(&schema.name) {
+                    return Err(invalid(
+                        "response_format.json_schema.name",
+                        "response_format.json_schema.name: 1 to 64 of a-z, A-Z, 0-9, _ and -",
+                    ));
                 }
-                needs.push(Feature::JsonSchema);
+                ResponseFormat::JsonSchema(JsonSchema {
+                    name: schema.name,
+                    description: schema.description,
+                    schema_json: Value::Object(schema.schema.unwrap_or_default()).to_string(),
+                    strict: schema.strict.unwrap_or(false),
+                })
+            }
+            ("json_schema", None) => {
+                return Err(invalid(
+                    "response_format.json_schema",
+                    "response_format.json_schema: is required for type `json_schema`",
+                ));
+            }
+            ("text" | "json_object", Some(_)) => {
+                return Err(invalid(
+                    "response_format.json_schema",
+                    "response_format.json_schema: only goes with type `json_schema`",
+                ));
             }
             _ => {
                 return Err(invalid(
@@ -233,9 +385,9 @@ pub fn chat_request(body: &[u8]) -> Result<ChatRequest, GatewayError> {
                     "response_format.type: expected `text`, `json_object` or `json_schema`",
                 ));
             }
-        }
-    }
-    let messages = messages(&w.messages, &mut needs)?;
+        },
+    };
+    let messages = messages(w.messages)?;
     if let Some(options) = &w.stream_options {
         refuse_unless(w.stream == Some(true), "stream_options", "only allowed when `stream` is true")?;
         let _ = options.include_obfuscation;
@@ -244,20 +396,24 @@ pub fn chat_request(body: &[u8]) -> Result<ChatRequest, GatewayError> {
         endpoint: "chat",
         model: w.model,
         request: CompletionRequest {
-            model: String::new(),
-            messages,
+            tools,
+            tool_choice,
+            parallel_tool_calls: w.parallel_tool_calls,
+            response_format,
             max_tokens,
             temperature: w.temperature,
+            top_p: w.top_p,
+            seed: w.seed,
             stop,
-            json_output,
+            user: w.user.or(w.safety_identifier),
+            ..CompletionRequest::new("", messages)
         },
         stream: w.stream.unwrap_or(false),
         include_usage: w.stream_options.and_then(|o| o.include_usage).unwrap_or(false),
-        needs,
     })
 }
 
-fn messages(wire: &[WireMessage], needs: &mut Vec<Feature>) -> Result<Vec<Message>, GatewayError> {
+fn messages(wire: Vec<WireMessage>) -> Result<Vec<Message>, GatewayError> {
     if wire.is_empty() {
         return Err(invalid("messages", "messages: at least one message is needed"));
     }
@@ -265,8 +421,9 @@ fn messages(wire: &[WireMessage], needs: &mut Vec<Feature>) -> Result<Vec<Messag
         return Err(invalid("messages", format!("messages: {} messages, the most is {MAX_MESSAGES}", wire.len())));
     }
     let mut out = Vec::with_capacity(wire.len());
-    let mut open_tool_calls = false;
-    for (i, m) in wire.iter().enumerate() {
+    // The ids of the last assistant message's tool calls not answered yet.
+    let mut open_calls: Vec<String> = Vec::new();
+    for (i, m) in wire.into_iter().enumerate() {
         let at = format!("messages[{i}]");
         let role = match m.role.as_str() {
             "system" | "developer" => Role::System,
@@ -283,32 +440,72 @@ fn messages(wire: &[WireMessage], needs: &mut Vec<Feature>) -> Result<Vec<Messag
                 ));
             }
         };
-        let _ = (&m.name, &m.refusal);
-        let text = content(&m.content, &at, needs)?;
+        let _ = (&m.refusal, &m.annotations);
+        for (field, value) in [("audio", &m.audio), ("function_call", &m.function_call)] {
+            if value.as_ref().is_some_and(|v| !v.is_null()) {
+                return Err(invalid(
+                    &format!("{at}.{field}"),
+                    format!("{at}.{field}: is not available through this gateway (use tool_calls for calls)"),
+                ));
+            }
+        }
+        let content = content(&m.content, &at)?;
+        if m.tool_calls.is_some() && role != Role::Assistant {
+            return Err(invalid(
+                &format!("{at}.tool_calls"),
+                format!("{at}.tool_calls: only assistant messages make tool calls"),
+            ));
+        }
+        if m.tool_call_id.is_some() && role != Role::Tool {
+            return Err(invalid(
+                &format!("{at}.tool_call_id"),
+                format!("{at}.tool_call_id: only `tool` messages answer tool calls"),
+            ));
+        }
+        let mut tool_calls = Vec::new();
         match role {
             Role::Tool => {
-                if !open_tool_calls {
-                    return Err(invalid(
-                        &format!("{at}.role"),
-                        format!("{at}: a `tool` message must answer a tool call of an assistant message before it"),
-                    ));
-                }
-                if m.tool_call_id.as_deref().is_none_or(str::is_empty) {
+                let Some(id) = m.tool_call_id.clone().filter(|id| !id.is_empty()) else {
                     return Err(invalid(
                         &format!("{at}.tool_call_id"),
                         format!("{at}.tool_call_id: a `tool` message names the call it answers"),
                     ));
-                }
-                if !needs.contains(&Feature::ToolMessages) {
-                    needs.push(Feature::ToolMessages);
+                };
+                let Some(pos) = open_calls.iter().position(|c| *c == id) else {
+                    return Err(invalid(
+                        &format!("{at}.tool_call_id"),
+                        format!(
+                            "{at}.tool_call_id: `{}` answers no tool call of the assistant message before it",
+                            id.escape_debug()
+                        ),
+                    ));
+                };
+                open_calls.remove(pos);
+                if content.is_none() {
+                    return Err(invalid(
+                        &format!("{at}.content"),
+                        format!("{at}.content: a tool message needs content"),
+                    ));
                 }
             }
             Role::Assistant => {
-                open_tool_calls = m.tool_calls.as_ref().is_some_and(|c| !c.is_empty());
-                if open_tool_calls && !needs.contains(&Feature::ToolMessages) {
-                    needs.push(Feature::ToolMessages);
+                open_calls.clear();
+                for (j, call) in m.tool_calls.unwrap_or_default().into_iter().enumerate() {
+                    let here = format!("{at}.tool_calls[{j}]");
+                    if call.r#type != "function" {
+                        return Err(invalid(&format!("{here}.type"), format!("{here}.type: expected `function`")));
+                    }
+                    if call.id.is_empty() || open_calls.contains(&call.id) {
+                        return Err(invalid(&format!("{here}.id"), format!("{here}.id: each call needs its own id")));
+                    }
+                    open_calls.push(call.id.clone());
+                    tool_calls.push(ToolCall {
+                        id: call.id,
+                        name: call.function.name,
+                        arguments: call.function.arguments,
+                    });
                 }
-                if text.is_none() && !open_tool_calls {
+                if content.is_none() && tool_calls.is_empty() {
                     return Err(invalid(
                         &format!("{at}.content"),
                         format!("{at}.content: an assistant message without tool calls needs content"),
@@ -316,8 +513,8 @@ fn messages(wire: &[WireMessage], needs: &mut Vec<Feature>) -> Result<Vec<Messag
                 }
             }
             _ => {
-                open_tool_calls = false;
-                if text.is_none() {
+                open_calls.clear();
+                if content.is_none() {
                     return Err(invalid(
                         &format!("{at}.content"),
                         format!("{at}.content: a {} message needs content", m.role),
@@ -325,39 +522,43 @@ fn messages(wire: &[WireMessage], needs: &mut Vec<Feature>) -> Result<Vec<Messag
                 }
             }
         }
-        if m.tool_calls.is_some() && role != Role::Assistant {
-            return Err(invalid(
-                &format!("{at}.tool_calls"),
-                format!("{at}.tool_calls: only assistant messages make tool calls"),
-            ));
-        }
-        out.push(Message { role, content: text.unwrap_or_default() });
+        out.push(Message {
+            role,
+            content: content.unwrap_or_default(),
+            tool_calls,
+            tool_call_id: m.tool_call_id,
+            name: m.name,
+        });
     }
     Ok(out)
 }
 
-/// A message's content: a string, or parts (text joined; an image part needs a provider that
-/// takes images). `None` for null or absent.
-fn content(value: &Value, at: &str, needs: &mut Vec<Feature>) -> Result<Option<String>, GatewayError> {
+/// A message's content: a string, or text and image parts in order. `None` for null or absent.
+fn content(value: &Value, at: &str) -> Result<Option<Vec<ContentPart>>, GatewayError> {
     match value {
         Value::Null => Ok(None),
-        Value::String(s) => Ok(Some(s.clone())),
+        Value::String(s) => Ok(Some(vec![ContentPart::Text(s.clone())])),
         Value::Array(parts) => {
-            let mut text = String::new();
+            let mut out = Vec::with_capacity(parts.len());
             for (j, part) in parts.iter().enumerate() {
                 let here = format!("{at}.content[{j}]");
                 match part.get("type").and_then(Value::as_str) {
                     Some("text") => match part.get("text").and_then(Value::as_str) {
-                        Some(t) => text.push_str(t),
+                        Some(t) => out.push(ContentPart::Text(t.to_string())),
                         None => return Err(invalid(&here, format!("{here}: a text part needs `text`"))),
                     },
                     Some("image_url") => {
-                        if part.pointer("/image_url/url").and_then(Value::as_str).is_none() {
+                        let Some(url) = part.pointer("/image_url/url").and_then(Value::as_str) else {
                             return Err(invalid(&here, format!("{here}: an image_url part needs `image_url.url`")));
+                        };
+                        let detail = part.pointer("/image_url/detail").and_then(Value::as_str);
+                        if detail.is_some_and(|d| !matches!(d, "auto" | "low" | "high")) {
+                            return Err(invalid(&here, format!("{here}: image_url.detail is `auto`, `low` or `high`")));
                         }
-                        if !needs.contains(&Feature::ImageInput) {
-                            needs.push(Feature::ImageInput);
-                        }
+                        out.push(ContentPart::ImageUrl(ImageUrl {
+                            url: url.to_string(),
+                            detail: detail.map(str::to_string),
+                        }));
                     }
                     Some(other) => {
                         return Err(invalid(
@@ -371,7 +572,7 @@ fn content(value: &Value, at: &str, needs: &mut Vec<Feature>) -> Result<Option<S
                     None => return Err(invalid(&here, format!("{here}: a content part needs a `type`"))),
                 }
             }
-            Ok(Some(text))
+            Ok(Some(out))
         }
         _ => Err(invalid(&format!("{at}.content"), format!("{at}.content: expected a string or a list of parts"))),
     }
@@ -468,13 +669,35 @@ impl From<Usage> for WireUsage {
 }
 
 /// OpenAI's finish reasons; anything else a provider says becomes `stop`.
-fn finish_reason(reason: &str) -> &'static str {
+fn finish_reason(reason: &FinishReason) -> &'static str {
     match reason {
-        "length" | "max_tokens" => "length",
-        "content_filter" => "content_filter",
-        "tool_calls" | "tool-calls" => "tool_calls",
-        _ => "stop",
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+        FinishReason::ToolCalls => "tool_calls",
+        FinishReason::ContentFilter => "content_filter",
+        FinishReason::Other(other) => match other.as_str() {
+            "max_tokens" => "length",
+            "tool_use" => "tool_calls",
+            _ => "stop",
+        },
     }
+}
+
+fn tool_calls(calls: &[ToolCall]) -> Value {
+    calls
+        .iter()
+        .map(|c| serde_json::json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
+        .collect()
+}
+
+fn message_body(c: &Completion) -> Value {
+    let content =
+        if c.text.is_empty() && !c.tool_calls.is_empty() { Value::Null } else { Value::from(c.text.as_str()) };
+    let mut m = serde_json::json!({"role": "assistant", "content": content, "refusal": null, "annotations": []});
+    if !c.tool_calls.is_empty() {
+        m["tool_calls"] = tool_calls(&c.tool_calls);
+    }
+    m
 }
 
 /// A whole completion as OpenAI sends it; `model` is the name the client asked for.
@@ -486,7 +709,7 @@ pub fn completion(model: &str, c: &Completion) -> String {
         "model": model,
         "choices": [{
             "index": 0,
-            "message": {"role": "assistant", "content": c.text, "refusal": null, "annotations": []},
+            "message": message_body(c),
             "logprobs": null,
             "finish_reason": finish_reason(&c.finish_reason),
         }],
@@ -562,6 +785,20 @@ impl ChunkWriter {
         if !c.delta.is_empty() && self.finish.is_none() {
             out.push_str(&self.event(serde_json::json!({"content": c.delta}), None));
         }
+        if self.finish.is_none() {
+            for t in &c.tool_calls {
+                // A call's first piece carries its id, type and name; later ones only arguments.
+                let mut piece = serde_json::json!({"index": t.index, "function": {"arguments": t.arguments}});
+                if let Some(id) = &t.id {
+                    piece["id"] = Value::from(id.as_str());
+                    piece["type"] = Value::from("function");
+                }
+                if let Some(name) = &t.name {
+                    piece["function"]["name"] = Value::from(name.as_str());
+                }
+                out.push_str(&self.event(serde_json::json!({"tool_calls": [piece]}), None));
+            }
+        }
         if let Some(reason) = &c.finish_reason
             && self.finish.is_none()
         {
@@ -578,7 +815,10 @@ impl ChunkWriter {
     /// for, and `[DONE]`.
     pub fn end(&mut self, out: &mut String) {
         if !self.role_sent {
-            self.chunk(&CompletionChunk { delta: String::new(), finish_reason: None, usage: None }, out);
+            self.chunk(
+                &CompletionChunk { delta: String::new(), tool_calls: vec![], finish_reason: None, usage: None },
+                out,
+            );
         }
         if self.finish.is_none() {
             self.finish = Some("stop");
@@ -675,18 +915,81 @@ mod tests {
         )
         .unwrap();
         assert_eq!(r.model, "m");
-        assert!(!r.stream && r.needs.is_empty());
+        assert!(!r.stream && r.needs().is_empty());
         assert_eq!(r.request.messages[0].role, Role::System);
-        assert_eq!(r.request.messages[1].content, "hi there");
+        assert_eq!(r.request.messages[1].text(), "hi there");
+        assert_eq!(r.request.messages[1].content.len(), 2, "parts are kept apart");
         assert_eq!(
-            (r.request.max_tokens, r.request.stop.clone(), r.request.json_output),
-            (Some(5), vec!["END".to_string()], true)
+            (r.request.max_tokens, r.request.stop.clone(), r.request.response_format.clone()),
+            (Some(5), vec!["END".to_string()], ResponseFormat::JsonObject)
+        );
+        assert_eq!(r.request.user.as_deref(), Some("u1"));
+    }
+
+    #[test]
+    fn tools_tool_calls_and_schemas_reach_the_contract_whole() {
+        let r = chat_request(
+            br#"{"model": "m", "tools": [{"type": "function", "function": {"name": "get_weather",
+                  "description": "now", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}, "strict": true}}],
+                "tool_choice": {"type": "function", "function": {"name": "get_weather"}}, "parallel_tool_calls": false,
+                "top_p": 0.5, "seed": 7,
+                "response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema": {"type": "object"}, "strict": true}},
+                "messages": [{"role": "user", "content": [{"type": "text", "text": "weather?"},
+                                {"type": "image_url", "image_url": {"url": "https://x/y.png", "detail": "low"}}]},
+                  {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function",
+                    "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}]},
+                  {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]}"#,
+        )
+        .unwrap();
+        let q = &r.request;
+        assert_eq!(q.tools[0].name, "get_weather");
+        assert!(q.tools[0].strict);
+        assert_eq!(
+            serde_json::from_str::<Value>(&q.tools[0].parameters_json).unwrap()["properties"]["city"]["type"],
+            "string"
+        );
+        assert_eq!(q.tool_choice, Some(ToolChoice::Named("get_weather".into())));
+        assert_eq!((q.parallel_tool_calls, q.top_p, q.seed), (Some(false), Some(0.5), Some(7)));
+        assert!(matches!(&q.response_format, ResponseFormat::JsonSchema(s) if s.name == "w" && s.strict));
+        assert!(matches!(&q.messages[0].content[1], ContentPart::ImageUrl(i) if i.detail.as_deref() == Some("low")));
+        assert_eq!(q.messages[1].tool_calls[0].arguments, r#"{"city": "Oslo"}"#);
+        assert_eq!((q.messages[2].role, q.messages[2].tool_call_id.as_deref()), (Role::Tool, Some("c1")));
+        assert_eq!(
+            r.needs(),
+            [
+                Feature::Tools,
+                Feature::ToolChoice,
+                Feature::ToolMessages,
+                Feature::ImageInput,
+                Feature::JsonSchema,
+                Feature::TopP,
+                Feature::Seed
+            ]
+        );
+    }
+
+    #[test]
+    fn a_completion_with_tool_calls_is_rendered_as_openai_does() {
+        let c = Completion {
+            model: "x".into(),
+            text: String::new(),
+            tool_calls: vec![ToolCall { id: "c1".into(), name: "f".into(), arguments: "{}".into() }],
+            finish_reason: FinishReason::ToolCalls,
+            usage: Usage { prompt_tokens: 1, completion_tokens: 2 },
+        };
+        let body: Value = serde_json::from_str(&completion("m", &c)).unwrap();
+        let choice = &body["choices"][0];
+        assert_eq!(choice["finish_reason"], "tool_calls");
+        assert_eq!(choice["message"]["content"], Value::Null);
+        assert_eq!(
+            choice["message"]["tool_calls"],
+            serde_json::json!([{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}])
         );
     }
 
     #[test]
     fn what_the_contract_cannot_express_is_named_and_bad_input_is_refused_by_field() {
-        let needs = |body: &str| chat_request(body.as_bytes()).unwrap().needs;
+        let needs = |body: &str| chat_request(body.as_bytes()).unwrap().needs();
         assert_eq!(
             needs(
                 r#"{"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto"}"#
@@ -727,8 +1030,28 @@ mod tests {
             (r#"{"model": "m", "messages": []}"#, "messages", "at least one message"),
             (
                 r#"{"model": "m", "messages": [{"role": "tool", "content": "x", "tool_call_id": "c1"}]}"#,
-                "messages[0].role",
-                "must answer a tool call",
+                "messages[0].tool_call_id",
+                "answers no tool call",
+            ),
+            (
+                r#"{"model": "m", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}, {"role": "tool", "content": "r", "tool_call_id": "c2"}]}"#,
+                "messages[2].tool_call_id",
+                "`c2` answers no tool call",
+            ),
+            (
+                r#"{"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function", "function": {"name": "g"}}}"#,
+                "tool_choice.function.name",
+                "no tool named `g`",
+            ),
+            (
+                r#"{"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f"}}, {"type": "function", "function": {"name": "f"}}]}"#,
+                "tools[1].function.name",
+                "defined twice",
+            ),
+            (
+                r#"{"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "no spaces"}}]}"#,
+                "tools[0].function.name",
+                "not a valid tool name",
             ),
             (r#"{"model": "m", "messages": [{"role": "wizard", "content": "x"}]}"#, "messages[0].role", "not one of"),
             (r#"{"model": "m", "messages": [{"role": "user"}]}"#, "messages[0].content", "needs content"),
@@ -763,13 +1086,14 @@ mod tests {
     fn a_stream_is_role_then_deltas_then_finish_then_usage_then_done() {
         let mut w = ChunkWriter::new("m", true);
         let mut out = String::new();
-        let chunk = |d: &str, f: Option<&str>, u: Option<(u32, u32)>| CompletionChunk {
+        let chunk = |d: &str, f: Option<FinishReason>, u: Option<(u32, u32)>| CompletionChunk {
             delta: d.into(),
-            finish_reason: f.map(str::to_string),
+            tool_calls: vec![],
+            finish_reason: f,
             usage: u.map(|(p, c)| Usage { prompt_tokens: p, completion_tokens: c }),
         };
         w.chunk(&chunk("Hel", None, None), &mut out);
-        w.chunk(&chunk("lo", Some("stop"), None), &mut out);
+        w.chunk(&chunk("lo", Some(FinishReason::Stop), None), &mut out);
         w.chunk(&chunk("", None, Some((3, 2))), &mut out);
         w.end(&mut out);
         let events: Vec<&str> = out.split("\n\n").filter(|e| !e.is_empty()).collect();
@@ -785,6 +1109,44 @@ mod tests {
         let ids: std::collections::HashSet<String> =
             events[..5].iter().map(|e| json(e)["id"].as_str().unwrap().to_string()).collect();
         assert_eq!(ids.len(), 1, "one id for the stream");
+    }
+
+    #[test]
+    fn streamed_tool_calls_are_deltas_with_the_id_and_name_first() {
+        let mut w = ChunkWriter::new("m", false);
+        let mut out = String::new();
+        let piece = |id: Option<&str>, name: Option<&str>, args: &str| qlayer_runtime::ToolCallDelta {
+            index: 0,
+            id: id.map(str::to_string),
+            name: name.map(str::to_string),
+            arguments: args.into(),
+        };
+        for (p, f) in [
+            (piece(Some("c1"), Some("f"), ""), None),
+            (piece(None, None, "{\"a\":"), None),
+            (piece(None, None, " 1}"), Some(FinishReason::ToolCalls)),
+        ] {
+            w.chunk(
+                &CompletionChunk { delta: String::new(), tool_calls: vec![p], finish_reason: f, usage: None },
+                &mut out,
+            );
+        }
+        w.end(&mut out);
+        let events: Vec<Value> = out
+            .split("\n\n")
+            .filter_map(|e| e.strip_prefix("data: "))
+            .filter(|e| *e != "[DONE]")
+            .map(|e| serde_json::from_str(e).unwrap())
+            .collect();
+        let deltas: Vec<&Value> = events.iter().map(|e| &e["choices"][0]["delta"]).collect();
+        assert_eq!(
+            deltas[1]["tool_calls"][0],
+            serde_json::json!({"index": 0, "id": "c1", "type": "function", "function": {"name": "f", "arguments": ""}})
+        );
+        assert_eq!(deltas[2]["tool_calls"][0], serde_json::json!({"index": 0, "function": {"arguments": "{\"a\":"}}));
+        assert_eq!(deltas[3]["tool_calls"][0]["function"]["arguments"], " 1}");
+        assert_eq!(events[4]["choices"][0]["finish_reason"], "tool_calls");
+        assert!(out.ends_with("data: [DONE]\n\n"));
     }
 
     #[test]

@@ -4,54 +4,20 @@
 
 use qlayer_runtime::CompletionRequest;
 
-/// What a request asks for that a provider must be able to express.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Feature {
-    /// Tool definitions (`tools`).
-    Tools,
-    /// `tool_choice`.
-    ToolChoice,
-    /// Assistant tool calls or `tool` messages in the conversation.
-    ToolMessages,
-    /// `top_p`.
-    TopP,
-    /// `seed`.
-    Seed,
-    /// `response_format` of type `json_schema`.
-    JsonSchema,
-    /// Image parts in a message.
-    ImageInput,
-    /// `top_k` (Anthropic's).
-    TopK,
-}
+/// What a request asks for that a provider's contract must be able to express: everything
+/// 0.2.0 can say that 0.1.0 cannot.
+pub use qlayer_runtime::Unexpressible as Feature;
 
-impl Feature {
-    /// The request field that asks for it.
-    pub fn field(self) -> &'static str {
-        match self {
-            Feature::Tools => "tools",
-            Feature::ToolChoice => "tool_choice",
-            Feature::ToolMessages => "messages",
-            Feature::TopP => "top_p",
-            Feature::Seed => "seed",
-            Feature::JsonSchema => "response_format",
-            Feature::ImageInput => "messages",
-            Feature::TopK => "top_k",
-        }
-    }
-
-    /// What it is, for people.
-    pub fn what(self) -> &'static str {
-        match self {
-            Feature::Tools => "tool definitions",
-            Feature::ToolChoice => "a tool choice",
-            Feature::ToolMessages => "tool calls and tool results",
-            Feature::TopP => "nucleus sampling (top_p)",
-            Feature::Seed => "a sampling seed",
-            Feature::JsonSchema => "structured output with a JSON schema",
-            Feature::ImageInput => "image input",
-            Feature::TopK => "top-k sampling",
-        }
+/// The request field that asks for `feature`, as OpenAI names it.
+pub fn field(feature: Feature) -> &'static str {
+    match feature {
+        Feature::Tools => "tools",
+        Feature::ToolChoice => "tool_choice",
+        Feature::ToolMessages | Feature::ImageInput => "messages",
+        Feature::TopP => "top_p",
+        Feature::TopK => "top_k",
+        Feature::Seed => "seed",
+        Feature::JsonSchema => "response_format",
     }
 }
 
@@ -68,8 +34,39 @@ pub struct ChatRequest {
     pub stream: bool,
     /// `stream_options.include_usage`.
     pub include_usage: bool,
-    /// What a provider needs to be able to express to serve it.
-    pub needs: Vec<Feature>,
+}
+
+impl ChatRequest {
+    /// What a provider needs to be able to express to serve it, beyond contract 0.1.0.
+    pub fn needs(&self) -> Vec<Feature> {
+        qlayer_runtime::unexpressible_in_v0_1(&self.request)
+    }
+
+    /// The bytes of the prompt (text, tool calls and tool definitions), for estimates.
+    pub fn prompt_bytes(&self) -> usize {
+        let messages: usize = self
+            .request
+            .messages
+            .iter()
+            .map(|m| {
+                m.content
+                    .iter()
+                    .map(|p| match p {
+                        qlayer_runtime::ContentPart::Text(t) => t.len(),
+                        qlayer_runtime::ContentPart::ImageUrl(_) => 0,
+                    })
+                    .sum::<usize>()
+                    + m.tool_calls.iter().map(|c| c.name.len() + c.arguments.len()).sum::<usize>()
+            })
+            .sum();
+        let tools: usize = self
+            .request
+            .tools
+            .iter()
+            .map(|t| t.name.len() + t.description.as_ref().map_or(0, String::len) + t.parameters_json.len())
+            .sum();
+        messages + tools
+    }
 }
 
 /// Renders a provider's stream in one API's event format.

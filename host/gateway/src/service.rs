@@ -96,9 +96,9 @@ impl std::fmt::Debug for Gateway {
 }
 
 /// The contract a provider speaks, and what it can express.
-fn contract_supports(_installed: &Installed, _feature: Feature) -> bool {
-    // Every provider today is bound through quantumlayer:plugin@0.1.0, which has none of them.
-    false
+fn contract_supports(installed: &Installed, _feature: Feature) -> bool {
+    // Every feature a request may need is one 0.2.0 added (see `qlayer_runtime::Unexpressible`).
+    installed.plugin().contract() != Some(qlayer_runtime::Contract::V0_1)
 }
 
 /// What a routed call produced, and where.
@@ -535,7 +535,7 @@ impl Gateway {
         started: Instant,
         deadline: Instant,
     ) -> Result<Routed<Completion>, GatewayError> {
-        let prompt = chat.request.messages.iter().map(|m| m.content.len()).sum();
+        let prompt = chat.prompt_bytes();
         let Begun { permit: _permit, record, spec, guard, .. } =
             self.begin(caller, chat.endpoint, &chat.model, prompt, started).await?;
         let routed = self
@@ -543,7 +543,7 @@ impl Gateway {
                 caller,
                 &chat.model,
                 &spec,
-                &chat.needs,
+                &chat.needs(),
                 deadline,
                 |installed: Installed, model: String| async move {
                     let mut request = chat.request.clone();
@@ -574,7 +574,7 @@ impl Gateway {
         started: Instant,
         deadline: Instant,
     ) -> Result<LiveStream, GatewayError> {
-        let prompt = chat.request.messages.iter().map(|m| m.content.len()).sum();
+        let prompt = chat.prompt_bytes();
         let Begun { permit, mut record, spec, guard, prompt_estimate } =
             self.begin(caller, chat.endpoint, &chat.model, prompt, started).await?;
         let routed = self
@@ -582,7 +582,7 @@ impl Gateway {
                 caller,
                 &chat.model,
                 &spec,
-                &chat.needs,
+                &chat.needs(),
                 deadline,
                 |installed: Installed, model: String| async move {
                     let mut request = chat.request.clone();

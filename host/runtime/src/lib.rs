@@ -22,6 +22,7 @@
 
 mod bindings;
 mod cache;
+mod compat;
 pub mod egress;
 mod extism_tool;
 mod grants;
@@ -34,17 +35,18 @@ mod state;
 pub use extism_tool::ExtismInstance;
 
 pub use bindings::types::{
-    AgentOutput, Artifact, Completion, CompletionChunk, CompletionRequest, Diagnostic, EmbeddingRequest, Embeddings,
-    Message, ModelInfo, PluginError, Role, Severity, Task, Usage,
+    AgentOutput, Artifact, Completion, CompletionChunk, CompletionRequest, ContentPart, Diagnostic, EmbeddingRequest,
+    Embeddings, FinishReason, ImageUrl, JsonSchema, Message, ModelInfo, PluginError, ResponseFormat, Role, Severity,
+    Task, ToolCall, ToolCallDelta, ToolChoice, ToolDefinition, Usage,
 };
+pub use compat::{Unexpressible, unexpressible_in_v0_1};
 pub use grants::{GrantError, Grants, Secret};
 pub use network::NetworkPolicy;
 pub use qlayer_manifest::{Format, HostPattern, Kind, Manifest};
 
 use anyhow::Context as _;
-use bindings::{
-    agent::AgentPluginPre, provider::ProviderPluginPre, tool::ToolPluginPre, validator::ValidatorPluginPre,
-};
+use bindings::{v0_1, v0_2};
+use compat::Conv;
 use futures::future::BoxFuture;
 use sha2::{Digest, Sha256};
 use state::StoreState;
@@ -487,7 +489,7 @@ impl Runtime {
             Some(cache) => cache.load_or_compile(&self.shared.engine, &digest, wasm).map_err(compile_error)?,
             None => Component::new(&self.shared.engine, wasm).map_err(|e| compile_error(e.into()))?,
         };
-        check_world(&self.shared.engine, &component, &manifest)?;
+        let contract = check_world(&self.shared.engine, &component, &manifest)?;
         let linker = &self.shared.linkers[kind_index(manifest.kind)];
         let pre = linker.instantiate_pre(&component).map_err(|e| LoadError::WrongWorld {
             plugin: manifest.name.clone(),
@@ -506,16 +508,25 @@ impl Runtime {
             stub_http(&mut linker, &self.shared.engine, &component)?;
             linker.instantiate_pre(&component)
         };
+        // The world's typed pre-linked component, of the contract version it exports.
+        macro_rules! bind {
+            ($world:ident :: $pre_ty:ident, $pre:expr) => {
+                match contract {
+                    Contract::V0_1 => Bound::V0_1(v0_1::$world::$pre_ty::new($pre).map_err(wrong)?),
+                    Contract::V0_2 => Bound::V0_2(v0_2::$world::$pre_ty::new($pre).map_err(wrong)?),
+                }
+            };
+        }
         let pre = match manifest.kind {
             Kind::Provider => Pre::Provider {
-                open: ProviderPluginPre::new(pre).map_err(wrong)?,
-                closed: ProviderPluginPre::new(closed().map_err(wrong)?).map_err(wrong)?,
+                open: bind!(provider::ProviderPluginPre, pre),
+                closed: bind!(provider::ProviderPluginPre, closed().map_err(wrong)?),
             },
-            Kind::Agent => Pre::Agent(AgentPluginPre::new(pre).map_err(wrong)?),
-            Kind::Validator => Pre::Validator(ValidatorPluginPre::new(pre).map_err(wrong)?),
+            Kind::Agent => Pre::Agent(bind!(agent::AgentPluginPre, pre)),
+            Kind::Validator => Pre::Validator(bind!(validator::ValidatorPluginPre, pre)),
             Kind::Tool => Pre::Tool {
-                open: ToolPluginPre::new(pre).map_err(wrong)?,
-                closed: ToolPluginPre::new(closed().map_err(wrong)?).map_err(wrong)?,
+                open: bind!(tool::ToolPluginPre, pre),
+                closed: bind!(tool::ToolPluginPre, closed().map_err(wrong)?),
             },
         };
         Ok(Arc::new(Plugin { manifest, digest, size: wasm.len(), pre: Arc::new(pre), shared: self.shared.clone() }))
@@ -545,8 +556,11 @@ fn base_linker(engine: &Engine) -> anyhow::Result<Linker<StoreState>> {
     // the context behind them grants nothing: no preopened directories, no environment, no
     // sockets.
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
-    bindings::host::add_to_linker::<_, HasSelf<StoreState>>(&mut linker, |s| s)?;
-    bindings::types::add_to_linker::<_, HasSelf<StoreState>>(&mut linker, |s| s)?;
+    // Both contract versions: their interfaces have different names, so one linker serves both.
+    v0_2::host::add_to_linker::<_, HasSelf<StoreState>>(&mut linker, |s| s)?;
+    v0_2::types::add_to_linker::<_, HasSelf<StoreState>>(&mut linker, |s| s)?;
+    v0_1::host::add_to_linker::<_, HasSelf<StoreState>>(&mut linker, |s| s)?;
+    v0_1::types::add_to_linker::<_, HasSelf<StoreState>>(&mut linker, |s| s)?;
     Ok(linker)
 }
 
@@ -557,7 +571,10 @@ fn linker_for(engine: &Engine, kind: Kind) -> anyhow::Result<Linker<StoreState>>
     let mut linker = base_linker(engine)?;
     match kind {
         Kind::Provider | Kind::Tool => wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?,
-        Kind::Agent => bindings::llm::add_to_linker::<_, HasSelf<StoreState>>(&mut linker, |s| s)?,
+        Kind::Agent => {
+            v0_2::llm::add_to_linker::<_, HasSelf<StoreState>>(&mut linker, |s| s)?;
+            v0_1::llm::add_to_linker::<_, HasSelf<StoreState>>(&mut linker, |s| s)?;
+        }
         Kind::Validator => {}
     }
     Ok(linker)
@@ -624,7 +641,7 @@ fn required_functions(kind: Kind) -> &'static [&'static str] {
     }
 }
 
-fn check_world(engine: &Engine, component: &Component, manifest: &Manifest) -> Result<(), LoadError> {
+fn check_world(engine: &Engine, component: &Component, manifest: &Manifest) -> Result<Contract, LoadError> {
     use wasmtime::component::types::ComponentItem;
     let kind = manifest.kind;
     let wrong =
@@ -632,11 +649,20 @@ fn check_world(engine: &Engine, component: &Component, manifest: &Manifest) -> R
     let ty = component.component_type();
     let want = format!("quantumlayer:plugin/{}", kind.export());
     let exports: Vec<(String, ComponentItem)> = ty.exports(engine).map(|(n, i)| (n.to_string(), i.ty)).collect();
-    let Some((_, item)) = exports.iter().find(|(n, _)| n.split('@').next() == Some(&want)) else {
+    let Some((name, item)) = exports.iter().find(|(n, _)| n.split('@').next() == Some(&want)) else {
         let names: Vec<&str> = exports.iter().map(|(n, _)| n.as_str()).collect();
         return Err(wrong(format!(
-            "does not export `{want}@0.1.0` (it exports: {})",
+            "does not export `{want}@{}` (or another version the host binds: {}); it exports: {}",
+            Contract::LATEST.version(),
+            Contract::ALL.map(Contract::version).join(", "),
             if names.is_empty() { "nothing".to_string() } else { names.join(", ") }
+        )));
+    };
+    let version = name.split('@').nth(1).unwrap_or("");
+    let Some(contract) = Contract::ALL.into_iter().find(|c| c.version() == version) else {
+        return Err(wrong(format!(
+            "exports `{name}`, a contract version this host does not bind (it binds {})",
+            Contract::ALL.map(Contract::version).join(", ")
         )));
     };
     let ComponentItem::ComponentInstance(instance) = item else {
@@ -653,7 +679,73 @@ fn check_world(engine: &Engine, component: &Component, manifest: &Manifest) -> R
             return Err(wrong(format!("imports `{name}`, which a {kind} plugin may not use")));
         }
     }
-    Ok(())
+    Ok(contract)
+}
+
+/// A version of the plugin contract (the WIT package `quantumlayer:plugin`) the host binds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Contract {
+    /// `quantumlayer:plugin@0.1.0`: text messages, no tools.
+    V0_1,
+    /// `quantumlayer:plugin@0.2.0`: tools, content parts, response formats, typed finish reasons.
+    V0_2,
+}
+
+impl Contract {
+    /// Every version bound, oldest first.
+    pub const ALL: [Contract; 2] = [Contract::V0_1, Contract::V0_2];
+    /// The version the SDK and first-party plugins build against.
+    pub const LATEST: Contract = Contract::V0_2;
+
+    /// `0.1.0`, `0.2.0`.
+    pub fn version(self) -> &'static str {
+        match self {
+            Contract::V0_1 => "0.1.0",
+            Contract::V0_2 => "0.2.0",
+        }
+    }
+}
+
+impl fmt::Display for Contract {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "quantumlayer:plugin@{}", self.version())
+    }
+}
+
+/// One of a pair of things that exist per contract version: pre-linked components, bindings.
+#[derive(Clone)]
+pub enum Bound<A, B> {
+    /// For a `quantumlayer:plugin@0.1.0` component.
+    V0_1(A),
+    /// For a `quantumlayer:plugin@0.2.0` component.
+    V0_2(B),
+}
+
+impl<A, B> Bound<A, B> {
+    fn contract(&self) -> Contract {
+        match self {
+            Bound::V0_1(_) => Contract::V0_1,
+            Bound::V0_2(_) => Contract::V0_2,
+        }
+    }
+}
+
+type ProviderPre = Bound<v0_1::provider::ProviderPluginPre<StoreState>, v0_2::provider::ProviderPluginPre<StoreState>>;
+type AgentPre = Bound<v0_1::agent::AgentPluginPre<StoreState>, v0_2::agent::AgentPluginPre<StoreState>>;
+type ValidatorPre =
+    Bound<v0_1::validator::ValidatorPluginPre<StoreState>, v0_2::validator::ValidatorPluginPre<StoreState>>;
+type ToolPre = Bound<v0_1::tool::ToolPluginPre<StoreState>, v0_2::tool::ToolPluginPre<StoreState>>;
+
+/// Instantiates a [`Bound`] pre-linked component in `store`, keeping its version.
+macro_rules! instantiate {
+    ($pre:expr, $store:expr) => {
+        async {
+            Ok::<_, wasmtime::Error>(match $pre {
+                Bound::V0_1(p) => Bound::V0_1(Arc::new(p.instantiate_async($store).await?)),
+                Bound::V0_2(p) => Bound::V0_2(Arc::new(p.instantiate_async($store).await?)),
+            })
+        }
+    };
 }
 
 /// A pre-linked component. Providers and tools have two: `open` with wasi:http, for installs
@@ -662,14 +754,14 @@ fn check_world(engine: &Engine, component: &Component, manifest: &Manifest) -> R
 /// requests, bodies) however it misbehaves.
 enum Pre {
     Provider {
-        open: ProviderPluginPre<StoreState>,
-        closed: ProviderPluginPre<StoreState>,
+        open: ProviderPre,
+        closed: ProviderPre,
     },
-    Agent(AgentPluginPre<StoreState>),
-    Validator(ValidatorPluginPre<StoreState>),
+    Agent(AgentPre),
+    Validator(ValidatorPre),
     Tool {
-        open: ToolPluginPre<StoreState>,
-        closed: ToolPluginPre<StoreState>,
+        open: ToolPre,
+        closed: ToolPre,
     },
     /// An Extism module: compiled per install, since its grants and config are bound at compile.
     Extism(Arc<[u8]>),
@@ -717,6 +809,17 @@ impl Plugin {
     /// Size of the component in bytes.
     pub fn size(&self) -> usize {
         self.size
+    }
+
+    /// The contract version the component was built against; `None` for an Extism module.
+    pub fn contract(&self) -> Option<Contract> {
+        match &*self.pre {
+            Pre::Provider { open, .. } => Some(open.contract()),
+            Pre::Agent(pre) => Some(pre.contract()),
+            Pre::Validator(pre) => Some(pre.contract()),
+            Pre::Tool { open, .. } => Some(open.contract()),
+            Pre::Extism(_) => None,
+        }
     }
 
     /// Records what this install may use, after checking every grant was asked for. The limits
@@ -947,7 +1050,7 @@ impl Installed {
         };
         let pre = if self.grants.outbound_hosts.is_empty() { closed } else { open };
         let (mut begun, deadline) = self.begin(tenant, None).await;
-        let outcome = bounded(deadline, pre.instantiate_async(&mut begun.1)).await;
+        let outcome = bounded(deadline, instantiate!(pre, &mut begun.1)).await;
         self.finish(begun, outcome)
     }
 
@@ -955,7 +1058,7 @@ impl Installed {
     pub async fn agent(&self, tenant: &str, llm: Arc<dyn LlmHandler>) -> Result<AgentInstance, CallError> {
         let Pre::Agent(pre) = &*self.plugin.pre else { return Err(self.wrong_kind(tenant, Kind::Agent)) };
         let (mut begun, deadline) = self.begin(tenant, Some(llm)).await;
-        let outcome = bounded(deadline, pre.instantiate_async(&mut begun.1)).await;
+        let outcome = bounded(deadline, instantiate!(pre, &mut begun.1)).await;
         self.finish(begun, outcome)
     }
 
@@ -963,7 +1066,7 @@ impl Installed {
     pub async fn validator(&self, tenant: &str) -> Result<ValidatorInstance, CallError> {
         let Pre::Validator(pre) = &*self.plugin.pre else { return Err(self.wrong_kind(tenant, Kind::Validator)) };
         let (mut begun, deadline) = self.begin(tenant, None).await;
-        let outcome = bounded(deadline, pre.instantiate_async(&mut begun.1)).await;
+        let outcome = bounded(deadline, instantiate!(pre, &mut begun.1)).await;
         self.finish(begun, outcome)
     }
 
@@ -983,7 +1086,7 @@ impl Installed {
         };
         let pre = if self.grants.outbound_hosts.is_empty() { closed } else { open };
         let (mut begun, deadline) = self.begin(tenant, None).await;
-        let outcome = bounded(deadline, pre.instantiate_async(&mut begun.1)).await;
+        let outcome = bounded(deadline, instantiate!(pre, &mut begun.1)).await;
         self.finish(begun, outcome)
     }
 
@@ -1116,13 +1219,14 @@ pub struct Instance<B> {
 }
 
 /// A live provider.
-pub type ProviderInstance = Instance<bindings::provider::ProviderPlugin>;
+pub type ProviderInstance = Instance<Bound<Arc<v0_1::provider::ProviderPlugin>, Arc<v0_2::provider::ProviderPlugin>>>;
 /// A live agent.
-pub type AgentInstance = Instance<bindings::agent::AgentPlugin>;
+pub type AgentInstance = Instance<Bound<Arc<v0_1::agent::AgentPlugin>, Arc<v0_2::agent::AgentPlugin>>>;
 /// A live validator.
-pub type ValidatorInstance = Instance<bindings::validator::ValidatorPlugin>;
+pub type ValidatorInstance =
+    Instance<Bound<Arc<v0_1::validator::ValidatorPlugin>, Arc<v0_2::validator::ValidatorPlugin>>>;
 /// A live tool.
-pub type ToolInstance = Instance<bindings::tool::ToolPlugin>;
+pub type ToolInstance = Instance<Bound<Arc<v0_1::tool::ToolPlugin>, Arc<v0_2::tool::ToolPlugin>>>;
 
 /// A live tool of either format.
 pub enum AnyTool {
@@ -1193,37 +1297,113 @@ impl<B: Send + Sync> Instance<B> {
     }
 }
 
-/// Calls one export of an instance under its deadline: `guest_call!(self, iface().call_x(args..))`.
+impl<A, B> Instance<Bound<A, B>> {
+    /// The contract version of the component behind this instance.
+    pub fn contract(&self) -> Contract {
+        self.bindings.contract()
+    }
+}
+
+/// Calls one export of an instance under its deadline:
+/// `guest_call!(self, bindings.iface().call_x(&mut self.store, args..)[, conversion of the outcome])`.
 macro_rules! guest_call {
-    ($inst:ident, $($call:tt)+) => {{
+    ($inst:ident, $call:expr) => {{
         let deadline = $inst.begin()?;
-        let outcome = bounded(deadline, $inst.bindings.$($call)+).await;
+        let outcome = bounded(deadline, $call).await;
         $inst.finish(outcome)
     }};
+    ($inst:ident, $call:expr, $up:expr) => {{
+        let deadline = $inst.begin()?;
+        let outcome = bounded(deadline, $call).await.map($up);
+        $inst.finish(outcome)
+    }};
+}
+
+/// A 0.1.0 call's outcome as the 0.2.0 types.
+fn up<A: Conv<B>, B>(
+    outcome: wasmtime::Result<Result<A, v0_1::types::PluginError>>,
+) -> wasmtime::Result<Result<B, PluginError>> {
+    outcome.map(|r| r.map(Conv::conv).map_err(Conv::conv))
+}
+
+/// The bytes of a completion's answer, for the output limit.
+fn completion_size(c: &Completion) -> usize {
+    c.text.len() + c.tool_calls.iter().map(|t| t.id.len() + t.name.len() + t.arguments.len()).sum::<usize>()
 }
 
 impl ProviderInstance {
     /// The models the provider serves.
     pub async fn models(&mut self) -> Result<Vec<ModelInfo>, CallError> {
-        guest_call!(self, quantumlayer_plugin_provider().call_models(&mut self.store))
+        match self.bindings.clone() {
+            Bound::V0_1(b) => guest_call!(self, b.quantumlayer_plugin_provider().call_models(&mut self.store), up),
+            Bound::V0_2(b) => guest_call!(self, b.quantumlayer_plugin_provider().call_models(&mut self.store)),
+        }
+    }
+
+    /// `request` for this instance's contract: for a 0.1.0 component, the request turned into
+    /// 0.1.0's types, or an error naming what 0.1.0 cannot express.
+    fn downgrade(&self, request: &CompletionRequest) -> Result<v0_1::types::CompletionRequest, CallError> {
+        compat::downgrade(request).map_err(|feature| {
+            error_of(
+                &self.store,
+                CallErrorKind::Plugin(PluginError::InvalidInput(format!(
+                    "the request uses {}, which plugin `{}` cannot express: it is built against {}",
+                    feature.describe(),
+                    self.store.data().plugin,
+                    Contract::V0_1
+                ))),
+            )
+        })
     }
 
     /// One completion.
     pub async fn complete(&mut self, request: &CompletionRequest) -> Result<Completion, CallError> {
-        let completion = guest_call!(self, quantumlayer_plugin_provider().call_complete(&mut self.store, request))?;
-        self.within_output(completion.text.len())?;
+        let completion = match self.bindings.clone() {
+            Bound::V0_1(b) => {
+                let old = self.downgrade(request)?;
+                guest_call!(self, b.quantumlayer_plugin_provider().call_complete(&mut self.store, &old), up)?
+            }
+            Bound::V0_2(b) => {
+                guest_call!(self, b.quantumlayer_plugin_provider().call_complete(&mut self.store, request))?
+            }
+        };
+        self.within_output(completion_size(&completion))?;
         Ok(completion)
     }
 
     /// Embeddings.
     pub async fn embed(&mut self, request: &EmbeddingRequest) -> Result<Embeddings, CallError> {
-        guest_call!(self, quantumlayer_plugin_provider().call_embed(&mut self.store, request))
+        match self.bindings.clone() {
+            Bound::V0_1(b) => {
+                let old = request.clone().conv();
+                guest_call!(self, b.quantumlayer_plugin_provider().call_embed(&mut self.store, &old), up)
+            }
+            Bound::V0_2(b) => guest_call!(self, b.quantumlayer_plugin_provider().call_embed(&mut self.store, request)),
+        }
+    }
+
+    /// Starts a stream and returns the guest's resource.
+    async fn start_stream(&mut self, request: &CompletionRequest) -> Result<ResourceAny, CallError> {
+        match self.bindings.clone() {
+            Bound::V0_1(b) => {
+                let old = self.downgrade(request)?;
+                guest_call!(self, b.quantumlayer_plugin_provider().call_stream(&mut self.store, &old), up)
+            }
+            Bound::V0_2(b) => guest_call!(self, b.quantumlayer_plugin_provider().call_stream(&mut self.store, request)),
+        }
     }
 
     /// Starts a streamed completion; read it with [`ChunkStream::next`].
     pub async fn stream(&mut self, request: &CompletionRequest) -> Result<ChunkStream<'_>, CallError> {
-        let handle = guest_call!(self, quantumlayer_plugin_provider().call_stream(&mut self.store, request))?;
+        let handle = self.start_stream(request).await?;
         Ok(ChunkStream { instance: self, handle: Some(handle) })
+    }
+
+    /// Starts a streamed completion that keeps this instance; read it with
+    /// [`OwnedChunkStream::next`].
+    pub async fn into_stream(mut self, request: &CompletionRequest) -> Result<OwnedChunkStream, CallError> {
+        let handle = self.start_stream(request).await?;
+        Ok(OwnedChunkStream { instance: self, handle: Some(handle) })
     }
 
     /// Calls a trivial export (`models`) and discards the answer; for measuring call overhead.
@@ -1260,28 +1440,30 @@ impl OwnedChunkStream {
     }
 }
 
-impl ProviderInstance {
-    /// Starts a streamed completion that keeps this instance; read it with
-    /// [`OwnedChunkStream::next`].
-    pub async fn into_stream(mut self, request: &CompletionRequest) -> Result<OwnedChunkStream, CallError> {
-        let inst = &mut self;
-        let handle = guest_call!(inst, quantumlayer_plugin_provider().call_stream(&mut inst.store, request))?;
-        Ok(OwnedChunkStream { instance: self, handle: Some(handle) })
-    }
-}
-
 async fn next_chunk(
     inst: &mut ProviderInstance,
     slot: &mut Option<ResourceAny>,
 ) -> Result<Option<CompletionChunk>, CallError> {
     let Some(handle) = *slot else { return Ok(None) };
-    let deadline = inst.begin()?;
-    let guest = inst.bindings.quantumlayer_plugin_provider().completion_stream();
-    let outcome = bounded(deadline, guest.call_next(&mut inst.store, handle)).await;
-    let chunk = inst.finish(outcome);
+    let chunk = match inst.bindings.clone() {
+        Bound::V0_1(b) => {
+            let guest = b.quantumlayer_plugin_provider().completion_stream();
+            guest_call!(inst, guest.call_next(&mut inst.store, handle), up)
+        }
+        Bound::V0_2(b) => {
+            let guest = b.quantumlayer_plugin_provider().completion_stream();
+            guest_call!(inst, guest.call_next(&mut inst.store, handle))
+        }
+    };
     match chunk {
         Ok(Some(chunk)) => {
-            inst.within_output(chunk.delta.len())?;
+            let size = chunk.delta.len()
+                + chunk
+                    .tool_calls
+                    .iter()
+                    .map(|t| t.arguments.len() + t.id.as_ref().map_or(0, String::len))
+                    .sum::<usize>();
+            inst.within_output(size)?;
             Ok(Some(chunk))
         }
         other => {
@@ -1300,13 +1482,22 @@ impl AgentInstance {
     /// The role the agent plays.
     pub async fn role(&mut self) -> Result<String, CallError> {
         let deadline = self.begin()?;
-        let outcome = bounded(deadline, self.bindings.quantumlayer_plugin_agent().call_role(&mut self.store)).await;
+        let outcome = match self.bindings.clone() {
+            Bound::V0_1(b) => bounded(deadline, b.quantumlayer_plugin_agent().call_role(&mut self.store)).await,
+            Bound::V0_2(b) => bounded(deadline, b.quantumlayer_plugin_agent().call_role(&mut self.store)).await,
+        };
         self.finish(outcome.map(|r| r.map(Ok)))
     }
 
     /// Runs the agent on a task.
     pub async fn run(&mut self, task: &Task) -> Result<AgentOutput, CallError> {
-        let out = guest_call!(self, quantumlayer_plugin_agent().call_run(&mut self.store, task))?;
+        let out: AgentOutput = match self.bindings.clone() {
+            Bound::V0_1(b) => {
+                let old = task.clone().conv();
+                guest_call!(self, b.quantumlayer_plugin_agent().call_run(&mut self.store, &old), up)?
+            }
+            Bound::V0_2(b) => guest_call!(self, b.quantumlayer_plugin_agent().call_run(&mut self.store, task))?,
+        };
         let size = out.summary.len() + out.artifacts.iter().map(|a| a.path.len() + a.content.len()).sum::<usize>();
         self.within_output(size)?;
         Ok(out)
@@ -1316,15 +1507,86 @@ impl AgentInstance {
 impl ValidatorInstance {
     /// Validates artifacts.
     pub async fn validate(&mut self, artifacts: &[Artifact]) -> Result<Vec<Diagnostic>, CallError> {
-        guest_call!(self, quantumlayer_plugin_validator().call_validate(&mut self.store, artifacts))
+        match self.bindings.clone() {
+            Bound::V0_1(b) => {
+                let old: Vec<v0_1::types::Artifact> = artifacts.to_vec().conv();
+                guest_call!(self, b.quantumlayer_plugin_validator().call_validate(&mut self.store, &old), up)
+            }
+            Bound::V0_2(b) => {
+                guest_call!(self, b.quantumlayer_plugin_validator().call_validate(&mut self.store, artifacts))
+            }
+        }
     }
 }
 
 impl ToolInstance {
     /// Invokes the tool.
     pub async fn invoke(&mut self, input_json: &str) -> Result<String, CallError> {
-        let out = guest_call!(self, quantumlayer_plugin_tool().call_invoke(&mut self.store, input_json))?;
+        let out = match self.bindings.clone() {
+            Bound::V0_1(b) => {
+                guest_call!(self, b.quantumlayer_plugin_tool().call_invoke(&mut self.store, input_json), up)?
+            }
+            Bound::V0_2(b) => guest_call!(self, b.quantumlayer_plugin_tool().call_invoke(&mut self.store, input_json))?,
+        };
         self.within_output(out.len())?;
         Ok(out)
+    }
+}
+
+impl Message {
+    /// A message of `role` with one text part.
+    pub fn new(role: Role, text: impl Into<String>) -> Self {
+        Message {
+            role,
+            content: vec![ContentPart::Text(text.into())],
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+            name: None,
+        }
+    }
+
+    /// The message's text parts, joined.
+    pub fn text(&self) -> String {
+        self.content
+            .iter()
+            .filter_map(|p| match p {
+                ContentPart::Text(t) => Some(t.as_str()),
+                ContentPart::ImageUrl(_) => None,
+            })
+            .collect()
+    }
+}
+
+impl CompletionRequest {
+    /// A request for `model` (empty for the provider's default) with everything else unset.
+    pub fn new(model: impl Into<String>, messages: Vec<Message>) -> Self {
+        CompletionRequest {
+            model: model.into(),
+            messages,
+            tools: Vec::new(),
+            tool_choice: None,
+            parallel_tool_calls: None,
+            response_format: ResponseFormat::Text,
+            max_tokens: None,
+            temperature: None,
+            top_p: None,
+            top_k: None,
+            seed: None,
+            stop: Vec::new(),
+            user: None,
+        }
+    }
+}
+
+impl FinishReason {
+    /// The reason as OpenAI's `finish_reason` says it.
+    pub fn as_openai(&self) -> &str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::ToolCalls => "tool_calls",
+            FinishReason::ContentFilter => "content_filter",
+            FinishReason::Other(other) => other,
+        }
     }
 }

@@ -3,7 +3,8 @@
 //! host imports (`host`, `llm`).
 
 use super::LlmHandler;
-use super::bindings::{host, llm, types};
+use super::bindings::{host, llm, types, v0_1};
+use super::compat::Conv;
 use super::grants::Grants;
 use super::logs::{self, LogMeter, TenantBudgets};
 use super::outbound::{self, Outbound};
@@ -350,6 +351,33 @@ impl llm::Host for StoreState {
             Some(llm) => llm.complete(&self.tenant, request).await,
             None => Err(types::PluginError::Unavailable("no LLM is routed to this plugin".into())),
         }
+    }
+}
+
+impl v0_1::types::Host for StoreState {}
+
+/// A 0.1.0 plugin's `host` calls: the same as 0.2.0's.
+impl v0_1::host::Host for StoreState {
+    async fn log(&mut self, level: v0_1::types::LogLevel, message: String) {
+        host::Host::log(self, level.conv(), message).await
+    }
+
+    async fn config(&mut self, key: String) -> Option<String> {
+        host::Host::config(self, key).await
+    }
+
+    async fn secret(&mut self, key: String) -> Option<String> {
+        host::Host::secret(self, key).await
+    }
+}
+
+/// A 0.1.0 agent's `llm` calls, answered through the same router as 0.2.0's.
+impl v0_1::llm::Host for StoreState {
+    async fn complete(
+        &mut self,
+        request: v0_1::types::CompletionRequest,
+    ) -> Result<v0_1::types::Completion, v0_1::types::PluginError> {
+        llm::Host::complete(self, request.conv()).await.map(Conv::conv).map_err(Conv::conv)
     }
 }
 

@@ -31,6 +31,18 @@ async fn gateway_service(tweak: impl FnOnce(&mut qlayer_api::serve::ServeConfig)
     (svc, upstream, tenant, acme)
 }
 
+/// Installs for `key`'s tenant the provider built against contract 0.1.0 (`echo-v0-1`) and
+/// makes it model `legacy`.
+async fn legacy_model(svc: &Svc, key: &str) {
+    let wasm = qlayer_tests::guest_with(
+        "qlayer-test-provider-v0-1",
+        "name = \"echo-v0-1\"\nversion = \"0.1.0\"\nkind = \"provider\"\ndescription = \"built against contract 0.1.0\"\n",
+    );
+    let r = svc.install_with(key, "providers/echo-v0-1", &wasm, None).await;
+    assert_eq!(r.status, 201, "{r:?}");
+    model(svc, key, "legacy", json!({"deployments": [{"plugin": "echo-v0-1", "model": "echo"}]})).await;
+}
+
 async fn model(svc: &Svc, key: &str, name: &str, spec: Value) {
     let r = svc.put(&format!("/v1/models/{name}"), key, spec).await;
     assert_eq!(r.status, 200, "{r:?}");
@@ -62,8 +74,11 @@ async fn usage(svc: &Svc, key: &str, query: &str, requests: i64) -> Value {
 }
 
 /// The official SDK: models, a completion field for field, a stream with usage, a cut stream,
-/// embeddings as base64 and floats, and errors as the SDK's own exception classes (unknown model,
-/// unknown field, `n`, tools a 0.1.0 provider cannot express, a bad key, another tenant's model).
+/// tool calls whole and streamed (arguments reassembled) and a tool result sent back, structured
+/// output through `parse()`, a provider built against contract 0.1.0 still serving, embeddings as
+/// base64 and floats, and errors as the SDK's own exception classes (unknown model, unknown field,
+/// `n`, tools the 0.1.0 provider cannot express, a tool choice naming no tool, a bad key, another
+/// tenant's model).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_openai_sdk_works_against_the_gateway() {
     let python = qlayer_tests::python_tool("python", &["openai==3.57.0"]);
@@ -71,9 +86,20 @@ async fn the_official_openai_sdk_works_against_the_gateway() {
     model(&svc, &acme, "chat", json!({"deployments": [deployment("ok")]})).await;
     model(&svc, &acme, "cut", json!({"deployments": [deployment("cut-stream")]})).await;
     model(&svc, &acme, "embed", json!({"deployments": [deployment("text-embedding-test")]})).await;
+    legacy_model(&svc, &acme).await;
     let (_, other) = svc.tenant("other").await;
     let stdout = run_sdk_script(python, "openai_sdk.py", &svc.base, &acme, &other).await;
-    for check in ["models", "completion", "stream", "cut stream", "embeddings", "errors"] {
+    for check in [
+        "models",
+        "completion",
+        "stream",
+        "cut stream",
+        "tools",
+        "structured output",
+        "contract 0.1.0",
+        "embeddings",
+        "errors",
+    ] {
         assert!(stdout.contains(&format!("{check}: ok")), "{check} ran: {stdout}");
     }
     // The upstream got the contract's request in its own shape, with the deployment's model.
@@ -89,15 +115,25 @@ async fn the_official_openai_sdk_works_against_the_gateway() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_anthropic_sdk_works_against_the_messages_endpoint() {
     let python = qlayer_tests::python_tool("python", &["anthropic==2.16.0"]);
-    let (svc, _upstream, _tenant, acme) = gateway_service(|_| {}).await;
+    let (svc, upstream, _tenant, acme) = gateway_service(|_| {}).await;
     model(&svc, &acme, "chat", json!({"deployments": [deployment("ok")]})).await;
     model(&svc, &acme, "cut", json!({"deployments": [deployment("cut-stream")]})).await;
+    legacy_model(&svc, &acme).await;
     let stdout = run_sdk_script(python, "anthropic_sdk.py", &svc.base, &acme, "").await;
-    for check in ["message", "stream", "cut stream", "errors"] {
+    for check in ["message", "stream", "cut stream", "tool use", "contract 0.1.0", "errors"] {
         assert!(stdout.contains(&format!("{check}: ok")), "{check} ran: {stdout}");
     }
     let report = usage(&svc, &acme, "", 3).await;
     assert!(report["data"][0]["requests"].as_i64().unwrap() >= 3, "{report}");
+    // Anthropic's tools reached the upstream in OpenAI's shape, translated by the gateway.
+    let seen = upstream.requests();
+    let with_tools: Value = seen
+        .iter()
+        .filter_map(|s| serde_json::from_str::<Value>(&s.body).ok())
+        .find(|b| b["tools"].is_array())
+        .unwrap();
+    assert_eq!(with_tools["tools"][0]["function"]["name"], "get_weather", "{with_tools}");
+    assert_eq!(with_tools["tool_choice"], json!({"type": "function", "function": {"name": "get_weather"}}));
     svc.stop().await;
 }
 

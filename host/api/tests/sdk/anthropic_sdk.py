@@ -40,6 +40,34 @@ except anthropic.APIError as e:
 print("cut stream: ok")
 
 
+# Tool use: a tool_use block whole, then streamed (the SDK assembles input_json_delta pieces into
+# the block's input), then the result sent back as a tool_result block.
+tools = [{"name": "get_weather", "description": "The weather now",
+          "input_schema": {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}}]
+ask = [{"role": "user", "content": "weather in Oslo?"}]
+m = client.messages.create(model="chat", max_tokens=64, messages=ask, tools=tools, tool_choice={"type": "tool", "name": "get_weather"})
+assert m.stop_reason == "tool_use", m.stop_reason
+use = [b for b in m.content if b.type == "tool_use"][0]
+assert use.name == "get_weather" and use.input == {"text": "weather in Oslo?"}, use
+with client.messages.stream(model="chat", max_tokens=64, messages=ask, tools=tools) as s:
+    final = s.get_final_message()
+streamed = [b for b in final.content if b.type == "tool_use"]
+assert len(streamed) == 1 and streamed[0].id == use.id and streamed[0].input == use.input, final.content
+assert final.stop_reason == "tool_use"
+m = client.messages.create(model="chat", max_tokens=64, tools=tools, messages=ask + [
+    {"role": "assistant", "content": [b.model_dump() for b in m.content]},
+    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "sunny"}]},
+])
+assert m.content[0].text == "echo: tool said: sunny", m.content
+assert m.stop_reason == "end_turn"
+print("tool use: ok")
+
+# A provider built against contract 0.1.0 serves this API too.
+m = client.messages.create(model="legacy", max_tokens=9, messages=[{"role": "user", "content": "old"}])
+assert m.content[0].text == "v0.1.0 echo: old [max-tokens 9]", m.content
+print("contract 0.1.0: ok")
+
+
 def raises(cls, call, *words):
     try:
         call()
@@ -52,7 +80,9 @@ def raises(cls, call, *words):
 
 raises(anthropic.NotFoundError, lambda: client.messages.create(model="nope", max_tokens=8, messages=msgs), "nope")
 raises(anthropic.BadRequestError, lambda: client.messages.create(
-    model="chat", max_tokens=8, messages=msgs, tools=[{"name": "f", "input_schema": {"type": "object"}}]), "tools", "0.1.0")
+    model="legacy", max_tokens=8, messages=msgs, tools=[{"name": "f", "input_schema": {"type": "object"}}]), "tools", "echo-v0-1", "0.1.0")
+raises(anthropic.BadRequestError, lambda: client.messages.create(
+    model="chat", max_tokens=8, messages=[{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "nope", "content": "x"}]}]), "nope")
 raises(anthropic.BadRequestError, lambda: client.messages.create(model="chat", max_tokens=8, messages=[{"role": "system", "content": "x"}]), "system")
 bad = anthropic.Anthropic(base_url=base, api_key="ql_" + "0" * 64, max_retries=0)
 raises(anthropic.AuthenticationError, lambda: bad.messages.create(model="chat", max_tokens=8, messages=msgs))

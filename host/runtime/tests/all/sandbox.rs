@@ -6,14 +6,7 @@ use qlayer_tests::{TestServer, fetcher, guest, guest_with, hostile, runtime};
 use std::time::Duration;
 
 fn ask(url: &str) -> CompletionRequest {
-    CompletionRequest {
-        model: String::new(),
-        messages: vec![Message { role: Role::User, content: url.to_string() }],
-        max_tokens: None,
-        temperature: None,
-        stop: vec![],
-        json_output: false,
-    }
+    CompletionRequest::new("", vec![Message::new(Role::User, url)])
 }
 
 fn grant(hosts: &[String]) -> Grants {
@@ -329,8 +322,13 @@ fn a_component_of_the_wrong_world_is_refused_with_what_is_missing() {
     let err = rt.load(&as_provider).unwrap_err();
     assert!(matches!(err, LoadError::WrongWorld { .. }), "{err}");
     let text = err.to_string();
-    assert!(text.contains("does not export `quantumlayer:plugin/provider@0.1.0`"), "{text}");
-    assert!(text.contains("quantumlayer:plugin/tool@0.1.0"), "it should say what it does export: {text}");
+    assert!(
+        text.contains(
+            "does not export `quantumlayer:plugin/provider@0.2.0` (or another version the host binds: 0.1.0, 0.2.0)"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("quantumlayer:plugin/tool@0.2.0"), "it should say what it does export: {text}");
 
     // A provider (which imports wasi:http) declared as a validator: refused too.
     let as_validator = guest_with(
@@ -590,4 +588,66 @@ async fn an_https_request_goes_through_the_egress_proxy_as_the_registry_client_s
     let refused = qlayer_runtime::egress::EgressProxy::start(Default::default(), vec![]).await.unwrap();
     let err = client(refused.url()).get(&url).send().await.unwrap_err();
     assert!(err.is_connect(), "refused at the tunnel, before any TLS: {err:?}");
+}
+
+/// A provider built against contract 0.1.0 (with wit-bindgen alone, as before 0.2.0) loads and
+/// serves through the 0.2.0 types: completions, streams, models and embeddings, its 0.1.0 `host`
+/// import working; a request 0.1.0 cannot express is refused naming the feature and the plugin,
+/// without calling it.
+#[tokio::test]
+async fn a_provider_built_against_contract_0_1_0_still_serves() {
+    use qlayer_runtime::{Contract, FinishReason, ResponseFormat, ToolDefinition};
+    let rt = runtime();
+    let wasm = guest_with(
+        "qlayer-test-provider-v0-1",
+        "name = \"echo-v0-1\"\nversion = \"0.1.0\"\nkind = \"provider\"\ndescription = \"d\"\n",
+    );
+    let plugin = rt.load(&wasm).unwrap();
+    assert_eq!(plugin.contract(), Some(Contract::V0_1));
+    let installed = plugin.install(qlayer_runtime::Grants::default()).unwrap();
+    let mut p = installed.provider("t").await.unwrap();
+    assert_eq!(p.contract(), Contract::V0_1);
+    let ask = CompletionRequest {
+        response_format: ResponseFormat::JsonObject,
+        max_tokens: Some(7),
+        ..CompletionRequest::new("", vec![Message::new(Role::System, "s"), Message::new(Role::User, "hello there")])
+    };
+    let c = p.complete(&ask).await.unwrap();
+    assert_eq!(c.text, "v0.1.0 echo: hello there [json-output] [max-tokens 7]");
+    assert_eq!((c.finish_reason, c.tool_calls.len()), (FinishReason::Stop, 0));
+    let mut stream = p.stream(&CompletionRequest::new("", vec![Message::new(Role::User, "a b c")])).await.unwrap();
+    let mut text = String::new();
+    let mut last = None;
+    while let Some(chunk) = stream.next().await.unwrap() {
+        text.push_str(&chunk.delta);
+        last = chunk.finish_reason.or(last);
+    }
+    assert_eq!((text.as_str(), last), ("v0.1.0 echo: a b c", Some(FinishReason::Stop)));
+    assert_eq!(p.models().await.unwrap()[0].id, "echo-v0-1");
+    let e =
+        p.embed(&qlayer_runtime::EmbeddingRequest { model: String::new(), inputs: vec!["abc".into()] }).await.unwrap();
+    assert_eq!(e.vectors, [vec![3.0, 1.0]]);
+
+    let mut tools = ask.clone();
+    tools.tools.push(ToolDefinition {
+        name: "f".into(),
+        description: None,
+        parameters_json: "{}".into(),
+        strict: false,
+    });
+    let err = p.complete(&tools).await.unwrap_err();
+    let text = err.to_string();
+    assert!(
+        matches!(&err.kind, qlayer_runtime::CallErrorKind::Plugin(qlayer_runtime::PluginError::InvalidInput(_))),
+        "{text}"
+    );
+    assert!(
+        text.contains("tool definitions") && text.contains("echo-v0-1") && text.contains("quantumlayer:plugin@0.1.0"),
+        "{text}"
+    );
+    assert!(!p.is_poisoned(), "a refused request does not poison the instance");
+    let mut seeded = ask.clone();
+    seeded.seed = Some(1);
+    assert!(p.stream(&seeded).await.err().unwrap().to_string().contains("a sampling seed"));
+    assert_eq!(p.complete(&ask).await.unwrap().text, c.text, "it keeps serving");
 }

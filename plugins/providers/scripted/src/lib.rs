@@ -33,17 +33,11 @@ struct Rule {
 const MODEL: &str = "scripted";
 
 fn system(request: &CompletionRequest) -> String {
-    request
-        .messages
-        .iter()
-        .filter(|m| m.role == Role::System)
-        .map(|m| m.content.as_str())
-        .collect::<Vec<_>>()
-        .join("\n")
+    request.messages.iter().filter(|m| m.role == Role::System).map(Message::text).collect::<Vec<_>>().join("\n")
 }
 
 fn conversation(request: &CompletionRequest) -> String {
-    request.messages.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n")
+    request.messages.iter().map(Message::text).collect::<Vec<_>>().join("\n")
 }
 
 fn role_of(system: &str) -> Option<&str> {
@@ -73,10 +67,9 @@ fn reply_for(request: &CompletionRequest) -> Result<String, PluginError> {
             }
         }
     }
-    let last_user =
-        request.messages.iter().rev().find(|m| m.role == Role::User).map(|m| m.content.as_str()).unwrap_or("");
+    let last_user = request.messages.iter().rev().find(|m| m.role == Role::User).map(Message::text).unwrap_or_default();
     Ok(match role_of(&system) {
-        Some("product-manager") => builtin::prd(last_user),
+        Some("product-manager") => builtin::prd(&last_user),
         Some("developer") => builtin::project(&conversation),
         _ => format!("scripted reply (test double, not a model): {}", last_user.chars().take(200).collect::<String>()),
     })
@@ -92,7 +85,7 @@ impl Provider for Scripted {
     fn complete(request: CompletionRequest) -> Result<Completion, PluginError> {
         let text = reply_for(&request)?;
         let usage = Usage { prompt_tokens: tokens(&conversation(&request)), completion_tokens: tokens(&text) };
-        Ok(Completion { model: MODEL.into(), text, finish_reason: "stop".into(), usage })
+        Ok(Completion { model: MODEL.into(), text, tool_calls: vec![], finish_reason: FinishReason::Stop, usage })
     }
 
     fn stream(request: CompletionRequest) -> Result<Words, PluginError> {
@@ -122,7 +115,8 @@ impl ChunkSource for Words {
                 let last = self.pieces.is_empty();
                 Ok(Some(CompletionChunk {
                     delta,
-                    finish_reason: last.then(|| "stop".to_string()),
+                    tool_calls: vec![],
+                    finish_reason: last.then_some(FinishReason::Stop),
                     usage: if last { self.usage.take() } else { None },
                 }))
             }

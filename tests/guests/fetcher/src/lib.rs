@@ -20,14 +20,15 @@ impl Provider for Fetcher {
         Ok(vec![])
     }
     fn complete(request: CompletionRequest) -> Result<Completion, PluginError> {
-        let url = request.messages.last().map(|m| m.content.clone()).unwrap_or_default();
+        let url = request.messages.last().map(Message::text).unwrap_or_default();
         let response = Request::get(url).send()?;
         let status = response.status();
         let body = response.text(1 << 20)?;
         Ok(Completion {
             model: "fetcher".into(),
             text: format!("{status} {body}"),
-            finish_reason: "stop".into(),
+            tool_calls: vec![],
+            finish_reason: FinishReason::Stop,
             usage: Usage { prompt_tokens: 0, completion_tokens: 0 },
         })
     }

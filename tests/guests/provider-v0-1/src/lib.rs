@@ -1,0 +1,89 @@
+//! A `provider-plugin` of `quantumlayer:plugin@0.1.0`, bound with wit-bindgen directly against
+//! `wit/0.1.0` (the SDK has moved to 0.2.0). It echoes the last message (`v0.1.0 echo: <text>`),
+//! streams it a word at a time, reports the request's `json-output` flag and `max-tokens` in the
+//! answer so tests can see what reached it, and logs through the 0.1.0 `host` import.
+#![allow(unsafe_code)]
+
+wit_bindgen::generate!({
+    path: "../../../wit/0.1.0",
+    world: "provider-plugin",
+});
+
+use exports::quantumlayer::plugin::provider::{
+    Completion, CompletionChunk, CompletionRequest, EmbeddingRequest, Embeddings, Guest, GuestCompletionStream,
+    ModelInfo, PluginError,
+};
+use quantumlayer::plugin::host;
+use quantumlayer::plugin::types::{LogLevel, Usage};
+use std::cell::RefCell;
+
+struct Echo;
+
+fn answer(request: &CompletionRequest) -> Result<String, PluginError> {
+    let last = request.messages.last().ok_or_else(|| PluginError::InvalidInput("`messages` is empty".into()))?;
+    host::log(LogLevel::Info, &format!("0.1.0 provider answering {} messages", request.messages.len()));
+    let mut text = format!("v0.1.0 echo: {}", last.content);
+    if request.json_output {
+        text.push_str(" [json-output]");
+    }
+    if let Some(max) = request.max_tokens {
+        text.push_str(&format!(" [max-tokens {max}]"));
+    }
+    Ok(text)
+}
+
+fn usage(text: &str) -> Usage {
+    Usage { prompt_tokens: 4, completion_tokens: text.split_whitespace().count() as u32 }
+}
+
+struct Words {
+    pieces: RefCell<Vec<String>>,
+    usage: RefCell<Option<Usage>>,
+}
+
+impl GuestCompletionStream for Words {
+    fn next(&self) -> Result<Option<CompletionChunk>, PluginError> {
+        let mut pieces = self.pieces.borrow_mut();
+        let Some(delta) = pieces.pop() else { return Ok(None) };
+        let last = pieces.is_empty();
+        Ok(Some(CompletionChunk {
+            delta,
+            finish_reason: last.then(|| "stop".to_string()),
+            usage: if last { self.usage.borrow_mut().take() } else { None },
+        }))
+    }
+}
+
+impl Guest for Echo {
+    type CompletionStream = Words;
+
+    fn models() -> Result<Vec<ModelInfo>, PluginError> {
+        Ok(vec![ModelInfo { id: "echo-v0-1".into(), owned_by: "qlayer tests".into() }])
+    }
+
+    fn complete(request: CompletionRequest) -> Result<Completion, PluginError> {
+        let text = answer(&request)?;
+        Ok(Completion { model: "echo-v0-1".into(), usage: usage(&text), text, finish_reason: "stop".into() })
+    }
+
+    fn stream(
+        request: CompletionRequest,
+    ) -> Result<exports::quantumlayer::plugin::provider::CompletionStream, PluginError> {
+        let text = answer(&request)?;
+        let pieces: Vec<String> = text.split_inclusive(' ').rev().map(str::to_string).collect();
+        Ok(exports::quantumlayer::plugin::provider::CompletionStream::new(Words {
+            pieces: RefCell::new(pieces),
+            usage: RefCell::new(Some(usage(&text))),
+        }))
+    }
+
+    fn embed(request: EmbeddingRequest) -> Result<Embeddings, PluginError> {
+        Ok(Embeddings {
+            model: "echo-v0-1".into(),
+            vectors: request.inputs.iter().map(|t| vec![t.len() as f32, 1.0]).collect(),
+            usage: Usage { prompt_tokens: request.inputs.len() as u32, completion_tokens: 0 },
+        })
+    }
+}
+
+export!(Echo);

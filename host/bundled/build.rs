@@ -12,6 +12,7 @@ use wasm_build::{built, cargo_build, env, fail, plugin_target, with_manifest};
 const PLUGINS: &[(&str, &str)] = &[
     ("qlayer-provider-scripted", "plugins/providers/scripted"),
     ("qlayer-provider-openai", "plugins/providers/openai"),
+    ("qlayer-provider-anthropic", "plugins/providers/anthropic"),
     ("qlayer-agent-product-manager", "plugins/agents/product-manager"),
     ("qlayer-agent-developer", "plugins/agents/developer"),
     ("qlayer-validator-syntax", "plugins/validators/syntax"),

@@ -23,6 +23,18 @@ use wasi::http::types::{
 };
 use wasi::io::streams::{InputStream, StreamError};
 
+/// A `Retry-After` header's delay in milliseconds: seconds, possibly fractional, as LLM APIs send
+/// it. HTTP dates, which they do not send, give `None`.
+///
+/// ```
+/// assert_eq!(qlayer_sdk::http::retry_after_ms("2"), Some(2000));
+/// assert_eq!(qlayer_sdk::http::retry_after_ms("0.5"), Some(500));
+/// assert_eq!(qlayer_sdk::http::retry_after_ms("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+/// ```
+pub fn retry_after_ms(value: &str) -> Option<u64> {
+    value.trim().parse::<f64>().ok().filter(|s| s.is_finite() && *s >= 0.0).map(|s| (s * 1000.0) as u64)
+}
+
 /// How many redirects [`Request::send`] follows.
 pub const MAX_REDIRECTS: usize = 5;
 

@@ -2,6 +2,8 @@
 //! **OpenAI-compatible test server** — a test double that the tests start on a loopback port, so
 //! providers are exercised over real HTTP without any real LLM API.
 
+pub mod anthropic;
+
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use hyper::body::Frame;
@@ -152,6 +154,8 @@ pub struct Seen {
     pub authorization: Option<String>,
     /// The `api-key` header (Azure OpenAI's), if any.
     pub api_key: Option<String>,
+    /// Every header, names lowercase, in order.
+    pub headers: Vec<(String, String)>,
     /// The body.
     pub body: String,
 }
@@ -172,6 +176,8 @@ type Body = BoxBody<Bytes, Infallible>;
 /// answers `tool said: <result>`. A `json_schema` response format gets an object with a value of
 /// each property's type (strings `echo: <last>`).
 ///
+/// Anthropic's Messages API too (`/v1/messages`): see [`anthropic`].
+///
 /// Azure OpenAI's paths too: `/openai/deployments/{deployment}/chat/completions` and
 /// `/embeddings` need `?api-version=` and an `api-key` header (401 without, as Azure answers);
 /// the deployment is the model.
@@ -182,6 +188,13 @@ pub struct TestServer {
     pub seen: Arc<Mutex<Vec<Seen>>>,
     accepted: Arc<std::sync::atomic::AtomicUsize>,
     _shutdown: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Seen {
+    /// The first value of header `name` (lowercase).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
 }
 
 impl TestServer {
@@ -245,6 +258,11 @@ async fn handle(req: Request<hyper::body::Incoming>, log: Arc<Mutex<Vec<Seen>>>)
     let path = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
     let authorization = req.headers().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_string);
     let api_key = req.headers().get("api-key").and_then(|v| v.to_str().ok()).map(str::to_string);
+    let headers: Vec<(String, String)> = req
+        .headers()
+        .iter()
+        .filter_map(|(n, v)| Some((n.as_str().to_string(), v.to_str().ok()?.to_string())))
+        .collect();
     let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     let body = String::from_utf8_lossy(&body).into_owned();
     if let Ok(mut l) = log.lock() {
@@ -252,6 +270,7 @@ async fn handle(req: Request<hyper::body::Incoming>, log: Arc<Mutex<Vec<Seen>>>)
             path: path.clone(),
             authorization: authorization.clone(),
             api_key: api_key.clone(),
+            headers: headers.clone(),
             body: body.clone(),
         });
     }
@@ -306,6 +325,7 @@ async fn handle(req: Request<hyper::body::Incoming>, log: Arc<Mutex<Vec<Seen>>>)
             )
         }
         "/v1/chat/completions" => chat(&model, request["stream"].as_bool().unwrap_or(false), &request).await,
+        "/v1/messages" => anthropic::messages(&headers, &body).await,
         _ => json(StatusCode::NOT_FOUND, serde_json::json!({"error": {"message": format!("no route {route}")}})),
     })
 }

@@ -43,8 +43,10 @@ pub(crate) async fn service(backend: Backend, with_registry: bool, tweak: impl F
     let dir = tempfile::tempdir().unwrap();
     let registry = with_registry.then(TestRegistry::start);
     if let Some(r) = &registry {
-        std::fs::write(dir.path().join("marketplace.toml"), format!("insecure-registries = [\"{}\"]\n", r.addr))
-            .unwrap();
+        // Tenant `acme` may name `PATH` in secret grants: a variable every process has, standing
+        // in for an operator's API key variable.
+        let config = format!("insecure-registries = [\"{}\"]\n\n[tenants.acme]\nsecret-env = [\"PATH\"]\n", r.addr);
+        std::fs::write(dir.path().join("marketplace.toml"), config).unwrap();
     }
     let mut config = ServeConfig::default();
     config.server.rest_addr = "127.0.0.1:0".parse().unwrap();

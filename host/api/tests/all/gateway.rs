@@ -418,3 +418,66 @@ async fn one_line_of_config_fronts_an_upstream_for_every_tenant() {
     assert_eq!((r.status, r.body["error"]["code"].as_str()), (404, Some("model_not_found")), "{r:?}");
     svc.stop().await;
 }
+
+/// One provider plugin serves either API and the gateway translates both ways: OpenAI's chat
+/// completions with tools, routed to the `anthropic` plugin, reach the Anthropic test server
+/// (which checks Anthropic's wire format) as `tool_use`/`tool_result` blocks, and its tool calls
+/// come back in OpenAI's shape, whole and as streamed argument deltas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_requests_with_tools_are_served_by_the_anthropic_plugin() {
+    let (svc, upstream, _tenant, acme) = gateway_service(|_| {}).await;
+    let grants = json!({
+        "hosts": [upstream.url().trim_start_matches("http://")],
+        "config": {"base_url": upstream.url()},
+        "secrets": {"api_key": "PATH"}
+    });
+    let wasm = qlayer_bundled::bundled_plugin("anthropic").unwrap();
+    let r = svc.install_with(&acme, "providers/anthropic", wasm, Some(grants)).await;
+    assert_eq!(r.status, 201, "{r:?}");
+    model(&svc, &acme, "claude", json!({"deployments": [{"plugin": "anthropic", "model": "claude-test"}]})).await;
+    let tools = json!([{"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {"text": {"type": "string"}}}}}]);
+    let ask = json!([{"role": "user", "content": "weather in Oslo?"}]);
+    let r = svc.post("/v1/chat/completions", &acme, json!({"model": "claude", "messages": ask, "tools": tools})).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let choice = &r.body["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls", "{}", r.body);
+    let call = choice["message"]["tool_calls"][0].clone();
+    assert_eq!((call["id"].as_str(), call["function"]["name"].as_str()), (Some("toolu_test_1"), Some("get_weather")));
+    assert_eq!(
+        serde_json::from_str::<Value>(call["function"]["arguments"].as_str().unwrap()).unwrap(),
+        json!({"text": "weather in Oslo?"})
+    );
+
+    let r = svc
+        .post(
+            "/v1/chat/completions",
+            &acme,
+            json!({"model": "claude", "messages": ask, "tools": tools, "stream": true}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let mut args = String::new();
+    for line in r.text.lines().filter_map(|l| l.strip_prefix("data: ")).filter(|l| *l != "[DONE]") {
+        let chunk: Value = serde_json::from_str(line).unwrap();
+        if let Some(piece) = chunk["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"].as_str() {
+            args.push_str(piece);
+        }
+    }
+    assert_eq!(args, call["function"]["arguments"].as_str().unwrap(), "{}", r.text);
+    assert!(r.text.contains(r#""finish_reason":"tool_calls""#) && r.text.ends_with("data: [DONE]\n\n"), "{}", r.text);
+
+    let history = json!([{"role": "user", "content": "weather in Oslo?"},
+        {"role": "assistant", "content": null, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "toolu_test_1", "content": "sunny"}]);
+    let r =
+        svc.post("/v1/chat/completions", &acme, json!({"model": "claude", "messages": history, "tools": tools})).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body["choices"][0]["message"]["content"], "echo: tool said: sunny");
+    let sent: Value = serde_json::from_str(&upstream.requests().last().unwrap().body).unwrap();
+    assert_eq!(sent["messages"][2]["content"][0]["type"], "tool_result", "{sent}");
+    // The key came from the variable the operator offered, as Anthropic's header.
+    let path = std::env::var("PATH").unwrap();
+    assert_eq!(upstream.requests().last().unwrap().header("x-api-key"), Some(path.as_str()));
+    svc.stop().await;
+}

@@ -136,7 +136,7 @@ fn check_status(response: Response) -> Result<Response, PluginError> {
     if (200..300).contains(&status) {
         return Ok(response);
     }
-    let retry_after = response.header("retry-after").and_then(parse_retry_after);
+    let retry_after = response.header("retry-after").and_then(qlayer_sdk::http::retry_after_ms);
     let body = response.text(64 * 1024).unwrap_or_default();
     let detail = serde_json::from_str::<Value>(&body)
         .ok()
@@ -149,12 +149,6 @@ fn check_status(response: Response) -> Result<Response, PluginError> {
         408 | 500..=599 => PluginError::Unavailable(message),
         _ => PluginError::InvalidInput(message),
     })
-}
-
-/// Retry-After in seconds (possibly fractional) to milliseconds. HTTP dates are not used by LLM
-/// APIs and are ignored.
-fn parse_retry_after(v: &str) -> Option<u64> {
-    v.trim().parse::<f64>().ok().filter(|s| s.is_finite() && *s >= 0.0).map(|s| (s * 1000.0) as u64)
 }
 
 fn malformed(what: &str, e: impl std::fmt::Display) -> PluginError {
@@ -542,12 +536,5 @@ mod tests {
     fn deployment_names_are_escaped_for_azure_paths() {
         assert_eq!(url_escape("gpt-4o.prod_1"), "gpt-4o.prod_1");
         assert_eq!(url_escape("a/b c"), "a%2Fb%20c");
-    }
-
-    #[test]
-    fn retry_after_is_read_in_seconds() {
-        assert_eq!(parse_retry_after("2"), Some(2000));
-        assert_eq!(parse_retry_after("0.5"), Some(500));
-        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
     }
 }

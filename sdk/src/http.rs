@@ -299,7 +299,37 @@ pub struct Response {
     finished: bool,
 }
 
+/// A provider's error for an upstream that sent something it cannot read: `unavailable` (another
+/// attempt, or another deployment, may do better).
+pub fn malformed(what: &str, e: impl fmt::Display) -> PluginError {
+    PluginError::Unavailable(format!("upstream sent a malformed {what}: {e}"))
+}
+
 impl Response {
+    /// This response when its status is 2xx; otherwise the contract's error for it, quoting the
+    /// upstream's own message (`error.message` of a JSON body, as OpenAI's and Anthropic's APIs
+    /// send it, else the body's start): 429 `rate-limited` with its Retry-After, 401/403
+    /// `unauthorized`, 408 and 5xx `unavailable`, the rest `invalid-input`.
+    pub fn error_for_status(self) -> Result<Response, PluginError> {
+        let status = self.status();
+        if (200..300).contains(&status) {
+            return Ok(self);
+        }
+        let retry_after = self.header("retry-after").and_then(retry_after_ms);
+        let body = self.text(64 * 1024).unwrap_or_default();
+        let detail = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+            .unwrap_or_else(|| body.chars().take(300).collect());
+        let message = format!("upstream answered {status}: {detail}");
+        Err(match status {
+            429 => PluginError::RateLimited(retry_after),
+            401 | 403 => PluginError::Unauthorized(message),
+            408 | 500..=599 => PluginError::Unavailable(message),
+            _ => PluginError::InvalidInput(message),
+        })
+    }
+
     fn new(response: IncomingResponse) -> Result<Self, HttpError> {
         let status = response.status();
         let headers = response

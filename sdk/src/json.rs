@@ -42,6 +42,18 @@ impl JsonError {
     }
 }
 
+/// JSON text the contract carries (a tool's parameters, a response schema) as a value; `what`
+/// names it in the error, which is `invalid-input`.
+///
+/// ```
+/// assert!(qlayer_sdk::json::value(r#"{"type": "object"}"#, "the schema").is_ok());
+/// let e = qlayer_sdk::json::value("{", "the parameters of tool `f`").unwrap_err();
+/// assert!(matches!(e, qlayer_sdk::PluginError::InvalidInput(m) if m.contains("tool `f`")));
+/// ```
+pub fn value(text: &str, what: &str) -> Result<serde_json::Value, crate::PluginError> {
+    serde_json::from_str(text).map_err(|e| crate::PluginError::InvalidInput(format!("{what} is not valid JSON: {e}")))
+}
+
 /// Finds the JSON object or array in `text` (the whole text, a fenced code block, or the first
 /// balanced `{...}`/`[...]`) and parses it as `T`.
 ///

@@ -114,19 +114,6 @@ impl CompletionRequest {
     }
 }
 
-impl FinishReason {
-    /// The reason as OpenAI's `finish_reason` says it (`stop`, `length`, `tool_calls`, ...).
-    pub fn as_openai(&self) -> &str {
-        match self {
-            FinishReason::Stop => "stop",
-            FinishReason::Length => "length",
-            FinishReason::ToolCalls => "tool_calls",
-            FinishReason::ContentFilter => "content_filter",
-            FinishReason::Other(other) => other,
-        }
-    }
-}
-
 impl Artifact {
     /// A text file artifact; the media type is guessed from the extension.
     ///

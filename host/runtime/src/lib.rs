@@ -1577,16 +1577,3 @@ impl CompletionRequest {
         }
     }
 }
-
-impl FinishReason {
-    /// The reason as OpenAI's `finish_reason` says it.
-    pub fn as_openai(&self) -> &str {
-        match self {
-            FinishReason::Stop => "stop",
-            FinishReason::Length => "length",
-            FinishReason::ToolCalls => "tool_calls",
-            FinishReason::ContentFilter => "content_filter",
-            FinishReason::Other(other) => other,
-        }
-    }
-}

@@ -23,7 +23,7 @@
 //! the contract's: 400/404/413 `invalid-input`, 401/403 `unauthorized`, 429 `rate-limited` with
 //! Retry-After, 500/529 (overloaded) and malformed bodies `unavailable`.
 
-use qlayer_sdk::http::{Request, Response};
+use qlayer_sdk::http::{Request, Response, malformed};
 use qlayer_sdk::provider::{ChunkSource, Provider};
 use qlayer_sdk::*;
 use serde::Deserialize;
@@ -55,35 +55,6 @@ fn request(post: bool, path: &str) -> Request {
         r = r.header("x-api-key", key);
     }
     r
-}
-
-/// Turns a non-2xx answer into the contract's error, quoting the upstream's own message.
-fn check_status(response: Response) -> Result<Response, PluginError> {
-    let status = response.status();
-    if (200..300).contains(&status) {
-        return Ok(response);
-    }
-    let retry_after = response.header("retry-after").and_then(http::retry_after_ms);
-    let body = response.text(64 * 1024).unwrap_or_default();
-    let detail = serde_json::from_str::<Value>(&body)
-        .ok()
-        .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
-        .unwrap_or_else(|| body.chars().take(300).collect());
-    let message = format!("upstream answered {status}: {detail}");
-    Err(match status {
-        429 => PluginError::RateLimited(retry_after),
-        401 | 403 => PluginError::Unauthorized(message),
-        408 | 500..=599 => PluginError::Unavailable(message),
-        _ => PluginError::InvalidInput(message),
-    })
-}
-
-fn malformed(what: &str, e: impl std::fmt::Display) -> PluginError {
-    PluginError::Unavailable(format!("upstream sent a malformed {what}: {e}"))
-}
-
-fn json_text(text: &str, what: &str) -> Result<Value, PluginError> {
-    serde_json::from_str(text).map_err(|e| PluginError::InvalidInput(format!("{what} is not valid JSON: {e}")))
 }
 
 /// An image part as an `image` block: a `data:` URL's bytes as base64, any other URL as a URL.
@@ -190,7 +161,7 @@ fn messages_body(req: &CompletionRequest, stream: bool) -> Result<(Value, bool),
             system.push_str("Reply with one JSON object and nothing else.");
         }
         ResponseFormat::JsonSchema(s) => {
-            let schema = json_text(&s.schema_json, &format!("the response schema `{}`", s.name))?;
+            let schema = json::value(&s.schema_json, &format!("the response schema `{}`", s.name))?;
             body["output_format"] = json!({"type": "json_schema", "schema": schema});
             beta = true;
         }
@@ -203,7 +174,7 @@ fn messages_body(req: &CompletionRequest, stream: bool) -> Result<(Value, bool),
         for t in &req.tools {
             let mut tool = json!({
                 "name": t.name,
-                "input_schema": json_text(&t.parameters_json, &format!("the parameters of tool `{}`", t.name))?,
+                "input_schema": json::value(&t.parameters_json, &format!("the parameters of tool `{}`", t.name))?,
             });
             if let Some(d) = &t.description {
                 tool["description"] = json!(d);
@@ -255,7 +226,7 @@ fn post_messages(req: &CompletionRequest, stream: bool) -> Result<(Response, Str
     if beta {
         r = r.header("anthropic-beta", STRUCTURED_OUTPUTS_BETA);
     }
-    let response = check_status(r.body(body.to_string().into_bytes()).send()?)?;
+    let response = r.body(body.to_string().into_bytes()).send()?.error_for_status()?;
     Ok((response, body["model"].as_str().unwrap_or_default().to_string()))
 }
 
@@ -302,7 +273,7 @@ impl Provider for Anthropic {
     type Stream = Events;
 
     fn models() -> Result<Vec<ModelInfo>, PluginError> {
-        let text = check_status(request(false, "/v1/models").send()?)?.text(MAX_BODY)?;
+        let text = request(false, "/v1/models").send()?.error_for_status()?.text(MAX_BODY)?;
         #[derive(Deserialize)]
         struct List {
             data: Vec<Item>,

@@ -20,7 +20,7 @@
 //! `unauthorized`, 429 `rate-limited` with Retry-After in milliseconds, 408/5xx and malformed
 //! bodies `unavailable`, timeouts `timeout`. A stream that ends without `[DONE]` is an error.
 
-use qlayer_sdk::http::{Request, Response};
+use qlayer_sdk::http::{Request, Response, malformed};
 use qlayer_sdk::provider::{ChunkSource, Provider};
 use qlayer_sdk::*;
 use serde::Deserialize;
@@ -127,32 +127,7 @@ fn post_json(operation: &str, body: &Value) -> Result<Response, PluginError> {
         .header("content-type", "application/json")
         .body(body.to_string().into_bytes())
         .send()?;
-    check_status(response)
-}
-
-/// Turns a non-2xx answer into the contract's error, quoting the upstream's own message.
-fn check_status(response: Response) -> Result<Response, PluginError> {
-    let status = response.status();
-    if (200..300).contains(&status) {
-        return Ok(response);
-    }
-    let retry_after = response.header("retry-after").and_then(qlayer_sdk::http::retry_after_ms);
-    let body = response.text(64 * 1024).unwrap_or_default();
-    let detail = serde_json::from_str::<Value>(&body)
-        .ok()
-        .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
-        .unwrap_or_else(|| body.chars().take(300).collect());
-    let message = format!("upstream answered {status}: {detail}");
-    Err(match status {
-        429 => PluginError::RateLimited(retry_after),
-        401 | 403 => PluginError::Unauthorized(message),
-        408 | 500..=599 => PluginError::Unavailable(message),
-        _ => PluginError::InvalidInput(message),
-    })
-}
-
-fn malformed(what: &str, e: impl std::fmt::Display) -> PluginError {
-    PluginError::Unavailable(format!("upstream sent a malformed {what}: {e}"))
+    response.error_for_status()
 }
 
 fn role(r: Role) -> &'static str {
@@ -162,11 +137,6 @@ fn role(r: Role) -> &'static str {
         Role::Assistant => "assistant",
         Role::Tool => "tool",
     }
-}
-
-/// JSON text the contract carries (a tool's parameters, a schema) as a JSON value.
-fn json_text(text: &str, what: &str) -> Result<Value, PluginError> {
-    serde_json::from_str(text).map_err(|e| PluginError::InvalidInput(format!("{what} is not valid JSON: {e}")))
 }
 
 fn message(m: &Message) -> Value {
@@ -217,7 +187,7 @@ fn chat_body(req: &CompletionRequest, stream: bool) -> Result<Value, PluginError
         for t in &req.tools {
             let mut function = json!({
                 "name": t.name,
-                "parameters": json_text(&t.parameters_json, &format!("the parameters of tool `{}`", t.name))?,
+                "parameters": json::value(&t.parameters_json, &format!("the parameters of tool `{}`", t.name))?,
             });
             if let Some(d) = &t.description {
                 function["description"] = json!(d);
@@ -246,7 +216,7 @@ fn chat_body(req: &CompletionRequest, stream: bool) -> Result<Value, PluginError
         ResponseFormat::JsonSchema(s) => {
             let mut schema = json!({
                 "name": s.name,
-                "schema": json_text(&s.schema_json, &format!("the response schema `{}`", s.name))?,
+                "schema": json::value(&s.schema_json, &format!("the response schema `{}`", s.name))?,
                 "strict": s.strict,
             });
             if let Some(d) = &s.description {
@@ -380,7 +350,7 @@ impl Provider for OpenAi {
     type Stream = SseStream;
 
     fn models() -> Result<Vec<ModelInfo>, PluginError> {
-        let response = check_status(request(false, "/models", "")?.send()?)?;
+        let response = request(false, "/models", "")?.send()?.error_for_status()?;
         let text = response.text(MAX_BODY)?;
         #[derive(Deserialize)]
         struct List {

@@ -427,6 +427,7 @@ qlayer_sdk::export_provider!(Anthropic);
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     fn with(messages: Vec<Message>) -> CompletionRequest {

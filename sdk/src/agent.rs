@@ -60,6 +60,24 @@ pub fn complete(request: &CompletionRequest) -> Result<Completion, PluginError> 
     bindings::quantumlayer::plugin::llm::complete(request)
 }
 
+pub use bindings::quantumlayer::plugin::tools::ToolInfo;
+
+/// The tools this step was granted (the pipeline names them); empty when none are.
+pub fn tools() -> Vec<ToolInfo> {
+    bindings::quantumlayer::plugin::tools::list()
+}
+
+/// Invokes granted tool `name` with JSON input and returns its JSON output. The host runs it in
+/// the tool's own sandbox for this tenant; a name not granted is [`PluginError::InvalidInput`].
+///
+/// ```no_run
+/// let out = qlayer_sdk::agent::invoke_tool("text-stats", r#"{"text": "hello world"}"#)?;
+/// # Ok::<(), qlayer_sdk::PluginError>(())
+/// ```
+pub fn invoke_tool(name: &str, input_json: &str) -> Result<String, PluginError> {
+    bindings::quantumlayer::plugin::tools::invoke(name, input_json)
+}
+
 /// A value parsed from the model's JSON reply, with the usage of every attempt.
 #[derive(Debug)]
 pub struct JsonReply<T> {

@@ -39,6 +39,7 @@ pub use bindings::types::{
     Embeddings, FinishReason, ImageUrl, JsonSchema, Message, ModelInfo, PluginError, ResponseFormat, Role, Severity,
     Task, ToolCall, ToolCallDelta, ToolChoice, ToolDefinition, Usage,
 };
+pub use bindings::v0_2::agent::quantumlayer::plugin::tools::ToolInfo;
 pub use compat::{Unexpressible, unexpressible_in_v0_1};
 pub use grants::{GrantError, Grants, Secret};
 pub use network::NetworkPolicy;
@@ -249,6 +250,20 @@ pub trait LlmHandler: Send + Sync {
         tenant: &'a str,
         request: CompletionRequest,
     ) -> BoxFuture<'a, Result<Completion, PluginError>>;
+}
+
+/// What answers an agent's `tools` import for a tenant: the tools its step was granted, each call
+/// run by the host in the tool's own instance.
+pub trait ToolHandler: Send + Sync {
+    /// The granted tools.
+    fn list<'a>(&'a self, tenant: &'a str) -> BoxFuture<'a, Vec<ToolInfo>>;
+    /// Invokes granted tool `name`; a name not granted is `invalid-input`.
+    fn invoke<'a>(
+        &'a self,
+        tenant: &'a str,
+        name: &'a str,
+        input_json: &'a str,
+    ) -> BoxFuture<'a, Result<String, PluginError>>;
 }
 
 struct Shared {
@@ -573,6 +588,7 @@ fn linker_for(engine: &Engine, kind: Kind) -> anyhow::Result<Linker<StoreState>>
         Kind::Provider | Kind::Tool => wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?,
         Kind::Agent => {
             v0_2::llm::add_to_linker::<_, HasSelf<StoreState>>(&mut linker, |s| s)?;
+            v0_2::agent::quantumlayer::plugin::tools::add_to_linker::<_, HasSelf<StoreState>>(&mut linker, |s| s)?;
             v0_1::llm::add_to_linker::<_, HasSelf<StoreState>>(&mut linker, |s| s)?;
         }
         Kind::Validator => {}
@@ -627,7 +643,7 @@ fn import_allowed(kind: Kind, name: &str) -> bool {
     let wasi = ["wasi:cli/", "wasi:io/", "wasi:clocks/", "wasi:random/", "wasi:filesystem/"];
     common.contains(&base)
         || wasi.iter().any(|p| base.starts_with(p))
-        || (kind == Kind::Agent && base == "quantumlayer:plugin/llm")
+        || (kind == Kind::Agent && matches!(base, "quantumlayer:plugin/llm" | "quantumlayer:plugin/tools"))
         || (matches!(kind, Kind::Provider | Kind::Tool) && base.starts_with("wasi:http/"))
 }
 
@@ -1054,10 +1070,22 @@ impl Installed {
         self.finish(begun, outcome)
     }
 
-    /// A live agent instance for `tenant`, whose `llm` calls go to `llm`.
+    /// A live agent instance for `tenant`, whose `llm` calls go to `llm`; it is granted no tools.
     pub async fn agent(&self, tenant: &str, llm: Arc<dyn LlmHandler>) -> Result<AgentInstance, CallError> {
+        self.agent_with_tools(tenant, llm, None).await
+    }
+
+    /// A live agent instance for `tenant`, whose `llm` calls go to `llm` and whose `tools` calls go
+    /// to `tools` (none granted when `None`).
+    pub async fn agent_with_tools(
+        &self,
+        tenant: &str,
+        llm: Arc<dyn LlmHandler>,
+        tools: Option<Arc<dyn ToolHandler>>,
+    ) -> Result<AgentInstance, CallError> {
         let Pre::Agent(pre) = &*self.plugin.pre else { return Err(self.wrong_kind(tenant, Kind::Agent)) };
         let (mut begun, deadline) = self.begin(tenant, Some(llm)).await;
+        begun.1.data_mut().tools = tools;
         let outcome = bounded(deadline, instantiate!(pre, &mut begun.1)).await;
         self.finish(begun, outcome)
     }

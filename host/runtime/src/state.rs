@@ -28,6 +28,8 @@ pub(crate) struct StoreState {
     pub(crate) log: Arc<LogMeter>,
     grants: Arc<Grants>,
     llm: Option<Arc<dyn LlmHandler>>,
+    /// What an agent's `tools` import reaches: the tools its step was granted (none when unset).
+    pub(crate) tools: Option<Arc<dyn crate::ToolHandler>>,
     wasi: WasiCtx,
     http: WasiHttpCtx,
     hooks: OutboundPolicy,
@@ -78,6 +80,7 @@ impl StoreState {
             log,
             grants,
             llm,
+            tools: None,
             wasi,
             http,
             table,
@@ -350,6 +353,25 @@ impl llm::Host for StoreState {
         match &self.llm {
             Some(llm) => llm.complete(&self.tenant, request).await,
             None => Err(types::PluginError::Unavailable("no LLM is routed to this plugin".into())),
+        }
+    }
+}
+
+/// An agent's `tools` import: the tools its step was granted, through the host's handler.
+impl super::bindings::v0_2::agent::quantumlayer::plugin::tools::Host for StoreState {
+    async fn list(&mut self) -> Vec<crate::ToolInfo> {
+        match &self.tools {
+            Some(tools) => tools.list(&self.tenant).await,
+            None => Vec::new(),
+        }
+    }
+
+    async fn invoke(&mut self, name: String, input_json: String) -> Result<String, types::PluginError> {
+        match &self.tools {
+            Some(tools) => tools.invoke(&self.tenant, &name, &input_json).await,
+            None => Err(types::PluginError::InvalidInput(format!(
+                "no tool `{name}` is granted to this step (it was granted none)"
+            ))),
         }
     }
 }

@@ -651,3 +651,92 @@ async fn a_provider_built_against_contract_0_1_0_still_serves() {
     assert!(p.stream(&seeded).await.err().unwrap().to_string().contains("a sampling seed"));
     assert_eq!(p.complete(&ask).await.unwrap().text, c.text, "it keeps serving");
 }
+
+/// An `llm` that no test agent here calls.
+struct NoLlm;
+
+impl qlayer_runtime::LlmHandler for NoLlm {
+    fn complete<'a>(
+        &'a self,
+        _tenant: &'a str,
+        _request: CompletionRequest,
+    ) -> futures::future::BoxFuture<'a, Result<qlayer_runtime::Completion, PluginError>> {
+        Box::pin(async { Err(PluginError::Unavailable("no model in this test".into())) })
+    }
+}
+
+/// Grants tenant `acme` one tool, `echo`, which answers with its input and the tenant it ran for.
+struct EchoTools;
+
+impl qlayer_runtime::ToolHandler for EchoTools {
+    fn list<'a>(&'a self, tenant: &'a str) -> futures::future::BoxFuture<'a, Vec<qlayer_runtime::ToolInfo>> {
+        Box::pin(async move {
+            if tenant != "acme" {
+                return vec![];
+            }
+            vec![qlayer_runtime::ToolInfo {
+                name: "echo".into(),
+                description: "echoes".into(),
+                input_schema_json: "{}".into(),
+            }]
+        })
+    }
+
+    fn invoke<'a>(
+        &'a self,
+        tenant: &'a str,
+        name: &'a str,
+        input_json: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<String, PluginError>> {
+        Box::pin(async move {
+            match (tenant, name) {
+                ("acme", "echo") => Ok(format!("{{\"for\": \"{tenant}\", \"input\": {input_json}}}")),
+                _ => Err(PluginError::InvalidInput(format!("no tool `{name}` is granted to this step"))),
+            }
+        })
+    }
+}
+
+/// An agent's `tools` import reaches exactly the tools its host grants: listed and invoked for
+/// its tenant, an ungranted name refused as invalid input, and nothing at all when none are.
+#[tokio::test]
+async fn an_agent_reaches_only_the_tools_it_was_granted() {
+    use std::sync::Arc;
+    let rt = runtime();
+    let wasm = guest_with(
+        "qlayer-test-tool-user",
+        "name = \"tool-user\"\nversion = \"0.1.0\"\nkind = \"agent\"\ndescription = \"d\"\n",
+    );
+    let installed = rt.load(&wasm).unwrap().install(Grants::default()).unwrap();
+    let task = |tool: &str| qlayer_runtime::Task {
+        requirement: tool.into(),
+        inputs: vec![],
+        feedback: vec![],
+        options_json: r#"{"text": "hi"}"#.into(),
+    };
+    let report = |out: qlayer_runtime::AgentOutput| -> serde_json::Value {
+        serde_json::from_slice(&out.artifacts[0].content).unwrap()
+    };
+    let tools: Arc<dyn qlayer_runtime::ToolHandler> = Arc::new(EchoTools);
+    let mut agent = installed.agent_with_tools("acme", Arc::new(NoLlm), Some(tools.clone())).await.unwrap();
+    let r = report(agent.run(&task("echo")).await.unwrap());
+    assert_eq!(r["granted"], serde_json::json!(["echo"]));
+    assert_eq!(r["output"], r#"{"for": "acme", "input": {"text": "hi"}}"#);
+    let r = report(agent.run(&task("shell")).await.unwrap());
+    assert!(
+        r["error"].as_str().unwrap().contains("InvalidInput") && r["error"].as_str().unwrap().contains("`shell`"),
+        "{r}"
+    );
+
+    // Another tenant's instance, same handler: nothing granted to it.
+    let mut other = installed.agent_with_tools("globex", Arc::new(NoLlm), Some(tools)).await.unwrap();
+    let r = report(other.run(&task("echo")).await.unwrap());
+    assert_eq!(r["granted"], serde_json::json!([]));
+    assert!(r["error"].as_str().unwrap().contains("InvalidInput"), "{r}");
+
+    // No handler: no tools.
+    let mut bare = installed.agent("acme", Arc::new(NoLlm)).await.unwrap();
+    let r = report(bare.run(&task("echo")).await.unwrap());
+    assert_eq!(r["granted"], serde_json::json!([]));
+    assert!(r["error"].as_str().unwrap().contains("granted none"), "{r}");
+}

@@ -13,6 +13,7 @@ const PLUGINS: &[(&str, &str)] = &[
     ("qlayer-provider-scripted", "plugins/providers/scripted"),
     ("qlayer-provider-openai", "plugins/providers/openai"),
     ("qlayer-provider-anthropic", "plugins/providers/anthropic"),
+    ("qlayer-provider-bedrock", "plugins/providers/bedrock"),
     ("qlayer-agent-product-manager", "plugins/agents/product-manager"),
     ("qlayer-agent-developer", "plugins/agents/developer"),
     ("qlayer-validator-syntax", "plugins/validators/syntax"),

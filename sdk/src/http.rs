@@ -432,6 +432,30 @@ impl Response {
         }
     }
 
+    /// The next `n` bytes of the body, or `None` at its end. For binary framed bodies such as
+    /// AWS's event streams. A body that ends inside the `n` bytes is an error.
+    ///
+    /// ```no_run
+    /// # let mut reply = qlayer_sdk::http::Request::get("https://x.test/").send().unwrap();
+    /// while let Some(prelude) = reply.read_exact(12)? { /* a frame's prelude */ }
+    /// # Ok::<(), qlayer_sdk::http::HttpError>(())
+    /// ```
+    pub fn read_exact(&mut self, n: usize) -> Result<Option<Vec<u8>>, HttpError> {
+        while self.buffered.len() < n {
+            match self.read_chunk()? {
+                Some(chunk) => self.buffered.extend_from_slice(&chunk),
+                None if self.buffered.is_empty() => return Ok(None),
+                None => {
+                    return Err(HttpError::Connection(format!(
+                        "the body ended {} bytes into a read of {n}",
+                        self.buffered.len()
+                    )));
+                }
+            }
+        }
+        Ok(Some(self.buffered.drain(..n).collect()))
+    }
+
     fn read_chunk(&mut self) -> Result<Option<Vec<u8>>, HttpError> {
         if self.finished {
             return Ok(None);

@@ -32,8 +32,6 @@ fn text_of(content: &Value) -> String {
 }
 
 /// Checks the request as the API does; the tool to call, if any.
-// A refusal is the response itself, built once per test request: its size does not matter.
-#[allow(clippy::result_large_err)]
 fn check(headers: &[(String, String)], body: &Value) -> Result<Option<String>, Response<Body>> {
     let header = |name: &str| headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str());
     if header("x-api-key").is_none() || header("authorization").is_some() {

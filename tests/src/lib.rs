@@ -2,7 +2,12 @@
 //! **OpenAI-compatible test server** — a test double that the tests start on a loopback port, so
 //! providers are exercised over real HTTP without any real LLM API.
 
+// The test servers' checks return their refusal, a whole response, as the error: made once per
+// request, its size does not matter.
+#![allow(clippy::result_large_err)]
+
 pub mod anthropic;
+pub mod bedrock;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
@@ -176,7 +181,9 @@ type Body = BoxBody<Bytes, Infallible>;
 /// answers `tool said: <result>`. A `json_schema` response format gets an object with a value of
 /// each property's type (strings `echo: <last>`).
 ///
-/// Anthropic's Messages API too (`/v1/messages`): see [`anthropic`].
+/// Anthropic's Messages API too (`/v1/messages`): see [`anthropic`]. Amazon Bedrock's Converse
+/// and ConverseStream (`/model/{id}/converse`, `/converse-stream`), signatures verified: see
+/// [`bedrock`].
 ///
 /// Azure OpenAI's paths too: `/openai/deployments/{deployment}/chat/completions` and
 /// `/embeddings` need `?api-version=` and an `api-key` header (401 without, as Azure answers);
@@ -263,8 +270,8 @@ async fn handle(req: Request<hyper::body::Incoming>, log: Arc<Mutex<Vec<Seen>>>)
         .iter()
         .filter_map(|(n, v)| Some((n.as_str().to_string(), v.to_str().ok()?.to_string())))
         .collect();
-    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-    let body = String::from_utf8_lossy(&body).into_owned();
+    let raw = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body = String::from_utf8_lossy(&raw).into_owned();
     if let Ok(mut l) = log.lock() {
         l.push(Seen {
             path: path.clone(),
@@ -326,6 +333,7 @@ async fn handle(req: Request<hyper::body::Incoming>, log: Arc<Mutex<Vec<Seen>>>)
         }
         "/v1/chat/completions" => chat(&model, request["stream"].as_bool().unwrap_or(false), &request).await,
         "/v1/messages" => anthropic::messages(&headers, &body).await,
+        r if r.starts_with("/model/") => bedrock::converse(&path, &headers, raw.as_ref()).await,
         _ => json(StatusCode::NOT_FOUND, serde_json::json!({"error": {"message": format!("no route {route}")}})),
     })
 }
@@ -347,7 +355,6 @@ fn bad_request(message: String, param: &str) -> Response<Body> {
 }
 
 /// Checks `tools`, `tool_choice` and `response_format` as OpenAI does; the tool to call, if any.
-#[allow(clippy::result_large_err)] // a refusal is the test server's response, made once
 fn check_tools(request: &serde_json::Value) -> Result<Option<String>, Response<Body>> {
     let tools = request["tools"].as_array().cloned().unwrap_or_default();
     for (i, t) in tools.iter().enumerate() {

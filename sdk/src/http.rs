@@ -299,6 +299,24 @@ pub struct Response {
     finished: bool,
 }
 
+/// Percent-encodes everything but RFC 3986's unreserved characters (`A-Z a-z 0-9 - . _ ~`), as a
+/// URL path segment or query value, or AWS's canonical request, wants it.
+///
+/// ```
+/// assert_eq!(qlayer_sdk::http::percent_encode("v1:0 a/b"), "v1%3A0%20a%2Fb");
+/// ```
+pub fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// A provider's error for an upstream that sent something it cannot read: `unavailable` (another
 /// attempt, or another deployment, may do better).
 pub fn malformed(what: &str, e: impl fmt::Display) -> PluginError {

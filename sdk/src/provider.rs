@@ -98,6 +98,87 @@ impl<T: Provider> wit::Guest for Adapter<T> {
     }
 }
 
+/// A conversation in the shape of APIs that take the system prompt apart and want turns that
+/// alternate between `user` and `assistant` (Anthropic's Messages, Bedrock's Converse): system
+/// messages joined, tool results in user turns, consecutive turns of one role merged, content
+/// parts, tool calls and tool results rendered as the API's blocks by the given functions.
+pub struct Turns<P, C, R> {
+    /// A content part as a block.
+    pub part: P,
+    /// An assistant's tool call as a block, given its arguments as a JSON object.
+    pub call: C,
+    /// A tool result as a block: the call's id and the result's blocks.
+    pub result: R,
+}
+
+impl<P, C, R> Turns<P, C, R>
+where
+    P: Fn(&crate::ContentPart) -> Result<serde_json::Value, PluginError>,
+    C: Fn(&crate::ToolCall, serde_json::Value) -> serde_json::Value,
+    R: Fn(&str, Vec<serde_json::Value>) -> serde_json::Value,
+{
+    /// The system prompt and the turns, `{"role", "content": [blocks]}`; an error when the
+    /// conversation does not start with a user turn, a tool message names no call, or a call's
+    /// arguments are not a JSON object (`api` names the API in that message).
+    pub fn of(&self, request: &CompletionRequest, api: &str) -> Result<(String, Vec<serde_json::Value>), PluginError> {
+        use crate::{ContentPart, Role};
+        let blocks = |parts: &[ContentPart]| -> Result<Vec<serde_json::Value>, PluginError> {
+            parts.iter().filter(|p| !matches!(p, ContentPart::Text(t) if t.is_empty())).map(&self.part).collect()
+        };
+        let mut system = Vec::new();
+        let mut turns: Vec<(&'static str, Vec<serde_json::Value>)> = Vec::new();
+        for m in &request.messages {
+            let (role, content) = match m.role {
+                Role::System => {
+                    system.push(m.text());
+                    continue;
+                }
+                Role::User => ("user", blocks(&m.content)?),
+                Role::Assistant => {
+                    let mut content = blocks(&m.content)?;
+                    for c in &m.tool_calls {
+                        content.push((self.call)(c, arguments_object(c, api)?));
+                    }
+                    ("assistant", content)
+                }
+                Role::Tool => {
+                    let id = m.tool_call_id.as_deref().ok_or_else(|| {
+                        PluginError::InvalidInput("a tool message must name the call it answers (tool-call-id)".into())
+                    })?;
+                    ("user", vec![(self.result)(id, blocks(&m.content)?)])
+                }
+            };
+            if content.is_empty() {
+                continue;
+            }
+            match turns.last_mut() {
+                Some((last, blocks)) if *last == role => blocks.extend(content),
+                _ => turns.push((role, content)),
+            }
+        }
+        if turns.first().is_none_or(|(role, _)| *role != "user") {
+            return Err(PluginError::InvalidInput(format!(
+                "{api} needs the conversation to start with a user message"
+            )));
+        }
+        let turns = turns.into_iter().map(|(role, content)| serde_json::json!({"role": role, "content": content}));
+        Ok((system.join("\n\n"), turns.collect()))
+    }
+}
+
+/// A tool call's arguments as the JSON object APIs with structured tool input want (`{}` for
+/// none); other JSON is refused naming the call.
+fn arguments_object(call: &crate::ToolCall, api: &str) -> Result<serde_json::Value, PluginError> {
+    match serde_json::from_str::<serde_json::Value>(&call.arguments) {
+        Ok(v @ serde_json::Value::Object(_)) => Ok(v),
+        _ if call.arguments.trim().is_empty() => Ok(serde_json::json!({})),
+        _ => Err(PluginError::InvalidInput(format!(
+            "the arguments of tool call `{}` are not a JSON object, which {api} needs",
+            call.id
+        ))),
+    }
+}
+
 /// Exports a [`Provider`] as this component's `provider` interface.
 ///
 /// ```ignore

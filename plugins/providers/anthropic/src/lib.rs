@@ -68,67 +68,17 @@ fn image_block(image: &ImageUrl) -> Result<Value, PluginError> {
     Ok(json!({"type": "image", "source": {"type": "url", "url": image.url}}))
 }
 
-fn blocks(parts: &[ContentPart]) -> Result<Vec<Value>, PluginError> {
-    parts
-        .iter()
-        .filter(|p| !matches!(p, ContentPart::Text(t) if t.is_empty()))
-        .map(|p| match p {
-            ContentPart::Text(t) => Ok(json!({"type": "text", "text": t})),
-            ContentPart::ImageUrl(i) => image_block(i),
-        })
-        .collect()
-}
-
 /// The request's messages as the API's `system` and alternating `messages`.
 fn conversation(req: &CompletionRequest) -> Result<(String, Vec<Value>), PluginError> {
-    let mut system = Vec::new();
-    let mut turns: Vec<(&'static str, Vec<Value>)> = Vec::new();
-    for m in &req.messages {
-        let (role, content) = match m.role {
-            Role::System => {
-                system.push(m.text());
-                continue;
-            }
-            Role::User => ("user", blocks(&m.content)?),
-            Role::Assistant => {
-                let mut content = blocks(&m.content)?;
-                for c in &m.tool_calls {
-                    let input = match serde_json::from_str::<Value>(&c.arguments) {
-                        Ok(v @ Value::Object(_)) => v,
-                        _ if c.arguments.trim().is_empty() => json!({}),
-                        _ => {
-                            return Err(PluginError::InvalidInput(format!(
-                                "the arguments of tool call `{}` are not a JSON object, which Anthropic's tool_use input must be",
-                                c.id
-                            )));
-                        }
-                    };
-                    content.push(json!({"type": "tool_use", "id": c.id, "name": c.name, "input": input}));
-                }
-                ("assistant", content)
-            }
-            Role::Tool => {
-                let id = m.tool_call_id.clone().ok_or_else(|| {
-                    PluginError::InvalidInput("a tool message must name the call it answers (tool-call-id)".into())
-                })?;
-                ("user", vec![json!({"type": "tool_result", "tool_use_id": id, "content": blocks(&m.content)?})])
-            }
-        };
-        if content.is_empty() {
-            continue;
-        }
-        match turns.last_mut() {
-            Some((last, blocks)) if *last == role => blocks.extend(content),
-            _ => turns.push((role, content)),
-        }
-    }
-    if turns.first().is_none_or(|(role, _)| *role != "user") {
-        return Err(PluginError::InvalidInput(
-            "Anthropic's API needs the conversation to start with a user message".into(),
-        ));
-    }
-    let messages = turns.into_iter().map(|(role, content)| json!({"role": role, "content": content})).collect();
-    Ok((system.join("\n\n"), messages))
+    let turns = qlayer_sdk::provider::Turns {
+        part: |p: &ContentPart| match p {
+            ContentPart::Text(t) => Ok(json!({"type": "text", "text": t})),
+            ContentPart::ImageUrl(i) => image_block(i),
+        },
+        call: |c: &ToolCall, input| json!({"type": "tool_use", "id": c.id, "name": c.name, "input": input}),
+        result: |id: &str, content| json!({"type": "tool_result", "tool_use_id": id, "content": content}),
+    };
+    turns.of(req, "Anthropic's API")
 }
 
 fn model(requested: &str) -> Result<String, PluginError> {

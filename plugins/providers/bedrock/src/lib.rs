@@ -144,69 +144,22 @@ fn image_block(image: &ImageUrl) -> Result<Value, PluginError> {
     Ok(json!({"image": {"format": format, "source": {"bytes": data}}}))
 }
 
-fn blocks(parts: &[ContentPart]) -> Result<Vec<Value>, PluginError> {
-    parts
-        .iter()
-        .filter(|p| !matches!(p, ContentPart::Text(t) if t.is_empty()))
-        .map(|p| match p {
-            ContentPart::Text(t) => Ok(json!({"text": t})),
-            ContentPart::ImageUrl(i) => image_block(i),
-        })
-        .collect()
-}
-
 /// The request's messages as Converse's `system` and alternating `messages`.
 fn conversation(req: &CompletionRequest) -> Result<(String, Vec<Value>), PluginError> {
-    let mut system = Vec::new();
-    let mut turns: Vec<(&'static str, Vec<Value>)> = Vec::new();
-    for m in &req.messages {
-        let (role, content) = match m.role {
-            Role::System => {
-                system.push(m.text());
-                continue;
+    let turns = qlayer_sdk::provider::Turns {
+        part: |p: &ContentPart| match p {
+            ContentPart::Text(t) => Ok(json!({"text": t})),
+            ContentPart::ImageUrl(i) => image_block(i),
+        },
+        call: |c: &ToolCall, input| json!({"toolUse": {"toolUseId": c.id, "name": c.name, "input": input}}),
+        result: |id: &str, mut content: Vec<Value>| {
+            if content.is_empty() {
+                content.push(json!({"text": ""}));
             }
-            Role::User => ("user", blocks(&m.content)?),
-            Role::Assistant => {
-                let mut content = blocks(&m.content)?;
-                for c in &m.tool_calls {
-                    let input = match serde_json::from_str::<Value>(&c.arguments) {
-                        Ok(v @ Value::Object(_)) => v,
-                        _ if c.arguments.trim().is_empty() => json!({}),
-                        _ => {
-                            return Err(PluginError::InvalidInput(format!(
-                                "the arguments of tool call `{}` are not a JSON object, which Bedrock's toolUse input must be",
-                                c.id
-                            )));
-                        }
-                    };
-                    content.push(json!({"toolUse": {"toolUseId": c.id, "name": c.name, "input": input}}));
-                }
-                ("assistant", content)
-            }
-            Role::Tool => {
-                let id = m.tool_call_id.clone().ok_or_else(|| {
-                    PluginError::InvalidInput("a tool message must name the call it answers (tool-call-id)".into())
-                })?;
-                let mut content = blocks(&m.content)?;
-                if content.is_empty() {
-                    content.push(json!({"text": ""}));
-                }
-                ("user", vec![json!({"toolResult": {"toolUseId": id, "content": content}})])
-            }
-        };
-        if content.is_empty() {
-            continue;
-        }
-        match turns.last_mut() {
-            Some((last, blocks)) if *last == role => blocks.extend(content),
-            _ => turns.push((role, content)),
-        }
-    }
-    if turns.first().is_none_or(|(role, _)| *role != "user") {
-        return Err(PluginError::InvalidInput("Bedrock needs the conversation to start with a user message".into()));
-    }
-    let messages = turns.into_iter().map(|(role, content)| json!({"role": role, "content": content})).collect();
-    Ok((system.join("\n\n"), messages))
+            json!({"toolResult": {"toolUseId": id, "content": content}})
+        },
+    };
+    turns.of(req, "Bedrock's Converse API")
 }
 
 fn model(requested: &str) -> Result<String, PluginError> {

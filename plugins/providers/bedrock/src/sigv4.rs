@@ -25,18 +25,7 @@ pub fn sha256_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
 }
 
-/// RFC 3986 encoding of everything but unreserved characters, as SigV4 wants it.
-pub fn uri_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
+pub use qlayer_sdk::http::percent_encode as uri_encode;
 
 /// One request to sign. `path` is as sent (its segments already encoded once); `headers` are the
 /// headers to sign, names in lowercase, `host` among them.

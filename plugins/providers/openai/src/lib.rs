@@ -75,24 +75,14 @@ fn url(operation: &str, deployment: &str) -> Result<String, PluginError> {
         return Ok(format!("{base}{operation}"));
     }
     let version = host::config("api_version").unwrap_or_else(|| "2024-10-21".into());
-    let version = url_escape(&version);
+    let version = qlayer_sdk::http::percent_encode(&version);
     Ok(match operation {
         "/models" => format!("{base}/openai/models?api-version={version}"),
-        _ => format!("{base}/openai/deployments/{}{operation}?api-version={version}", url_escape(deployment)),
+        _ => format!(
+            "{base}/openai/deployments/{}{operation}?api-version={version}",
+            qlayer_sdk::http::percent_encode(deployment)
+        ),
     })
-}
-
-/// Percent-encodes what is not unreserved in a URL path segment or query value.
-fn url_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 fn timeout() -> Duration {
@@ -500,11 +490,5 @@ mod tests {
         let mut result = Message::new(Role::Tool, "42");
         result.tool_call_id = Some("c1".into());
         assert_eq!(message(&result), json!({"role": "tool", "content": "42", "tool_call_id": "c1"}));
-    }
-
-    #[test]
-    fn deployment_names_are_escaped_for_azure_paths() {
-        assert_eq!(url_escape("gpt-4o.prod_1"), "gpt-4o.prod_1");
-        assert_eq!(url_escape("a/b c"), "a%2Fb%20c");
     }
 }

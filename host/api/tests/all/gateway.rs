@@ -119,8 +119,9 @@ async fn the_official_anthropic_sdk_works_against_the_messages_endpoint() {
     model(&svc, &acme, "chat", json!({"deployments": [deployment("ok")]})).await;
     model(&svc, &acme, "cut", json!({"deployments": [deployment("cut-stream")]})).await;
     legacy_model(&svc, &acme).await;
+    anthropic_model(&svc, &upstream, &acme).await;
     let stdout = run_sdk_script(python, "anthropic_sdk.py", &svc.base, &acme, "").await;
-    for check in ["message", "stream", "cut stream", "tool use", "contract 0.1.0", "errors"] {
+    for check in ["message", "stream", "cut stream", "tool use", "contract 0.1.0", "anthropic plugin", "errors"] {
         assert!(stdout.contains(&format!("{check}: ok")), "{check} ran: {stdout}");
     }
     let report = usage(&svc, &acme, "", 3).await;
@@ -419,6 +420,20 @@ async fn one_line_of_config_fronts_an_upstream_for_every_tenant() {
     svc.stop().await;
 }
 
+/// Installs for `key`'s tenant the anthropic plugin, asking the test server's Anthropic double
+/// with the key from `PATH` (an operator-offered variable, see `service`), as model `claude`.
+async fn anthropic_model(svc: &Svc, upstream: &TestServer, key: &str) {
+    let grants = json!({
+        "hosts": [upstream.url().trim_start_matches("http://")],
+        "config": {"base_url": upstream.url()},
+        "secrets": {"api_key": "PATH"}
+    });
+    let wasm = qlayer_bundled::bundled_plugin("anthropic").unwrap();
+    let r = svc.install_with(key, "providers/anthropic", wasm, Some(grants)).await;
+    assert_eq!(r.status, 201, "{r:?}");
+    model(svc, key, "claude", json!({"deployments": [{"plugin": "anthropic", "model": "claude-test"}]})).await;
+}
+
 /// One provider plugin serves either API and the gateway translates both ways: OpenAI's chat
 /// completions with tools, routed to the `anthropic` plugin, reach the Anthropic test server
 /// (which checks Anthropic's wire format) as `tool_use`/`tool_result` blocks, and its tool calls
@@ -426,15 +441,7 @@ async fn one_line_of_config_fronts_an_upstream_for_every_tenant() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openai_requests_with_tools_are_served_by_the_anthropic_plugin() {
     let (svc, upstream, _tenant, acme) = gateway_service(|_| {}).await;
-    let grants = json!({
-        "hosts": [upstream.url().trim_start_matches("http://")],
-        "config": {"base_url": upstream.url()},
-        "secrets": {"api_key": "PATH"}
-    });
-    let wasm = qlayer_bundled::bundled_plugin("anthropic").unwrap();
-    let r = svc.install_with(&acme, "providers/anthropic", wasm, Some(grants)).await;
-    assert_eq!(r.status, 201, "{r:?}");
-    model(&svc, &acme, "claude", json!({"deployments": [{"plugin": "anthropic", "model": "claude-test"}]})).await;
+    anthropic_model(&svc, &upstream, &acme).await;
     let tools = json!([{"type": "function", "function": {"name": "get_weather",
         "parameters": {"type": "object", "properties": {"text": {"type": "string"}}}}}]);
     let ask = json!([{"role": "user", "content": "weather in Oslo?"}]);

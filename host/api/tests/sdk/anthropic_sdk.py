@@ -2,7 +2,8 @@
 
 Run by host/api/tests/all/gateway.rs with QLAYER_BASE and QLAYER_KEY; the tenant's model table
 is the one openai_sdk.py describes (the local OpenAI-compatible test server, a test double,
-behind the openai provider plugin), so this also shows one provider serving both APIs. Prints
+behind the openai provider plugin), so this also shows one provider serving both APIs; model
+`claude` is the anthropic provider plugin in front of the Anthropic test double. Prints
 one line per check; any failure raises.
 """
 
@@ -66,6 +67,23 @@ print("tool use: ok")
 m = client.messages.create(model="legacy", max_tokens=9, messages=[{"role": "user", "content": "old"}])
 assert m.content[0].text == "v0.1.0 echo: old [max-tokens 9]", m.content
 print("contract 0.1.0: ok")
+
+
+# Anthropic end to end: model `claude` is the anthropic provider plugin asking the Anthropic
+# test double, so the SDK's request goes Anthropic -> contract -> Anthropic, tool use included.
+m = client.messages.create(model="claude", max_tokens=64, system="be brief", messages=msgs)
+assert m.content[0].text == "echo: hi" and m.stop_reason == "end_turn", m
+assert (m.usage.input_tokens, m.usage.output_tokens) == (9, 3), m.usage
+with client.messages.stream(model="claude", max_tokens=64, messages=ask, tools=tools) as s:
+    final = s.get_final_message()
+use = [b for b in final.content if b.type == "tool_use"][0]
+assert use.name == "get_weather" and use.input == {"text": "weather in Oslo?"}, final.content
+m = client.messages.create(model="claude", max_tokens=64, tools=tools, messages=ask + [
+    {"role": "assistant", "content": [b.model_dump() for b in final.content]},
+    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "rain"}]},
+])
+assert m.content[0].text == "echo: tool said: rain", m.content
+print("anthropic plugin: ok")
 
 
 def raises(cls, call, *words):

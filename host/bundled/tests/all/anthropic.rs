@@ -4,8 +4,8 @@
 //! failure mapped to the contract's errors.
 
 use qlayer_runtime::{
-    CallErrorKind, CompletionRequest, FinishReason, Grants, HostPattern, Installed, JsonSchema, Message, PluginError,
-    ResponseFormat, Role, Secret, ToolChoice, ToolDefinition,
+    CompletionRequest, FinishReason, Grants, HostPattern, Installed, JsonSchema, Message, PluginError, ResponseFormat,
+    Role, Secret, ToolChoice, ToolDefinition,
 };
 use qlayer_tests::{TestServer, runtime};
 use serde_json::{Value, json};
@@ -36,13 +36,6 @@ fn weather() -> ToolDefinition {
 
 fn body(server: &TestServer, i: usize) -> Value {
     serde_json::from_str(&server.requests()[i].body).unwrap()
-}
-
-async fn fails_with(installed: &Installed, request: &CompletionRequest) -> PluginError {
-    match installed.provider("t").await.unwrap().complete(request).await.unwrap_err().kind {
-        CallErrorKind::Plugin(e) => e,
-        other => panic!("expected a plugin error, got {other:?}"),
-    }
 }
 
 #[tokio::test]
@@ -166,7 +159,9 @@ async fn structured_output_json_mode_and_what_the_api_lacks() {
     );
 
     let seeded = CompletionRequest { seed: Some(1), ..ask("claude-test", "x") };
-    assert!(matches!(fails_with(&installed, &seeded).await, PluginError::InvalidInput(m) if m.contains("seed")));
+    assert!(
+        matches!(crate::plugin_error(&installed, &seeded).await, PluginError::InvalidInput(m) if m.contains("seed"))
+    );
     let e =
         p.embed(&qlayer_runtime::EmbeddingRequest { model: "x".into(), inputs: vec!["a".into()] }).await.unwrap_err();
     assert!(e.to_string().contains("no embeddings"), "{e}");
@@ -178,13 +173,13 @@ async fn upstream_failures_map_to_the_contract() {
     let server = TestServer::start().await;
     let rt = runtime();
     let installed = install(&rt, &server, Some("k"));
-    assert_eq!(fails_with(&installed, &ask("rate-limit", "x")).await, PluginError::RateLimited(Some(2000)));
+    assert_eq!(crate::plugin_error(&installed, &ask("rate-limit", "x")).await, PluginError::RateLimited(Some(2000)));
     assert!(
-        matches!(fails_with(&installed, &ask("overloaded", "x")).await, PluginError::Unavailable(m) if m.contains("529"))
+        matches!(crate::plugin_error(&installed, &ask("overloaded", "x")).await, PluginError::Unavailable(m) if m.contains("529"))
     );
     let no_key = install(&rt, &server, None);
     assert!(
-        matches!(fails_with(&no_key, &ask("claude-test", "x")).await, PluginError::Unauthorized(m) if m.contains("401"))
+        matches!(crate::plugin_error(&no_key, &ask("claude-test", "x")).await, PluginError::Unauthorized(m) if m.contains("401"))
     );
     let mut p = installed.provider("t").await.unwrap();
     let mut stream = p.stream(&ask("cut-stream", "x")).await.unwrap();

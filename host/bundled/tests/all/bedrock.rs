@@ -33,13 +33,6 @@ fn ask(model: &str, text: &str) -> CompletionRequest {
     }
 }
 
-async fn fails_with(installed: &Installed, request: &CompletionRequest) -> PluginError {
-    match installed.provider("t").await.unwrap().complete(request).await.unwrap_err().kind {
-        CallErrorKind::Plugin(e) => e,
-        other => panic!("expected a plugin error, got {other:?}"),
-    }
-}
-
 #[tokio::test]
 async fn signed_converse_and_converse_stream_with_a_model_id_that_needs_encoding() {
     let server = TestServer::start().await;
@@ -84,18 +77,18 @@ async fn a_wrong_secret_fails_the_signature_check_and_no_secret_is_named() {
     let server = TestServer::start().await;
     let rt = runtime();
     let installed = install(&rt, grants(&server, "not-the-secret"));
-    let e = fails_with(&installed, &ask("m", "x")).await;
+    let e = crate::plugin_error(&installed, &ask("m", "x")).await;
     assert!(
         matches!(&e, PluginError::Unauthorized(m) if m.contains("InvalidSignatureException") && m.contains("signature")),
         "{e:?}"
     );
     let mut g = grants(&server, SECRET_KEY);
     g.secrets.clear();
-    let e = fails_with(&install(&rt, g), &ask("m", "x")).await;
+    let e = crate::plugin_error(&install(&rt, g), &ask("m", "x")).await;
     assert!(matches!(&e, PluginError::Unauthorized(m) if m.contains("secret_access_key")), "{e:?}");
     let mut g = grants(&server, SECRET_KEY);
     g.config.remove("region");
-    let e = fails_with(&install(&rt, g), &ask("m", "x")).await;
+    let e = crate::plugin_error(&install(&rt, g), &ask("m", "x")).await;
     assert!(matches!(&e, PluginError::InvalidInput(m) if m.contains("region")), "{e:?}");
     assert_eq!(server.requests().len(), 1, "requests that cannot be signed are not sent");
 }
@@ -165,7 +158,7 @@ async fn throttling_cut_streams_and_what_converse_cannot_say() {
     let server = TestServer::start().await;
     let rt = runtime();
     let installed = install(&rt, grants(&server, SECRET_KEY));
-    assert_eq!(fails_with(&installed, &ask("rate-limit", "x")).await, PluginError::RateLimited(None));
+    assert_eq!(crate::plugin_error(&installed, &ask("rate-limit", "x")).await, PluginError::RateLimited(None));
     let mut p = installed.provider("t").await.unwrap();
     for (model, says) in [("stream-throttled", None), ("cut-stream", Some("messageStop"))] {
         let mut stream = p.stream(&ask(model, "x")).await.unwrap();
@@ -193,7 +186,7 @@ async fn throttling_cut_streams_and_what_converse_cannot_say() {
     let seeded = CompletionRequest { seed: Some(1), ..ask("m", "x") };
     for (request, word) in [(schema, "JSON schema"), (none, "`none`"), (seeded, "seed")] {
         assert!(
-            matches!(fails_with(&installed, &request).await, PluginError::InvalidInput(m) if m.contains(word)),
+            matches!(crate::plugin_error(&installed, &request).await, PluginError::InvalidInput(m) if m.contains(word)),
             "{word}"
         );
     }

@@ -24,11 +24,7 @@ async fn openai(rt: &Runtime, server: &TestServer, key: Option<&str>) -> Install
 }
 
 async fn fails_with(installed: &Installed, model: &str) -> PluginError {
-    let err = installed.provider("t").await.unwrap().complete(&request(model)).await.unwrap_err();
-    match err.kind {
-        CallErrorKind::Plugin(e) => e,
-        other => panic!("expected a plugin error for {model}, got {other:?}"),
-    }
+    crate::plugin_error(installed, &request(model)).await
 }
 
 #[tokio::test]

@@ -64,7 +64,7 @@ enum Wire {
 }
 
 fn wire_of(path: &str) -> Wire {
-    if path == "/v1/messages" {
+    if path == "/v1/messages" || path == "/v1/messages/count_tokens" {
         Wire::Anthropic
     } else if path == "/v1/chat/completions"
         || path == "/v1/embeddings"
@@ -297,6 +297,26 @@ pub async fn messages(
     let prompt: usize = chat.prompt_bytes();
     let live = gateway.stream(&who, &chat, arrived, deadline).await.map_err(AnthropicError)?;
     Ok(event_stream(live, anthropic::EventWriter::new(&chat.model, prompt.div_ceil(4) as u32), arrived))
+}
+
+/// Counts a Messages request's input tokens (Anthropic's `count_tokens`, which Claude Code calls):
+/// an estimate, as Anthropic's own is, of about four bytes of text a token; nothing is sent
+/// upstream or metered. The model must be one of the tenant's.
+#[utoipa::path(post, path = "/v1/messages/count_tokens", tag = "gateway",
+    request_body(content = Object, description = "A Messages request's `model`, `messages`, and optionally `system`, `tools`, `tool_choice`; any other field is refused by name."),
+    responses(
+        (status = 200, description = "`{\"input_tokens\": N}`", body = Object),
+        (status = 400, body = AnthropicErrorBody), (status = 403, body = AnthropicErrorBody), (status = 404, body = AnthropicErrorBody)),
+    security(("api_key" = [])))]
+pub async fn count_tokens(
+    State(state): State<AppState>,
+    caller: Caller,
+    RawBody(body): RawBody,
+) -> Result<Response, AnthropicError> {
+    let gateway = gateway(&state)?;
+    let chat = anthropic::count_tokens_request(&body).map_err(AnthropicError)?;
+    let tokens = gateway.count_tokens(&who(&caller), &chat).await.map_err(AnthropicError)?;
+    Ok(axum::Json(serde_json::json!({"input_tokens": tokens})).into_response())
 }
 
 /// Anthropic's error shape.

@@ -87,7 +87,7 @@ impl AppState {
         resources::list_plugins, resources::install_plugin, resources::get_plugin, resources::remove_plugin,
         jobs::submit_job, jobs::list_jobs, jobs::get_job, jobs::cancel_job, jobs::job_events, jobs::job_tasks,
         jobs::submit_run, jobs::get_run, jobs::run_capsule,
-        gateway::chat_completions, gateway::messages, gateway::embeddings, gateway::list_models, gateway::get_model,
+        gateway::chat_completions, gateway::messages, gateway::count_tokens, gateway::embeddings, gateway::list_models, gateway::get_model,
         gateway::put_model, gateway::delete_model, gateway::usage,
     ),
     components(schemas(qlayer_jobs::CallInput, qlayer_jobs::GraphInput, qlayer_jobs::GraphTask, qlayer_jobs::RunInput)),
@@ -267,6 +267,7 @@ pub fn router(state: AppState) -> axum::Router {
         .route("/v1/runs/{id}/capsule", get(jobs::run_capsule))
         .route("/v1/chat/completions", post(gateway::chat_completions))
         .route("/v1/messages", post(gateway::messages))
+        .route("/v1/messages/count_tokens", post(gateway::count_tokens))
         .route("/v1/embeddings", post(gateway::embeddings))
         .route("/v1/models", get(gateway::list_models))
         // A catch-all: model names may hold `/` (`meta/llama-3.1-8b`).

@@ -216,6 +216,25 @@ pub fn messages_request(body: &[u8]) -> Result<ChatRequest, GatewayError> {
     })
 }
 
+/// Parses and checks a `count_tokens` request: a Messages request's `model`, `messages`,
+/// `system`, `tools` and `tool_choice`, checked as for a message; any other field is refused by
+/// name, as Anthropic does.
+pub fn count_tokens_request(body: &[u8]) -> Result<ChatRequest, GatewayError> {
+    let mut value: Value = crate::openai::parse(body)?;
+    let Value::Object(fields) = &mut value else {
+        return Err(GatewayError::invalid("the body must be a JSON object"));
+    };
+    let allowed = ["model", "messages", "system", "tools", "tool_choice"];
+    if let Some(extra) = fields.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(invalid(extra, format!("{extra}: Extra inputs are not permitted")).code("unknown_parameter"));
+    }
+    // The same checks as a message's; max_tokens is not part of a count.
+    fields.insert("max_tokens".into(), json!(1));
+    let mut chat = messages_request(value.to_string().as_bytes())?;
+    chat.request.max_tokens = None;
+    Ok(chat)
+}
+
 /// The system prompt: a string or text blocks, joined.
 fn system_text(value: &Value) -> Result<String, GatewayError> {
     match value {
@@ -752,5 +771,23 @@ mod tests {
         let body: Value = serde_json::from_str(&message("m", &c)).unwrap();
         assert_eq!(body["content"], json!([{"type": "tool_use", "id": "t1", "name": "f", "input": {"a": 1}}]));
         assert_eq!(body["stop_reason"], "tool_use");
+    }
+
+    #[test]
+    fn a_count_tokens_request_is_a_message_without_max_tokens_and_refuses_the_rest() {
+        let r = count_tokens_request(
+            br#"{"model": "m", "system": "be brief", "messages": [{"role": "user", "content": "hello there"}],
+                "tools": [{"name": "f", "input_schema": {"type": "object"}}]}"#,
+        )
+        .unwrap();
+        assert_eq!((r.model.as_str(), r.request.max_tokens, r.request.tools.len()), ("m", None, 1));
+        for (body, param) in [
+            (r#"{"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}"#, "max_tokens"),
+            (r#"{"model": "m", "stream": true, "messages": [{"role": "user", "content": "x"}]}"#, "stream"),
+            (r#"{"model": "m", "messages": [{"role": "system", "content": "x"}]}"#, "messages.0.role"),
+        ] {
+            let e = count_tokens_request(body.as_bytes()).unwrap_err();
+            assert_eq!((e.status, e.param.as_deref()), (400, Some(param)), "{body}: {e:?}");
+        }
     }
 }

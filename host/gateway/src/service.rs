@@ -492,6 +492,15 @@ impl Gateway {
         Err(last.unwrap_or_else(|| GatewayError::cooling(model, &cooling, now_ms())))
     }
 
+    /// An estimate of the input tokens of `chat` for its model (Anthropic's `count_tokens`,
+    /// which Claude Code calls to manage its context): about four bytes of text, tool calls and
+    /// tool definitions a token, as every estimate here is. A model the tenant does not have is
+    /// 404, as for a completion; nothing is called upstream or metered.
+    pub async fn count_tokens(&self, caller: &Caller, chat: &ChatRequest) -> Result<u32, GatewayError> {
+        self.spec(caller, &chat.model).await?;
+        Ok(estimate_tokens(chat.prompt_bytes()))
+    }
+
     /// The start every request shares: its admission (waiting for its fair turn), its usage
     /// record, its model's entry (a miss is metered and answered 404), and the guard that meters
     /// it if the client leaves before an answer.

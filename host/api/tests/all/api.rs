@@ -764,6 +764,9 @@ async fn schemathesis_finds_the_server_doing_what_the_openapi_document_says() {
          [[operations]]\ninclude-name = \"POST /v1/messages\"\n\
          checks.positive_data_acceptance.expected-statuses = [\"2xx\", \"400\", \"401\", \"403\", \"404\"]\n\
          checks.negative_data_rejection.expected-statuses = [\"400\", \"401\", \"403\", \"404\", \"413\", \"422\"]\n\n\
+         [[operations]]\ninclude-name = \"POST /v1/messages/count_tokens\"\n\
+         checks.positive_data_acceptance.expected-statuses = [\"2xx\", \"400\", \"401\", \"403\", \"404\"]\n\
+         checks.negative_data_rejection.expected-statuses = [\"400\", \"401\", \"403\", \"404\", \"413\", \"422\"]\n\n\
          [[operations]]\ninclude-name = \"POST /v1/embeddings\"\n\
          checks.positive_data_acceptance.expected-statuses = [\"2xx\", \"400\", \"401\", \"403\", \"404\"]\n\n\
          [[operations]]\ninclude-name = \"PUT /v1/models/{name}\"\n\

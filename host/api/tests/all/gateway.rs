@@ -121,7 +121,9 @@ async fn the_official_anthropic_sdk_works_against_the_messages_endpoint() {
     legacy_model(&svc, &acme).await;
     anthropic_model(&svc, &upstream, &acme).await;
     let stdout = run_sdk_script(python, "anthropic_sdk.py", &svc.base, &acme, "").await;
-    for check in ["message", "stream", "cut stream", "tool use", "contract 0.1.0", "anthropic plugin", "errors"] {
+    for check in
+        ["message", "stream", "cut stream", "tool use", "contract 0.1.0", "count tokens", "anthropic plugin", "errors"]
+    {
         assert!(stdout.contains(&format!("{check}: ok")), "{check} ran: {stdout}");
     }
     let report = usage(&svc, &acme, "", 3).await;

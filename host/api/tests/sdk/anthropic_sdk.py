@@ -68,6 +68,12 @@ m = client.messages.create(model="legacy", max_tokens=9, messages=[{"role": "use
 assert m.content[0].text == "v0.1.0 echo: old [max-tokens 9]", m.content
 print("contract 0.1.0: ok")
 
+# count_tokens, which Claude Code calls to manage its context: an estimate, longer prompts more.
+short = client.messages.count_tokens(model="chat", messages=msgs).input_tokens
+long = client.messages.count_tokens(model="chat", system="be brief", tools=tools, messages=[{"role": "user", "content": "hi " * 400}]).input_tokens
+assert 0 < short < long, (short, long)
+print("count tokens: ok")
+
 
 # Anthropic end to end: model `claude` is the anthropic provider plugin asking the Anthropic
 # test double, so the SDK's request goes Anthropic -> contract -> Anthropic, tool use included.
@@ -97,6 +103,8 @@ def raises(cls, call, *words):
 
 
 raises(anthropic.NotFoundError, lambda: client.messages.create(model="nope", max_tokens=8, messages=msgs), "nope")
+raises(anthropic.NotFoundError, lambda: client.messages.count_tokens(model="nope", messages=msgs), "nope")
+raises(anthropic.BadRequestError, lambda: client.messages.count_tokens(model="chat", messages=msgs, extra_body={"stream": True}), "stream")
 raises(anthropic.BadRequestError, lambda: client.messages.create(
     model="legacy", max_tokens=8, messages=msgs, tools=[{"name": "f", "input_schema": {"type": "object"}}]), "tools", "echo-v0-1", "0.1.0")
 raises(anthropic.BadRequestError, lambda: client.messages.create(

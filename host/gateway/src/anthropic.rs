@@ -170,12 +170,14 @@ pub fn messages_request(body: &[u8]) -> Result<ChatRequest, GatewayError> {
         if role == Role::Assistant {
             open_calls = turn.tool_calls.iter().map(|c| c.id.clone()).collect();
         } else {
-            for (id, here) in turn.results.iter().map(|(m, here)| (m.tool_call_id.clone().unwrap_or_default(), here)) {
-                let Some(pos) = open_calls.iter().position(|c| *c == id) else {
+            for (result, here) in &turn.results {
+                let id = result.tool_call_id.as_deref().unwrap_or_default();
+                let Some(pos) = open_calls.iter().position(|c| c == id) else {
+                    let param = format!("{here}.tool_use_id");
                     return Err(invalid(
-                        here,
+                        &param,
                         format!(
-                            "{here}.tool_use_id: `{}` answers no tool_use block of the assistant turn before it",
+                            "{param}: `{}` answers no tool_use block of the assistant turn before it",
                             id.escape_debug()
                         ),
                     ));
@@ -654,7 +656,7 @@ mod tests {
             (r#"{"model": "m", "max_tokens": 1, "messages": []}"#, Some("messages")),
             (
                 r#"{"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "nope", "content": "x"}]}]}"#,
-                Some("messages.0.content.0"),
+                Some("messages.0.content.0.tool_use_id"),
             ),
             (
                 r#"{"model": "m", "max_tokens": 1, "tools": [{"name": "f", "input_schema": {}}], "tool_choice": {"type": "tool", "name": "g"}, "messages": [{"role": "user", "content": "x"}]}"#,

@@ -1489,7 +1489,11 @@ async fn next_chunk(
                 + chunk
                     .tool_calls
                     .iter()
-                    .map(|t| t.arguments.len() + t.id.as_ref().map_or(0, String::len))
+                    .map(|t| {
+                        t.arguments.len()
+                            + t.id.as_ref().map_or(0, String::len)
+                            + t.name.as_ref().map_or(0, String::len)
+                    })
                     .sum::<usize>();
             inst.within_output(size)?;
             Ok(Some(chunk))

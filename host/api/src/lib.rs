@@ -390,6 +390,11 @@ pub async fn metrics_text(State(state): State<AppState>, req: axum::extract::Req
         metrics::gauge!("qlayer_jobs_queued").set(queued as f64);
         metrics::gauge!("qlayer_jobs_running").set(running as f64);
     }
+    let warm = state.runner.runtime().warm_stats();
+    metrics::gauge!("qlayer_provider_instances_idle").set(warm.idle as f64);
+    metrics::counter!("qlayer_provider_instance_reuse_total", "outcome" => "hit").absolute(warm.hits);
+    metrics::counter!("qlayer_provider_instance_reuse_total", "outcome" => "miss").absolute(warm.misses);
+    metrics::counter!("qlayer_provider_instances_dropped_total").absolute(warm.dropped);
     let text = state.metrics.as_ref().map(|h| h.render()).unwrap_or_default();
     Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }

@@ -67,6 +67,11 @@ pub struct GatewaySection {
     /// How long a deployment first cools down, in ms; doubles while its probes fail.
     #[serde(default = "default_gateway_cooldown")]
     pub breaker_cooldown_ms: i64,
+    /// Provider instances kept idle between requests, for the next request of the same tenant
+    /// and install (0 keeps none: every request instantiates its provider); never more than a
+    /// quarter of the node's instance slots.
+    #[serde(default = "default_warm_instances")]
+    pub warm_instances: usize,
 }
 
 impl Default for GatewaySection {
@@ -79,8 +84,13 @@ impl Default for GatewaySection {
             retries: default_gateway_retries(),
             breaker_failures: default_gateway_breaker(),
             breaker_cooldown_ms: default_gateway_cooldown(),
+            warm_instances: default_warm_instances(),
         }
     }
+}
+
+fn default_warm_instances() -> usize {
+    qlayer_runtime::warm::MAX_IDLE
 }
 
 fn default_gateway_concurrency() -> usize {
@@ -139,6 +149,9 @@ impl GatewaySection {
         }
         if !(1..=3_600_000).contains(&self.breaker_cooldown_ms) {
             anyhow::bail!("[gateway] breaker-cooldown-ms must be 1 to 3600000");
+        }
+        if self.warm_instances > 10_000 {
+            anyhow::bail!("[gateway] warm-instances must be 0 to 10000");
         }
         for (name, spec) in &self.models {
             spec.check(name).map_err(|e| anyhow::anyhow!("[gateway.models.{name}] {e}"))?;
@@ -532,7 +545,7 @@ pub async fn start(config: ServeConfig, data_dir: PathBuf) -> anyhow::Result<Run
     let runtime = std::sync::Arc::new(qlayer_runtime::Runtime::new(qlayer_runtime::RuntimeConfig {
         cache_dir: Some(data_dir.join("cache")),
         network: network.clone(),
-        ..Default::default()
+        policy: qlayer_runtime::HostPolicy { warm_instances: config.gateway.warm_instances, ..Default::default() },
     })?);
     // The registry client's connections pass the same policy as the plugins', when they connect.
     let market_config = qlayer_marketplace::MarketplaceConfig {

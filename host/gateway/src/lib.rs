@@ -96,7 +96,7 @@ impl Router {
     ) -> Result<Completion, CallError> {
         let mut attempt = 0;
         loop {
-            let result = match provider.provider(tenant).await {
+            let result = match provider.warm_provider(tenant).await {
                 Ok(mut instance) => instance.complete(request).await,
                 Err(e) => Err(e),
             };

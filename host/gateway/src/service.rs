@@ -87,7 +87,12 @@ pub struct Gateway {
     config: GatewayConfig,
     tables: Mutex<HashMap<String, (Instant, Table)>>,
     installed: Mutex<HashMap<(String, String), (Instant, Installed)>>,
+    /// The passthrough upstream's model list, when it was last asked.
+    passthrough_listed: Mutex<Option<(Instant, Vec<String>)>>,
 }
+
+/// How long the passthrough upstream's model list is kept before it is asked again.
+const PASSTHROUGH_MODELS_TTL: Duration = Duration::from_secs(10);
 
 impl std::fmt::Debug for Gateway {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -110,6 +115,35 @@ pub struct Routed<T> {
     pub deployment: Deployment,
     /// Time spent inside the provider call (the rest of a request's time is the host's).
     pub upstream: Duration,
+    /// Where the request's time went, stage by stage.
+    pub timing: Timing,
+}
+
+/// Where a gateway request's time went (the `Server-Timing` header reports it). Stages of
+/// failed attempts before the answering one count in `plugin`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timing {
+    /// Waiting for the scheduler's admission (fair share, the tenant's concurrency).
+    pub admit: Duration,
+    /// Finding the model in the tenant's table.
+    pub table: Duration,
+    /// Taking a provider instance: a warm one, or instantiating one.
+    pub instance: Duration,
+    /// The provider call, less the instance and the upstream's wait: the guest's own work, its
+    /// request and response crossing into and out of the sandbox, retries and backoff.
+    pub plugin: Duration,
+    /// The upstream's answer: from sending its request to its response head.
+    pub upstream: Duration,
+    /// Handing the usage record to the meter.
+    pub meter: Duration,
+}
+
+/// A provider call's answer with the time it took to get an instance and the time its
+/// requests waited for the upstream.
+struct Timed<T> {
+    value: T,
+    instance: Duration,
+    upstream: Duration,
 }
 
 /// A stream that has produced its first chunk (fallback is over), with its metering: dropping
@@ -125,6 +159,7 @@ pub struct LiveStream {
     text_bytes: usize,
     usage: Option<Usage>,
     upstream: Duration,
+    timing: Timing,
     _permit: Permit,
 }
 
@@ -135,6 +170,11 @@ impl std::fmt::Debug for LiveStream {
 }
 
 impl LiveStream {
+    /// Where the time to its first chunk went.
+    pub fn timing(&self) -> &Timing {
+        &self.timing
+    }
+
     /// The deployment serving it.
     pub fn deployment(&self) -> &Deployment {
         &self.deployment
@@ -227,6 +267,7 @@ impl Gateway {
             config,
             tables: Mutex::new(HashMap::new()),
             installed: Mutex::new(HashMap::new()),
+            passthrough_listed: Mutex::new(None),
         })
     }
 
@@ -281,13 +322,26 @@ impl Gateway {
     /// not answer: the list is a convenience, and its failure is logged).
     pub async fn passthrough_models(&self, caller: &Caller) -> Vec<String> {
         let Some(plugin) = &self.config.passthrough else { return Vec::new() };
+        // The list is the same for every tenant (the server's upstream), and SDKs ask for it
+        // often: kept for a few seconds; a failure is not kept.
+        if let Some((at, models)) = &*self.passthrough_listed.lock().unwrap_or_else(|p| p.into_inner())
+            && at.elapsed() < PASSTHROUGH_MODELS_TTL
+        {
+            return models.clone();
+        }
         let listed = async {
             let installed = self.installed(&caller.tenant_name, plugin).await.map_err(|e| e.to_string())?;
-            let mut instance = installed.provider(&caller.tenant_name).await.map_err(|e| e.to_string())?;
+            let mut instance = installed.warm_provider(&caller.tenant_name).await.map_err(|e| e.to_string())?;
             instance.models().await.map_err(|e| e.to_string())
         };
         match listed.await {
-            Ok(models) => models.into_iter().map(|m| m.id).filter(|id| crate::table::valid_model_name(id)).collect(),
+            Ok(models) => {
+                let models: Vec<String> =
+                    models.into_iter().map(|m| m.id).filter(|id| crate::table::valid_model_name(id)).collect();
+                *self.passthrough_listed.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some((Instant::now(), models.clone()));
+                models
+            }
             Err(e) => {
                 tracing::warn!(plugin = %plugin, "listing the upstream's models failed: {e}");
                 Vec::new()
@@ -408,8 +462,9 @@ impl Gateway {
     ) -> Result<Routed<T>, GatewayError>
     where
         F: FnMut(Installed, String) -> Fut,
-        Fut: std::future::Future<Output = Result<T, CallError>>,
+        Fut: std::future::Future<Output = Result<Timed<T>, CallError>>,
     {
+        let routing = Instant::now();
         let plan = self.health.plan(&caller.tenant_id, spec.strategy, &spec.deployments, now_ms());
         let Plan { order, cooling } = plan;
         if order.is_empty() {
@@ -443,9 +498,11 @@ impl Gateway {
                 let took = began.elapsed();
                 drop(in_flight);
                 match result {
-                    Ok(value) => {
+                    Ok(Timed { value, instance, upstream }) => {
                         self.health.finish(&caller.tenant_id, d, Outcome::Success, took.as_secs_f64() * 1e3, now_ms());
-                        return Ok(Routed { value, deployment: d.clone(), upstream: took });
+                        let plugin = routing.elapsed().saturating_sub(instance + upstream);
+                        let timing = Timing { instance, plugin, upstream, ..Timing::default() };
+                        return Ok(Routed { value, deployment: d.clone(), upstream: took, timing });
                     }
                     Err(e) => {
                         let error = GatewayError::from_call(d, &e);
@@ -512,8 +569,11 @@ impl Gateway {
         prompt_bytes: usize,
         started: Instant,
     ) -> Result<Begun<'_>, GatewayError> {
+        let admitting = Instant::now();
         let permit = self.admission.admit(&caller.tenant_id).await;
+        let admit = admitting.elapsed();
         let record = self.record(caller, endpoint, model);
+        let looking = Instant::now();
         let spec = match self.spec(caller, model).await {
             Ok(spec) => spec,
             Err(e) => {
@@ -523,17 +583,20 @@ impl Gateway {
         };
         let prompt_estimate = estimate_tokens(prompt_bytes);
         let guard = AbandonGuard { meter: &self.meter, record: Some(record.clone()), started, prompt_estimate };
-        Ok(Begun { permit, record, spec, guard, prompt_estimate })
+        let timing = Timing { admit, table: looking.elapsed(), ..Timing::default() };
+        Ok(Begun { permit, record, spec, guard, prompt_estimate, timing })
     }
 
-    /// Meters an answered request.
-    fn meter_answer(&self, mut record: UsageRecord, d: &Deployment, usage: Usage, started: Instant) {
+    /// Meters an answered request; the time it took.
+    fn meter_answer(&self, mut record: UsageRecord, d: &Deployment, usage: Usage, started: Instant) -> Duration {
+        let metering = Instant::now();
         record.deployment = d.key();
         record.prompt_tokens = i64::from(usage.prompt_tokens);
         record.completion_tokens = i64::from(usage.completion_tokens);
         record.cost_nanos = d.cost_nanos(u64::from(usage.prompt_tokens), u64::from(usage.completion_tokens));
         record.latency_us = started.elapsed().as_micros() as i64;
         self.meter.record(record);
+        metering.elapsed()
     }
 
     /// A whole chat completion.
@@ -545,7 +608,7 @@ impl Gateway {
         deadline: Instant,
     ) -> Result<Routed<Completion>, GatewayError> {
         let prompt = chat.prompt_bytes();
-        let Begun { permit: _permit, record, spec, guard, .. } =
+        let Begun { permit: _permit, record, spec, guard, timing, .. } =
             self.begin(caller, chat.endpoint, &chat.model, prompt, started).await?;
         let routed = self
             .route(
@@ -557,14 +620,19 @@ impl Gateway {
                 |installed: Installed, model: String| async move {
                     let mut request = chat.request.clone();
                     request.model = model;
-                    installed.provider(&caller.tenant_name).await?.complete(&request).await
+                    let taking = Instant::now();
+                    let mut provider = installed.warm_provider(&caller.tenant_name).await?;
+                    let instance = taking.elapsed();
+                    let value = provider.complete(&request).await?;
+                    Ok(Timed { value, instance, upstream: provider.take_outbound_wait() })
                 },
             )
             .await;
         guard.defuse();
         match routed {
-            Ok(routed) => {
-                self.meter_answer(record, &routed.deployment, routed.value.usage, started);
+            Ok(mut routed) => {
+                let meter = self.meter_answer(record, &routed.deployment, routed.value.usage, started);
+                routed.timing = Timing { meter, ..timing.with(routed.timing) };
                 Ok(routed)
             }
             Err(e) => {
@@ -584,7 +652,7 @@ impl Gateway {
         deadline: Instant,
     ) -> Result<LiveStream, GatewayError> {
         let prompt = chat.prompt_bytes();
-        let Begun { permit, mut record, spec, guard, prompt_estimate } =
+        let Begun { permit, mut record, spec, guard, prompt_estimate, timing } =
             self.begin(caller, chat.endpoint, &chat.model, prompt, started).await?;
         let routed = self
             .route(
@@ -596,10 +664,14 @@ impl Gateway {
                 |installed: Installed, model: String| async move {
                     let mut request = chat.request.clone();
                     request.model = model;
-                    let mut stream = installed.provider(&caller.tenant_name).await?.into_stream(&request).await?;
+                    let taking = Instant::now();
+                    let provider = installed.warm_provider(&caller.tenant_name).await?;
+                    let instance = taking.elapsed();
+                    let mut stream = provider.into_stream(&request).await?;
                     // The first chunk decides: an upstream that fails before it can still fall back.
                     let first = stream.next().await?;
-                    Ok((stream, first))
+                    let upstream = stream.take_outbound_wait();
+                    Ok(Timed { value: (stream, first), instance, upstream })
                 },
             )
             .await;
@@ -620,6 +692,7 @@ impl Gateway {
                     text_bytes: 0,
                     usage: None,
                     upstream: routed.upstream,
+                    timing: timing.with(routed.timing),
                     _permit: permit,
                 })
             }
@@ -639,18 +712,21 @@ impl Gateway {
         deadline: Instant,
     ) -> Result<Routed<Embeddings>, GatewayError> {
         let prompt = embed.inputs.iter().map(String::len).sum();
-        let Begun { permit: _permit, record, spec, guard, .. } =
+        let Begun { permit: _permit, record, spec, guard, timing, .. } =
             self.begin(caller, "embeddings", &embed.model, prompt, started).await?;
         let routed = self
             .route(caller, &embed.model, &spec, &[], deadline, |installed: Installed, model: String| async move {
                 let request = EmbeddingRequest { model, inputs: embed.inputs.clone() };
-                let out = installed.provider(&caller.tenant_name).await?.embed(&request).await?;
-                Ok(out)
+                let taking = Instant::now();
+                let mut provider = installed.warm_provider(&caller.tenant_name).await?;
+                let instance = taking.elapsed();
+                let value = provider.embed(&request).await?;
+                Ok(Timed { value, instance, upstream: provider.take_outbound_wait() })
             })
             .await;
         guard.defuse();
         match routed {
-            Ok(routed) => {
+            Ok(mut routed) => {
                 if routed.value.vectors.len() != embed.inputs.len() {
                     let e = GatewayError::new(
                         502,
@@ -666,7 +742,8 @@ impl Gateway {
                     return Err(e);
                 }
                 let usage = Usage { prompt_tokens: routed.value.usage.prompt_tokens, completion_tokens: 0 };
-                self.meter_answer(record, &routed.deployment, usage, started);
+                let meter = self.meter_answer(record, &routed.deployment, usage, started);
+                routed.timing = Timing { meter, ..timing.with(routed.timing) };
                 Ok(routed)
             }
             Err(e) => {
@@ -677,6 +754,32 @@ impl Gateway {
     }
 }
 
+impl Timing {
+    /// These stages before the call (admission, table) with `call`'s (instance, plugin, upstream).
+    fn with(self, call: Timing) -> Timing {
+        Timing { instance: call.instance, plugin: call.plugin, upstream: call.upstream, ..self }
+    }
+
+    /// The stages as a `Server-Timing` header value (milliseconds), with `before` (the time
+    /// before the gateway had the request: authentication, reading and parsing the body) and
+    /// `after` (rendering the answer) around them.
+    pub fn server_timing(&self, before: Duration, after: Duration) -> String {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        format!(
+            "auth;dur={:.3}, admit;dur={:.3}, table;dur={:.3}, \
+             instance;dur={:.3}, plugin;dur={:.3}, upstream;dur={:.3}, meter;dur={:.3}, render;dur={:.3}",
+            ms(before),
+            ms(self.admit),
+            ms(self.table),
+            ms(self.instance),
+            ms(self.plugin),
+            ms(self.upstream),
+            ms(self.meter),
+            ms(after)
+        )
+    }
+}
+
 /// What [`Gateway::begin`] gives a request.
 struct Begun<'a> {
     permit: Permit,
@@ -684,6 +787,8 @@ struct Begun<'a> {
     spec: Arc<ModelSpec>,
     guard: AbandonGuard<'a>,
     prompt_estimate: u32,
+    /// The admission's and the table's times.
+    timing: Timing,
 }
 
 /// Meters a request whose client left before it was answered (its future dropped mid-call):

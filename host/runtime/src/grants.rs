@@ -32,7 +32,7 @@ impl fmt::Display for Secret {
 }
 
 /// What one install of a plugin may use. Empty by default: no network, no config, no secrets.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Grants {
     /// Hosts the plugin's outbound HTTP requests may reach.
     pub outbound_hosts: Vec<HostPattern>,

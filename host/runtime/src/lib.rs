@@ -31,8 +31,10 @@ pub mod memory;
 pub mod network;
 mod outbound;
 mod state;
+pub mod warm;
 
 pub use extism_tool::ExtismInstance;
+pub use warm::{WarmProvider, WarmStats};
 
 pub use bindings::types::{
     AgentOutput, Artifact, Completion, CompletionChunk, CompletionRequest, ContentPart, Diagnostic, EmbeddingRequest,
@@ -84,6 +86,9 @@ pub struct HostPolicy {
     /// Outbound requests one tenant's instances may have in flight at once, components' and
     /// Extism plugins' together ([`outbound::PER_TENANT`] by default).
     pub outbound_per_tenant: usize,
+    /// Provider instances kept idle between calls at most (see [`warm`]; 0 keeps none), never
+    /// more than a quarter of `max_instances`.
+    pub warm_instances: usize,
 }
 
 impl Default for HostPolicy {
@@ -97,6 +102,7 @@ impl Default for HostPolicy {
             default_output_kb: 4 * 1024,
             max_output_kb: 64 * 1024,
             outbound_per_tenant: outbound::PER_TENANT,
+            warm_instances: warm::MAX_IDLE,
         }
     }
 }
@@ -284,6 +290,8 @@ struct Shared {
     policy: HostPolicy,
     cache: Option<cache::CompiledCache>,
     slots: Arc<Semaphore>,
+    /// Provider instances kept idle between calls (see [`warm`]).
+    warm: Arc<warm::WarmPool>,
     stop_ticker: Arc<AtomicBool>,
 }
 
@@ -347,16 +355,26 @@ impl Runtime {
             None => None,
         };
         let stop_ticker = Arc::new(AtomicBool::new(false));
+        let warm = Arc::new(warm::WarmPool::new(instances as usize, policy.warm_instances));
         {
-            let (engine, stop) = (engine.weak(), stop_ticker.clone());
+            let (engine, stop, pool) = (engine.weak(), stop_ticker.clone(), Arc::downgrade(&warm));
+            // Idle warm instances are swept about once a second.
+            let sweep_every = (Duration::from_secs(1).as_millis() / EPOCH_TICK.as_millis()).max(1) as u32;
             std::thread::Builder::new()
                 .name("qlayer-epoch".into())
                 .spawn(move || {
+                    let mut ticks = 0u32;
                     while !stop.load(Ordering::Relaxed) {
                         std::thread::sleep(EPOCH_TICK);
                         match engine.upgrade() {
                             Some(engine) => engine.increment_epoch(),
                             None => return,
+                        }
+                        ticks = ticks.wrapping_add(1);
+                        if ticks.is_multiple_of(sweep_every)
+                            && let Some(pool) = pool.upgrade()
+                        {
+                            pool.sweep();
                         }
                     }
                 })
@@ -375,6 +393,7 @@ impl Runtime {
                 policy,
                 cache,
                 slots: Arc::new(Semaphore::new(instances as usize)),
+                warm,
                 stop_ticker,
             }),
         })
@@ -424,6 +443,11 @@ impl Runtime {
     /// pre-linked) since the runtime started; loading a digest already loaded does not count.
     pub fn plugin_loads(&self) -> usize {
         self.shared.loads.load(Ordering::Relaxed)
+    }
+
+    /// The warm provider pool's counters (see [`Installed::warm_provider`]).
+    pub fn warm_stats(&self) -> WarmStats {
+        self.shared.warm.stats()
     }
 
     /// The plugin with this (checked) digest, when it is loaded already: what a caller holding
@@ -1018,6 +1042,14 @@ impl Installed {
     }
 
     async fn slot(&self) -> OwnedSemaphorePermit {
+        // An idle warm instance gives its slot up to a caller that finds none free.
+        loop {
+            match self.plugin.shared.slots.clone().try_acquire_owned() {
+                Ok(permit) => return permit,
+                Err(_) if self.plugin.shared.warm.evict_oldest() => continue,
+                Err(_) => break,
+            }
+        }
         // The semaphore is never closed, so acquiring only waits.
         loop {
             if let Ok(permit) = self.plugin.shared.slots.clone().acquire_owned().await {
@@ -1052,6 +1084,7 @@ impl Installed {
                 timeout: self.timeout,
                 output_limit: self.output_bytes,
                 poisoned: false,
+                in_call: false,
                 _slot: slot,
             }),
             Some(Err(e)) => Err(classify(&store, e, self.timeout)),
@@ -1068,6 +1101,27 @@ impl Installed {
         let (mut begun, deadline) = self.begin(tenant, None).await;
         let outcome = bounded(deadline, instantiate!(pre, &mut begun.1)).await;
         self.finish(begun, outcome)
+    }
+
+    /// A provider instance for `tenant`, warm when one is idle (made for the same tenant, plugin,
+    /// limits and equal grants) and fresh otherwise; it goes back to the pool when dropped if it
+    /// is fit for another call (see [`WarmProvider`]).
+    pub async fn warm_provider(&self, tenant: &str) -> Result<WarmProvider, CallError> {
+        let pool = &self.plugin.shared.warm;
+        if !pool.enabled() || !matches!(&*self.plugin.pre, Pre::Provider { .. }) {
+            return self.provider(tenant).await.map(WarmProvider::cold);
+        }
+        let key = warm::Key::new(tenant, &self.plugin.digest, self.memory_bytes, self.output_bytes);
+        let (instance, uses) = match pool.take(&key, &self.grants) {
+            Some((mut instance, uses)) => {
+                instance.timeout = self.timeout;
+                instance.take_outbound_wait();
+                (instance, uses + 1)
+            }
+            None => (self.provider(tenant).await?, 1),
+        };
+        let home = warm::Home { pool: pool.clone(), key, grants: self.grants.clone(), uses };
+        Ok(WarmProvider::new(instance, Some(home)))
     }
 
     /// A live agent instance for `tenant`, whose `llm` calls go to `llm`; it is granted no tools.
@@ -1243,6 +1297,8 @@ pub struct Instance<B> {
     timeout: Duration,
     output_limit: usize,
     poisoned: bool,
+    /// A guest call began and has not finished: its future was dropped midway.
+    in_call: bool,
     _slot: OwnedSemaphorePermit,
 }
 
@@ -1280,9 +1336,28 @@ impl<B: Send + Sync> Instance<B> {
         &self.store.data().tenant
     }
 
+    fn tenant_name(&self) -> Arc<str> {
+        self.store.data().tenant.clone()
+    }
+
+    fn plugin_name(&self) -> Arc<str> {
+        self.store.data().plugin.clone()
+    }
+
     /// Whether an earlier failure left this instance unusable.
     pub fn is_poisoned(&self) -> bool {
         self.poisoned
+    }
+
+    /// Time this instance's outbound requests waited for their upstream's response head since
+    /// the last take (overlapping requests count each), for a breakdown of a call's time.
+    pub fn take_outbound_wait(&mut self) -> Duration {
+        self.store.data().take_outbound_wait()
+    }
+
+    /// Whether another call may use this instance: not poisoned, and no call was abandoned midway.
+    pub(crate) fn reusable(&self) -> bool {
+        !self.poisoned && !self.in_call
     }
 
     /// Refuses an output of `size` bytes past this instance's output limit.
@@ -1301,6 +1376,7 @@ impl<B: Send + Sync> Instance<B> {
         let deadline = Instant::now() + self.timeout;
         self.store.data_mut().deadline = deadline;
         self.store.data_mut().limiter.refused_growth = None;
+        self.in_call = true;
         // The epoch callback stops guest code at the deadline; the caller's timer bounds time
         // spent waiting inside host calls.
         Ok(host_wait_deadline(deadline))
@@ -1309,6 +1385,7 @@ impl<B: Send + Sync> Instance<B> {
     /// Turns the outcome of one guest call into a typed result; a trap, timeout or
     /// out-of-memory poisons the instance.
     fn finish<T>(&mut self, outcome: Option<wasmtime::Result<Result<T, PluginError>>>) -> Result<T, CallError> {
+        self.in_call = false;
         self.store.data().log.end_call();
         match outcome {
             Some(Ok(Ok(value))) => Ok(value),
@@ -1429,9 +1506,8 @@ impl ProviderInstance {
 
     /// Starts a streamed completion that keeps this instance; read it with
     /// [`OwnedChunkStream::next`].
-    pub async fn into_stream(mut self, request: &CompletionRequest) -> Result<OwnedChunkStream, CallError> {
-        let handle = self.start_stream(request).await?;
-        Ok(OwnedChunkStream { instance: self, handle: Some(handle) })
+    pub async fn into_stream(self, request: &CompletionRequest) -> Result<OwnedChunkStream, CallError> {
+        WarmProvider::cold(self).into_stream(request).await
     }
 
     /// Calls a trivial export (`models`) and discards the answer; for measuring call overhead.
@@ -1457,14 +1533,34 @@ impl ChunkStream<'_> {
 /// A streamed completion that owns its provider instance (to hand to a response body): dropping
 /// it stops the guest and its upstream request.
 pub struct OwnedChunkStream {
-    instance: ProviderInstance,
+    instance: WarmProvider,
     handle: Option<ResourceAny>,
+}
+
+impl OwnedChunkStream {
+    fn new(instance: WarmProvider, handle: ResourceAny) -> Self {
+        OwnedChunkStream { instance, handle: Some(handle) }
+    }
+
+    /// See [`Instance::take_outbound_wait`].
+    pub fn take_outbound_wait(&mut self) -> Duration {
+        self.instance.take_outbound_wait()
+    }
+}
+
+impl Drop for OwnedChunkStream {
+    fn drop(&mut self) {
+        if self.handle.is_some() {
+            // Left before its end: the guest still holds the stream and its upstream request.
+            self.instance.discard();
+        }
+    }
 }
 
 impl OwnedChunkStream {
     /// The next chunk, or `None` once the stream has ended cleanly.
     pub async fn next(&mut self) -> Result<Option<CompletionChunk>, CallError> {
-        next_chunk(&mut self.instance, &mut self.handle).await
+        next_chunk(self.instance.live()?, &mut self.handle).await
     }
 }
 
@@ -1503,7 +1599,9 @@ async fn next_chunk(
             // dropped with its instance anyway).
             *slot = None;
             if !inst.poisoned {
+                inst.in_call = true;
                 let _ = handle.resource_drop_async(&mut inst.store).await;
+                inst.in_call = false;
             }
             other
         }

@@ -72,6 +72,7 @@ impl StoreState {
                 outbound,
                 slots: Arc::new(tokio::sync::Semaphore::new(outbound::PER_INSTANCE)),
                 log: log.clone(),
+                waited: Arc::default(),
             },
             tenant,
             plugin,
@@ -85,6 +86,14 @@ impl StoreState {
             http,
             table,
         }
+    }
+}
+
+impl StoreState {
+    /// Time the instance's outbound requests waited for their response heads since the last
+    /// take (overlapping requests count each); the counter starts again from zero.
+    pub(crate) fn take_outbound_wait(&self) -> std::time::Duration {
+        std::time::Duration::from_nanos(self.hooks.waited.swap(0, std::sync::atomic::Ordering::Relaxed))
     }
 }
 
@@ -173,6 +182,9 @@ struct OutboundPolicy {
     /// The instance's log budget: a guest that makes refused requests in a loop must not flood
     /// the host's log with the refusals either.
     log: Arc<LogMeter>,
+    /// Time the instance's requests waited for their upstream's response head, in nanoseconds,
+    /// since it was last taken (see [`StoreState::take_outbound_wait`]).
+    waited: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl OutboundPolicy {
@@ -238,8 +250,12 @@ impl WasiHttpHooks for OutboundPolicy {
         );
         let outbound = self.outbound.clone();
         let first_byte = options.and_then(|o| o.first_byte_timeout);
+        let waited = self.waited.clone();
         Box::new(async move {
-            let response = outbound.send(request, first_byte, permits).await?;
+            let began = Instant::now();
+            let response = outbound.send(request, first_byte, permits).await;
+            waited.fetch_add(began.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
+            let response = response?;
             // The pooled client drives its connections itself: nothing more to run per request.
             Ok((
                 response,

@@ -740,3 +740,84 @@ async fn an_agent_reaches_only_the_tools_it_was_granted() {
     assert_eq!(r["granted"], serde_json::json!([]));
     assert!(r["error"].as_str().unwrap().contains("granted none"), "{r}");
 }
+
+const ECHO_V0_1: &str = "name = \"echo-v0-1\"\nversion = \"0.1.0\"\nkind = \"provider\"\ndescription = \"d\"\n[capabilities]\nconfig = [\"k\"]\n";
+
+/// What the provider's instance answers to `count` (how many calls it has answered), through a
+/// warm instance for `tenant`.
+async fn calls_of_instance(installed: &qlayer_runtime::Installed, tenant: &str) -> String {
+    let mut p = installed.warm_provider(tenant).await.unwrap();
+    let text = p.complete(&ask("count")).await.unwrap().text;
+    text.trim_start_matches("v0.1.0 echo: ").to_string()
+}
+
+/// The gateway's warm provider instances: an instance that answered cleanly serves its tenant's
+/// next call through an install with equal grants, and nothing else: not another tenant, not
+/// other grants, and never after a trap, an abandoned call or an abandoned stream.
+#[tokio::test]
+async fn a_warm_provider_instance_serves_only_its_tenant_and_grants_and_only_when_clean() {
+    let rt = runtime();
+    let plugin = rt.load(&guest_with("qlayer-test-provider-v0-1", ECHO_V0_1)).unwrap();
+    let installed = plugin.install(Grants::default()).unwrap();
+    assert_eq!(calls_of_instance(&installed, "a").await, "call 1 of this instance");
+    assert_eq!(calls_of_instance(&installed, "a").await, "call 2 of this instance", "reused");
+    assert_eq!(calls_of_instance(&installed, "b").await, "call 1 of this instance", "another tenant's is fresh");
+    let other = Grants { config: [("k".to_string(), "v".to_string())].into(), ..Default::default() };
+    let regranted = plugin.install(other).unwrap();
+    assert_eq!(calls_of_instance(&regranted, "a").await, "call 1 of this instance", "other grants: fresh");
+    let same = plugin.install(Grants::default()).unwrap();
+    assert_eq!(calls_of_instance(&same, "a").await, "call 3 of this instance", "equal grants, a new install");
+    let stats = rt.warm_stats();
+    assert_eq!((stats.hits, stats.misses, stats.idle), (2, 3, 3), "{stats:?}");
+
+    // A refused request leaves the instance fit; a trap does not.
+    let mut p = installed.warm_provider("a").await.unwrap();
+    let empty = CompletionRequest::new("", vec![]);
+    assert!(matches!(p.complete(&empty).await.unwrap_err().kind, CallErrorKind::Plugin(PluginError::InvalidInput(_))));
+    drop(p);
+    assert_eq!(calls_of_instance(&installed, "a").await, "call 4 of this instance");
+    let mut p = installed.warm_provider("a").await.unwrap();
+    assert!(matches!(p.complete(&ask("trap")).await.unwrap_err().kind, CallErrorKind::Trap(_)));
+    drop(p);
+    assert_eq!(calls_of_instance(&installed, "a").await, "call 1 of this instance", "the trapped one is gone");
+
+    // A call abandoned midway (its client left) drops the instance with it.
+    let mut p = installed.warm_provider("a").await.unwrap();
+    let abandoned = tokio::time::timeout(Duration::from_millis(20), p.complete(&ask("spin-ms 2000"))).await;
+    assert!(abandoned.is_err(), "the call was still running when abandoned");
+    drop(p);
+    assert_eq!(calls_of_instance(&installed, "a").await, "call 1 of this instance", "the abandoned one is gone");
+
+    // A stream read to its end gives its instance back; one left midway does not.
+    let mut s = installed.warm_provider("a").await.unwrap().into_stream(&ask("a b c")).await.unwrap();
+    while s.next().await.unwrap().is_some() {}
+    drop(s);
+    assert_eq!(calls_of_instance(&installed, "a").await, "call 3 of this instance");
+    let mut s = installed.warm_provider("a").await.unwrap().into_stream(&ask("a b c")).await.unwrap();
+    assert!(s.next().await.unwrap().is_some());
+    drop(s);
+    assert_eq!(calls_of_instance(&installed, "a").await, "call 1 of this instance", "the abandoned stream's is gone");
+}
+
+/// Idle warm instances never starve a caller of an instance slot: one that finds every slot
+/// taken makes an idle instance give its slot up instead of waiting.
+#[tokio::test]
+async fn idle_warm_instances_give_their_slots_up() {
+    let rt = qlayer_runtime::Runtime::new(qlayer_runtime::RuntimeConfig {
+        policy: qlayer_runtime::HostPolicy { max_instances: 4, ..Default::default() },
+        ..Default::default()
+    })
+    .unwrap();
+    let plugin = rt.load(&guest_with("qlayer-test-provider-v0-1", ECHO_V0_1)).unwrap();
+    let installed = plugin.install(Grants::default()).unwrap();
+    assert_eq!(calls_of_instance(&installed, "a").await, "call 1 of this instance");
+    assert_eq!(rt.warm_stats().idle, 1, "kept idle, holding one of the four slots");
+    let mut live = Vec::new();
+    for tenant in ["b", "c", "d", "e"] {
+        // A hang guard, not a time bound: without the eviction the fourth waits forever.
+        let instance = tokio::time::timeout(Duration::from_secs(60), installed.provider(tenant)).await;
+        live.push(instance.expect("a slot was freed").unwrap());
+    }
+    assert_eq!(rt.warm_stats().idle, 0);
+    assert_eq!(live.len(), 4);
+}

@@ -1,7 +1,9 @@
 //! A `provider-plugin` of `quantumlayer:plugin@0.1.0`, bound with wit-bindgen directly against
 //! `wit/0.1.0` (the SDK has moved to 0.2.0). It echoes the last message (`v0.1.0 echo: <text>`),
 //! streams it a word at a time, reports the request's `json-output` flag and `max-tokens` in the
-//! answer so tests can see what reached it, and logs through the 0.1.0 `host` import.
+//! answer so tests can see what reached it, and logs through the 0.1.0 `host` import. Asked
+//! `count`, it says how many calls its instance has answered; `trap` traps; `spin-ms N`
+//! busy-waits N ms first.
 #![allow(unsafe_code)]
 
 wit_bindgen::generate!({
@@ -19,8 +21,24 @@ use std::cell::RefCell;
 
 struct Echo;
 
+/// Calls answered by this instance: `count` reports it, so tests see whether an instance is reused.
+static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
 fn answer(request: &CompletionRequest) -> Result<String, PluginError> {
     let last = request.messages.last().ok_or_else(|| PluginError::InvalidInput("`messages` is empty".into()))?;
+    let calls = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+    match last.content.as_str() {
+        "count" => return Ok(format!("v0.1.0 echo: call {calls} of this instance")),
+        "trap" => panic!("trapping on purpose"),
+        spin if spin.starts_with("spin-ms ") => {
+            let ms: u64 = spin[8..].parse().map_err(|_| PluginError::InvalidInput("bad number".into()))?;
+            let start = std::time::Instant::now();
+            while start.elapsed().as_millis() < u128::from(ms) {
+                std::hint::spin_loop();
+            }
+        }
+        _ => {}
+    }
     host::log(LogLevel::Info, &format!("0.1.0 provider answering {} messages", request.messages.len()));
     let mut text = format!("v0.1.0 echo: {}", last.content);
     if request.json_output {

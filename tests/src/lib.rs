@@ -627,6 +627,57 @@ pub fn python_tool(program: &str, packages: &[&str]) -> PathBuf {
     path
 }
 
+static NPM: Mutex<()> = Mutex::new(());
+
+/// A program from npm (`package` pinned as `name@version`), installed with `npm install` into a
+/// directory of its own under the build's target directory (kept between runs; made again when
+/// missing). `postinstall` is the package's own install script, run with node when npm did not
+/// run it (npm may refuse install scripts by default). Panics with what to do when node or npm
+/// is not at hand.
+pub fn npm_tool(program: &str, package: &str, postinstall: Option<&str>) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let dir = target.join("test-tools").join(format!("npm-{}", package.replace(['@', '/'], "_")));
+    let path = dir.join("node_modules/.bin").join(program);
+    let _guard = NPM.lock().unwrap_or_else(|e| e.into_inner());
+    let works = || std::process::Command::new(&path).arg("--version").output().is_ok_and(|o| o.status.success());
+    if works() {
+        return path;
+    }
+    let fail = |what: &str, status: &dyn std::fmt::Debug| -> ! {
+        panic!(
+            "{program} is needed by this test and {what} failed ({status:?}): it needs node and npm (npm install {package})"
+        )
+    };
+    if !path.exists() {
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| fail("creating its directory", &e));
+        let status = std::process::Command::new("npm")
+            .args(["install", "--no-audit", "--no-fund", "--loglevel=error", "--prefix"])
+            .arg(&dir)
+            .arg(package)
+            .status();
+        if !matches!(status, Ok(s) if s.success()) {
+            fail("npm install", &status);
+        }
+    }
+    if let Some(script) = postinstall
+        && !works()
+    {
+        let name = package.rsplit_once('@').map_or(package, |(name, _)| name);
+        let status =
+            std::process::Command::new("node").arg(script).current_dir(dir.join("node_modules").join(name)).status();
+        if !matches!(status, Ok(s) if s.success()) {
+            fail("its install script", &status);
+        }
+    }
+    if !works() {
+        fail("running it", &"no answer to --version");
+    }
+    path
+}
+
 /// The newest Python 3.12 or later on PATH or installed with pyenv, else `python3`. CPython
 /// 3.11.7 crashes inside Hypothesis (`SystemError: AST constructor recursion depth mismatch`)
 /// while schemathesis generates some bodies; 3.12 does not.

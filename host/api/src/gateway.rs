@@ -14,11 +14,11 @@ use qlayer_gateway::GatewayError;
 use qlayer_gateway::anthropic;
 use qlayer_gateway::openai::{self, ChunkWriter};
 use qlayer_gateway::request::StreamWriter;
-use qlayer_gateway::service::{Caller as GatewayCaller, Gateway, LiveStream, Providers};
+use qlayer_gateway::service::{Caller as GatewayCaller, Gateway, LiveStream, Providers, Routed};
 use qlayer_gateway::table::ModelSpec;
 use serde_json::{Value, json};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// When the request arrived (set by the outermost layer), for the overhead header and latency.
 #[derive(Debug, Clone, Copy)]
@@ -171,25 +171,28 @@ pub async fn chat_completions(
     drop(body);
     let deadline = arrived + state.limits.request_timeout;
     let who = who(&caller);
+    let entered = Instant::now();
     if !chat.stream {
         let routed = gateway.complete(&who, &chat, arrived, deadline).await?;
-        return Ok(whole(openai::completion(&chat.model, &routed.value), arrived, routed.upstream, &routed.deployment));
+        let rendering = Instant::now();
+        return Ok(whole(openai::completion(&chat.model, &routed.value), [arrived, entered, rendering], &routed));
     }
     let live = gateway.stream(&who, &chat, arrived, deadline).await?;
-    Ok(event_stream(live, ChunkWriter::new(&chat.model, chat.include_usage), arrived))
+    Ok(event_stream(live, ChunkWriter::new(&chat.model, chat.include_usage), arrived, entered))
 }
 
-/// A whole answer's response, with the host's time and the deployment that answered.
-fn whole(
-    text: String,
-    arrived: Instant,
-    upstream: std::time::Duration,
-    deployment: &qlayer_gateway::table::Deployment,
-) -> Response {
+/// A whole answer's response, with the host's time, where it went (`Server-Timing`) and the
+/// deployment that answered. `[arrived, entered, rendering]`: when the request arrived, when the
+/// gateway had it (authenticated and parsed), and when its answer began to be rendered.
+fn whole<T>(text: String, [arrived, entered, rendering]: [Instant; 3], routed: &Routed<T>) -> Response {
+    let render = rendering.elapsed();
     let mut response = ([(header::CONTENT_TYPE, "application/json")], text).into_response();
     let headers = response.headers_mut();
-    headers.insert("x-qlayer-overhead-ms", overhead(arrived, upstream));
-    if let Ok(v) = HeaderValue::from_str(&deployment.key()) {
+    headers.insert("x-qlayer-overhead-ms", overhead(arrived, routed.upstream));
+    if let Ok(v) = HeaderValue::from_str(&routed.timing.server_timing(entered.duration_since(arrived), render)) {
+        headers.insert("server-timing", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&routed.deployment.key()) {
         headers.insert("x-qlayer-deployment", v);
     }
     response
@@ -199,8 +202,11 @@ fn whole(
 /// the API's end marker, a cut one an error event and no end marker. A client that leaves drops
 /// the body: the provider instance (and its upstream request) goes with it, and the stream is
 /// metered as it stood.
-fn event_stream<W: StreamWriter>(live: LiveStream, writer: W, arrived: Instant) -> Response {
+fn event_stream<W: StreamWriter>(live: LiveStream, writer: W, arrived: Instant, entered: Instant) -> Response {
     let overhead = overhead(arrived, live.upstream());
+    // Up to the first chunk; its rendering is part of the body.
+    let timing =
+        HeaderValue::from_str(&live.timing().server_timing(entered.duration_since(arrived), Duration::ZERO)).ok();
     let deployment = HeaderValue::from_str(&live.deployment().key()).ok();
     let body = futures::stream::unfold(Some((live, writer)), |state| async move {
         let (mut live, mut writer) = state?;
@@ -230,6 +236,9 @@ fn event_stream<W: StreamWriter>(live: LiveStream, writer: W, arrived: Instant) 
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     headers.insert("x-qlayer-overhead-ms", overhead);
+    if let Some(t) = timing {
+        headers.insert("server-timing", t);
+    }
     if let Some(d) = deployment {
         headers.insert("x-qlayer-deployment", d);
     }
@@ -271,7 +280,7 @@ impl IntoResponse for AnthropicError {
 /// request's `model` is a name of the tenant's model table; `stream: true` answers with
 /// Anthropic's event sequence. The key may come as `x-api-key`.
 #[utoipa::path(post, path = "/v1/messages", tag = "gateway",
-    request_body(content = Object, description = "Anthropic's Messages request: `model` (a name of the tenant's model table), `max_tokens`, `messages` (text, image, tool_use and tool_result blocks), and optionally `system`, `tools`, `tool_choice`, `stop_sequences`, `temperature`, `top_p`, `top_k`, `stream`, `metadata`. An unknown field is refused by name."),
+    request_body(content = Object, description = "Anthropic's Messages request: `model` (a name of the tenant's model table), `max_tokens`, `messages` (text, image, tool_use and tool_result blocks), and optionally `system`, `tools`, `tool_choice`, `stop_sequences`, `temperature`, `top_p`, `top_k`, `stream`, `metadata`, `output_config.format` (a JSON schema for the answer), `thinking`, `output_config.effort` and `context_management` (clear_thinking edits). `thinking` and `effort` are checked and then unused (the response names them in `x-qlayer-unused`): no provider contract carries reasoning yet, so answers have no thinking blocks, and earlier turns' thinking blocks are dropped, as Anthropic drops them. `system` messages among `messages` need `anthropic-beta: mid-conversation-system-2026-04-07`. An unknown field is refused by name."),
     responses(
         (status = 200, description = "the message, or with `stream: true` its events (`message_start` … `message_stop`)", body = Object),
         (status = 400, body = AnthropicErrorBody), (status = 403, body = AnthropicErrorBody), (status = 404, body = AnthropicErrorBody),
@@ -281,29 +290,44 @@ pub async fn messages(
     State(state): State<AppState>,
     caller: Caller,
     at: Option<axum::Extension<Arrived>>,
+    headers: axum::http::HeaderMap,
     RawBody(body): RawBody,
 ) -> Result<Response, AnthropicError> {
     let arrived = arrived(at);
     caller.require_write()?;
     let gateway = gateway(&state)?;
-    let chat = anthropic::messages_request(&body).map_err(AnthropicError)?;
+    let chat = anthropic::messages_request(&body, betas(&headers)).map_err(AnthropicError)?;
     drop(body);
     let deadline = arrived + state.limits.request_timeout;
     let who = who(&caller);
-    if !chat.stream {
+    let entered = Instant::now();
+    let mut response = if !chat.stream {
         let routed = gateway.complete(&who, &chat, arrived, deadline).await.map_err(AnthropicError)?;
-        return Ok(whole(anthropic::message(&chat.model, &routed.value), arrived, routed.upstream, &routed.deployment));
+        let rendering = Instant::now();
+        whole(anthropic::message(&chat.model, &routed.value), [arrived, entered, rendering], &routed)
+    } else {
+        let prompt: usize = chat.prompt_bytes();
+        let live = gateway.stream(&who, &chat, arrived, deadline).await.map_err(AnthropicError)?;
+        event_stream(live, anthropic::EventWriter::new(&chat.model, prompt.div_ceil(4) as u32), arrived, entered)
+    };
+    if !chat.unused.is_empty()
+        && let Ok(v) = HeaderValue::from_str(&chat.unused.join(", "))
+    {
+        response.headers_mut().insert("x-qlayer-unused", v);
     }
-    let prompt: usize = chat.prompt_bytes();
-    let live = gateway.stream(&who, &chat, arrived, deadline).await.map_err(AnthropicError)?;
-    Ok(event_stream(live, anthropic::EventWriter::new(&chat.model, prompt.div_ceil(4) as u32), arrived))
+    Ok(response)
+}
+
+/// The `anthropic-beta` features a request names.
+fn betas(headers: &axum::http::HeaderMap) -> anthropic::Betas {
+    anthropic::Betas::from_header(headers.get_all("anthropic-beta").iter().filter_map(|v| v.to_str().ok()))
 }
 
 /// Counts a Messages request's input tokens (Anthropic's `count_tokens`, which Claude Code calls):
 /// an estimate, as Anthropic's own is, of about four bytes of text a token; nothing is sent
 /// upstream or metered. The model must be one of the tenant's.
 #[utoipa::path(post, path = "/v1/messages/count_tokens", tag = "gateway",
-    request_body(content = Object, description = "A Messages request's `model`, `messages`, and optionally `system`, `tools`, `tool_choice`; any other field is refused by name."),
+    request_body(content = Object, description = "A Messages request's `model`, `messages`, and optionally `system`, `tools`, `tool_choice`, `thinking`, `context_management`, `output_config`; any other field is refused by name."),
     responses(
         (status = 200, description = "`{\"input_tokens\": N}`", body = Object),
         (status = 400, body = AnthropicErrorBody), (status = 403, body = AnthropicErrorBody), (status = 404, body = AnthropicErrorBody)),
@@ -311,10 +335,11 @@ pub async fn messages(
 pub async fn count_tokens(
     State(state): State<AppState>,
     caller: Caller,
+    headers: axum::http::HeaderMap,
     RawBody(body): RawBody,
 ) -> Result<Response, AnthropicError> {
     let gateway = gateway(&state)?;
-    let chat = anthropic::count_tokens_request(&body).map_err(AnthropicError)?;
+    let chat = anthropic::count_tokens_request(&body, betas(&headers)).map_err(AnthropicError)?;
     let tokens = gateway.count_tokens(&who(&caller), &chat).await.map_err(AnthropicError)?;
     Ok(axum::Json(serde_json::json!({"input_tokens": tokens})).into_response())
 }
@@ -359,11 +384,11 @@ pub async fn embeddings(
     let gateway = gateway(&state)?;
     let request = openai::embed_request(&body)?;
     drop(body);
+    let entered = Instant::now();
     let routed = gateway.embed(&who(&caller), &request, arrived, arrived + state.limits.request_timeout).await?;
+    let rendering = Instant::now();
     let text = openai::embeddings(&request.model, &routed.value.vectors, routed.value.usage, request.base64);
-    let mut response = ([(header::CONTENT_TYPE, "application/json")], text).into_response();
-    response.headers_mut().insert("x-qlayer-overhead-ms", overhead(arrived, routed.upstream));
-    Ok(response)
+    Ok(whole(text, [arrived, entered, rendering], &routed))
 }
 
 /// OpenAI's error shape.

@@ -170,18 +170,23 @@ fn added(via: Duration, direct: Duration) -> String {
     format!("{:+.3}", (via.as_secs_f64() - direct.as_secs_f64()) * 1000.0)
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 1)]
-async fn main() {
-    let mock = start_mock();
-    let registry = qlayer_tests::TestRegistry::start();
+/// A `qlayer serve` with `extra` config whose tenant `bench` has the `openai` plugin installed
+/// from `registry` (pushed there first when `push`), granted the mock, and models `bench` and
+/// `paced` on it: the server, its port and the tenant's key.
+async fn gateway_server(
+    registry: &qlayer_tests::TestRegistry,
+    mock: SocketAddr,
+    extra: &str,
+    push: bool,
+) -> (load::Server, u16, String, tempfile::TempDir) {
     let data = tempfile::tempdir().unwrap();
     std::fs::write(data.path().join("marketplace.toml"), format!("insecure-registries = [\"{}\"]\n", registry.addr))
         .unwrap();
-    let (server, port) =
-        load::serve(data.path(), "[limits]\nrequests-per-second = 0\n[network]\nallow = [\"127.0.0.1\"]\n");
-    let pid = server.0.id();
+    let (server, port) = load::serve(
+        data.path(),
+        &format!("[limits]\nrequests-per-second = 0\n[network]\nallow = [\"127.0.0.1\"]\n{extra}"),
+    );
     let base = format!("http://127.0.0.1:{port}");
-    qlayer_registry::install_tls_provider();
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     let send = |method: reqwest::Method, path: &str, key: &str, body: serde_json::Value| {
         client.request(method, format!("{base}{path}")).bearer_auth(key).json(&body).send()
@@ -195,40 +200,47 @@ async fn main() {
             .unwrap();
     let key = created["api_key"].as_str().unwrap().to_string();
     let reference = format!("{}/bench/openai:0.1.0", registry.addr);
-    let pusher = qlayer_marketplace::Marketplace::open_local(
-        data.path().join("pusher"),
-        qlayer_marketplace::MarketplaceConfig {
-            insecure_registries: vec![registry.addr.clone()],
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    pusher.push(qlayer_bundled::bundled_plugin("openai").unwrap(), &reference, None).await.unwrap();
+    if push {
+        let pusher = qlayer_marketplace::Marketplace::open_local(
+            data.path().join("pusher"),
+            qlayer_marketplace::MarketplaceConfig {
+                insecure_registries: vec![registry.addr.clone()],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        pusher.push(qlayer_bundled::bundled_plugin("openai").unwrap(), &reference, None).await.unwrap();
+    }
     let grants = serde_json::json!({"hosts": [mock.to_string()], "config": {"base_url": format!("http://{mock}/v1")}});
     let r =
         send(reqwest::Method::POST, "/v1/plugins", &key, serde_json::json!({"reference": reference, "grants": grants}))
             .await
             .unwrap();
     assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
-    let r = send(
-        reqwest::Method::PUT,
-        "/v1/models/bench",
-        &key,
-        serde_json::json!({"deployments": [{"plugin": "openai", "model": "mock"}]}),
-    )
-    .await
-    .unwrap();
-    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
-    let r = send(
-        reqwest::Method::PUT,
-        "/v1/models/paced",
-        &key,
-        serde_json::json!({"deployments": [{"plugin": "openai", "model": "paced"}]}),
-    )
-    .await
-    .unwrap();
-    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    for (name, upstream) in [("bench", "mock"), ("paced", "paced")] {
+        let r = send(
+            reqwest::Method::PUT,
+            &format!("/v1/models/{name}"),
+            &key,
+            serde_json::json!({"deployments": [{"plugin": "openai", "model": upstream}]}),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    }
+    (server, port, key, data)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 1)]
+async fn main() {
+    let mock = start_mock();
+    let registry = qlayer_tests::TestRegistry::start();
+    qlayer_registry::install_tls_provider();
+    let (server, port, key, _data) = gateway_server(&registry, mock, "", true).await;
+    let pid = server.0.id();
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let via = load::post(addr, "/v1/chat/completions", Some(&key), BODY);
     let direct = load::post(mock, "/v1/chat/completions", None, BODY);
@@ -243,9 +255,29 @@ async fn main() {
     println!("  mock direct   p50 {} p99 {}", ms(d50), ms(d99));
     println!("  via gateway   p50 {} p99 {}", ms(g50), ms(g99));
     println!("  added         p50 {} p99 {}", added(g50, d50), added(g99, d99));
-    // The server's own account of its time, from its header, over 200 requests.
+    {
+        // The same with no warm provider instances: every request instantiates its provider.
+        let (cold, cold_port, cold_key, _cold_data) =
+            gateway_server(&registry, mock, "[gateway]\nwarm-instances = 0\n", false).await;
+        let cold_addr: SocketAddr = format!("127.0.0.1:{cold_port}").parse().unwrap();
+        let cold_via = load::post(cold_addr, "/v1/chat/completions", Some(&cold_key), BODY);
+        let _ = one_in_flight(cold_addr, &cold_via, 500);
+        let (c, _) = one_in_flight(cold_addr, &cold_via, 5_000);
+        let (c50, c99) = (percentile(&c, 0.5), percentile(&c, 0.99));
+        println!(
+            "  via gateway, no warm instances ([gateway] warm-instances = 0), same run: p50 {} p99 {}, added p50 {} p99 {}",
+            ms(c50),
+            ms(c99),
+            added(c50, d50),
+            added(c99, d99)
+        );
+        drop(cold);
+    }
+    // The server's own account of its time, from its headers, over 1,000 requests: the host's
+    // time, and the mean of each stage of `Server-Timing`.
     let mut overhead = Vec::new();
-    for _ in 0..200 {
+    let mut stages: Vec<(String, f64)> = Vec::new();
+    for _ in 0..1_000 {
         let r = client
             .post(format!("{base}/v1/chat/completions"))
             .bearer_auth(&key)
@@ -255,9 +287,22 @@ async fn main() {
             .await
             .unwrap();
         overhead.push(r.headers()["x-qlayer-overhead-ms"].to_str().unwrap().parse::<f64>().unwrap());
+        for (i, stage) in r.headers()["server-timing"].to_str().unwrap().split(", ").enumerate() {
+            let name = stage.split(';').next().unwrap().to_string();
+            let dur: f64 = stage.rsplit("dur=").next().unwrap().parse().unwrap();
+            match stages.get_mut(i) {
+                Some((_, sum)) => *sum += dur,
+                None => stages.push((name, dur)),
+            }
+        }
     }
     overhead.sort_by(f64::total_cmp);
-    println!("  x-qlayer-overhead-ms (host time, not upstream): p50 {:.3} p99 {:.3}", overhead[100], overhead[197]);
+    println!(
+        "  x-qlayer-overhead-ms (host time, not the plugin call): p50 {:.3} p99 {:.3}",
+        overhead[500], overhead[989]
+    );
+    let breakdown: Vec<String> = stages.iter().map(|(name, sum)| format!("{name} {:.3}", sum / 1_000.0)).collect();
+    println!("  Server-Timing, mean per stage (ms): {}", breakdown.join(", "));
 
     println!("streams, 1 in flight, a fresh connection each: time to first token (ms), 1,000 streams");
     let sd = ttft(mock, &load::post(mock, "/v1/chat/completions", None, STREAM_BODY), 1_000);
@@ -338,5 +383,26 @@ async fn main() {
         "resident memory of qlayer serve: idle {idle:.1} MiB, highest at a rate's end {peak:.1} MiB, 3 s after the load {:.1} MiB",
         rss_mib(pid)
     );
+    // The soak (`SOAK_SECS=600`): a steady open loop, the server's resident memory each minute.
+    let soak: u64 = std::env::var("SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+    if soak > 0 {
+        let rate = best.unwrap_or(250);
+        println!("soak: {rate} req/s for {soak} s, 16 connections; each minute: p50 / p99 (ms), failures, RSS");
+        let mut left = soak;
+        while left > 0 {
+            let step = left.min(60);
+            let (gl, fail) = open_loop(addr, &via, rate, step, 16);
+            left -= step;
+            println!(
+                "  {:>4} s  {} / {}  {fail} failed  {:.1} MiB",
+                soak - left,
+                ms(percentile(&gl, 0.5)),
+                ms(percentile(&gl, 0.99)),
+                rss_mib(pid)
+            );
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        println!("  3 s after the soak: {:.1} MiB", rss_mib(pid));
+    }
     drop(server);
 }

@@ -5,8 +5,8 @@
 use crate::GatewayError;
 use crate::request::ChatRequest;
 use qlayer_runtime::{
-    Completion, CompletionChunk, CompletionRequest, ContentPart, FinishReason, ImageUrl, Message, Role, ToolCall,
-    ToolChoice, ToolDefinition, Usage,
+    Completion, CompletionChunk, CompletionRequest, ContentPart, FinishReason, ImageUrl, JsonSchema, Message,
+    ResponseFormat, Role, ToolCall, ToolChoice, ToolDefinition, Usage,
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -27,8 +27,65 @@ struct WireMessages {
     tools: Option<Vec<WireTool>>,
     tool_choice: Option<WireToolChoice>,
     service_tier: Option<String>,
+    thinking: Option<WireThinking>,
+    context_management: Option<WireContextManagement>,
+    output_config: Option<WireOutputConfig>,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireThinking {
+    r#type: String,
+    budget_tokens: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireContextManagement {
+    edits: Vec<WireEdit>,
+}
+
+#[derive(Deserialize)]
+struct WireEdit {
+    r#type: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireOutputConfig {
+    effort: Option<String>,
+    format: Option<WireOutputFormat>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireOutputFormat {
+    r#type: String,
+    schema: Option<serde_json::Map<String, Value>>,
+}
+
+/// The `anthropic-beta` feature that allows `system` messages among `messages`.
+pub const MID_CONVERSATION_SYSTEM: &str = "mid-conversation-system-2026-04-07";
+
+/// What the request's `anthropic-beta` header turns on that the parser honours.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Betas {
+    /// `system` messages among `messages` ([`MID_CONVERSATION_SYSTEM`]).
+    pub mid_conversation_system: bool,
+}
+
+impl Betas {
+    /// The features named in `anthropic-beta` header values (comma-separated lists).
+    pub fn from_header<'a>(values: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut betas = Betas::default();
+        for name in values.into_iter().flat_map(|v| v.split(',')).map(str::trim) {
+            if name == MID_CONVERSATION_SYSTEM {
+                betas.mid_conversation_system = true;
+            }
+        }
+        betas
+    }
+}
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct WireTool {
@@ -64,9 +121,85 @@ fn invalid(param: &str, message: impl Into<String>) -> GatewayError {
     GatewayError::invalid(message).param(param)
 }
 
-/// Parses and checks a Messages request into the gateway's request.
-pub fn messages_request(body: &[u8]) -> Result<ChatRequest, GatewayError> {
+/// Parses and checks a Messages request into the gateway's request; `betas` are the
+/// `anthropic-beta` features it came with.
+pub fn messages_request(body: &[u8], betas: Betas) -> Result<ChatRequest, GatewayError> {
     let w: WireMessages = crate::openai::parse(body)?;
+    let mut unused = Vec::new();
+    if let Some(t) = &w.thinking {
+        match (t.r#type.as_str(), t.budget_tokens) {
+            ("enabled", Some(budget)) if budget >= 1024 => unused.push("thinking"),
+            ("enabled", _) => {
+                return Err(invalid(
+                    "thinking.budget_tokens",
+                    "thinking.budget_tokens: type `enabled` needs a budget of at least 1024 tokens",
+                ));
+            }
+            ("adaptive", None) => unused.push("thinking"),
+            ("disabled", None) => {}
+            ("adaptive" | "disabled", Some(_)) => {
+                return Err(invalid(
+                    "thinking.budget_tokens",
+                    "thinking.budget_tokens: only type `enabled` takes a budget",
+                ));
+            }
+            _ => {
+                return Err(invalid("thinking.type", "thinking.type: expected `enabled`, `adaptive` or `disabled`"));
+            }
+        }
+    }
+    if let Some(cm) = &w.context_management {
+        for (i, edit) in cm.edits.iter().enumerate() {
+            // Answers here never carry thinking blocks, and earlier turns' are dropped (see
+            // `blocks`): clearing them is already done. Clearing tool results is not offered.
+            if !edit.r#type.starts_with("clear_thinking_") {
+                return Err(invalid(
+                    &format!("context_management.edits.{i}.type"),
+                    format!(
+                        "context_management.edits.{i}.type: `{}` is not available through this gateway (clear_thinking edits are)",
+                        edit.r#type.escape_debug()
+                    ),
+                ));
+            }
+        }
+    }
+    let mut response_format = ResponseFormat::Text;
+    if let Some(config) = w.output_config {
+        match config.effort.as_deref() {
+            None => {}
+            Some("low" | "medium" | "high" | "max") => unused.push("output_config.effort"),
+            Some(_) => {
+                return Err(invalid(
+                    "output_config.effort",
+                    "output_config.effort: expected `low`, `medium`, `high` or `max`",
+                ));
+            }
+        }
+        if let Some(format) = config.format {
+            match (format.r#type.as_str(), format.schema) {
+                ("json_schema", Some(schema)) => {
+                    response_format = ResponseFormat::JsonSchema(JsonSchema {
+                        name: "output".into(),
+                        description: None,
+                        schema_json: Value::Object(schema).to_string(),
+                        strict: true,
+                    });
+                }
+                ("json_schema", None) => {
+                    return Err(invalid(
+                        "output_config.format.schema",
+                        "output_config.format.schema: is required for type `json_schema`",
+                    ));
+                }
+                _ => {
+                    return Err(invalid(
+                        "output_config.format.type",
+                        "output_config.format.type: expected `json_schema`",
+                    ));
+                }
+            }
+        }
+    }
     if w.model.is_empty() {
         return Err(invalid("model", "model: give the model name to use"));
     }
@@ -156,6 +289,21 @@ pub fn messages_request(body: &[u8]) -> Result<ChatRequest, GatewayError> {
         let role = match m.role.as_str() {
             "user" => Role::User,
             "assistant" => Role::Assistant,
+            "system" if betas.mid_conversation_system => {
+                let text = system_text(&m.content).map_err(|_| {
+                    invalid(&format!("{at}.content"), format!("{at}.content: a system message is text"))
+                })?;
+                messages.push(Message::new(Role::System, text));
+                continue;
+            }
+            "system" => {
+                return Err(invalid(
+                    &format!("{at}.role"),
+                    format!(
+                        "{at}.role: `system` messages need the `anthropic-beta: {MID_CONVERSATION_SYSTEM}` header (a system prompt goes in `system`)"
+                    ),
+                ));
+            }
             other => {
                 return Err(invalid(
                     &format!("{at}.role"),
@@ -206,6 +354,7 @@ pub fn messages_request(body: &[u8]) -> Result<ChatRequest, GatewayError> {
             tool_choice,
             parallel_tool_calls,
             max_tokens: Some(w.max_tokens),
+            response_format,
             temperature: w.temperature,
             top_p: w.top_p,
             top_k: w.top_k,
@@ -215,24 +364,26 @@ pub fn messages_request(body: &[u8]) -> Result<ChatRequest, GatewayError> {
         },
         stream: w.stream.unwrap_or(false),
         include_usage: true,
+        unused,
     })
 }
 
 /// Parses and checks a `count_tokens` request: a Messages request's `model`, `messages`,
 /// `system`, `tools` and `tool_choice`, checked as for a message; any other field is refused by
 /// name, as Anthropic does.
-pub fn count_tokens_request(body: &[u8]) -> Result<ChatRequest, GatewayError> {
+pub fn count_tokens_request(body: &[u8], betas: Betas) -> Result<ChatRequest, GatewayError> {
     let mut value: Value = crate::openai::parse(body)?;
     let Value::Object(fields) = &mut value else {
         return Err(GatewayError::invalid("the body must be a JSON object"));
     };
-    let allowed = ["model", "messages", "system", "tools", "tool_choice"];
+    let allowed =
+        ["model", "messages", "system", "tools", "tool_choice", "thinking", "context_management", "output_config"];
     if let Some(extra) = fields.keys().find(|k| !allowed.contains(&k.as_str())) {
         return Err(invalid(extra, format!("{extra}: Extra inputs are not permitted")).code("unknown_parameter"));
     }
     // The same checks as a message's; max_tokens is not part of a count.
     fields.insert("max_tokens".into(), json!(1));
-    let mut chat = messages_request(value.to_string().as_bytes())?;
+    let mut chat = messages_request(value.to_string().as_bytes(), betas)?;
     chat.request.max_tokens = None;
     Ok(chat)
 }
@@ -327,6 +478,8 @@ fn blocks(value: &Value, at: &str, role: Role) -> Result<Turn, GatewayError> {
                 result.tool_call_id = Some(id.to_string());
                 turn.results.push((result, here));
             }
+            // Earlier turns' thinking is dropped, as Anthropic drops it from the context.
+            Some("thinking" | "redacted_thinking") if role == Role::Assistant => {}
             Some(kind @ ("tool_use" | "tool_result")) => {
                 let wanted = if kind == "tool_use" { "assistant" } else { "user" };
                 return Err(invalid(&here, format!("{here}: {kind} blocks belong in {wanted} turns")));
@@ -611,6 +764,7 @@ mod tests {
             br#"{"model": "m", "max_tokens": 10, "system": [{"type": "text", "text": "be brief"}],
                 "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
                 "stop_sequences": ["END"], "metadata": {"user_id": "u"}}"#,
+            Betas::default(),
         )
         .unwrap();
         assert_eq!(r.request.messages.len(), 2);
@@ -626,6 +780,7 @@ mod tests {
                   {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "x"},
                     {"type": "text", "text": "and?"},
                     {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA=="}}]}]}"#,
+            Betas::default(),
         )
         .unwrap();
         let q = &r.request;
@@ -663,7 +818,7 @@ mod tests {
                 Some("tool_choice.name"),
             ),
         ] {
-            let e = messages_request(body.as_bytes()).unwrap_err();
+            let e = messages_request(body.as_bytes(), Betas::default()).unwrap_err();
             assert_eq!((e.status, e.param.as_deref()), (400, param), "{body}: {e:?}");
         }
     }
@@ -775,11 +930,68 @@ mod tests {
         assert_eq!(body["stop_reason"], "tool_use");
     }
 
+    /// What Claude Code sends (2.1.197, captured): adaptive thinking, a clear-thinking context
+    /// edit, an effort, a `system` message among `messages` under its beta, and an earlier
+    /// turn's thinking block. Accepted; the hints no provider can act on are named as unused.
+    #[test]
+    fn claude_codes_requests_are_accepted_and_their_unusable_hints_named() {
+        let body = br#"{"model": "m", "max_tokens": 32000, "stream": true,
+            "system": [{"type": "text", "text": "You are", "cache_control": {"type": "ephemeral"}}],
+            "thinking": {"type": "adaptive"},
+            "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+            "output_config": {"effort": "high"},
+            "metadata": {"user_id": "{\"session_id\": \"s\"}"},
+            "messages": [{"role": "user", "content": "hi"},
+              {"role": "system", "content": "Available agent types"},
+              {"role": "assistant", "content": [{"type": "thinking", "thinking": "hmm", "signature": "x"},
+                {"type": "text", "text": "hello"}]},
+              {"role": "user", "content": "again"}]}"#;
+        let betas = Betas::from_header(["claude-code-20250219, mid-conversation-system-2026-04-07,effort-2025-11-24"]);
+        let r = messages_request(body, betas).unwrap();
+        assert_eq!(r.unused, ["thinking", "output_config.effort"]);
+        let roles: Vec<Role> = r.request.messages.iter().map(|m| m.role).collect();
+        assert_eq!(roles, [Role::System, Role::User, Role::System, Role::Assistant, Role::User]);
+        assert_eq!(r.request.messages[3].text(), "hello", "the earlier turn's thinking is dropped");
+        let e = messages_request(body, Betas::default()).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages.1.role"), "{e:?}");
+        assert!(e.message.contains(MID_CONVERSATION_SYSTEM), "{e:?}");
+        // A JSON schema for the answer is structured output.
+        let r = messages_request(
+            br#"{"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "x"}],
+                "output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}}}"#,
+            Betas::default(),
+        )
+        .unwrap();
+        assert!(
+            matches!(&r.request.response_format, ResponseFormat::JsonSchema(s) if s.schema_json == r#"{"type":"object"}"#)
+        );
+        assert!(r.unused.is_empty());
+        for (extra, param) in [
+            (r#""thinking": {"type": "enabled", "budget_tokens": 10}"#, "thinking.budget_tokens"),
+            (r#""thinking": {"type": "sometimes"}"#, "thinking.type"),
+            (
+                r#""context_management": {"edits": [{"type": "clear_tool_uses_20250919"}]}"#,
+                "context_management.edits.0.type",
+            ),
+            (r#""output_config": {"effort": "extreme"}"#, "output_config.effort"),
+            (r#""output_config": {"format": {"type": "json_schema"}}"#, "output_config.format.schema"),
+        ] {
+            let body = format!(
+                r#"{{"model": "m", "max_tokens": 10, "messages": [{{"role": "user", "content": "x"}}], {extra}}}"#
+            );
+            let e = messages_request(body.as_bytes(), Betas::default()).unwrap_err();
+            assert_eq!((e.status, e.param.as_deref()), (400, Some(param)), "{body}: {e:?}");
+        }
+        let ok = br#"{"model": "m", "max_tokens": 2048, "messages": [{"role": "user", "content": "x"}], "thinking": {"type": "enabled", "budget_tokens": 1024}}"#;
+        assert_eq!(messages_request(ok, Betas::default()).unwrap().unused, ["thinking"]);
+    }
+
     #[test]
     fn a_count_tokens_request_is_a_message_without_max_tokens_and_refuses_the_rest() {
         let r = count_tokens_request(
             br#"{"model": "m", "system": "be brief", "messages": [{"role": "user", "content": "hello there"}],
                 "tools": [{"name": "f", "input_schema": {"type": "object"}}]}"#,
+            Betas::default(),
         )
         .unwrap();
         assert_eq!((r.model.as_str(), r.request.max_tokens, r.request.tools.len()), ("m", None, 1));
@@ -788,7 +1000,7 @@ mod tests {
             (r#"{"model": "m", "stream": true, "messages": [{"role": "user", "content": "x"}]}"#, "stream"),
             (r#"{"model": "m", "messages": [{"role": "system", "content": "x"}]}"#, "messages.0.role"),
         ] {
-            let e = count_tokens_request(body.as_bytes()).unwrap_err();
+            let e = count_tokens_request(body.as_bytes(), Betas::default()).unwrap_err();
             assert_eq!((e.status, e.param.as_deref()), (400, Some(param)), "{body}: {e:?}");
         }
     }

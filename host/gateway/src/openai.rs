@@ -393,6 +393,7 @@ pub fn chat_request(body: &[u8]) -> Result<ChatRequest, GatewayError> {
         let _ = options.include_obfuscation;
     }
     Ok(ChatRequest {
+        unused: Vec::new(),
         endpoint: "chat",
         model: w.model,
         request: CompletionRequest {

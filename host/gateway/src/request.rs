@@ -34,6 +34,10 @@ pub struct ChatRequest {
     pub stream: bool,
     /// `stream_options.include_usage`.
     pub include_usage: bool,
+    /// Fields accepted and checked that no provider can act on yet (hints for models that
+    /// reason, which the contract cannot carry): the response names them in
+    /// `x-qlayer-unused`, so they are never ignored silently.
+    pub unused: Vec<&'static str>,
 }
 
 impl ChatRequest {

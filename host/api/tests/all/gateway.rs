@@ -140,6 +140,63 @@ async fn the_official_anthropic_sdk_works_against_the_messages_endpoint() {
     svc.stop().await;
 }
 
+/// Claude Code itself (the npm package, pinned) against the host in print mode: its request
+/// (adaptive thinking, an effort, a context edit, `system` messages under their beta, two dozen
+/// tools) is accepted and served through the openai provider plugin to the test upstream, which
+/// calls Claude Code's first tool (`Agent`) with arguments streamed in three pieces; Claude Code
+/// reassembles them, runs the tool (which refuses the arguments: they are the test upstream's,
+/// not the tool's), sends the result back in a second request, and prints the answer to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claude_code_works_against_the_messages_endpoint() {
+    let claude = qlayer_tests::npm_tool("claude", "@anthropic-ai/claude-code@2.1.197", Some("install.cjs"));
+    let (svc, upstream, _tenant, acme) = gateway_service(|_| {}).await;
+    model(&svc, &acme, "chat", json!({"deployments": [deployment("ok")]})).await;
+    let (home, work) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (base, key) = (svc.base.clone(), acme.clone());
+    let (home_dir, work_dir) = (home.path().to_path_buf(), work.path().to_path_buf());
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(claude)
+            .args(["-p", "Say hello", "--model", "chat"])
+            .current_dir(work_dir)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", home_dir)
+            .env("ANTHROPIC_BASE_URL", base)
+            .env("ANTHROPIC_API_KEY", key)
+            .env("DISABLE_TELEMETRY", "1")
+            .env("DISABLE_AUTOUPDATER", "1")
+            .env("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    // The answer to the tool's result, whose error shows Claude Code parsed the streamed
+    // arguments into an object and checked it against the tool's schema.
+    assert!(stdout.contains("echo: tool said:") && stdout.contains("InputValidationError"), "{stdout}\n{stderr}");
+    let asked: Vec<Value> = upstream
+        .requests()
+        .iter()
+        .filter(|s| s.path == "/v1/chat/completions")
+        .filter_map(|s| serde_json::from_str::<Value>(&s.body).ok())
+        .collect();
+    // Its tools reached the upstream in OpenAI's shape, and its tool result came back as a
+    // `tool` message answering the call.
+    let names: Vec<&str> =
+        asked[0]["tools"].as_array().unwrap().iter().filter_map(|t| t["function"]["name"].as_str()).collect();
+    assert!(names.contains(&"Bash") && names.contains(&"Read"), "{names:?}");
+    let answered = asked.iter().any(|b| {
+        b["messages"]
+            .as_array()
+            .and_then(|m| m.last())
+            .is_some_and(|m| m["role"] == "tool" && m["tool_call_id"] == "call_test_1")
+    });
+    assert!(answered, "a tool result went back: {asked:?}");
+    svc.stop().await;
+}
+
 /// Runs one of `tests/sdk/*.py` with the service's base URL and keys; returns its output.
 async fn run_sdk_script(python: std::path::PathBuf, script: &str, base: &str, key: &str, other: &str) -> String {
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk").join(script);
@@ -177,6 +234,15 @@ async fn routing_falls_back_on_retryable_errors_only_and_cools_failing_deploymen
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.headers["x-qlayer-deployment"], "openai/ok");
     assert_eq!(r.body["choices"][0]["message"]["content"], "echo: hi");
+    // Where the time went, stage by stage; the upstream's wait is its own stage.
+    let timing = r.headers["server-timing"].to_str().unwrap();
+    let stages: Vec<(&str, f64)> = timing
+        .split(", ")
+        .map(|s| (s.split(';').next().unwrap(), s.rsplit("dur=").next().unwrap().parse().unwrap()))
+        .collect();
+    let names: Vec<&str> = stages.iter().map(|(n, _)| *n).collect();
+    assert_eq!(names, ["auth", "admit", "table", "instance", "plugin", "upstream", "meter", "render"], "{timing}");
+    assert!(stages.iter().all(|(_, d)| *d >= 0.0) && stages[5].1 > 0.0, "{timing}");
 
     model(&svc, &acme, "strict", json!({"deployments": [deployment("unauthorized"), deployment("ok")]})).await;
     let asked_before = upstream.requests().len();

@@ -1546,6 +1546,11 @@ impl OwnedChunkStream {
     pub fn take_outbound_wait(&mut self) -> Duration {
         self.instance.take_outbound_wait()
     }
+
+    /// The next chunk, or `None` once the stream has ended cleanly.
+    pub async fn next(&mut self) -> Result<Option<CompletionChunk>, CallError> {
+        next_chunk(self.instance.live()?, &mut self.handle).await
+    }
 }
 
 impl Drop for OwnedChunkStream {
@@ -1554,13 +1559,6 @@ impl Drop for OwnedChunkStream {
             // Left before its end: the guest still holds the stream and its upstream request.
             self.instance.discard();
         }
-    }
-}
-
-impl OwnedChunkStream {
-    /// The next chunk, or `None` once the stream has ended cleanly.
-    pub async fn next(&mut self) -> Result<Option<CompletionChunk>, CallError> {
-        next_chunk(self.instance.live()?, &mut self.handle).await
     }
 }
 

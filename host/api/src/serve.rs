@@ -881,6 +881,7 @@ mod tests {
             ("[gateway]\nconcurrency = 0\n", "[gateway] concurrency"),
             ("[gateway]\nretries = 9\n", "[gateway] retries"),
             ("[gateway]\nbreaker-cooldown-ms = 0\n", "[gateway] breaker-cooldown-ms"),
+            ("[gateway]\nwarm-instances = 20000\n", "[gateway] warm-instances"),
             ("[gateway.models.fast]\ndeployments = []\n", "[gateway.models.fast] deployments"),
             ("[gateway.models.fast]\ndeployments = [{ plugin = \"Bad Name\" }]\n", "deployments[0].plugin"),
         ] {

@@ -11,7 +11,7 @@ use futures::future::BoxFuture;
 use qlayer_db::{Db, UsageRecord};
 use qlayer_runtime::{
     CallError, CallErrorKind, Completion, CompletionChunk, EmbeddingRequest, Embeddings, Installed, OwnedChunkStream,
-    PluginError, Usage,
+    PluginError, Usage, WarmProvider,
 };
 use qlayer_scheduler::breaker::BreakerPolicy;
 use qlayer_scheduler::interactive::{Admission, Permit};
@@ -620,9 +620,7 @@ impl Gateway {
                 |installed: Installed, model: String| async move {
                     let mut request = chat.request.clone();
                     request.model = model;
-                    let taking = Instant::now();
-                    let mut provider = installed.warm_provider(&caller.tenant_name).await?;
-                    let instance = taking.elapsed();
+                    let (mut provider, instance) = take_instance(&installed, &caller.tenant_name).await?;
                     let value = provider.complete(&request).await?;
                     Ok(Timed { value, instance, upstream: provider.take_outbound_wait() })
                 },
@@ -664,9 +662,7 @@ impl Gateway {
                 |installed: Installed, model: String| async move {
                     let mut request = chat.request.clone();
                     request.model = model;
-                    let taking = Instant::now();
-                    let provider = installed.warm_provider(&caller.tenant_name).await?;
-                    let instance = taking.elapsed();
+                    let (provider, instance) = take_instance(&installed, &caller.tenant_name).await?;
                     let mut stream = provider.into_stream(&request).await?;
                     // The first chunk decides: an upstream that fails before it can still fall back.
                     let first = stream.next().await?;
@@ -717,9 +713,7 @@ impl Gateway {
         let routed = self
             .route(caller, &embed.model, &spec, &[], deadline, |installed: Installed, model: String| async move {
                 let request = EmbeddingRequest { model, inputs: embed.inputs.clone() };
-                let taking = Instant::now();
-                let mut provider = installed.warm_provider(&caller.tenant_name).await?;
-                let instance = taking.elapsed();
+                let (mut provider, instance) = take_instance(&installed, &caller.tenant_name).await?;
                 let value = provider.embed(&request).await?;
                 Ok(Timed { value, instance, upstream: provider.take_outbound_wait() })
             })
@@ -778,6 +772,14 @@ impl Timing {
             ms(after)
         )
     }
+}
+
+/// A provider instance of `installed` for `tenant` (warm when one is idle), and how long taking
+/// it took.
+async fn take_instance(installed: &Installed, tenant: &str) -> Result<(WarmProvider, Duration), CallError> {
+    let taking = Instant::now();
+    let provider = installed.warm_provider(tenant).await?;
+    Ok((provider, taking.elapsed()))
 }
 
 /// What [`Gateway::begin`] gives a request.

@@ -172,11 +172,70 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        match axum::Json::<T>::from_request(req, state).await {
+        if !json_content_type(req.headers()) {
+            return Err(not_json());
+        }
+        let bytes = match axum::body::Bytes::from_request(req, state).await {
+            Ok(bytes) => bytes,
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => return Err(too_large()),
+            Err(e) => return Err(ApiError::invalid(e.body_text())),
+        };
+        // serde reads a struct from an array too (`[1, 2]` as its fields in order): every body
+        // here is an object.
+        match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+            Some(b'{') | None => {}
+            Some(_) => return Err(ApiError::invalid("the body must be a JSON object")),
+        }
+        match axum::Json::<T>::from_bytes(&bytes) {
             Ok(axum::Json(value)) => Ok(ApiJson(value)),
-            Err(rejection) => Err(json_rejection(rejection)),
+            Err(rejection) => match integral_floats_as_integers(&bytes) {
+                Some(value) => Ok(ApiJson(value)),
+                None => Err(json_rejection(rejection)),
+            },
         }
     }
+}
+
+/// Whether the request says its body is JSON (`application/json`, or a `+json` type), as axum's
+/// `Json` asks.
+fn json_content_type(headers: &axum::http::HeaderMap) -> bool {
+    let Some(value) = headers.get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let essence = value.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+/// `body` read as `T` where the only trouble is integers written with a fraction of zero
+/// (`272.0`, which JSON Schema counts as an integer): each such number at the path serde names
+/// becomes the integer, and nothing else of the body changes (free-form JSON in it keeps its
+/// numbers as sent). `None` when anything else is wrong.
+fn integral_floats_as_integers<T: DeserializeOwned>(body: &[u8]) -> Option<T> {
+    use serde_path_to_error::Segment;
+    let mut value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    for _ in 0..64 {
+        let e = match serde_path_to_error::deserialize::<_, T>(value.clone()) {
+            Ok(read) => return Some(read),
+            Err(e) => e,
+        };
+        if !e.inner().to_string().starts_with("invalid type: floating point") {
+            return None;
+        }
+        let mut at = &mut value;
+        for segment in e.path().iter() {
+            at = match segment {
+                Segment::Seq { index } => at.get_mut(*index)?,
+                Segment::Map { key } | Segment::Enum { variant: key } => at.get_mut(key.as_str())?,
+                Segment::Unknown => return None,
+            };
+        }
+        let f = at.as_f64()?;
+        if !at.is_f64() || f.fract() != 0.0 || f.abs() > 9_007_199_254_740_992.0 {
+            return None;
+        }
+        *at = if f < 0.0 { serde_json::Value::from(f as i64) } else { serde_json::Value::from(f as u64) };
+    }
+    None
 }
 
 fn json_rejection(rejection: JsonRejection) -> ApiError {
@@ -185,18 +244,26 @@ fn json_rejection(rejection: JsonRejection) -> ApiError {
         // the field and what was expected.
         JsonRejection::JsonDataError(e) => ApiError::invalid(e.body_text()),
         JsonRejection::JsonSyntaxError(e) => ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", e.body_text()),
-        JsonRejection::MissingJsonContentType(_) => ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            "the body must be JSON, sent with `Content-Type: application/json`",
-        ),
-        JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            "the request body is larger than this server accepts ([limits] max-body-bytes)",
-        ),
+        JsonRejection::MissingJsonContentType(_) => not_json(),
+        JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => too_large(),
         other => ApiError::invalid(other.body_text()),
     }
+}
+
+fn not_json() -> ApiError {
+    ApiError::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+        "the body must be JSON, sent with `Content-Type: application/json`",
+    )
+}
+
+fn too_large() -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body_too_large",
+        "the request body is larger than this server accepts ([limits] max-body-bytes)",
+    )
 }
 
 /// Query parameters, with rejections in the one error shape.
@@ -277,5 +344,39 @@ pub fn page_size(asked: Option<u32>) -> Result<u32, ApiError> {
         None => Ok(DEFAULT_PAGE_SIZE),
         Some(n) if (1..=MAX_PAGE_SIZE).contains(&n) => Ok(n),
         Some(n) => Err(ApiError::invalid(format!("limit {n} is out of range: pages hold 1 to {MAX_PAGE_SIZE} items"))),
+    }
+}
+
+#[cfg(test)]
+mod integral_float_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::integral_floats_as_integers;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        weight: i64,
+        #[serde(default)]
+        inner: Option<Inner>,
+        #[serde(default)]
+        input: serde_json::Value,
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    struct Inner {
+        counts: Vec<u32>,
+    }
+
+    #[test]
+    fn integers_written_with_a_zero_fraction_are_read_and_nothing_else_changes() {
+        let body: Body =
+            integral_floats_as_integers(br#"{"weight": 272.0, "inner": {"counts": [1, 2.0]}, "input": {"x": 1.0}}"#)
+                .unwrap();
+        assert_eq!((body.weight, body.inner.unwrap().counts), (272, vec![1, 2]));
+        assert!(body.input["x"].is_f64(), "free-form JSON keeps its numbers as sent: {}", body.input);
+        assert!(integral_floats_as_integers::<Body>(br#"{"weight": 272.5}"#).is_none());
+        assert!(integral_floats_as_integers::<Body>(br#"{"weight": -3.0}"#).is_some_and(|b| b.weight == -3));
+        assert!(integral_floats_as_integers::<Body>(br#"{"weight": 1e300}"#).is_none());
+        assert!(integral_floats_as_integers::<Body>(br#"{"weight": 1.0, "other": 1}"#).is_none());
     }
 }

@@ -51,6 +51,7 @@ impl IntoResponse for OpenAiError {
         if let Some(secs) = e.retry_after {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
+        add_headers(&mut response, &e.headers);
         response
     }
 }
@@ -195,6 +196,7 @@ fn whole<T>(text: String, [arrived, entered, rendering]: [Instant; 3], routed: &
     if let Ok(v) = HeaderValue::from_str(&routed.deployment.key()) {
         headers.insert("x-qlayer-deployment", v);
     }
+    add_headers(&mut response, &routed.rate_headers);
     response
 }
 
@@ -208,6 +210,7 @@ fn event_stream<W: StreamWriter>(live: LiveStream, writer: W, arrived: Instant, 
     let timing =
         HeaderValue::from_str(&live.timing().server_timing(entered.duration_since(arrived), Duration::ZERO)).ok();
     let deployment = HeaderValue::from_str(&live.deployment().key()).ok();
+    let rate_headers = live.rate_headers().to_vec();
     let body = futures::stream::unfold(Some((live, writer)), |state| async move {
         let (mut live, mut writer) = state?;
         let mut out = String::new();
@@ -242,7 +245,17 @@ fn event_stream<W: StreamWriter>(live: LiveStream, writer: W, arrived: Instant, 
     if let Some(d) = deployment {
         headers.insert("x-qlayer-deployment", d);
     }
+    add_headers(&mut response, &rate_headers);
     response
+}
+
+/// Adds `headers` (OpenAI's `x-ratelimit-*`) to `response`.
+fn add_headers(response: &mut Response, headers: &[(&'static str, String)]) {
+    for (name, value) in headers {
+        if let Ok(value) = HeaderValue::from_str(value) {
+            response.headers_mut().insert(*name, value);
+        }
+    }
 }
 
 /// A gateway error answered in Anthropic's shape.
@@ -272,6 +285,7 @@ impl IntoResponse for AnthropicError {
         if let Some(secs) = e.retry_after {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
+        add_headers(&mut response, &e.headers);
         response
     }
 }
@@ -561,7 +575,8 @@ pub struct UsageQuery {
     pub key: Option<String>,
     /// Only this model name.
     pub model: Option<String>,
-    /// `day`, `model`, `key` or `deployment`; one total when left out.
+    /// `total` (the default: one row), `day`, `model`, `key` or `deployment`.
+    #[param(pattern = "^(total|day|model|key|deployment)$")]
     pub group_by: Option<String>,
 }
 
@@ -595,6 +610,9 @@ pub struct UsageReport {
     pub group_by: String,
     /// The groups.
     pub data: Vec<UsageRow>,
+    /// The tenant's gateway limits and budgets, and those of the key asked for (`key`, else the
+    /// caller's own), each with what was used of it in its current window.
+    pub limits: Vec<crate::limits::LimitStanding>,
 }
 
 /// The tenant's gateway usage: requests, tokens and cost, filtered by time, key and model, and
@@ -614,14 +632,14 @@ pub async fn usage(
 pub async fn usage_op(state: &AppState, caller: &Caller, q: &UsageQuery) -> Result<UsageReport, ApiError> {
     use qlayer_db::UsageGroup;
     let (group, name) = match q.group_by.as_deref() {
-        None | Some("") => (UsageGroup::All, "total"),
+        None | Some("total") => (UsageGroup::All, "total"),
         Some("day") => (UsageGroup::Day, "day"),
         Some("model") => (UsageGroup::Model, "model"),
         Some("key") => (UsageGroup::Key, "key"),
         Some("deployment") => (UsageGroup::Deployment, "deployment"),
         Some(other) => {
             return Err(ApiError::invalid(format!(
-                "group_by `{}` is not one of day, model, key, deployment",
+                "group_by `{}` is not one of total, day, model, key, deployment",
                 other.escape_debug()
             )));
         }
@@ -642,7 +660,9 @@ pub async fn usage_op(state: &AppState, caller: &Caller, q: &UsageQuery) -> Resu
             cost: s.cost_nanos as f64 / 1e9,
         })
         .collect();
-    Ok(UsageReport { group_by: name.to_string(), data })
+    let key = q.key.as_deref().unwrap_or(caller.actor());
+    let limits = crate::limits::standings(state, caller.tenant_id(), Some(key)).await?;
+    Ok(UsageReport { group_by: name.to_string(), data, limits })
 }
 
 /// Provider plugins installed for a tenant in the marketplace, for the gateway.

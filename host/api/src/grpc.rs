@@ -214,6 +214,28 @@ impl tenants_server::Tenants for Grpc {
         let body = ops::TenantShare { weight: r.weight, max_running: r.max_running };
         Ok(Response::new(tenant(ops::set_tenant_share_op(&self.state, &caller, &r.id, body).await?)))
     }
+
+    async fn set_tenant_limits(&self, request: Request<SetLimitsRequest>) -> Result<Response<Limits>, Status> {
+        let caller = self.caller(&request, "SetTenantLimits").await?;
+        let (id, body) = limits_body(request.into_inner());
+        Ok(Response::new(limits_view(crate::limits::set_tenant_limits_op(&self.state, &caller, &id, &body).await?)))
+    }
+}
+
+/// A `SetLimitsRequest` as the REST body.
+fn limits_body(r: SetLimitsRequest) -> (String, crate::limits::Limits) {
+    let budget = r.budget.map(|b| crate::limits::Budget { currency: b.currency, daily: b.daily, monthly: b.monthly });
+    (r.id, crate::limits::Limits { rpm: r.rpm, tpm: r.tpm, budget })
+}
+
+fn limits_view(v: crate::limits::LimitsView) -> Limits {
+    Limits {
+        tenant_id: v.tenant_id,
+        key_id: v.key_id,
+        rpm: v.rpm,
+        tpm: v.tpm,
+        budget: v.budget.map(|b| Budget { currency: b.currency, daily: b.daily, monthly: b.monthly }),
+    }
 }
 
 #[tonic::async_trait]
@@ -241,6 +263,12 @@ impl keys_server::Keys for Grpc {
         let caller = self.caller(&request, "RevokeKey").await?;
         ops::revoke_key_op(&self.state, &caller, &request.into_inner().id).await?;
         Ok(Response::new(Empty {}))
+    }
+
+    async fn set_key_limits(&self, request: Request<SetLimitsRequest>) -> Result<Response<Limits>, Status> {
+        let caller = self.caller(&request, "SetKeyLimits").await?;
+        let (id, body) = limits_body(request.into_inner());
+        Ok(Response::new(limits_view(crate::limits::set_key_limits_op(&self.state, &caller, &id, &body).await?)))
     }
 }
 
@@ -427,6 +455,21 @@ impl usage_server::Usage for Grpc {
                     completion_tokens: g.completion_tokens,
                     total_tokens: g.total_tokens,
                     cost_nanos: g.cost_nanos,
+                })
+                .collect(),
+            limits: report
+                .limits
+                .into_iter()
+                .map(|l| LimitStanding {
+                    scope: l.scope,
+                    key_id: l.key_id,
+                    limit: l.limit,
+                    max: l.max,
+                    used: l.used,
+                    remaining: l.remaining,
+                    currency: l.currency,
+                    window_start: l.window_start,
+                    resets_at: l.resets_at,
                 })
                 .collect(),
         }))

@@ -11,6 +11,7 @@ pub mod error;
 pub mod gateway;
 pub mod grpc;
 pub mod jobs;
+pub mod limits;
 pub mod resources;
 pub mod serve;
 
@@ -83,6 +84,7 @@ impl AppState {
     paths(
         health, ready, metrics_text,
         resources::create_tenant, resources::list_tenants, resources::get_tenant, resources::set_tenant_share,
+        limits::set_tenant_limits, limits::set_key_limits,
         resources::create_key, resources::list_keys, resources::revoke_key,
         resources::list_plugins, resources::install_plugin, resources::get_plugin, resources::remove_plugin,
         jobs::submit_job, jobs::list_jobs, jobs::get_job, jobs::cancel_job, jobs::job_events, jobs::job_tasks,
@@ -253,6 +255,8 @@ pub fn router(state: AppState) -> axum::Router {
         .route("/v1/tenants", post(resources::create_tenant).get(resources::list_tenants))
         .route("/v1/tenants/{id}", get(resources::get_tenant))
         .route("/v1/tenants/{id}/share", axum::routing::put(resources::set_tenant_share))
+        .route("/v1/tenants/{id}/limits", axum::routing::put(limits::set_tenant_limits))
+        .route("/v1/keys/{id}/limits", axum::routing::put(limits::set_key_limits))
         .route("/v1/keys", post(resources::create_key).get(resources::list_keys))
         .route("/v1/keys/{id}", axum::routing::delete(resources::revoke_key))
         .route("/v1/plugins", get(resources::list_plugins).post(resources::install_plugin))

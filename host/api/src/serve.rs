@@ -72,6 +72,19 @@ pub struct GatewaySection {
     /// quarter of the node's instance slots.
     #[serde(default = "default_warm_instances")]
     pub warm_instances: usize,
+    /// How long a node draws on quota leased from the database before giving back what it has
+    /// not used (50-60000 ms): longer asks the database less often; shorter strands less quota
+    /// on a node that does not use it, and a limit held at full rate admits 60 s / (60 s +
+    /// this) of it.
+    #[serde(default = "default_quota_lease")]
+    pub quota_lease_ms: u64,
+    /// Output tokens reserved against token limits for a request without `max_tokens`
+    /// (1-1000000).
+    #[serde(default = "default_reserve_tokens")]
+    pub reserve_tokens: u32,
+    /// The price table's currency, three capital letters (budgets are in it).
+    #[serde(default = "default_currency")]
+    pub currency: String,
 }
 
 impl Default for GatewaySection {
@@ -85,8 +98,21 @@ impl Default for GatewaySection {
             breaker_failures: default_gateway_breaker(),
             breaker_cooldown_ms: default_gateway_cooldown(),
             warm_instances: default_warm_instances(),
+            quota_lease_ms: default_quota_lease(),
+            reserve_tokens: default_reserve_tokens(),
+            currency: default_currency(),
         }
     }
+}
+
+fn default_quota_lease() -> u64 {
+    2_000
+}
+fn default_reserve_tokens() -> u32 {
+    4_096
+}
+fn default_currency() -> String {
+    "USD".into()
 }
 
 fn default_warm_instances() -> usize {
@@ -153,6 +179,15 @@ impl GatewaySection {
         if self.warm_instances > 10_000 {
             anyhow::bail!("[gateway] warm-instances must be 0 to 10000");
         }
+        if !(50..=60_000).contains(&self.quota_lease_ms) {
+            anyhow::bail!("[gateway] quota-lease-ms must be 50 to 60000");
+        }
+        if !(1..=1_000_000).contains(&self.reserve_tokens) {
+            anyhow::bail!("[gateway] reserve-tokens must be 1 to 1000000");
+        }
+        if self.currency.len() != 3 || !self.currency.chars().all(|c| c.is_ascii_uppercase()) {
+            anyhow::bail!("[gateway] currency must be three capital letters, such as USD");
+        }
         for (name, spec) in &self.models {
             spec.check(name).map_err(|e| anyhow::anyhow!("[gateway.models.{name}] {e}"))?;
         }
@@ -160,6 +195,9 @@ impl GatewaySection {
             defaults: self.models.iter().map(|(n, s)| (n.clone(), std::sync::Arc::new(s.clone()))).collect(),
             passthrough: self.upstream.as_ref().map(|_| UPSTREAM.to_string()),
             retries: self.retries,
+            quota_lease: std::time::Duration::from_millis(self.quota_lease_ms),
+            reserve_tokens: self.reserve_tokens,
+            currency: self.currency.clone(),
             breaker: qlayer_scheduler::breaker::BreakerPolicy {
                 failures: self.breaker_failures,
                 cooldown_ms: self.breaker_cooldown_ms,
@@ -882,6 +920,9 @@ mod tests {
             ("[gateway]\nretries = 9\n", "[gateway] retries"),
             ("[gateway]\nbreaker-cooldown-ms = 0\n", "[gateway] breaker-cooldown-ms"),
             ("[gateway]\nwarm-instances = 20000\n", "[gateway] warm-instances"),
+            ("[gateway]\nquota-lease-ms = 10\n", "[gateway] quota-lease-ms"),
+            ("[gateway]\nreserve-tokens = 0\n", "[gateway] reserve-tokens"),
+            ("[gateway]\ncurrency = \"usd\"\n", "[gateway] currency"),
             ("[gateway.models.fast]\ndeployments = []\n", "[gateway.models.fast] deployments"),
             ("[gateway.models.fast]\ndeployments = [{ plugin = \"Bad Name\" }]\n", "deployments[0].plugin"),
         ] {

@@ -18,11 +18,13 @@ mod gateway;
 mod installs;
 mod jobs;
 mod json;
+mod quota;
 mod tasks;
 
 pub use gateway::{ModelEntry, UsageFilter, UsageGroup, UsageRecord, UsageSum};
 pub use jobs::{Artifact, Job, JobEvent, JobKind, JobStatus};
 pub use json::JsonText;
+pub use quota::{GrantAsk, GrantOutcome, QuotaLimits};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 use std::fmt;

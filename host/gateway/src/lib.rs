@@ -13,6 +13,7 @@
 pub mod anthropic;
 pub mod meter;
 pub mod openai;
+pub mod quota;
 pub mod request;
 pub mod route;
 pub mod service;
@@ -176,6 +177,8 @@ pub struct GatewayError {
     pub param: Option<String>,
     /// Seconds to wait, for a 429 or 503.
     pub retry_after: Option<u64>,
+    /// Headers the answer carries besides (OpenAI's `x-ratelimit-*` on a refusal).
+    pub headers: Vec<(&'static str, String)>,
 }
 
 impl std::fmt::Display for GatewayError {
@@ -189,12 +192,26 @@ impl std::error::Error for GatewayError {}
 impl GatewayError {
     /// An error with a status, a code and a message.
     pub fn new(status: u16, code: &str, message: impl Into<String>) -> Self {
-        GatewayError { status, code: Some(code.to_string()), message: message.into(), param: None, retry_after: None }
+        GatewayError {
+            status,
+            code: Some(code.to_string()),
+            message: message.into(),
+            param: None,
+            retry_after: None,
+            headers: Vec::new(),
+        }
     }
 
     /// 400 for a request that cannot be served as sent.
     pub fn invalid(message: impl Into<String>) -> Self {
-        GatewayError { status: 400, code: None, message: message.into(), param: None, retry_after: None }
+        GatewayError {
+            status: 400,
+            code: None,
+            message: message.into(),
+            param: None,
+            retry_after: None,
+            headers: Vec::new(),
+        }
     }
 
     /// 500: the cause goes to the log.

@@ -4,11 +4,12 @@
 
 use crate::meter::Meter;
 use crate::openai::{ChatRequest, EmbedRequest, Feature};
+use crate::quota::{Limit, Quotas, Refusal, Reservation, Scope, Unit, Used, Window};
 use crate::route::{Health, Outcome, Plan};
 use crate::table::{Deployment, ModelSpec};
 use crate::{GatewayError, jitter};
 use futures::future::BoxFuture;
-use qlayer_db::{Db, UsageRecord};
+use qlayer_db::{Db, QuotaLimits, UsageRecord};
 use qlayer_runtime::{
     CallError, CallErrorKind, Completion, CompletionChunk, EmbeddingRequest, Embeddings, Installed, OwnedChunkStream,
     PluginError, Usage, WarmProvider,
@@ -59,6 +60,13 @@ pub struct GatewayConfig {
     /// A plugin every tenant can use (the server's upstream) that serves a model name no table
     /// has, asked for as it is.
     pub passthrough: Option<String>,
+    /// How long a node draws on quota leased from the store before it gives back what it has
+    /// not used (see [`crate::quota`]).
+    pub quota_lease: Duration,
+    /// Output tokens reserved against token limits for a request that names no `max_tokens`.
+    pub reserve_tokens: u32,
+    /// The price table's currency (budgets are in it).
+    pub currency: String,
 }
 
 impl Default for GatewayConfig {
@@ -71,6 +79,9 @@ impl Default for GatewayConfig {
             table_ttl: Duration::from_secs(1),
             defaults: HashMap::new(),
             passthrough: None,
+            quota_lease: Duration::from_secs(2),
+            reserve_tokens: 4_096,
+            currency: "USD".into(),
         }
     }
 }
@@ -86,6 +97,8 @@ pub struct Gateway {
     meter: Meter,
     config: GatewayConfig,
     tables: Mutex<HashMap<String, (Instant, Table)>>,
+    quotas: Arc<Quotas>,
+    limits: Mutex<HashMap<String, (Instant, Arc<TenantLimits>)>>,
     installed: Mutex<HashMap<(String, String), (Instant, Installed)>>,
     /// The passthrough upstream's model list, when it was last asked.
     passthrough_listed: Mutex<Option<(Instant, Vec<String>)>>,
@@ -117,6 +130,10 @@ pub struct Routed<T> {
     pub upstream: Duration,
     /// Where the request's time went, stage by stage.
     pub timing: Timing,
+    /// OpenAI's `x-ratelimit-*` headers of the limits the request was held to.
+    pub rate_headers: Vec<(&'static str, String)>,
+    /// What the answering deployment's own limits hold of the request.
+    reservation: Option<Reservation>,
 }
 
 /// Where a gateway request's time went (the `Server-Timing` header reports it). Stages of
@@ -160,6 +177,9 @@ pub struct LiveStream {
     usage: Option<Usage>,
     upstream: Duration,
     timing: Timing,
+    /// What the caller's and the deployment's limits hold of the stream, settled at its end.
+    held: Vec<Reservation>,
+    rate_headers: Vec<(&'static str, String)>,
     _permit: Permit,
 }
 
@@ -173,6 +193,11 @@ impl LiveStream {
     /// Where the time to its first chunk went.
     pub fn timing(&self) -> &Timing {
         &self.timing
+    }
+
+    /// OpenAI's `x-ratelimit-*` headers of the caller's limits.
+    pub fn rate_headers(&self) -> &[(&'static str, String)] {
+        &self.rate_headers
     }
 
     /// The deployment serving it.
@@ -226,11 +251,14 @@ impl LiveStream {
         });
         record.prompt_tokens = i64::from(usage.prompt_tokens);
         record.completion_tokens = i64::from(usage.completion_tokens);
-        record.cost_nanos =
-            self.deployment.cost_nanos(u64::from(usage.prompt_tokens), u64::from(usage.completion_tokens));
+        let used = used(&self.deployment, usage);
+        record.cost_nanos = used.spend as i64;
         record.latency_us = self.started.elapsed().as_micros() as i64;
         record.status = status.to_string();
         self.meter.record(record);
+        for held in self.held.drain(..) {
+            held.settle(used);
+        }
     }
 }
 
@@ -260,6 +288,8 @@ impl Gateway {
     ) -> Arc<Gateway> {
         Arc::new(Gateway {
             meter: Meter::start(db.clone()),
+            quotas: Quotas::new(db.clone(), config.quota_lease),
+            limits: Mutex::new(HashMap::new()),
             db,
             providers,
             admission,
@@ -454,9 +484,7 @@ impl Gateway {
     async fn route<T, F, Fut>(
         &self,
         caller: &Caller,
-        model: &str,
-        spec: &ModelSpec,
-        needs: &[Feature],
+        ask: Ask<'_>,
         deadline: Instant,
         mut call: F,
     ) -> Result<Routed<T>, GatewayError>
@@ -464,6 +492,7 @@ impl Gateway {
         F: FnMut(Installed, String) -> Fut,
         Fut: std::future::Future<Output = Result<Timed<T>, CallError>>,
     {
+        let Ask { model, spec, needs, tokens } = ask;
         let routing = Instant::now();
         let plan = self.health.plan(&caller.tenant_id, spec.strategy, &spec.deployments, now_ms());
         let Plan { order, cooling } = plan;
@@ -492,6 +521,15 @@ impl Gateway {
             capable += 1;
             let mut attempt = 0;
             loop {
+                // The upstream's own quota: a deployment at its limit is passed over like a
+                // cooling one.
+                let held = match self.reserve_deployment(caller, d, tokens).await {
+                    Ok(held) => held,
+                    Err(refusal) => {
+                        last = Some(self.refused(&refusal, "max_tokens"));
+                        break;
+                    }
+                };
                 let in_flight = self.health.start(&caller.tenant_id, d);
                 let began = Instant::now();
                 let result = call(installed.clone(), d.model.clone()).await;
@@ -502,9 +540,19 @@ impl Gateway {
                         self.health.finish(&caller.tenant_id, d, Outcome::Success, took.as_secs_f64() * 1e3, now_ms());
                         let plugin = routing.elapsed().saturating_sub(instance + upstream);
                         let timing = Timing { instance, plugin, upstream, ..Timing::default() };
-                        return Ok(Routed { value, deployment: d.clone(), upstream: took, timing });
+                        return Ok(Routed {
+                            value,
+                            deployment: d.clone(),
+                            upstream: took,
+                            timing,
+                            rate_headers: Vec::new(),
+                            reservation: held,
+                        });
                     }
                     Err(e) => {
+                        if let Some(held) = held {
+                            held.settle(Used::default());
+                        }
                         let error = GatewayError::from_call(d, &e);
                         let outcome = if matches!(e.kind, CallErrorKind::Plugin(PluginError::InvalidInput(_))) {
                             Outcome::Neutral
@@ -567,6 +615,7 @@ impl Gateway {
         endpoint: &str,
         model: &str,
         prompt_bytes: usize,
+        max_out: u32,
         started: Instant,
     ) -> Result<Begun<'_>, GatewayError> {
         let admitting = Instant::now();
@@ -582,9 +631,24 @@ impl Gateway {
             }
         };
         let prompt_estimate = estimate_tokens(prompt_bytes);
-        let guard = AbandonGuard { meter: &self.meter, record: Some(record.clone()), started, prompt_estimate };
+        let tokens = u64::from(prompt_estimate) + u64::from(max_out);
+        let reservation = match self.reserve(caller, &spec, u64::from(prompt_estimate), u64::from(max_out)).await {
+            Ok(reservation) => reservation,
+            Err(e) => {
+                self.meter_failure(record, started, &e);
+                return Err(e);
+            }
+        };
+        let rate_headers = self.rate_headers(&reservation);
+        let guard = AbandonGuard {
+            meter: &self.meter,
+            record: Some(record.clone()),
+            started,
+            prompt_estimate,
+            reservation: Some(reservation),
+        };
         let timing = Timing { admit, table: looking.elapsed(), ..Timing::default() };
-        Ok(Begun { permit, record, spec, guard, prompt_estimate, timing })
+        Ok(Begun { permit, record, spec, guard, prompt_estimate, tokens, rate_headers, timing })
     }
 
     /// Meters an answered request; the time it took.
@@ -608,14 +672,13 @@ impl Gateway {
         deadline: Instant,
     ) -> Result<Routed<Completion>, GatewayError> {
         let prompt = chat.prompt_bytes();
-        let Begun { permit: _permit, record, spec, guard, timing, .. } =
-            self.begin(caller, chat.endpoint, &chat.model, prompt, started).await?;
+        let max_out = chat.request.max_tokens.unwrap_or(self.config.reserve_tokens);
+        let Begun { permit: _permit, record, spec, guard, timing, tokens, rate_headers, .. } =
+            self.begin(caller, chat.endpoint, &chat.model, prompt, max_out, started).await?;
         let routed = self
             .route(
                 caller,
-                &chat.model,
-                &spec,
-                &chat.needs(),
+                Ask { model: &chat.model, spec: &spec, needs: &chat.needs(), tokens },
                 deadline,
                 |installed: Installed, model: String| async move {
                     let mut request = chat.request.clone();
@@ -626,14 +689,17 @@ impl Gateway {
                 },
             )
             .await;
-        guard.defuse();
+        let held = guard.defuse();
         match routed {
             Ok(mut routed) => {
                 let meter = self.meter_answer(record, &routed.deployment, routed.value.usage, started);
+                settle([held, routed.reservation.take()], used(&routed.deployment, routed.value.usage));
                 routed.timing = Timing { meter, ..timing.with(routed.timing) };
+                routed.rate_headers = rate_headers;
                 Ok(routed)
             }
             Err(e) => {
+                settle([held, None], Used::default());
                 self.meter_failure(record, started, &e);
                 Err(e)
             }
@@ -650,14 +716,13 @@ impl Gateway {
         deadline: Instant,
     ) -> Result<LiveStream, GatewayError> {
         let prompt = chat.prompt_bytes();
-        let Begun { permit, mut record, spec, guard, prompt_estimate, timing } =
-            self.begin(caller, chat.endpoint, &chat.model, prompt, started).await?;
+        let max_out = chat.request.max_tokens.unwrap_or(self.config.reserve_tokens);
+        let Begun { permit, mut record, spec, guard, prompt_estimate, tokens, rate_headers, timing } =
+            self.begin(caller, chat.endpoint, &chat.model, prompt, max_out, started).await?;
         let routed = self
             .route(
                 caller,
-                &chat.model,
-                &spec,
-                &chat.needs(),
+                Ask { model: &chat.model, spec: &spec, needs: &chat.needs(), tokens },
                 deadline,
                 |installed: Installed, model: String| async move {
                     let mut request = chat.request.clone();
@@ -671,9 +736,10 @@ impl Gateway {
                 },
             )
             .await;
-        guard.defuse();
+        let held = guard.defuse();
         match routed {
-            Ok(routed) => {
+            Ok(mut routed) => {
+                let held = [held, routed.reservation.take()].into_iter().flatten().collect();
                 let (stream, first) = routed.value;
                 record.deployment = routed.deployment.key();
                 record.ttft_us = Some(started.elapsed().as_micros() as i64);
@@ -689,10 +755,13 @@ impl Gateway {
                     usage: None,
                     upstream: routed.upstream,
                     timing: timing.with(routed.timing),
+                    held,
+                    rate_headers,
                     _permit: permit,
                 })
             }
             Err(e) => {
+                settle([held, None], Used::default());
                 self.meter_failure(record, started, &e);
                 Err(e)
             }
@@ -708,20 +777,27 @@ impl Gateway {
         deadline: Instant,
     ) -> Result<Routed<Embeddings>, GatewayError> {
         let prompt = embed.inputs.iter().map(String::len).sum();
-        let Begun { permit: _permit, record, spec, guard, timing, .. } =
-            self.begin(caller, "embeddings", &embed.model, prompt, started).await?;
+        let Begun { permit: _permit, record, spec, guard, timing, tokens, rate_headers, .. } =
+            self.begin(caller, "embeddings", &embed.model, prompt, 0, started).await?;
         let routed = self
-            .route(caller, &embed.model, &spec, &[], deadline, |installed: Installed, model: String| async move {
-                let request = EmbeddingRequest { model, inputs: embed.inputs.clone() };
-                let (mut provider, instance) = take_instance(&installed, &caller.tenant_name).await?;
-                let value = provider.embed(&request).await?;
-                Ok(Timed { value, instance, upstream: provider.take_outbound_wait() })
-            })
+            .route(
+                caller,
+                Ask { model: &embed.model, spec: &spec, needs: &[], tokens },
+                deadline,
+                |installed: Installed, model: String| async move {
+                    let request = EmbeddingRequest { model, inputs: embed.inputs.clone() };
+                    let (mut provider, instance) = take_instance(&installed, &caller.tenant_name).await?;
+                    let value = provider.embed(&request).await?;
+                    Ok(Timed { value, instance, upstream: provider.take_outbound_wait() })
+                },
+            )
             .await;
-        guard.defuse();
+        let held = guard.defuse();
         match routed {
             Ok(mut routed) => {
+                let deployment_held = routed.reservation.take();
                 if routed.value.vectors.len() != embed.inputs.len() {
+                    settle([held, deployment_held], Used::default());
                     let e = GatewayError::new(
                         502,
                         "provider_failed",
@@ -737,14 +813,233 @@ impl Gateway {
                 }
                 let usage = Usage { prompt_tokens: routed.value.usage.prompt_tokens, completion_tokens: 0 };
                 let meter = self.meter_answer(record, &routed.deployment, usage, started);
+                settle([held, deployment_held], used(&routed.deployment, usage));
                 routed.timing = Timing { meter, ..timing.with(routed.timing) };
+                routed.rate_headers = rate_headers;
                 Ok(routed)
             }
             Err(e) => {
+                settle([held, None], Used::default());
                 self.meter_failure(record, started, &e);
                 Err(e)
             }
         }
+    }
+}
+
+/// A tenant's limits and its keys', as a node last read them.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct TenantLimits {
+    /// The tenant's own.
+    pub tenant: QuotaLimits,
+    /// Its keys', by key id.
+    pub keys: HashMap<String, QuotaLimits>,
+}
+
+/// The limits of `limits` for `scope`, each with what a request of `tokens` costing up to
+/// `spend` needs of it.
+fn needs_of(scope: Scope, limits: &QuotaLimits, tokens: u64, spend: u64, needs: &mut Vec<(Limit, u64)>) {
+    let max = |v: Option<i64>| v.filter(|v| *v > 0).map(|v| v as u64);
+    for (unit, window, limit, need) in [
+        (Unit::Requests, Window::Minute, max(limits.rpm), 1),
+        (Unit::Tokens, Window::Minute, max(limits.tpm), tokens),
+        (Unit::Spend, Window::Day, max(limits.daily_nanos), spend),
+        (Unit::Spend, Window::Month, max(limits.monthly_nanos), spend),
+    ] {
+        if let Some(max) = limit {
+            needs.push((Limit { scope: scope.clone(), unit, window, max }, need));
+        }
+    }
+}
+
+/// What a request used of its deployment: tokens and their cost.
+fn used(d: &Deployment, usage: Usage) -> Used {
+    let (prompt, completion) = (u64::from(usage.prompt_tokens), u64::from(usage.completion_tokens));
+    Used { tokens: prompt + completion, spend: d.cost_nanos(prompt, completion).max(0) as u64 }
+}
+
+/// Settles what a request holds of its limits.
+fn settle(held: [Option<Reservation>; 2], used: Used) {
+    for reservation in held.into_iter().flatten() {
+        reservation.settle(used);
+    }
+}
+
+/// A duration as OpenAI writes its resets: `20ms`, `6s`, `1m2s`.
+fn reset_text(d: Duration) -> String {
+    let ms = d.as_millis();
+    match ms {
+        0..1_000 => format!("{ms}ms"),
+        1_000..60_000 => format!("{}s", ms.div_ceil(1_000)),
+        _ => {
+            let s = ms.div_ceil(1_000);
+            format!("{}m{}s", s / 60, s % 60)
+        }
+    }
+}
+
+impl Gateway {
+    /// Forgets what this node read of `tenant_id`'s limits (after a change through it).
+    pub fn invalidate_limits(&self, tenant_id: &str) {
+        self.limits.lock().unwrap_or_else(|p| p.into_inner()).remove(tenant_id);
+    }
+
+    /// The tenant's limits and its keys', kept for the table's time.
+    pub async fn tenant_limits(&self, tenant_id: &str) -> Result<Arc<TenantLimits>, GatewayError> {
+        if let Some((at, limits)) = self.limits.lock().unwrap_or_else(|p| p.into_inner()).get(tenant_id)
+            && at.elapsed() < self.config.table_ttl
+        {
+            return Ok(limits.clone());
+        }
+        let rows = self.db.quota_limits(tenant_id).await.map_err(GatewayError::internal)?;
+        let mut limits = TenantLimits::default();
+        for (key_id, row) in rows {
+            if key_id.is_empty() {
+                limits.tenant = row;
+            } else {
+                limits.keys.insert(key_id, row);
+            }
+        }
+        let limits = Arc::new(limits);
+        self.limits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(tenant_id.to_string(), (Instant::now(), limits.clone()));
+        Ok(limits)
+    }
+
+    /// The price table's currency.
+    pub fn currency(&self) -> &str {
+        &self.config.currency
+    }
+
+    /// Holds a request of `prompt` tokens (estimated) asking for up to `max_out` to the
+    /// tenant's and the key's limits: all of them, or a refusal naming the one that is full.
+    /// Spend is held at the model's dearest deployment.
+    async fn reserve(
+        &self,
+        caller: &Caller,
+        spec: &ModelSpec,
+        prompt: u64,
+        max_out: u64,
+    ) -> Result<Reservation, GatewayError> {
+        let limits = self.tenant_limits(&caller.tenant_id).await?;
+        let key = limits.keys.get(&caller.key_id);
+        if limits.tenant.is_empty() && key.is_none_or(QuotaLimits::is_empty) {
+            return Ok(Reservation::none(&self.quotas));
+        }
+        let tokens = prompt + max_out;
+        let spend = spec.deployments.iter().map(|d| d.cost_nanos(prompt, max_out).max(0) as u64).max().unwrap_or(0);
+        let mut needs = Vec::new();
+        needs_of(Scope::Tenant(caller.tenant_id.clone()), &limits.tenant, tokens, spend, &mut needs);
+        if let Some(key) = key {
+            needs_of(Scope::Key(caller.key_id.clone()), key, tokens, spend, &mut needs);
+        }
+        self.quotas.reserve(needs).await.map_err(|refusal| self.refused(&refusal, "max_tokens"))
+    }
+
+    /// Holds one attempt on deployment `d` to its own limits (`rpm`, `tpm`); `None` when it has
+    /// none.
+    async fn reserve_deployment(
+        &self,
+        caller: &Caller,
+        d: &Deployment,
+        tokens: u64,
+    ) -> Result<Option<Reservation>, Refusal> {
+        if d.rpm.is_none() && d.tpm.is_none() {
+            return Ok(None);
+        }
+        let scope = Scope::Deployment { tenant: caller.tenant_id.clone(), deployment: d.key() };
+        let limits = QuotaLimits { rpm: d.rpm.map(i64::from), tpm: d.tpm.map(i64::from), ..QuotaLimits::default() };
+        let mut needs = Vec::new();
+        needs_of(scope, &limits, tokens, 0, &mut needs);
+        self.quotas.reserve(needs).await.map(Some)
+    }
+
+    /// What a refusal means for the client: 429 with `Retry-After` and OpenAI's headers for a
+    /// rate limit; 429 `budget_exceeded` saying when the budget resets; 400 `request_too_large`
+    /// for a request that could never fit (`field` is what to lower).
+    fn refused(&self, r: &Refusal, field: &str) -> GatewayError {
+        let what = r.limit.describe(&self.config.currency);
+        let kind = match &r.limit.scope {
+            Scope::Tenant(_) => "tenant",
+            Scope::Key(_) => "key",
+            Scope::Deployment { .. } => "deployment",
+        };
+        let unit = match r.limit.unit {
+            Unit::Requests => "requests",
+            Unit::Tokens => "tokens",
+            Unit::Spend => "spend",
+        };
+        metrics::counter!("qlayer_gateway_limit_refusals_total", "scope" => kind, "unit" => unit).increment(1);
+        let Some(wait) = r.retry_after else {
+            let needed = match r.limit.unit {
+                Unit::Spend => format!("may cost up to {} {}", crate::quota::money(r.needed), self.config.currency),
+                _ => format!("may use up to {} tokens", r.needed),
+            };
+            return GatewayError::invalid(format!(
+                "{field}: this request {needed} (its prompt's estimate plus {field}), more than {what}; ask for less"
+            ))
+            .param(field)
+            .code("request_too_large");
+        };
+        let mut e = if r.limit.unit == Unit::Spend {
+            let now = now_ms();
+            let end = crate::quota::period_end(r.limit.window, now);
+            let mut e = GatewayError::new(
+                429,
+                "budget_exceeded",
+                format!("{what} is spent; it resets at {}", crate::quota::rfc3339(end)),
+            );
+            e.retry_after = Some(((end - now).max(0) as u64).div_ceil(1000).max(1));
+            e
+        } else {
+            let secs = wait.as_millis().div_ceil(1000).max(1) as u64;
+            let mut e =
+                GatewayError::new(429, "rate_limit_exceeded", format!("{what} is reached; try again in {secs} s"));
+            e.retry_after = Some(secs);
+            e.headers = vec![
+                (limit_header(unit, "limit"), r.limit.max.to_string()),
+                (limit_header(unit, "remaining"), "0".into()),
+                (limit_header(unit, "reset"), reset_text(wait)),
+            ];
+            e
+        };
+        if kind == "deployment" {
+            e.code = Some("deployment_rate_limited".into());
+        }
+        e
+    }
+
+    /// OpenAI's `x-ratelimit-*` headers for the tightest per-minute request and token limits
+    /// `reservation` holds.
+    fn rate_headers(&self, reservation: &Reservation) -> Vec<(&'static str, String)> {
+        let mut headers = Vec::new();
+        for (unit, name) in [(Unit::Requests, "requests"), (Unit::Tokens, "tokens")] {
+            let tightest = reservation
+                .limits()
+                .filter(|l| l.unit == unit && l.window == Window::Minute)
+                .map(|l| self.quotas.standing(l))
+                .min_by_key(|s| s.remaining);
+            if let Some(s) = tightest {
+                headers.push((limit_header(name, "limit"), s.limit.max.to_string()));
+                headers.push((limit_header(name, "remaining"), s.remaining.to_string()));
+                headers.push((limit_header(name, "reset"), reset_text(s.reset)));
+            }
+        }
+        headers
+    }
+}
+
+/// `x-ratelimit-{what}-{unit}`.
+fn limit_header(unit: &str, what: &str) -> &'static str {
+    match (what, unit) {
+        ("limit", "requests") => "x-ratelimit-limit-requests",
+        ("remaining", "requests") => "x-ratelimit-remaining-requests",
+        ("reset", "requests") => "x-ratelimit-reset-requests",
+        ("limit", _) => "x-ratelimit-limit-tokens",
+        ("remaining", _) => "x-ratelimit-remaining-tokens",
+        _ => "x-ratelimit-reset-tokens",
     }
 }
 
@@ -782,6 +1077,15 @@ async fn take_instance(installed: &Installed, tenant: &str) -> Result<(WarmProvi
     Ok((provider, taking.elapsed()))
 }
 
+/// What a request asks of [`Gateway::route`]: the model (its name and entry), the features its
+/// providers must express, and the tokens it may use (held to each deployment's own limits).
+struct Ask<'a> {
+    model: &'a str,
+    spec: &'a ModelSpec,
+    needs: &'a [Feature],
+    tokens: u64,
+}
+
 /// What [`Gateway::begin`] gives a request.
 struct Begun<'a> {
     permit: Permit,
@@ -789,7 +1093,11 @@ struct Begun<'a> {
     spec: Arc<ModelSpec>,
     guard: AbandonGuard<'a>,
     prompt_estimate: u32,
-    /// The admission's and the table's times.
+    /// The tokens it may use: the prompt's estimate and the output it may ask for.
+    tokens: u64,
+    /// OpenAI's `x-ratelimit-*` headers of the caller's limits.
+    rate_headers: Vec<(&'static str, String)>,
+    /// The admission's and the table's times (and, in `admit`, the limits').
     timing: Timing,
 }
 
@@ -800,16 +1108,25 @@ struct AbandonGuard<'a> {
     record: Option<UsageRecord>,
     started: Instant,
     prompt_estimate: u32,
+    /// The caller's limits held for the request: settled to the prompt when the client leaves.
+    reservation: Option<Reservation>,
 }
 
 impl AbandonGuard<'_> {
-    fn defuse(mut self) {
+    /// The request was answered (or failed) with its client still there: what it holds of
+    /// the caller's limits, to settle.
+    fn defuse(mut self) -> Option<Reservation> {
         self.record = None;
+        self.reservation.take()
     }
 }
 
 impl Drop for AbandonGuard<'_> {
     fn drop(&mut self) {
+        if let Some(reservation) = self.reservation.take() {
+            // As metered below: the prompt's tokens, at no cost.
+            reservation.settle(Used { tokens: u64::from(self.prompt_estimate), spend: 0 });
+        }
         if let Some(mut record) = self.record.take() {
             record.prompt_tokens = i64::from(self.prompt_estimate);
             record.latency_us = self.started.elapsed().as_micros() as i64;

@@ -750,7 +750,9 @@ async fn schemathesis_finds_the_server_doing_what_the_openapi_document_says() {
     // `registry_unavailable`; a call graph's `after` must name tasks of the same graph, without
     // a cycle (a rule between fields), else 400; and the gateway's requests have rules between
     // fields (message order, `stream_options` only with `stream`, a model entry's deployments
-    // naming installed providers, which no run has), else 400.
+    // naming installed providers, which no run has), else 400; a budget's currency must be the
+    // server's and a key's limits within its tenant's, else 400; a run's `script` is only for
+    // the `scripted` provider, else 400.
     std::fs::write(
         dir.path().join("schemathesis.toml"),
         "[[operations]]\ninclude-name = \"POST /v1/plugins\"\n\
@@ -758,6 +760,8 @@ async fn schemathesis_finds_the_server_doing_what_the_openapi_document_says() {
          [[operations]]\ninclude-name = \"POST /v1/jobs\"\n\
          checks.positive_data_acceptance.expected-statuses = \
          [\"2xx\", \"3xx\", \"400\", \"401\", \"403\", \"404\", \"409\", \"429\", \"5xx\"]\n\n\
+         [[operations]]\ninclude-name = \"POST /v1/runs\"\n\
+         checks.positive_data_acceptance.expected-statuses = [\"2xx\", \"400\", \"401\", \"403\", \"404\", \"409\", \"429\"]\n\n\
          [[operations]]\ninclude-name = \"POST /v1/chat/completions\"\n\
          checks.positive_data_acceptance.expected-statuses = [\"2xx\", \"400\", \"401\", \"403\", \"404\"]\n\
          checks.negative_data_rejection.expected-statuses = [\"400\", \"401\", \"403\", \"404\", \"413\", \"422\"]\n\n\
@@ -770,6 +774,10 @@ async fn schemathesis_finds_the_server_doing_what_the_openapi_document_says() {
          [[operations]]\ninclude-name = \"POST /v1/embeddings\"\n\
          checks.positive_data_acceptance.expected-statuses = [\"2xx\", \"400\", \"401\", \"403\", \"404\"]\n\n\
          [[operations]]\ninclude-name = \"PUT /v1/models/{name}\"\n\
+         checks.positive_data_acceptance.expected-statuses = [\"2xx\", \"400\", \"401\", \"403\", \"404\"]\n\n\
+         [[operations]]\ninclude-name = \"PUT /v1/tenants/{id}/limits\"\n\
+         checks.positive_data_acceptance.expected-statuses = [\"2xx\", \"400\", \"401\", \"403\", \"404\"]\n\n\
+         [[operations]]\ninclude-name = \"PUT /v1/keys/{id}/limits\"\n\
          checks.positive_data_acceptance.expected-statuses = [\"2xx\", \"400\", \"401\", \"403\", \"404\"]\n",
     )
     .unwrap();
@@ -1065,6 +1073,30 @@ async fn grpc_every_method_checks_the_caller_and_the_other_tenant_sees_nothing()
                     ),
                 ),
                 (
+                    "SetTenantLimits",
+                    code(
+                        t.set_tenant_limits(proto::SetLimitsRequest {
+                            id: acme_id.clone(),
+                            rpm: Some(1),
+                            ..Default::default()
+                        })
+                        .await
+                        .map(drop),
+                    ),
+                ),
+                (
+                    "SetKeyLimits",
+                    code(
+                        k.set_key_limits(proto::SetLimitsRequest {
+                            id: acme_key_id.clone(),
+                            rpm: Some(1),
+                            ..Default::default()
+                        })
+                        .await
+                        .map(drop),
+                    ),
+                ),
+                (
                     "CreateKey",
                     code(
                         k.create_key(proto::CreateKeyRequest {
@@ -1126,7 +1158,7 @@ async fn grpc_every_method_checks_the_caller_and_the_other_tenant_sees_nothing()
     // With beta's admin key: operator methods are refused, lists are beta's own (empty), and every
     // method on acme's objects is NOT_FOUND.
     let expected = |method: &str| match method {
-        "CreateTenant" | "ListTenants" | "SetTenantShare" => Code::PermissionDenied,
+        "CreateTenant" | "ListTenants" | "SetTenantShare" | "SetTenantLimits" => Code::PermissionDenied,
         "ListKeys" | "ListPlugins" | "ListJobs" | "CreateKey" => Code::Ok,
         "InstallPlugin" | "SubmitJob" | "SubmitRun" => Code::InvalidArgument,
         _ => Code::NotFound,
@@ -1144,6 +1176,8 @@ async fn grpc_every_method_checks_the_caller_and_the_other_tenant_sees_nothing()
     assert_eq!(svc.get(&format!("/v1/runs/{run}"), &acme).await.body["status"], "succeeded");
     let keys = svc.get("/v1/keys", &acme).await;
     assert!(keys.body["items"].as_array().unwrap().iter().all(|k| k["revoked_at"].is_null()), "{keys:?}");
+    let limits = svc.get("/v1/usage", &acme).await;
+    assert_eq!(limits.body["limits"], json!([]), "no limit was set on acme or its keys: {limits:?}");
 
     // A message over the limit.
     let mut acme_jobs = JobsClient::with_interceptor(channel, as_key(Some(acme.clone())));

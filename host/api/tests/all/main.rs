@@ -3,4 +3,5 @@
 
 mod api;
 mod gateway;
+mod limits;
 mod scheduler;

@@ -163,13 +163,15 @@ pub async fn chat_completions(
     State(state): State<AppState>,
     caller: Caller,
     at: Option<axum::Extension<Arrived>>,
+    headers: axum::http::HeaderMap,
     RawBody(body): RawBody,
 ) -> Result<Response, OpenAiError> {
     let arrived = arrived(at);
     caller.require_write()?;
     let gateway = gateway(&state)?;
-    let chat = openai::chat_request(&body)?;
+    let mut chat = openai::chat_request(&body)?;
     drop(body);
+    chat.cache = cache_directives(&headers);
     let deadline = arrived + state.limits.request_timeout;
     let who = who(&caller);
     let entered = Instant::now();
@@ -196,6 +198,7 @@ fn whole<T>(text: String, [arrived, entered, rendering]: [Instant; 3], routed: &
     if let Ok(v) = HeaderValue::from_str(&routed.deployment.key()) {
         headers.insert("x-qlayer-deployment", v);
     }
+    headers.insert("x-qlayer-cache", HeaderValue::from_static(routed.cache.as_str()));
     add_headers(&mut response, &routed.rate_headers);
     response
 }
@@ -211,6 +214,7 @@ fn event_stream<W: StreamWriter>(live: LiveStream, writer: W, arrived: Instant, 
         HeaderValue::from_str(&live.timing().server_timing(entered.duration_since(arrived), Duration::ZERO)).ok();
     let deployment = HeaderValue::from_str(&live.deployment().key()).ok();
     let rate_headers = live.rate_headers().to_vec();
+    let cache = live.cache();
     let body = futures::stream::unfold(Some((live, writer)), |state| async move {
         let (mut live, mut writer) = state?;
         let mut out = String::new();
@@ -245,6 +249,7 @@ fn event_stream<W: StreamWriter>(live: LiveStream, writer: W, arrived: Instant, 
     if let Some(d) = deployment {
         headers.insert("x-qlayer-deployment", d);
     }
+    headers.insert("x-qlayer-cache", HeaderValue::from_static(cache.as_str()));
     add_headers(&mut response, &rate_headers);
     response
 }
@@ -310,8 +315,9 @@ pub async fn messages(
     let arrived = arrived(at);
     caller.require_write()?;
     let gateway = gateway(&state)?;
-    let chat = anthropic::messages_request(&body, betas(&headers)).map_err(AnthropicError)?;
+    let mut chat = anthropic::messages_request(&body, betas(&headers)).map_err(AnthropicError)?;
     drop(body);
+    chat.cache = cache_directives(&headers);
     let deadline = arrived + state.limits.request_timeout;
     let who = who(&caller);
     let entered = Instant::now();
@@ -330,6 +336,19 @@ pub async fn messages(
         response.headers_mut().insert("x-qlayer-unused", v);
     }
     Ok(response)
+}
+
+/// What a request's `Cache-Control` asks of the gateway's cache (`no-cache`, `no-store`).
+fn cache_directives(headers: &axum::http::HeaderMap) -> qlayer_gateway::cache::Directives {
+    headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(qlayer_gateway::cache::Directives::parse)
+        .fold(Default::default(), |a, b| qlayer_gateway::cache::Directives {
+            no_cache: a.no_cache || b.no_cache,
+            no_store: a.no_store || b.no_store,
+        })
 }
 
 /// The `anthropic-beta` features a request names.

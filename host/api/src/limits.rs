@@ -21,9 +21,9 @@ pub struct Limits {
     #[schema(minimum = 1, maximum = 1_000_000_000)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rpm: Option<i64>,
-    /// Tokens (input plus output) per minute, 1 to 1000000000. A request reserves its prompt's
-    /// estimate plus its `max_tokens` (or the server's `[gateway] reserve-tokens`) and settles to
-    /// what it used.
+    /// Tokens (input plus output) per minute, 1 to 1000000000. A request reserves the most it
+    /// can use (its prompt at a token a byte, plus its `max_tokens` or the server's `[gateway]
+    /// reserve-tokens`) and settles to what it used.
     #[schema(minimum = 1, maximum = 1_000_000_000)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tpm: Option<i64>,

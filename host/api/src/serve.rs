@@ -85,6 +85,10 @@ pub struct GatewaySection {
     /// The price table's currency, three capital letters (budgets are in it).
     #[serde(default = "default_currency")]
     pub currency: String,
+    /// What this node's exact cache of answers may hold, in MiB (0-65536; 0 keeps none).
+    /// A model keeps answers only when its entry says `cache = { ttl_secs = N }`.
+    #[serde(default = "default_cache_mib")]
+    pub cache_mib: usize,
 }
 
 impl Default for GatewaySection {
@@ -101,8 +105,13 @@ impl Default for GatewaySection {
             quota_lease_ms: default_quota_lease(),
             reserve_tokens: default_reserve_tokens(),
             currency: default_currency(),
+            cache_mib: default_cache_mib(),
         }
     }
+}
+
+fn default_cache_mib() -> usize {
+    64
 }
 
 fn default_quota_lease() -> u64 {
@@ -185,6 +194,9 @@ impl GatewaySection {
         if !(1..=1_000_000).contains(&self.reserve_tokens) {
             anyhow::bail!("[gateway] reserve-tokens must be 1 to 1000000");
         }
+        if self.cache_mib > 65_536 {
+            anyhow::bail!("[gateway] cache-mib must be 0 to 65536");
+        }
         if self.currency.len() != 3 || !self.currency.chars().all(|c| c.is_ascii_uppercase()) {
             anyhow::bail!("[gateway] currency must be three capital letters, such as USD");
         }
@@ -198,6 +210,7 @@ impl GatewaySection {
             quota_lease: std::time::Duration::from_millis(self.quota_lease_ms),
             reserve_tokens: self.reserve_tokens,
             currency: self.currency.clone(),
+            cache_bytes: self.cache_mib << 20,
             breaker: qlayer_scheduler::breaker::BreakerPolicy {
                 failures: self.breaker_failures,
                 cooldown_ms: self.breaker_cooldown_ms,
@@ -922,6 +935,7 @@ mod tests {
             ("[gateway]\nwarm-instances = 20000\n", "[gateway] warm-instances"),
             ("[gateway]\nquota-lease-ms = 10\n", "[gateway] quota-lease-ms"),
             ("[gateway]\nreserve-tokens = 0\n", "[gateway] reserve-tokens"),
+            ("[gateway]\ncache-mib = 100000\n", "[gateway] cache-mib"),
             ("[gateway]\ncurrency = \"usd\"\n", "[gateway] currency"),
             ("[gateway.models.fast]\ndeployments = []\n", "[gateway.models.fast] deployments"),
             ("[gateway.models.fast]\ndeployments = [{ plugin = \"Bad Name\" }]\n", "deployments[0].plugin"),

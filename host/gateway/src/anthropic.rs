@@ -347,6 +347,7 @@ pub fn messages_request(body: &[u8], betas: Betas) -> Result<ChatRequest, Gatewa
         }
     }
     Ok(ChatRequest {
+        cache: Default::default(),
         endpoint: "messages",
         model: w.model,
         request: CompletionRequest {

@@ -11,6 +11,7 @@
 //!   token budget so that no run can spend without bound.
 
 pub mod anthropic;
+pub mod cache;
 pub mod meter;
 pub mod openai;
 pub mod quota;

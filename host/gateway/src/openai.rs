@@ -393,6 +393,7 @@ pub fn chat_request(body: &[u8]) -> Result<ChatRequest, GatewayError> {
         let _ = options.include_obfuscation;
     }
     Ok(ChatRequest {
+        cache: Default::default(),
         unused: Vec::new(),
         endpoint: "chat",
         model: w.model,

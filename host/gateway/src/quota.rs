@@ -23,11 +23,14 @@
 //! store once per chunk, off the lock but on the path of the request that found its chunk
 //! empty. Nothing is asked when a tenant has no limits.
 //!
-//! **Reservations.** Tokens and spend are reserved before the call (the prompt's estimate plus
-//! the request's `max_tokens`, or `[gateway] reserve-tokens`; spend at the model's dearest
-//! deployment) and settled to what the call really used after it; what was reserved and not
-//! used is given back. The estimate is about four bytes a token: a prompt that turns out larger
-//! is still charged in full when it settles, so later requests wait for it.
+//! **Reservations.** Tokens and spend are reserved before the call at the most the request
+//! can use: its prompt's bound (every token covers at least a byte; allowances per message,
+//! tool and image: [`crate::request::prompt_bound`]) plus its `max_tokens`, and spend at the
+//! model's dearest deployment; each settles to what the call really used after it, and what was
+//! reserved and not used is given back. So what limits admit never passes them, as long as the
+//! upstream keeps to `max_tokens`. A request without `max_tokens` reserves `[gateway]
+//! reserve-tokens`; an answer longer than that is charged in full when it settles (later
+//! requests wait for it), so a limit that must hold exactly wants clients that name it.
 
 use qlayer_db::{Db, GrantAsk, GrantOutcome};
 use std::collections::HashMap;

@@ -38,6 +38,8 @@ pub struct ChatRequest {
     /// reason, which the contract cannot carry): the response names them in
     /// `x-qlayer-unused`, so they are never ignored silently.
     pub unused: Vec<&'static str>,
+    /// What its `Cache-Control` header asks of the cache (set by the route from the header).
+    pub cache: crate::cache::Directives,
 }
 
 impl ChatRequest {
@@ -71,6 +73,31 @@ impl ChatRequest {
             .sum();
         messages + tools
     }
+
+    /// The most prompt tokens it can use ([`prompt_bound`]), which limits reserve.
+    pub fn prompt_bound(&self) -> u64 {
+        let images = self
+            .request
+            .messages
+            .iter()
+            .flat_map(|m| &m.content)
+            .filter(|p| matches!(p, qlayer_runtime::ContentPart::ImageUrl(_)))
+            .count();
+        prompt_bound(self.prompt_bytes(), self.request.messages.len(), images, self.request.tools.len())
+    }
+}
+
+/// Tokens no prompt of `bytes` bytes in `messages` messages with `images` images and `tools`
+/// tool definitions can pass, as limits reserve them: every token of a byte-level tokenizer (the
+/// GPT, Llama, Claude and Mistral families) covers at least one byte, and what a chat template
+/// adds per message and per tool, and what an image costs, stays under the allowances here
+/// (OpenAI's and Anthropic's largest image is about 2,500 tokens).
+pub fn prompt_bound(bytes: usize, messages: usize, images: usize, tools: usize) -> u64 {
+    const BASE: u64 = 64;
+    const PER_MESSAGE: u64 = 16;
+    const PER_TOOL: u64 = 32;
+    const PER_IMAGE: u64 = 2_500;
+    BASE + bytes as u64 + PER_MESSAGE * messages as u64 + PER_TOOL * tools as u64 + PER_IMAGE * images as u64
 }
 
 /// Renders a provider's stream in one API's event format.

@@ -2,6 +2,7 @@
 //! table, (the cache, in its own issue), routing over the model's deployments with retries and
 //! fallback on retryable errors only, the provider plugin call, and metering off the path.
 
+use crate::cache::{self, ExactCache, Kept};
 use crate::meter::Meter;
 use crate::openai::{ChatRequest, EmbedRequest, Feature};
 use crate::quota::{Limit, Quotas, Refusal, Reservation, Scope, Unit, Used, Window};
@@ -67,6 +68,8 @@ pub struct GatewayConfig {
     pub reserve_tokens: u32,
     /// The price table's currency (budgets are in it).
     pub currency: String,
+    /// What this node's exact cache may hold, in bytes (0: nothing).
+    pub cache_bytes: usize,
 }
 
 impl Default for GatewayConfig {
@@ -82,6 +85,7 @@ impl Default for GatewayConfig {
             quota_lease: Duration::from_secs(2),
             reserve_tokens: 4_096,
             currency: "USD".into(),
+            cache_bytes: 64 << 20,
         }
     }
 }
@@ -98,6 +102,7 @@ pub struct Gateway {
     config: GatewayConfig,
     tables: Mutex<HashMap<String, (Instant, Table)>>,
     quotas: Arc<Quotas>,
+    cache: Arc<ExactCache>,
     limits: Mutex<HashMap<String, (Instant, Arc<TenantLimits>)>>,
     installed: Mutex<HashMap<(String, String), (Instant, Installed)>>,
     /// The passthrough upstream's model list, when it was last asked.
@@ -132,6 +137,8 @@ pub struct Routed<T> {
     pub timing: Timing,
     /// OpenAI's `x-ratelimit-*` headers of the limits the request was held to.
     pub rate_headers: Vec<(&'static str, String)>,
+    /// What the cache did.
+    pub cache: cache::Outcome,
     /// What the answering deployment's own limits hold of the request.
     reservation: Option<Reservation>,
 }
@@ -166,7 +173,7 @@ struct Timed<T> {
 /// A stream that has produced its first chunk (fallback is over), with its metering: dropping
 /// it before the end (the client left) stops the provider and meters what was spent.
 pub struct LiveStream {
-    stream: OwnedChunkStream,
+    source: Source,
     first: Option<CompletionChunk>,
     record: Option<UsageRecord>,
     deployment: Deployment,
@@ -180,7 +187,27 @@ pub struct LiveStream {
     /// What the caller's and the deployment's limits hold of the stream, settled at its end.
     held: Vec<Reservation>,
     rate_headers: Vec<(&'static str, String)>,
+    cache: cache::Outcome,
+    /// The chunks so far, to keep when the stream ends cleanly (a miss the model caches).
+    recording: Option<Recording>,
     _permit: Permit,
+}
+
+/// Where a stream's chunks come from.
+enum Source {
+    /// A provider instance.
+    Live(OwnedChunkStream),
+    /// The cache.
+    Replay(std::vec::IntoIter<CompletionChunk>),
+}
+
+/// A stream being kept for the cache.
+struct Recording {
+    cache: Arc<ExactCache>,
+    key: [u8; 32],
+    ttl: Duration,
+    chunks: Vec<CompletionChunk>,
+    weight: usize,
 }
 
 impl std::fmt::Debug for LiveStream {
@@ -200,6 +227,11 @@ impl LiveStream {
         &self.rate_headers
     }
 
+    /// What the cache did.
+    pub fn cache(&self) -> cache::Outcome {
+        self.cache
+    }
+
     /// The deployment serving it.
     pub fn deployment(&self) -> &Deployment {
         &self.deployment
@@ -214,18 +246,29 @@ impl LiveStream {
     pub async fn next(&mut self) -> Result<Option<CompletionChunk>, GatewayError> {
         let chunk = match self.first.take() {
             Some(first) => Ok(Some(first)),
-            None => {
-                let began = Instant::now();
-                let chunk = self.stream.next().await;
-                self.upstream += began.elapsed();
-                chunk
-            }
+            None => match &mut self.source {
+                Source::Live(stream) => {
+                    let began = Instant::now();
+                    let chunk = stream.next().await;
+                    self.upstream += began.elapsed();
+                    chunk
+                }
+                Source::Replay(chunks) => Ok(chunks.next()),
+            },
         };
         match chunk {
             Ok(Some(c)) => {
                 self.text_bytes += c.delta.len();
                 if let Some(u) = c.usage {
                     self.usage = Some(u);
+                }
+                if let Some(r) = &mut self.recording {
+                    r.weight += cache::chunk_weight(&c);
+                    if r.weight > cache::MAX_ENTRY_BYTES {
+                        self.recording = None;
+                    } else {
+                        r.chunks.push(c.clone());
+                    }
                 }
                 Ok(Some(c))
             }
@@ -243,12 +286,22 @@ impl LiveStream {
 
     fn finish(&mut self, status: &str) {
         let Some(mut record) = self.record.take() else { return };
+        if status == "ok"
+            && let Some(r) = self.recording.take()
+        {
+            r.cache.put(r.key, Kept::Stream(r.chunks), self.deployment.clone(), r.ttl);
+        }
         // What the upstream reported; else an estimate (about 4 bytes a token), so a stream cut
-        // short or abandoned is still charged for what it used.
-        let usage = self.usage.unwrap_or(Usage {
-            prompt_tokens: self.prompt_estimate,
-            completion_tokens: self.text_bytes.div_ceil(4) as u32,
-        });
+        // short or abandoned is still charged for what it used. A replay from the cache used
+        // nothing upstream.
+        let usage = if self.cache == cache::Outcome::Hit {
+            Usage { prompt_tokens: 0, completion_tokens: 0 }
+        } else {
+            self.usage.unwrap_or(Usage {
+                prompt_tokens: self.prompt_estimate,
+                completion_tokens: self.text_bytes.div_ceil(4) as u32,
+            })
+        };
         record.prompt_tokens = i64::from(usage.prompt_tokens);
         record.completion_tokens = i64::from(usage.completion_tokens);
         let used = used(&self.deployment, usage);
@@ -289,6 +342,7 @@ impl Gateway {
         Arc::new(Gateway {
             meter: Meter::start(db.clone()),
             quotas: Quotas::new(db.clone(), config.quota_lease),
+            cache: Arc::new(ExactCache::new(config.cache_bytes)),
             limits: Mutex::new(HashMap::new()),
             db,
             providers,
@@ -405,6 +459,7 @@ impl Gateway {
                     rpm: None,
                     tpm: None,
                 }],
+                cache: None,
             })),
             _ => Err(GatewayError::model_not_found(name)),
         }
@@ -546,6 +601,7 @@ impl Gateway {
                             upstream: took,
                             timing,
                             rate_headers: Vec::new(),
+                            cache: cache::Outcome::Off,
                             reservation: held,
                         });
                     }
@@ -614,7 +670,7 @@ impl Gateway {
         caller: &Caller,
         endpoint: &str,
         model: &str,
-        prompt_bytes: usize,
+        prompt: Prompt,
         max_out: u32,
         started: Instant,
     ) -> Result<Begun<'_>, GatewayError> {
@@ -630,9 +686,11 @@ impl Gateway {
                 return Err(e);
             }
         };
-        let prompt_estimate = estimate_tokens(prompt_bytes);
-        let tokens = u64::from(prompt_estimate) + u64::from(max_out);
-        let reservation = match self.reserve(caller, &spec, u64::from(prompt_estimate), u64::from(max_out)).await {
+        let prompt_estimate = estimate_tokens(prompt.bytes);
+        // Limits hold the most the request can use, so that what they admit can never pass
+        // them; each settles to what it used.
+        let tokens = prompt.bound + u64::from(max_out);
+        let reservation = match self.reserve(caller, &spec, prompt.bound, u64::from(max_out)).await {
             Ok(reservation) => reservation,
             Err(e) => {
                 self.meter_failure(record, started, &e);
@@ -671,10 +729,27 @@ impl Gateway {
         started: Instant,
         deadline: Instant,
     ) -> Result<Routed<Completion>, GatewayError> {
-        let prompt = chat.prompt_bytes();
+        let prompt = Prompt { bytes: chat.prompt_bytes(), bound: chat.prompt_bound() };
         let max_out = chat.request.max_tokens.unwrap_or(self.config.reserve_tokens);
-        let Begun { permit: _permit, record, spec, guard, timing, tokens, rate_headers, .. } =
+        let Begun { permit: _permit, mut record, spec, guard, timing, tokens, rate_headers, .. } =
             self.begin(caller, chat.endpoint, &chat.model, prompt, max_out, started).await?;
+        let plan = self.cache_plan(caller, chat, &spec, false);
+        if let Some((Kept::Whole(value), deployment)) = plan.lookup(&self.cache) {
+            settle([guard.defuse(), None], Used::default());
+            record.cache = cache::Outcome::Hit.as_str().into();
+            let meter =
+                self.meter_answer(record, &deployment, Usage { prompt_tokens: 0, completion_tokens: 0 }, started);
+            return Ok(Routed {
+                value,
+                deployment,
+                upstream: Duration::ZERO,
+                timing: Timing { meter, ..timing },
+                rate_headers,
+                cache: cache::Outcome::Hit,
+                reservation: None,
+            });
+        }
+        record.cache = plan.outcome.as_str().into();
         let routed = self
             .route(
                 caller,
@@ -692,10 +767,14 @@ impl Gateway {
         let held = guard.defuse();
         match routed {
             Ok(mut routed) => {
+                if let Some(ttl) = plan.store {
+                    self.cache.put(plan.key, Kept::Whole(routed.value.clone()), routed.deployment.clone(), ttl);
+                }
                 let meter = self.meter_answer(record, &routed.deployment, routed.value.usage, started);
                 settle([held, routed.reservation.take()], used(&routed.deployment, routed.value.usage));
                 routed.timing = Timing { meter, ..timing.with(routed.timing) };
                 routed.rate_headers = rate_headers;
+                routed.cache = plan.outcome;
                 Ok(routed)
             }
             Err(e) => {
@@ -715,10 +794,36 @@ impl Gateway {
         started: Instant,
         deadline: Instant,
     ) -> Result<LiveStream, GatewayError> {
-        let prompt = chat.prompt_bytes();
+        let prompt = Prompt { bytes: chat.prompt_bytes(), bound: chat.prompt_bound() };
         let max_out = chat.request.max_tokens.unwrap_or(self.config.reserve_tokens);
         let Begun { permit, mut record, spec, guard, prompt_estimate, tokens, rate_headers, timing } =
             self.begin(caller, chat.endpoint, &chat.model, prompt, max_out, started).await?;
+        let plan = self.cache_plan(caller, chat, &spec, true);
+        if let Some((Kept::Stream(chunks), deployment)) = plan.lookup(&self.cache) {
+            settle([guard.defuse(), None], Used::default());
+            record.cache = cache::Outcome::Hit.as_str().into();
+            record.deployment = deployment.key();
+            record.ttft_us = Some(started.elapsed().as_micros() as i64);
+            return Ok(LiveStream {
+                source: Source::Replay(chunks.into_iter()),
+                first: None,
+                record: Some(record),
+                deployment,
+                meter: self.meter.clone(),
+                started,
+                prompt_estimate,
+                text_bytes: 0,
+                usage: None,
+                upstream: Duration::ZERO,
+                timing,
+                held: Vec::new(),
+                rate_headers,
+                cache: cache::Outcome::Hit,
+                recording: None,
+                _permit: permit,
+            });
+        }
+        record.cache = plan.outcome.as_str().into();
         let routed = self
             .route(
                 caller,
@@ -744,7 +849,7 @@ impl Gateway {
                 record.deployment = routed.deployment.key();
                 record.ttft_us = Some(started.elapsed().as_micros() as i64);
                 Ok(LiveStream {
-                    stream,
+                    source: Source::Live(stream),
                     first,
                     record: Some(record),
                     deployment: routed.deployment,
@@ -757,6 +862,14 @@ impl Gateway {
                     timing: timing.with(routed.timing),
                     held,
                     rate_headers,
+                    cache: plan.outcome,
+                    recording: plan.store.map(|ttl| Recording {
+                        cache: self.cache.clone(),
+                        key: plan.key,
+                        ttl,
+                        chunks: Vec::new(),
+                        weight: 0,
+                    }),
                     _permit: permit,
                 })
             }
@@ -776,7 +889,8 @@ impl Gateway {
         started: Instant,
         deadline: Instant,
     ) -> Result<Routed<Embeddings>, GatewayError> {
-        let prompt = embed.inputs.iter().map(String::len).sum();
+        let bytes = embed.inputs.iter().map(String::len).sum();
+        let prompt = Prompt { bytes, bound: crate::request::prompt_bound(bytes, embed.inputs.len(), 0, 0) };
         let Begun { permit: _permit, record, spec, guard, timing, tokens, rate_headers, .. } =
             self.begin(caller, "embeddings", &embed.model, prompt, 0, started).await?;
         let routed = self
@@ -978,7 +1092,7 @@ impl Gateway {
                 _ => format!("may use up to {} tokens", r.needed),
             };
             return GatewayError::invalid(format!(
-                "{field}: this request {needed} (its prompt's estimate plus {field}), more than {what}; ask for less"
+                "{field}: this request {needed} (its prompt, at most a token a byte, plus {field}), more than {what}; ask for less"
             ))
             .param(field)
             .code("request_too_large");
@@ -1077,6 +1191,38 @@ async fn take_instance(installed: &Installed, tenant: &str) -> Result<(WarmProvi
     Ok((provider, taking.elapsed()))
 }
 
+/// What the exact cache does for one request.
+struct CachePlan {
+    key: [u8; 32],
+    /// Whether it may answer from the cache.
+    read: bool,
+    /// How long to keep the answer, if it is to be kept.
+    store: Option<Duration>,
+    /// What the cache did, unless it answers.
+    outcome: cache::Outcome,
+}
+
+impl CachePlan {
+    fn lookup(&self, cache: &ExactCache) -> Option<(Kept, Deployment)> {
+        if self.read { cache.get(&self.key) } else { None }
+    }
+}
+
+impl Gateway {
+    /// What the cache does for `chat`: nothing unless its model keeps answers (the key is not
+    /// even computed); `no-cache` skips reading, `no-store` skips keeping.
+    fn cache_plan(&self, caller: &Caller, chat: &ChatRequest, spec: &ModelSpec, stream: bool) -> CachePlan {
+        let off = CachePlan { key: [0; 32], read: false, store: None, outcome: cache::Outcome::Off };
+        let Some(spec) = spec.cache.as_ref().filter(|_| self.config.cache_bytes > 0) else { return off };
+        CachePlan {
+            key: cache::key(&caller.tenant_id, &chat.model, stream, &chat.request),
+            read: !chat.cache.no_cache,
+            store: (!chat.cache.no_store).then(|| Duration::from_secs(u64::from(spec.ttl_secs))),
+            outcome: if chat.cache.no_cache { cache::Outcome::Skip } else { cache::Outcome::Miss },
+        }
+    }
+}
+
 /// What a request asks of [`Gateway::route`]: the model (its name and entry), the features its
 /// providers must express, and the tokens it may use (held to each deployment's own limits).
 struct Ask<'a> {
@@ -1086,6 +1232,14 @@ struct Ask<'a> {
     tokens: u64,
 }
 
+/// A request's prompt: its bytes (for estimates of what it used when nobody says) and the most
+/// tokens it can be (for limits).
+#[derive(Debug, Clone, Copy)]
+struct Prompt {
+    bytes: usize,
+    bound: u64,
+}
+
 /// What [`Gateway::begin`] gives a request.
 struct Begun<'a> {
     permit: Permit,
@@ -1093,7 +1247,7 @@ struct Begun<'a> {
     spec: Arc<ModelSpec>,
     guard: AbandonGuard<'a>,
     prompt_estimate: u32,
-    /// The tokens it may use: the prompt's estimate and the output it may ask for.
+    /// The most tokens it may use: its prompt's bound and the output it may ask for.
     tokens: u64,
     /// OpenAI's `x-ratelimit-*` headers of the caller's limits.
     rate_headers: Vec<(&'static str, String)>,

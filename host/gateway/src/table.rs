@@ -95,7 +95,23 @@ pub struct ModelSpec {
     /// 1 to 16 deployments.
     #[schema(min_items = 1, max_items = 16)]
     pub deployments: Vec<Deployment>,
+    /// Keep this model's answers (opt-in): a request the same as one answered within the time
+    /// is answered again at no upstream cost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheSpec>,
 }
+
+/// A model's cache.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CacheSpec {
+    /// How long an answer is kept, in seconds (1 to 604800, a week).
+    #[schema(minimum = 1, maximum = 604_800)]
+    pub ttl_secs: u32,
+}
+
+/// The longest a model's answers are kept.
+pub const MAX_CACHE_TTL_SECS: u32 = 604_800;
 
 /// The most deployments one model name may have.
 pub const MAX_DEPLOYMENTS: usize = 16;
@@ -148,6 +164,11 @@ impl ModelSpec {
                 return Err(format!("{at} repeats deployment `{}`", d.key()));
             }
         }
+        if let Some(cache) = &self.cache
+            && !(1..=MAX_CACHE_TTL_SECS).contains(&cache.ttl_secs)
+        {
+            return Err(format!("cache.ttl_secs must be 1 to {MAX_CACHE_TTL_SECS} (a week)"));
+        }
         if self.strategy == Strategy::Weighted && self.deployments.iter().all(|d| d.weight == 0) {
             return Err("deployments: under `weighted`, at least one deployment needs a weight above 0".into());
         }
@@ -180,6 +201,9 @@ mod tests {
             (r#"{"strategy": "weighted", "deployments": [{"plugin": "a", "weight": 0}]}"#, "weight above 0"),
             (r#"{"strategy": "fastest", "deployments": [{"plugin": "a"}]}"#, "unknown variant `fastest`"),
             (r#"{"deployments": [{"plugin": "a", "temperature": 1}]}"#, "unknown field `temperature`"),
+            (r#"{"deployments": [{"plugin": "a"}], "cache": {"ttl_secs": 0}}"#, "cache.ttl_secs must be 1 to"),
+            (r#"{"deployments": [{"plugin": "a"}], "cache": {"ttl_secs": 9999999}}"#, "cache.ttl_secs must be 1 to"),
+            (r#"{"deployments": [{"plugin": "a"}], "cache": {"ttl": 5}}"#, "unknown field `ttl`"),
         ] {
             let e = spec(json).unwrap_err();
             assert!(e.contains(says), "{json}: {e}");

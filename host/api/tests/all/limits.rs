@@ -20,7 +20,7 @@ async fn set_tenant_limits(svc: &Svc, tenant: &str, body: Value) -> crate::api::
 
 /// A service fronting the test server for every tenant (`[gateway] upstream`), on `database`
 /// (SQLite when `None`), with short quota leases.
-async fn fronting(upstream: &TestServer, database: Option<String>) -> Svc {
+pub(crate) async fn fronting(upstream: &TestServer, database: Option<String>) -> Svc {
     let url = format!("{}/v1", upstream.url());
     service(Backend::Sqlite, false, move |c| {
         c.network.allow = vec!["127.0.0.1".into()];
@@ -101,19 +101,20 @@ async fn limits_refuse_with_openai_headers_budgets_say_when_they_reset_and_usage
     // Another tenant is not held to acme's limit.
     assert_eq!(svc.post("/v1/chat/completions", &beta, hi("m")).await.status, 200);
 
-    // A budget: each answer costs (7 + 3 × 2) per million at these prices, the reservation
-    // (1 + 5 × 2) per million; a day of 0.0001 USD admits a few, then says when it resets.
+    // A budget: with input free and output at 1 per million tokens, an answer of 7 + 3 tokens
+    // costs 3,000 billionths and a request for at most 5 reserves 5,000; a day of 0.00003 USD
+    // (30,000) admits a few, then says when it resets.
     let r = svc
         .put(
             "/v1/models/priced",
             &acme,
-            json!({"deployments": [{"plugin": "upstream", "model": "m", "input_price": 1, "output_price": 2}]}),
+            json!({"deployments": [{"plugin": "upstream", "model": "m", "input_price": 0, "output_price": 1}]}),
         )
         .await;
     assert_eq!(r.status, 200, "{r:?}");
-    let r = set_tenant_limits(&svc, &tenant, json!({"budget": {"currency": "USD", "daily": 0.0001}})).await;
+    let r = set_tenant_limits(&svc, &tenant, json!({"budget": {"currency": "USD", "daily": 0.00003}})).await;
     assert_eq!(r.status, 200, "{r:?}");
-    assert_eq!(r.body["budget"], json!({"currency": "USD", "daily": 0.0001}));
+    assert_eq!(r.body["budget"], json!({"currency": "USD", "daily": 0.00003}));
     let mut answered = 0;
     let spent = loop {
         let r = svc.post("/v1/chat/completions", &dev, hi("priced")).await;
@@ -126,7 +127,7 @@ async fn limits_refuse_with_openai_headers_budgets_say_when_they_reset_and_usage
     assert!(answered >= 5, "only {answered} answered within the budget");
     assert_eq!((spent.status, spent.code()), (429, "budget_exceeded"), "{spent:?}");
     assert!(
-        spent.text.contains("the tenant's budget of 0.0001 USD per day (UTC) is spent; it resets at "),
+        spent.text.contains("the tenant's budget of 0.00003 USD per day (UTC) is spent; it resets at "),
         "{spent:?}"
     );
     assert!(spent.text.contains("T00:00:00Z"), "{spent:?}");
@@ -153,11 +154,11 @@ async fn limits_refuse_with_openai_headers_budgets_say_when_they_reset_and_usage
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     let cost = report["data"][0]["cost_nanos"].as_i64().unwrap();
-    assert_eq!(cost, answered * 13_000, "{report}");
-    assert!(cost <= 100_000, "spent {cost} nanos of a 100,000 budget");
+    assert_eq!(cost, answered * 3_000, "{report}");
+    assert!(cost <= 30_000, "spent {cost} nanos of a 30,000 budget");
     let budget = report["limits"].as_array().unwrap().iter().find(|l| l["limit"] == "daily_budget").unwrap().clone();
     assert_eq!((budget["scope"].as_str(), budget["currency"].as_str()), (Some("tenant"), Some("USD")), "{budget}");
-    assert_eq!(budget["max"], 0.0001);
+    assert_eq!(budget["max"], 0.00003);
     assert!((budget["used"].as_f64().unwrap() - cost as f64 / 1e9).abs() < 1e-12, "{budget}");
     assert!(budget["resets_at"].as_i64().unwrap() > budget["window_start"].as_i64().unwrap());
 

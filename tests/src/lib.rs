@@ -323,9 +323,24 @@ async fn handle(req: Request<hyper::body::Incoming>, log: Arc<Mutex<Vec<Seen>>>)
             {"id": "slow", "object": "model", "owned_by": "test-server"}]}),
         ),
         "/v1/embeddings" => {
-            let n = request["input"].as_array().map(Vec::len).unwrap_or(1);
-            let data: Vec<_> =
-                (0..n).rev().map(|i| serde_json::json!({"index": i, "embedding": [i as f32, 0.5, -0.5]})).collect();
+            let inputs: Vec<String> = match &request["input"] {
+                serde_json::Value::Array(items) => items.iter().map(|i| i.as_str().unwrap_or("").to_string()).collect(),
+                other => vec![other.as_str().unwrap_or("").to_string()],
+            };
+            // Model `bag-of-words`: a test double of a real embedding, close for texts that
+            // share words. `dims-N`: N dimensions, for models that answer the wrong size.
+            // Any other: `[index, 0.5, -0.5]`.
+            let vector = |i: usize, text: &str| match model.as_str() {
+                "bag-of-words" => bag_of_words(text),
+                m if m.starts_with("dims-") => vec![1.0; m[5..].parse().unwrap_or(1)],
+                _ => vec![i as f32, 0.5, -0.5],
+            };
+            let data: Vec<_> = inputs
+                .iter()
+                .enumerate()
+                .rev()
+                .map(|(i, text)| serde_json::json!({"index": i, "embedding": vector(i, text)}))
+                .collect();
             json(
                 StatusCode::OK,
                 serde_json::json!({"data": data, "model": model, "usage": {"prompt_tokens": 3, "total_tokens": 3}}),
@@ -336,6 +351,20 @@ async fn handle(req: Request<hyper::body::Incoming>, log: Arc<Mutex<Vec<Seen>>>)
         r if r.starts_with("/model/") => bedrock::converse(&path, &headers, raw.as_ref()).await,
         _ => json(StatusCode::NOT_FOUND, serde_json::json!({"error": {"message": format!("no route {route}")}})),
     })
+}
+
+/// Word counts hashed into 64 dimensions (lowercase, letters and digits): texts with the same
+/// words embed the same, texts sharing most words embed close.
+fn bag_of_words(text: &str) -> Vec<f32> {
+    let mut v = vec![0.0f32; 64];
+    for word in text.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()) {
+        let h = word
+            .to_lowercase()
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        v[(h % 64) as usize] += 1.0;
+    }
+    v
 }
 
 /// A message's text: its string content, or its text parts joined.

@@ -89,6 +89,10 @@ pub struct GatewaySection {
     /// A model keeps answers only when its entry says `cache = { ttl_secs = N }`.
     #[serde(default = "default_cache_mib")]
     pub cache_mib: usize,
+    /// The most answers this node's semantic cache keeps (0-10000000; 0 keeps none). A model
+    /// uses it only when its entry says `cache.semantic`.
+    #[serde(default = "default_semantic_entries")]
+    pub semantic_entries: usize,
 }
 
 impl Default for GatewaySection {
@@ -106,8 +110,13 @@ impl Default for GatewaySection {
             reserve_tokens: default_reserve_tokens(),
             currency: default_currency(),
             cache_mib: default_cache_mib(),
+            semantic_entries: default_semantic_entries(),
         }
     }
+}
+
+fn default_semantic_entries() -> usize {
+    10_000
 }
 
 fn default_cache_mib() -> usize {
@@ -197,6 +206,9 @@ impl GatewaySection {
         if self.cache_mib > 65_536 {
             anyhow::bail!("[gateway] cache-mib must be 0 to 65536");
         }
+        if self.semantic_entries > 10_000_000 {
+            anyhow::bail!("[gateway] semantic-entries must be 0 to 10000000");
+        }
         if self.currency.len() != 3 || !self.currency.chars().all(|c| c.is_ascii_uppercase()) {
             anyhow::bail!("[gateway] currency must be three capital letters, such as USD");
         }
@@ -211,6 +223,7 @@ impl GatewaySection {
             reserve_tokens: self.reserve_tokens,
             currency: self.currency.clone(),
             cache_bytes: self.cache_mib << 20,
+            semantic_entries: self.semantic_entries,
             breaker: qlayer_scheduler::breaker::BreakerPolicy {
                 failures: self.breaker_failures,
                 cooldown_ms: self.breaker_cooldown_ms,
@@ -582,7 +595,9 @@ pub async fn start(config: ServeConfig, data_dir: PathBuf) -> anyhow::Result<Run
     };
     let node = qlayer_scheduler::NodeIdentity::claim(&data_dir)?;
     let mut scheduler_config = config.jobs.scheduler(node.id.clone())?;
-    let gateway_config = config.gateway.config()?;
+    let mut gateway_config = config.gateway.config()?;
+    // The semantic cache is kept in the data dir between runs (each node its own).
+    gateway_config.semantic_path = Some(data_dir.join("semantic-cache.json"));
     scheduler_config.interactive_concurrency = config.gateway.concurrency;
     let db = qlayer_db::Db::open(&url).await.context("opening the database")?;
     let first_admin_key =
@@ -936,6 +951,7 @@ mod tests {
             ("[gateway]\nquota-lease-ms = 10\n", "[gateway] quota-lease-ms"),
             ("[gateway]\nreserve-tokens = 0\n", "[gateway] reserve-tokens"),
             ("[gateway]\ncache-mib = 100000\n", "[gateway] cache-mib"),
+            ("[gateway]\nsemantic-entries = 99999999\n", "[gateway] semantic-entries"),
             ("[gateway]\ncurrency = \"usd\"\n", "[gateway] currency"),
             ("[gateway.models.fast]\ndeployments = []\n", "[gateway.models.fast] deployments"),
             ("[gateway.models.fast]\ndeployments = [{ plugin = \"Bad Name\" }]\n", "deployments[0].plugin"),

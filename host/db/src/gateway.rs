@@ -205,7 +205,7 @@ impl Db {
         let sql = format!(
             "SELECT {key} AS grp, COUNT(*) AS requests,
                     CAST(COALESCE(SUM(CASE WHEN status = 'ok' THEN 0 ELSE 1 END), 0) AS BIGINT) AS errors,
-                    CAST(COALESCE(SUM(CASE WHEN cache = 'hit' THEN 1 ELSE 0 END), 0) AS BIGINT) AS hits,
+                    CAST(COALESCE(SUM(CASE WHEN cache IN ('hit', 'semantic-hit') THEN 1 ELSE 0 END), 0) AS BIGINT) AS hits,
                     CAST(COALESCE(SUM(prompt_tokens), 0) AS BIGINT) AS prompt,
                     CAST(COALESCE(SUM(completion_tokens), 0) AS BIGINT) AS completion,
                     CAST(COALESCE(SUM(cost_nanos), 0) AS BIGINT) AS cost

@@ -46,8 +46,10 @@ pub enum Outcome {
     Skip,
     /// Not in the cache: asked upstream (and kept, unless `no-store`).
     Miss,
-    /// Answered from the cache.
+    /// Answered from the exact cache.
     Hit,
+    /// Answered from the semantic cache: a request close enough was answered.
+    SemanticHit,
 }
 
 impl Outcome {
@@ -58,7 +60,13 @@ impl Outcome {
             Outcome::Skip => "skip",
             Outcome::Miss => "miss",
             Outcome::Hit => "hit",
+            Outcome::SemanticHit => "semantic-hit",
         }
+    }
+
+    /// Whether the answer came from a cache (nothing was asked upstream).
+    pub fn is_hit(self) -> bool {
+        matches!(self, Outcome::Hit | Outcome::SemanticHit)
     }
 }
 

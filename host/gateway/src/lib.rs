@@ -17,6 +17,7 @@ pub mod openai;
 pub mod quota;
 pub mod request;
 pub mod route;
+pub mod semantic;
 pub mod service;
 pub mod table;
 

@@ -55,8 +55,10 @@ impl Meter {
                 "deployment" => record.deployment.clone())
             .increment(record.cost_nanos.max(0) as u64);
         }
-        if record.cache == "hit" {
-            metrics::counter!("qlayer_gateway_cache_hits_total", "model" => record.model.clone()).increment(1);
+        if record.cache == "hit" || record.cache == "semantic-hit" {
+            metrics::counter!("qlayer_gateway_cache_hits_total", "model" => record.model.clone(),
+                "kind" => record.cache.clone())
+            .increment(1);
         }
         metrics::histogram!("qlayer_gateway_latency_seconds", "model" => record.model.clone(),
             "deployment" => record.deployment.clone())

@@ -7,6 +7,7 @@ use crate::meter::Meter;
 use crate::openai::{ChatRequest, EmbedRequest, Feature};
 use crate::quota::{Limit, Quotas, Refusal, Reservation, Scope, Unit, Used, Window};
 use crate::route::{Health, Outcome, Plan};
+use crate::semantic::SemanticIndex;
 use crate::table::{Deployment, ModelSpec};
 use crate::{GatewayError, jitter};
 use futures::future::BoxFuture;
@@ -70,6 +71,10 @@ pub struct GatewayConfig {
     pub currency: String,
     /// What this node's exact cache may hold, in bytes (0: nothing).
     pub cache_bytes: usize,
+    /// The most answers this node's semantic cache keeps (0: none).
+    pub semantic_entries: usize,
+    /// Where the semantic cache is kept between runs (none: only in memory).
+    pub semantic_path: Option<std::path::PathBuf>,
 }
 
 impl Default for GatewayConfig {
@@ -86,6 +91,8 @@ impl Default for GatewayConfig {
             reserve_tokens: 4_096,
             currency: "USD".into(),
             cache_bytes: 64 << 20,
+            semantic_entries: 10_000,
+            semantic_path: None,
         }
     }
 }
@@ -103,6 +110,7 @@ pub struct Gateway {
     tables: Mutex<HashMap<String, (Instant, Table)>>,
     quotas: Arc<Quotas>,
     cache: Arc<ExactCache>,
+    semantic: Arc<SemanticIndex>,
     limits: Mutex<HashMap<String, (Instant, Arc<TenantLimits>)>>,
     installed: Mutex<HashMap<(String, String), (Instant, Installed)>>,
     /// The passthrough upstream's model list, when it was last asked.
@@ -208,6 +216,8 @@ struct Recording {
     ttl: Duration,
     chunks: Vec<CompletionChunk>,
     weight: usize,
+    /// Where the semantic cache keeps it too.
+    semantic: Option<Semantic>,
 }
 
 impl std::fmt::Debug for LiveStream {
@@ -289,12 +299,16 @@ impl LiveStream {
         if status == "ok"
             && let Some(r) = self.recording.take()
         {
-            r.cache.put(r.key, Kept::Stream(r.chunks), self.deployment.clone(), r.ttl);
+            let kept = Kept::Stream(r.chunks);
+            if let Some(semantic) = r.semantic {
+                semantic.keep(kept.clone(), self.deployment.clone(), r.ttl);
+            }
+            r.cache.put(r.key, kept, self.deployment.clone(), r.ttl);
         }
         // What the upstream reported; else an estimate (about 4 bytes a token), so a stream cut
         // short or abandoned is still charged for what it used. A replay from the cache used
         // nothing upstream.
-        let usage = if self.cache == cache::Outcome::Hit {
+        let usage = if self.cache.is_hit() {
             Usage { prompt_tokens: 0, completion_tokens: 0 }
         } else {
             self.usage.unwrap_or(Usage {
@@ -343,6 +357,7 @@ impl Gateway {
             meter: Meter::start(db.clone()),
             quotas: Quotas::new(db.clone(), config.quota_lease),
             cache: Arc::new(ExactCache::new(config.cache_bytes)),
+            semantic: start_semantic(config.semantic_entries, config.semantic_path.clone()),
             limits: Mutex::new(HashMap::new()),
             db,
             providers,
@@ -368,6 +383,7 @@ impl Gateway {
     /// Writes buffered usage records; for a clean shutdown.
     pub async fn shutdown(&self) {
         self.meter.close().await;
+        save_semantic(self.semantic.clone()).await;
     }
 
     /// Forgets what this node read of `tenant_id`'s table (after a change through it).
@@ -734,9 +750,10 @@ impl Gateway {
         let Begun { permit: _permit, mut record, spec, guard, timing, tokens, rate_headers, .. } =
             self.begin(caller, chat.endpoint, &chat.model, prompt, max_out, started).await?;
         let plan = self.cache_plan(caller, chat, &spec, false);
-        if let Some((Kept::Whole(value), deployment)) = plan.lookup(&self.cache) {
+        let (found, semantic) = self.cached(caller, chat, &spec, &plan, false, deadline).await;
+        if let Some((Kept::Whole(value), deployment, outcome)) = found {
             settle([guard.defuse(), None], Used::default());
-            record.cache = cache::Outcome::Hit.as_str().into();
+            record.cache = outcome.as_str().into();
             let meter =
                 self.meter_answer(record, &deployment, Usage { prompt_tokens: 0, completion_tokens: 0 }, started);
             return Ok(Routed {
@@ -745,7 +762,7 @@ impl Gateway {
                 upstream: Duration::ZERO,
                 timing: Timing { meter, ..timing },
                 rate_headers,
-                cache: cache::Outcome::Hit,
+                cache: outcome,
                 reservation: None,
             });
         }
@@ -768,7 +785,11 @@ impl Gateway {
         match routed {
             Ok(mut routed) => {
                 if let Some(ttl) = plan.store {
-                    self.cache.put(plan.key, Kept::Whole(routed.value.clone()), routed.deployment.clone(), ttl);
+                    let kept = Kept::Whole(routed.value.clone());
+                    if let Some(semantic) = semantic {
+                        semantic.keep(kept.clone(), routed.deployment.clone(), ttl);
+                    }
+                    self.cache.put(plan.key, kept, routed.deployment.clone(), ttl);
                 }
                 let meter = self.meter_answer(record, &routed.deployment, routed.value.usage, started);
                 settle([held, routed.reservation.take()], used(&routed.deployment, routed.value.usage));
@@ -799,9 +820,10 @@ impl Gateway {
         let Begun { permit, mut record, spec, guard, prompt_estimate, tokens, rate_headers, timing } =
             self.begin(caller, chat.endpoint, &chat.model, prompt, max_out, started).await?;
         let plan = self.cache_plan(caller, chat, &spec, true);
-        if let Some((Kept::Stream(chunks), deployment)) = plan.lookup(&self.cache) {
+        let (found, semantic) = self.cached(caller, chat, &spec, &plan, true, deadline).await;
+        if let Some((Kept::Stream(chunks), deployment, outcome)) = found {
             settle([guard.defuse(), None], Used::default());
-            record.cache = cache::Outcome::Hit.as_str().into();
+            record.cache = outcome.as_str().into();
             record.deployment = deployment.key();
             record.ttft_us = Some(started.elapsed().as_micros() as i64);
             return Ok(LiveStream {
@@ -818,7 +840,7 @@ impl Gateway {
                 timing,
                 held: Vec::new(),
                 rate_headers,
-                cache: cache::Outcome::Hit,
+                cache: outcome,
                 recording: None,
                 _permit: permit,
             });
@@ -869,6 +891,7 @@ impl Gateway {
                         ttl,
                         chunks: Vec::new(),
                         weight: 0,
+                        semantic,
                     }),
                     _permit: permit,
                 })
@@ -1202,9 +1225,163 @@ struct CachePlan {
     outcome: cache::Outcome,
 }
 
-impl CachePlan {
-    fn lookup(&self, cache: &ExactCache) -> Option<(Kept, Deployment)> {
-        if self.read { cache.get(&self.key) } else { None }
+/// Where a request's answer goes in the semantic cache: its partition and its conversation's
+/// embedding.
+struct Semantic {
+    index: Arc<SemanticIndex>,
+    partition: [u8; 32],
+    vector: Vec<f32>,
+}
+
+impl Semantic {
+    /// Keeps `kept` for `ttl`; a vector the index cannot take is logged and metered.
+    fn keep(self, kept: Kept, deployment: Deployment, ttl: Duration) {
+        if let Err(e) = self.index.insert(self.partition, &self.vector, kept, deployment, ttl) {
+            semantic_degraded("vector", &e.to_string());
+        }
+    }
+}
+
+/// The semantic cache could not be used for a request: it is served without it, and the log
+/// and `qlayer_gateway_semantic_cache_errors_total{reason}` say why.
+fn semantic_degraded(reason: &'static str, why: &str) {
+    metrics::counter!("qlayer_gateway_semantic_cache_errors_total", "reason" => reason).increment(1);
+    tracing::warn!(reason, "served without the semantic cache: {why}");
+}
+
+/// The node's semantic index, saved every 30 s while it changes.
+fn start_semantic(entries: usize, path: Option<std::path::PathBuf>) -> Arc<SemanticIndex> {
+    let index = Arc::new(SemanticIndex::new(entries, path));
+    let weak = Arc::downgrade(&index);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(30));
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let Some(index) = weak.upgrade() else { return };
+            save_semantic(index).await;
+        }
+    });
+    index
+}
+
+async fn save_semantic(index: Arc<SemanticIndex>) {
+    match tokio::task::spawn_blocking(move || index.save()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("saving the semantic cache failed: {e}"),
+        Err(e) => tracing::warn!("saving the semantic cache failed: {e}"),
+    }
+}
+
+impl Gateway {
+    /// The kept answer for `chat`, if there is one: from the exact cache, else from the
+    /// semantic cache when the model has one (embedding the conversation, which is metered and
+    /// held to the limits). Also where to keep the answer in the semantic cache.
+    async fn cached(
+        &self,
+        caller: &Caller,
+        chat: &ChatRequest,
+        spec: &ModelSpec,
+        plan: &CachePlan,
+        stream: bool,
+        deadline: Instant,
+    ) -> (Option<(Kept, Deployment, cache::Outcome)>, Option<Semantic>) {
+        if plan.read
+            && let Some((kept, deployment)) = self.cache.get(&plan.key)
+        {
+            return (Some((kept, deployment, cache::Outcome::Hit)), None);
+        }
+        let Some(wanted) = spec.cache.as_ref().and_then(|c| c.semantic.as_ref()) else { return (None, None) };
+        if plan.outcome == cache::Outcome::Off
+            || self.config.semantic_entries == 0
+            || !(plan.read || plan.store.is_some())
+        {
+            return (None, None);
+        }
+        let text = crate::semantic::conversation(&chat.request);
+        let vector = match self.embed_text(caller, &wanted.embedding_model, text, deadline).await {
+            Ok(vector) => vector,
+            Err(why) => {
+                semantic_degraded("embedding", &format!("model `{}`: {why}", wanted.embedding_model));
+                return (None, None);
+            }
+        };
+        let partition =
+            crate::semantic::partition(&caller.tenant_id, &chat.model, &wanted.embedding_model, stream, &chat.request);
+        let semantic = Semantic { index: self.semantic.clone(), partition, vector };
+        if plan.read {
+            match self.semantic.lookup(&partition, &semantic.vector, wanted.threshold) {
+                Ok(Some((kept, deployment, similarity))) => {
+                    tracing::debug!(similarity, "semantic cache hit");
+                    return (Some((kept, deployment, cache::Outcome::SemanticHit)), None);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    semantic_degraded("vector", &e.to_string());
+                    return (None, None);
+                }
+            }
+        }
+        (None, plan.store.is_some().then_some(semantic))
+    }
+
+    /// One embedding of `text` by the tenant's model `model`, as an embeddings request of its
+    /// own: held to the limits, routed, metered (the caller already holds its admission).
+    async fn embed_text(
+        &self,
+        caller: &Caller,
+        model: &str,
+        text: String,
+        deadline: Instant,
+    ) -> Result<Vec<f32>, String> {
+        let started = Instant::now();
+        let record = self.record(caller, "embeddings", model);
+        let spec = match self.spec(caller, model).await {
+            Ok(spec) => spec,
+            Err(e) => {
+                self.meter_failure(record, started, &e);
+                return Err(e.message);
+            }
+        };
+        let bound = crate::request::prompt_bound(text.len(), 1, 0, 0);
+        let reservation = match self.reserve(caller, &spec, bound, 0).await {
+            Ok(reservation) => reservation,
+            Err(e) => {
+                self.meter_failure(record, started, &e);
+                return Err(e.message);
+            }
+        };
+        let inputs = vec![text];
+        let inputs = &inputs;
+        let routed = self
+            .route(
+                caller,
+                Ask { model, spec: &spec, needs: &[], tokens: bound },
+                deadline,
+                |installed: Installed, model: String| async move {
+                    let request = EmbeddingRequest { model, inputs: inputs.clone() };
+                    let (mut provider, instance) = take_instance(&installed, &caller.tenant_name).await?;
+                    let value = provider.embed(&request).await?;
+                    Ok(Timed { value, instance, upstream: provider.take_outbound_wait() })
+                },
+            )
+            .await;
+        match routed {
+            Ok(mut routed) => {
+                let usage = Usage { prompt_tokens: routed.value.usage.prompt_tokens, completion_tokens: 0 };
+                self.meter_answer(record, &routed.deployment, usage, started);
+                settle([Some(reservation), routed.reservation.take()], used(&routed.deployment, usage));
+                match routed.value.vectors.len() {
+                    1 => Ok(routed.value.vectors.remove(0)),
+                    n => Err(format!("deployment `{}` returned {n} vectors for 1 input", routed.deployment.key())),
+                }
+            }
+            Err(e) => {
+                settle([Some(reservation), None], Used::default());
+                self.meter_failure(record, started, &e);
+                Err(e.message)
+            }
+        }
     }
 }
 

@@ -108,6 +108,24 @@ pub struct CacheSpec {
     /// How long an answer is kept, in seconds (1 to 604800, a week).
     #[schema(minimum = 1, maximum = 604_800)]
     pub ttl_secs: u32,
+    /// Also answer requests that mean the same (opt-in): the conversation is embedded and an
+    /// answer kept for one close enough serves it, when the model, tools and parameters are
+    /// the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub semantic: Option<SemanticSpec>,
+}
+
+/// A model's semantic cache.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SemanticSpec {
+    /// A model name of the tenant's that serves embeddings: it embeds each conversation (and is
+    /// metered and held to the limits as any embedding is).
+    pub embedding_model: String,
+    /// The least cosine similarity for a hit, above 0 and at most 1 (1: the same conversation
+    /// in all but wording the embedding ignores; 0.95 is a careful start).
+    #[schema(exclusive_minimum = 0, maximum = 1)]
+    pub threshold: f64,
 }
 
 /// The longest a model's answers are kept.
@@ -169,6 +187,17 @@ impl ModelSpec {
         {
             return Err(format!("cache.ttl_secs must be 1 to {MAX_CACHE_TTL_SECS} (a week)"));
         }
+        if let Some(semantic) = self.cache.as_ref().and_then(|c| c.semantic.as_ref()) {
+            if !(semantic.threshold > 0.0 && semantic.threshold <= 1.0) {
+                return Err(format!(
+                    "cache.semantic.threshold must be above 0 and at most 1, not {}",
+                    semantic.threshold
+                ));
+            }
+            if !valid_model_name(&semantic.embedding_model) {
+                return Err("cache.semantic.embedding_model must be a model name of the tenant's".into());
+            }
+        }
         if self.strategy == Strategy::Weighted && self.deployments.iter().all(|d| d.weight == 0) {
             return Err("deployments: under `weighted`, at least one deployment needs a weight above 0".into());
         }
@@ -204,6 +233,18 @@ mod tests {
             (r#"{"deployments": [{"plugin": "a"}], "cache": {"ttl_secs": 0}}"#, "cache.ttl_secs must be 1 to"),
             (r#"{"deployments": [{"plugin": "a"}], "cache": {"ttl_secs": 9999999}}"#, "cache.ttl_secs must be 1 to"),
             (r#"{"deployments": [{"plugin": "a"}], "cache": {"ttl": 5}}"#, "unknown field `ttl`"),
+            (
+                r#"{"deployments": [{"plugin": "a"}], "cache": {"ttl_secs": 5, "semantic": {"embedding_model": "e", "threshold": 1.5}}}"#,
+                "cache.semantic.threshold must be above 0 and at most 1",
+            ),
+            (
+                r#"{"deployments": [{"plugin": "a"}], "cache": {"ttl_secs": 5, "semantic": {"embedding_model": "e", "threshold": 0}}}"#,
+                "cache.semantic.threshold",
+            ),
+            (
+                r#"{"deployments": [{"plugin": "a"}], "cache": {"ttl_secs": 5, "semantic": {"embedding_model": "", "threshold": 0.9}}}"#,
+                "cache.semantic.embedding_model",
+            ),
         ] {
             let e = spec(json).unwrap_err();
             assert!(e.contains(says), "{json}: {e}");

@@ -123,3 +123,115 @@ async fn the_exact_cache_answers_again_replays_streams_and_never_crosses_tenants
     assert_eq!((row["prompt_tokens"].as_i64(), row["completion_tokens"].as_i64()), (Some(5 * 7 + 5), Some(5 * 3 + 2)));
     svc.stop().await;
 }
+
+/// The semantic cache: a conversation in other words (the test upstream's `bag-of-words`
+/// embeddings, a test double of a real embedding model) is answered from the cache when the
+/// model, tools and parameters are the same and the tenant is; an embedding of the wrong size
+/// serves the request without the cache and says so in `/metrics`; the index is saved in the data
+/// dir at shutdown and answers again after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_semantic_cache_answers_what_means_the_same_within_a_tenant_and_survives_a_restart() {
+    let upstream = TestServer::start().await;
+    let mut svc = crate::limits::fronting(&upstream, None).await;
+    let (_, acme) = svc.tenant("acme").await;
+    let (_, beta) = svc.tenant("beta").await;
+    let entry = |embedding: &str| {
+        json!({
+            "deployments": [{"plugin": "upstream", "model": "m", "input_price": 1, "output_price": 2}],
+            "cache": {"ttl_secs": 600, "semantic": {"embedding_model": embedding, "threshold": 0.95}}
+        })
+    };
+    for key in [&acme, &beta] {
+        assert_eq!(svc.put("/v1/models/sem", key, entry("bag-of-words")).await.status, 200);
+    }
+    let r = svc
+        .put(
+            "/v1/models/bad",
+            &acme,
+            json!({"deployments": [{"plugin": "upstream"}], "cache": {"ttl_secs": 5, "semantic": {"embedding_model": "e", "threshold": 2}}}),
+        )
+        .await;
+    assert_eq!(r.status, 400, "{r:?}");
+    assert!(r.text.contains("cache.semantic.threshold"), "{r:?}");
+    let calls = |path: &str| upstream.requests().iter().filter(|s| s.path.ends_with(path)).count();
+    let ask_sem = |text: &str| json!({"model": "sem", "messages": [{"role": "user", "content": text}]});
+
+    let first = ask(&svc, &acme, &ask_sem("What is the capital of France?"), None).await;
+    assert_eq!((first.status, first.cache.as_str()), (200, "miss"), "{}", first.text);
+    assert_eq!((calls("/chat/completions"), calls("/embeddings")), (1, 1));
+    let reworded = ask(&svc, &acme, &ask_sem("what is the capital of france"), None).await;
+    assert_eq!((reworded.status, reworded.cache.as_str()), (200, "semantic-hit"), "{}", reworded.text);
+    assert_eq!((calls("/chat/completions"), calls("/embeddings")), (1, 2), "answered without the model");
+    let (a, b): (Value, Value) =
+        (serde_json::from_str(&first.text).unwrap(), serde_json::from_str(&reworded.text).unwrap());
+    assert_eq!(a["choices"][0]["message"], b["choices"][0]["message"]);
+    // Another question, other parameters, another tenant: not answered from the cache.
+    assert_eq!(ask(&svc, &acme, &ask_sem("How tall is the Eiffel tower?"), None).await.cache, "miss");
+    let warm = json!({"model": "sem", "temperature": 0.5, "messages": [{"role": "user", "content": "what is the capital of france"}]});
+    assert_eq!(ask(&svc, &acme, &warm, None).await.cache, "miss");
+    assert_eq!(ask(&svc, &beta, &ask_sem("what is the capital of france"), None).await.cache, "miss");
+    assert_eq!(calls("/chat/completions"), 4);
+    // A stream, replayed for a reworded one.
+    let stream = |text: &str| json!({"model": "sem", "stream": true, "messages": [{"role": "user", "content": text}]});
+    let live = ask(&svc, &acme, &stream("Name three rivers in Spain"), None).await;
+    assert_eq!(live.cache, "miss");
+    let replay = ask(&svc, &acme, &stream("name three rivers in spain!"), None).await;
+    assert_eq!(replay.cache, "semantic-hit");
+    assert_eq!(events(&live.text), events(&replay.text));
+    assert_eq!(calls("/chat/completions"), 5);
+
+    // The embedding model starts answering another size: served without the cache, and said.
+    assert_eq!(
+        svc.put("/v1/models/shifting", &acme, json!({"deployments": [{"plugin": "upstream", "model": "dims-3"}]}))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(svc.put("/v1/models/sem2", &acme, entry("shifting")).await.status, 200);
+    let q = json!({"model": "sem2", "messages": [{"role": "user", "content": "hello"}]});
+    assert_eq!(ask(&svc, &acme, &q, None).await.cache, "miss");
+    assert_eq!(
+        svc.put("/v1/models/shifting", &acme, json!({"deployments": [{"plugin": "upstream", "model": "dims-5"}]}))
+            .await
+            .status,
+        200
+    );
+    // Reworded, so that the exact cache (asked first) does not answer it.
+    let q = json!({"model": "sem2", "messages": [{"role": "user", "content": "Hello!"}]});
+    let degraded = ask(&svc, &acme, &q, None).await;
+    assert_eq!((degraded.status, degraded.cache.as_str()), (200, "miss"), "{}", degraded.text);
+    let metrics = svc.get("/metrics", qlayer_tests::ADMIN).await.text;
+    assert!(metrics.contains("qlayer_gateway_semantic_cache_errors_total{reason=\"vector\"}"), "{metrics}");
+
+    // Hits are metered as hits; the embeddings are metered as requests of their own.
+    let mut report = Value::Null;
+    for _ in 0..200 {
+        report = svc.get("/v1/usage?group_by=model", &acme).await.body;
+        let rows = report["data"].as_array().unwrap();
+        if rows.iter().map(|r| r["requests"].as_i64().unwrap()).sum::<i64>() >= 15 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let row = |name: &str| report["data"].as_array().unwrap().iter().find(|r| r["group"] == name).cloned().unwrap();
+    assert_eq!((row("sem")["requests"].as_i64(), row("sem")["cache_hits"].as_i64()), (Some(6), Some(2)), "{report}");
+    assert_eq!(row("bag-of-words")["requests"], 6, "{report}");
+
+    // Saved at shutdown, and read back by the next run on the same data dir.
+    let dir = svc._dir.path().to_path_buf();
+    let before = calls("/chat/completions");
+    svc.running.take().unwrap().stop().await.unwrap();
+    assert!(dir.join("semantic-cache.json").exists());
+    let mut config = qlayer_api::serve::ServeConfig::default();
+    config.server.rest_addr = "127.0.0.1:0".parse().unwrap();
+    config.server.grpc_addr = "127.0.0.1:0".parse().unwrap();
+    config.network.allow = vec!["127.0.0.1".into()];
+    config.gateway.upstream = Some(format!("{}/v1", upstream.url()));
+    let again = qlayer_api::serve::start(config, dir).await.unwrap();
+    svc.base = format!("http://{}", again.rest_addr);
+    svc.running = Some(again);
+    let after = ask(&svc, &acme, &ask_sem("What is the capital of France"), None).await;
+    assert_eq!((after.status, after.cache.as_str()), (200, "semantic-hit"), "{}", after.text);
+    assert_eq!(calls("/chat/completions"), before, "answered after the restart without the model");
+    svc.stop().await;
+}

@@ -229,18 +229,6 @@ mod tests {
         CompletionRequest::new("", vec![Message::new(Role::User, text)])
     }
 
-    fn d() -> Deployment {
-        Deployment {
-            plugin: "p".into(),
-            model: "m".into(),
-            weight: 1,
-            input_price: 0.0,
-            output_price: 0.0,
-            rpm: None,
-            tpm: None,
-        }
-    }
-
     fn answer(text: &str) -> Kept {
         Kept::Whole(Completion {
             model: "m".into(),
@@ -270,20 +258,20 @@ mod tests {
     #[test]
     fn entries_expire_and_the_oldest_go_first_when_full() {
         let cache = ExactCache::new(3 * weight(&answer("x")));
-        cache.put([1; 32], answer("x"), d(), Duration::from_secs(60));
-        cache.put([2; 32], answer("x"), d(), Duration::from_secs(60));
-        cache.put([3; 32], answer("x"), d(), Duration::from_millis(0));
+        cache.put([1; 32], answer("x"), Deployment::of("p", "m"), Duration::from_secs(60));
+        cache.put([2; 32], answer("x"), Deployment::of("p", "m"), Duration::from_secs(60));
+        cache.put([3; 32], answer("x"), Deployment::of("p", "m"), Duration::from_millis(0));
         assert!(cache.get(&[3; 32]).is_none(), "expired");
-        cache.put([4; 32], answer("x"), d(), Duration::from_secs(60));
-        cache.put([5; 32], answer("x"), d(), Duration::from_secs(60));
+        cache.put([4; 32], answer("x"), Deployment::of("p", "m"), Duration::from_secs(60));
+        cache.put([5; 32], answer("x"), Deployment::of("p", "m"), Duration::from_secs(60));
         assert!(cache.get(&[1; 32]).is_none(), "the oldest went");
         assert!(cache.get(&[5; 32]).is_some());
         assert!(cache.bytes() <= 3 * weight(&answer("x")));
         // Replacing an entry keeps one copy of it.
-        cache.put([5; 32], answer("y"), d(), Duration::from_secs(60));
+        cache.put([5; 32], answer("y"), Deployment::of("p", "m"), Duration::from_secs(60));
         assert!(matches!(cache.get(&[5; 32]), Some((Kept::Whole(c), _)) if c.text == "y"));
         let big = answer(&"x".repeat(MAX_ENTRY_BYTES));
-        cache.put([6; 32], big, d(), Duration::from_secs(60));
+        cache.put([6; 32], big, Deployment::of("p", "m"), Duration::from_secs(60));
         assert!(cache.get(&[6; 32]).is_none(), "too large to keep");
         assert_eq!(Directives::parse("No-Cache, max-age=0, no-store"), Directives { no_cache: true, no_store: true });
     }

@@ -416,18 +416,6 @@ mod tests {
     use super::*;
     use qlayer_runtime::{Message, Role};
 
-    fn d() -> Deployment {
-        Deployment {
-            plugin: "p".into(),
-            model: "m".into(),
-            weight: 1,
-            input_price: 0.0,
-            output_price: 0.0,
-            rpm: None,
-            tpm: None,
-        }
-    }
-
     fn answer(text: &str) -> Kept {
         Kept::Whole(Completion {
             model: "m".into(),
@@ -449,8 +437,8 @@ mod tests {
     fn the_closest_answer_above_the_threshold_in_the_same_partition_is_found() {
         let index = SemanticIndex::new(100, None);
         let p = [1; 32];
-        index.insert(p, &[1.0, 0.0, 0.0], answer("east"), d(), Duration::from_secs(60)).unwrap();
-        index.insert(p, &[0.0, 1.0, 0.0], answer("north"), d(), Duration::from_secs(60)).unwrap();
+        index.insert(p, &[1.0, 0.0, 0.0], answer("east"), Deployment::of("p", "m"), Duration::from_secs(60)).unwrap();
+        index.insert(p, &[0.0, 1.0, 0.0], answer("north"), Deployment::of("p", "m"), Duration::from_secs(60)).unwrap();
         let (kept, _, similarity) = index.lookup(&p, &[0.9, 0.1, 0.0], 0.9).unwrap().unwrap();
         assert_eq!(text(&kept), "east");
         assert!(similarity > 0.99);
@@ -458,11 +446,15 @@ mod tests {
         assert!(index.lookup(&[2; 32], &[1.0, 0.0, 0.0], 0.1).unwrap().is_none(), "another partition");
         assert_eq!(index.lookup(&p, &[1.0, 0.0], 0.5).unwrap_err(), VectorError::Dimension { expected: 3, got: 2 });
         assert_eq!(
-            index.insert(p, &[0.0, 0.0, 0.0], answer("x"), d(), Duration::from_secs(1)).unwrap_err(),
+            index
+                .insert(p, &[0.0, 0.0, 0.0], answer("x"), Deployment::of("p", "m"), Duration::from_secs(1))
+                .unwrap_err(),
             VectorError::Unusable
         );
         assert_eq!(
-            index.insert(p, &[f32::NAN, 1.0, 0.0], answer("x"), d(), Duration::from_secs(1)).unwrap_err(),
+            index
+                .insert(p, &[f32::NAN, 1.0, 0.0], answer("x"), Deployment::of("p", "m"), Duration::from_secs(1))
+                .unwrap_err(),
             VectorError::Unusable
         );
     }
@@ -491,9 +483,9 @@ mod tests {
             finish_reason: Some(FinishReason::ToolCalls),
             usage: Some(Usage { prompt_tokens: 1, completion_tokens: 2 }),
         }]);
-        index.insert([1; 32], &[1.0, 0.0], answer("one"), d(), Duration::from_secs(60)).unwrap();
-        index.insert([1; 32], &[0.0, 1.0], stream, d(), Duration::from_secs(60)).unwrap();
-        index.insert([2; 32], &[1.0, 1.0], answer("three"), d(), Duration::from_secs(60)).unwrap();
+        index.insert([1; 32], &[1.0, 0.0], answer("one"), Deployment::of("p", "m"), Duration::from_secs(60)).unwrap();
+        index.insert([1; 32], &[0.0, 1.0], stream, Deployment::of("p", "m"), Duration::from_secs(60)).unwrap();
+        index.insert([2; 32], &[1.0, 1.0], answer("three"), Deployment::of("p", "m"), Duration::from_secs(60)).unwrap();
         assert_eq!(index.len(), 2);
         assert!(index.lookup(&[1; 32], &[1.0, 0.0], 0.99).unwrap().is_none(), "the oldest went");
         index.save().unwrap();

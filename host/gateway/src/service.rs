@@ -466,15 +466,7 @@ impl Gateway {
         match &self.config.passthrough {
             Some(plugin) if crate::table::valid_model_name(name) => Ok(Arc::new(ModelSpec {
                 strategy: crate::table::Strategy::Priority,
-                deployments: vec![Deployment {
-                    plugin: plugin.clone(),
-                    model: name.to_string(),
-                    weight: 1,
-                    input_price: 0.0,
-                    output_price: 0.0,
-                    rpm: None,
-                    tpm: None,
-                }],
+                deployments: vec![Deployment::of(plugin, name)],
                 cache: None,
             })),
             _ => Err(GatewayError::model_not_found(name)),

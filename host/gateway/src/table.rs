@@ -72,6 +72,19 @@ fn one() -> u32 {
 }
 
 impl Deployment {
+    /// `plugin`'s `model`, at no price, weight 1 and without limits of its own.
+    pub fn of(plugin: &str, model: &str) -> Deployment {
+        Deployment {
+            plugin: plugin.to_string(),
+            model: model.to_string(),
+            weight: 1,
+            input_price: 0.0,
+            output_price: 0.0,
+            rpm: None,
+            tpm: None,
+        }
+    }
+
     /// `plugin/model`, as usage records and metrics name it.
     pub fn key(&self) -> String {
         format!("{}/{}", self.plugin, self.model)

@@ -884,6 +884,79 @@ impl Drop for TestNats {
     }
 }
 
+/// A Qdrant server: `../shared/bin/qdrant` from the project root (built from Qdrant's public
+/// source; see `shared/bin/README.md`) on free loopback ports with its storage in a temp dir,
+/// stopped on drop; or the one `QLAYER_TEST_QDRANT` names (its gRPC URL).
+pub struct TestQdrant {
+    child: Option<std::process::Child>,
+    /// Its gRPC URL, which `qdrant-client` talks to.
+    pub url: String,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestQdrant {
+    /// Starts one and waits until it is ready; `None` (and a line saying so) where neither the
+    /// binary nor `QLAYER_TEST_QDRANT` is there.
+    pub fn start() -> Option<TestQdrant> {
+        if let Ok(url) = std::env::var("QLAYER_TEST_QDRANT") {
+            return Some(TestQdrant { child: None, url, _dir: None });
+        }
+        let binary = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/bin/qdrant");
+        if !binary.exists() {
+            eprintln!("skipped: no Qdrant at {} and no QLAYER_TEST_QDRANT", binary.display());
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let (http, grpc) = (free_port(), free_port());
+        let child = std::process::Command::new(&binary)
+            .current_dir(dir.path())
+            .env("QDRANT__SERVICE__HOST", "127.0.0.1")
+            .env("QDRANT__SERVICE__HTTP_PORT", http.to_string())
+            .env("QDRANT__SERVICE__GRPC_PORT", grpc.to_string())
+            .env("QDRANT__STORAGE__STORAGE_PATH", dir.path().join("storage"))
+            .env("QDRANT__STORAGE__SNAPSHOTS_PATH", dir.path().join("snapshots"))
+            .env("QDRANT__TELEMETRY_DISABLED", "true")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
+        let qdrant = TestQdrant { child: Some(child), url: format!("http://127.0.0.1:{grpc}"), _dir: Some(dir) };
+        for _ in 0..400 {
+            if ready(http) && std::net::TcpStream::connect(("127.0.0.1", grpc)).is_ok() {
+                return Some(qdrant);
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("qdrant did not become ready on port {http}")
+    }
+
+    /// Stops it (a Qdrant that went down).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Whether `GET /readyz` on `port` answers 200.
+fn ready(port: u16) -> bool {
+    use std::io::{Read as _, Write as _};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+    if stream.write_all(b"GET /readyz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).is_ok() && head.ends_with(b"200")
+}
+
+impl Drop for TestQdrant {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// The operator key the service tests start `qlayer serve` with.
 pub const ADMIN: &str = "ql_0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 

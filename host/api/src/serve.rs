@@ -35,6 +35,31 @@ pub struct ServeConfig {
     /// The OpenAI-compatible gateway.
     #[serde(default)]
     pub gateway: GatewaySection,
+    /// Where the gateway's semantic cache lives.
+    #[serde(default)]
+    pub cache: CacheSection,
+}
+
+/// `[cache]`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct CacheSection {
+    /// A Qdrant's gRPC URL (`http://qdrant:6334`) that holds the semantic cache for every node
+    /// sharing it; without one, each node keeps its own in its data dir.
+    #[serde(default)]
+    pub qdrant: Option<String>,
+}
+
+impl CacheSection {
+    /// Checks the URL (the message names the key).
+    pub fn qdrant(&self) -> anyhow::Result<Option<String>> {
+        let Some(url) = &self.qdrant else { return Ok(None) };
+        let parsed = url::Url::parse(url).with_context(|| format!("[cache] qdrant `{url}` is not a URL"))?;
+        if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+            anyhow::bail!("[cache] qdrant `{url}` must be an http:// or https:// URL of Qdrant's gRPC port");
+        }
+        Ok(Some(url.clone()))
+    }
 }
 
 /// `[gateway]`.
@@ -598,6 +623,7 @@ pub async fn start(config: ServeConfig, data_dir: PathBuf) -> anyhow::Result<Run
     let mut gateway_config = config.gateway.config()?;
     // The semantic cache is kept in the data dir between runs (each node its own).
     gateway_config.semantic_path = Some(data_dir.join("semantic-cache.json"));
+    gateway_config.qdrant = config.cache.qdrant()?;
     scheduler_config.interactive_concurrency = config.gateway.concurrency;
     let db = qlayer_db::Db::open(&url).await.context("opening the database")?;
     let first_admin_key =
@@ -967,6 +993,14 @@ mod tests {
             let err = ServeConfig::from_toml(text).unwrap_err();
             assert!(format!("{err:#}").contains(says), "{text}: {err:#}");
         }
+        for (text, says) in [
+            ("[cache]\nqdrant = \"not a url\"\n", "[cache] qdrant `not a url` is not a URL"),
+            ("[cache]\nqdrant = \"ftp://q:6334\"\n", "gRPC port"),
+        ] {
+            let config = ServeConfig::from_toml(text).unwrap();
+            assert!(config.cache.qdrant().unwrap_err().to_string().contains(says), "{text}");
+        }
+        assert!(ServeConfig::from_toml("[cache]\nqdrnt = \"x\"\n").is_err());
         let bad = ServeConfig::from_toml("[gateway]\nupstream = \"not a url\"\n").unwrap();
         assert!(bad.gateway.upstream_host().unwrap_err().to_string().contains("[gateway] upstream"));
         let ok = ServeConfig::from_toml(

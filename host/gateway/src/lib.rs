@@ -14,6 +14,7 @@ pub mod anthropic;
 pub mod cache;
 pub mod meter;
 pub mod openai;
+pub mod qdrant;
 pub mod quota;
 pub mod request;
 pub mod route;

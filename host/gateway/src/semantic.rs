@@ -252,6 +252,16 @@ impl SemanticIndex {
     }
 }
 
+/// An answer as JSON text (for Qdrant's payload).
+pub(crate) fn kept_to_json(kept: &Kept) -> String {
+    serde_json::to_string(&SavedKept::from(kept)).unwrap_or_default()
+}
+
+/// An answer from [`kept_to_json`]'s text.
+pub(crate) fn kept_from_json(text: &str) -> Result<Kept, String> {
+    serde_json::from_str::<SavedKept>(text).map(Kept::from).map_err(|e| e.to_string())
+}
+
 /// Drops expired entries, then the oldest, until at most `max` remain.
 fn evict(inner: &mut Inner, max: usize) {
     let now = now_ms();

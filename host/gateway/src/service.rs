@@ -5,6 +5,7 @@
 use crate::cache::{self, ExactCache, Kept};
 use crate::meter::Meter;
 use crate::openai::{ChatRequest, EmbedRequest, Feature};
+use crate::qdrant::{Place, QdrantIndex, StoreError};
 use crate::quota::{Limit, Quotas, Refusal, Reservation, Scope, Unit, Used, Window};
 use crate::route::{Health, Outcome, Plan};
 use crate::semantic::SemanticIndex;
@@ -75,6 +76,8 @@ pub struct GatewayConfig {
     pub semantic_entries: usize,
     /// Where the semantic cache is kept between runs (none: only in memory).
     pub semantic_path: Option<std::path::PathBuf>,
+    /// A Qdrant (its gRPC URL) that holds the semantic cache instead, shared by the nodes.
+    pub qdrant: Option<String>,
 }
 
 impl Default for GatewayConfig {
@@ -93,6 +96,7 @@ impl Default for GatewayConfig {
             cache_bytes: 64 << 20,
             semantic_entries: 10_000,
             semantic_path: None,
+            qdrant: None,
         }
     }
 }
@@ -110,7 +114,7 @@ pub struct Gateway {
     tables: Mutex<HashMap<String, (Instant, Table)>>,
     quotas: Arc<Quotas>,
     cache: Arc<ExactCache>,
-    semantic: Arc<SemanticIndex>,
+    semantic: SemanticStore,
     limits: Mutex<HashMap<String, (Instant, Arc<TenantLimits>)>>,
     installed: Mutex<HashMap<(String, String), (Instant, Installed)>>,
     /// The passthrough upstream's model list, when it was last asked.
@@ -357,7 +361,7 @@ impl Gateway {
             meter: Meter::start(db.clone()),
             quotas: Quotas::new(db.clone(), config.quota_lease),
             cache: Arc::new(ExactCache::new(config.cache_bytes)),
-            semantic: start_semantic(config.semantic_entries, config.semantic_path.clone()),
+            semantic: SemanticStore::start(&config),
             limits: Mutex::new(HashMap::new()),
             db,
             providers,
@@ -383,7 +387,9 @@ impl Gateway {
     /// Writes buffered usage records; for a clean shutdown.
     pub async fn shutdown(&self) {
         self.meter.close().await;
-        save_semantic(self.semantic.clone()).await;
+        if let SemanticStore::Embedded(index) = &self.semantic {
+            save_semantic(index.clone()).await;
+        }
     }
 
     /// Forgets what this node read of `tenant_id`'s table (after a change through it).
@@ -1217,19 +1223,67 @@ struct CachePlan {
     outcome: cache::Outcome,
 }
 
-/// Where a request's answer goes in the semantic cache: its partition and its conversation's
-/// embedding.
+/// Where the semantic cache keeps its index: in the process (saved in the data dir), or in a
+/// Qdrant the nodes share.
+#[derive(Clone)]
+enum SemanticStore {
+    Embedded(Arc<SemanticIndex>),
+    Qdrant(Arc<QdrantIndex>),
+}
+
+impl SemanticStore {
+    fn start(config: &GatewayConfig) -> SemanticStore {
+        if let Some(url) = &config.qdrant {
+            match QdrantIndex::connect(url) {
+                Ok(index) => return SemanticStore::Qdrant(Arc::new(index)),
+                Err(e) => tracing::error!("the semantic cache stays in this process: {e}"),
+            }
+        }
+        SemanticStore::Embedded(start_semantic(config.semantic_entries, config.semantic_path.clone()))
+    }
+}
+
+/// Why a semantic store failed, as the metric's `reason` says it.
+fn store_reason(e: &StoreError) -> &'static str {
+    match e {
+        StoreError::Vector(_) => "vector",
+        StoreError::Unavailable(_) => "store",
+    }
+}
+
+/// Where a request's answer goes in the semantic cache: its tenant, embedding model,
+/// partition and its conversation's embedding.
 struct Semantic {
-    index: Arc<SemanticIndex>,
+    store: SemanticStore,
+    tenant: String,
+    embedding_model: String,
     partition: [u8; 32],
     vector: Vec<f32>,
 }
 
 impl Semantic {
-    /// Keeps `kept` for `ttl`; a vector the index cannot take is logged and metered.
+    /// Keeps `kept` for `ttl` (on Qdrant, off the request's path); a vector the index cannot
+    /// take, or a Qdrant that does not answer, is logged and metered.
     fn keep(self, kept: Kept, deployment: Deployment, ttl: Duration) {
-        if let Err(e) = self.index.insert(self.partition, &self.vector, kept, deployment, ttl) {
-            semantic_degraded("vector", &e.to_string());
+        match self.store {
+            SemanticStore::Embedded(index) => {
+                if let Err(e) = index.insert(self.partition, &self.vector, kept, deployment, ttl) {
+                    semantic_degraded("vector", &e.to_string());
+                }
+            }
+            SemanticStore::Qdrant(index) => {
+                tokio::spawn(async move {
+                    let at = Place {
+                        embedding_model: &self.embedding_model,
+                        tenant: &self.tenant,
+                        partition: &self.partition,
+                    };
+                    let kept = index.insert(at, self.vector, &kept, &deployment, ttl).await;
+                    if let Err(e) = kept {
+                        semantic_degraded(store_reason(&e), &e.to_string());
+                    }
+                });
+            }
         }
     }
 }
@@ -1300,16 +1354,38 @@ impl Gateway {
         };
         let partition =
             crate::semantic::partition(&caller.tenant_id, &chat.model, &wanted.embedding_model, stream, &chat.request);
-        let semantic = Semantic { index: self.semantic.clone(), partition, vector };
+        let semantic = Semantic {
+            store: self.semantic.clone(),
+            tenant: caller.tenant_id.clone(),
+            embedding_model: wanted.embedding_model.clone(),
+            partition,
+            vector,
+        };
         if plan.read {
-            match self.semantic.lookup(&partition, &semantic.vector, wanted.threshold) {
+            let found = match &self.semantic {
+                SemanticStore::Embedded(index) => {
+                    index.lookup(&partition, &semantic.vector, wanted.threshold).map_err(|e| ("vector", e.to_string()))
+                }
+                SemanticStore::Qdrant(index) => {
+                    let at = Place {
+                        embedding_model: &wanted.embedding_model,
+                        tenant: &caller.tenant_id,
+                        partition: &partition,
+                    };
+                    index
+                        .lookup(at, &semantic.vector, wanted.threshold)
+                        .await
+                        .map_err(|e| (store_reason(&e), e.to_string()))
+                }
+            };
+            match found {
                 Ok(Some((kept, deployment, similarity))) => {
                     tracing::debug!(similarity, "semantic cache hit");
                     return (Some((kept, deployment, cache::Outcome::SemanticHit)), None);
                 }
                 Ok(None) => {}
-                Err(e) => {
-                    semantic_degraded("vector", &e.to_string());
+                Err((reason, why)) => {
+                    semantic_degraded(reason, &why);
                     return (None, None);
                 }
             }

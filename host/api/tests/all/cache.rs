@@ -235,3 +235,60 @@ async fn the_semantic_cache_answers_what_means_the_same_within_a_tenant_and_surv
     assert_eq!(calls("/chat/completions"), before, "answered after the restart without the model");
     svc.stop().await;
 }
+
+/// The semantic cache on a real Qdrant (`../shared/bin/qdrant`, started on free ports): two
+/// nodes sharing it answer each other's reworded questions, never across tenants; when Qdrant
+/// goes down, requests are still answered (without the cache) and `/metrics` says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_semantic_cache_on_qdrant_is_shared_by_nodes_and_qdrant_down_only_loses_the_cache() {
+    let Some(mut qdrant) = qlayer_tests::TestQdrant::start() else { return };
+    let upstream = TestServer::start().await;
+    let (db, _pg) = qlayer_tests::fresh_postgres().await;
+    let node = |db: String| {
+        let (upstream, qdrant) = (format!("{}/v1", upstream.url()), qdrant.url.clone());
+        crate::api::service(qlayer_db::Backend::Sqlite, false, move |c| {
+            c.network.allow = vec!["127.0.0.1".into()];
+            c.gateway.upstream = Some(upstream);
+            c.database.url = Some(db);
+            c.cache.qdrant = Some(qdrant);
+        })
+    };
+    let a = node(db.clone()).await;
+    let b = node(db).await;
+    let (_, acme) = a.tenant("acme").await;
+    let (_, beta) = a.tenant("beta").await;
+    let entry = json!({
+        "deployments": [{"plugin": "upstream", "model": "m"}],
+        "cache": {"ttl_secs": 600, "semantic": {"embedding_model": "bag-of-words", "threshold": 0.95}}
+    });
+    for key in [&acme, &beta] {
+        assert_eq!(a.put("/v1/models/sem", key, entry.clone()).await.status, 200);
+    }
+    let calls = || upstream.requests().iter().filter(|s| s.path.ends_with("/chat/completions")).count();
+    let q = |text: &str| json!({"model": "sem", "messages": [{"role": "user", "content": text}]});
+
+    assert_eq!(ask(&a, &acme, &q("Which planet is the largest?"), None).await.cache, "miss");
+    // Kept off the request's path: wait until node b finds it (asking with no-store, so that
+    // an early miss is not kept in node b's own exact cache).
+    let mut found = String::new();
+    for _ in 0..100 {
+        found = ask(&b, &acme, &q("which planet is the largest"), Some("no-store")).await.cache;
+        if found == "semantic-hit" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(found, "semantic-hit", "node b answers from what node a kept");
+    let before = calls();
+    assert_eq!(ask(&b, &beta, &q("which planet is the largest"), None).await.cache, "miss", "another tenant");
+    assert_eq!(calls(), before + 1);
+
+    // Qdrant goes down: answered all the same, without the cache, and said.
+    qdrant.stop();
+    let down = ask(&a, &acme, &q("which planet is the largest!"), None).await;
+    assert_eq!((down.status, down.cache.as_str()), (200, "miss"), "{}", down.text);
+    let metrics = a.get("/metrics", qlayer_tests::ADMIN).await.text;
+    assert!(metrics.contains("qlayer_gateway_semantic_cache_errors_total{reason=\"store\"}"), "{metrics}");
+    a.stop().await;
+    b.stop().await;
+}

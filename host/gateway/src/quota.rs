@@ -753,6 +753,21 @@ mod store_tests {
         three_nodes_never_admit_more_than_the_limit(true).await;
     }
 
+    /// Quota is leased in chunks: 200 requests against 1,000 a minute ask the store for
+    /// grants about once per sixteenth of the limit (62), not once per request.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_draw_on_a_lease_in_memory_and_ask_the_store_once_a_chunk() {
+        let (db, _store) = store(false).await;
+        let quotas = Quotas::new(db.clone(), Duration::from_secs(60));
+        for _ in 0..200 {
+            quotas.reserve(vec![(rpm(1_000), 1)]).await.unwrap().settle(Used::default());
+        }
+        // The leases are 60 s long here: every grant made is still in the node's ledger.
+        let grants = quotas.lock().get(&rpm(1_000).key(now_ms())).map(|l| l.leases.len());
+        assert_eq!(grants, Some(4), "200 requests in chunks of 62");
+        assert_eq!(db.quota_used(&rpm(1_000).key(now_ms())).await.unwrap(), 4 * 62);
+    }
+
     /// A minute of 1 s: what was admitted counts for the minute and the lease, then frees; a
     /// node that dies holding a lease takes nothing with it for longer than that.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

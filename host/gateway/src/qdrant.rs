@@ -9,8 +9,8 @@ use crate::table::Deployment;
 use qdrant_client::Qdrant;
 use qdrant_client::qdrant::value::Kind;
 use qdrant_client::qdrant::{
-    Condition, CreateCollectionBuilder, Distance, Filter, PointStruct, QueryPointsBuilder, Range, UpsertPointsBuilder,
-    Value, VectorParamsBuilder,
+    Condition, CreateCollectionBuilder, CreateFieldIndexCollectionBuilder, Distance, FieldType, Filter, PointStruct,
+    QueryPointsBuilder, Range, UpsertPointsBuilder, Value, VectorParamsBuilder,
 };
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -176,10 +176,23 @@ impl QdrantIndex {
             if !self.guarded(self.client.collection_exists(&name)).await? {
                 let create = CreateCollectionBuilder::new(&name)
                     .vectors_config(VectorParamsBuilder::new(vector.len() as u64, Distance::Cosine));
-                if let Err(e) = self.guarded(self.client.create_collection(create)).await {
-                    // Another node may have made it meanwhile.
-                    if !self.guarded(self.client.collection_exists(&name)).await? {
-                        return Err(e);
+                match self.guarded(self.client.create_collection(create)).await {
+                    // Every query filters by these: indexed, Qdrant need not scan for them.
+                    Ok(_) => {
+                        for (field, kind) in [
+                            ("tenant", FieldType::Keyword),
+                            ("partition", FieldType::Keyword),
+                            ("expires_ms", FieldType::Integer),
+                        ] {
+                            let index = CreateFieldIndexCollectionBuilder::new(&name, field, kind).wait(true);
+                            self.guarded(self.client.create_field_index(index)).await?;
+                        }
+                    }
+                    // Another node may have made it meanwhile (and indexes it).
+                    Err(e) => {
+                        if !self.guarded(self.client.collection_exists(&name)).await? {
+                            return Err(e);
+                        }
                     }
                 }
             }

@@ -704,7 +704,7 @@ impl Gateway {
         // Limits hold the most the request can use, so that what they admit can never pass
         // them; each settles to what it used.
         let tokens = prompt.bound + u64::from(max_out);
-        let reservation = match self.reserve(caller, &spec, prompt.bound, u64::from(max_out)).await {
+        let reservation = match self.reserve(caller, &spec, 1, prompt.bound, u64::from(max_out)).await {
             Ok(reservation) => reservation,
             Err(e) => {
                 self.meter_failure(record, started, &e);
@@ -971,12 +971,12 @@ pub struct TenantLimits {
     pub keys: HashMap<String, QuotaLimits>,
 }
 
-/// The limits of `limits` for `scope`, each with what a request of `tokens` costing up to
-/// `spend` needs of it.
-fn needs_of(scope: Scope, limits: &QuotaLimits, tokens: u64, spend: u64, needs: &mut Vec<(Limit, u64)>) {
+/// The limits of `limits` for `scope`, each with what `requests` (1, or 0 for a call the gateway
+/// makes on a request's behalf) of `tokens` costing up to `spend` need of it.
+fn needs_of(scope: Scope, limits: &QuotaLimits, requests: u64, tokens: u64, spend: u64, needs: &mut Vec<(Limit, u64)>) {
     let max = |v: Option<i64>| v.filter(|v| *v > 0).map(|v| v as u64);
     for (unit, window, limit, need) in [
-        (Unit::Requests, Window::Minute, max(limits.rpm), 1),
+        (Unit::Requests, Window::Minute, max(limits.rpm), requests),
         (Unit::Tokens, Window::Minute, max(limits.tpm), tokens),
         (Unit::Spend, Window::Day, max(limits.daily_nanos), spend),
         (Unit::Spend, Window::Month, max(limits.monthly_nanos), spend),
@@ -1048,13 +1048,15 @@ impl Gateway {
         &self.config.currency
     }
 
-    /// Holds a request of `prompt` tokens (estimated) asking for up to `max_out` to the
-    /// tenant's and the key's limits: all of them, or a refusal naming the one that is full.
-    /// Spend is held at the model's dearest deployment.
+    /// Holds `requests` (1, or 0 for a call the gateway makes on a request's behalf) of at most
+    /// `prompt` tokens asking for up to `max_out` to the tenant's and the key's limits: all of
+    /// them, or a refusal naming the one that is full. Spend is held at the model's dearest
+    /// deployment.
     async fn reserve(
         &self,
         caller: &Caller,
         spec: &ModelSpec,
+        requests: u64,
         prompt: u64,
         max_out: u64,
     ) -> Result<Reservation, GatewayError> {
@@ -1066,9 +1068,9 @@ impl Gateway {
         let tokens = prompt + max_out;
         let spend = spec.deployments.iter().map(|d| d.cost_nanos(prompt, max_out).max(0) as u64).max().unwrap_or(0);
         let mut needs = Vec::new();
-        needs_of(Scope::Tenant(caller.tenant_id.clone()), &limits.tenant, tokens, spend, &mut needs);
+        needs_of(Scope::Tenant(caller.tenant_id.clone()), &limits.tenant, requests, tokens, spend, &mut needs);
         if let Some(key) = key {
-            needs_of(Scope::Key(caller.key_id.clone()), key, tokens, spend, &mut needs);
+            needs_of(Scope::Key(caller.key_id.clone()), key, requests, tokens, spend, &mut needs);
         }
         self.quotas.reserve(needs).await.map_err(|refusal| self.refused(&refusal, "max_tokens"))
     }
@@ -1087,7 +1089,7 @@ impl Gateway {
         let scope = Scope::Deployment { tenant: caller.tenant_id.clone(), deployment: d.key() };
         let limits = QuotaLimits { rpm: d.rpm.map(i64::from), tpm: d.tpm.map(i64::from), ..QuotaLimits::default() };
         let mut needs = Vec::new();
-        needs_of(scope, &limits, tokens, 0, &mut needs);
+        needs_of(scope, &limits, 1, tokens, 0, &mut needs);
         self.quotas.reserve(needs).await.map(Some)
     }
 
@@ -1412,7 +1414,8 @@ impl Gateway {
             }
         };
         let bound = crate::request::prompt_bound(text.len(), 1, 0, 0);
-        let reservation = match self.reserve(caller, &spec, bound, 0).await {
+        // Not a request of the tenant's: its tokens and spend count, the request it made does.
+        let reservation = match self.reserve(caller, &spec, 0, bound, 0).await {
             Ok(reservation) => reservation,
             Err(e) => {
                 self.meter_failure(record, started, &e);

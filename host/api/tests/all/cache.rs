@@ -165,12 +165,21 @@ async fn the_semantic_cache_answers_what_means_the_same_within_a_tenant_and_surv
     let (a, b): (Value, Value) =
         (serde_json::from_str(&first.text).unwrap(), serde_json::from_str(&reworded.text).unwrap());
     assert_eq!(a["choices"][0]["message"], b["choices"][0]["message"]);
+    // The embedding is the gateway's own call: a tenant allowed two requests a minute asks a
+    // question and its rewording, and both are answered (the second from the cache).
+    let (gamma_id, gamma) = svc.tenant("gamma").await;
+    assert_eq!(svc.put("/v1/models/sem", &gamma, entry("bag-of-words")).await.status, 200);
+    let limited = svc.put(&format!("/v1/tenants/{gamma_id}/limits"), qlayer_tests::ADMIN, json!({"rpm": 2})).await;
+    assert_eq!(limited.status, 200, "{limited:?}");
+    assert_eq!(ask(&svc, &gamma, &ask_sem("Who wrote Hamlet?"), None).await.cache, "miss");
+    let second = ask(&svc, &gamma, &ask_sem("who wrote hamlet"), None).await;
+    assert_eq!((second.status, second.cache.as_str()), (200, "semantic-hit"), "{}", second.text);
     // Another question, other parameters, another tenant: not answered from the cache.
     assert_eq!(ask(&svc, &acme, &ask_sem("How tall is the Eiffel tower?"), None).await.cache, "miss");
     let warm = json!({"model": "sem", "temperature": 0.5, "messages": [{"role": "user", "content": "what is the capital of france"}]});
     assert_eq!(ask(&svc, &acme, &warm, None).await.cache, "miss");
     assert_eq!(ask(&svc, &beta, &ask_sem("what is the capital of france"), None).await.cache, "miss");
-    assert_eq!(calls("/chat/completions"), 4);
+    assert_eq!(calls("/chat/completions"), 5);
     // A stream, replayed for a reworded one.
     let stream = |text: &str| json!({"model": "sem", "stream": true, "messages": [{"role": "user", "content": text}]});
     let live = ask(&svc, &acme, &stream("Name three rivers in Spain"), None).await;
@@ -178,7 +187,7 @@ async fn the_semantic_cache_answers_what_means_the_same_within_a_tenant_and_surv
     let replay = ask(&svc, &acme, &stream("name three rivers in spain!"), None).await;
     assert_eq!(replay.cache, "semantic-hit");
     assert_eq!(events(&live.text), events(&replay.text));
-    assert_eq!(calls("/chat/completions"), 5);
+    assert_eq!(calls("/chat/completions"), 6);
 
     // The embedding model starts answering another size: served without the cache, and said.
     assert_eq!(

@@ -211,29 +211,22 @@ pub async fn set_key_limits_op(
             .find(|(key, _)| key.is_empty())
             .map(|(_, l)| l)
             .unwrap_or_default();
-        let shown = view(tenant_id, None, &tenant, &currency);
-        for (field, key, of_tenant, shown) in [
-            ("rpm", limits.rpm, tenant.rpm, tenant.rpm.map(|v| v.to_string())),
-            ("tpm", limits.tpm, tenant.tpm, tenant.tpm.map(|v| v.to_string())),
-            (
-                "budget.daily",
-                limits.daily_nanos,
-                tenant.daily_nanos,
-                shown.budget.as_ref().and_then(|b| b.daily).map(|v| format!("{v} {currency}")),
-            ),
-            (
-                "budget.monthly",
-                limits.monthly_nanos,
-                tenant.monthly_nanos,
-                shown.budget.as_ref().and_then(|b| b.monthly).map(|v| format!("{v} {currency}")),
-            ),
+        for (field, key, of_tenant, money) in [
+            ("rpm", limits.rpm, tenant.rpm, false),
+            ("tpm", limits.tpm, tenant.tpm, false),
+            ("budget.daily", limits.daily_nanos, tenant.daily_nanos, true),
+            ("budget.monthly", limits.monthly_nanos, tenant.monthly_nanos, true),
         ] {
             if let (Some(key), Some(tenant)) = (key, of_tenant)
                 && key > tenant
             {
+                let shown = if money {
+                    format!("{} {currency}", qlayer_gateway::quota::money(tenant.max(0) as u64))
+                } else {
+                    tenant.to_string()
+                };
                 return Err(ApiError::invalid(format!(
-                    "{field} is above the tenant's own limit of {}: a key's limits are within its tenant's",
-                    shown.unwrap_or_default()
+                    "{field} is above the tenant's own limit of {shown}: a key's limits are within its tenant's"
                 )));
             }
         }

@@ -82,6 +82,16 @@ pub enum Kept {
 /// The key of a request: SHA-256 over the tenant, the model name, whether it streams, and the
 /// request as the contract has it (its `user` left out: who asks does not change the answer).
 pub fn key(tenant_id: &str, model: &str, stream: bool, request: &CompletionRequest) -> [u8; 32] {
+    let mut request = request.clone();
+    request.user = None;
+    request.model.clear();
+    digest(&[tenant_id, model, if stream { "stream" } else { "whole" }], &request)
+}
+
+/// SHA-256 over `parts` (each length-prefixed) and `request`. Its Debug text prints every field,
+/// so a field the contract adds is part of the digest without anyone remembering to add it.
+/// Digests live in this process (and its data dir) only.
+pub(crate) fn digest(parts: &[&str], request: &CompletionRequest) -> [u8; 32] {
     struct Hashing(Sha256);
     impl std::fmt::Write for Hashing {
         fn write_str(&mut self, s: &str) -> std::fmt::Result {
@@ -89,16 +99,11 @@ pub fn key(tenant_id: &str, model: &str, stream: bool, request: &CompletionReque
             Ok(())
         }
     }
-    let mut request = request.clone();
-    request.user = None;
-    request.model.clear();
     let mut h = Hashing(Sha256::new());
-    for part in [tenant_id, model, if stream { "stream" } else { "whole" }] {
+    for part in parts {
         h.0.update((part.len() as u64).to_be_bytes());
         h.0.update(part.as_bytes());
     }
-    // Debug prints every field of the request, so a field the contract adds is part of the
-    // key without anyone remembering to add it. Keys live in this process only.
     let _ = write!(h, "{request:?}");
     h.0.finalize().into()
 }

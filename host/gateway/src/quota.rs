@@ -603,11 +603,6 @@ impl Reservation {
         Reservation { quotas: quotas.clone(), holds: Vec::new() }
     }
 
-    /// Whether it holds anything.
-    pub fn is_empty(&self) -> bool {
-        self.holds.is_empty()
-    }
-
     /// The limits it holds.
     pub fn limits(&self) -> impl Iterator<Item = &Limit> {
         self.holds.iter().map(|h| &h.limit)
@@ -631,11 +626,6 @@ impl Reservation {
         for hold in std::mem::take(&mut self.holds) {
             self.quotas.settle_hold(hold, 0);
         }
-    }
-
-    /// Adds `other`'s holds (settled together).
-    pub fn join(&mut self, mut other: Reservation) {
-        self.holds.append(&mut other.holds);
     }
 }
 

@@ -74,8 +74,9 @@ impl ChatRequest {
         messages + tools
     }
 
-    /// The most prompt tokens it can use ([`prompt_bound`]), which limits reserve.
-    pub fn prompt_bound(&self) -> u64 {
+    /// The most prompt tokens it can use ([`prompt_bound`]), which limits reserve, given its
+    /// [`ChatRequest::prompt_bytes`].
+    pub fn prompt_bound(&self, bytes: usize) -> u64 {
         let images = self
             .request
             .messages
@@ -83,7 +84,7 @@ impl ChatRequest {
             .flat_map(|m| &m.content)
             .filter(|p| matches!(p, qlayer_runtime::ContentPart::ImageUrl(_)))
             .count();
-        prompt_bound(self.prompt_bytes(), self.request.messages.len(), images, self.request.tools.len())
+        prompt_bound(bytes, self.request.messages.len(), images, self.request.tools.len())
     }
 }
 

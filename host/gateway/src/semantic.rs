@@ -9,7 +9,6 @@ use crate::cache::Kept;
 use crate::table::Deployment;
 use qlayer_runtime::{Completion, CompletionChunk, CompletionRequest, FinishReason, ToolCall, ToolCallDelta, Usage};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -29,14 +28,7 @@ pub fn partition(
     request.messages.clear();
     request.user = None;
     request.model.clear();
-    let mut text = String::new();
-    let _ = write!(text, "{request:?}");
-    let mut h = Sha256::new();
-    for part in [tenant_id, model, embedding_model, if stream { "stream" } else { "whole" }, &text] {
-        h.update((part.len() as u64).to_be_bytes());
-        h.update(part.as_bytes());
-    }
-    h.finalize().into()
+    crate::cache::digest(&[tenant_id, model, embedding_model, if stream { "stream" } else { "whole" }], &request)
 }
 
 /// The text of a request's conversation, as it is embedded: each message's role and text, one a

@@ -743,7 +743,7 @@ impl Gateway {
         started: Instant,
         deadline: Instant,
     ) -> Result<Routed<Completion>, GatewayError> {
-        let prompt = Prompt { bytes: chat.prompt_bytes(), bound: chat.prompt_bound() };
+        let prompt = Prompt::of(chat);
         let max_out = chat.request.max_tokens.unwrap_or(self.config.reserve_tokens);
         let Begun { permit: _permit, mut record, spec, guard, timing, tokens, rate_headers, .. } =
             self.begin(caller, chat.endpoint, &chat.model, prompt, max_out, started).await?;
@@ -813,7 +813,7 @@ impl Gateway {
         started: Instant,
         deadline: Instant,
     ) -> Result<LiveStream, GatewayError> {
-        let prompt = Prompt { bytes: chat.prompt_bytes(), bound: chat.prompt_bound() };
+        let prompt = Prompt::of(chat);
         let max_out = chat.request.max_tokens.unwrap_or(self.config.reserve_tokens);
         let Begun { permit, mut record, spec, guard, prompt_estimate, tokens, rate_headers, timing } =
             self.begin(caller, chat.endpoint, &chat.model, prompt, max_out, started).await?;
@@ -914,41 +914,14 @@ impl Gateway {
         let prompt = Prompt { bytes, bound: crate::request::prompt_bound(bytes, embed.inputs.len(), 0, 0) };
         let Begun { permit: _permit, record, spec, guard, timing, tokens, rate_headers, .. } =
             self.begin(caller, "embeddings", &embed.model, prompt, 0, started).await?;
-        let routed = self
-            .route(
-                caller,
-                Ask { model: &embed.model, spec: &spec, needs: &[], tokens },
-                deadline,
-                |installed: Installed, model: String| async move {
-                    let request = EmbeddingRequest { model, inputs: embed.inputs.clone() };
-                    let (mut provider, instance) = take_instance(&installed, &caller.tenant_name).await?;
-                    let value = provider.embed(&request).await?;
-                    Ok(Timed { value, instance, upstream: provider.take_outbound_wait() })
-                },
-            )
-            .await;
+        let ask = Ask { model: &embed.model, spec: &spec, needs: &[], tokens };
+        let routed = self.route_embeddings(caller, ask, &embed.inputs, deadline).await;
         let held = guard.defuse();
         match routed {
             Ok(mut routed) => {
-                let deployment_held = routed.reservation.take();
-                if routed.value.vectors.len() != embed.inputs.len() {
-                    settle([held, deployment_held], Used::default());
-                    let e = GatewayError::new(
-                        502,
-                        "provider_failed",
-                        format!(
-                            "deployment `{}` returned {} vectors for {} inputs",
-                            routed.deployment.key(),
-                            routed.value.vectors.len(),
-                            embed.inputs.len()
-                        ),
-                    );
-                    self.meter_failure(record, started, &e);
-                    return Err(e);
-                }
                 let usage = Usage { prompt_tokens: routed.value.usage.prompt_tokens, completion_tokens: 0 };
                 let meter = self.meter_answer(record, &routed.deployment, usage, started);
-                settle([held, deployment_held], used(&routed.deployment, usage));
+                settle([held, routed.reservation.take()], used(&routed.deployment, usage));
                 routed.timing = Timing { meter, ..timing.with(routed.timing) };
                 routed.rate_headers = rate_headers;
                 Ok(routed)
@@ -1395,6 +1368,39 @@ impl Gateway {
         (None, plan.store.is_some().then_some(semantic))
     }
 
+    /// Embeddings of `inputs` from `ask`'s deployments: one vector per input, or a 502 naming
+    /// the deployment that answered otherwise (its own hold is then given back).
+    async fn route_embeddings(
+        &self,
+        caller: &Caller,
+        ask: Ask<'_>,
+        inputs: &[String],
+        deadline: Instant,
+    ) -> Result<Routed<Embeddings>, GatewayError> {
+        let mut routed = self
+            .route(caller, ask, deadline, |installed: Installed, model: String| async move {
+                let request = EmbeddingRequest { model, inputs: inputs.to_vec() };
+                let (mut provider, instance) = take_instance(&installed, &caller.tenant_name).await?;
+                let value = provider.embed(&request).await?;
+                Ok(Timed { value, instance, upstream: provider.take_outbound_wait() })
+            })
+            .await?;
+        if routed.value.vectors.len() != inputs.len() {
+            settle([routed.reservation.take(), None], Used::default());
+            return Err(GatewayError::new(
+                502,
+                "provider_failed",
+                format!(
+                    "deployment `{}` returned {} vectors for {} inputs",
+                    routed.deployment.key(),
+                    routed.value.vectors.len(),
+                    inputs.len()
+                ),
+            ));
+        }
+        Ok(routed)
+    }
+
     /// One embedding of `text` by the tenant's model `model`, as an embeddings request of its
     /// own: held to the limits, routed, metered (the caller already holds its admission).
     async fn embed_text(
@@ -1422,30 +1428,13 @@ impl Gateway {
                 return Err(e.message);
             }
         };
-        let inputs = vec![text];
-        let inputs = &inputs;
-        let routed = self
-            .route(
-                caller,
-                Ask { model, spec: &spec, needs: &[], tokens: bound },
-                deadline,
-                |installed: Installed, model: String| async move {
-                    let request = EmbeddingRequest { model, inputs: inputs.clone() };
-                    let (mut provider, instance) = take_instance(&installed, &caller.tenant_name).await?;
-                    let value = provider.embed(&request).await?;
-                    Ok(Timed { value, instance, upstream: provider.take_outbound_wait() })
-                },
-            )
-            .await;
-        match routed {
+        let ask = Ask { model, spec: &spec, needs: &[], tokens: bound };
+        match self.route_embeddings(caller, ask, &[text], deadline).await {
             Ok(mut routed) => {
                 let usage = Usage { prompt_tokens: routed.value.usage.prompt_tokens, completion_tokens: 0 };
                 self.meter_answer(record, &routed.deployment, usage, started);
                 settle([Some(reservation), routed.reservation.take()], used(&routed.deployment, usage));
-                match routed.value.vectors.len() {
-                    1 => Ok(routed.value.vectors.remove(0)),
-                    n => Err(format!("deployment `{}` returned {n} vectors for 1 input", routed.deployment.key())),
-                }
+                Ok(routed.value.vectors.remove(0))
             }
             Err(e) => {
                 settle([Some(reservation), None], Used::default());
@@ -1486,6 +1475,14 @@ struct Ask<'a> {
 struct Prompt {
     bytes: usize,
     bound: u64,
+}
+
+impl Prompt {
+    /// A chat request's prompt, its messages read once.
+    fn of(chat: &ChatRequest) -> Prompt {
+        let bytes = chat.prompt_bytes();
+        Prompt { bytes, bound: chat.prompt_bound(bytes) }
+    }
 }
 
 /// What [`Gateway::begin`] gives a request.

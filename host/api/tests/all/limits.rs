@@ -115,6 +115,11 @@ async fn limits_refuse_with_openai_headers_budgets_say_when_they_reset_and_usage
     let r = set_tenant_limits(&svc, &tenant, json!({"budget": {"currency": "USD", "daily": 0.00003}})).await;
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.body["budget"], json!({"currency": "USD", "daily": 0.00003}));
+    let r = svc
+        .put(&format!("/v1/keys/{dev_id}/limits"), &acme, json!({"budget": {"currency": "USD", "daily": 0.001}}))
+        .await;
+    assert_eq!(r.status, 400, "{r:?}");
+    assert!(r.text.contains("budget.daily is above the tenant's own limit of 0.00003 USD"), "{r:?}");
     let mut answered = 0;
     let spent = loop {
         let r = svc.post("/v1/chat/completions", &dev, hi("priced")).await;

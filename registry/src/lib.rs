@@ -533,10 +533,19 @@ impl Registry {
             });
         }
         let annotations = oci.annotations.clone().unwrap_or_default();
-        let text = annotations.get(MANIFEST_ANNOTATION).ok_or_else(|| {
-            not_plugin(format!("it has no `{MANIFEST_ANNOTATION}` annotation (push it with `qlayer plugin push`)"))
-        })?;
-        let manifest = Manifest::from_toml(text).map_err(|e| not_plugin(e.to_string()))?;
+        let manifest = match annotations.get(MANIFEST_ANNOTATION) {
+            Some(text) => Manifest::from_toml(text).map_err(|e| not_plugin(e.to_string()))?,
+            // Pushed by another tool (wkg, oras): the manifest is only in the binary's own custom
+            // section, so the binary is fetched (within the size limit, digest checked) to read it.
+            None => {
+                let wasm = self.layer_bytes(reference, &layer).await?;
+                qlayer_manifest::extract(&wasm).map_err(|e| {
+                    not_plugin(format!(
+                        "it has no `{MANIFEST_ANNOTATION}` annotation and its binary carries no readable manifest: {e}"
+                    ))
+                })?
+            }
+        };
         let pinned = Reference::with_digest(
             reference.registry().to_string(),
             reference.repository().to_string(),
@@ -573,6 +582,28 @@ impl Registry {
             store.put_stream(&layer.digest, layer.size, stream.stream).await?;
         }
         store.read(&layer.digest)
+    }
+
+    /// Downloads a plugin binary into memory (it is at most the blob limit), checking its size
+    /// and digest.
+    async fn layer_bytes(&self, reference: &Reference, layer: &Descriptor) -> Result<Vec<u8>, RegistryError> {
+        let oci_descriptor = OciDescriptor {
+            media_type: layer.media_type.clone(),
+            digest: layer.digest.clone(),
+            size: layer.size as i64,
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        self.client.pull_blob(reference, &oci_descriptor, &mut out).await.map_err(|e| self.error(reference, e))?;
+        let actual = digest_of(&out);
+        if actual != layer.digest || out.len() as u64 != layer.size {
+            return Err(RegistryError::DigestMismatch {
+                what: format!("the plugin binary of {}", reference.whole()),
+                expected: layer.digest.clone(),
+                actual,
+            });
+        }
+        Ok(out)
     }
 
     /// Downloads a small blob into memory, checking its size and digest.

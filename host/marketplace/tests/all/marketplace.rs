@@ -85,8 +85,9 @@ async fn push_search_info_install_and_run_through_the_host() {
     assert_eq!(out["sentences"], 2);
     assert_eq!(out["top_words"][0]["word"], "the");
     assert_eq!(out["top_words"][0]["count"], 3);
+    // Its manifest's input schema is checked before the plugin runs, naming the field.
     let err = tool.invoke(r#"{"txt":"typo"}"#).await.unwrap_err();
-    assert!(err.to_string().contains("unknown field `txt`"), "{err}");
+    assert!(err.to_string().contains("'txt' was unexpected"), "{err}");
 
     // The first-party provider installs from the registry and runs like the bundled one.
     market.install(&rt, &format!("{}/first-party/scripted:0.1.0", registry.addr), "acme", &no_grants()).await.unwrap();
@@ -592,6 +593,65 @@ async fn skopeo_reads_what_we_push_with_the_wasm_media_types() {
     assert!(out.status.success(), "skopeo copy failed: {}", String::from_utf8_lossy(&out.stderr));
     let blob = layout.path().join("blobs/sha256").join(qlayer_registry::digest_of(&wasm).trim_start_matches("sha256:"));
     assert_eq!(std::fs::read(blob).unwrap(), wasm);
+}
+
+/// The Bytecode Alliance's `wkg`: `../shared/bin/wkg` beside the project, else built with
+/// `cargo install wkg` into the target directory (about 8 minutes, once).
+fn wkg() -> std::path::PathBuf {
+    let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/bin/wkg");
+    if shared.is_file() {
+        return shared;
+    }
+    let root = Path::new(qlayer_tests::built::PLUGIN_TARGET_DIR).join("../test-tools/wkg");
+    let bin = root.join("bin/wkg");
+    if !bin.is_file() {
+        let status = std::process::Command::new("cargo")
+            .args(["install", "wkg", "--version", "0.16.1", "--locked", "--root"])
+            .arg(&root)
+            .status()
+            .unwrap();
+        assert!(status.success(), "wkg is needed by this test: `cargo install wkg` failed ({status})");
+    }
+    bin
+}
+
+#[tokio::test]
+async fn wkg_and_qlayer_read_what_the_other_pushed() {
+    let wkg = wkg();
+    let registry = TestRegistry::start();
+    let data = tempfile::tempdir().unwrap();
+    let market = open(data.path(), config(&registry, SignaturePolicy::Warn, &[])).await;
+    let rt = runtime();
+    let wasm = marketplace_plugin("text-stats");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("text-stats.wasm");
+    std::fs::write(&file, &wasm).unwrap();
+
+    // Pushed by wkg, installed and run by qlayer.
+    let by_wkg = format!("{}/wkg/text-stats:1.0.0", registry.addr);
+    let out = std::process::Command::new(&wkg)
+        .args(["oci", "push", "--insecure", &registry.addr, &by_wkg])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "wkg push failed: {}", String::from_utf8_lossy(&out.stderr));
+    let outcome = market.install(&rt, &by_wkg, "acme", &no_grants()).await.unwrap();
+    assert_eq!(outcome.install.blob, qlayer_registry::digest_of(&wasm), "the very binary wkg pushed");
+    let installed = market.load(&rt, "acme", "text-stats").await.unwrap();
+    let output = installed.any_tool("acme").await.unwrap().invoke(r#"{"text":"one two two"}"#).await.unwrap();
+    assert!(output.contains("\"words\":3"), "{output}");
+
+    // Pushed by qlayer, pulled by wkg: the same bytes.
+    let by_qlayer = format!("{}/qlayer/text-stats:1.0.0", registry.addr);
+    market.push(&wasm, &by_qlayer, None).await.unwrap();
+    let pulled = dir.path().join("pulled.wasm");
+    let out = std::process::Command::new(&wkg)
+        .args(["oci", "pull", "--insecure", &registry.addr, &by_qlayer, "-o"])
+        .arg(&pulled)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "wkg pull failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read(&pulled).unwrap(), wasm);
 }
 
 #[tokio::test]

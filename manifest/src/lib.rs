@@ -40,6 +40,91 @@ pub struct Manifest {
     /// What the plugin needs to run.
     #[serde(default)]
     pub limits: Limits,
+    /// For a tool plugin: what callers (agents, MCP clients) are told about the tool it offers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool: Option<ToolSpec>,
+}
+
+/// The tool a tool plugin offers, as agents and MCP clients see it:
+///
+/// ```toml
+/// [tool]
+/// description = "Counts the words of a text."
+/// [tool.input-schema]
+/// type = "object"
+/// required = ["text"]
+/// properties.text = { type = "string", description = "The text to count." }
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ToolSpec {
+    /// When to use the tool and what it returns, for a model choosing among tools (at most
+    /// 1024 characters); the plugin's `description` is used when this is absent.
+    pub description: Option<String>,
+    /// A JSON Schema (draft 2020-12 unless its `$schema` names another) of the input, an object;
+    /// the host checks every call's input against it before the plugin runs. Remote and file
+    /// `$ref`s are not resolved.
+    pub input_schema: Option<serde_json::Value>,
+}
+
+/// A tool's input schema, compiled once per loaded plugin; the host checks every call's input
+/// with it before the plugin runs.
+#[derive(Debug)]
+pub struct InputChecker(jsonschema::Validator);
+
+impl InputChecker {
+    /// The input `input_json` as JSON, if it matches the schema; else what is wrong, naming the
+    /// field (at most three problems).
+    pub fn check(&self, input_json: &str) -> Result<(), String> {
+        let value: serde_json::Value =
+            serde_json::from_str(input_json).map_err(|e| format!("the input is not JSON: {e}"))?;
+        let problems: Vec<String> = self
+            .0
+            .iter_errors(&value)
+            .take(3)
+            .map(|e| {
+                let at = e.instance_path().to_string();
+                if at.is_empty() { format!("{e}") } else { format!("at `{at}`: {e}") }
+            })
+            .collect();
+        if problems.is_empty() {
+            return Ok(());
+        }
+        Err(format!("the input does not match the tool's input schema: {}", problems.join("; ")))
+    }
+}
+
+impl ToolSpec {
+    /// The compiled input schema, when there is one (a validated manifest's always compiles).
+    pub fn input_checker(&self) -> Option<InputChecker> {
+        jsonschema::validator_for(self.input_schema.as_ref()?).ok().map(InputChecker)
+    }
+
+    /// Checks the description's length and that the schema is a valid JSON Schema of an object.
+    pub fn validate(&self) -> Result<(), ManifestError> {
+        let invalid = |field, problem: String| Err(ManifestError::Invalid { field, problem });
+        if let Some(d) = &self.description
+            && (d.trim().is_empty() || d.len() > 1024)
+        {
+            return invalid("tool.description", "must be 1-1024 characters".into());
+        }
+        let Some(schema) = &self.input_schema else { return Ok(()) };
+        if schema.get("type").and_then(|t| t.as_str()) != Some("object") {
+            return invalid(
+                "tool.input-schema",
+                "must describe an object (`type = \"object\"`): a tool's input is a JSON object".into(),
+            );
+        }
+        if let Err(e) = jsonschema::meta::validate(schema) {
+            let at = e.instance_path().to_string();
+            let at = if at.is_empty() { String::new() } else { format!(" at `{at}`") };
+            return invalid("tool.input-schema", format!("is not a valid JSON Schema{at}: {e}"));
+        }
+        if let Err(e) = jsonschema::validator_for(schema) {
+            return invalid("tool.input-schema", format!("cannot be used: {e}"));
+        }
+        Ok(())
+    }
 }
 
 /// The world a plugin targets.
@@ -275,6 +360,12 @@ impl Manifest {
         {
             return invalid("limits.output-kb", &format!("{kb} is outside 1..={MAX_OUTPUT_KB}"));
         }
+        if let Some(tool) = &self.tool {
+            if self.kind != Kind::Tool {
+                return invalid("tool", &format!("is only for tool plugins, not a {} plugin", self.kind));
+            }
+            tool.validate()?;
+        }
         Ok(())
     }
 }
@@ -462,6 +553,55 @@ pub fn embed(wasm: &[u8], manifest: &Manifest) -> Result<Vec<u8>, ManifestError>
     Ok(append_custom_section(wasm, SECTION_NAME, manifest.to_toml().as_bytes()))
 }
 
+/// Returns `wasm` with `manifest` as its one [`SECTION_NAME`] custom section: any the binary
+/// carries are removed first. This is `qlayer plugin pack`, which makes any toolchain's
+/// component or module a plugin, and how a manifest is changed without rebuilding.
+pub fn replace(wasm: &[u8], manifest: &Manifest) -> Result<Vec<u8>, ManifestError> {
+    manifest.validate()?;
+    // Parse it all first, so a binary that is not well-formed is refused, not half-edited.
+    top_level_sections(wasm)?;
+    let stripped = strip(wasm)?;
+    Ok(append_custom_section(&stripped, SECTION_NAME, manifest.to_toml().as_bytes()))
+}
+
+/// `wasm` without its top-level [`SECTION_NAME`] sections. Walks the outermost binary's sections
+/// by their sizes, so nested modules and components (and their custom sections) are kept whole.
+fn strip(wasm: &[u8]) -> Result<Vec<u8>, ManifestError> {
+    let bad = |what: &str| ManifestError::NotWasm(what.to_string());
+    let header = wasm.get(..8).ok_or_else(|| bad("shorter than the 8-byte header"))?;
+    let mut out = header.to_vec();
+    let mut at = 8;
+    while at < wasm.len() {
+        let start = at;
+        at += 1; // the section id
+        let (size, len) = read_leb128(&wasm[at..]).ok_or_else(|| bad("a section size is cut off"))?;
+        at += len;
+        let end = at
+            .checked_add(size as usize)
+            .filter(|&e| e <= wasm.len())
+            .ok_or_else(|| bad("a section runs past the end"))?;
+        let ours = wasm[start] == 0
+            && read_leb128(&wasm[at..end])
+                .is_some_and(|(n, l)| wasm[at + l..end].get(..n as usize) == Some(SECTION_NAME.as_bytes()));
+        if !ours {
+            out.extend_from_slice(&wasm[start..end]);
+        }
+        at = end;
+    }
+    Ok(out)
+}
+
+fn read_leb128(bytes: &[u8]) -> Option<(u64, usize)> {
+    let mut value = 0u64;
+    for (i, &b) in bytes.iter().enumerate().take(10) {
+        value |= u64::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Some((value, i + 1));
+        }
+    }
+    None
+}
+
 /// Returns `wasm` with a custom section `name` holding `data` appended. Custom sections may
 /// appear anywhere, in modules and components alike, and do not change what the binary does.
 pub fn append_custom_section(wasm: &[u8], name: &str, data: &[u8]) -> Vec<u8> {
@@ -517,6 +657,85 @@ timeout-ms = 30000
         let wasm = embed(EMPTY_MODULE, &manifest).unwrap();
         assert_eq!(extract(&wasm).unwrap(), manifest);
         assert_eq!(embed(&wasm, &manifest), Err(ManifestError::Duplicate(2)));
+    }
+
+    #[test]
+    fn replace_swaps_the_manifest_and_keeps_everything_else() {
+        let manifest = Manifest::from_toml(GOOD).unwrap();
+        // A binary with another custom section before and after ours, and a nested module
+        // that carries a `qlayer-plugin` section of its own, which is not the binary's.
+        let inner = append_custom_section(EMPTY_MODULE, SECTION_NAME, b"not ours");
+        let mut nested = b"\0asm\x0d\0\x01\0".to_vec(); // a component header
+        nested.push(1); // a core module section
+        leb128(&mut nested, inner.len() as u64);
+        nested.extend_from_slice(&inner);
+        let nested = append_custom_section(&nested, "name", b"\0keep");
+        let once = embed(&nested, &manifest).unwrap();
+        let once = append_custom_section(&once, "producers", b"keep too");
+        let mut changed = manifest.clone();
+        changed.version = "0.2.0".into();
+        let twice = replace(&once, &changed).unwrap();
+        assert_eq!(extract(&twice).unwrap(), changed);
+        // Everything else is kept, byte for byte: the nested module, both other sections.
+        let without = |w: &[u8]| strip(w).unwrap();
+        assert_eq!(without(&twice), without(&once));
+        assert!(without(&twice).windows(8).any(|w| w == b"not ours"));
+        assert!(without(&twice).windows(8).any(|w| w == b"keep too"));
+        // Replacing in a binary without a manifest embeds one.
+        assert_eq!(extract(&replace(EMPTY_MODULE, &manifest).unwrap()).unwrap(), manifest);
+        // A cut-off binary is refused, not edited.
+        assert!(matches!(replace(&twice[..twice.len() - 3], &manifest), Err(ManifestError::NotWasm(_))));
+    }
+
+    #[test]
+    fn a_tool_declares_its_input_schema_and_a_bad_one_is_named() {
+        let tool = r#"
+name = "word-count"
+version = "1.0.0"
+kind = "tool"
+description = "Counts words."
+[tool]
+description = "Counts the words of a text; returns {\"words\": N}."
+[tool.input-schema]
+type = "object"
+required = ["text"]
+additionalProperties = false
+properties.text = { type = "string", minLength = 1 }
+"#;
+        let manifest = Manifest::from_toml(tool).unwrap();
+        let spec = manifest.tool.as_ref().unwrap();
+        assert_eq!(spec.input_schema.as_ref().unwrap()["properties"]["text"]["type"], "string");
+        // It survives the trip through the custom section.
+        assert_eq!(extract(&embed(EMPTY_MODULE, &manifest).unwrap()).unwrap(), manifest);
+
+        let bad = |from: &str, to: &str| Manifest::from_toml(&tool.replace(from, to)).unwrap_err().to_string();
+        let e = bad("type = \"string\", minLength = 1", "type = \"strin\"");
+        assert!(
+            e.contains("tool.input-schema")
+                && e.contains("not a valid JSON Schema")
+                && e.contains("properties/text/type"),
+            "{e}"
+        );
+        let e = bad("type = \"object\"", "type = \"array\"");
+        assert!(e.contains("must describe an object"), "{e}");
+        let e = bad("minLength = 1", "minLength = -1");
+        assert!(e.contains("tool.input-schema"), "{e}");
+        let e = bad("kind = \"tool\"", "kind = \"validator\"");
+        assert!(e.contains("`tool` is only for tool plugins"), "{e}");
+        let e = bad("[tool]\n", "[tool]\nexample = 1\n");
+        assert!(e.contains("example"), "{e}");
+        // Calls are checked against it, naming the field.
+        let checker = spec.input_checker().unwrap();
+        assert_eq!(checker.check(r#"{"text": "a b"}"#), Ok(()));
+        let e = checker.check(r#"{"text": 5}"#).unwrap_err();
+        assert!(e.contains("at `/text`") && e.contains("not of type \"string\""), "{e}");
+        let e = checker.check(r#"{"txt": "a"}"#).unwrap_err();
+        assert!(e.contains("\"text\" is a required property") && e.contains("txt"), "{e}");
+        let e = checker.check("{oops").unwrap_err();
+        assert!(e.starts_with("the input is not JSON"), "{e}");
+        // No schema: allowed (anything JSON goes, as before).
+        let none = Manifest::from_toml(&tool[..tool.find("[tool.input-schema]").unwrap()]).unwrap();
+        assert_eq!(none.tool.unwrap().input_schema, None);
     }
 
     #[test]

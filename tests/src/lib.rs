@@ -707,6 +707,34 @@ pub fn npm_tool(program: &str, package: &str, postinstall: Option<&str>) -> Path
     path
 }
 
+/// An npm package (`name@version`) installed into a directory of its own under the build's
+/// target directory, for a test that runs its files itself; returns its folder
+/// (`.../node_modules/<name>`). Panics with what to do when npm is not at hand.
+pub fn npm_package(package: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let dir = target.join("test-tools").join(format!("npm-{}", package.replace(['@', '/'], "_")));
+    let name = package.rsplit_once('@').map_or(package, |(name, _)| name);
+    let installed = dir.join("node_modules").join(name);
+    let _guard = NPM.lock().unwrap_or_else(|e| e.into_inner());
+    if installed.join("package.json").is_file() {
+        return installed;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+    let status = std::process::Command::new("npm")
+        .args(["install", "--no-audit", "--no-fund", "--loglevel=error", "--prefix"])
+        .arg(&dir)
+        .arg(package)
+        .status();
+    assert!(
+        matches!(status, Ok(s) if s.success()) && installed.join("package.json").is_file(),
+        "{package} is needed by this test and `npm install {package}` failed ({status:?}): it needs node and npm"
+    );
+    installed
+}
+
 /// The newest Python 3.12 or later on PATH or installed with pyenv, else `python3`. CPython
 /// 3.11.7 crashes inside Hypothesis (`SystemError: AST constructor recursion depth mismatch`)
 /// while schemathesis generates some bodies; 3.12 does not.

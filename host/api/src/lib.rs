@@ -12,6 +12,7 @@ pub mod gateway;
 pub mod grpc;
 pub mod jobs;
 pub mod limits;
+pub mod mcp;
 pub mod resources;
 pub mod serve;
 
@@ -287,6 +288,7 @@ pub fn router(state: AppState) -> axum::Router {
             get(|| async { ([(axum::http::header::CONTENT_TYPE, "application/json")], openapi_json()) }),
         )
         .merge(v1)
+        .merge(mcp::router(&state))
         .fallback(|req: Request| async move {
             ApiError::not_found(format!("no route for {} {}", req.method(), req.uri().path()))
         })

@@ -78,6 +78,16 @@ enum Command {
         #[command(flatten)]
         db: DatabaseArgs,
     },
+    /// Serve a tenant's installed tool plugins as an MCP server over stdio, for local MCP
+    /// clients (editors, desktop assistants): each call runs in the tool's sandbox with its
+    /// install's grants. `qlayer serve` offers the same at /mcp over HTTP.
+    Mcp {
+        /// The tenant whose tools to serve.
+        #[arg(long, default_value = embedded::LOCAL_TENANT)]
+        tenant: String,
+        #[command(flatten)]
+        market: MarketArgs,
+    },
     /// Run the multi-tenant service (REST and gRPC). Config: --config file, then QLAYER_* environment,
     /// then flags.
     Serve {
@@ -256,7 +266,7 @@ struct RunArgs {
 
 #[derive(Subcommand)]
 enum PluginCommand {
-    /// Scaffold a plugin crate that builds as is.
+    /// Scaffold a plugin project that builds as is, in Rust, Python or JavaScript.
     New {
         /// provider, agent, validator or tool.
         kind: Kind,
@@ -265,15 +275,31 @@ enum PluginCommand {
         /// Where to create it (default: ./<name>).
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// The language: rust (the SDK crate), python (componentize-py) or js (componentize-js).
+        #[arg(long, value_enum, default_value = "rust")]
+        lang: scaffold::Lang,
         /// The qlayer-sdk crate to depend on (default: the SDK this binary was built with).
         #[arg(long)]
         sdk: Option<PathBuf>,
     },
-    /// Build a plugin crate into a component with its manifest embedded.
+    /// Build a plugin project (Rust, Python or JavaScript) into a component with its manifest
+    /// embedded.
     Build {
         /// The plugin crate (default: the current directory).
         dir: Option<PathBuf>,
         /// Where to write the component.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Embed (or replace) the manifest in a component or Extism module built by any toolchain
+    /// (componentize-py, jco, cargo-component, TinyGo...), checking that the host loads it.
+    Pack {
+        /// The component or module.
+        component: PathBuf,
+        /// The manifest to embed.
+        #[arg(long, default_value = "qlayer-plugin.toml")]
+        manifest: PathBuf,
+        /// Where to write the plugin (default: `<name>-<version>.wasm` beside the component).
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -475,6 +501,7 @@ fn main() -> ExitCode {
         Command::Usage { tenant, group_by, from, to, model, db } => {
             usage(&tenant, group_by, from, to, model, &db).map(|()| ExitCode::SUCCESS)
         }
+        Command::Mcp { tenant, market } => mcp_stdio(tenant, market).map(|()| ExitCode::SUCCESS),
         Command::Serve { config, rest_addr, grpc_addr, database, data_dir, queue, otlp_endpoint: _, upstream } => {
             match &tokio {
                 Some(rt) => {
@@ -501,6 +528,31 @@ fn main() -> ExitCode {
 }
 
 /// Log lines to stderr (JSON for `serve` by default) and, when configured, spans over OTLP.
+/// `qlayer mcp`: the tenant's tools over stdio (stdout carries the protocol; logs go to stderr).
+fn mcp_stdio(tenant: String, market: MarketArgs) -> anyhow::Result<()> {
+    use qlayer_api::mcp::{McpCaller, McpTools};
+    let tokio = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    tokio.block_on(async {
+        let marketplace = std::sync::Arc::new(market.open().await?);
+        let runtime = std::sync::Arc::new(market.runtime()?);
+        let db = match &market.database {
+            Some(url) => qlayer_db::Db::open(url).await?,
+            None => qlayer_db::Db::open_sqlite(&market.data_dir().join("qlayer.db")).await?,
+        };
+        // A tenant of the service's database, or the CLI's own (installs made with --tenant).
+        let (tenant_id, tenant_name) = match db.tenant_named(&tenant).await? {
+            Some(t) => (t.id, t.name),
+            None => (tenant.clone(), tenant),
+        };
+        let caller = McpCaller { tenant_id, tenant_name, actor: "local".into(), can_call: true };
+        let admission = qlayer_scheduler::interactive::Admission::new(16, 16);
+        let tools = McpTools::local(marketplace, runtime, admission, db, caller);
+        let service = rmcp::ServiceExt::serve(tools, rmcp::transport::stdio()).await?;
+        service.waiting().await?;
+        Ok(())
+    })
+}
+
 fn init_logging(cli: &Cli, serving: bool, otlp: Option<&opentelemetry_sdk::trace::SdkTracerProvider>) {
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
@@ -888,11 +940,11 @@ fn plugin(cmd: PluginCommand) -> anyhow::Result<()> {
                 public.display()
             );
         }
-        PluginCommand::New { kind, name, dir, sdk } => {
+        PluginCommand::New { kind, name, dir, lang, sdk } => {
             let dir = dir.unwrap_or_else(|| PathBuf::from(&name));
             let sdk = sdk.unwrap_or_else(|| PathBuf::from(embedded::bundled::SDK_PATH));
-            scaffold::new_plugin(kind, &name, &dir, &sdk)?;
-            println!("created {kind} plugin `{name}` in {}", dir.display());
+            scaffold::new_plugin(kind, &name, &dir, lang, &sdk)?;
+            println!("created {kind} plugin `{name}` in {} ({})", dir.display(), lang.name());
             println!("build it with: qlayer plugin build {}", dir.display());
         }
         PluginCommand::Build { dir, out } => {
@@ -900,6 +952,19 @@ fn plugin(cmd: PluginCommand) -> anyhow::Result<()> {
             let path = scaffold::build_plugin(&dir, out.as_deref())?;
             let info = scaffold::inspect(&path)?;
             println!("built {} ({} bytes, {})", path.display(), info.size, info.digest);
+        }
+        PluginCommand::Pack { component, manifest, out } => {
+            let path = scaffold::pack_file(&component, &manifest, out.as_deref())?;
+            let info = scaffold::inspect(&path)?;
+            println!(
+                "packed {} ({} plugin `{}` {}, {} bytes, {})",
+                path.display(),
+                info.manifest.kind,
+                info.manifest.name,
+                info.manifest.version,
+                info.size,
+                info.digest
+            );
         }
         PluginCommand::Inspect { file, json } => {
             let info = scaffold::inspect(&file)?;

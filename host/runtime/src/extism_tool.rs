@@ -355,6 +355,8 @@ pub struct ExtismInstance {
     /// The compilation (and so the engine) this instance runs on, held like the slot: while it
     /// is held, no other instance gets it (a cancel bumps the whole engine's epoch).
     pub(crate) lease: Option<Arc<Compiled>>,
+    /// The tool's input schema, checked before each call enters the guest.
+    pub(crate) input: Option<Arc<qlayer_manifest::InputChecker>>,
 }
 
 /// How a call and whoever stops it meet: `stopped` is set before the first cancel, and the call
@@ -414,6 +416,11 @@ impl ExtismInstance {
     pub async fn invoke(&mut self, input_json: &str) -> Result<String, CallError> {
         if self.poisoned {
             return Err(self.error(CallErrorKind::Poisoned));
+        }
+        if let Some(input) = &self.input
+            && let Err(problem) = input.check(input_json)
+        {
+            return Err(self.error(CallErrorKind::Plugin(PluginError::InvalidInput(problem))));
         }
         let Some(mut plugin) = self.plugin.take() else { return Err(self.error(CallErrorKind::Poisoned)) };
         let input = input_json.to_string();

@@ -45,7 +45,7 @@ pub use bindings::v0_2::agent::quantumlayer::plugin::tools::ToolInfo;
 pub use compat::{Unexpressible, unexpressible_in_v0_1};
 pub use grants::{GrantError, Grants, Secret};
 pub use network::NetworkPolicy;
-pub use qlayer_manifest::{Format, HostPattern, Kind, Manifest};
+pub use qlayer_manifest::{Format, HostPattern, InputChecker, Kind, Manifest, ToolSpec};
 
 use anyhow::Context as _;
 use bindings::{v0_1, v0_2};
@@ -459,6 +459,7 @@ impl Runtime {
             digest: digest.to_string(),
             size: loaded.size,
             pre: loaded.pre.clone(),
+            input: loaded.input.clone(),
             shared: self.shared.clone(),
         }))
     }
@@ -493,7 +494,12 @@ impl Runtime {
         if loaded.len() >= MAX_LOADED || held + plugin.size > MAX_LOADED_BYTES {
             loaded.clear();
         }
-        let entry = Loaded { manifest: plugin.manifest.clone(), size: plugin.size, pre: plugin.pre.clone() };
+        let entry = Loaded {
+            manifest: plugin.manifest.clone(),
+            size: plugin.size,
+            pre: plugin.pre.clone(),
+            input: plugin.input.clone(),
+        };
         loaded.insert(plugin.digest.clone(), Arc::new(entry));
         Ok(plugin)
     }
@@ -517,7 +523,15 @@ impl Runtime {
                 problem,
             })?;
             let pre = Arc::new(Pre::Extism(Arc::from(wasm)));
-            return Ok(Arc::new(Plugin { manifest, digest, size: wasm.len(), pre, shared: self.shared.clone() }));
+            let input = input_checker(&manifest);
+            return Ok(Arc::new(Plugin {
+                manifest,
+                digest,
+                size: wasm.len(),
+                pre,
+                input,
+                shared: self.shared.clone(),
+            }));
         }
         if !is_component {
             return Err(LoadError::NotComponent(manifest.name));
@@ -530,7 +544,17 @@ impl Runtime {
         };
         let contract = check_world(&self.shared.engine, &component, &manifest)?;
         let linker = &self.shared.linkers[kind_index(manifest.kind)];
-        let pre = linker.instantiate_pre(&component).map_err(|e| LoadError::WrongWorld {
+        let pre = if matches!(manifest.kind, Kind::Agent | Kind::Validator)
+            && imports_http(&self.shared.engine, &component)
+        {
+            // A toolchain's runtime may import wasi:http (componentize-js does) even where its
+            // world has no network: it links, and every call traps, naming the function.
+            let mut linker = linker.clone();
+            stub_http(&mut linker, &self.shared.engine, &component).and_then(|()| linker.instantiate_pre(&component))
+        } else {
+            linker.instantiate_pre(&component)
+        };
+        let pre = pre.map_err(|e| LoadError::WrongWorld {
             plugin: manifest.name.clone(),
             kind: manifest.kind,
             world: manifest.kind.world(),
@@ -568,7 +592,15 @@ impl Runtime {
                 closed: bind!(tool::ToolPluginPre, closed().map_err(wrong)?),
             },
         };
-        Ok(Arc::new(Plugin { manifest, digest, size: wasm.len(), pre: Arc::new(pre), shared: self.shared.clone() }))
+        let input = input_checker(&manifest);
+        Ok(Arc::new(Plugin {
+            manifest,
+            digest,
+            size: wasm.len(),
+            pre: Arc::new(pre),
+            input,
+            shared: self.shared.clone(),
+        }))
     }
 
     /// Reads and loads a component file.
@@ -576,6 +608,11 @@ impl Runtime {
         let wasm = std::fs::read(path).with_context(|| format!("reading plugin {}", path.display()))?;
         self.load(&wasm).with_context(|| format!("loading plugin {}", path.display()))
     }
+}
+
+/// A tool's compiled input schema (see [`qlayer_manifest::ToolSpec`]).
+fn input_checker(manifest: &Manifest) -> Option<Arc<InputChecker>> {
+    manifest.tool.as_ref().and_then(|t| t.input_checker()).map(Arc::new)
 }
 
 fn kind_index(kind: Kind) -> usize {
@@ -660,15 +697,58 @@ fn stub_http(linker: &mut Linker<StoreState>, engine: &Engine, component: &Compo
     Ok(())
 }
 
-/// Import namespaces each kind may use. Anything else is refused at load with its name.
-fn import_allowed(kind: Kind, name: &str) -> bool {
-    let base = name.split('@').next().unwrap_or(name);
-    let common = ["quantumlayer:plugin/host", "quantumlayer:plugin/types"];
-    let wasi = ["wasi:cli/", "wasi:io/", "wasi:clocks/", "wasi:random/", "wasi:filesystem/"];
-    common.contains(&base)
-        || wasi.iter().any(|p| base.starts_with(p))
+/// The WASI 0.2 packages the host links, every interface of each. A component may import them
+/// at 0.2.0 or any later 0.2.x: the linker matches semver-compatible versions, and an interface a
+/// later patch added that the host does not have is named when linking fails. What is behind
+/// them grants nothing: no preopened directories, an empty environment, no arguments, sockets
+/// and name lookups refused when called. `wasi:http` is linked for real only for providers and
+/// tools whose install grants a host; for the others every wasi:http function traps, naming
+/// itself.
+pub const WASI_PACKAGES: [&str; 7] =
+    ["wasi:cli", "wasi:clocks", "wasi:filesystem", "wasi:http", "wasi:io", "wasi:random", "wasi:sockets"];
+
+/// Whether a plugin of `kind` may import `name`; the error says why not. Standard-toolchain
+/// components (componentize-py, jco, TinyGo, wasi-libc) import WASI interfaces whether or not
+/// they use them, so every WASI 0.2 import is allowed and denied at call time instead.
+pub fn check_import(kind: Kind, name: &str) -> Result<(), String> {
+    let (base, version) = match name.split_once('@') {
+        Some((base, version)) => (base, Some(version)),
+        None => (name, None),
+    };
+    if matches!(base, "quantumlayer:plugin/host" | "quantumlayer:plugin/types")
         || (kind == Kind::Agent && matches!(base, "quantumlayer:plugin/llm" | "quantumlayer:plugin/tools"))
-        || (matches!(kind, Kind::Provider | Kind::Tool) && base.starts_with("wasi:http/"))
+    {
+        return Ok(());
+    }
+    if base.starts_with("quantumlayer:plugin/") {
+        return Err(format!("imports `{name}`, which a {kind} plugin may not use"));
+    }
+    let package = base.split('/').next().unwrap_or(base);
+    if !WASI_PACKAGES.contains(&package) {
+        return Err(format!(
+            "imports `{name}`, which the host does not provide (it links {} at 0.2.x, and the quantumlayer:plugin interfaces of the {kind} world)",
+            WASI_PACKAGES.join(", ")
+        ));
+    }
+    let Some(version) = version else {
+        return Err(format!("imports `{name}` without a version; the host links {package} 0.2.x"));
+    };
+    if !wasi_0_2(version) {
+        return Err(format!(
+            "imports `{name}`, WASI version {version}, which this host does not link (it links {package} 0.2.0 and later 0.2.x)"
+        ));
+    }
+    Ok(())
+}
+
+/// `0.2.N` without a pre-release tag (the WASI 0.2 release candidates differ in shape).
+fn wasi_0_2(version: &str) -> bool {
+    version.strip_prefix("0.2.").is_some_and(|patch| !patch.is_empty() && patch.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Whether `component` imports any wasi:http interface.
+fn imports_http(engine: &Engine, component: &Component) -> bool {
+    component.component_type().imports(engine).any(|(name, _)| name.starts_with("wasi:http/"))
 }
 
 /// Functions each kind's export must contain.
@@ -715,9 +795,7 @@ fn check_world(engine: &Engine, component: &Component, manifest: &Manifest) -> R
         return Err(wrong(format!("its `{want}` export lacks {}", missing.join(", "))));
     }
     for (name, _) in ty.imports(engine) {
-        if !import_allowed(kind, name) {
-            return Err(wrong(format!("imports `{name}`, which a {kind} plugin may not use")));
-        }
+        check_import(kind, name).map_err(wrong)?;
     }
     Ok(contract)
 }
@@ -813,6 +891,8 @@ pub struct Plugin {
     digest: String,
     size: usize,
     pre: Arc<Pre>,
+    /// A tool's input schema, compiled.
+    input: Option<Arc<InputChecker>>,
     shared: Arc<Shared>,
 }
 
@@ -822,6 +902,7 @@ struct Loaded {
     manifest: Manifest,
     size: usize,
     pre: Arc<Pre>,
+    input: Option<Arc<InputChecker>>,
 }
 
 /// Loaded plugins kept at most (all are dropped when more are loaded: a plugin loads again in
@@ -1081,6 +1162,7 @@ impl Installed {
             Some(Ok(bindings)) => Ok(Instance {
                 store,
                 bindings,
+                input: self.plugin.input.clone(),
                 timeout: self.timeout,
                 output_limit: self.output_bytes,
                 poisoned: false,
@@ -1213,6 +1295,7 @@ impl Installed {
             poisoned: false,
             slot: Some(slot),
             lease: Some(compiled),
+            input: self.plugin.input.clone(),
         })))
     }
 
@@ -1274,7 +1357,7 @@ fn classify(store: &Store<StoreState>, e: wasmtime::Error, timeout: Duration) ->
         }
         match unknown_http_import(&message) {
             Some(import) => CallErrorKind::Trap(format!(
-                "it used wasi:http (`{import}`), but its install grants no outbound host, so it has no HTTP"
+                "it used wasi:http (`{import}`), but it has no HTTP: only providers and tools whose install grants an outbound host do"
             )),
             None => CallErrorKind::Trap(message),
         }
@@ -1294,6 +1377,8 @@ fn unknown_http_import(message: &str) -> Option<&str> {
 pub struct Instance<B> {
     store: Store<StoreState>,
     bindings: B,
+    /// A tool's input schema, checked before each call enters the guest.
+    input: Option<Arc<InputChecker>>,
     timeout: Duration,
     output_limit: usize,
     poisoned: bool,
@@ -1648,8 +1733,14 @@ impl ValidatorInstance {
 }
 
 impl ToolInstance {
-    /// Invokes the tool.
+    /// Invokes the tool. An input that does not match the tool's input schema is refused as
+    /// `invalid-input` naming the field, before the plugin runs.
     pub async fn invoke(&mut self, input_json: &str) -> Result<String, CallError> {
+        if let Some(input) = &self.input {
+            input
+                .check(input_json)
+                .map_err(|m| error_of(&self.store, CallErrorKind::Plugin(PluginError::InvalidInput(m))))?;
+        }
         let out = match self.bindings.clone() {
             Bound::V0_1(b) => {
                 guest_call!(self, b.quantumlayer_plugin_tool().call_invoke(&mut self.store, input_json), up)?
@@ -1703,5 +1794,47 @@ impl CompletionRequest {
             stop: Vec::new(),
             user: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn every_wasi_0_2_import_is_allowed_and_other_versions_are_named() {
+        // What componentize-py 0.25 and jco emit, whatever the plugin uses.
+        for name in [
+            "wasi:sockets/network@0.2.9",
+            "wasi:sockets/tcp@0.2.0",
+            "wasi:sockets/ip-name-lookup@0.2.3",
+            "wasi:cli/environment@0.2.0",
+            "wasi:cli/terminal-stdout@0.2.12",
+            "wasi:filesystem/preopens@0.2.6",
+            "wasi:io/streams@0.2.0",
+            "wasi:clocks/wall-clock@0.2.1",
+            "wasi:random/insecure-seed@0.2.2",
+            "wasi:http/types@0.2.4",
+            "quantumlayer:plugin/host@0.2.0",
+        ] {
+            for kind in [Kind::Provider, Kind::Agent, Kind::Validator, Kind::Tool] {
+                assert_eq!(check_import(kind, name), Ok(()), "{kind} {name}");
+            }
+        }
+        let refused = |kind, name| check_import(kind, name).unwrap_err();
+        let e = refused(Kind::Tool, "wasi:cli/environment@0.3.0");
+        assert!(e.contains("WASI version 0.3.0") && e.contains("0.2.0 and later 0.2.x"), "{e}");
+        let e = refused(Kind::Tool, "wasi:http/types@0.2.0-rc-2023-11-10");
+        assert!(e.contains("0.2.0-rc-2023-11-10"), "{e}");
+        let e = refused(Kind::Tool, "wasi:io/streams");
+        assert!(e.contains("without a version"), "{e}");
+        let e = refused(Kind::Tool, "wasi:keyvalue/store@0.2.0-draft");
+        assert!(e.contains("does not provide") && e.contains("wasi:keyvalue/store"), "{e}");
+        let e = refused(Kind::Validator, "quantumlayer:plugin/llm@0.2.0");
+        assert!(e.contains("a validator plugin may not use"), "{e}");
+        assert_eq!(check_import(Kind::Agent, "quantumlayer:plugin/tools@0.2.0"), Ok(()));
+        let e = refused(Kind::Tool, "example:evil/backdoor@1.0.0");
+        assert!(e.contains("example:evil/backdoor@1.0.0"), "{e}");
     }
 }

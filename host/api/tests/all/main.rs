@@ -5,4 +5,5 @@ mod api;
 mod cache;
 mod gateway;
 mod limits;
+mod mcp;
 mod scheduler;

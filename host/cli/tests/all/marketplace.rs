@@ -61,9 +61,10 @@ fn the_cli_publishes_searches_installs_calls_and_removes() {
     assert!(ok && stdout.contains("\"words\":2"), "{stdout}{stderr}");
     let (ok, _, stderr) = cli(&["plugin", "call", "text-stats", "{}", "--tenant", "globex"], d, &registry);
     assert!(!ok && stderr.contains("not installed for tenant `globex`"), "{stderr}");
-    // The call is a job through the scheduler: the plugin's own refusal comes back as is.
+    // The call is a job through the scheduler: an input that breaks the tool's schema is
+    // refused naming the field, before the plugin runs.
     let (ok, _, stderr) = cli(&["plugin", "call", "text-stats", r#"{"txt":"typo"}"#, "--tenant", "acme"], d, &registry);
-    assert!(!ok && stderr.contains("unknown field `txt`"), "{stderr}");
+    assert!(!ok && stderr.contains("'txt' was unexpected") && stderr.contains("\"text\" is a required"), "{stderr}");
 
     let (ok, stdout, stderr) = cli(
         &[
@@ -199,4 +200,67 @@ fn qlayer_models_and_usage_manage_a_tenants_gateway_table() {
     assert!(ok && stderr.contains("removed"), "{stderr}");
     let (ok, _, stderr) = run(&["models", "remove", "chat", "--tenant", "acme"]);
     assert!(!ok && stderr.contains("has no model `chat`"), "{stderr}");
+}
+
+/// The official Python SDK (`mcp` from PyPI) starts `qlayer mcp` as a stdio server, lists the
+/// tenant's tools and calls one; another tenant's tool is unknown to it.
+const STDIO_CLIENT: &str = r#"
+import asyncio, json, sys
+from mcp import Client, StdioServerParameters
+
+async def main(command, mode, *args):
+    params = StdioServerParameters(command=command, args=list(args))
+    async with Client(params, mode=mode) as client:
+        tools = await client.list_tools()
+        ok = await client.call_tool("text-stats", {"text": "one two two"})
+        try:
+            await client.call_tool("url-check", {"url": "https://example.com/"})
+            other = "called"
+        except Exception as e:
+            other = str(e)
+        print(json.dumps({"tools": [t.name for t in tools.tools], "text": ok.content[0].text, "other": other}))
+
+asyncio.run(main(*sys.argv[1:]))
+"#;
+
+#[test]
+fn qlayer_mcp_serves_a_tenants_tools_over_stdio_to_the_python_sdk() {
+    let python = qlayer_tests::python_tool("python", &["mcp==2.3.0"]);
+    let registry = TestRegistry::start();
+    let data = tempfile::tempdir().unwrap();
+    let d = data.path();
+    let file = d.join("text-stats.wasm");
+    std::fs::write(&file, marketplace_plugin("text-stats")).unwrap();
+    let stats = format!("{}/tools/text-stats:1.0.0", registry.addr);
+    let (ok, out, err) = cli(&["plugin", "push", file.to_str().unwrap(), &stats], d, &registry);
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = cli(&["plugin", "install", &stats, "--tenant", "acme"], d, &registry);
+    assert!(ok, "{out}{err}");
+    // Another tenant's tool, which acme's server must not offer.
+    let check = d.join("url-check.wasm");
+    std::fs::write(&check, marketplace_plugin("url-check")).unwrap();
+    let url_check = format!("{}/tools/url-check:1.0.0", registry.addr);
+    let (ok, out, err) = cli(&["plugin", "push", check.to_str().unwrap(), &url_check], d, &registry);
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) =
+        cli(&["plugin", "install", &url_check, "--tenant", "globex", "--grant", "host:example.com"], d, &registry);
+    assert!(ok, "{out}{err}");
+
+    let script = d.join("client.py");
+    std::fs::write(&script, STDIO_CLIENT).unwrap();
+    for mode in ["legacy", "auto"] {
+        let out = std::process::Command::new(&python)
+            .arg(&script)
+            .args([env!("CARGO_BIN_EXE_qlayer"), mode, "mcp", "--tenant", "acme", "--data-dir"])
+            .arg(d)
+            .args(["--insecure-registry", &registry.addr])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{mode}: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+        let got: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+        assert_eq!(got["tools"], serde_json::json!(["text-stats"]), "{mode}: {got}");
+        assert!(got["text"].as_str().unwrap().contains("\"words\":3"), "{mode}: {got}");
+        assert!(got["other"].as_str().unwrap().contains("unknown tool `url-check`"), "{mode}: {got}");
+    }
 }

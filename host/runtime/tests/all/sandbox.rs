@@ -78,6 +78,67 @@ async fn a_plugin_has_no_environment_and_no_filesystem() {
 }
 
 #[tokio::test]
+async fn sockets_and_name_lookups_link_and_are_refused_when_called() {
+    // The guest imports wasi:sockets (Rust's std does, as Python's and JavaScript's runtimes do);
+    // it loads, and every use is refused with a WASI error, not a trap. A real listener on
+    // loopback shows the refusal is the sandbox's, not an absent peer's.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let rt = runtime();
+    let plugin = rt.load(&hostile(32, 5000)).unwrap();
+    let (imports, _) = rt.interface(&hostile(32, 5000));
+    assert!(imports.iter().any(|i| i.starts_with("wasi:sockets/tcp")), "{imports:?}");
+    let installed = plugin.install(Grants::default()).unwrap();
+    let mut tool = installed.tool("t").await.unwrap();
+    let tcp = tool.invoke(&format!("tcp {addr}")).await.unwrap();
+    assert!(tcp.starts_with("tcp refused") && tcp.to_lowercase().contains("permission denied"), "{tcp}");
+    let udp = tool.invoke(&format!("udp {addr}")).await.unwrap();
+    assert!(udp.starts_with("udp refused"), "{udp}");
+    let lookup = tool.invoke("resolve localhost").await.unwrap();
+    assert!(lookup.starts_with("lookup refused"), "{lookup}");
+    // Nothing was accepted, and no socket is made for the guest to hold.
+    listener.set_nonblocking(true).unwrap();
+    assert!(listener.accept().is_err());
+    let held = tool.invoke("sockets 10000").await.unwrap();
+    assert!(held.starts_with("socket 0 refused"), "{held}");
+    // The instance is still good.
+    assert_eq!(tool.invoke("still here").await.unwrap(), "still here");
+}
+
+#[tokio::test]
+async fn a_tools_input_schema_is_checked_before_the_guest_runs() {
+    let manifest = r#"name = "hostile"
+version = "0.1.0"
+kind = "tool"
+description = "misbehaves on request"
+[limits]
+timeout-ms = 60000
+[tool]
+description = "Echoes an object with an `op`."
+[tool.input-schema]
+type = "object"
+required = ["op"]
+properties.op = { type = "string" }
+"#;
+    let rt = runtime();
+    let installed = rt.load(&guest_with("qlayer-test-hostile", manifest)).unwrap().install(Grants::default()).unwrap();
+    let mut tool = installed.tool("t").await.unwrap();
+    // `loop` would spin until the 60 s deadline: refused as not JSON, the guest never entered.
+    let err = tool.invoke("loop").await.unwrap_err();
+    match &err.kind {
+        CallErrorKind::Plugin(PluginError::InvalidInput(m)) => assert!(m.contains("the input is not JSON"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    let err = tool.invoke(r#"{"op": 5}"#).await.unwrap_err();
+    assert!(!err.is_retryable());
+    assert!(err.to_string().contains("at `/op`") && err.to_string().contains("hostile"), "{err}");
+    let err = tool.invoke(r#"{"opp": "x"}"#).await.unwrap_err();
+    assert!(err.to_string().contains("\"op\" is a required property"), "{err}");
+    // The instance was never poisoned; a matching input reaches the guest (which echoes its op).
+    assert_eq!(tool.invoke(r#"{"op": "still here"}"#).await.unwrap(), "still here");
+}
+
+#[tokio::test]
 async fn a_granted_host_works_and_an_ungranted_host_is_refused() {
     let server = TestServer::start().await;
     let rt = runtime();
@@ -100,7 +161,7 @@ async fn a_granted_host_works_and_an_ungranted_host_is_refused() {
     let none = plugin.install(Grants::default()).unwrap();
     let err = none.provider("t").await.unwrap().complete(&ask(&format!("{}/plain", server.url()))).await.unwrap_err();
     match &err.kind {
-        CallErrorKind::Trap(m) => assert!(m.contains("grants no outbound host") && m.contains("wasi:http/"), "{m}"),
+        CallErrorKind::Trap(m) => assert!(m.contains("it has no HTTP") && m.contains("wasi:http/"), "{m}"),
         other => panic!("expected a trap naming wasi:http, got {other:?}"),
     }
     assert_eq!(server.requests().len(), before);
@@ -221,7 +282,7 @@ async fn a_plugin_granted_no_host_cannot_make_the_host_hold_http_objects() {
     let installed = rt.load(&hostile(16, 10_000)).unwrap().install(Grants::default()).unwrap();
     let err = installed.tool("t").await.unwrap().invoke("headers 20000 102400").await.unwrap_err();
     match &err.kind {
-        CallErrorKind::Trap(m) => assert!(m.contains("grants no outbound host"), "{m}"),
+        CallErrorKind::Trap(m) => assert!(m.contains("it has no HTTP"), "{m}"),
         other => panic!("expected a trap, got {other:?}: {err}"),
     }
 }

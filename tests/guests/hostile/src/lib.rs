@@ -5,7 +5,9 @@
 //! `print N` write N lines through `host.log` and stdout, `raw-get AUTHORITY` sends a raw wasi:http
 //! GET to http://AUTHORITY/plain (no URL parsing on the guest's side) and reports what happened,
 //! `big N` answers N bytes, `json-array N` a JSON array of one-digit numbers N bytes long, `fan-out N AUTHORITY` sends N such GETs at once and holds every response until all answered, `forge` logs a message with a newline
-//! and a forged log line in it; anything else is echoed.
+//! and a forged log line in it, `tcp ADDR` connects a TCP socket to ADDR (std's wasi:sockets),
+//! `udp ADDR` sends a datagram to it, `resolve NAME` looks NAME up, `sockets N` opens N TCP
+//! sockets and holds them; anything else is echoed. `{"op": "..."}` is the same as its `op`.
 
 use qlayer_sdk::{PluginError, tool::Tool};
 
@@ -13,7 +15,14 @@ struct Hostile;
 
 impl Tool for Hostile {
     fn invoke(input: String) -> Result<String, PluginError> {
-        let op = input.trim();
+        // Callers that can only send JSON objects (MCP) send `{"op": "..."}`.
+        let op = match serde_json::from_str::<serde_json::Value>(&input) {
+            Ok(serde_json::Value::Object(o)) if o.get("op").is_some_and(|v| v.is_string()) => {
+                o["op"].as_str().unwrap_or_default().to_string()
+            }
+            _ => input.clone(),
+        };
+        let op = op.trim();
         match op {
             "loop" => {
                 let mut n: u64 = 0;
@@ -138,6 +147,34 @@ impl Tool for Hostile {
                 Ok(_) => "filesystem visible".into(),
                 Err(e) => format!("no filesystem: {e}"),
             }),
+            other if other.starts_with("tcp ") => Ok(match std::net::TcpStream::connect(&other[4..]) {
+                Ok(_) => "connected".into(),
+                Err(e) => format!("tcp refused: {e}"),
+            }),
+            other if other.starts_with("udp ") => {
+                Ok(match std::net::UdpSocket::bind("0.0.0.0:0").and_then(|s| s.send_to(b"hello", &other[4..])) {
+                    Ok(n) => format!("sent {n}"),
+                    Err(e) => format!("udp refused: {e}"),
+                })
+            }
+            other if other.starts_with("resolve ") => {
+                use std::net::ToSocketAddrs;
+                Ok(match (&other[8..], 80).to_socket_addrs() {
+                    Ok(addrs) => format!("resolved {}", addrs.count()),
+                    Err(e) => format!("lookup refused: {e}"),
+                })
+            }
+            other if other.starts_with("sockets ") => {
+                let n: usize = other[8..].parse().map_err(|_| PluginError::InvalidInput("bad number".into()))?;
+                let mut held = Vec::new();
+                for i in 0..n {
+                    match std::net::TcpListener::bind("127.0.0.1:0") {
+                        Ok(s) => held.push(s),
+                        Err(e) => return Ok(format!("socket {i} refused: {e}")),
+                    }
+                }
+                Ok(format!("holding {}", held.len()))
+            }
             "fail-retryable" => Err(PluginError::Unavailable("failing on purpose".into())),
             "fail-fatal" => Err(PluginError::InvalidInput("failing on purpose".into())),
             other if other.starts_with("fail-until ") => {

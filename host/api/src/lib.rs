@@ -55,6 +55,8 @@ pub struct AppState {
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// The OpenAI-compatible gateway.
     pub gateway: Option<Arc<qlayer_gateway::service::Gateway>>,
+    /// `[mcp]`: which Host names and browser origins `/mcp` answers.
+    pub mcp: mcp::McpSection,
 }
 
 impl AppState {

@@ -31,6 +31,33 @@ use rmcp::{ErrorData, RoleServer, ServerHandler};
 use std::sync::Arc;
 use std::time::Instant;
 
+/// `[mcp]` of `qlayer serve`'s config.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct McpSection {
+    /// The `Host` names (`name` for any port, or `name:port`) `/mcp` answers; a request naming
+    /// another is refused with 403 before anything else, so a page that rebinds its own DNS name
+    /// to this server reaches nothing. Loopback names by default: add the name clients use for
+    /// a server they reach over the network, or `"*"` to accept any.
+    #[serde(default = "loopback")]
+    pub allowed_hosts: Vec<String>,
+    /// Browser origins (`https://app.example.com:443`, `http://localhost:*`) that may call
+    /// `/mcp`; a request with another `Origin` is refused. Empty (the default): the `Origin`
+    /// header is not checked (clients outside browsers send none).
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
+}
+
+fn loopback() -> Vec<String> {
+    vec!["localhost".into(), "127.0.0.1".into(), "::1".into()]
+}
+
+impl Default for McpSection {
+    fn default() -> Self {
+        McpSection { allowed_hosts: loopback(), allowed_origins: Vec::new() }
+    }
+}
+
 /// Who the MCP requests are for.
 #[derive(Debug, Clone)]
 pub struct McpCaller {
@@ -231,15 +258,21 @@ pub fn router(state: &AppState) -> axum::Router<AppState> {
         runner.scheduler().admission().clone(),
         state.db.clone(),
     );
-    let config = StreamableHttpServerConfig::default()
+    let mut config = StreamableHttpServerConfig::default()
         // Protocol 2026-07-28 has no sessions; older clients get none either (stateless).
         .with_legacy_session_mode(false)
         .with_json_response(true)
         .with_sse_keep_alive(None)
-        // Callers prove who they are with an API key, not a cookie a rebinding page could ride
-        // on, so the Host header is not what protects the server.
-        .disable_allowed_hosts()
         .with_max_request_body_bytes(state.limits.max_body_bytes);
+    // Every call needs an API key, which a rebinding page does not have; the Host check (and the
+    // Origin check, when origins are listed) refuse such a page too, as the MCP spec asks.
+    config = match state.mcp.allowed_hosts.iter().any(|h| h == "*") {
+        true => config.disable_allowed_hosts(),
+        false => config.with_allowed_hosts(state.mcp.allowed_hosts.clone()),
+    };
+    if !state.mcp.allowed_origins.is_empty() {
+        config = config.with_allowed_origins(state.mcp.allowed_origins.clone());
+    }
     // No sessions are kept at all: every request stands alone.
     let service: StreamableHttpService<McpTools, NeverSessionManager> =
         StreamableHttpService::new(move || Ok(tools.clone()), Default::default(), config);

@@ -38,6 +38,9 @@ pub struct ServeConfig {
     /// Where the gateway's semantic cache lives.
     #[serde(default)]
     pub cache: CacheSection,
+    /// The MCP server at `/mcp`.
+    #[serde(default)]
+    pub mcp: crate::mcp::McpSection,
 }
 
 /// `[cache]`.
@@ -676,6 +679,7 @@ pub async fn start(config: ServeConfig, data_dir: PathBuf) -> anyhow::Result<Run
         },
         metrics: crate::metrics_handle(),
         gateway: Some(gateway.clone()),
+        mcp: config.mcp.clone(),
     };
     let (health, health_service) = tonic_health::server::health_reporter();
     let grpc_routes =

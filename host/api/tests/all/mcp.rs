@@ -131,6 +131,23 @@ async fn mcp_lists_and_calls_only_the_tenants_own_tools_and_refuses_bad_input() 
     let (_, body, _) = rpc(&svc, Some(&acme), &call(9, "text-stats", json!({"text": "after"}))).await;
     assert_eq!(body["result"]["structuredContent"]["words"], 1, "{body}");
 
+    // A page that rebinds its own name to this server: refused by its Host, key or not.
+    let rebound = svc
+        .http
+        .post(format!("{}/mcp", svc.base))
+        .header("host", "evil.example.com")
+        .header("origin", "http://evil.example.com")
+        .header("authorization", format!("Bearer {acme}"))
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .body(LIST)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rebound.status(), 403);
+    let body: Value = rebound.json().await.unwrap();
+    assert!(body["error"]["code"].as_i64().is_some(), "{body}");
+
     // Calls are audited like any call: who, which tool, how it ended.
     let records = svc.db().audit_records(None, 0, 5000).await.unwrap();
     let calls: Vec<_> = records.iter().filter(|r| r.action == "tool.call").collect();
@@ -205,8 +222,10 @@ async fn keyed_proxy(upstream: String, key: String) -> String {
             let (parts, body) = req.into_parts();
             let body = axum::body::to_bytes(body, 64 << 20).await.unwrap_or_default();
             let mut out = client.request(parts.method, format!("{upstream}{}", parts.uri.path())).body(body);
+            // Host and Origin go through as the client sent them (the rebinding scenario
+            // sends a foreign one).
             for (name, value) in &parts.headers {
-                if name != "host" && name != "content-length" {
+                if name != "content-length" {
                     out = out.header(name, value);
                 }
             }
@@ -233,10 +252,11 @@ async fn the_official_conformance_suite_passes_every_applicable_server_scenario(
     let suite = npm_package("@modelcontextprotocol/conformance@0.1.16");
     let (svc, acme, _) = two_tenants().await;
     let proxy = keyed_proxy(svc.base.clone(), acme.clone()).await;
-    // What a server of tools only can be asked: the lifecycle, ping and listing tools. The other
-    // scenarios call tools of the suite's reference server (`test_simple_text`...), or test
-    // resources, prompts, completions, logging and sampling, which this server does not offer.
-    for scenario in ["server-initialize", "ping", "tools-list"] {
+    // What a server of tools only can be asked: the lifecycle, ping, listing tools and the DNS
+    // rebinding guard. The other scenarios call tools of the suite's reference server
+    // (`test_simple_text`...), or test resources, prompts, completions, logging and sampling,
+    // which this server does not offer.
+    for scenario in ["server-initialize", "ping", "tools-list", "dns-rebinding-protection"] {
         let mut command = std::process::Command::new(&node);
         command.arg(suite.join("dist/index.js")).args([
             "server",

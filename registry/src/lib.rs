@@ -538,7 +538,7 @@ impl Registry {
             // Pushed by another tool (wkg, oras): the manifest is only in the binary's own custom
             // section, so the binary is fetched (within the size limit, digest checked) to read it.
             None => {
-                let wasm = self.layer_bytes(reference, &layer).await?;
+                let wasm = self.blob_in_memory(reference, &layer, self.max_blob()).await?;
                 qlayer_manifest::extract(&wasm).map_err(|e| {
                     not_plugin(format!(
                         "it has no `{MANIFEST_ANNOTATION}` annotation and its binary carries no readable manifest: {e}"
@@ -584,35 +584,19 @@ impl Registry {
         store.read(&layer.digest)
     }
 
-    /// Downloads a plugin binary into memory (it is at most the blob limit), checking its size
-    /// and digest.
-    async fn layer_bytes(&self, reference: &Reference, layer: &Descriptor) -> Result<Vec<u8>, RegistryError> {
-        let oci_descriptor = OciDescriptor {
-            media_type: layer.media_type.clone(),
-            digest: layer.digest.clone(),
-            size: layer.size as i64,
-            ..Default::default()
-        };
-        let mut out = Vec::new();
-        self.client.pull_blob(reference, &oci_descriptor, &mut out).await.map_err(|e| self.error(reference, e))?;
-        let actual = digest_of(&out);
-        if actual != layer.digest || out.len() as u64 != layer.size {
-            return Err(RegistryError::DigestMismatch {
-                what: format!("the plugin binary of {}", reference.whole()),
-                expected: layer.digest.clone(),
-                actual,
-            });
-        }
-        Ok(out)
-    }
-
-    /// Downloads a small blob into memory, checking its size and digest.
-    async fn small_blob(&self, reference: &Reference, descriptor: &Descriptor) -> Result<Vec<u8>, RegistryError> {
-        if descriptor.size > MAX_SIGNATURE_BYTES {
+    /// Downloads a blob of at most `limit` bytes into memory, checking its size and digest: a
+    /// signature, or a plugin binary whose manifest is only in its own custom section.
+    async fn blob_in_memory(
+        &self,
+        reference: &Reference,
+        descriptor: &Descriptor,
+        limit: u64,
+    ) -> Result<Vec<u8>, RegistryError> {
+        if descriptor.size > limit {
             return Err(RegistryError::TooLarge {
                 what: format!("blob {}", descriptor.digest),
                 size: descriptor.size,
-                limit: MAX_SIGNATURE_BYTES,
+                limit,
             });
         }
         let oci_descriptor = OciDescriptor {
@@ -658,7 +642,7 @@ impl Registry {
             let Some(signature) = layer.annotations.as_ref().and_then(|a| a.get(sign::SIGNATURE_ANNOTATION)) else {
                 continue;
             };
-            let payload = self.small_blob(&target, layer).await?;
+            let payload = self.blob_in_memory(&target, layer, MAX_SIGNATURE_BYTES).await?;
             match sign::check(&payload, signature, &resolved.digest, keys) {
                 Verification::Verified { key } => return Ok(Verification::Verified { key }),
                 Verification::WrongKey { .. } => {}

@@ -171,11 +171,8 @@ impl McpTools {
             tool.invoke(&input).await.map_err(|e| e.to_string())
         }
         .await;
+        qlayer_jobs::record_tool_call(&install.name, outcome.is_ok(), started.elapsed());
         let label = if outcome.is_ok() { "ok" } else { "error" };
-        metrics::counter!("qlayer_plugin_calls_total", "plugin" => install.name.clone(), "outcome" => label)
-            .increment(1);
-        metrics::histogram!("qlayer_plugin_call_duration_seconds", "plugin" => install.name.clone())
-            .record(started.elapsed().as_secs_f64());
         metrics::counter!("qlayer_mcp_tool_calls_total", "outcome" => label).increment(1);
         let entry = AuditEntry {
             actor: caller.actor.clone(),

@@ -562,6 +562,15 @@ pub fn finished_steps(tasks: &[Task]) -> Result<Vec<StepReport>, String> {
 
 /// Loading an installed plugin failed: retryable when the registry it is pulled from (on a node
 /// that has no copy yet) could not be reached, fatal otherwise (not installed, tampered, refused).
+/// Counts a tool call (`qlayer_plugin_calls_total` by plugin and outcome) and its duration,
+/// whether a job or an MCP client made it.
+pub fn record_tool_call(plugin: &str, ok: bool, took: Duration) {
+    let outcome = if ok { "ok" } else { "error" };
+    metrics::counter!("qlayer_plugin_calls_total", "plugin" => plugin.to_string(), "outcome" => outcome).increment(1);
+    metrics::histogram!("qlayer_plugin_call_duration_seconds", "plugin" => plugin.to_string())
+        .record(took.as_secs_f64());
+}
+
 fn load_error(e: anyhow::Error) -> TaskError {
     let unreachable = e.chain().any(|c| {
         matches!(c.downcast_ref::<qlayer_registry::RegistryError>(), Some(qlayer_registry::RegistryError::Transport(_)))
@@ -620,11 +629,7 @@ impl PluginExecutor {
             tool.invoke(&text).await.map_err(|e| task_error(&e))
         }
         .await;
-        let label = if outcome.is_ok() { "ok" } else { "error" };
-        metrics::counter!("qlayer_plugin_calls_total", "plugin" => task.plugin.clone(), "outcome" => label)
-            .increment(1);
-        metrics::histogram!("qlayer_plugin_call_duration_seconds", "plugin" => task.plugin.clone())
-            .record(started.elapsed().as_secs_f64());
+        record_tool_call(&task.plugin, outcome.is_ok(), started.elapsed());
         // Kept as its text: a large output is checked, never built into a tree.
         Ok(JsonText::or_string(outcome?))
     }

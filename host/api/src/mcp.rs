@@ -150,7 +150,12 @@ impl McpTools {
         let unknown = || ErrorData::invalid_params(format!("unknown tool `{name}`"), None);
         let install = match self.marketplace.get(&caller.tenant_name, name).await {
             Ok(install) if install.kind == Kind::Tool => install,
-            _ => return Err(unknown()),
+            Ok(_) => return Err(unknown()),
+            Err(e) if matches!(e.downcast_ref(), Some(qlayer_marketplace::InstallError::NotInstalled { .. })) => {
+                return Err(unknown());
+            }
+            // The store failing is not the tool being unknown.
+            Err(e) => return Err(internal(e)),
         };
         if !caller.can_call {
             return Err(ErrorData::invalid_request(

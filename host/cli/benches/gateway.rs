@@ -16,7 +16,7 @@
 
 mod load;
 
-use load::{ADMIN, exchange, ms, open_loop, percentile, rss_mib};
+use load::{exchange, ms, open_loop, percentile, rss_mib};
 use std::io::{BufRead as _, Read as _, Write as _};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -191,26 +191,10 @@ async fn gateway_server(
     let send = |method: reqwest::Method, path: &str, key: &str, body: serde_json::Value| {
         client.request(method, format!("{base}{path}")).bearer_auth(key).json(&body).send()
     };
-    let created: serde_json::Value =
-        send(reqwest::Method::POST, "/v1/tenants", ADMIN, serde_json::json!({"name": "bench"}))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-    let key = created["api_key"].as_str().unwrap().to_string();
+    let key = load::create_tenant(&client, &base, "bench").await;
     let reference = format!("{}/bench/openai:0.1.0", registry.addr);
     if push {
-        let pusher = qlayer_marketplace::Marketplace::open_local(
-            data.path().join("pusher"),
-            qlayer_marketplace::MarketplaceConfig {
-                insecure_registries: vec![registry.addr.clone()],
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-        pusher.push(qlayer_bundled::bundled_plugin("openai").unwrap(), &reference, None).await.unwrap();
+        load::push(registry, data.path(), qlayer_bundled::bundled_plugin("openai").unwrap(), &reference).await;
     }
     let grants = serde_json::json!({"hosts": [mock.to_string()], "config": {"base_url": format!("http://{mock}/v1")}});
     let r =

@@ -16,7 +16,7 @@
 
 mod load;
 
-use load::{ADMIN, exchange, open_loop, percentile};
+use load::{exchange, open_loop, percentile};
 use qlayer_runtime::{Grants, HostPolicy, Runtime, RuntimeConfig};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -166,28 +166,9 @@ fn main() {
     let key = tokio.block_on(async {
         let base = format!("http://{addr}");
         let client = reqwest::Client::builder().no_proxy().build().unwrap();
-        let created: serde_json::Value = client
-            .post(format!("{base}/v1/tenants"))
-            .bearer_auth(ADMIN)
-            .json(&serde_json::json!({"name": "bench"}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let key = created["api_key"].as_str().unwrap().to_string();
+        let key = load::create_tenant(&client, &base, "bench").await;
         let reference = format!("{}/bench/echo-rust:0.1.0", registry.addr);
-        let pusher = qlayer_marketplace::Marketplace::open_local(
-            data.path().join("pusher"),
-            qlayer_marketplace::MarketplaceConfig {
-                insecure_registries: vec![registry.addr.clone()],
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-        pusher.push(rust, &reference, None).await.unwrap();
+        load::push(&registry, data.path(), rust, &reference).await;
         let r = client
             .post(format!("{base}/v1/plugins"))
             .bearer_auth(&key)

@@ -1,5 +1,6 @@
-//! What the service benches share: the `qlayer` binary, a server process killed on drop, raw
-//! HTTP/1.1 requests on keep-alive connections, and an open-loop load generator.
+//! What the service benches share: the `qlayer` binary, a server process killed on drop, a new
+//! tenant and a plugin pushed to the test registry, raw HTTP/1.1 requests on keep-alive
+//! connections, and an open-loop load generator.
 #![allow(dead_code)]
 
 use std::time::Duration;
@@ -43,6 +44,35 @@ pub fn serve(data: &std::path::Path, config: &str) -> (Server, u16) {
         std::thread::sleep(Duration::from_millis(50));
     }
     (server, port)
+}
+
+/// Creates tenant `name` on the server at `base` with the admin key; returns the tenant's admin key.
+pub async fn create_tenant(client: &reqwest::Client, base: &str, name: &str) -> String {
+    let created: serde_json::Value = client
+        .post(format!("{base}/v1/tenants"))
+        .bearer_auth(ADMIN)
+        .json(&serde_json::json!({"name": name}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    created["api_key"].as_str().unwrap().to_string()
+}
+
+/// Pushes `wasm` to `reference` on the test registry, from a marketplace of its own in `dir`.
+pub async fn push(registry: &qlayer_tests::TestRegistry, dir: &std::path::Path, wasm: &[u8], reference: &str) {
+    let pusher = qlayer_marketplace::Marketplace::open_local(
+        dir.join("pusher"),
+        qlayer_marketplace::MarketplaceConfig {
+            insecure_registries: vec![registry.addr.clone()],
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    pusher.push(wasm, reference, None).await.unwrap();
 }
 
 /// The resident set of `pid`, in MiB.

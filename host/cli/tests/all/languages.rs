@@ -235,3 +235,47 @@ fn plugin_pack_embeds_and_replaces_a_manifest_and_refuses_what_the_host_would() 
         author.qlayer(&["plugin", "pack", manifest.to_str().unwrap(), "--manifest", manifest.to_str().unwrap()]);
     assert!(!ok && err.contains("not a WebAssembly binary"), "{err}");
 }
+
+#[test]
+fn the_python_and_javascript_provider_and_validator_templates_run_in_the_host() {
+    let author = Author::new();
+    let runtime = qlayer_runtime::Runtime::new(Default::default()).unwrap();
+    let tokio = tokio::runtime::Runtime::new().unwrap();
+    for lang in ["python", "js"] {
+        // A provider: models, a whole completion and a stream (the exported resource).
+        let (_, built) = author.scaffold_and_build("provider", &format!("echo-{lang}"), lang, None);
+        let installed = runtime.load(&std::fs::read(&built).unwrap()).unwrap().install(Default::default()).unwrap();
+        let request = qlayer_runtime::CompletionRequest::new(
+            "",
+            vec![qlayer_runtime::Message::new(qlayer_runtime::Role::User, "hello there")],
+        );
+        let (models, text, streamed) = tokio.block_on(async {
+            let mut provider = installed.provider("t").await.unwrap();
+            let models = provider.models().await.unwrap();
+            let text = provider.complete(&request).await.unwrap().text;
+            let mut stream = provider.stream(&request).await.unwrap();
+            let mut streamed = String::new();
+            while let Some(chunk) = stream.next().await.unwrap() {
+                streamed.push_str(&chunk.delta);
+            }
+            (models, text, streamed)
+        });
+        assert_eq!(models[0].id, "echo", "{lang}");
+        assert_eq!(text, "hello there", "{lang}");
+        assert_eq!(streamed, "hello there", "{lang}");
+
+        // A validator (the JavaScript runtime imports wasi:http, linked as stubs for a kind
+        // without network).
+        let (_, built) = author.scaffold_and_build("validator", &format!("todos-{lang}"), lang, None);
+        let installed = runtime.load(&std::fs::read(&built).unwrap()).unwrap().install(Default::default()).unwrap();
+        let artifacts = vec![qlayer_runtime::Artifact {
+            path: "x.js".into(),
+            media_type: "text/javascript".into(),
+            content: b"a();\n\n// TODO later\n".to_vec(),
+        }];
+        let found =
+            tokio.block_on(async { installed.validator("t").await.unwrap().validate(&artifacts).await.unwrap() });
+        assert_eq!(found.len(), 1, "{lang}: {found:?}");
+        assert_eq!((found[0].line, found[0].rule.as_str()), (Some(3), "todo-marker"), "{lang}");
+    }
+}

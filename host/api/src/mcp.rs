@@ -167,11 +167,8 @@ impl McpTools {
         let started = Instant::now();
         let outcome = async {
             let _permit = self.admission.admit(&caller.tenant_id).await;
-            let installed = self
-                .marketplace
-                .load(&self.runtime, &caller.tenant_name, &install.name)
-                .await
-                .map_err(|e| format!("{e:#}"))?;
+            let installed =
+                self.marketplace.load_install(&self.runtime, &install).await.map_err(|e| format!("{e:#}"))?;
             let mut tool = installed.any_tool(&caller.tenant_id).await.map_err(|e| e.to_string())?;
             tool.invoke(&input).await.map_err(|e| e.to_string())
         }

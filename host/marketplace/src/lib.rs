@@ -712,10 +712,16 @@ impl Marketplace {
     /// node sharing the database) pulls it from the registry by the pinned digest, verified.
     pub async fn load(&self, runtime: &Runtime, tenant: &str, name: &str) -> anyhow::Result<Installed> {
         let install = self.get(tenant, name).await?;
+        self.load_install(runtime, &install).await
+    }
+
+    /// [`Marketplace::load`] for an install record the caller has just read (no second lookup).
+    pub async fn load_install(&self, runtime: &Runtime, install: &Install) -> anyhow::Result<Installed> {
+        let name = &install.name;
         // Loaded by an earlier call (from bytes checked against this digest then), or loaded now.
         let plugin = match runtime.loaded(&install.blob) {
             Some(plugin) => plugin,
-            None => self.load_blob(runtime, &install).await?,
+            None => self.load_blob(runtime, install).await?,
         };
         if plugin.manifest().name != install.name || plugin.manifest().version != install.version {
             bail!("the stored binary of `{name}` is not the installed version; reinstall it");

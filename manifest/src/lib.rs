@@ -282,6 +282,21 @@ pub enum ManifestError {
 }
 
 impl Manifest {
+    /// What a model choosing among tools reads of this one: its tool description, else the
+    /// plugin's description.
+    pub fn tool_description(&self) -> &str {
+        self.tool.as_ref().and_then(|t| t.description.as_deref()).unwrap_or(&self.description)
+    }
+
+    /// The JSON Schema of this tool's input: the declared one, or any object when it declares
+    /// none (a tool is given a JSON object).
+    pub fn tool_input_schema(&self) -> serde_json::Map<String, serde_json::Value> {
+        match self.tool.as_ref().and_then(|t| t.input_schema.clone()) {
+            Some(serde_json::Value::Object(schema)) => schema,
+            _ => serde_json::Map::from_iter([("type".to_string(), serde_json::Value::from("object"))]),
+        }
+    }
+
     /// Parses and validates a manifest from TOML text.
     pub fn from_toml(text: &str) -> Result<Self, ManifestError> {
         if text.len() > MAX_MANIFEST_BYTES {

@@ -400,6 +400,17 @@ impl runs_server::Runs for Grpc {
             options: r.options_json.as_deref().map(|o| json_field("options_json", o)).transpose()?,
             max_repair_rounds: r.max_repair_rounds,
             token_budget: r.token_budget,
+            pipeline: match (r.pipeline, r.pipeline_json) {
+                (Some(_), Some(_)) => {
+                    return Err(ApiError::invalid("give `pipeline` or `pipeline_json`, not both").into());
+                }
+                (Some(name), None) => Some(qlayer_jobs::PipelineChoice::Name(name)),
+                (None, Some(text)) => Some(qlayer_jobs::PipelineChoice::Inline(Box::new(
+                    qlayer_jobs::Pipeline::from_json(json_field("pipeline_json", &text)?)
+                        .map_err(|e| ApiError::invalid(format!("pipeline_json: {e}")))?,
+                ))),
+                (None, None) => None,
+            },
         };
         let input = serde_json::to_value(&run).map_err(ApiError::internal)?;
         let (j, _) = job_ops::submit_op(

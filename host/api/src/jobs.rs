@@ -61,10 +61,14 @@ pub struct SubmitRun {
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
     pub options: Option<serde_json::Value>,
-    /// Repair rounds after the first validation (0-5, default 2).
+    /// Repair rounds after the first validation (0-5; default: the pipeline's, else 2).
     #[serde(default)]
     #[schema(maximum = 5)]
     pub max_repair_rounds: Option<u32>,
+    /// The pipeline: a stored one's name (`default`, the bundled one, unless the tenant stored
+    /// its own), or a definition. Default: `default`.
+    #[serde(default, deserialize_with = "qlayer_jobs::pipeline_choice")]
+    pub pipeline: Option<qlayer_jobs::PipelineChoice>,
     /// Tokens the whole run may spend, over every step (at least 1; default: no limit). A step
     /// that would start with the budget spent fails the run, naming the budget.
     #[serde(default)]
@@ -158,6 +162,8 @@ async fn check_input(
             let run: RunInput =
                 serde_json::from_value(input.clone()).map_err(|e| ApiError::invalid(format!("input: {e}")))?;
             run.check().map_err(ApiError::invalid)?;
+            // The pipeline: a stored one that is missing is a 404; a bad one names its step.
+            state.runner.prepare_run(caller.tenant_id(), input).await.map_err(crate::pipelines::run_refused)?;
             if let Some(name) = run.provider.as_deref().filter(|p| *p != "scripted") {
                 let install = installed(state, caller, name).await?.ok_or_else(|| {
                     ApiError::not_found(format!("provider: plugin `{name}` is not installed for this tenant"))
@@ -224,7 +230,7 @@ async fn submit(
 #[utoipa::path(post, path = "/v1/jobs", tag = "jobs", request_body = SubmitJob,
     responses((status = 201, body = Job), (status = 200, body = Job, description = "idempotent replay"),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
-        (status = 404, body = ErrorBody, description = "a plugin the input names is not installed for the tenant"),
+        (status = 404, body = ErrorBody, description = "a plugin the input names is not installed for the tenant, or a run names a pipeline the tenant has not stored"),
         (status = 409, body = ErrorBody)),
     security(("api_key" = [])))]
 pub async fn submit_job(
@@ -414,12 +420,13 @@ pub fn event_stream(
     })
 }
 
-/// Starts a factory run: requirement → product manager → developer → validators with bounded
-/// repair; the generated project becomes the run's capsule.
+/// Starts a factory run through a pipeline (by default: requirement → product manager →
+/// developer → validators with bounded repair); the generated project becomes the run's capsule.
+/// The pipeline is checked before anything runs; an error names the step at fault.
 #[utoipa::path(post, path = "/v1/runs", tag = "runs", request_body = SubmitRun,
     responses((status = 201, body = Job), (status = 200, body = Job, description = "idempotent replay"),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
-        (status = 404, body = ErrorBody, description = "the provider is not installed for the tenant"), (status = 409, body = ErrorBody)),
+        (status = 404, body = ErrorBody, description = "the provider is not installed for the tenant, or the pipeline named is not stored for it"), (status = 409, body = ErrorBody)),
     security(("api_key" = [])))]
 pub async fn submit_run(
     State(state): State<AppState>,
@@ -433,6 +440,7 @@ pub async fn submit_run(
         options: body.options,
         max_repair_rounds: body.max_repair_rounds,
         token_budget: body.token_budget,
+        pipeline: body.pipeline,
     };
     let input = serde_json::to_value(&run).map_err(ApiError::internal)?;
     let limits = JobLimits { deadline_ms: body.deadline_ms, max_attempts: None };

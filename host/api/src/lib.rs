@@ -13,6 +13,7 @@ pub mod grpc;
 pub mod jobs;
 pub mod limits;
 pub mod mcp;
+pub mod pipelines;
 pub mod resources;
 pub mod serve;
 
@@ -92,6 +93,7 @@ impl AppState {
         resources::list_plugins, resources::install_plugin, resources::get_plugin, resources::remove_plugin,
         jobs::submit_job, jobs::list_jobs, jobs::get_job, jobs::cancel_job, jobs::job_events, jobs::job_tasks,
         jobs::submit_run, jobs::get_run, jobs::run_capsule,
+        pipelines::put_pipeline, pipelines::get_pipeline, pipelines::list_pipelines, pipelines::delete_pipeline,
         gateway::chat_completions, gateway::messages, gateway::count_tokens, gateway::embeddings, gateway::list_models, gateway::get_model,
         gateway::put_model, gateway::delete_model, gateway::usage,
     ),
@@ -103,7 +105,7 @@ impl AppState {
         (name = "keys", description = "API keys of the caller's tenant"),
         (name = "plugins", description = "Plugins installed for the caller's tenant from OCI registries"),
         (name = "jobs", description = "Work submitted by the caller's tenant"),
-        (name = "runs", description = "Factory runs: requirement to validated project"),
+        (name = "runs", description = "Factory runs: requirement to validated project, through a pipeline (the bundled `default`, one stored for the tenant, or one given inline)"),
         (name = "gateway", description = "The OpenAI-compatible LLM gateway: the tenant's model table, completions and embeddings through its provider plugins (errors in OpenAI's shape), and usage"),
     )
 )]
@@ -140,6 +142,7 @@ fn build_openapi_json() -> String {
     shared_behaviour(&mut doc);
     job_inputs_by_kind(&mut doc);
     gateway::document(&mut doc);
+    pipelines::document(&mut doc);
     events_as_sent(&mut doc);
     serde_json::to_string_pretty(&doc).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}")) + "\n"
 }
@@ -272,6 +275,11 @@ pub fn router(state: AppState) -> axum::Router {
         .route("/v1/runs", post(jobs::submit_run))
         .route("/v1/runs/{id}", get(jobs::get_run))
         .route("/v1/runs/{id}/capsule", get(jobs::run_capsule))
+        .route("/v1/pipelines", get(pipelines::list_pipelines))
+        .route(
+            "/v1/pipelines/{name}",
+            get(pipelines::get_pipeline).put(pipelines::put_pipeline).delete(pipelines::delete_pipeline),
+        )
         .route("/v1/chat/completions", post(gateway::chat_completions))
         .route("/v1/messages", post(gateway::messages))
         .route("/v1/messages/count_tokens", post(gateway::count_tokens))

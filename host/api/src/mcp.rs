@@ -201,14 +201,8 @@ impl McpTools {
 
 /// The MCP tool a tool plugin's manifest describes.
 pub fn describe(manifest: &qlayer_runtime::Manifest) -> Tool {
-    let spec = manifest.tool.as_ref();
-    let description = spec.and_then(|t| t.description.clone()).unwrap_or_else(|| manifest.description.clone());
-    let schema = match spec.and_then(|t| t.input_schema.clone()) {
-        Some(serde_json::Value::Object(schema)) => schema,
-        // No schema: any object (what the plugin is given is the arguments object).
-        _ => serde_json::json!({"type": "object"}).as_object().cloned().unwrap_or_default(),
-    };
-    Tool::new(manifest.name.clone(), description, Arc::new(schema))
+    let description = manifest.tool_description().to_string();
+    Tool::new(manifest.name.clone(), description, Arc::new(manifest.tool_input_schema()))
 }
 
 fn internal(e: anyhow::Error) -> ErrorData {

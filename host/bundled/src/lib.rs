@@ -17,6 +17,11 @@ pub mod bundled {
     include!(concat!(env!("OUT_DIR"), "/bundled.rs"));
 }
 
+/// The bundled agent plugins: the roles a pipeline step may name without `installed:`.
+pub const AGENTS: &[&str] = &["product-manager", "developer"];
+/// The bundled validator plugins.
+pub const VALIDATORS: &[&str] = &["syntax"];
+
 /// The baked-in component of a first-party plugin, by manifest name.
 pub fn bundled_plugin(name: &str) -> Option<&'static [u8]> {
     bundled::PLUGINS.iter().find(|(n, _)| *n == name).map(|(_, wasm)| *wasm)

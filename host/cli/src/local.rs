@@ -201,6 +201,7 @@ pub async fn run(run: LocalRun, on: &(dyn Fn(Update) + Send + Sync)) -> anyhow::
         return Ok(Finished { report, capsule });
     }
     // A step failed (or gave up): report what ran and why it stopped.
+    let pipeline = run.input.pipeline().ok().and_then(|p| p.name);
     let steps = jobs::finished_steps(&tasks).map_err(anyhow::Error::msg)?;
     let rounds = tasks.iter().filter(|t| t.kind == "review" && t.status == TaskStatus::Succeeded).count() as u32;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64)?;
@@ -210,6 +211,7 @@ pub async fn run(run: LocalRun, on: &(dyn Fn(Update) + Send + Sync)) -> anyhow::
             status: "failed".into(),
             stop_reason: job.error.unwrap_or_else(|| format!("the run was {}", job.status.as_str())),
             provider: label,
+            pipeline,
             repair_rounds: rounds,
             tokens: steps.iter().fold(TokenCount::default(), |sum, s| sum.plus(s.tokens)),
             steps,

@@ -246,9 +246,13 @@ struct RunArgs {
     /// Programming language to ask for (passed to the agents as an option).
     #[arg(long)]
     language: Option<String>,
-    /// Repair rounds after the first validation.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(0..=qlayer_jobs::MAX_REPAIR_ROUNDS as i64))]
-    max_repair_rounds: u32,
+    /// Repair rounds after the first validation (default: the pipeline's, 2 in the default one).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=qlayer_jobs::MAX_REPAIR_ROUNDS as i64))]
+    max_repair_rounds: Option<u32>,
+    /// A pipeline definition (TOML, or JSON for a `.json` file) instead of the bundled default:
+    /// its steps, their role plugins (bundled or installed), validators, tools and repair policy.
+    #[arg(long)]
+    pipeline: Option<PathBuf>,
     /// Tokens the whole run may spend.
     #[arg(long, default_value_t = 500_000, value_parser = clap::value_parser!(u64).range(1..))]
     token_budget: u64,
@@ -826,14 +830,29 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             script,
         )?,
     };
+    let pipeline = match &args.pipeline {
+        Some(path) => {
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("reading --pipeline {}", path.display()))?;
+            let parsed = if path.extension().is_some_and(|e| e == "json") {
+                serde_json::from_str(&text).map_err(|e| e.to_string()).and_then(qlayer_jobs::Pipeline::from_json)
+            } else {
+                qlayer_jobs::Pipeline::from_toml(&text)
+            };
+            let pipeline = parsed.map_err(|e| anyhow::anyhow!("--pipeline {}: {e}", path.display()))?;
+            Some(qlayer_jobs::PipelineChoice::Inline(Box::new(pipeline)))
+        }
+        None => None,
+    };
     factory::prepare(&args.requirement, &args.out, args.force)?;
     let input = RunInput {
         requirement: args.requirement.clone(),
         provider: None,
         script: None,
         options: args.language.as_ref().map(|language| serde_json::json!({ "language": language })),
-        max_repair_rounds: Some(args.max_repair_rounds),
+        max_repair_rounds: args.max_repair_rounds,
         token_budget: Some(args.token_budget),
+        pipeline,
     };
     input.check().map_err(anyhow::Error::msg)?;
 

@@ -18,12 +18,14 @@ mod gateway;
 mod installs;
 mod jobs;
 mod json;
+mod pipelines;
 mod quota;
 mod tasks;
 
 pub use gateway::{ModelEntry, UsageFilter, UsageGroup, UsageRecord, UsageSum};
 pub use jobs::{Artifact, Job, JobEvent, JobKind, JobStatus};
 pub use json::JsonText;
+pub use pipelines::PipelineEntry;
 pub use quota::{GrantAsk, GrantOutcome, QuotaLimits};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};

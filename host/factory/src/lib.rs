@@ -9,9 +9,14 @@
 //! Every step runs as a plugin in its own sandboxed instance; the agents reach models only
 //! through the [`Router`].
 
+pub mod pipeline;
+pub mod tools;
+
 use anyhow::{Context as _, bail};
 use qlayer_gateway::{Router, TokenCount};
-use qlayer_runtime::{AgentOutput, Artifact, CallError, Diagnostic, Installed, LlmHandler, Severity, Task};
+use qlayer_runtime::{
+    AgentOutput, Artifact, CallError, Diagnostic, Installed, LlmHandler, Severity, Task, ToolHandler,
+};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::path::{Component, Path, PathBuf};
@@ -22,19 +27,6 @@ use std::time::Instant;
 pub const MAX_REQUIREMENT_CHARS: usize = 16 * 1024;
 /// The name of the report written beside the generated files.
 pub const REPORT_FILE: &str = "qlayer-run.json";
-
-/// What to build.
-#[derive(Debug, Clone)]
-pub struct RunRequest {
-    /// The natural-language requirement.
-    pub requirement: String,
-    /// Free-form options for the agents (`{"language": "python"}`); `{}` when none.
-    pub options_json: String,
-    /// Repair rounds allowed after the first validation.
-    pub max_repair_rounds: u32,
-    /// The tenant the run belongs to.
-    pub tenant: String,
-}
 
 /// One step of a run, as recorded in the report.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -55,6 +47,13 @@ pub struct StepReport {
     pub outcome: String,
     /// One line: what it produced or why it failed.
     pub summary: String,
+    /// Tool calls its agent made (itself, or the host for the model's tool calls).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub tool_calls: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// A file written by the run.
@@ -80,6 +79,9 @@ pub struct RunReport {
     pub stop_reason: String,
     /// The provider chain used.
     pub provider: String,
+    /// The pipeline's name (`default`, a stored one's, or none for an unnamed inline one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<String>,
     /// Repair rounds run.
     pub repair_rounds: u32,
     /// Every step, in order.
@@ -248,31 +250,46 @@ fn step_report(
         tokens,
         outcome: outcome.to_string(),
         summary,
+        tool_calls: 0,
+    }
+}
+
+/// What a step's agent reaches: models (through `llm`, which spends from `router`) and the
+/// tools its step was granted.
+pub struct Access {
+    /// The run's router: what the step spent is read from it.
+    pub router: Arc<Router>,
+    /// What answers the agent's `llm` calls: the router, or a [`tools::ToolLoop`] over it.
+    pub llm: Arc<dyn LlmHandler>,
+    /// What answers its `tools` calls; `None` grants none.
+    pub tools: Option<Arc<dyn ToolHandler>>,
+}
+
+impl Access {
+    /// Models through `router`, no tools.
+    pub fn router(router: Arc<Router>) -> Self {
+        Access { llm: router.clone(), router, tools: None }
     }
 }
 
 /// Runs one agent step (`step` names it in the report): a fresh instance of `agent`, reaching
-/// models through `router`, gets the requirement, `inputs` and `feedback`.
+/// models and tools through `access`, gets `task`.
 pub async fn agent_step(
     step: &str,
     agent: &Installed,
-    router: &Arc<Router>,
-    request: &RunRequest,
-    inputs: Vec<Artifact>,
-    feedback: Vec<Diagnostic>,
+    access: Access,
+    tenant: &str,
+    task: Task,
 ) -> (StepReport, Result<AgentOutput, CallError>) {
-    let (began, spent) = (Instant::now(), router.spent());
-    let llm: Arc<dyn LlmHandler> = router.clone();
-    let task =
-        Task { requirement: request.requirement.clone(), inputs, feedback, options_json: request.options_json.clone() };
+    let (began, spent) = (Instant::now(), access.router.spent());
     let result = async {
-        let mut instance = agent.agent(&request.tenant, llm).await?;
+        let mut instance = agent.agent_with_tools(tenant, access.llm, access.tools).await?;
         let mut out = instance.run(&task).await?;
         // Where artifacts enter the host: every path gets its one spelling (`./docs/a.md` and
         // `docs//a.md` are `docs/a.md`), so that every later comparison of paths is right.
         out.artifacts = canonical_artifacts(std::mem::take(&mut out.artifacts)).map_err(|message| CallError {
             plugin: Arc::from(agent.plugin().manifest().name.as_str()),
-            tenant: Arc::from(request.tenant.as_str()),
+            tenant: Arc::from(tenant),
             kind: qlayer_runtime::CallErrorKind::Plugin(qlayer_runtime::PluginError::InvalidInput(message)),
         })?;
         Ok::<_, CallError>(out)
@@ -282,7 +299,7 @@ pub async fn agent_step(
         Ok(out) => Ok(out.summary.as_str()),
         Err(e) => Err(e.to_string()),
     };
-    (step_report(step, agent, began, router.spent().since(spent), outcome), result)
+    (step_report(step, agent, began, access.router.spent().since(spent), outcome), result)
 }
 
 /// Runs one validator over every artifact so far (`step` names it in the report).
@@ -322,13 +339,13 @@ pub fn verdict(diagnostics: &[DiagnosticReport], rounds: u32) -> (&'static str, 
     }
 }
 
-/// The step names of repair round `round` (0 is the first development): the developer's and,
-/// for a validator, its check.
-pub fn developer_step(round: u32) -> String {
-    if round == 0 { "developer".to_string() } else { format!("developer (repair {round})") }
+/// The name in the report of `step`'s round `round` (0 is the first): `developer`,
+/// `developer (repair 1)`.
+pub fn step_label(step: &str, round: u32) -> String {
+    if round == 0 { step.to_string() } else { format!("{step} (repair {round})") }
 }
 
-/// See [`developer_step`].
+/// The name in the report of a validator's check.
 pub fn validate_step_name(validator: &str) -> String {
     format!("validate: {validator}")
 }
@@ -356,13 +373,25 @@ pub fn canonical_artifacts(artifacts: Vec<Artifact>) -> Result<Vec<Artifact>, St
     Ok(out)
 }
 
-/// The files of a run: the PRD, then the developer's files, except one that would replace a PRD
-/// file (the product manager's document is not the developer's to rewrite). Paths are canonical.
-pub fn run_files(prd: Vec<Artifact>, developer: Vec<Artifact>) -> Vec<Artifact> {
-    let mut files = prd;
-    let taken: std::collections::HashSet<String> = files.iter().map(|f| f.path.clone()).collect();
-    files.extend(developer.into_iter().filter(|f| !taken.contains(&f.path)));
-    files
+/// The files of several steps' outputs, given in pipeline order: each step's files, except one
+/// whose path an earlier step wrote (a file has one owner step: the product manager's document
+/// is not the developer's to rewrite). Paths are canonical. Returns the files and each one's
+/// owner.
+pub fn merge_files(
+    outputs: Vec<(String, Vec<Artifact>)>,
+) -> (Vec<Artifact>, std::collections::HashMap<String, String>) {
+    let mut files = Vec::new();
+    let mut owners = std::collections::HashMap::new();
+    for (step, artifacts) in outputs {
+        for file in artifacts {
+            if owners.contains_key(&file.path) {
+                continue;
+            }
+            owners.insert(file.path.clone(), step.clone());
+            files.push(file);
+        }
+    }
+    (files, owners)
 }
 
 /// Joins a plugin-supplied relative path onto `root`, refusing anything that could escape it.
@@ -466,9 +495,12 @@ mod tests {
                 .unwrap();
         assert_eq!(dev.iter().map(|a| a.path.as_str()).collect::<Vec<_>>(), ["docs/PRD.json", "src/a.rs"]);
         assert_eq!(dev[1].content, b"2");
-        let files = run_files(vec![art("docs/PRD.json", "the PRD")], dev);
+        let (files, owners) =
+            merge_files(vec![("pm".into(), vec![art("docs/PRD.json", "the PRD")]), ("dev".into(), dev)]);
         assert_eq!(files.len(), 2);
         assert_eq!(files[0].content, b"the PRD");
+        assert_eq!(owners["docs/PRD.json"], "pm");
+        assert_eq!(owners["src/a.rs"], "dev");
     }
 
     #[test]

@@ -350,27 +350,30 @@ impl Direct {
     /// One run's steps called in order (product manager, developer, syntax), with the run's own
     /// router, and its capsule packed: the same plugin calls a scheduled run makes.
     async fn run(&self) {
-        use qlayer_factory::{RunReport, RunRequest, agent_step, capsule, validate_step};
+        use qlayer_factory::{Access, RunReport, agent_step, capsule, validate_step};
         let router = Arc::new(qlayer_gateway::Router::new(vec![self.provider.clone()], None));
-        let request = RunRequest {
-            requirement: "a todo list CLI".into(),
+        let requirement = "a todo list CLI".to_string();
+        let task = |inputs| qlayer_runtime::Task {
+            requirement: requirement.clone(),
+            inputs,
+            feedback: vec![],
             options_json: "{}".into(),
-            max_repair_rounds: 2,
-            tenant: "t".into(),
         };
-        let (pm, prd) = agent_step("product-manager", &self.product_manager, &router, &request, vec![], vec![]).await;
+        let access = || Access::router(router.clone());
+        let (pm, prd) = agent_step("product-manager", &self.product_manager, access(), "t", task(vec![])).await;
         let prd = prd.unwrap().artifacts;
-        let (dev, files) = agent_step("developer", &self.developer, &router, &request, prd.clone(), vec![]).await;
+        let (dev, files) = agent_step("developer", &self.developer, access(), "t", task(prd.clone())).await;
         let mut all = prd;
         all.extend(files.unwrap().artifacts);
         let (check, found) = validate_step("validate: syntax", &self.syntax, "t", &all).await;
         let diagnostics = found.unwrap();
         assert!(!diagnostics.iter().any(|d| d.is_error()), "the scripted run passes");
         let report = RunReport {
-            requirement: request.requirement.clone(),
+            requirement,
             status: "passed".into(),
             stop_reason: String::new(),
             provider: "scripted".into(),
+            pipeline: None,
             repair_rounds: 0,
             steps: vec![pm, dev, check],
             diagnostics,

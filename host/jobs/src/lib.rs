@@ -6,11 +6,15 @@
 //! planned into tasks for the core scheduler ([`qlayer_scheduler`]), and how each task runs: a
 //! call loads the tenant's installed tool and invokes it under the job's deadline.
 //!
-//! A factory run is a DAG of its steps, each a task: `product-manager` → `developer` → one
-//! `validate-<validator>` per validator (in parallel) → `review`. The review decides what comes
-//! next: with validator errors left and repair rounds to go, it adds the next round's tasks
-//! (`developer-repair-1`, `validate-syntax-repair-1`, `review-repair-1`, ...) to the job;
-//! otherwise it writes the report and the tar.gz capsule, which end the job in one transaction.
+//! A factory run is a DAG of its pipeline's steps ([`qlayer_factory::pipeline`]), each a task:
+//! with the default pipeline, `product-manager` → `developer` → one `validate-<validator>` per
+//! validator (in parallel) → `review`. The review decides what comes next: with validator errors
+//! left and repair rounds to go, it adds the next round's tasks (`developer-repair-1`,
+//! `validate-syntax-repair-1`, `review-repair-1`, ...) to the job; otherwise it writes the report
+//! and the tar.gz capsule, which end the job in one transaction. A run's pipeline is resolved
+//! (a stored one by name) and checked against the tenant's installs when it is submitted, and
+//! stored inline with the job, so that changing the stored pipeline does not change runs that
+//! have started.
 //! Every step's output (its artifacts or findings, and its report line) is stored with its task,
 //! so a host killed mid-run resumes from the last finished step, and a step that fails in a
 //! retryable way is retried alone.
@@ -18,13 +22,18 @@
 use futures::future::BoxFuture;
 use qlayer_bundled::{self as embedded, ProviderChoice};
 use qlayer_db::{Db, Job, JobKind, JsonText, NewJob, NewTask, Task, TaskStatus};
-use qlayer_factory::{self as factory, DiagnosticReport, RunReport, RunRequest, StepReport, StoredArtifact};
+pub use qlayer_factory::pipeline::Pipeline;
+use qlayer_factory::pipeline::{self, PluginRef, Step, TaskRole, round_name};
+use qlayer_factory::{self as factory, DiagnosticReport, RunReport, StepReport, StoredArtifact};
 use qlayer_gateway::{Router, TokenCount};
+use qlayer_marketplace::Install;
 use qlayer_marketplace::Marketplace;
-use qlayer_runtime::{Artifact, CallError, CallErrorKind, Grants, Installed, Kind, Plugin, PluginError, Runtime};
+use qlayer_runtime::{
+    Artifact, CallError, CallErrorKind, Grants, Installed, Kind, Plugin, PluginError, Runtime, ToolHandler, ToolInfo,
+};
 use qlayer_scheduler::{Execute, Scheduler, SchedulerConfig, SubmitError, TaskContext, TaskError, TaskResult};
 use serde::Deserialize;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::broadcast;
@@ -58,7 +67,7 @@ pub struct RunInput {
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
     pub options: Option<serde_json::Value>,
-    /// Repair rounds after the first validation (0-5, default 2).
+    /// Repair rounds after the first validation (0-5; default: the pipeline's, else 2).
     #[serde(default)]
     #[schema(maximum = 5)]
     pub max_repair_rounds: Option<u32>,
@@ -67,10 +76,40 @@ pub struct RunInput {
     #[serde(default)]
     #[schema(minimum = 1, maximum = 9223372036854775807_u64)]
     pub token_budget: Option<u64>,
+    /// The pipeline: the name of one stored for the tenant (`default` is the bundled one unless
+    /// the tenant stored its own of that name), or a definition. Default: `default`. A stored
+    /// run holds its pipeline's definition, as it was when the run was submitted.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "pipeline_choice")]
+    pub pipeline: Option<PipelineChoice>,
 }
 
+/// Which pipeline a run follows.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum PipelineChoice {
+    /// The name of a pipeline stored for the tenant (or `default`).
+    Name(String),
+    /// A definition.
+    Inline(Box<Pipeline>),
+}
+
+/// Reads a run's `pipeline`: a name, or a definition checked here, at submission.
+pub fn pipeline_choice<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<PipelineChoice>, D::Error> {
+    match serde_json::Value::deserialize(d)? {
+        serde_json::Value::Null => Ok(None),
+        serde_json::Value::String(name) => Ok(Some(PipelineChoice::Name(name))),
+        value @ serde_json::Value::Object(_) => Pipeline::from_json(value)
+            .map(|p| Some(PipelineChoice::Inline(Box::new(p))))
+            .map_err(serde::de::Error::custom),
+        _ => Err(serde::de::Error::custom("give a stored pipeline's name or a pipeline definition (an object)")),
+    }
+}
+
+/// The name a stored run's pipeline goes by when it names none.
+pub const DEFAULT_PIPELINE: &str = "default";
+
 /// The most repair rounds a run may ask for.
-pub const MAX_REPAIR_ROUNDS: u32 = 5;
+pub const MAX_REPAIR_ROUNDS: u32 = pipeline::MAX_REPAIR_ROUNDS;
 
 impl RunInput {
     /// Checks what can be checked before the job is accepted.
@@ -117,8 +156,23 @@ pub struct ScriptRule {
     /// Only when the prompt contains this text (default: any prompt).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub contains: Option<String>,
-    /// The reply.
+    /// The reply (`""` for a rule that only calls tools).
     pub reply: String,
+    /// Tools the reply calls (only when the request offers tools and allows them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ScriptToolCall>,
+}
+
+/// A tool call a [`ScriptRule`] makes.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ScriptToolCall {
+    /// The tool.
+    pub name: String,
+    /// Its arguments.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub arguments: serde_json::Map<String, serde_json::Value>,
 }
 
 /// Reads a run's `script`: the script as JSON, or (as earlier versions took it, and as gRPC sends
@@ -134,7 +188,7 @@ pub fn parse_script(value: serde_json::Value) -> Result<Option<Script>, String> 
     let explain = |at: String, e: &dyn std::fmt::Display| {
         let at = if at == "." { String::new() } else { format!(" at `{at}`") };
         format!(
-            "script is not a script for the scripted provider ({{\"rules\": [{{\"role\", \"contains\", \"reply\"}}]}}){at}: {e}"
+            "script is not a script for the scripted provider ({{\"rules\": [{{\"role\", \"contains\", \"reply\", \"tool_calls\"}}]}}){at}: {e}"
         )
     };
     match value {
@@ -312,64 +366,73 @@ pub fn plan(kind: JobKind, input: &serde_json::Value, max_attempts: i32) -> Resu
                 .collect(),
         },
         JobKind::Run => {
-            let _: RunInput = serde_json::from_value(input.clone()).map_err(|e| format!("input: {e}"))?;
-            run_tasks(max_attempts)
+            let run: RunInput = serde_json::from_value(input.clone()).map_err(|e| format!("input: {e}"))?;
+            run_tasks(&run.pipeline()?, 0, max_attempts)
         }
     })
 }
 
-/// The validators every factory run uses: the bundled ones.
-pub const RUN_VALIDATORS: &[&str] = &["syntax"];
-
-/// The first tasks of a factory run: the product manager, then round 0.
-fn run_tasks(max_attempts: i32) -> Vec<NewTask> {
-    let mut tasks = vec![step_task(PRODUCT_MANAGER, "agent", PRODUCT_MANAGER, vec![], max_attempts)];
-    tasks.extend(round_tasks(0, max_attempts));
-    tasks
-}
-
-const PRODUCT_MANAGER: &str = "product-manager";
-
-/// Task names in repair round `round` (0: the first development).
-fn round_name(base: &str, round: u32) -> String {
-    if round == 0 { base.to_string() } else { format!("{base}-repair-{round}") }
-}
-
-/// The round a step task belongs to, from its name.
-fn round_of(name: &str) -> u32 {
-    name.rsplit_once("-repair-").and_then(|(_, n)| n.parse().ok()).unwrap_or(0)
-}
-
-/// Round `round`: the developer (after the PRD and, on a repair round, the previous round's
-/// files and review), each validator (after the PRD and the files), and the review (after all).
-fn round_tasks(round: u32, max_attempts: i32) -> Vec<NewTask> {
-    let developer = round_name("developer", round);
-    let mut after = vec![PRODUCT_MANAGER.to_string()];
-    if round > 0 {
-        after.push(round_name("developer", round - 1));
-        after.push(round_name("review", round - 1));
+impl RunInput {
+    /// The pipeline a stored run follows: its definition, or the bundled default. A name is
+    /// resolved at submission ([`JobRunner::prepare_run`]): one still here is an error.
+    pub fn pipeline(&self) -> Result<Pipeline, String> {
+        match &self.pipeline {
+            None => Ok(Pipeline::default_pipeline()),
+            Some(PipelineChoice::Inline(p)) => Ok((**p).clone()),
+            Some(PipelineChoice::Name(name)) => {
+                Err(format!("pipeline `{name}` was not resolved before the run was stored"))
+            }
+        }
     }
-    let mut tasks = vec![step_task(&developer, "agent", "developer", after, max_attempts)];
-    let mut reviewed = vec![PRODUCT_MANAGER.to_string(), developer.clone()];
-    for validator in RUN_VALIDATORS {
-        let name = round_name(&format!("validate-{validator}"), round);
-        let after = vec![PRODUCT_MANAGER.to_string(), developer.clone()];
-        tasks.push(step_task(&name, "validate", validator, after, max_attempts));
-        reviewed.push(name);
-    }
-    tasks.push(step_task(&round_name("review", round), "review", "factory", reviewed, max_attempts));
-    tasks
 }
 
-fn step_task(name: &str, kind: &str, plugin: &str, after: Vec<String>, max_attempts: i32) -> NewTask {
-    NewTask {
-        name: name.to_string(),
-        kind: kind.to_string(),
-        plugin: plugin.to_string(),
-        input: serde_json::Value::Null,
-        depends_on: after,
-        max_attempts,
+/// The tasks of a run's repair round `round` (0: the first development), as the scheduler's.
+fn run_tasks(pipeline: &Pipeline, round: u32, max_attempts: i32) -> Vec<NewTask> {
+    pipeline
+        .round(round)
+        .into_iter()
+        .map(|t| NewTask {
+            name: t.name,
+            kind: t.kind.to_string(),
+            plugin: t.plugin,
+            input: serde_json::Value::Null,
+            depends_on: t.after,
+            max_attempts,
+        })
+        .collect()
+}
+
+/// Why a run's pipeline was refused at submission.
+#[derive(Debug, thiserror::Error)]
+pub enum RunRefused {
+    /// The run or its pipeline is wrong; the message names the step and field.
+    #[error("{0}")]
+    Invalid(String),
+    /// It names a stored pipeline the tenant does not have.
+    #[error("{0}")]
+    NotFound(String),
+    /// The store failed.
+    #[error("{0}")]
+    Store(String),
+}
+
+/// Whether `install` may serve as a `kind` plugin pinned to `digest` (its OCI manifest digest
+/// or its binary's); the message says what is wrong.
+pub fn check_install(install: &Install, kind: Kind, digest: Option<&str>) -> Result<(), String> {
+    let name = &install.name;
+    if install.kind != kind {
+        return Err(format!("installed plugin `{name}` is of kind `{}`, not `{kind}`", install.kind));
     }
+    if let Some(pin) = digest
+        && pin != install.digest
+        && pin != install.blob
+    {
+        return Err(format!(
+            "installed plugin `{name}` is pinned to {pin}, but the install is {} (binary {})",
+            install.digest, install.blob
+        ));
+    }
+    Ok(())
 }
 
 /// The service's jobs: plans them into tasks for the scheduler and runs those tasks.
@@ -426,6 +489,56 @@ impl JobRunner {
         self.scheduler.start().await
     }
 
+    /// A run's input ready to store: its pipeline resolved for the tenant (a stored one by name)
+    /// and checked against the tenant's installs, then held inline, named.
+    pub async fn prepare_run(
+        &self,
+        tenant_id: &str,
+        input: &serde_json::Value,
+    ) -> Result<serde_json::Value, RunRefused> {
+        let mut run: RunInput =
+            serde_json::from_value(input.clone()).map_err(|e| RunRefused::Invalid(format!("input: {e}")))?;
+        run.check().map_err(RunRefused::Invalid)?;
+        let mut pipeline = match run.pipeline.take() {
+            None => Pipeline::default_pipeline(),
+            Some(PipelineChoice::Inline(p)) => *p,
+            Some(PipelineChoice::Name(name)) => {
+                let stored =
+                    self.executor.db.pipeline(tenant_id, &name).await.map_err(|e| RunRefused::Store(e.to_string()))?;
+                match stored {
+                    Some(entry) => {
+                        let value = serde_json::from_str(&entry.definition)
+                            .map_err(|e| RunRefused::Store(format!("stored pipeline `{name}`: {e}")))?;
+                        let mut p = Pipeline::from_json(value)
+                            .map_err(|e| RunRefused::Store(format!("stored pipeline `{name}`: {e}")))?;
+                        p.name = Some(name);
+                        p
+                    }
+                    None if name == DEFAULT_PIPELINE => Pipeline::default_pipeline(),
+                    None => {
+                        return Err(RunRefused::NotFound(format!(
+                            "pipeline: no pipeline `{name}` is stored for this tenant"
+                        )));
+                    }
+                }
+            }
+        };
+        if run.max_repair_rounds.is_none() && pipeline.repair.rounds.is_none() {
+            pipeline.repair.rounds = Some(pipeline::DEFAULT_REPAIR_ROUNDS);
+        }
+        let tenant = self.executor.tenant_name(tenant_id).await.map_err(RunRefused::Store)?;
+        self.executor.check_pipeline(&tenant, &pipeline).await?;
+        run.pipeline = Some(PipelineChoice::Inline(Box::new(pipeline)));
+        serde_json::to_value(&run).map_err(|e| RunRefused::Store(e.to_string()))
+    }
+
+    /// Checks every plugin `pipeline` names against the bundled ones and the tenant's installs;
+    /// the message names the step.
+    pub async fn check_pipeline(&self, tenant_id: &str, pipeline: &Pipeline) -> Result<(), RunRefused> {
+        let tenant = self.executor.tenant_name(tenant_id).await.map_err(RunRefused::Store)?;
+        self.executor.check_pipeline(&tenant, pipeline).await
+    }
+
     /// Stores a job (planned into tasks) and queues it.
     pub async fn submit(
         &self,
@@ -437,7 +550,16 @@ impl JobRunner {
         limits: JobLimits,
     ) -> Result<(Job, bool), SubmitError> {
         let attempts = limits.max_attempts.map(|a| a as i32).unwrap_or(self.default_attempts);
-        let tasks = plan(kind, input, attempts).map_err(|e| SubmitError::Db(qlayer_db::DbError::Invalid(e)))?;
+        let invalid = |e: String| SubmitError::Db(qlayer_db::DbError::Invalid(e));
+        let prepared;
+        let input = match kind {
+            JobKind::Run => {
+                prepared = self.prepare_run(tenant_id, input).await.map_err(|e| invalid(e.to_string()))?;
+                &prepared
+            }
+            JobKind::Call => input,
+        };
+        let tasks = plan(kind, input, attempts).map_err(invalid)?;
         let deadline_ms = limits.deadline_ms.map(|ms| ms as i64);
         self.scheduler.submit(NewJob { tenant_id, kind, input, priority, idempotency_key, deadline_ms, tasks }).await
     }
@@ -489,22 +611,13 @@ impl Execute for PluginExecutor {
                 // A run stored as one task (before runs were DAGs of their steps) becomes one.
                 "run" => Ok(TaskResult {
                     output: serde_json::json!({ "planned": "the run's steps" }).into(),
-                    then: run_tasks(task.max_attempts),
+                    then: run_tasks(&Pipeline::default_pipeline(), 0, task.max_attempts),
                     ..Default::default()
                 }),
                 other => Err(TaskError::fatal(format!("unknown task kind `{other}`"))),
             }
         })
     }
-}
-
-/// What a factory step's dependencies produced, read from its input (their outputs by name).
-#[derive(Default)]
-struct StepInputs {
-    prd: Vec<Artifact>,
-    files: Vec<Artifact>,
-    diagnostics: Vec<DiagnosticReport>,
-    feedback: Vec<DiagnosticReport>,
 }
 
 /// A factory step's output, as stored with its task.
@@ -518,26 +631,46 @@ struct StepOutput {
     feedback: Vec<DiagnosticReport>,
 }
 
-impl StepInputs {
-    fn parse(input: &JsonText) -> Result<Self, String> {
-        let mut out = StepInputs::default();
-        // A step's input is its dependencies' outputs by name, or nothing.
-        let Ok(deps) = input.read::<BTreeMap<String, &serde_json::value::RawValue>>() else {
-            return Ok(out);
-        };
-        for (name, value) in deps {
-            let step: StepOutput =
-                serde_json::from_str(value.get()).map_err(|e| format!("the output of step `{name}`: {e}"))?;
-            let artifacts = step.artifacts.iter().map(StoredArtifact::artifact).collect::<Result<Vec<_>, _>>()?;
-            if name == PRODUCT_MANAGER {
-                out.prd = artifacts;
-            } else if name.starts_with("developer") {
-                out.files = artifacts;
-            }
-            out.diagnostics.extend(step.diagnostics);
-            out.feedback.extend(step.feedback);
+/// What a run's finished tasks produced, by task name: what every step works from. A step's
+/// files are those of its pipeline ancestors (each at its latest round), so a task gets the
+/// same input whichever node runs it and however often it is retried.
+struct RunOutputs {
+    done: HashMap<String, StepOutput>,
+}
+
+impl RunOutputs {
+    fn read(tasks: &[Task]) -> Result<Self, String> {
+        let mut done = HashMap::new();
+        for task in tasks.iter().filter(|t| t.status == TaskStatus::Succeeded && t.kind != "call") {
+            let Some(output) = &task.output else { continue };
+            let step: StepOutput = output.read().map_err(|e| format!("the output of step `{}`: {e}", task.name))?;
+            done.insert(task.name.clone(), step);
         }
-        Ok(out)
+        Ok(RunOutputs { done })
+    }
+
+    /// The output of `base`'s task at its latest round up to `round`.
+    fn latest(&self, base: &str, round: u32) -> Option<&StepOutput> {
+        (0..=round).rev().find_map(|r| self.done.get(&round_name(base, r)))
+    }
+
+    /// The files of `steps` (in pipeline order), each at its latest round up to `round`, one
+    /// owner per path; `own` adds a step at another round (a repaired step's previous files).
+    fn files(
+        &self,
+        steps: &[&Step],
+        round: u32,
+        own: Option<(&Step, u32)>,
+    ) -> Result<(Vec<Artifact>, HashMap<String, String>), String> {
+        let mut outputs = Vec::new();
+        let at = steps.iter().map(|s| (*s, round)).chain(own);
+        for (step, round) in at {
+            if let Some(out) = self.latest(&step.name, round) {
+                let files = out.artifacts.iter().map(StoredArtifact::artifact).collect::<Result<Vec<_>, _>>()?;
+                outputs.push((step.name.clone(), files));
+            }
+        }
+        Ok(factory::merge_files(outputs))
     }
 }
 
@@ -679,12 +812,6 @@ impl PluginExecutor {
         self.marketplace.load(&self.runtime, tenant, name).await.map_err(load_error)
     }
 
-    /// The reports of the run's steps that have finished, in the order they were planned.
-    async fn finished_steps(&self, task: &Task) -> Result<Vec<StepReport>, TaskError> {
-        let tasks = self.db.job_tasks(&task.tenant_id, &task.job_id).await.map_err(fatal)?;
-        finished_steps(&tasks).map_err(TaskError::fatal)
-    }
-
     /// Runs one step of a factory run.
     async fn step(&self, task: &Task, ctx: &TaskContext) -> Result<TaskResult, TaskError> {
         let job = self
@@ -695,102 +822,250 @@ impl PluginExecutor {
             .ok_or_else(|| fatal("the job no longer exists"))?;
         let input: RunInput = serde_json::from_value(job.input.clone()).map_err(|e| fatal(format!("input: {e}")))?;
         input.check().map_err(TaskError::fatal)?;
-        let request = RunRequest {
-            requirement: input.requirement.clone(),
-            options_json: input.options.as_ref().map(|o| o.to_string()).unwrap_or_else(|| "{}".into()),
-            max_repair_rounds: input.max_repair_rounds.unwrap_or(2),
-            tenant: task.tenant_id.clone(),
-        };
-        let deps = StepInputs::parse(&task.input).map_err(TaskError::fatal)?;
-        let round = round_of(&task.name);
-        match task.kind.as_str() {
-            "agent" => {
-                let tenant = self.tenant_name(&task.tenant_id).await.map_err(TaskError::fatal)?;
-                let provider = self.provider(&input, &tenant).await?;
-                // What earlier steps spent counts against the run's budget.
-                let budget = match input.token_budget {
-                    Some(budget) => {
-                        let spent = self
-                            .finished_steps(task)
-                            .await?
-                            .iter()
-                            .fold(TokenCount::default(), |sum, s| sum.plus(s.tokens))
-                            .total();
-                        if spent >= budget {
-                            return Err(fatal(format!(
-                                "the run's token budget of {budget} is spent ({spent} tokens used)"
-                            )));
-                        }
-                        Some(budget - spent)
-                    }
-                    None => None,
-                };
-                let router = Arc::new(Router::new(vec![within(provider, ctx)], budget));
-                let agent = within(self.bundled(&task.plugin).await?.install(Grants::default()).map_err(fatal)?, ctx);
-                let (step, inputs, feedback) = if task.name == PRODUCT_MANAGER {
-                    (PRODUCT_MANAGER.to_string(), vec![], vec![])
-                } else {
-                    let mut inputs = deps.prd;
-                    inputs.extend(deps.files);
-                    (factory::developer_step(round), inputs, deps.feedback.iter().map(|d| d.diagnostic()).collect())
-                };
-                let (report, result) = factory::agent_step(&step, &agent, &router, &request, inputs, feedback).await;
-                let out = result.map_err(|e| task_error(&e))?;
-                let artifacts: Vec<StoredArtifact> = out.artifacts.iter().map(StoredArtifact::from).collect();
-                Ok(serde_json::json!({ "step": report, "artifacts": artifacts }).into())
+        let pipeline = input.pipeline().map_err(TaskError::fatal)?;
+        let tasks = self.db.job_tasks(&task.tenant_id, &task.job_id).await.map_err(fatal)?;
+        let outputs = RunOutputs::read(&tasks).map_err(TaskError::fatal)?;
+        let run = Run { task, job: &job, input: &input, pipeline: &pipeline, outputs: &outputs, all: &tasks };
+        match (task.kind.as_str(), pipeline.task(&task.name)) {
+            ("agent", Some((TaskRole::Agent(step), round))) => self.agent(&run, ctx, step, round).await,
+            ("validate", Some((TaskRole::Validate { step, validator }, round))) => {
+                self.validate(&run, ctx, step, validator, round).await
             }
-            "validate" => {
-                let validator =
-                    within(self.bundled(&task.plugin).await?.install(Grants::default()).map_err(fatal)?, ctx);
-                let mut all = deps.prd;
-                all.extend(deps.files);
-                let step = factory::validate_step_name(&task.plugin);
-                let (report, result) = factory::validate_step(&step, &validator, &task.tenant_id, &all).await;
-                let found = result.map_err(|e| task_error(&e))?;
-                Ok(serde_json::json!({ "step": report, "diagnostics": found }).into())
-            }
-            _ => self.review(task, &job, &input, &request, deps, round).await,
+            ("review", Some((TaskRole::Review, round))) => self.review(&run, round).await,
+            (kind, _) => Err(fatal(format!("task `{}` ({kind}) is not a step of the run's pipeline", task.name))),
         }
+    }
+
+    /// A plugin a pipeline names, for `tenant`: bundled, or the tenant's install (of `kind`,
+    /// with the pinned digest).
+    async fn pipeline_plugin(&self, tenant: &str, reference: &str, kind: Kind) -> Result<Installed, TaskError> {
+        match pipeline::plugin_ref(reference).map_err(fatal)? {
+            PluginRef::Bundled(name) => self.bundled(name).await?.install(Grants::default()).map_err(fatal),
+            PluginRef::Installed { name, digest } => self.installed(tenant, name, kind, digest).await,
+        }
+    }
+
+    async fn installed(
+        &self,
+        tenant: &str,
+        name: &str,
+        kind: Kind,
+        digest: Option<&str>,
+    ) -> Result<Installed, TaskError> {
+        let install = self.marketplace.get(tenant, name).await.map_err(|e| fatal(format!("{e:#}")))?;
+        check_install(&install, kind, digest).map_err(TaskError::fatal)?;
+        self.marketplace.load_install(&self.runtime, &install).await.map_err(load_error)
+    }
+
+    /// Checks every plugin `pipeline` names against the bundled ones and `tenant`'s installs;
+    /// the message names the step.
+    async fn check_pipeline(&self, tenant: &str, pipeline: &Pipeline) -> Result<(), RunRefused> {
+        let bundled = |name: &str, list: &[&str], what: &str| {
+            if list.contains(&name) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "`{name}` is not a bundled {what} (bundled: {}); an installed plugin is `installed:<name>`",
+                    list.join(", ")
+                ))
+            }
+        };
+        for (i, step) in pipeline.steps.iter().enumerate() {
+            let at = format!("steps[{i}] (`{}`)", step.name);
+            let checks = std::iter::once(("role", step.role.as_str(), Kind::Agent))
+                .chain(step.validators.iter().map(|v| ("validators", v.as_str(), Kind::Validator)))
+                .chain(step.tools.iter().map(|t| ("tools", t.as_str(), Kind::Tool)));
+            for (field, reference, kind) in checks {
+                let parsed =
+                    if field == "tools" { pipeline::tool_ref(reference) } else { pipeline::plugin_ref(reference) };
+                let found = match parsed.map_err(|e| RunRefused::Invalid(format!("{at}: {field}: {e}")))? {
+                    PluginRef::Bundled(name) if kind == Kind::Agent => bundled(name, embedded::AGENTS, "role"),
+                    PluginRef::Bundled(name) => bundled(name, embedded::VALIDATORS, "validator"),
+                    PluginRef::Installed { name, digest } => match self.marketplace.get(tenant, name).await {
+                        Ok(install) => check_install(&install, kind, digest),
+                        Err(e)
+                            if matches!(
+                                e.downcast_ref(),
+                                Some(qlayer_marketplace::InstallError::NotInstalled { .. })
+                            ) =>
+                        {
+                            Err(format!("no plugin `{name}` is installed for this tenant"))
+                        }
+                        Err(e) => return Err(RunRefused::Store(format!("{e:#}"))),
+                    },
+                };
+                found.map_err(|e| RunRefused::Invalid(format!("{at}: {field}: {e}")))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A step's agent: its ancestors' files (and, repairing, its own), the review's errors that
+    /// are its to fix, the tools its step grants.
+    async fn agent(&self, run: &Run<'_>, ctx: &TaskContext, step: &Step, round: u32) -> Result<TaskResult, TaskError> {
+        let Run { task, input, pipeline, outputs, .. } = *run;
+        let tenant = self.tenant_name(&task.tenant_id).await.map_err(TaskError::fatal)?;
+        let provider = self.provider(input, &tenant).await?;
+        // What earlier steps spent counts against the run's budget.
+        let budget = match input.token_budget {
+            Some(budget) => {
+                let spent = finished_steps(run.all)
+                    .map_err(TaskError::fatal)?
+                    .iter()
+                    .fold(TokenCount::default(), |sum, s| sum.plus(s.tokens))
+                    .total();
+                if spent >= budget {
+                    return Err(fatal(format!("the run's token budget of {budget} is spent ({spent} tokens used)")));
+                }
+                Some(budget - spent)
+            }
+            None => None,
+        };
+        let router = Arc::new(Router::new(vec![within(provider, ctx)], budget));
+        let agent = within(self.pipeline_plugin(&tenant, &step.role, Kind::Agent).await?, ctx);
+        let ancestors = pipeline.ancestors(step);
+        let own = (round > 0).then(|| (step, round - 1));
+        let (inputs, _) = outputs.files(&ancestors, round, own).map_err(TaskError::fatal)?;
+        let feedback = match round {
+            0 => vec![],
+            _ => {
+                let everyone: Vec<&Step> = pipeline.steps.iter().collect();
+                let (_, owners) = outputs.files(&everyone, round - 1, None).map_err(TaskError::fatal)?;
+                let review = outputs.latest(&round_name("review", round - 1), 0);
+                let errors = review.map(|r| r.feedback.as_slice()).unwrap_or_default();
+                // An error in a file this step owns is its to fix; one in a file no repeated
+                // step owns (or in no file) goes to every repeated step.
+                errors
+                    .iter()
+                    .filter(|d| match d.path.as_ref().and_then(|p| owners.get(p)) {
+                        Some(owner) => owner == &step.name || !pipeline.repeats(owner),
+                        None => true,
+                    })
+                    .map(DiagnosticReport::diagnostic)
+                    .collect()
+            }
+        };
+        let run_options = input.options.as_ref().map(|o| o.to_string()).unwrap_or_else(|| "{}".into());
+        let job_task = qlayer_runtime::Task {
+            requirement: input.requirement.clone(),
+            inputs,
+            feedback,
+            options_json: pipeline.options_for(step, &run_options),
+        };
+        let tools = match step.tools.is_empty() {
+            true => None,
+            false => Some(Arc::new(self.step_tools(&tenant, &task.tenant_id, step, ctx).await?)),
+        };
+        let access = match &tools {
+            None => factory::Access::router(router),
+            Some(tools) => factory::Access {
+                llm: Arc::new(factory::tools::ToolLoop::new(
+                    router.clone(),
+                    tools.clone(),
+                    step.tool_rounds.unwrap_or(pipeline::DEFAULT_TOOL_ROUNDS),
+                )),
+                router,
+                tools: Some(tools.clone()),
+            },
+        };
+        let label = factory::step_label(&step.name, round);
+        let (mut report, result) = factory::agent_step(&label, &agent, access, &task.tenant_id, job_task).await;
+        report.tool_calls = tools.as_ref().map_or(0, |t| t.calls());
+        let out = result.map_err(|e| task_error(&e))?;
+        let artifacts: Vec<StoredArtifact> = out.artifacts.iter().map(StoredArtifact::from).collect();
+        Ok(serde_json::json!({ "step": report, "artifacts": artifacts }).into())
+    }
+
+    /// The tools `step` grants, loaded for this attempt.
+    async fn step_tools(
+        &self,
+        tenant: &str,
+        tenant_id: &str,
+        step: &Step,
+        ctx: &TaskContext,
+    ) -> Result<StepTools, TaskError> {
+        let mut tools = Vec::new();
+        for reference in &step.tools {
+            let PluginRef::Installed { name, digest } = pipeline::tool_ref(reference).map_err(fatal)? else {
+                return Err(fatal(format!("tool `{reference}` is not an installed tool")));
+            };
+            let installed = within(self.installed(tenant, name, Kind::Tool, digest).await?, ctx);
+            let manifest = installed.plugin().manifest();
+            let info = ToolInfo {
+                name: name.to_string(),
+                description: manifest.tool_description().to_string(),
+                input_schema_json: serde_json::Value::Object(manifest.tool_input_schema()).to_string(),
+            };
+            tools.push((info, installed));
+        }
+        Ok(StepTools { tenant_id: tenant_id.to_string(), tools, calls: std::sync::atomic::AtomicU32::new(0) })
+    }
+
+    /// A validator after `step`: the files of the step and its ancestors.
+    async fn validate(
+        &self,
+        run: &Run<'_>,
+        ctx: &TaskContext,
+        step: &Step,
+        validator: &str,
+        round: u32,
+    ) -> Result<TaskResult, TaskError> {
+        let Run { task, pipeline, outputs, .. } = *run;
+        let tenant = self.tenant_name(&task.tenant_id).await.map_err(TaskError::fatal)?;
+        let plugin = within(self.pipeline_plugin(&tenant, validator, Kind::Validator).await?, ctx);
+        let mut steps = pipeline.ancestors(step);
+        steps.push(step);
+        let (files, _) = outputs.files(&steps, round, None).map_err(TaskError::fatal)?;
+        let name = pipeline::plugin_ref(validator).map(|r| r.name().to_string()).unwrap_or_default();
+        let mut label = factory::validate_step_name(&name);
+        if pipeline.validator_task(step, validator) != format!("validate-{name}") {
+            label = format!("{label} (after {})", step.name);
+        }
+        let (report, result) = factory::validate_step(&label, &plugin, &task.tenant_id, &files).await;
+        let found = result.map_err(|e| task_error(&e))?;
+        Ok(serde_json::json!({ "step": report, "diagnostics": found }).into())
     }
 
     /// The end of a round: another round while validator errors remain and rounds are left,
     /// else the report and the capsule.
-    async fn review(
-        &self,
-        task: &Task,
-        job: &Job,
-        input: &RunInput,
-        request: &RunRequest,
-        deps: StepInputs,
-        round: u32,
-    ) -> Result<TaskResult, TaskError> {
-        let errors: Vec<&DiagnosticReport> = deps.diagnostics.iter().filter(|d| d.is_error()).collect();
-        if !errors.is_empty() && round < request.max_repair_rounds {
+    async fn review(&self, run: &Run<'_>, round: u32) -> Result<TaskResult, TaskError> {
+        let Run { task, job, input, pipeline, outputs, .. } = *run;
+        let diagnostics: Vec<DiagnosticReport> = pipeline
+            .validator_tasks()
+            .iter()
+            .filter_map(|(base, _)| outputs.latest(base, round))
+            .flat_map(|out| out.diagnostics.iter().cloned())
+            .collect();
+        let errors: Vec<&DiagnosticReport> = diagnostics.iter().filter(|d| d.is_error()).collect();
+        let repeated = pipeline.repair_steps();
+        if !errors.is_empty() && round < pipeline.rounds(input.max_repair_rounds) && !repeated.is_empty() {
+            let next: Vec<String> = repeated.iter().map(|s| factory::step_label(&s.name, round + 1)).collect();
             return Ok(TaskResult {
                 output: serde_json::json!({
-                    "round": round, "errors": errors.len(), "next": factory::developer_step(round + 1),
-                    "feedback": errors,
+                    "round": round, "errors": errors.len(), "next": next.join(", "), "feedback": errors,
                 })
                 .into(),
-                then: round_tasks(round + 1, task.max_attempts),
+                then: run_tasks(pipeline, round + 1, task.max_attempts),
                 ..Default::default()
             });
         }
         let tenant = self.tenant_name(&task.tenant_id).await.map_err(TaskError::fatal)?;
         let provider = self.choice(input, &tenant);
-        let steps = self.finished_steps(task).await?;
-        let (status, stop_reason) = factory::verdict(&deps.diagnostics, round);
-        let files = factory::run_files(deps.prd, deps.files);
+        let steps = finished_steps(run.all).map_err(TaskError::fatal)?;
+        let (status, stop_reason) = factory::verdict(&diagnostics, round);
+        let everyone: Vec<&Step> = pipeline.steps.iter().collect();
+        let (files, _) = outputs.files(&everyone, round, None).map_err(TaskError::fatal)?;
         let file_reports = factory::file_reports(&files).map_err(|e| fatal(format!("{e:#}")))?;
         let report = RunReport {
-            requirement: request.requirement.clone(),
+            requirement: input.requirement.clone(),
             status: status.to_string(),
             stop_reason,
             provider: provider.label(),
+            pipeline: pipeline.name.clone(),
             repair_rounds: round,
             tokens: steps.iter().fold(TokenCount::default(), |sum, s| sum.plus(s.tokens)),
             steps,
-            diagnostics: deps.diagnostics,
+            diagnostics,
             files: file_reports,
             duration_ms: (now_ms() - job.created_at).max(0) as u64,
             started_at: (job.created_at / 1000).max(0) as u64,
@@ -802,6 +1077,65 @@ impl PluginExecutor {
             job_output: true,
             artifact: Some(qlayer_db::Artifact { media_type: "application/gzip".into(), bytes: capsule }),
             then: vec![],
+        })
+    }
+}
+
+/// What a step of a run is given to work with.
+#[derive(Clone, Copy)]
+struct Run<'a> {
+    task: &'a Task,
+    job: &'a Job,
+    input: &'a RunInput,
+    pipeline: &'a Pipeline,
+    outputs: &'a RunOutputs,
+    all: &'a [Task],
+}
+
+/// The tools a step grants its agent: each call runs in the tool's own sandboxed instance,
+/// with its install's grants and limits, within the step's deadline.
+struct StepTools {
+    tenant_id: String,
+    tools: Vec<(ToolInfo, Installed)>,
+    calls: std::sync::atomic::AtomicU32,
+}
+
+impl StepTools {
+    /// Calls made so far.
+    fn calls(&self) -> u32 {
+        self.calls.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl ToolHandler for StepTools {
+    fn list<'a>(&'a self, _tenant: &'a str) -> BoxFuture<'a, Vec<ToolInfo>> {
+        Box::pin(async move { self.tools.iter().map(|(info, _)| info.clone()).collect() })
+    }
+
+    fn invoke<'a>(
+        &'a self,
+        _tenant: &'a str,
+        name: &'a str,
+        input_json: &'a str,
+    ) -> BoxFuture<'a, Result<String, PluginError>> {
+        Box::pin(async move {
+            let Some((_, installed)) = self.tools.iter().find(|(info, _)| info.name == name) else {
+                let granted: Vec<&str> = self.tools.iter().map(|(info, _)| info.name.as_str()).collect();
+                return Err(PluginError::InvalidInput(format!(
+                    "tool `{name}` is not granted to this step (granted: {})",
+                    granted.join(", ")
+                )));
+            };
+            self.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let started = Instant::now();
+            let outcome = async {
+                let mut tool = installed.any_tool(&self.tenant_id).await?;
+                tool.invoke(input_json).await
+            }
+            .await
+            .map_err(|e| e.to_plugin_error());
+            record_tool_call(name, outcome.is_ok(), started.elapsed());
+            outcome
         })
     }
 }

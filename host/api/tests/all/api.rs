@@ -752,7 +752,9 @@ async fn schemathesis_finds_the_server_doing_what_the_openapi_document_says() {
     // fields (message order, `stream_options` only with `stream`, a model entry's deployments
     // naming installed providers, which no run has), else 400; a budget's currency must be the
     // server's and a key's limits within its tenant's, else 400; a run's `script` is only for
-    // the `scripted` provider, else 400.
+    // the `scripted` provider, else 400; a pipeline's `after` and `repair.steps` must name its
+    // own steps without a cycle, and the plugins it names must be bundled or installed, of the
+    // right kind, else 400.
     std::fs::write(
         dir.path().join("schemathesis.toml"),
         "[[operations]]\ninclude-name = \"POST /v1/plugins\"\n\
@@ -775,6 +777,8 @@ async fn schemathesis_finds_the_server_doing_what_the_openapi_document_says() {
          checks.positive_data_acceptance.expected-statuses = [\"2xx\", \"400\", \"401\", \"403\", \"404\"]\n\n\
          [[operations]]\ninclude-name = \"PUT /v1/models/{name}\"\n\
          checks.positive_data_acceptance.expected-statuses = [\"2xx\", \"400\", \"401\", \"403\", \"404\"]\n\n\
+         [[operations]]\ninclude-name = \"PUT /v1/pipelines/{name}\"\n\
+         checks.positive_data_acceptance.expected-statuses = [\"2xx\", \"400\", \"401\", \"403\"]\n\n\
          [[operations]]\ninclude-name = \"PUT /v1/tenants/{id}/limits\"\n\
          checks.positive_data_acceptance.expected-statuses = [\"2xx\", \"400\", \"401\", \"403\", \"404\"]\n\n\
          [[operations]]\ninclude-name = \"PUT /v1/keys/{id}/limits\"\n\

@@ -6,4 +6,5 @@ mod cache;
 mod gateway;
 mod limits;
 mod mcp;
+mod pipelines;
 mod scheduler;

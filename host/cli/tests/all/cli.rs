@@ -132,6 +132,57 @@ fn a_run_whose_files_stay_invalid_exits_3_and_still_writes_the_report() {
     assert_eq!(std::fs::read_to_string(out.join("src/main.rs")).unwrap(), "fn main( {", "the files are written too");
 }
 
+/// `--pipeline FILE` runs the steps a pipeline lists; a bad one is refused before anything runs,
+/// naming the step.
+#[test]
+fn run_follows_a_pipeline_file_and_refuses_a_bad_one_naming_the_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let write = |name: &str, text: &str| {
+        let path = tmp.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let cases = [
+        (
+            write(
+                "cycle.toml",
+                "[[steps]]\nname = \"a\"\nrole = \"developer\"\nafter = [\"b\"]\n[[steps]]\nname = \"b\"\nrole = \"developer\"\nafter = [\"a\"]\n",
+            ),
+            "steps[0] (`a`): after: the steps' dependencies form a cycle through a, b",
+        ),
+        (write("key.toml", "[[steps]]\nname = \"a\"\nrole = \"developer\"\ncolour = 1\n"), "unknown field `colour`"),
+        (
+            write("missing.toml", "[[steps]]\nname = \"a\"\nrole = \"installed:reviewer\"\n"),
+            "steps[0] (`a`): role: no plugin `reviewer` is installed for this tenant",
+        ),
+        (write("bad.json", "{\"steps\": 3}"), "steps: invalid type"),
+    ];
+    for (i, (file, expected)) in cases.iter().enumerate() {
+        let out = tmp.path().join(format!("out{i}"));
+        let o = qlayer(&["run", "x", "--out", out.to_str().unwrap(), "--pipeline", file.to_str().unwrap()], &data);
+        let (stdout, stderr) = text(&o);
+        assert_eq!(o.status.code(), Some(1), "{file:?}: {stdout}{stderr}");
+        assert!(stderr.contains(expected), "{file:?}: expected {expected:?} in {stderr}");
+        assert!(!stdout.contains("✓"), "nothing ran: {stdout}");
+    }
+
+    let mine = write(
+        "mine.toml",
+        "name = \"mine\"\n[[steps]]\nname = \"plan\"\nrole = \"product-manager\"\n[repair]\nrounds = 0\n",
+    );
+    let out = tmp.path().join("planned");
+    let o = qlayer(&["run", "a todo CLI", "--out", out.to_str().unwrap(), "--pipeline", mine.to_str().unwrap()], &data);
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("✓ plan"), "{stdout}");
+    assert!(!stdout.contains("developer"), "{stdout}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("qlayer-run.json")).unwrap()).unwrap();
+    assert_eq!(report["pipeline"], "mine");
+    assert!(out.join("docs/PRD.json").is_file());
+}
+
 /// `qlayer run` is a job through the core scheduler: a step that cannot run (here, the token
 /// budget is spent after the first) fails the run with exit 3 and a `failed` report that names
 /// why and lists the steps that did run.

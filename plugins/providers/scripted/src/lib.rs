@@ -8,7 +8,10 @@
 //!
 //! Script format: `{"rules": [{"role": "developer", "contains": "rust-syntax", "reply": "..."}]}`.
 //! The first rule whose `role` (if any) appears in the system message and whose `contains` (if any)
-//! appears in the conversation gives the reply; with no match the built-in rules answer.
+//! appears in the conversation gives the reply; with no match the built-in rules answer. A rule
+//! may call tools instead of (or besides) replying: `"tool_calls": [{"name": "text-stats",
+//! "arguments": {"text": "..."}}]`; such a rule applies only to a request that offers tools and
+//! allows them (`tool_choice` not `none`).
 
 use qlayer_sdk::provider::{ChunkSource, Provider};
 use qlayer_sdk::*;
@@ -27,7 +30,34 @@ struct Script {
 struct Rule {
     role: Option<String>,
     contains: Option<String>,
+    #[serde(default)]
     reply: String,
+    #[serde(default)]
+    tool_calls: Vec<ScriptedCall>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScriptedCall {
+    name: String,
+    #[serde(default)]
+    arguments: serde_json::Value,
+}
+
+/// What the script answers: text, and the tool calls it makes.
+struct Answer {
+    text: String,
+    tool_calls: Vec<ToolCall>,
+}
+
+impl Answer {
+    fn text(text: String) -> Self {
+        Answer { text, tool_calls: vec![] }
+    }
+
+    fn finish_reason(&self) -> FinishReason {
+        if self.tool_calls.is_empty() { FinishReason::Stop } else { FinishReason::ToolCalls }
+    }
 }
 
 const MODEL: &str = "scripted";
@@ -50,7 +80,7 @@ fn tokens(text: &str) -> u32 {
     (text.chars().count() as u32).div_ceil(4)
 }
 
-fn reply_for(request: &CompletionRequest) -> Result<String, PluginError> {
+fn reply_for(request: &CompletionRequest) -> Result<Answer, PluginError> {
     if request.messages.is_empty() {
         return Err(PluginError::InvalidInput("`messages` is empty".into()));
     }
@@ -59,20 +89,34 @@ fn reply_for(request: &CompletionRequest) -> Result<String, PluginError> {
     if let Some(text) = host::config("script") {
         let script: Script = serde_json::from_str(&text)
             .map_err(|e| PluginError::InvalidInput(format!("the `script` config is not a valid script: {e}")))?;
+        let tools_allowed = !request.tools.is_empty() && !matches!(request.tool_choice, Some(ToolChoice::None));
+        // Calls already made in the conversation: new ids follow them.
+        let made: usize = request.messages.iter().map(|m| m.tool_calls.len()).sum();
         for rule in script.rules {
             let role_ok = rule.role.as_deref().is_none_or(|r| role_of(&system) == Some(r));
             let text_ok = rule.contains.as_deref().is_none_or(|c| conversation.contains(c));
-            if role_ok && text_ok {
-                return Ok(rule.reply);
+            let calls_ok = rule.tool_calls.is_empty() || tools_allowed;
+            if role_ok && text_ok && calls_ok {
+                let tool_calls = rule
+                    .tool_calls
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, c)| ToolCall {
+                        id: format!("call_{}", made + i),
+                        name: c.name,
+                        arguments: if c.arguments.is_null() { "{}".into() } else { c.arguments.to_string() },
+                    })
+                    .collect();
+                return Ok(Answer { text: rule.reply, tool_calls });
             }
         }
     }
     let last_user = request.messages.iter().rev().find(|m| m.role == Role::User).map(Message::text).unwrap_or_default();
-    Ok(match role_of(&system) {
+    Ok(Answer::text(match role_of(&system) {
         Some("product-manager") => builtin::prd(&last_user),
         Some("developer") => builtin::project(&conversation),
         _ => format!("scripted reply (test double, not a model): {}", last_user.chars().take(200).collect::<String>()),
-    })
+    }))
 }
 
 impl Provider for Scripted {
@@ -83,16 +127,34 @@ impl Provider for Scripted {
     }
 
     fn complete(request: CompletionRequest) -> Result<Completion, PluginError> {
-        let text = reply_for(&request)?;
-        let usage = Usage { prompt_tokens: tokens(&conversation(&request)), completion_tokens: tokens(&text) };
-        Ok(Completion { model: MODEL.into(), text, tool_calls: vec![], finish_reason: FinishReason::Stop, usage })
+        let answer = reply_for(&request)?;
+        let written: usize = answer.tool_calls.iter().map(|c| c.arguments.len()).sum();
+        let usage = Usage {
+            prompt_tokens: tokens(&conversation(&request)),
+            completion_tokens: tokens(&answer.text) + (written as u32).div_ceil(4),
+        };
+        let finish_reason = answer.finish_reason();
+        Ok(Completion { model: MODEL.into(), text: answer.text, tool_calls: answer.tool_calls, finish_reason, usage })
     }
 
     fn stream(request: CompletionRequest) -> Result<Words, PluginError> {
-        let text = reply_for(&request)?;
-        let usage = Usage { prompt_tokens: tokens(&conversation(&request)), completion_tokens: tokens(&text) };
-        let pieces = text.split_inclusive(' ').map(str::to_string).collect::<Vec<_>>();
-        Ok(Words { pieces: pieces.into_iter().rev().collect(), usage: Some(usage) })
+        let answer = reply_for(&request)?;
+        let usage = Usage { prompt_tokens: tokens(&conversation(&request)), completion_tokens: tokens(&answer.text) };
+        let pieces = answer.text.split_inclusive(' ').map(str::to_string).collect::<Vec<_>>();
+        let finish = answer.finish_reason();
+        // Each tool call comes whole, in one chunk of its own, after the text.
+        let calls = answer
+            .tool_calls
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| ToolCallDelta { index: i as u32, id: Some(c.id), name: Some(c.name), arguments: c.arguments })
+            .collect::<Vec<_>>();
+        Ok(Words {
+            pieces: pieces.into_iter().rev().collect(),
+            calls: calls.into_iter().rev().collect(),
+            finish,
+            usage: Some(usage),
+        })
     }
 
     fn embed(request: EmbeddingRequest) -> Result<Embeddings, PluginError> {
@@ -102,26 +164,32 @@ impl Provider for Scripted {
     }
 }
 
-/// A reply streamed a word at a time; the last chunk carries the usage.
+/// A reply streamed a word at a time, then its tool calls; the last chunk carries the finish
+/// reason and the usage.
 struct Words {
     pieces: Vec<String>,
+    calls: Vec<ToolCallDelta>,
+    finish: FinishReason,
     usage: Option<Usage>,
 }
 
 impl ChunkSource for Words {
     fn next_chunk(&mut self) -> Result<Option<CompletionChunk>, PluginError> {
-        match self.pieces.pop() {
-            Some(delta) => {
-                let last = self.pieces.is_empty();
-                Ok(Some(CompletionChunk {
-                    delta,
-                    tool_calls: vec![],
-                    finish_reason: last.then_some(FinishReason::Stop),
-                    usage: if last { self.usage.take() } else { None },
-                }))
+        let (delta, tool_calls) = match (self.pieces.pop(), self.calls.pop()) {
+            (Some(word), call) => {
+                self.calls.extend(call);
+                (word, vec![])
             }
-            None => Ok(None),
-        }
+            (None, Some(call)) => (String::new(), vec![call]),
+            (None, None) => return Ok(None),
+        };
+        let last = self.pieces.is_empty() && self.calls.is_empty();
+        Ok(Some(CompletionChunk {
+            delta,
+            tool_calls,
+            finish_reason: last.then(|| self.finish.clone()),
+            usage: if last { self.usage.take() } else { None },
+        }))
     }
 }
 

@@ -662,6 +662,7 @@ pub async fn start(config: ServeConfig, data_dir: PathBuf) -> anyhow::Result<Run
         runner.scheduler().admission().clone(),
         gateway_config,
     );
+    runner.set_gateway(&gateway);
     let state = crate::AppState {
         db: db.clone(),
         runner: runner.clone(),

@@ -83,6 +83,13 @@ pub struct Step {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 1, maximum = 16)]
     pub tool_rounds: Option<u32>,
+    /// The model its agent asks: a model name of the tenant's table on `qlayer serve` (through
+    /// the gateway: its routing, limits, budgets and prices; a run's usage is under the key id
+    /// `run:<run id>`), or, for `qlayer run`, the model the run's provider asks its upstream for.
+    /// Default: the run's provider and its default model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(min_length = 1, max_length = 256, pattern = r"^[^\u0000-\u001f\u007f-\u009f]+$")]
+    pub model: Option<String>,
     /// Options for this step's agent, over the run's (`{"language": "go"}`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
@@ -327,6 +334,11 @@ impl Pipeline {
                         return Err(format!("{}: {field}: `{}` is named twice", at(i, step), parsed.name()));
                     }
                 }
+            }
+            if let Some(model) = &step.model
+                && (model.is_empty() || model.chars().count() > 256 || model.chars().any(char::is_control))
+            {
+                return Err(format!("{}: model: 1-256 characters, no control characters", at(i, step)));
             }
             if step.tool_rounds.is_some_and(|n| n == 0 || n > MAX_TOOL_ROUNDS) {
                 return Err(format!("{}: tool-rounds: 1 to {MAX_TOOL_ROUNDS}", at(i, step)));

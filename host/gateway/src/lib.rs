@@ -66,9 +66,18 @@ impl TokenCount {
     }
 }
 
+/// Where a [`Router`] sends completions.
+enum Route {
+    /// Provider instances, in order: the first is preferred, the others are fallbacks.
+    Providers(Vec<Installed>),
+    /// Another handler: the gateway, for a model of the tenant's table
+    /// ([`service::TableModel`]).
+    Through(std::sync::Arc<dyn LlmHandler>),
+}
+
 /// The router for one run (or one tenant session).
 pub struct Router {
-    providers: Vec<Installed>,
+    route: Route,
     budget: Option<u64>,
     spent: Mutex<TokenCount>,
 }
@@ -77,7 +86,19 @@ impl Router {
     /// Routes to `providers` in order (the first is preferred; the others are fallbacks), with an
     /// optional budget of total tokens.
     pub fn new(providers: Vec<Installed>, budget: Option<u64>) -> Self {
-        Router { providers, budget, spent: Mutex::new(TokenCount::default()) }
+        Router { route: Route::Providers(providers), budget, spent: Mutex::new(TokenCount::default()) }
+    }
+
+    /// Routes every completion through `handler`, counting its tokens against `budget`.
+    pub fn through(handler: std::sync::Arc<dyn LlmHandler>, budget: Option<u64>) -> Self {
+        Router { route: Route::Through(handler), budget, spent: Mutex::new(TokenCount::default()) }
+    }
+
+    fn count(&self, completion: &Completion) {
+        let mut spent = self.spent.lock().unwrap_or_else(|e| e.into_inner());
+        spent.prompt += u64::from(completion.usage.prompt_tokens);
+        spent.completion += u64::from(completion.usage.completion_tokens);
+        spent.calls += 1;
     }
 
     /// Tokens spent so far.
@@ -140,14 +161,19 @@ impl LlmHandler for Router {
             if let Some(e) = self.over_budget() {
                 return Err(e);
             }
+            let providers = match &self.route {
+                Route::Providers(providers) => providers,
+                Route::Through(handler) => {
+                    let completion = handler.complete(tenant, request).await?;
+                    self.count(&completion);
+                    return Ok(completion);
+                }
+            };
             let mut last = PluginError::Unavailable("no provider is configured".into());
-            for provider in &self.providers {
+            for provider in providers {
                 match self.complete_with(tenant, provider, &request).await {
                     Ok(completion) => {
-                        let mut spent = self.spent.lock().unwrap_or_else(|e| e.into_inner());
-                        spent.prompt += u64::from(completion.usage.prompt_tokens);
-                        spent.completion += u64::from(completion.usage.completion_tokens);
-                        spent.calls += 1;
+                        self.count(&completion);
                         return Ok(completion);
                     }
                     Err(e) => {
@@ -289,6 +315,19 @@ impl GatewayError {
     }
 
     /// What a failed provider call means for the client.
+    /// What an agent's `llm` call gets for it: the contract's error of the same meaning.
+    pub fn to_plugin_error(&self) -> PluginError {
+        let message = self.message.clone();
+        match self.status {
+            429 => PluginError::RateLimited(self.retry_after.map(|s| s * 1000)),
+            401 | 403 => PluginError::Unauthorized(message),
+            400..=499 => PluginError::InvalidInput(message),
+            504 => PluginError::Timeout,
+            _ => PluginError::Unavailable(message),
+        }
+    }
+
+    /// What a provider's failure answers.
     pub fn from_call(d: &table::Deployment, e: &CallError) -> Self {
         let at = format!("deployment `{}`", d.key());
         match &e.kind {

@@ -130,6 +130,58 @@ impl std::fmt::Debug for Gateway {
     }
 }
 
+/// A model of a tenant's table as an agent's `llm`: each completion takes the gateway's whole
+/// path (admission, the tenant's limits and budgets, the cache, routing over the model's
+/// deployments, metering at the table's prices) as `caller`, whose key id names the run.
+pub struct TableModel {
+    gateway: Arc<Gateway>,
+    caller: Caller,
+    model: String,
+    timeout: Duration,
+}
+
+impl TableModel {
+    /// Completions of `model` for `caller`, each given at most `timeout`.
+    pub fn new(gateway: Arc<Gateway>, caller: Caller, model: &str, timeout: Duration) -> Self {
+        TableModel { gateway, caller, model: model.to_string(), timeout }
+    }
+}
+
+impl qlayer_runtime::LlmHandler for TableModel {
+    fn complete<'a>(
+        &'a self,
+        _tenant: &'a str,
+        request: qlayer_runtime::CompletionRequest,
+    ) -> BoxFuture<'a, Result<Completion, PluginError>> {
+        Box::pin(async move {
+            let chat = ChatRequest {
+                endpoint: "agent",
+                model: self.model.clone(),
+                request,
+                stream: false,
+                include_usage: false,
+                unused: vec![],
+                cache: cache::Directives::default(),
+            };
+            let started = Instant::now();
+            match self.gateway.complete(&self.caller, &chat, started, started + self.timeout).await {
+                Ok(routed) => Ok(routed.value),
+                Err(e) => Err(e.to_plugin_error()),
+            }
+        })
+    }
+}
+
+impl Gateway {
+    /// Whether `model` names a model `tenant_id` can ask for: in its table, the server's
+    /// defaults, or (any valid name) the passthrough upstream's.
+    pub async fn has_model(&self, tenant_id: &str, model: &str) -> Result<bool, GatewayError> {
+        Ok(self.table(tenant_id).await?.contains_key(model)
+            || self.config.defaults.contains_key(model)
+            || (self.config.passthrough.is_some() && crate::table::valid_model_name(model)))
+    }
+}
+
 /// The contract a provider speaks, and what it can express.
 fn contract_supports(installed: &Installed, _feature: Feature) -> bool {
     // Every feature a request may need is one 0.2.0 added (see `qlayer_runtime::Unexpressible`).

@@ -25,6 +25,7 @@ use qlayer_db::{Db, Job, JobKind, JsonText, NewJob, NewTask, Task, TaskStatus};
 pub use qlayer_factory::pipeline::Pipeline;
 use qlayer_factory::pipeline::{self, PluginRef, Step, TaskRole, round_name};
 use qlayer_factory::{self as factory, DiagnosticReport, RunReport, StepReport, StoredArtifact};
+use qlayer_gateway::service::{Caller, Gateway, TableModel};
 use qlayer_gateway::{Router, TokenCount};
 use qlayer_marketplace::Install;
 use qlayer_marketplace::Marketplace;
@@ -526,17 +527,36 @@ impl JobRunner {
         if run.max_repair_rounds.is_none() && pipeline.repair.rounds.is_none() {
             pipeline.repair.rounds = Some(pipeline::DEFAULT_REPAIR_ROUNDS);
         }
-        let tenant = self.executor.tenant_name(tenant_id).await.map_err(RunRefused::Store)?;
-        self.executor.check_pipeline(&tenant, &pipeline).await?;
+        self.check_pipeline(tenant_id, &pipeline).await?;
         run.pipeline = Some(PipelineChoice::Inline(Box::new(pipeline)));
         serde_json::to_value(&run).map_err(|e| RunRefused::Store(e.to_string()))
     }
 
-    /// Checks every plugin `pipeline` names against the bundled ones and the tenant's installs;
-    /// the message names the step.
+    /// Checks every plugin `pipeline` names against the bundled ones and the tenant's installs,
+    /// and each step's model against the tenant's model table; the message names the step.
     pub async fn check_pipeline(&self, tenant_id: &str, pipeline: &Pipeline) -> Result<(), RunRefused> {
         let tenant = self.executor.tenant_name(tenant_id).await.map_err(RunRefused::Store)?;
-        self.executor.check_pipeline(&tenant, pipeline).await
+        self.executor.check_pipeline(&tenant, pipeline).await?;
+        let Some(gateway) = self.executor.gateway() else { return Ok(()) };
+        for (i, step) in pipeline.steps.iter().enumerate() {
+            let Some(model) = &step.model else { continue };
+            match gateway.has_model(tenant_id, model).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err(RunRefused::Invalid(format!(
+                        "steps[{i}] (`{}`): model: `{model}` is not a model of this tenant's table (PUT /v1/models/{{name}})",
+                        step.name
+                    )));
+                }
+                Err(e) => return Err(RunRefused::Store(e.message)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives steps that name a model of the tenant's table the gateway to ask it through.
+    pub fn set_gateway(&self, gateway: &Arc<Gateway>) {
+        let _ = self.executor.gateway.set(Arc::downgrade(gateway));
     }
 
     /// Stores a job (planned into tasks) and queues it.
@@ -589,6 +609,9 @@ pub struct PluginExecutor {
     provider: Option<ProviderChoice>,
     /// The first-party plugins the factory's steps use, loaded once.
     bundled: Mutex<HashMap<String, Arc<Plugin>>>,
+    /// The gateway, through which a step that names a model of the tenant's table asks it (set
+    /// once the service has one; weak, since the gateway's providers hold the runner).
+    gateway: std::sync::OnceLock<std::sync::Weak<Gateway>>,
 }
 
 /// How a failed plugin call counts for the scheduler.
@@ -731,7 +754,19 @@ impl PluginExecutor {
     /// Runs tasks with the plugins installed in `marketplace` (and the bundled first-party ones),
     /// storing results in `db`.
     pub fn new(db: Db, runtime: Arc<Runtime>, marketplace: Arc<Marketplace>) -> Self {
-        PluginExecutor { db, runtime, marketplace, provider: None, bundled: Mutex::default() }
+        PluginExecutor {
+            db,
+            runtime,
+            marketplace,
+            provider: None,
+            bundled: Mutex::default(),
+            gateway: Default::default(),
+        }
+    }
+
+    /// The service's gateway, while it runs.
+    fn gateway(&self) -> Option<Arc<Gateway>> {
+        self.gateway.get().and_then(std::sync::Weak::upgrade)
     }
 
     /// Runs every factory step with `provider`, whatever the run's input names.
@@ -921,8 +956,23 @@ impl PluginExecutor {
             }
             None => None,
         };
-        let router = Arc::new(Router::new(vec![within(provider, ctx)], budget));
         let agent = within(self.pipeline_plugin(&tenant, &step.role, Kind::Agent).await?, ctx);
+        let router = Arc::new(match (&step.model, self.gateway()) {
+            (Some(model), Some(gateway)) => {
+                let caller = Caller {
+                    tenant_id: task.tenant_id.clone(),
+                    tenant_name: tenant.clone(),
+                    key_id: format!("run:{}", task.job_id),
+                };
+                Router::through(Arc::new(TableModel::new(gateway, caller, model, agent.timeout())), budget)
+            }
+            (Some(model), None) => {
+                let upstream =
+                    UpstreamModel { router: Router::new(vec![within(provider, ctx)], None), model: model.clone() };
+                Router::through(Arc::new(upstream), budget)
+            }
+            (None, _) => Router::new(vec![within(provider, ctx)], budget),
+        });
         let ancestors = pipeline.ancestors(step);
         let own = (round > 0).then(|| (step, round - 1));
         let (inputs, _) = outputs.files(&ancestors, round, own).map_err(TaskError::fatal)?;
@@ -1078,6 +1128,23 @@ impl PluginExecutor {
             artifact: Some(qlayer_db::Artifact { media_type: "application/gzip".into(), bytes: capsule }),
             then: vec![],
         })
+    }
+}
+
+/// The run's provider asked for a step's `model` (where there is no gateway: `qlayer run`).
+struct UpstreamModel {
+    router: Router,
+    model: String,
+}
+
+impl qlayer_runtime::LlmHandler for UpstreamModel {
+    fn complete<'a>(
+        &'a self,
+        tenant: &'a str,
+        mut request: qlayer_runtime::CompletionRequest,
+    ) -> BoxFuture<'a, Result<qlayer_runtime::Completion, PluginError>> {
+        request.model = self.model.clone();
+        self.router.complete(tenant, request)
     }
 }
 

@@ -58,7 +58,7 @@ async fn chat(svc: &Svc, key: &str, model: &str) -> crate::api::Reply {
 }
 
 /// Polls `/v1/usage` until `requests` are recorded (records are written off the request path).
-async fn usage(svc: &Svc, key: &str, query: &str, requests: i64) -> Value {
+pub(crate) async fn usage(svc: &Svc, key: &str, query: &str, requests: i64) -> Value {
     let mut last = Value::Null;
     for _ in 0..200 {
         let r = svc.get(&format!("/v1/usage?{query}"), key).await;

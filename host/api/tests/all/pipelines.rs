@@ -201,3 +201,36 @@ async fn a_bad_pipeline_is_refused_before_anything_runs_naming_its_step() {
     assert_eq!(steps, ["a"]);
     svc.stop().await;
 }
+
+/// A step that names a model of the tenant's table asks it through the gateway: its routing,
+/// limits and prices, its usage metered under the run (key id `run:<run id>`). The table's one
+/// deployment is the scripted test double, installed from the registry as a provider plugin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_asks_the_model_its_pipeline_names_through_the_tenants_table() {
+    let svc = service(Backend::Sqlite, true, |_| {}).await;
+    let (_, acme) = svc.tenant("acme").await;
+    let scripted = qlayer_bundled::bundled_plugin("scripted").unwrap();
+    assert_eq!(svc.install(&acme, "providers/scripted", scripted).await.status, 201);
+    let spec = json!({"deployments": [{"plugin": "scripted", "input_price": 1_000.0, "output_price": 2_000.0}]});
+    let r = svc.put("/v1/models/planner", &acme, spec).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let pipeline = |model: &str| json!({"steps": [{"name": "plan", "role": "product-manager", "model": model}]});
+
+    let r = svc.post("/v1/runs", &acme, json!({"requirement": "a todo CLI", "pipeline": pipeline("nope")})).await;
+    assert_eq!(r.status, 400, "{r:?}");
+    assert!(r.text.contains("steps[0] (`plan`): model: `nope` is not a model of this tenant's table"), "{r:?}");
+
+    let job = run_and_wait(&svc, &acme, json!({"requirement": "a todo CLI", "pipeline": pipeline("planner")})).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let tokens = &step(&job["output"], "plan")["tokens"];
+    let run_key = format!("run:{}", job["id"].as_str().unwrap());
+    let usage = crate::gateway::usage(&svc, &acme, &format!("group_by=key&key={run_key}&model=planner"), 1).await;
+    let row = &usage["data"][0];
+    assert_eq!(row["group"], run_key.as_str(), "{usage}");
+    assert_eq!(row["prompt_tokens"], tokens["prompt"], "{usage}");
+    // At the table's prices: 1,000 and 2,000 per million tokens.
+    let expected =
+        (tokens["prompt"].as_f64().unwrap() * 1_000.0 + tokens["completion"].as_f64().unwrap() * 2_000.0) / 1e6;
+    assert!((row["cost"].as_f64().unwrap() - expected).abs() < 1e-9, "{usage} vs {tokens}");
+    svc.stop().await;
+}

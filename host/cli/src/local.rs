@@ -217,6 +217,7 @@ pub async fn run(run: LocalRun, on: &(dyn Fn(Update) + Send + Sync)) -> anyhow::
             steps,
             diagnostics: vec![],
             files: vec![],
+            unchecked: vec![],
             duration_ms: (now - job.created_at).max(0) as u64,
             started_at: (job.created_at / 1000).max(0) as u64,
         },

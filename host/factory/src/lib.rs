@@ -25,6 +25,9 @@ use std::time::Instant;
 
 /// The longest requirement accepted, in characters (so at most 64 KiB of UTF-8).
 pub const MAX_REQUIREMENT_CHARS: usize = 16 * 1024;
+/// The rule of a validator's `info` diagnostic that names a file it did not check (its type is
+/// not one it reads): a file that no validator checked is named in the run's report and status.
+pub const UNCHECKED: &str = "unchecked";
 /// The name of the report written beside the generated files.
 pub const REPORT_FILE: &str = "qlayer-run.json";
 
@@ -90,6 +93,9 @@ pub struct RunReport {
     pub diagnostics: Vec<DiagnosticReport>,
     /// The files written.
     pub files: Vec<FileReport>,
+    /// The files no validator checked (none ran on them, or each that did could not read them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unchecked: Vec<String>,
     /// Tokens over the whole run.
     pub tokens: TokenCount,
     /// Milliseconds over the whole run.
@@ -329,14 +335,24 @@ pub async fn validate_step(
 }
 
 /// How a run that got through its steps ends: `passed` without validator errors, else
-/// `failed-validation` (errors left after `rounds` repair rounds, the limit).
-pub fn verdict(diagnostics: &[DiagnosticReport], rounds: u32) -> (&'static str, String) {
+/// `failed-validation` (errors left after `rounds` repair rounds, the limit). Either way the
+/// reason names the files no validator checked (`unchecked`), so nothing passes unseen.
+pub fn verdict(diagnostics: &[DiagnosticReport], rounds: u32, unchecked: &[String]) -> (&'static str, String) {
     let errors = diagnostics.iter().filter(|d| d.is_error()).count();
-    if errors == 0 {
+    let (status, mut reason) = if errors == 0 {
         ("passed", "every validator passed".to_string())
     } else {
         ("failed-validation", format!("{errors} validator errors remain after {rounds} repair rounds (the limit)"))
+    };
+    if !unchecked.is_empty() {
+        let mut named: Vec<&str> = unchecked.iter().take(5).map(String::as_str).collect();
+        if unchecked.len() > 5 {
+            named.push("…");
+        }
+        let files = if unchecked.len() == 1 { "file" } else { "files" };
+        reason.push_str(&format!("; but no validator checked {} {files}: {}", unchecked.len(), named.join(", ")));
     }
+    (status, reason)
 }
 
 /// The name in the report of `step`'s round `round` (0 is the first): `developer`,

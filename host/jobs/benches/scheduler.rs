@@ -378,6 +378,7 @@ impl Direct {
             steps: vec![pm, dev, check],
             diagnostics,
             files: qlayer_factory::file_reports(&all).unwrap(),
+            unchecked: vec![],
             tokens: router.spent(),
             duration_ms: 0,
             started_at: 0,

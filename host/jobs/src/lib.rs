@@ -674,7 +674,36 @@ impl RunOutputs {
 
     /// The output of `base`'s task at its latest round up to `round`.
     fn latest(&self, base: &str, round: u32) -> Option<&StepOutput> {
-        (0..=round).rev().find_map(|r| self.done.get(&round_name(base, r)))
+        self.latest_round(base, round).map(|(_, out)| out)
+    }
+
+    /// [`Self::latest`], with the round it is of.
+    fn latest_round(&self, base: &str, round: u32) -> Option<(u32, &StepOutput)> {
+        (0..=round).rev().find_map(|r| Some((r, self.done.get(&round_name(base, r))?)))
+    }
+
+    /// The paths of `files` that no validator task of `pipeline` (at its latest round up to
+    /// `round`) was given and read: each was given the files of its step and the step's
+    /// ancestors, and names those it could not read as `unchecked`.
+    fn unchecked(&self, pipeline: &Pipeline, round: u32, files: &[Artifact]) -> Result<Vec<String>, String> {
+        let mut checked = std::collections::HashSet::new();
+        for (base, step) in pipeline.validator_tasks() {
+            let Some((at, out)) = self.latest_round(&base, round) else { continue };
+            let skipped: std::collections::HashSet<&str> = out
+                .diagnostics
+                .iter()
+                .filter(|d| d.rule == factory::UNCHECKED && !d.is_error())
+                .filter_map(|d| d.path.as_deref())
+                .collect();
+            let mut steps = pipeline.ancestors(step);
+            steps.push(step);
+            let (given, _) = self.files(&steps, at, None)?;
+            checked.extend(given.into_iter().map(|f| f.path).filter(|p| !skipped.contains(p.as_str())));
+        }
+        let mut unchecked: Vec<String> =
+            files.iter().map(|f| f.path.clone()).filter(|p| !checked.contains(p)).collect();
+        unchecked.sort();
+        Ok(unchecked)
     }
 
     /// The files of `steps` (in pipeline order), each at its latest round up to `round`, one
@@ -1102,9 +1131,10 @@ impl PluginExecutor {
         let tenant = self.tenant_name(&task.tenant_id).await.map_err(TaskError::fatal)?;
         let provider = self.choice(input, &tenant);
         let steps = finished_steps(run.all).map_err(TaskError::fatal)?;
-        let (status, stop_reason) = factory::verdict(&diagnostics, round);
         let everyone: Vec<&Step> = pipeline.steps.iter().collect();
         let (files, _) = outputs.files(&everyone, round, None).map_err(TaskError::fatal)?;
+        let unchecked = outputs.unchecked(pipeline, round, &files).map_err(TaskError::fatal)?;
+        let (status, stop_reason) = factory::verdict(&diagnostics, round, &unchecked);
         let file_reports = factory::file_reports(&files).map_err(|e| fatal(format!("{e:#}")))?;
         let report = RunReport {
             requirement: input.requirement.clone(),
@@ -1117,6 +1147,7 @@ impl PluginExecutor {
             steps,
             diagnostics,
             files: file_reports,
+            unchecked,
             duration_ms: (now_ms() - job.created_at).max(0) as u64,
             started_at: (job.created_at / 1000).max(0) as u64,
         };

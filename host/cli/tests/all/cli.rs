@@ -132,6 +132,26 @@ fn a_run_whose_files_stay_invalid_exits_3_and_still_writes_the_report() {
     assert_eq!(std::fs::read_to_string(out.join("src/main.rs")).unwrap(), "fn main( {", "the files are written too");
 }
 
+/// The first complaint: a Python project "passed" while nothing checked its Python. A file
+/// no validator reads is named in the report and in the status line, never passed silently.
+#[test]
+fn files_no_validator_checked_are_named_in_the_status_line_and_the_report() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("short");
+    let requirement = "a URL shortener web service in Python with FastAPI and SQLite";
+    let o = qlayer(&["run", requirement, "--out", out.to_str().unwrap()], &tmp.path().join("data"));
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "{stdout}{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("qlayer-run.json")).unwrap()).unwrap();
+    let unchecked: Vec<&str> = report["unchecked"].as_array().unwrap().iter().map(|p| p.as_str().unwrap()).collect();
+    assert!(unchecked.contains(&"main.py"), "{report}");
+    assert!(!unchecked.contains(&"docs/PRD.json"), "the PRD is JSON, which the syntax validator reads: {report}");
+    let line = stdout.lines().last().unwrap();
+    assert!(line.starts_with("passed: every validator passed; but no validator checked"), "{stdout}");
+    assert!(line.contains("main.py"), "{line}");
+}
+
 /// `--pipeline FILE` runs the steps a pipeline lists; a bad one is refused before anything runs,
 /// naming the step.
 #[test]

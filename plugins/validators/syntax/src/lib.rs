@@ -1,6 +1,7 @@
 //! The `syntax` validator: parses generated files with pure-Rust parsers and reports every file
 //! that does not parse, with its line. Rust with `syn`, JSON with `serde_json`, TOML with `toml`.
-//! Files of other types are skipped (an `info` diagnostic says which), never passed silently.
+//! Files of other types are not checked, and it says so: one `info` diagnostic of rule
+//! `unchecked` per file, which the run's report and status line name, never passing silently.
 
 use qlayer_sdk::validator::Validator;
 use qlayer_sdk::*;
@@ -56,15 +57,13 @@ impl Validator for Syntax {
                 None => skipped.push(a.path.clone()),
             }
         }
-        if !skipped.is_empty() {
-            out.push(Diagnostic {
-                severity: Severity::Info,
-                rule: "syntax-skipped".into(),
-                path: None,
-                line: None,
-                message: format!("no parser for: {}", skipped.join(", ")),
-            });
-        }
+        out.extend(skipped.into_iter().map(|path| Diagnostic {
+            severity: Severity::Info,
+            rule: "unchecked".into(),
+            path: Some(path),
+            line: None,
+            message: "not checked: the syntax validator reads Rust, JSON and TOML".into(),
+        }));
         Ok(out)
     }
 }
@@ -90,5 +89,16 @@ mod tests {
         assert_eq!(check("Cargo.toml", "[package]\nname = \n").unwrap()[0].line, Some(2));
         assert!(check("ok.toml", "a = 1").unwrap().is_empty());
         assert!(check("x.py", "print(1)").is_none());
+    }
+
+    #[test]
+    fn names_each_file_it_cannot_read() {
+        let art = |p: &str, c: &str| Artifact { path: p.into(), media_type: "text/plain".into(), content: c.into() };
+        let files = vec![art("main.py", "print(1)"), art("README.md", "# x"), art("ok.toml", "a = 1")];
+        let found = Syntax::validate(files).unwrap();
+        let unchecked: Vec<_> =
+            found.iter().filter(|d| d.rule == "unchecked").map(|d| d.path.clone().unwrap()).collect();
+        assert_eq!(unchecked, ["main.py", "README.md"]);
+        assert!(found.iter().all(|d| d.severity == Severity::Info));
     }
 }

@@ -214,6 +214,8 @@ pub async fn run(run: LocalRun, on: &(dyn Fn(Update) + Send + Sync)) -> anyhow::
             pipeline,
             repair_rounds: rounds,
             tokens: steps.iter().fold(TokenCount::default(), |sum, s| sum.plus(s.tokens)),
+            cost: None,
+            currency: None,
             steps,
             diagnostics: vec![],
             files: vec![],

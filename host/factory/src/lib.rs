@@ -53,6 +53,10 @@ pub struct StepReport {
     /// Tool calls its agent made (itself, or the host for the model's tool calls).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub tool_calls: u32,
+    /// What its model calls cost at the prices of the tenant's model table, in the report's
+    /// `currency` (none for a step on the run's provider, which has no price).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<f64>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -98,6 +102,12 @@ pub struct RunReport {
     pub unchecked: Vec<String>,
     /// Tokens over the whole run.
     pub tokens: TokenCount,
+    /// What the steps that asked models of the tenant's table cost, at its prices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<f64>,
+    /// The currency of `cost` and of the steps' costs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub currency: Option<String>,
     /// Milliseconds over the whole run.
     pub duration_ms: u64,
     /// Seconds since the Unix epoch when the run started.
@@ -257,6 +267,7 @@ fn step_report(
         outcome: outcome.to_string(),
         summary,
         tool_calls: 0,
+        cost: None,
     }
 }
 

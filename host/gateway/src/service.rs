@@ -138,12 +138,24 @@ pub struct TableModel {
     caller: Caller,
     model: String,
     timeout: Duration,
+    /// What its answers cost at the table's prices (cache hits cost nothing).
+    cost_nanos: std::sync::atomic::AtomicU64,
 }
 
 impl TableModel {
     /// Completions of `model` for `caller`, each given at most `timeout`.
     pub fn new(gateway: Arc<Gateway>, caller: Caller, model: &str, timeout: Duration) -> Self {
-        TableModel { gateway, caller, model: model.to_string(), timeout }
+        TableModel { gateway, caller, model: model.to_string(), timeout, cost_nanos: Default::default() }
+    }
+
+    /// What its answers have cost so far, in billionths of the price table's currency.
+    pub fn cost_nanos(&self) -> u64 {
+        self.cost_nanos.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The price table's currency.
+    pub fn currency(&self) -> &str {
+        self.gateway.currency()
     }
 }
 
@@ -165,7 +177,15 @@ impl qlayer_runtime::LlmHandler for TableModel {
             };
             let started = Instant::now();
             match self.gateway.complete(&self.caller, &chat, started, started + self.timeout).await {
-                Ok(routed) => Ok(routed.value),
+                Ok(routed) => {
+                    if !matches!(routed.cache, cache::Outcome::Hit | cache::Outcome::SemanticHit) {
+                        let usage = routed.value.usage;
+                        let nanos =
+                            routed.deployment.cost_nanos(usage.prompt_tokens.into(), usage.completion_tokens.into());
+                        self.cost_nanos.fetch_add(nanos.max(0) as u64, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Ok(routed.value)
+                }
                 Err(e) => Err(e.to_plugin_error()),
             }
         })

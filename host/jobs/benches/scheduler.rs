@@ -379,6 +379,8 @@ impl Direct {
             diagnostics,
             files: qlayer_factory::file_reports(&all).unwrap(),
             unchecked: vec![],
+            cost: None,
+            currency: None,
             tokens: router.spent(),
             duration_ms: 0,
             started_at: 0,

@@ -986,6 +986,7 @@ impl PluginExecutor {
             None => None,
         };
         let agent = within(self.pipeline_plugin(&tenant, &step.role, Kind::Agent).await?, ctx);
+        let mut priced = None;
         let router = Arc::new(match (&step.model, self.gateway()) {
             (Some(model), Some(gateway)) => {
                 let caller = Caller {
@@ -993,7 +994,9 @@ impl PluginExecutor {
                     tenant_name: tenant.clone(),
                     key_id: format!("run:{}", task.job_id),
                 };
-                Router::through(Arc::new(TableModel::new(gateway, caller, model, agent.timeout())), budget)
+                let table = Arc::new(TableModel::new(gateway, caller, model, agent.timeout()));
+                priced = Some(table.clone());
+                Router::through(table, budget)
             }
             (Some(model), None) => {
                 let upstream =
@@ -1050,6 +1053,7 @@ impl PluginExecutor {
         let label = factory::step_label(&step.name, round);
         let (mut report, result) = factory::agent_step(&label, &agent, access, &task.tenant_id, job_task).await;
         report.tool_calls = tools.as_ref().map_or(0, |t| t.calls());
+        report.cost = priced.as_ref().map(|t| t.cost_nanos() as f64 / 1e9);
         let out = result.map_err(|e| task_error(&e))?;
         let artifacts: Vec<StoredArtifact> = out.artifacts.iter().map(StoredArtifact::from).collect();
         Ok(serde_json::json!({ "step": report, "artifacts": artifacts }).into())
@@ -1144,6 +1148,12 @@ impl PluginExecutor {
             pipeline: pipeline.name.clone(),
             repair_rounds: round,
             tokens: steps.iter().fold(TokenCount::default(), |sum, s| sum.plus(s.tokens)),
+            cost: steps.iter().filter_map(|s| s.cost).reduce(|a, b| a + b),
+            currency: steps
+                .iter()
+                .any(|s| s.cost.is_some())
+                .then(|| self.gateway().map(|g| g.currency().to_string()))
+                .flatten(),
             steps,
             diagnostics,
             files: file_reports,

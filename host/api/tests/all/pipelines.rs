@@ -232,5 +232,9 @@ async fn a_step_asks_the_model_its_pipeline_names_through_the_tenants_table() {
     let expected =
         (tokens["prompt"].as_f64().unwrap() * 1_000.0 + tokens["completion"].as_f64().unwrap() * 2_000.0) / 1e6;
     assert!((row["cost"].as_f64().unwrap() - expected).abs() < 1e-9, "{usage} vs {tokens}");
+    // The report says the same, per step and for the run.
+    assert!((step(&job["output"], "plan")["cost"].as_f64().unwrap() - expected).abs() < 1e-9, "{job}");
+    assert!((job["output"]["cost"].as_f64().unwrap() - expected).abs() < 1e-9, "{job}");
+    assert_eq!(job["output"]["currency"], "USD");
     svc.stop().await;
 }

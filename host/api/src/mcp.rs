@@ -122,12 +122,28 @@ impl McpTools {
             .ok_or_else(|| ErrorData::internal_error("an MCP request ran without authentication", None))
     }
 
-    /// The tenant's tools, as MCP lists them.
-    pub async fn tools(&self, caller: &McpCaller) -> Result<Vec<Tool>, ErrorData> {
-        let installs = self.marketplace.list(&caller.tenant_name).await.map_err(internal)?;
-        let mut tools = Vec::new();
-        for install in installs.into_iter().filter(|i| i.kind == Kind::Tool) {
-            match self.marketplace.load(&self.runtime, &caller.tenant_name, &install.name).await {
+    /// A page of the tenant's tools, by name, as MCP lists them: at most [`TOOLS_PAGE`] after
+    /// `cursor` (one this server gave: the last name of the page before, hex-encoded), and the
+    /// cursor of the next page while there is one. Only the page's plugins are loaded.
+    pub async fn tools(
+        &self,
+        caller: &McpCaller,
+        cursor: Option<&str>,
+    ) -> Result<(Vec<Tool>, Option<String>), ErrorData> {
+        let mut installs: Vec<_> = self
+            .marketplace
+            .list(&caller.tenant_name)
+            .await
+            .map_err(internal)?
+            .into_iter()
+            .filter(|i| i.kind == Kind::Tool)
+            .collect();
+        installs.sort_by(|a, b| a.name.cmp(&b.name));
+        let names: Vec<&str> = installs.iter().map(|i| i.name.as_str()).collect();
+        let (range, next) = page(&names, cursor, TOOLS_PAGE)?;
+        let mut tools = Vec::with_capacity(range.len());
+        for install in &installs[range] {
+            match self.marketplace.load_install(&self.runtime, install).await {
                 Ok(installed) => tools.push(describe(installed.plugin().manifest())),
                 // One plugin the host cannot load does not hide the others.
                 Err(e) => {
@@ -135,8 +151,7 @@ impl McpTools {
                 }
             }
         }
-        tools.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(tools)
+        Ok((tools, next))
     }
 
     /// Runs tool `name` with `arguments` for `caller`: a result (an error result when the tool
@@ -199,6 +214,30 @@ impl McpTools {
     }
 }
 
+/// The most tools one `tools/list` answer holds.
+pub const TOOLS_PAGE: usize = 50;
+
+/// The page of `sorted` names after `cursor` (the hex of the last name of the page before),
+/// at most `size` long, and the next page's cursor while one is left.
+fn page(
+    sorted: &[&str],
+    cursor: Option<&str>,
+    size: usize,
+) -> Result<(std::ops::Range<usize>, Option<String>), ErrorData> {
+    let start = match cursor {
+        None => 0,
+        Some(cursor) => {
+            let after = hex::decode(cursor).ok().and_then(|b| String::from_utf8(b).ok()).ok_or_else(|| {
+                ErrorData::invalid_params(format!("cursor `{cursor}` is not one this server gave"), None)
+            })?;
+            sorted.partition_point(|name| *name <= after.as_str())
+        }
+    };
+    let end = sorted.len().min(start + size);
+    let next = (end < sorted.len() && end > start).then(|| hex::encode(sorted[end - 1]));
+    Ok((start..end, next))
+}
+
 /// The MCP tool a tool plugin's manifest describes.
 pub fn describe(manifest: &qlayer_runtime::Manifest) -> Tool {
     let description = manifest.tool_description().to_string();
@@ -223,11 +262,15 @@ impl ServerHandler for McpTools {
 
     async fn list_tools(
         &self,
-        _request: Option<PaginatedRequestParams>,
+        request: Option<PaginatedRequestParams>,
         context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, ErrorData> {
         let caller = self.caller(&context)?;
-        Ok(ListToolsResult::with_all_items(self.tools(&caller).await?))
+        let cursor = request.as_ref().and_then(|r| r.cursor.as_deref());
+        let (tools, next) = self.tools(&caller, cursor).await?;
+        let mut page = ListToolsResult::with_all_items(tools);
+        page.next_cursor = next;
+        Ok(page)
     }
 
     async fn call_tool(
@@ -346,4 +389,26 @@ async fn as_json_rpc(response: Response) -> Response {
         }
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn tools_come_in_pages_after_the_cursor_and_a_foreign_cursor_is_refused() {
+        let names = ["a", "b", "c", "d", "e"];
+        let (first, next) = page(&names, None, 2).unwrap();
+        assert_eq!((first, next.as_deref()), (0..2, Some(hex::encode("b").as_str())));
+        let (second, next) = page(&names, next.as_deref(), 2).unwrap();
+        assert_eq!(second, 2..4);
+        let (last, next) = page(&names, next.as_deref(), 2).unwrap();
+        assert_eq!((last, next), (4..5, None));
+        // A tool removed between pages does not shift the next page.
+        let fewer = ["a", "c", "d", "e"];
+        assert_eq!(page(&fewer, Some(&hex::encode("b")), 2).unwrap().0, 1..3);
+        assert_eq!(page(&[], None, 2).unwrap(), (0..0, None));
+        assert!(page(&names, Some("not hex"), 2).is_err());
+    }
 }

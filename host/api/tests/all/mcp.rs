@@ -76,6 +76,12 @@ async fn mcp_lists_and_calls_only_the_tenants_own_tools_and_refuses_bad_input() 
     assert_eq!(names, ["hostile"]);
     // A tool without a declared schema takes any object.
     assert_eq!(body["result"]["tools"][0]["inputSchema"], json!({"type": "object"}));
+    // One page holds them all (no next cursor); a cursor this server never gave is refused.
+    assert!(body["result"].get("nextCursor").is_none(), "{body}");
+    let foreign = r#"{"jsonrpc":"2.0","id":3,"method":"tools/list","params":{"cursor":"not ours"}}"#;
+    let (_, body, _) = rpc(&svc, Some(&globex), foreign).await;
+    assert_eq!(body["error"]["code"], -32602, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("not one this server gave"), "{body}");
 
     // A call runs the tool in the tenant's sandbox.
     let (_, body, _) = rpc(&svc, Some(&acme), &call(3, "text-stats", json!({"text": "one two two"}))).await;

@@ -7,6 +7,7 @@
 mod local;
 mod scaffold;
 mod telemetry;
+mod validate;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -44,6 +45,21 @@ enum Command {
     /// review, with bounded repair rounds, run as a job through the core scheduler in this
     /// process. Writes the files and qlayer-run.json into --out.
     Run(RunArgs),
+    /// Run the factory's validators on any directory (every bundled one by default, or those
+    /// named), each in its own sandbox; print their findings and the files none could check.
+    /// Exits 3 when errors remain.
+    Validate {
+        /// The project directory (`.git`, `target`, `node_modules` and the like are skipped).
+        dir: PathBuf,
+        /// A validator: bundled (`syntax`) or `installed:<name>[@sha256:<hex>]`; repeat for more.
+        #[arg(long = "validator")]
+        validators: Vec<String>,
+        /// The tenant whose installed validators `installed:` names.
+        #[arg(long, default_value = embedded::LOCAL_TENANT)]
+        tenant: String,
+        #[command(flatten)]
+        market: MarketArgs,
+    },
     /// Write, build and inspect plugins.
     #[command(subcommand)]
     Plugin(PluginCommand),
@@ -499,6 +515,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Plugin(cmd) => plugin(cmd).map(|()| ExitCode::SUCCESS),
+        Command::Validate { dir, validators, tenant, market } => validate_dir(&dir, validators, &tenant, &market),
         Command::Audit(cmd) => audit(cmd),
         Command::Keys(cmd) => keys(cmd).map(|()| ExitCode::SUCCESS),
         Command::Models(cmd) => models(cmd).map(|()| ExitCode::SUCCESS),
@@ -533,6 +550,50 @@ fn main() -> ExitCode {
 
 /// Log lines to stderr (JSON for `serve` by default) and, when configured, spans over OTLP.
 /// `qlayer mcp`: the tenant's tools over stdio (stdout carries the protocol; logs go to stderr).
+fn validate_dir(
+    dir: &std::path::Path,
+    validators: Vec<String>,
+    tenant: &str,
+    market: &MarketArgs,
+) -> anyhow::Result<ExitCode> {
+    let project = validate::read_project(dir)?;
+    let names = match validators.is_empty() {
+        true => embedded::VALIDATORS.iter().map(ToString::to_string).collect(),
+        false => validators,
+    };
+    let tokio = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let found = tokio.block_on(async {
+        let runtime = market.runtime()?;
+        let marketplace = market.open().await?;
+        let mut loaded = Vec::new();
+        for name in &names {
+            loaded.push(validate::load_validator(&runtime, &marketplace, tenant, name).await?);
+        }
+        validate::validate(&loaded, tenant, &project.files).await
+    })?;
+    println!("qlayer validate: {} files in {} (validators: {})", project.files.len(), dir.display(), names.join(", "));
+    for d in found.diagnostics.iter().filter(|d| d.severity != "info") {
+        let place = match (&d.path, d.line) {
+            (Some(p), Some(l)) => format!("{p}:{l}"),
+            (Some(p), None) => p.clone(),
+            _ => String::new(),
+        };
+        println!("  {} [{}] {place} {} ({})", d.severity, d.rule, d.message, d.validator);
+    }
+    if !found.unchecked.is_empty() {
+        println!("  not checked (no validator reads them): {}", found.unchecked.join(", "));
+    }
+    if !project.binary.is_empty() {
+        println!("  not checked (not UTF-8 text): {}", project.binary.join(", "));
+    }
+    let errors = found.diagnostics.iter().filter(|d| d.is_error()).count();
+    let warnings = found.diagnostics.iter().filter(|d| d.severity == "warning").count();
+    let unchecked = found.unchecked.len() + project.binary.len();
+    let verdict = if errors == 0 { "passed" } else { "failed" };
+    println!("{verdict}: {errors} errors, {warnings} warnings, {unchecked} files not checked");
+    Ok(if errors == 0 { ExitCode::SUCCESS } else { ExitCode::from(3) })
+}
+
 fn mcp_stdio(tenant: String, market: MarketArgs) -> anyhow::Result<()> {
     use qlayer_api::mcp::{McpCaller, McpTools};
     let tokio = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

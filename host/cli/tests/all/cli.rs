@@ -152,6 +152,48 @@ fn files_no_validator_checked_are_named_in_the_status_line_and_the_report() {
     assert!(line.contains("main.py"), "{line}");
 }
 
+/// `qlayer validate DIR`: the validators on a project the factory did not write; exit 3 while
+/// errors remain, the files no validator read named, version control skipped, bad input refused.
+#[test]
+fn validate_checks_any_directory_and_exits_3_on_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, project) = (tmp.path().join("data"), tmp.path().join("project"));
+    std::fs::create_dir_all(project.join("src")).unwrap();
+    std::fs::create_dir_all(project.join(".git")).unwrap();
+    std::fs::write(project.join("src/main.rs"), "fn main() {\n    let x = ;\n}\n").unwrap();
+    std::fs::write(project.join("ok.json"), "{\"a\": 1}").unwrap();
+    std::fs::write(project.join("main.py"), "print(1)").unwrap();
+    std::fs::write(project.join("logo.png"), [0xff, 0xfe, 0x00]).unwrap();
+    std::fs::write(project.join(".git/HEAD"), "not a project file {").unwrap();
+    let dir = project.to_str().unwrap();
+    let o = qlayer(&["validate", dir], &data);
+    let (stdout, stderr) = text(&o);
+    assert_eq!(o.status.code(), Some(3), "{stdout}{stderr}");
+    assert!(stdout.contains("3 files in"), "{stdout}");
+    assert!(stdout.contains("error [rust-syntax] src/main.rs:2"), "{stdout}");
+    assert!(stdout.contains("not checked (no validator reads them): main.py"), "{stdout}");
+    assert!(stdout.contains("not checked (not UTF-8 text): logo.png"), "{stdout}");
+    assert!(!stdout.contains(".git"), "{stdout}");
+
+    std::fs::write(project.join("src/main.rs"), "fn main() {}\n").unwrap();
+    let o = qlayer(&["validate", dir, "--validator", "syntax"], &data);
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "{stdout}{stderr}");
+    assert!(stdout.lines().last().unwrap().starts_with("passed: 0 errors"), "{stdout}");
+
+    for (args, expected) in [
+        (vec!["validate", "/nonexistent/qlayer"], "is not a directory"),
+        (vec!["validate", dir, "--validator", "nope"], "`nope` is not a bundled validator"),
+        (vec!["validate", dir, "--validator", "developer"], "`developer` is not a bundled validator"),
+        (vec!["validate", dir, "--validator", "installed:missing"], "plugin `missing` is not installed"),
+    ] {
+        let o = qlayer(&args, &data);
+        let (_, stderr) = text(&o);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: expected {expected:?} in {stderr}");
+    }
+}
+
 /// `--pipeline FILE` runs the steps a pipeline lists; a bad one is refused before anything runs,
 /// naming the step.
 #[test]

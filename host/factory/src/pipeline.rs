@@ -143,6 +143,26 @@ fn tables<'de, D: serde::Deserializer<'de>, T: serde::de::DeserializeOwned>(d: D
         .collect()
 }
 
+/// The nodes of a dependency graph (each with the names it waits for, all of them nodes) that
+/// no order can run: those on a cycle or behind one, by name; empty for a DAG (Kahn's algorithm).
+pub fn unordered<'a>(nodes: &[(&'a str, &[String])]) -> Vec<&'a str> {
+    let mut waiting: HashMap<&str, usize> = nodes.iter().map(|(name, after)| (*name, after.len())).collect();
+    let mut ready: Vec<&str> = waiting.iter().filter(|(_, n)| **n == 0).map(|(k, _)| *k).collect();
+    while let Some(done) = ready.pop() {
+        for (name, _) in nodes.iter().filter(|(_, after)| after.iter().any(|d| d == done)) {
+            if let Some(n) = waiting.get_mut(name) {
+                *n -= 1;
+                if *n == 0 {
+                    ready.push(name);
+                }
+            }
+        }
+    }
+    let mut stuck: Vec<&str> = waiting.into_iter().filter(|(_, n)| *n > 0).map(|(k, _)| k).collect();
+    stuck.sort();
+    stuck
+}
+
 /// A plugin a pipeline names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PluginRef<'a> {
@@ -363,24 +383,9 @@ impl Pipeline {
     }
 
     fn check_acyclic(&self) -> Result<(), String> {
-        // Kahn's algorithm: whatever cannot be ordered sits on a cycle.
-        let mut waiting: HashMap<&str, usize> = self.steps.iter().map(|s| (s.name.as_str(), s.after.len())).collect();
-        let mut ready: Vec<&str> = waiting.iter().filter(|(_, n)| **n == 0).map(|(k, _)| *k).collect();
-        let mut ordered = 0;
-        while let Some(done) = ready.pop() {
-            ordered += 1;
-            for step in self.steps.iter().filter(|s| s.after.iter().any(|d| d == done)) {
-                if let Some(n) = waiting.get_mut(step.name.as_str()) {
-                    *n -= 1;
-                    if *n == 0 {
-                        ready.push(step.name.as_str());
-                    }
-                }
-            }
-        }
-        if ordered < self.steps.len() {
-            let mut stuck: Vec<&str> = waiting.iter().filter(|(_, n)| **n > 0).map(|(k, _)| *k).collect();
-            stuck.sort();
+        let nodes: Vec<(&str, &[String])> = self.steps.iter().map(|s| (s.name.as_str(), s.after.as_slice())).collect();
+        let stuck = unordered(&nodes);
+        if !stuck.is_empty() {
             let first = self.steps.iter().position(|s| stuck.contains(&s.name.as_str())).unwrap_or(0);
             return Err(format!(
                 "{}: after: the steps' dependencies form a cycle through {}",

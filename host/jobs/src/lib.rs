@@ -290,25 +290,9 @@ fn check_graph(graph: &GraphInput) -> Result<(), String> {
             }
         }
     }
-    // Kahn's algorithm: whatever cannot be ordered sits on a cycle.
-    let mut waiting: std::collections::HashMap<&str, usize> =
-        graph.tasks.iter().map(|t| (t.name.as_str(), t.after.len())).collect();
-    let mut ready: Vec<&str> = waiting.iter().filter(|(_, n)| **n == 0).map(|(k, _)| *k).collect();
-    let mut ordered = 0;
-    while let Some(done) = ready.pop() {
-        ordered += 1;
-        for task in graph.tasks.iter().filter(|t| t.after.iter().any(|d| d == done)) {
-            if let Some(n) = waiting.get_mut(task.name.as_str()) {
-                *n -= 1;
-                if *n == 0 {
-                    ready.push(task.name.as_str());
-                }
-            }
-        }
-    }
-    if ordered < graph.tasks.len() {
-        let mut stuck: Vec<&str> = waiting.iter().filter(|(_, n)| **n > 0).map(|(k, _)| *k).collect();
-        stuck.sort();
+    let nodes: Vec<(&str, &[String])> = graph.tasks.iter().map(|t| (t.name.as_str(), t.after.as_slice())).collect();
+    let stuck = pipeline::unordered(&nodes);
+    if !stuck.is_empty() {
         return Err(format!("input.tasks: the dependencies form a cycle through {}", stuck.join(", ")));
     }
     Ok(())
@@ -455,6 +439,7 @@ impl JobRunner {
         let default_attempts = config.max_attempts;
         let executor = Arc::new(executor);
         let scheduler = Scheduler::new(executor.db.clone(), config, executor.clone());
+        let _ = executor.admission.set(scheduler.admission().clone());
         Arc::new(JobRunner { scheduler, executor, default_attempts })
     }
 
@@ -612,6 +597,9 @@ pub struct PluginExecutor {
     /// The gateway, through which a step that names a model of the tenant's table asks it (set
     /// once the service has one; weak, since the gateway's providers hold the runner).
     gateway: std::sync::OnceLock<std::sync::Weak<Gateway>>,
+    /// The scheduler's fair sharing of interactive work: a step's tool calls take their turn in
+    /// it, as the tenant's MCP calls do.
+    admission: std::sync::OnceLock<Arc<qlayer_scheduler::interactive::Admission>>,
 }
 
 /// How a failed plugin call counts for the scheduler.
@@ -790,6 +778,7 @@ impl PluginExecutor {
             provider: None,
             bundled: Mutex::default(),
             gateway: Default::default(),
+            admission: Default::default(),
         }
     }
 
@@ -1081,7 +1070,12 @@ impl PluginExecutor {
             };
             tools.push((info, installed));
         }
-        Ok(StepTools { tenant_id: tenant_id.to_string(), tools, calls: std::sync::atomic::AtomicU32::new(0) })
+        Ok(StepTools {
+            tenant_id: tenant_id.to_string(),
+            tools,
+            calls: std::sync::atomic::AtomicU32::new(0),
+            admission: self.admission.get().cloned(),
+        })
     }
 
     /// A validator after `step`: the files of the step and its ancestors.
@@ -1200,12 +1194,15 @@ struct Run<'a> {
     all: &'a [Task],
 }
 
-/// The tools a step grants its agent: each call runs in the tool's own sandboxed instance,
-/// with its install's grants and limits, within the step's deadline.
+/// The tools a step grants its agent: each call takes its turn in the scheduler's fair sharing
+/// between tenants and runs in the tool's own sandboxed instance, with its install's grants and
+/// limits, within the step's deadline.
 struct StepTools {
     tenant_id: String,
     tools: Vec<(ToolInfo, Installed)>,
     calls: std::sync::atomic::AtomicU32,
+    /// Where each call takes its turn among the tenants (none: a bare executor, in tests).
+    admission: Option<Arc<qlayer_scheduler::interactive::Admission>>,
 }
 
 impl StepTools {
@@ -1235,6 +1232,10 @@ impl ToolHandler for StepTools {
                 )));
             };
             self.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let _turn = match &self.admission {
+                Some(admission) => Some(admission.admit(&self.tenant_id).await),
+                None => None,
+            };
             let started = Instant::now();
             let outcome = async {
                 let mut tool = installed.any_tool(&self.tenant_id).await?;

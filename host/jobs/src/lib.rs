@@ -958,7 +958,6 @@ impl PluginExecutor {
     async fn agent(&self, run: &Run<'_>, ctx: &TaskContext, step: &Step, round: u32) -> Result<TaskResult, TaskError> {
         let Run { task, input, pipeline, outputs, .. } = *run;
         let tenant = self.tenant_name(&task.tenant_id).await.map_err(TaskError::fatal)?;
-        let provider = self.provider(input, &tenant).await?;
         // What earlier steps spent counts against the run's budget.
         let budget = match input.token_budget {
             Some(budget) => {
@@ -988,11 +987,13 @@ impl PluginExecutor {
                 Router::through(table, budget)
             }
             (Some(model), None) => {
+                let provider = self.provider(input, &tenant).await?;
                 let upstream =
                     UpstreamModel { router: Router::new(vec![within(provider, ctx)], None), model: model.clone() };
                 Router::through(Arc::new(upstream), budget)
             }
-            (None, _) => Router::new(vec![within(provider, ctx)], budget),
+            // A step on a model of the table does not load the run's provider.
+            (None, _) => Router::new(vec![within(self.provider(input, &tenant).await?, ctx)], budget),
         });
         let ancestors = pipeline.ancestors(step);
         let own = (round > 0).then(|| (step, round - 1));

@@ -69,13 +69,9 @@ pub fn run_refused(e: RunRefused) -> ApiError {
 const NAME_PATTERN: &str = "^[a-z0-9][a-z0-9_-]{0,63}$";
 
 fn check_name(name: &str) -> Result<(), ApiError> {
-    let valid = (1..=64).contains(&name.len())
-        && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
-    if valid {
-        Ok(())
-    } else {
-        Err(ApiError::invalid(format!("pipeline name `{name}`: use 1-64 of a-z, 0-9, `-`, `_`")))
+    match qlayer_jobs::valid_pipeline_name(name) {
+        true => Ok(()),
+        false => Err(ApiError::invalid(format!("pipeline name `{name}`: use 1-64 of a-z, 0-9, `-`, `_`"))),
     }
 }
 

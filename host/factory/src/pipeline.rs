@@ -192,6 +192,12 @@ fn valid_name(name: &str, max: usize) -> bool {
         && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
 }
 
+/// Whether `name` may name a pipeline: 1-64 of `a-z`, `0-9`, `-`, `_`, starting with a letter or
+/// digit (a stored one's path, and its `name`).
+pub fn valid_pipeline_name(name: &str) -> bool {
+    valid_name(name, 64)
+}
+
 fn installed_ref(text: &str) -> Result<PluginRef<'_>, String> {
     let (name, digest) = match text.split_once('@') {
         Some((name, digest)) => (name, Some(digest)),
@@ -302,7 +308,7 @@ impl Pipeline {
     /// Checks what can be checked without the tenant's installs.
     pub fn check(&self) -> Result<(), String> {
         if let Some(name) = &self.name
-            && !valid_name(name, 64)
+            && !valid_pipeline_name(name)
         {
             return Err(format!("name `{name}`: use 1-64 of a-z, 0-9, `-`, `_`, starting with a letter or digit"));
         }

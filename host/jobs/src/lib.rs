@@ -22,8 +22,8 @@
 use futures::future::BoxFuture;
 use qlayer_bundled::{self as embedded, ProviderChoice};
 use qlayer_db::{Db, Job, JobKind, JsonText, NewJob, NewTask, Task, TaskStatus};
-pub use qlayer_factory::pipeline::Pipeline;
 use qlayer_factory::pipeline::{self, PluginRef, Step, TaskRole, round_name};
+pub use qlayer_factory::pipeline::{Pipeline, valid_pipeline_name};
 use qlayer_factory::{self as factory, DiagnosticReport, RunReport, StepReport, StoredArtifact};
 use qlayer_gateway::service::{Caller, Gateway, TableModel};
 use qlayer_gateway::{Router, TokenCount};

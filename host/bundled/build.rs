@@ -15,7 +15,11 @@ const PLUGINS: &[(&str, &str)] = &[
     ("qlayer-provider-anthropic", "plugins/providers/anthropic"),
     ("qlayer-provider-bedrock", "plugins/providers/bedrock"),
     ("qlayer-agent-product-manager", "plugins/agents/product-manager"),
+    ("qlayer-agent-architect", "plugins/agents/architect"),
     ("qlayer-agent-developer", "plugins/agents/developer"),
+    ("qlayer-agent-qa-engineer", "plugins/agents/qa-engineer"),
+    ("qlayer-agent-reviewer", "plugins/agents/reviewer"),
+    ("qlayer-agent-devops", "plugins/agents/devops"),
     ("qlayer-validator-syntax", "plugins/validators/syntax"),
 ];
 

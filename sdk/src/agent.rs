@@ -143,6 +143,188 @@ pub fn complete_json<T: DeserializeOwned>(
     )))
 }
 
+/// The media type of an agent's findings artifact: a reviewer's (or any agent's) JSON list of
+/// diagnostics, `{"findings": [{"severity", "rule", "path", "line", "message"}]}`. The host reads
+/// it like a validator's diagnostics: errors feed the repair loop, and the run's report lists them
+/// under the step's name. The artifact is also one of the project's files.
+pub const FINDINGS_MEDIA_TYPE: &str = "application/vnd.qlayer.findings+json";
+
+/// The path of the architect's design, with its file plan (`files`: `path`, `owner`, `purpose`).
+pub const DESIGN_PATH: &str = "docs/DESIGN.json";
+/// The path of the product manager's PRD.
+pub const PRD_PATH: &str = "docs/PRD.json";
+
+/// A file as a model writes it in a JSON reply (`{"path": ..., "content": ...}`).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileReply {
+    /// Relative path.
+    pub path: String,
+    /// The whole file.
+    pub content: String,
+}
+
+impl FileReply {
+    /// As an artifact.
+    pub fn artifact(self) -> crate::Artifact {
+        crate::Artifact::text(self.path, self.content)
+    }
+}
+
+/// Checks a path a model gave: relative, no `..` or empty parts, no drive, no control characters.
+///
+/// ```
+/// assert!(qlayer_sdk::agent::check_path("src/main.rs").is_ok());
+/// assert!(qlayer_sdk::agent::check_path("../etc/passwd").is_err());
+/// ```
+pub fn check_path(path: &str) -> Result<(), String> {
+    if path.is_empty() || path.starts_with('/') || path.starts_with('\\') || path.contains(':') {
+        return Err(format!("path `{path}` must be relative"));
+    }
+    if path.split(['/', '\\']).any(|part| part == ".." || part.is_empty()) {
+        return Err(format!("path `{path}` must not contain `..` or empty parts"));
+    }
+    if path.chars().any(|c| c.is_control()) {
+        return Err(format!("path {path:?} contains control characters"));
+    }
+    Ok(())
+}
+
+/// Checks the files of a reply: 1 to `max_files`, each path valid ([`check_path`]) and given
+/// once, each at most `max_bytes`.
+pub fn check_files(files: &[FileReply], max_files: usize, max_bytes: usize) -> Result<(), String> {
+    if files.is_empty() {
+        return Err("`files` is empty".into());
+    }
+    if files.len() > max_files {
+        return Err(format!("{} files is more than the {max_files} allowed", files.len()));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for f in files {
+        check_path(&f.path)?;
+        if f.content.len() > max_bytes {
+            return Err(format!("`{}` is larger than {max_bytes} bytes", f.path));
+        }
+        if !seen.insert(f.path.as_str()) {
+            return Err(format!("`{}` appears twice", f.path));
+        }
+    }
+    Ok(())
+}
+
+/// The text of the task's input artifact at `path`, if there is one and it is UTF-8.
+pub fn input<'a>(task: &'a Task, path: &str) -> Option<&'a str> {
+    task.inputs.iter().find(|a| a.path == path).and_then(crate::Artifact::as_text)
+}
+
+/// The task's PRD (its `docs/PRD.json` input): the text, and the JSON. An error names what is
+/// missing or wrong.
+pub fn prd(task: &Task) -> Result<(&str, serde_json::Value), crate::PluginError> {
+    let text = input(task, PRD_PATH)
+        .ok_or_else(|| crate::PluginError::InvalidInput(format!("the task has no {PRD_PATH} input")))?;
+    let value = serde_json::from_str(text)
+        .map_err(|e| crate::PluginError::InvalidInput(format!("{PRD_PATH} is not JSON: {e}")))?;
+    Ok((text, value))
+}
+
+/// The strings of the JSON array `field` of `value` (a PRD's `acceptance_criteria`, say); empty
+/// when there is none.
+pub fn strings(value: &serde_json::Value, field: &str) -> Vec<String> {
+    value
+        .get(field)
+        .and_then(serde_json::Value::as_array)
+        .map(|items| items.iter().filter_map(|s| s.as_str().map(str::to_string)).collect())
+        .unwrap_or_default()
+}
+
+/// The task's input files other than `except`, as `--- path` blocks, for a prompt.
+pub fn files_text(task: &Task, except: &[&str]) -> String {
+    task.inputs
+        .iter()
+        .filter(|a| !except.contains(&a.path.as_str()))
+        .filter_map(|a| a.as_text().map(|t| format!("--- {}\n{t}\n", a.path)))
+        .collect()
+}
+
+/// The paths the architect's file plan (the task's `docs/DESIGN.json` input) gives to `owner`;
+/// `None` when there is no design, or it has no file plan.
+pub fn planned_files(task: &Task, owner: &str) -> Option<Vec<String>> {
+    let design: serde_json::Value = serde_json::from_str(input(task, DESIGN_PATH)?).ok()?;
+    let files = design.get("files")?.as_array()?;
+    Some(
+        files
+            .iter()
+            .filter(|f| f.get("owner").and_then(serde_json::Value::as_str) == Some(owner))
+            .filter_map(|f| f.get("path")?.as_str().map(str::to_string))
+            .collect(),
+    )
+}
+
+/// Checks written files against the file plan: each of `mine` is written, and none that the plan
+/// gives another owner (`theirs`).
+pub fn check_plan(files: &[FileReply], mine: &[String], theirs: &[String]) -> Result<(), String> {
+    let written: Vec<String> = files.iter().map(|f| normal_path(&f.path)).collect();
+    if let Some(missing) = mine.iter().find(|p| !written.contains(&normal_path(p))) {
+        return Err(format!("the file plan gives you `{missing}`, and the reply does not write it"));
+    }
+    let theirs: Vec<String> = theirs.iter().map(|p| normal_path(p)).collect();
+    if let Some(f) = files.iter().find(|f| theirs.contains(&normal_path(&f.path))) {
+        return Err(format!("`{}` belongs to another step in the file plan; do not write it", f.path));
+    }
+    Ok(())
+}
+
+/// A relative path in one spelling: `./src//a.rs` is `src/a.rs` (as the host writes it).
+///
+/// ```
+/// assert_eq!(qlayer_sdk::agent::normal_path("./src//a.rs"), "src/a.rs");
+/// ```
+pub fn normal_path(path: &str) -> String {
+    path.split(['/', '\\']).filter(|p| !p.is_empty() && *p != ".").collect::<Vec<_>>().join("/")
+}
+
+/// The paths the file plan gives to anyone but `owner`.
+pub fn others_files(task: &Task, owner: &str) -> Vec<String> {
+    let Some(design) = input(task, DESIGN_PATH).and_then(|d| serde_json::from_str::<serde_json::Value>(d).ok()) else {
+        return vec![];
+    };
+    design
+        .get("files")
+        .and_then(serde_json::Value::as_array)
+        .map(|files| {
+            files
+                .iter()
+                .filter(|f| f.get("owner").and_then(serde_json::Value::as_str) != Some(owner))
+                .filter_map(|f| f.get("path")?.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Diagnostics as a list for a prompt: `- [rule] path:line: message`.
+pub fn feedback_text(feedback: &[crate::Diagnostic]) -> String {
+    feedback
+        .iter()
+        .map(|d| {
+            let place = match (&d.path, d.line) {
+                (Some(p), Some(l)) => format!("{p}:{l}"),
+                (Some(p), None) => p.clone(),
+                _ => "project".into(),
+            };
+            format!("- [{}] {place}: {}", d.rule, d.message)
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The run's options (the task's `options_json`) as a prompt line, or nothing when there are none.
+pub fn options_line(task: &Task) -> String {
+    match task.options_json.trim() {
+        "" | "{}" => String::new(),
+        options => format!("\nOptions (honour them): {options}"),
+    }
+}
+
 #[doc(hidden)]
 pub struct Adapter<T>(PhantomData<T>);
 

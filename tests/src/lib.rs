@@ -1036,6 +1036,7 @@ pub fn files_json(main_rs: &str) -> String {
     serde_json::json!({"files": [
         {"path": "Cargo.toml", "content": "[package]\nname = \"x\"\nversion = \"0.1.0\"\n"},
         {"path": "src/main.rs", "content": main_rs},
+        {"path": "README.md", "content": "# x\n"},
     ]})
     .to_string()
 }

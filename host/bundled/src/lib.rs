@@ -18,7 +18,7 @@ pub mod bundled {
 }
 
 /// The bundled agent plugins: the roles a pipeline step may name without `installed:`.
-pub const AGENTS: &[&str] = &["product-manager", "developer"];
+pub const AGENTS: &[&str] = &["product-manager", "architect", "developer", "qa-engineer", "reviewer", "devops"];
 /// The bundled validator plugins.
 pub const VALIDATORS: &[&str] = &["syntax"];
 

@@ -161,7 +161,8 @@ pub async fn run(run: LocalRun, on: &(dyn Fn(Update) + Send + Sync)) -> anyhow::
     let mut each = |events: &[JobEvent], tasks: &[Task]| -> anyhow::Result<()> {
         for event in events {
             let task = event.data["task"].as_str().unwrap_or_default();
-            if event.kind == "started" && !task.starts_with("review") {
+            // The review, the end of a round, is not a step (a step may be named `reviewer`).
+            if event.kind == "started" && qlayer_factory::pipeline::split_round(task).0 != "review" {
                 on(Update::Started { task: task.to_string(), attempt: event.data["attempt"].as_i64().unwrap_or(1) });
             }
         }

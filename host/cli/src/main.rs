@@ -41,8 +41,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Turn a requirement into a validated project: product-manager → developer → validators →
-    /// review, with bounded repair rounds, run as a job through the core scheduler in this
+    /// Turn a requirement into a validated project: product-manager → architect → developer and
+    /// devops → qa-engineer → reviewer → validators → review, with bounded repair rounds, run as a job through the core scheduler in this
     /// process. Writes the files and qlayer-run.json into --out.
     Run(RunArgs),
     /// Run the factory's validators on any directory (every bundled one by default, or those
@@ -961,7 +961,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 s.tokens.total()
             ),
             Update::Repair { round, errors } => {
-                println!("  ↻ repair round {round}: {errors} validator error(s) to fix")
+                println!("  ↻ repair round {round}: {errors} error(s) to fix")
             }
             Update::Failed { task, error } => println!("  ✗ {task}: {error}"),
         };

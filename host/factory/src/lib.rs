@@ -1,8 +1,11 @@
 //! The software factory's steps (agents, validators, the repair verdict), reports and capsules.
 //! May depend on: `qlayer-runtime`, `qlayer-gateway`.
 //!
-//! The software factory's parts: requirement → product-manager (PRD) → developer (files) →
-//! validators, with a bounded repair loop (diagnostics go back to the developer); the run report,
+//! The software factory's parts: the steps of a pipeline ([`pipeline`]; by default requirement →
+//! product-manager (PRD) → architect (design, file plan) → developer (sources) and devops
+//! (deployment) → qa-engineer (acceptance tests) → reviewer (findings) → validators), with a
+//! bounded repair loop (diagnostics and findings go back to the step that owns the file); the run
+//! report,
 //! and the tar.gz capsule of the files and the report. `qlayer-jobs` runs these steps as the
 //! tasks of a DAG job on the scheduler.
 //!
@@ -28,6 +31,12 @@ pub const MAX_REQUIREMENT_CHARS: usize = 16 * 1024;
 /// The rule of a validator's `info` diagnostic that names a file it did not check (its type is
 /// not one it reads): a file that no validator checked is named in the run's report and status.
 pub const UNCHECKED: &str = "unchecked";
+/// The media type of an agent's findings artifact (as the SDK's
+/// `qlayer_sdk::agent::FINDINGS_MEDIA_TYPE`): `{"findings": [{"severity", "rule", "path", "line",
+/// "message"}]}`. A reviewer writes one; the run treats its findings as validators' diagnostics.
+pub const FINDINGS_MEDIA_TYPE: &str = "application/vnd.qlayer.findings+json";
+/// The most findings one agent step may report.
+pub const MAX_FINDINGS: usize = 1000;
 /// The name of the report written beside the generated files.
 pub const REPORT_FILE: &str = "qlayer-run.json";
 
@@ -115,7 +124,7 @@ pub struct RunReport {
 }
 
 /// A diagnostic in the report.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DiagnosticReport {
     /// `error`, `warning` or `info`.
     pub severity: String,
@@ -319,6 +328,54 @@ pub async fn agent_step(
     (step_report(step, agent, began, access.router.spent().since(spent), outcome), result)
 }
 
+/// The findings of an agent's output (its artifacts of [`FINDINGS_MEDIA_TYPE`]), as diagnostics
+/// found by `step`. A malformed findings artifact is an error that names it and what is wrong.
+pub fn findings(artifacts: &[Artifact], step: &str) -> Result<Vec<DiagnosticReport>, String> {
+    #[derive(Deserialize)]
+    struct Findings {
+        findings: Vec<Finding>,
+    }
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Finding {
+        severity: String,
+        rule: String,
+        #[serde(default)]
+        path: Option<String>,
+        #[serde(default)]
+        line: Option<u32>,
+        message: String,
+    }
+    let mut out = Vec::new();
+    for artifact in artifacts.iter().filter(|a| a.media_type == FINDINGS_MEDIA_TYPE) {
+        let at = |e: String| format!("the findings in `{}` ({FINDINGS_MEDIA_TYPE}): {e}", artifact.path);
+        let mut de = serde_json::Deserializer::from_slice(&artifact.content);
+        let found: Findings = serde_path_to_error::deserialize(&mut de).map_err(|e| at(e.to_string()))?;
+        if out.len() + found.findings.len() > MAX_FINDINGS {
+            return Err(at(format!("more than {MAX_FINDINGS} findings")));
+        }
+        for (i, f) in found.findings.into_iter().enumerate() {
+            if !matches!(f.severity.as_str(), "error" | "warning" | "info") {
+                return Err(at(format!("findings[{i}].severity is {:?}: use error, warning or info", f.severity)));
+            }
+            if f.rule.is_empty() || f.rule.len() > 128 || f.rule.chars().any(char::is_control) {
+                return Err(at(format!("findings[{i}].rule: 1-128 characters, no control characters")));
+            }
+            let path =
+                f.path.map(|p| canonical_path(&p)).transpose().map_err(|e| at(format!("findings[{i}].path: {e}")))?;
+            out.push(DiagnosticReport {
+                severity: f.severity,
+                rule: f.rule,
+                path,
+                line: f.line,
+                message: f.message,
+                validator: step.to_string(),
+            });
+        }
+    }
+    Ok(out)
+}
+
 /// Runs one validator over every artifact so far (`step` names it in the report).
 pub async fn validate_step(
     step: &str,
@@ -345,15 +402,23 @@ pub async fn validate_step(
     (step_report(step, validator, began, TokenCount::default(), outcome), result)
 }
 
-/// How a run that got through its steps ends: `passed` without validator errors, else
-/// `failed-validation` (errors left after `rounds` repair rounds, the limit). Either way the
+/// How a run that got through its steps ends: `passed` without errors (validators' diagnostics
+/// and agents' findings), else `failed-validation` (errors left after `rounds` repair rounds, the
+/// limit, naming who found them). Either way the
 /// reason names the files no validator checked (`unchecked`), so nothing passes unseen.
 pub fn verdict(diagnostics: &[DiagnosticReport], rounds: u32, unchecked: &[String]) -> (&'static str, String) {
     let errors = diagnostics.iter().filter(|d| d.is_error()).count();
     let (status, mut reason) = if errors == 0 {
         ("passed", "every validator passed".to_string())
     } else {
-        ("failed-validation", format!("{errors} validator errors remain after {rounds} repair rounds (the limit)"))
+        let mut from: Vec<&str> = diagnostics.iter().filter(|d| d.is_error()).map(|d| d.validator.as_str()).collect();
+        from.sort();
+        from.dedup();
+        let from = from.join(", ");
+        (
+            "failed-validation",
+            format!("{errors} errors remain (found by {from}) after {rounds} repair rounds (the limit)"),
+        )
     };
     if !unchecked.is_empty() {
         let mut named: Vec<&str> = unchecked.iter().take(5).map(String::as_str).collect();
@@ -528,6 +593,39 @@ mod tests {
         assert_eq!(files[0].content, b"the PRD");
         assert_eq!(owners["docs/PRD.json"], "pm");
         assert_eq!(owners["src/a.rs"], "dev");
+    }
+
+    #[test]
+    fn findings_artifacts_become_diagnostics_and_bad_ones_are_named() {
+        let art = |media: &str, c: &str| Artifact {
+            path: "docs/REVIEW.json".into(),
+            media_type: media.into(),
+            content: c.as_bytes().to_vec(),
+        };
+        let good = art(
+            FINDINGS_MEDIA_TYPE,
+            r#"{"summary": "s", "findings": [{"severity": "error", "rule": "sql-injection", "path": "./app.py", "line": 3, "message": "m"}]}"#,
+        );
+        let found = findings(&[good, art("application/json", "not even json")], "reviewer").unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!((found[0].path.as_deref(), found[0].line), (Some("app.py"), Some(3)));
+        assert_eq!(found[0].validator, "reviewer");
+        assert!(found[0].is_error());
+        let bad = findings(
+            &[art(FINDINGS_MEDIA_TYPE, r#"{"findings": [{"severity": "fatal", "rule": "r", "message": "m"}]}"#)],
+            "r",
+        );
+        assert!(bad.unwrap_err().contains("findings[0].severity"));
+        let bad = findings(
+            &[art(
+                FINDINGS_MEDIA_TYPE,
+                r#"{"findings": [{"severity": "error", "rule": "r", "message": "m", "path": "../x"}]}"#,
+            )],
+            "r",
+        );
+        assert!(bad.unwrap_err().contains("findings[0].path"));
+        let bad = findings(&[art(FINDINGS_MEDIA_TYPE, r#"{"findings": [{"severity": "error"}]}"#)], "r").unwrap_err();
+        assert!(bad.contains("docs/REVIEW.json") && bad.contains("missing field"), "{bad}");
     }
 
     #[test]

@@ -61,8 +61,8 @@ pub struct Step {
     /// `review-` or `validate-`, without `-repair-` (task names are made of these).
     #[schema(pattern = r"^[a-z0-9][a-z0-9_-]{0,47}$")]
     pub name: String,
-    /// The agent plugin: a bundled role (`product-manager`, `developer`) or
-    /// `installed:<name>[@sha256:<hex>]`.
+    /// The agent plugin: a bundled role (`product-manager`, `architect`, `developer`,
+    /// `qa-engineer`, `reviewer`, `devops`) or `installed:<name>[@sha256:<hex>]`.
     #[schema(pattern = r"^([a-z0-9][a-z0-9_-]{0,63}|installed:[a-z0-9][a-z0-9_-]{0,63}(@sha256:[0-9a-f]{64})?)$")]
     pub role: String,
     /// Steps whose files this one needs: it runs after them and gets their files (and their
@@ -531,16 +531,46 @@ mod tests {
     }
 
     #[test]
-    fn the_default_pipeline_plans_the_runs_it_always_ran() {
+    fn the_default_pipeline_runs_every_role() {
         let p = Pipeline::default_pipeline();
         let round0 = p.round(0);
-        assert_eq!(names(&round0), ["product-manager", "developer", "validate-syntax", "review"]);
-        assert_eq!(round0[1].after, ["product-manager"]);
-        assert_eq!(round0[2].after, ["developer"]);
-        assert_eq!(round0[3].after, ["product-manager", "developer", "validate-syntax"]);
+        assert_eq!(
+            names(&round0),
+            [
+                "product-manager",
+                "architect",
+                "developer",
+                "devops",
+                "qa-engineer",
+                "reviewer",
+                "validate-syntax",
+                "review"
+            ]
+        );
+        let after = |tasks: &[PlannedTask], name: &str| tasks.iter().find(|t| t.name == name).unwrap().after.clone();
+        assert_eq!(after(&round0, "developer"), ["architect"]);
+        assert_eq!(after(&round0, "devops"), ["architect"], "devops runs beside the developer");
+        assert_eq!(after(&round0, "reviewer"), ["qa-engineer", "devops"]);
+        assert_eq!(after(&round0, "validate-syntax"), ["reviewer"]);
+        assert_eq!(after(&round0, "review").len(), 7);
+        let syntax = p.step("reviewer").unwrap();
+        let mut checked: Vec<&str> = p.ancestors(syntax).iter().map(|s| s.name.as_str()).collect();
+        checked.push("reviewer");
+        assert_eq!(checked.len(), p.steps.len(), "the syntax validator checks every step's files");
         let round1 = p.round(1);
-        assert_eq!(names(&round1), ["developer-repair-1", "validate-syntax-repair-1", "review-repair-1"]);
-        assert_eq!(round1[0].after, ["product-manager", "developer", "review"]);
+        assert_eq!(
+            names(&round1),
+            [
+                "developer-repair-1",
+                "qa-engineer-repair-1",
+                "reviewer-repair-1",
+                "validate-syntax-repair-1",
+                "review-repair-1"
+            ]
+        );
+        assert_eq!(round1[0].after, ["architect", "developer", "review"]);
+        assert_eq!(round1[1].after, ["developer-repair-1", "qa-engineer", "review"]);
+        assert_eq!(round1[2].after, ["qa-engineer-repair-1", "devops", "reviewer", "review"]);
         assert_eq!(p.rounds(None), 2);
         assert_eq!(p.rounds(Some(0)), 0);
         assert!(matches!(

@@ -7,10 +7,11 @@
 //! call loads the tenant's installed tool and invokes it under the job's deadline.
 //!
 //! A factory run is a DAG of its pipeline's steps ([`qlayer_factory::pipeline`]), each a task:
-//! with the default pipeline, `product-manager` → `developer` → one `validate-<validator>` per
-//! validator (in parallel) → `review`. The review decides what comes next: with validator errors
-//! left and repair rounds to go, it adds the next round's tasks (`developer-repair-1`,
-//! `validate-syntax-repair-1`, `review-repair-1`, ...) to the job; otherwise it writes the report
+//! with the default pipeline, `product-manager` → `architect` → `developer` and `devops` (in
+//! parallel) → `qa-engineer` → `reviewer` → `validate-syntax` → `review`. The review decides
+//! what comes next: with errors left (validators' diagnostics, and agents' findings such as the
+//! reviewer's) and repair rounds to go, it adds the next round's tasks (`developer-repair-1`,
+//! `qa-engineer-repair-1`, ..., `review-repair-1`) to the job; otherwise it writes the report
 //! and the tar.gz capsule, which end the job in one transaction. A run's pipeline is resolved
 //! (a stored one by name) and checked against the tenant's installs when it is submitted, and
 //! stored inline with the job, so that changing the stored pipeline does not change runs that
@@ -1045,8 +1046,11 @@ impl PluginExecutor {
         report.tool_calls = tools.as_ref().map_or(0, |t| t.calls());
         report.cost = priced.as_ref().map(|t| t.cost_nanos() as f64 / 1e9);
         let out = result.map_err(|e| task_error(&e))?;
+        // A reviewer's findings count as validators' diagnostics do.
+        let found =
+            factory::findings(&out.artifacts, &step.name).map_err(|e| fatal(format!("step `{}`: {e}", step.name)))?;
         let artifacts: Vec<StoredArtifact> = out.artifacts.iter().map(StoredArtifact::from).collect();
-        Ok(serde_json::json!({ "step": report, "artifacts": artifacts }).into())
+        Ok(serde_json::json!({ "step": report, "artifacts": artifacts, "diagnostics": found }).into())
     }
 
     /// The tools `step` grants, loaded for this attempt.
@@ -1108,12 +1112,18 @@ impl PluginExecutor {
     /// else the report and the capsule.
     async fn review(&self, run: &Run<'_>, round: u32) -> Result<TaskResult, TaskError> {
         let Run { task, job, input, pipeline, outputs, .. } = *run;
-        let diagnostics: Vec<DiagnosticReport> = pipeline
-            .validator_tasks()
-            .iter()
-            .filter_map(|(base, _)| outputs.latest(base, round))
-            .flat_map(|out| out.diagnostics.iter().cloned())
-            .collect();
+        // The validators' diagnostics and the agents' findings (a reviewer's), each at its
+        // latest round; one of each when two validators report the same.
+        let mut diagnostics: Vec<DiagnosticReport> = Vec::new();
+        let bases = pipeline.validator_tasks().into_iter().map(|(base, _)| base);
+        for out in bases.chain(pipeline.steps.iter().map(|s| s.name.clone())).filter_map(|b| outputs.latest(&b, round))
+        {
+            for d in &out.diagnostics {
+                if !diagnostics.iter().any(|seen| seen == d) {
+                    diagnostics.push(d.clone());
+                }
+            }
+        }
         let errors: Vec<&DiagnosticReport> = diagnostics.iter().filter(|d| d.is_error()).collect();
         let repeated = pipeline.repair_steps();
         if !errors.is_empty() && round < pipeline.rounds(input.max_repair_rounds) && !repeated.is_empty() {

@@ -64,7 +64,7 @@ async fn a_stored_pipeline_runs_an_installed_role_with_granted_tools_and_the_mod
     assert_eq!(list.status, 200, "{list:?}");
     assert_eq!(list.body["items"][0]["name"], "default");
     assert_eq!(list.body["items"][0]["bundled"], true);
-    assert_eq!(list.body["items"][0]["definition"]["steps"][1]["validators"], json!(["syntax"]));
+    assert_eq!(list.body["items"][0]["definition"]["steps"][5]["validators"], json!(["syntax"]));
 
     let pipeline = json!({
         "description": "an installed agent uses a tool itself; the product manager's model calls it",
@@ -150,7 +150,7 @@ async fn a_bad_pipeline_is_refused_before_anything_runs_naming_its_step() {
             one(json!({"name": "a", "role": "developer", "after": ["pm"]})),
             "steps[0] (`a`): after: no step is named `pm`",
         ),
-        (one(json!({"name": "a", "role": "architect"})), "steps[0] (`a`): role: `architect` is not a bundled role"),
+        (one(json!({"name": "a", "role": "intern"})), "steps[0] (`a`): role: `intern` is not a bundled role"),
         (one(json!({"name": "a", "role": "syntax"})), "steps[0] (`a`): role: `syntax` is not a bundled role"),
         (
             one(json!({"name": "a", "role": "installed:reviewer"})),

@@ -362,8 +362,9 @@ async fn tenant_weights_split_capacity_and_only_operators_set_them() {
     svc.stop().await;
 }
 
-/// A factory run is a DAG of its steps: product manager → developer → validators → review, and
-/// the review adds a repair round only while validator errors remain and rounds are left. Every
+/// A factory run is a DAG of its steps: product manager → architect → developer and devops →
+/// QA engineer → reviewer → validators → review, and the review adds a repair round only while
+/// errors remain and rounds are left. Every
 /// step runs once, its output is stored with its task, and the report and capsule end the job.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_factory_run_is_a_dag_of_its_steps_with_repair_rounds_added_as_needed() {
@@ -387,8 +388,10 @@ async fn a_factory_run_is_a_dag_of_its_steps_with_repair_rounds_added_as_needed(
     assert_eq!(done["output"]["repair_rounds"], 1);
     let steps: Vec<&str> =
         done["output"]["steps"].as_array().unwrap().iter().map(|s| s["step"].as_str().unwrap()).collect();
-    assert_eq!(steps, ["product-manager", "developer", "validate: syntax", "developer (repair 1)", "validate: syntax"]);
-    assert_eq!(done["task_count"], 7);
+    let roles = ["product-manager", "architect", "developer", "devops", "qa-engineer", "reviewer", "validate: syntax"];
+    let repaired = ["developer (repair 1)", "qa-engineer (repair 1)", "reviewer (repair 1)", "validate: syntax"];
+    assert_eq!(steps, [&roles[..], &repaired[..]].concat());
+    assert_eq!(done["task_count"], 13);
     let tasks = svc.get(&format!("/v1/jobs/{run}/tasks"), &acme).await;
     let items = tasks.body["items"].as_array().unwrap();
     let names: Vec<&str> = items.iter().map(|t| t["name"].as_str().unwrap()).collect();
@@ -396,17 +399,23 @@ async fn a_factory_run_is_a_dag_of_its_steps_with_repair_rounds_added_as_needed(
         names,
         [
             "product-manager",
+            "architect",
             "developer",
+            "devops",
+            "qa-engineer",
+            "reviewer",
             "validate-syntax",
             "review",
             "developer-repair-1",
+            "qa-engineer-repair-1",
+            "reviewer-repair-1",
             "validate-syntax-repair-1",
             "review-repair-1"
         ]
     );
     assert!(items.iter().all(|t| t["status"] == "succeeded" && t["attempts"] == 1), "{tasks:?}");
-    assert_eq!(items[3]["output"]["errors"], 1, "the review names what goes back to the developer");
-    assert_eq!(items[4]["depends_on"], json!(["product-manager", "developer", "review"]));
+    assert_eq!(items[7]["output"]["errors"], 1, "the review names what goes back to the developer");
+    assert_eq!(items[8]["depends_on"], json!(["architect", "developer", "review"]));
     // The capsule holds the repaired file and the report.
     let files = svc.capsule(&acme, &run).await;
     assert_eq!(files[&format!("{run}/src/main.rs")], "fn main() {}\n");
@@ -420,7 +429,7 @@ async fn a_factory_run_is_a_dag_of_its_steps_with_repair_rounds_added_as_needed(
         .await;
     let done = svc.wait(&acme, r.body["id"].as_str().unwrap()).await;
     assert_eq!(done["output"]["status"], "failed-validation", "{done}");
-    assert_eq!((done["output"]["repair_rounds"].as_u64(), done["task_count"].as_u64()), (Some(1), Some(7)));
+    assert_eq!((done["output"]["repair_rounds"].as_u64(), done["task_count"].as_u64()), (Some(1), Some(13)));
     assert!(done["output"]["stop_reason"].as_str().unwrap().contains("after 1 repair rounds"), "{done}");
 
     // The run's token budget counts every step: once the product manager has spent it, the next

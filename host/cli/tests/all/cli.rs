@@ -29,12 +29,15 @@ fn run_builds_a_validated_project_offline_with_progress_and_a_report() {
     let (stdout, stderr) = text(&o);
     assert!(o.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
     assert!(stdout.contains("scripted"), "the provider in use is named: {stdout}");
-    assert!(stdout.contains("✓ product-manager"), "{stdout}");
-    assert!(stdout.contains("✓ developer"), "{stdout}");
-    assert!(stdout.contains("passed"), "{stdout}");
+    for role in ["product-manager", "architect", "developer", "devops", "qa-engineer", "reviewer"] {
+        assert!(stdout.contains(&format!("✓ {role}")), "{role}: {stdout}");
+    }
+    let last = stdout.lines().last().unwrap();
+    assert!(last.starts_with("passed: every validator passed —"), "every file was checked: {stdout}");
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("qlayer-run.json")).unwrap()).unwrap();
     assert_eq!(report["status"], "passed");
+    assert!(out.join("tests/acceptance.rs").is_file() && out.join("Dockerfile").is_file());
     assert!(report["tokens"]["prompt"].as_u64().unwrap() > 0);
     for file in report["files"].as_array().unwrap() {
         assert!(out.join(file["path"].as_str().unwrap()).is_file(), "{file}");
@@ -114,7 +117,7 @@ fn run_rejects_bad_input_with_a_clear_error() {
 fn a_run_whose_files_stay_invalid_exits_3_and_still_writes_the_report() {
     let tmp = tempfile::tempdir().unwrap();
     let script = tmp.path().join("script.json");
-    let broken = serde_json::json!({"files": [{"path": "src/main.rs", "content": "fn main( {"}]}).to_string();
+    let broken = qlayer_tests::files_json("fn main( {");
     std::fs::write(&script, serde_json::json!({"rules": [{"role": "developer", "reply": broken}]}).to_string())
         .unwrap();
     let out = tmp.path().join("out");
@@ -125,15 +128,16 @@ fn a_run_whose_files_stay_invalid_exits_3_and_still_writes_the_report() {
     let (stdout, _) = text(&o);
     assert_eq!(o.status.code(), Some(3), "{stdout}");
     assert!(stdout.contains("error [rust-syntax] src/main.rs:1"), "{stdout}");
-    assert!(stdout.contains("↻ repair round 1: 1 validator error(s) to fix"), "{stdout}");
+    assert!(stdout.contains("↻ repair round 1: 1 error(s) to fix"), "{stdout}");
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("qlayer-run.json")).unwrap()).unwrap();
     assert_eq!(report["status"], "failed-validation");
     assert_eq!(std::fs::read_to_string(out.join("src/main.rs")).unwrap(), "fn main( {", "the files are written too");
 }
 
-/// The first complaint: a Python project "passed" while nothing checked its Python. A file
-/// no validator reads is named in the report and in the status line, never passed silently.
+/// The first complaint: a Python project "passed" while nothing checked its Python. Now
+/// every file of the default pipeline's Python project is read by a validator; and a file no
+/// validator reads is named in the report and in the status line, never passed silently.
 #[test]
 fn files_no_validator_checked_are_named_in_the_status_line_and_the_report() {
     let tmp = tempfile::tempdir().unwrap();
@@ -144,12 +148,30 @@ fn files_no_validator_checked_are_named_in_the_status_line_and_the_report() {
     assert!(o.status.success(), "{stdout}{stderr}");
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("qlayer-run.json")).unwrap()).unwrap();
-    let unchecked: Vec<&str> = report["unchecked"].as_array().unwrap().iter().map(|p| p.as_str().unwrap()).collect();
-    assert!(unchecked.contains(&"main.py"), "{report}");
-    assert!(!unchecked.contains(&"docs/PRD.json"), "the PRD is JSON, which the syntax validator reads: {report}");
+    assert_eq!(report.get("unchecked"), None, "{report}");
+    assert!(out.join("main.py").is_file() && out.join("tests/test_acceptance.py").is_file());
     let line = stdout.lines().last().unwrap();
-    assert!(line.starts_with("passed: every validator passed; but no validator checked"), "{stdout}");
-    assert!(line.contains("main.py"), "{line}");
+    assert!(line.starts_with("passed: every validator passed —"), "{stdout}");
+
+    // A developer that also writes C, which no bundled validator reads.
+    let mut files: serde_json::Value = serde_json::from_str(&qlayer_tests::files_json("fn main() {}\n")).unwrap();
+    files["files"].as_array_mut().unwrap().push(serde_json::json!({"path": "src/native.c", "content": "int x;\n"}));
+    let script = tmp.path().join("script.json");
+    let rules = serde_json::json!({"rules": [{"role": "developer", "reply": files.to_string()}]});
+    std::fs::write(&script, rules.to_string()).unwrap();
+    let out = tmp.path().join("c");
+    let args = ["run", "a CLI", "--out", out.to_str().unwrap(), "--script", script.to_str().unwrap()];
+    let o = qlayer(&args, &tmp.path().join("data"));
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "{stdout}{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("qlayer-run.json")).unwrap()).unwrap();
+    assert_eq!(report["unchecked"], serde_json::json!(["src/native.c"]), "{report}");
+    let line = stdout.lines().last().unwrap();
+    assert!(
+        line.starts_with("passed: every validator passed; but no validator checked 1 file: src/native.c"),
+        "{line}"
+    );
 }
 
 /// `qlayer validate DIR`: the validators on a project the factory did not write; exit 3 while
@@ -162,20 +184,23 @@ fn validate_checks_any_directory_and_exits_3_on_errors() {
     std::fs::create_dir_all(project.join(".git")).unwrap();
     std::fs::write(project.join("src/main.rs"), "fn main() {\n    let x = ;\n}\n").unwrap();
     std::fs::write(project.join("ok.json"), "{\"a\": 1}").unwrap();
-    std::fs::write(project.join("main.py"), "print(1)").unwrap();
+    std::fs::write(project.join("main.py"), "def f(:\n    pass\n").unwrap();
+    std::fs::write(project.join("native.c"), "int x;").unwrap();
     std::fs::write(project.join("logo.png"), [0xff, 0xfe, 0x00]).unwrap();
     std::fs::write(project.join(".git/HEAD"), "not a project file {").unwrap();
     let dir = project.to_str().unwrap();
     let o = qlayer(&["validate", dir], &data);
     let (stdout, stderr) = text(&o);
     assert_eq!(o.status.code(), Some(3), "{stdout}{stderr}");
-    assert!(stdout.contains("3 files in"), "{stdout}");
+    assert!(stdout.contains("4 files in"), "{stdout}");
     assert!(stdout.contains("error [rust-syntax] src/main.rs:2"), "{stdout}");
-    assert!(stdout.contains("not checked (no validator reads them): main.py"), "{stdout}");
+    assert!(stdout.contains("error [python-syntax] main.py:1"), "{stdout}");
+    assert!(stdout.contains("not checked (no validator reads them): native.c"), "{stdout}");
     assert!(stdout.contains("not checked (not UTF-8 text): logo.png"), "{stdout}");
     assert!(!stdout.contains(".git"), "{stdout}");
 
     std::fs::write(project.join("src/main.rs"), "fn main() {}\n").unwrap();
+    std::fs::write(project.join("main.py"), "def f():\n    pass\n").unwrap();
     let o = qlayer(&["validate", dir, "--validator", "syntax"], &data);
     let (stdout, stderr) = text(&o);
     assert!(o.status.success(), "{stdout}{stderr}");

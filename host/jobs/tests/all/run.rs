@@ -73,6 +73,10 @@ async fn run(choice: ProviderChoice, rounds: u32, budget: Option<u64>) -> Finish
     Finished { job, tasks, out }
 }
 
+/// The default pipeline's steps, as its report lists them.
+const EVERY_ROLE: [&str; 7] =
+    ["product-manager", "architect", "developer", "devops", "qa-engineer", "reviewer", "validate: syntax"];
+
 fn steps(report: &serde_json::Value) -> Vec<&str> {
     report["steps"].as_array().unwrap().iter().map(|s| s["step"].as_str().unwrap()).collect()
 }
@@ -83,14 +87,44 @@ async fn a_run_on_the_scripted_provider_writes_validated_files_and_a_report() {
     assert_eq!(run.job.status, JobStatus::Succeeded, "{:?}", run.job);
     let report = &run.report();
     assert_eq!(report["status"], "passed", "{report:#}");
-    assert_eq!(steps(report), ["product-manager", "developer", "validate: syntax"]);
+    assert_eq!(steps(report), EVERY_ROLE);
     for step in report["steps"].as_array().unwrap() {
         assert!(step["digest"].as_str().unwrap().starts_with("sha256:") && step["outcome"] == "ok", "{step}");
     }
     assert!(report["steps"][0]["tokens"]["prompt"].as_u64().unwrap() > 0, "{report:#}");
-    for file in ["docs/PRD.json", "Cargo.toml", "src/main.rs", "README.md", qlayer_factory::REPORT_FILE] {
+    let files = [
+        "docs/PRD.json",
+        "docs/DESIGN.json",
+        "Cargo.toml",
+        "src/main.rs",
+        "README.md",
+        "tests/acceptance.rs",
+        "docs/TEST_PLAN.json",
+        "Dockerfile",
+        ".github/workflows/ci.yml",
+        "docs/REVIEW.json",
+        qlayer_factory::REPORT_FILE,
+    ];
+    for file in files {
         assert!(run.out.path().join(file).is_file(), "{file} missing from the capsule");
     }
+    // Every file the roles wrote was read by a validator, so the run passes with nothing unseen.
+    assert_eq!(report.get("unchecked"), None, "{report:#}");
+    assert!(!report["stop_reason"].as_str().unwrap().contains("no validator checked"), "{report:#}");
+    // The reviewer's findings are the run's diagnostics, under its name (the test double says
+    // that no model reviewed the code).
+    let review = report["diagnostics"].as_array().unwrap().iter().find(|d| d["validator"] == "reviewer");
+    assert_eq!(review.map(|d| &d["rule"]), Some(&json!("test-double")), "{report:#}");
+    // The file plan has one owner per file, and each role wrote its own.
+    let design: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.out.path().join("docs/DESIGN.json")).unwrap()).unwrap();
+    let owner =
+        |path: &str| design["files"].as_array().unwrap().iter().find(|f| f["path"] == path).map(|f| f["owner"].clone());
+    assert_eq!(owner("src/main.rs"), Some(json!("developer")));
+    assert_eq!(owner("tests/acceptance.rs"), Some(json!("qa-engineer")));
+    assert_eq!(owner("Dockerfile"), Some(json!("devops")));
+    let plan = std::fs::read_to_string(run.out.path().join("docs/TEST_PLAN.json")).unwrap();
+    assert!(plan.contains("every feature has a command"), "{plan}");
     let written: serde_json::Value =
         serde_json::from_slice(&std::fs::read(run.out.path().join(qlayer_factory::REPORT_FILE)).unwrap()).unwrap();
     assert_eq!(&written, report, "the capsule's report is the job's output");
@@ -119,6 +153,7 @@ async fn a_developer_file_cannot_replace_the_prd_by_spelling_its_path_differentl
         {"path": "./docs/PRD.json", "content": "{\"forged\": true}"},
         {"path": "Cargo.toml", "content": "[package]\nname = \"x\"\nversion = \"0.1.0\"\n"},
         {"path": "./src/main.rs", "content": "fn main() {}\n"},
+        {"path": "README.md", "content": "# x\n"},
     ]});
     let script = json!({"rules": [{"role": "developer", "reply": reply.to_string()}]});
     let run = run(ProviderChoice::Scripted { script: Some(script.to_string()) }, 1, None).await;
@@ -198,8 +233,7 @@ impl Execute for DiesAt {
 }
 
 /// A host that dies mid-run (during validation): another node takes the step over when its lease
-/// runs out and the run resumes there; the product manager and developer, already done, do
-/// not run again, and the report lists each step once.
+/// runs out and the run resumes there; the roles, already done, do not run again, and the report lists each step once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_factory_run_resumes_from_its_last_finished_step_after_its_host_dies() {
     let dir = tempfile::tempdir().unwrap();
@@ -246,11 +280,19 @@ async fn a_factory_run_resumes_from_its_last_finished_step_after_its_host_dies()
     let runs: Vec<(&str, i32, bool)> = tasks.iter().map(|t| (t.name.as_str(), t.attempts, t.resumed)).collect();
     assert_eq!(
         runs,
-        [("product-manager", 1, false), ("developer", 1, false), ("validate-syntax", 2, true), ("review", 1, false)],
+        [
+            ("product-manager", 1, false),
+            ("architect", 1, false),
+            ("developer", 1, false),
+            ("devops", 1, false),
+            ("qa-engineer", 1, false),
+            ("reviewer", 1, false),
+            ("validate-syntax", 2, true),
+            ("review", 1, false)
+        ],
         "finished steps are not run again"
     );
-    let steps: Vec<&str> = output["steps"].as_array().unwrap().iter().map(|s| s["step"].as_str().unwrap()).collect();
-    assert_eq!(steps, ["product-manager", "developer", "validate: syntax"]);
+    assert_eq!(steps(&output), EVERY_ROLE);
     assert!(db.artifact(&acme.id, &job.id).await.unwrap().is_some(), "the capsule is stored with the job");
     b.shutdown(Duration::from_secs(1)).await;
 }

@@ -1,11 +1,15 @@
-//! The `developer` agent: turns a PRD into the project's files, and on a repair round fixes them
-//! from the validators' diagnostics.
+//! The `developer` agent: turns a PRD (and, when an architect ran, its design's file plan) into
+//! the project's files, and on a repair round fixes them from the diagnostics.
 //!
 //! File paths from the model are checked: relative, no `..`, no hidden control characters, at
-//! most [`MAX_FILES`] files of at most [`MAX_FILE_BYTES`] each. A reply that breaks these rules
-//! is sent back to the model with the problem, at most three times in all.
+//! most [`MAX_FILES`] files of at most [`MAX_FILE_BYTES`] each; with a file plan, every file it
+//! gives the developer is written and none it gives another step. A reply that breaks these
+//! rules is sent back to the model with the problem, at most three times in all.
 
-use qlayer_sdk::agent::{Agent, complete_json};
+use qlayer_sdk::agent::{
+    Agent, DESIGN_PATH, FileReply, PRD_PATH, check_files, check_plan, complete_json, feedback_text, files_text, input,
+    options_line, others_files, planned_files,
+};
 use qlayer_sdk::*;
 use serde::Deserialize;
 
@@ -17,67 +21,14 @@ const MAX_FILE_BYTES: usize = 1 << 20;
 
 #[derive(Deserialize)]
 struct Files {
-    files: Vec<File>,
-}
-
-#[derive(Deserialize)]
-struct File {
-    path: String,
-    content: String,
+    files: Vec<FileReply>,
 }
 
 const SYSTEM: &str = "Role: developer.
 You write complete, working projects from a product requirements document (PRD), in the PRD's language.
 Reply with only a JSON object: {\"files\": [{\"path\": relative path, \"content\": full file text}]}.
-Include the build manifest, the source files, unit tests and a README.";
-
-fn check_path(path: &str) -> Result<(), String> {
-    if path.is_empty() || path.starts_with('/') || path.starts_with('\\') || path.contains(':') {
-        return Err(format!("path `{path}` must be relative"));
-    }
-    if path.split(['/', '\\']).any(|part| part == ".." || part.is_empty()) {
-        return Err(format!("path `{path}` must not contain `..` or empty parts"));
-    }
-    if path.chars().any(|c| c.is_control()) {
-        return Err(format!("path {path:?} contains control characters"));
-    }
-    Ok(())
-}
-
-fn check(files: &Files) -> Result<(), String> {
-    if files.files.is_empty() {
-        return Err("`files` is empty".into());
-    }
-    if files.files.len() > MAX_FILES {
-        return Err(format!("{} files is more than the {MAX_FILES} allowed", files.files.len()));
-    }
-    let mut seen = std::collections::BTreeSet::new();
-    for f in &files.files {
-        check_path(&f.path)?;
-        if f.content.len() > MAX_FILE_BYTES {
-            return Err(format!("`{}` is larger than {MAX_FILE_BYTES} bytes", f.path));
-        }
-        if !seen.insert(f.path.as_str()) {
-            return Err(format!("`{}` appears twice", f.path));
-        }
-    }
-    Ok(())
-}
-
-fn feedback_text(feedback: &[Diagnostic]) -> String {
-    feedback
-        .iter()
-        .map(|d| {
-            let place = match (&d.path, d.line) {
-                (Some(p), Some(l)) => format!("{p}:{l}"),
-                (Some(p), None) => p.clone(),
-                _ => "project".into(),
-            };
-            format!("- [{}] {place}: {}", d.rule, d.message)
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
+Include the build manifest, the source files, unit tests and a README.
+When a design with a file plan is given, write exactly the files it gives the developer, and none it gives another owner.";
 
 impl Agent for Developer {
     fn role() -> String {
@@ -85,20 +36,15 @@ impl Agent for Developer {
     }
 
     fn run(task: Task) -> Result<AgentOutput, PluginError> {
-        let prd = task
-            .inputs
-            .iter()
-            .find(|a| a.path == "docs/PRD.json")
-            .and_then(Artifact::as_text)
-            .ok_or_else(|| PluginError::InvalidInput("the task has no docs/PRD.json input".into()))?;
-        let mut prompt = format!("Requirement: {}\n\nPRD:\n{prd}", task.requirement);
+        let (prd, _) = qlayer_sdk::agent::prd(&task)?;
+        let mine = planned_files(&task, "developer").unwrap_or_default();
+        let theirs = others_files(&task, "developer");
+        let mut prompt = format!("Requirement: {}{}\n\nPRD:\n{prd}", task.requirement, options_line(&task));
+        if let Some(design) = input(&task, DESIGN_PATH) {
+            prompt.push_str(&format!("\n\nDesign:\n{design}"));
+        }
         if !task.feedback.is_empty() {
-            let current: String = task
-                .inputs
-                .iter()
-                .filter(|a| a.path != "docs/PRD.json")
-                .filter_map(|a| a.as_text().map(|t| format!("--- {}\n{t}\n", a.path)))
-                .collect();
+            let current = files_text(&task, &[PRD_PATH, DESIGN_PATH]);
             prompt.push_str(&format!(
                 "\n\nThe validators found these problems in your previous files:\n{}\n\nYour previous files:\n{current}\nReply with the complete corrected project.",
                 feedback_text(&task.feedback)
@@ -107,10 +53,13 @@ impl Agent for Developer {
         let reply = complete_json::<Files>(
             vec![Message::new(Role::System, SYSTEM), Message::new(Role::User, prompt)],
             MAX_ATTEMPTS,
-            check,
+            |files| {
+                check_files(&files.files, MAX_FILES, MAX_FILE_BYTES)?;
+                check_plan(&files.files, &mine, &theirs)
+            },
         )?;
         let count = reply.value.files.len();
-        let artifacts = reply.value.files.into_iter().map(|f| Artifact::text(f.path, f.content)).collect();
+        let artifacts = reply.value.files.into_iter().map(FileReply::artifact).collect();
         Ok(AgentOutput {
             artifacts,
             summary: format!(
@@ -126,16 +75,3 @@ impl Agent for Developer {
 }
 
 qlayer_sdk::export_agent!(Developer);
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn paths_that_escape_are_refused() {
-        for bad in ["/etc/passwd", "../x", "a/../../b", "C:\\x", "a//b", ""] {
-            assert!(check_path(bad).is_err(), "{bad}");
-        }
-        assert!(check_path("src/main.rs").is_ok());
-    }
-}

@@ -17,6 +17,14 @@ struct Prd {
     features: Vec<Feature>,
     #[serde(default)]
     acceptance_criteria: Vec<String>,
+    #[serde(default)]
+    user_stories: Vec<String>,
+    /// `cli`, `service` or `library`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    kind: Option<String>,
+    /// What the devops engineer delivers: any of `docker`, `compose`, `kubernetes`, `ci`.
+    #[serde(default)]
+    deployment: Vec<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -26,13 +34,16 @@ struct Feature {
 }
 
 const MAX_ATTEMPTS: u32 = 3;
+const KINDS: &[&str] = &["cli", "service", "library"];
+const DEPLOYMENTS: &[&str] = &["docker", "compose", "kubernetes", "ci"];
 
 const SYSTEM: &str = "Role: product-manager.
 You turn a software requirement into a product requirements document (PRD).
 Reply with only a JSON object of this shape:
 {\"title\": string, \"summary\": string, \"language\": string,
  \"features\": [{\"name\": snake_case string, \"description\": string}],
- \"acceptance_criteria\": [string]}
+ \"acceptance_criteria\": [string], \"user_stories\": [\"As a <user>, I want <goal> so that <reason>\"],
+ \"kind\": \"cli\" | \"service\" | \"library\", \"deployment\": [any of \"docker\", \"compose\", \"kubernetes\", \"ci\"]}
 `language` is the programming language the requirement asks for (lowercase); when it names none, choose rust.";
 
 fn check(prd: &Prd) -> Result<(), String> {
@@ -44,6 +55,14 @@ fn check(prd: &Prd) -> Result<(), String> {
     }
     if prd.language.trim().is_empty() {
         return Err("`language` is empty".into());
+    }
+    if let Some(kind) = prd.kind.as_deref()
+        && !KINDS.contains(&kind)
+    {
+        return Err(format!("`kind` is {kind:?}; use one of {KINDS:?}"));
+    }
+    if let Some(d) = prd.deployment.iter().find(|d| !DEPLOYMENTS.contains(&d.as_str())) {
+        return Err(format!("`deployment` has {d:?}; use any of {DEPLOYMENTS:?}"));
     }
     if let Some(f) = prd.features.iter().find(|f| f.name.trim().is_empty()) {
         return Err(format!("a feature has an empty `name` (description: {:?})", f.description));
@@ -61,10 +80,7 @@ impl Agent for ProductManager {
         if requirement.is_empty() {
             return Err(PluginError::InvalidInput("the requirement is empty".into()));
         }
-        let mut prompt = format!("Requirement: {requirement}");
-        if task.options_json.trim() != "{}" && !task.options_json.trim().is_empty() {
-            prompt.push_str(&format!("\nOptions (honour them): {}", task.options_json));
-        }
+        let prompt = format!("Requirement: {requirement}{}", qlayer_sdk::agent::options_line(&task));
         let reply = complete_json::<Prd>(
             vec![Message::new(Role::System, SYSTEM), Message::new(Role::User, prompt)],
             MAX_ATTEMPTS,
@@ -81,7 +97,7 @@ impl Agent for ProductManager {
                 reply.attempts,
                 if reply.attempts == 1 { "" } else { "s" }
             ),
-            artifacts: vec![Artifact::text("docs/PRD.json", text)],
+            artifacts: vec![Artifact::text(qlayer_sdk::agent::PRD_PATH, text)],
         })
     }
 }

@@ -1,8 +1,8 @@
 //! The `scripted` provider: a deterministic, offline **test double**, not a language model.
 //!
 //! It answers from a script (config key `script`, JSON) or, without one, from built-in rules keyed
-//! on the agent role named in the system message (`Role: product-manager`, `Role: developer`) and
-//! on the prompt. It lets `qlayer run` work on a machine with no model and gives tests exact,
+//! on the agent role named in the system message (`Role: product-manager`, `architect`,
+//! `developer`, `qa-engineer`, `reviewer`, `devops`) and on the prompt. It lets `qlayer run` work on a machine with no model and gives tests exact,
 //! repeatable replies. Its output is a template project, not generated code: configure a real
 //! provider (`--provider openai`) for that.
 //!
@@ -115,6 +115,10 @@ fn reply_for(request: &CompletionRequest) -> Result<Answer, PluginError> {
     Ok(Answer::text(match role_of(&system) {
         Some("product-manager") => builtin::prd(&last_user),
         Some("developer") => builtin::project(&conversation),
+        Some("architect") => builtin::design(&conversation),
+        Some("qa-engineer") => builtin::tests(&conversation),
+        Some("reviewer") => builtin::review(&conversation),
+        Some("devops") => builtin::devops(&conversation),
         _ => format!("scripted reply (test double, not a model): {}", last_user.chars().take(200).collect::<String>()),
     }))
 }
@@ -228,10 +232,19 @@ mod builtin {
             "summary": requirement,
             "language": language(requirement),
             "features": features,
-            "acceptance_criteria": ["the project builds", "every feature has a command", "unit tests pass"],
+            "acceptance_criteria": CRITERIA,
+            "user_stories": ["As a user, I want a command for each feature so that I can use it from my terminal"],
+            // The templates below are command-line programs, whatever the requirement asks.
+            "kind": "cli",
+            "deployment": ["docker", "ci"],
         })
         .to_string()
     }
+
+    /// The acceptance criteria of every built-in PRD, and the tests that cover each.
+    const CRITERIA: [&str; 3] = ["the project builds", "every feature has a command", "unit tests pass"];
+    const COVERS: [&str; 3] =
+        ["usage_is_printed_without_a_command", "every_feature_has_a_command", "unknown_commands_are_refused"];
 
     pub fn slug(s: &str) -> String {
         let mut out = String::new();
@@ -249,20 +262,30 @@ mod builtin {
         if out.is_empty() || out.starts_with(|c: char| c.is_ascii_digit()) { format!("f_{out}") } else { out }
     }
 
-    /// The PRD JSON embedded in the developer's prompt (after its `PRD:` line), if there is one.
+    /// The first JSON object after the last `label` line of a prompt, if there is one.
+    fn json_after(conversation: &str, label: &str) -> Option<serde_json::Value> {
+        let after = &conversation[conversation.rfind(&format!("\n{label}\n"))?..];
+        let start = after.find('{')?;
+        serde_json::Deserializer::from_str(&after[start..]).into_iter::<serde_json::Value>().next()?.ok()
+    }
+
+    /// The PRD JSON embedded in a role's prompt (after its `PRD:` line), if there is one.
     fn prd_in(conversation: &str) -> serde_json::Value {
-        let after = conversation.rfind("PRD:").map(|i| &conversation[i..]).unwrap_or(conversation);
-        after
-            .find('{')
-            .and_then(|s| serde_json::Deserializer::from_str(&after[s..]).into_iter::<serde_json::Value>().next())
-            .and_then(Result::ok)
+        json_after(conversation, "PRD:")
             .unwrap_or_else(|| json!({"title": "project", "summary": "", "language": "rust", "features": []}))
     }
 
+    fn files_json(files: Vec<(String, String)>) -> serde_json::Value {
+        json!(files.into_iter().map(|(p, c)| json!({"path": p, "content": c})).collect::<Vec<_>>())
+    }
+
     pub fn project(conversation: &str) -> String {
-        let prd = prd_in(conversation);
+        json!({ "files": files_json(project_files(&prd_in(conversation))) }).to_string()
+    }
+
+    /// The project's name (its package's), the language and the features of a PRD.
+    fn outline(prd: &serde_json::Value) -> (String, bool, Vec<(String, String)>) {
         let title = prd["title"].as_str().unwrap_or("project");
-        let summary = prd["summary"].as_str().unwrap_or("");
         let features: Vec<(String, String)> = prd["features"]
             .as_array()
             .map(|fs| {
@@ -276,14 +299,165 @@ mod builtin {
                     .collect()
             })
             .unwrap_or_default();
-        let name = slug(title).replace('_', "-");
-        let files = if prd["language"].as_str() == Some("python") {
-            python(&name, title, summary, &features)
+        (slug(title).replace('_', "-"), prd["language"].as_str() == Some("python"), features)
+    }
+
+    /// The architect's design: a component per feature, the file plan of the developer's,
+    /// the QA engineer's and the devops engineer's files.
+    pub fn design(conversation: &str) -> String {
+        let prd = prd_in(conversation);
+        let (_, python, features) = outline(&prd);
+        let mut components =
+            vec![json!({"name": "cli", "responsibility": "reads the command line and runs a command"})];
+        components.extend(features.iter().map(|(n, d)| json!({"name": n, "responsibility": d})));
+        fn plan(owner: &str, paths: Vec<String>) -> Vec<serde_json::Value> {
+            paths
+                .into_iter()
+                .map(|p| json!({"path": p, "owner": owner, "purpose": format!("written by the {owner}")}))
+                .collect()
+        }
+        let developer: Vec<String> = project_files(&prd).into_iter().map(|(p, _)| p).collect();
+        let files: Vec<serde_json::Value> = [
+            plan("developer", developer),
+            plan("qa-engineer", vec![test_path(python).to_string()]),
+            plan("devops", vec!["Dockerfile".into(), ".github/workflows/ci.yml".into()]),
+        ]
+        .concat();
+        json!({
+            "overview": format!("{} (scripted test double's design)", prd["title"].as_str().unwrap_or("project")),
+            "components": components,
+            "data_model": [],
+            "files": files,
+            "api": null,
+        })
+        .to_string()
+    }
+
+    fn test_path(python: bool) -> &'static str {
+        if python { "tests/test_acceptance.py" } else { "tests/acceptance.rs" }
+    }
+
+    /// The QA engineer's acceptance tests for the template project.
+    pub fn tests(conversation: &str) -> String {
+        let prd = prd_in(conversation);
+        let (name, python, features) = outline(&prd);
+        let names: String = features.iter().map(|(n, _)| format!("{n:?}, ")).collect();
+        let content = if python {
+            format!(
+                r#""""Acceptance tests: every feature has a command; unknown commands are refused."""
+import os
+import sys
+import unittest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import main  # noqa: E402
+
+FEATURES = [{names}]
+
+
+class AcceptanceTest(unittest.TestCase):
+    def test_{}(self):
+        self.assertEqual(main.main(["{name}"]), 2)
+
+    def test_{}(self):
+        for feature in FEATURES:
+            self.assertIn(feature, main.COMMANDS)
+            self.assertEqual(main.main(["{name}", feature]), 0)
+
+    def test_{}(self):
+        self.assertEqual(main.main(["{name}", "no-such-command"]), 2)
+
+
+if __name__ == "__main__":
+    unittest.main()
+"#,
+                COVERS[0], COVERS[1], COVERS[2]
+            )
         } else {
-            rust(&name, title, summary, &features)
+            let exe = format!("CARGO_BIN_EXE_{name}");
+            format!(
+                r#"//! Acceptance tests: every feature has a command; unknown commands are refused.
+
+use std::process::{{Command, Output}};
+
+const FEATURES: &[&str] = &[{names}];
+
+fn run(args: &[&str]) -> Output {{
+    Command::new(env!("{exe}")).args(args).output().expect("the program runs")
+}}
+
+#[test]
+fn {}() {{
+    let out = run(&[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("usage"));
+}}
+
+#[test]
+fn {}() {{
+    for feature in FEATURES {{
+        let out = run(&[feature]);
+        assert!(out.status.success(), "{{feature}}");
+        assert!(String::from_utf8_lossy(&out.stdout).starts_with(feature));
+    }}
+}}
+
+#[test]
+fn {}() {{
+    assert_eq!(run(&["no-such-command"]).status.code(), Some(2));
+}}
+"#,
+                COVERS[0], COVERS[1], COVERS[2]
+            )
         };
-        json!({ "files": files.into_iter().map(|(p, c)| json!({"path": p, "content": c})).collect::<Vec<_>>() })
+        let covers: Vec<serde_json::Value> =
+            CRITERIA.iter().zip(COVERS).map(|(c, t)| json!({"criterion": c, "tests": [t]})).collect();
+        json!({
+            "framework": if python { "unittest" } else { "cargo test" },
+            "files": files_json(vec![(test_path(python).to_string(), content)]),
+            "covers": covers,
+        })
+        .to_string()
+    }
+
+    /// The reviewer's findings: none but a note that no model reviewed the files.
+    pub fn review(conversation: &str) -> String {
+        let readme = conversation.contains("--- README.md\n").then_some("README.md");
+        json!({
+            "summary": "reviewed by the scripted test double: no model read the code",
+            "findings": [{
+                "path": readme, "line": null, "severity": "info", "rule": "test-double",
+                "message": "the scripted test double wrote this review; run with a real model for one",
+            }],
+        })
+        .to_string()
+    }
+
+    /// The devops engineer's Dockerfile and CI workflow for the template project.
+    pub fn devops(conversation: &str) -> String {
+        let prd = prd_in(conversation);
+        let (name, python, _) = outline(&prd);
+        let (dockerfile, ci) = if python {
+            (
+                "FROM python:3.12-slim\nRUN useradd --system --uid 10001 app\nWORKDIR /app\nCOPY . .\nUSER app\nENTRYPOINT [\"python\", \"main.py\"]\n".to_string(),
+                "name: ci\non: [push, pull_request]\njobs:\n  test:\n    runs-on: ubuntu-latest\n    steps:\n      - uses: actions/checkout@v4\n      - uses: actions/setup-python@v5\n        with:\n          python-version: \"3.12\"\n      - run: python -m unittest discover -s tests\n".to_string(),
+            )
+        } else {
+            (
+                format!("FROM rust:1 AS build\nWORKDIR /src\nCOPY . .\nRUN cargo build --release\n\nFROM debian:stable-slim\nRUN useradd --system --uid 10001 app\nCOPY --from=build /src/target/release/{name} /usr/local/bin/{name}\nUSER app\nENTRYPOINT [\"/usr/local/bin/{name}\"]\n"),
+                "name: ci\non: [push, pull_request]\njobs:\n  test:\n    runs-on: ubuntu-latest\n    steps:\n      - uses: actions/checkout@v4\n      - run: cargo test\n".to_string(),
+            )
+        };
+        json!({ "files": files_json(vec![("Dockerfile".into(), dockerfile), (".github/workflows/ci.yml".into(), ci)]) })
             .to_string()
+    }
+
+    fn project_files(prd: &serde_json::Value) -> Vec<(String, String)> {
+        let title = prd["title"].as_str().unwrap_or("project");
+        let summary = prd["summary"].as_str().unwrap_or("");
+        let (name, python, features) = outline(prd);
+        if python { self::python(&name, title, summary, &features) } else { rust(&name, title, summary, &features) }
     }
 
     fn readme(title: &str, summary: &str, features: &[(String, String)], run: &str) -> String {
@@ -395,6 +569,30 @@ mod tests {{
             let v: serde_json::Value = serde_json::from_str(&prd("A todo CLI, with due dates and tags")).unwrap();
             assert_eq!(v["language"], "rust");
             assert!(v["features"].as_array().unwrap().len() >= 2);
+        }
+
+        #[test]
+        fn every_role_gets_an_answer_that_follows_the_prd() {
+            let p = prd("A python tool to rename photos");
+            let prompt = format!("Requirement: x\n\nPRD:\n{p}");
+            let design: serde_json::Value = serde_json::from_str(&design(&prompt)).unwrap();
+            let planned: Vec<(&str, &str)> = design["files"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| (f["path"].as_str().unwrap(), f["owner"].as_str().unwrap()))
+                .collect();
+            assert!(planned.contains(&("main.py", "developer")), "{planned:?}");
+            assert!(planned.contains(&("tests/test_acceptance.py", "qa-engineer")), "{planned:?}");
+            let with_design = format!("{prompt}\n\nDesign:\n{design}");
+            let tests: serde_json::Value = serde_json::from_str(&tests(&with_design)).unwrap();
+            assert_eq!(tests["covers"].as_array().unwrap().len(), CRITERIA.len());
+            assert!(tests["files"][0]["content"].as_str().unwrap().contains("rename_photos"));
+            let ops: serde_json::Value = serde_json::from_str(&devops(&with_design)).unwrap();
+            assert_eq!(ops["files"][0]["path"], "Dockerfile");
+            assert!(ops["files"][0]["content"].as_str().unwrap().contains("python"));
+            let review: serde_json::Value = serde_json::from_str(&review("--- README.md\n# x")).unwrap();
+            assert_eq!(review["findings"][0]["path"], "README.md");
         }
 
         #[test]

@@ -1,7 +1,10 @@
 //! The `syntax` validator: parses generated files with pure-Rust parsers and reports every file
-//! that does not parse, with its line. Rust with `syn`, JSON with `serde_json`, TOML with `toml`.
-//! Files of other types are not checked, and it says so: one `info` diagnostic of rule
-//! `unchecked` per file, which the run's report and status line name, never passing silently.
+//! that does not parse, with its line. Rust with `syn`, Python with RustPython's parser, JSON
+//! with `serde_json`, TOML with `toml`, YAML with `yaml-rust2`; Dockerfiles with a parser of
+//! their instructions (this module's); Markdown for unclosed code fences (every text is
+//! CommonMark: an unclosed fence is the mistake that swallows the rest of a document). Files of
+//! other types are not checked, and it says so: one `info` diagnostic of rule `unchecked` per
+//! file, which the run's report and status line name, never passing silently.
 
 use qlayer_sdk::validator::Validator;
 use qlayer_sdk::*;
@@ -16,10 +19,156 @@ fn line_of(text: &str, offset: usize) -> u32 {
     text[..offset.min(text.len())].matches('\n').count() as u32 + 1
 }
 
+/// Dockerfile instructions (as `docker build` knows them).
+const INSTRUCTIONS: &[&str] = &[
+    "ADD",
+    "ARG",
+    "CMD",
+    "COPY",
+    "ENTRYPOINT",
+    "ENV",
+    "EXPOSE",
+    "FROM",
+    "HEALTHCHECK",
+    "LABEL",
+    "MAINTAINER",
+    "ONBUILD",
+    "RUN",
+    "SHELL",
+    "STOPSIGNAL",
+    "USER",
+    "VOLUME",
+    "WORKDIR",
+];
+
+/// Whether a file name is a Dockerfile's (`Dockerfile`, `Containerfile`, `Dockerfile.dev`,
+/// `app.dockerfile`).
+fn is_dockerfile(name: &str) -> bool {
+    name == "Dockerfile"
+        || name == "Containerfile"
+        || name.starts_with("Dockerfile.")
+        || name.starts_with("Containerfile.")
+        || name.to_ascii_lowercase().ends_with(".dockerfile")
+}
+
+/// A Dockerfile's instructions (continuation lines joined), each with its first line: unknown
+/// instructions, one without arguments, anything but `ARG` before the first `FROM`, and an
+/// exec form (`["a", "b"]`) that is not a JSON array of strings.
+fn check_dockerfile(path: &str, text: &str) -> Vec<Diagnostic> {
+    let mut found = Vec::new();
+    let mut seen_from = false;
+    let mut lines = text.lines().enumerate().peekable();
+    while let Some((i, line)) = lines.next() {
+        let trimmed = line.trim();
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
+        }
+        let first = i as u32 + 1;
+        let mut instruction = trimmed.to_string();
+        while instruction.ends_with('\\') {
+            instruction.pop();
+            // Comment lines inside a continuation are dropped, as docker does.
+            match lines.by_ref().map(|(_, l)| l.trim()).find(|l| !l.starts_with('#')) {
+                Some(next) => {
+                    instruction.push(' ');
+                    instruction.push_str(next);
+                }
+                None => {
+                    found.push(error(
+                        "dockerfile-syntax",
+                        path,
+                        Some(first),
+                        "the file ends inside a continued line (`\\` on the last line)".into(),
+                    ));
+                    break;
+                }
+            }
+        }
+        let (keyword, args) = instruction.split_once(char::is_whitespace).unwrap_or((&instruction, ""));
+        let keyword = keyword.to_ascii_uppercase();
+        let args = args.trim();
+        if !INSTRUCTIONS.contains(&keyword.as_str()) {
+            found.push(error("dockerfile-syntax", path, Some(first), format!("unknown instruction `{keyword}`")));
+            continue;
+        }
+        if args.is_empty() {
+            found.push(error("dockerfile-syntax", path, Some(first), format!("`{keyword}` needs arguments")));
+            continue;
+        }
+        if !seen_from && keyword != "ARG" && keyword != "FROM" {
+            found.push(error(
+                "dockerfile-syntax",
+                path,
+                Some(first),
+                format!("`{keyword}` before the first `FROM`: only `ARG` may come before it"),
+            ));
+        }
+        seen_from |= keyword == "FROM";
+        let exec_form = matches!(keyword.as_str(), "CMD" | "ENTRYPOINT" | "RUN" | "SHELL" | "VOLUME");
+        if exec_form && args.starts_with('[') && serde_json::from_str::<Vec<String>>(args).is_err() {
+            found.push(error(
+                "dockerfile-syntax",
+                path,
+                Some(first),
+                format!("`{keyword}` in exec form must be a JSON array of strings: {args}"),
+            ));
+        }
+    }
+    if !seen_from && found.is_empty() {
+        found.push(error("dockerfile-syntax", path, None, "no `FROM` instruction".into()));
+    }
+    found
+}
+
+/// A Markdown file's fenced code blocks: one opened and never closed is an error at its line.
+fn check_markdown(path: &str, text: &str) -> Vec<Diagnostic> {
+    let mut open: Option<(u32, char, usize)> = None;
+    for (i, line) in text.lines().enumerate() {
+        let indent = line.len() - line.trim_start_matches(' ').len();
+        let rest = &line[indent..];
+        let fence = rest.chars().next().filter(|c| (*c == '`' || *c == '~') && indent < 4);
+        let Some(c) = fence else { continue };
+        let run = rest.chars().take_while(|x| *x == c).count();
+        if run < 3 {
+            continue;
+        }
+        match open {
+            None => open = Some((i as u32 + 1, c, run)),
+            Some((_, oc, on)) if oc == c && run >= on && rest[run..].trim().is_empty() => open = None,
+            Some(_) => {}
+        }
+    }
+    match open {
+        Some((line, c, n)) => vec![error(
+            "markdown-syntax",
+            path,
+            Some(line),
+            format!("this code fence ({}) is never closed: the rest of the document is code", c.to_string().repeat(n)),
+        )],
+        None => vec![],
+    }
+}
+
 /// Checks one file; `None` when its type is not one this validator reads.
 fn check(path: &str, text: &str) -> Option<Vec<Diagnostic>> {
-    let ext = path.rsplit('.').next().unwrap_or("");
+    let name = path.rsplit('/').next().unwrap_or(path);
+    if is_dockerfile(name) {
+        return Some(check_dockerfile(path, text));
+    }
+    let ext = if name.contains('.') { name.rsplit('.').next().unwrap_or("") } else { "" };
     let found = match ext {
+        "py" | "pyi" => match rustpython_parser::parse(text, rustpython_parser::Mode::Module, path) {
+            Ok(_) => vec![],
+            Err(e) => {
+                let line = line_of(text, usize::from(e.offset));
+                vec![error("python-syntax", path, Some(line), e.error.to_string())]
+            }
+        },
+        "yaml" | "yml" => match yaml_rust2::YamlLoader::load_from_str(text) {
+            Ok(_) => vec![],
+            Err(e) => vec![error("yaml-syntax", path, Some(e.marker().line() as u32), e.info().to_string())],
+        },
+        "md" | "markdown" => check_markdown(path, text),
         "rs" => match syn::parse_file(text) {
             Ok(_) => vec![],
             Err(e) => e
@@ -43,6 +192,9 @@ fn check(path: &str, text: &str) -> Option<Vec<Diagnostic>> {
     Some(found)
 }
 
+/// What it reads, for the `unchecked` diagnostic.
+const READS: &str = "Rust, Python, JSON, TOML, YAML, Markdown and Dockerfiles";
+
 impl Validator for Syntax {
     fn validate(artifacts: Vec<Artifact>) -> Result<Vec<Diagnostic>, PluginError> {
         let mut out = Vec::new();
@@ -62,7 +214,7 @@ impl Validator for Syntax {
             rule: "unchecked".into(),
             path: Some(path),
             line: None,
-            message: "not checked: the syntax validator reads Rust, JSON and TOML".into(),
+            message: format!("not checked: the syntax validator reads {READS}"),
         }));
         Ok(out)
     }
@@ -88,17 +240,50 @@ mod tests {
         assert_eq!(check("a.json", "{\n\"a\": }").unwrap()[0].line, Some(2));
         assert_eq!(check("Cargo.toml", "[package]\nname = \n").unwrap()[0].line, Some(2));
         assert!(check("ok.toml", "a = 1").unwrap().is_empty());
-        assert!(check("x.py", "print(1)").is_none());
+        assert!(check("x.c", "int main() {}").is_none());
     }
 
     #[test]
     fn names_each_file_it_cannot_read() {
         let art = |p: &str, c: &str| Artifact { path: p.into(), media_type: "text/plain".into(), content: c.into() };
-        let files = vec![art("main.py", "print(1)"), art("README.md", "# x"), art("ok.toml", "a = 1")];
+        let files = vec![art("main.c", "int x;"), art("LICENSE", "MIT"), art("ok.toml", "a = 1")];
         let found = Syntax::validate(files).unwrap();
         let unchecked: Vec<_> =
             found.iter().filter(|d| d.rule == "unchecked").map(|d| d.path.clone().unwrap()).collect();
-        assert_eq!(unchecked, ["main.py", "README.md"]);
+        assert_eq!(unchecked, ["main.c", "LICENSE"]);
         assert!(found.iter().all(|d| d.severity == Severity::Info));
+    }
+
+    /// Each language: a valid sample, and an invalid one with the line of its error.
+    #[test]
+    fn each_language_has_a_valid_and_an_invalid_sample() {
+        let cases: &[(&str, &str, &str, u32, &str)] = &[
+            ("main.py", "def f(x):\n    return x + 1\n", "def f(x):\n    return x +\n", 2, "python-syntax"),
+            ("types.pyi", "x: int\n", "def (:\n", 1, "python-syntax"),
+            ("ci.yml", "on: [push]\njobs:\n  a: 1\n", "on: [push]\njobs: [a\n", 3, "yaml-syntax"),
+            ("a.yaml", "a: 1\n", "a: 1\n b: 2\n", 2, "yaml-syntax"),
+            (
+                "Dockerfile",
+                "FROM rust:1 AS b\nRUN cargo \\\n  build\nCMD [\"x\"]\n",
+                "FROM x\nRUN a\nCOPPY . .\n",
+                3,
+                "dockerfile-syntax",
+            ),
+            ("app.dockerfile", "ARG V=1\nFROM x:${V}\n", "RUN make\nFROM x\n", 1, "dockerfile-syntax"),
+            (
+                "Containerfile",
+                "FROM x\nENTRYPOINT [\"a\", \"b\"]\n",
+                "FROM x\n\nENTRYPOINT [\"a\", b]\n",
+                3,
+                "dockerfile-syntax",
+            ),
+            ("README.md", "# T\n\n```sh\nrun\n```\n", "# T\n\n```sh\nrun\n", 3, "markdown-syntax"),
+        ];
+        for (path, good, bad, line, rule) in cases {
+            assert_eq!(check(path, good).unwrap(), vec![], "{path}: {good}");
+            let found = check(path, bad).unwrap();
+            assert_eq!(found.len(), 1, "{path}: {found:?}");
+            assert_eq!((found[0].line, found[0].rule.as_str()), (Some(*line), *rule), "{path}: {:?}", found[0].message);
+        }
     }
 }

@@ -31,7 +31,10 @@ impl From<ApiError> for Status {
             H::FORBIDDEN => tonic::Code::PermissionDenied,
             H::NOT_FOUND => tonic::Code::NotFound,
             H::CONFLICT => {
-                if e.message().contains("already finished") || e.message().contains("has no capsule") {
+                if e.message().contains("already finished")
+                    || e.message().contains("has no capsule")
+                    || e.message().contains("not waiting at a gate")
+                {
                     tonic::Code::FailedPrecondition
                 } else {
                     tonic::Code::AlreadyExists
@@ -436,6 +439,18 @@ impl runs_server::Runs for Grpc {
         let caller = self.caller(&request, "GetCapsule").await?;
         let a = job_ops::capsule_op(&self.state, &caller, &request.into_inner().id).await?;
         Ok(Response::new(Capsule { media_type: a.media_type, data: a.bytes }))
+    }
+
+    async fn approve_run(&self, request: Request<GateRequest>) -> Result<Response<Job>, Status> {
+        let caller = self.caller(&request, "ApproveRun").await?;
+        let GateRequest { id, comment } = request.into_inner();
+        Ok(Response::new(job(job_ops::gate_op(&self.state, &caller, &id, true, comment).await?)))
+    }
+
+    async fn reject_run(&self, request: Request<GateRequest>) -> Result<Response<Job>, Status> {
+        let caller = self.caller(&request, "RejectRun").await?;
+        let GateRequest { id, comment } = request.into_inner();
+        Ok(Response::new(job(job_ops::gate_op(&self.state, &caller, &id, false, comment).await?)))
     }
 }
 

@@ -459,6 +459,98 @@ pub async fn get_run(
     find(&state, &caller, &id, Some(JobKind::Run)).await.map(axum::Json)
 }
 
+/// A person's decision at a run's approval gate.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GateBody {
+    /// A note for the record (the run's events and audit log). At most 16,384 characters.
+    #[schema(max_length = 16384)]
+    pub comment: Option<String>,
+}
+
+/// A rejection at a run's approval gate.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RejectBody {
+    /// Why: it goes back to the gated step as feedback in the next repair round. At most 16,384
+    /// characters, not all white space.
+    #[schema(min_length = 1, max_length = 16384, pattern = r"\S")]
+    pub comment: String,
+}
+
+/// Decides at the gate a run waits at (REST and gRPC): the run goes on (approved), or the steps
+/// after the gate skip this round and the gated step gets the comment in the next (rejected).
+pub async fn gate_op(
+    state: &AppState,
+    caller: &Caller,
+    id: &str,
+    approved: bool,
+    comment: Option<String>,
+) -> Result<Job, ApiError> {
+    caller.require_write()?;
+    let action = if approved { "run.approve" } else { "run.reject" };
+    let outcome = async {
+        let decision = qlayer_jobs::GateDecision { approved, comment, by: Some(caller.actor().to_string()) };
+        decision.check().map_err(ApiError::invalid)?;
+        find(state, caller, id, Some(JobKind::Run)).await?;
+        let decision = serde_json::to_value(&decision).map_err(ApiError::internal)?;
+        let kind = if approved { "approved" } else { "rejected" };
+        match state.runner.scheduler().decide_gate(caller.tenant_id(), id, &decision, kind).await? {
+            qlayer_db::GateOutcome::Decided(_) => find(state, caller, id, Some(JobKind::Run)).await,
+            qlayer_db::GateOutcome::NotWaiting(job) => {
+                Err(ApiError::conflict(format!("run `{id}` is not waiting at a gate (it is {})", job.status.as_str())))
+            }
+            qlayer_db::GateOutcome::NotFound => Err(ApiError::not_found(format!("run `{id}` not found"))),
+        }
+    }
+    .await;
+    state.audit(caller, action, id, &outcome).await;
+    outcome
+}
+
+/// Approves the gate a run waits at: the steps after it run.
+#[utoipa::path(post, path = "/v1/runs/{id}/approve", tag = "runs", params(("id" = String, Path, description = "run id")),
+    request_body = GateBody,
+    responses((status = 200, body = Job), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "the run is not waiting at a gate")),
+    security(("api_key" = [])))]
+pub async fn approve_run(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath,
+    body: axum::body::Bytes,
+) -> Result<axum::Json<Job>, ApiError> {
+    let body = gate_body(&body)?;
+    gate_op(&state, &caller, &id, true, body.comment).await.map(axum::Json)
+}
+
+/// A gate decision's body: JSON, or nothing (no comment).
+fn gate_body(bytes: &[u8]) -> Result<GateBody, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(GateBody::default());
+    }
+    serde_json::from_slice(bytes).map_err(|e| ApiError::invalid(format!("the body is not a gate decision: {e}")))
+}
+
+/// Rejects the gate a run waits at, with a comment: the steps after it skip this round, and the
+/// gated step gets the comment as feedback in the next repair round (within the repair bound;
+/// with no round left the run ends `failed-validation`).
+#[utoipa::path(post, path = "/v1/runs/{id}/reject", tag = "runs", params(("id" = String, Path, description = "run id")),
+    request_body = RejectBody,
+    responses((status = 200, body = Job), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "the run is not waiting at a gate")),
+    security(("api_key" = [])))]
+pub async fn reject_run(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath,
+    body: axum::body::Bytes,
+) -> Result<axum::Json<Job>, ApiError> {
+    let body: RejectBody = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::invalid(format!("the body is not a rejection (`{{\"comment\": \"why\"}}`): {e}")))?;
+    gate_op(&state, &caller, &id, false, Some(body.comment)).await.map(axum::Json)
+}
+
 /// A run's capsule (REST and gRPC).
 pub async fn capsule_op(state: &AppState, caller: &Caller, id: &str) -> Result<qlayer_db::Artifact, ApiError> {
     let job = find(state, caller, id, Some(JobKind::Run)).await?;

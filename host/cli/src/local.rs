@@ -29,7 +29,12 @@ pub struct LocalRun {
     pub tenant: String,
     /// The run.
     pub input: RunInput,
+    /// Decides at each approval gate the run reaches (the gate task's name, `approve-<step>`).
+    pub gate: Box<Decide>,
 }
+
+/// Decides at an approval gate, given the gate's task name.
+pub type Decide = dyn FnMut(&str) -> anyhow::Result<jobs::GateDecision> + Send;
 
 /// What the run is doing, as it happens.
 #[derive(Debug)]
@@ -92,6 +97,7 @@ impl Local {
         kind: JobKind,
         input: &serde_json::Value,
         each: &mut Follow<'_>,
+        mut gate: Option<&mut Decide>,
     ) -> anyhow::Result<(Job, Vec<Task>)> {
         let db = &self.db;
         let tenant = db.create_tenant(tenant).await.with_context(|| format!("tenant `{tenant}`"))?;
@@ -111,6 +117,24 @@ impl Local {
             each(&events, &tasks)?;
             if current.status.is_terminal() {
                 break (current, tasks);
+            }
+            if current.status == JobStatus::Waiting
+                && let Some(decide) = gate.as_deref_mut()
+            {
+                let held = tasks.iter().find(|t| t.kind == qlayer_db::GATE_KIND && t.status == TaskStatus::Waiting);
+                let name = held.map(|t| t.name.clone()).unwrap_or_default();
+                // The decision may wait for a person at the terminal.
+                let decision = match tokio::task::block_in_place(|| decide(&name)) {
+                    Ok(decision) => decision,
+                    Err(e) => {
+                        runner.shutdown(Duration::from_secs(1)).await;
+                        return Err(e);
+                    }
+                };
+                decision.check().map_err(anyhow::Error::msg)?;
+                let kind = if decision.approved { "approved" } else { "rejected" };
+                runner.scheduler().decide_gate(&tenant.id, &job.id, &serde_json::to_value(&decision)?, kind).await?;
+                continue;
             }
             // A new event wakes the loop at once; the timeout covers announcements it missed.
             let _ = tokio::time::timeout(Duration::from_millis(250), wake.recv()).await;
@@ -141,7 +165,7 @@ pub async fn call(
     let local = Local::open().await?;
     let executor = PluginExecutor::new(local.db.clone(), runtime, Arc::new(marketplace));
     let job_input = serde_json::json!({ "plugin": plugin, "input": input });
-    let outcome = local.job(executor, tenant, JobKind::Call, &job_input, &mut |_, _| Ok(())).await;
+    let outcome = local.job(executor, tenant, JobKind::Call, &job_input, &mut |_, _| Ok(()), None).await;
     local.close().await;
     let (job, _) = outcome?;
     match job.status {
@@ -187,7 +211,8 @@ pub async fn run(run: LocalRun, on: &(dyn Fn(Update) + Send + Sync)) -> anyhow::
         }
         Ok(())
     };
-    let outcome = local.job(executor, &run.tenant, JobKind::Run, &input, &mut each).await;
+    let mut gate = run.gate;
+    let outcome = local.job(executor, &run.tenant, JobKind::Run, &input, &mut each, Some(&mut *gate)).await;
     let capsule = match &outcome {
         Ok((job, _)) if job.status == JobStatus::Succeeded => {
             local.db.artifact(&job.tenant_id, &job.id).await?.map(|a| a.bytes)

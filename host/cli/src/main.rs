@@ -265,6 +265,10 @@ struct RunArgs {
     /// Repair rounds after the first validation (default: the pipeline's, 2 in the default one).
     #[arg(long, value_parser = clap::value_parser!(u32).range(0..=qlayer_jobs::MAX_REPAIR_ROUNDS as i64))]
     max_repair_rounds: Option<u32>,
+    /// Approve every approval gate of the pipeline without asking (by default the run asks at
+    /// each gate on the terminal: approve, or reject with a comment for the step).
+    #[arg(long)]
+    approve_all: bool,
     /// A pipeline definition (TOML, or JSON for a `.json` file) instead of the bundled default:
     /// its steps, their role plugins (bundled or installed), validators, tools and repair policy.
     #[arg(long)]
@@ -948,6 +952,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             provider: choice,
             tenant: args.tenant.clone(),
             input,
+            gate: if args.approve_all { Box::new(|_: &str| Ok(approve_all())) } else { Box::new(ask_at_gate) },
         };
         let progress = |update: Update| match update {
             Update::Started { task, attempt } if attempt > 1 => println!("  … {task} (attempt {attempt})"),
@@ -997,6 +1002,54 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         );
         Ok(if report.passed() { ExitCode::SUCCESS } else { ExitCode::from(3) })
     })
+}
+
+/// `--approve-all`'s decision.
+fn approve_all() -> qlayer_jobs::GateDecision {
+    qlayer_jobs::GateDecision { approved: true, comment: Some("--approve-all".into()), by: Some("cli".into()) }
+}
+
+/// Asks on the terminal at an approval gate: `y` approves; `n` and a comment rejects (the comment
+/// goes back to the gated step). Standard input closed is an error that says what to do.
+fn ask_at_gate(gate: &str) -> anyhow::Result<qlayer_jobs::GateDecision> {
+    use std::io::{BufRead as _, Write as _};
+    let (base, round) = qlayer_factory::pipeline::split_round(gate);
+    let step = base.strip_prefix(qlayer_factory::pipeline::GATE_PREFIX).unwrap_or(base);
+    let mut lines = std::io::stdin().lock();
+    let mut read = |prompt: &str| -> anyhow::Result<String> {
+        print!("{prompt}");
+        std::io::stdout().flush()?;
+        let mut line = String::new();
+        if lines.read_line(&mut line)? == 0 {
+            anyhow::bail!(
+                "the run waits at the gate after `{step}` and standard input is closed: answer on a terminal, or pass --approve-all"
+            );
+        }
+        Ok(line.trim().to_string())
+    };
+    let repair = if round > 0 { format!(" (repair {round})") } else { String::new() };
+    println!("  ⏸ gate after `{step}`{repair}: its files are done and checked.");
+    loop {
+        let answer = read("  approve? [y]es, or [n]o and why: ")?;
+        let (first, rest) = answer.split_once([' ', ':', ',']).unwrap_or((answer.as_str(), ""));
+        match first.to_lowercase().as_str() {
+            "y" | "yes" => {
+                return Ok(qlayer_jobs::GateDecision { approved: true, comment: None, by: Some("cli".into()) });
+            }
+            "n" | "no" => {
+                let mut comment = rest.trim_start_matches([':', ',', ' ']).to_string();
+                while comment.trim().is_empty() {
+                    comment = read("  why? (this goes back to the step): ")?;
+                }
+                return Ok(qlayer_jobs::GateDecision {
+                    approved: false,
+                    comment: Some(comment),
+                    by: Some("cli".into()),
+                });
+            }
+            _ => {}
+        }
+    }
 }
 
 fn plugin(cmd: PluginCommand) -> anyhow::Result<()> {

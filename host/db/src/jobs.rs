@@ -40,6 +40,9 @@ pub enum JobStatus {
     Failed,
     /// Stopped at the caller's request.
     Cancelled,
+    /// Running, and paused at an approval gate until a person decides (stored as `running`,
+    /// with `waiting_at`).
+    Waiting,
 }
 
 impl JobStatus {
@@ -51,6 +54,7 @@ impl JobStatus {
             JobStatus::Succeeded => "succeeded",
             JobStatus::Failed => "failed",
             JobStatus::Cancelled => "cancelled",
+            JobStatus::Waiting => "waiting",
         }
     }
 
@@ -105,6 +109,9 @@ pub struct Job {
     pub deadline_at: Option<i64>,
     /// How many tasks it has.
     pub task_count: i32,
+    /// Since when it waits at an approval gate (unix ms), while it does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting_at: Option<i64>,
 }
 
 /// One progress event of a job.
@@ -131,7 +138,7 @@ pub struct Artifact {
 }
 
 pub(crate) const JOB_COLUMNS: &str = "id, tenant_id, kind, status, priority, idempotency_key, input, output, error, \
-     created_at, updated_at, finished_at, deadline_at, task_count";
+     created_at, updated_at, finished_at, deadline_at, task_count, waiting_at";
 
 impl crate::Db {
     /// A job of `tenant_id`.
@@ -234,11 +241,17 @@ pub(crate) fn job_of(r: &AnyRow) -> Result<Job, DbError> {
         "run" => JobKind::Run,
         other => return Err(DbError::Invalid(format!("stored job kind `{other}` is unknown"))),
     };
+    let waiting_at: Option<i64> = r.try_get("waiting_at")?;
+    let status = match JobStatus::parse(&r.try_get::<String, _>("status")?)? {
+        JobStatus::Running if waiting_at.is_some() => JobStatus::Waiting,
+        status => status,
+    };
     Ok(Job {
         id: r.try_get("id")?,
         tenant_id: r.try_get("tenant_id")?,
         kind,
-        status: JobStatus::parse(&r.try_get::<String, _>("status")?)?,
+        status,
+        waiting_at: if status == JobStatus::Waiting { waiting_at } else { None },
         priority: r.try_get("priority")?,
         idempotency_key: r.try_get("idempotency_key")?,
         input: parse_json(&r.try_get::<String, _>("input")?)?,

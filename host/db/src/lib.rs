@@ -31,7 +31,9 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 use std::fmt;
 use std::time::Duration;
-pub use tasks::{CancelOutcome, Lease, NewJob, NewTask, Recorded, Task, TaskResult, TaskStatus};
+pub use tasks::{
+    CancelOutcome, GATE_KIND, GateOutcome, Lease, NewJob, NewTask, Recorded, Task, TaskResult, TaskStatus,
+};
 
 /// What went wrong with the store.
 #[derive(Debug, thiserror::Error)]

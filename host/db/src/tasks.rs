@@ -16,6 +16,21 @@ use crate::{DbError, now_ms, random_hex, sha256_hex};
 use sqlx::any::AnyRow;
 use sqlx::{Any, Row, Transaction};
 
+/// The kind of an approval gate's task: once its dependencies are done it is held (it stays
+/// `waiting`, and its job shows as waiting) until [`crate::Db::decide_gate`] makes it ready.
+pub const GATE_KIND: &str = "gate";
+
+/// What deciding at a gate did.
+#[derive(Debug)]
+pub enum GateOutcome {
+    /// The tenant has no such job.
+    NotFound,
+    /// The job does not wait at a gate (it is shown as it is).
+    NotWaiting(Job),
+    /// The gate task is ready, with the decision as its input: offer it to the scheduler.
+    Decided(Task),
+}
+
 /// A task to create with its job.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewTask {
@@ -432,6 +447,71 @@ impl crate::Db {
         }
     }
 
+    /// Decides at the gate `tenant_id`'s job waits at: its held gate task becomes ready with
+    /// `decision` as its input, the job stops waiting, and an event of `kind` (`approved`,
+    /// `rejected`) records it. Exactly one decision is taken per gate: a second one finds the job
+    /// no longer waiting.
+    pub async fn decide_gate(
+        &self,
+        tenant_id: &str,
+        job_id: &str,
+        decision: &serde_json::Value,
+        kind: &str,
+    ) -> Result<GateOutcome, DbError> {
+        let input = serde_json::to_string(decision).map_err(|e| DbError::Invalid(e.to_string()))?;
+        retrying!(async {
+            let now = now_ms();
+            let mut tx = self.pool().begin().await?;
+            // The job row first: it serialises this with the job's other writes.
+            let locked = sqlx::query(
+                "UPDATE jobs SET waiting_at = NULL, updated_at = $1                  WHERE id = $2 AND tenant_id = $3 AND status = 'running' AND waiting_at IS NOT NULL",
+            )
+            .bind(now)
+            .bind(job_id)
+            .bind(tenant_id)
+            .execute(&mut *tx)
+            .await?;
+            if locked.rows_affected() != 1 {
+                drop(tx);
+                return Ok(match self.job(tenant_id, job_id).await? {
+                    Some(job) => GateOutcome::NotWaiting(job),
+                    None => GateOutcome::NotFound,
+                });
+            }
+            let rows = sqlx::query(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE job_id = $1 ORDER BY id"))
+                .bind(job_id)
+                .fetch_all(&mut *tx)
+                .await?;
+            let tasks = rows.iter().map(task_of).collect::<Result<Vec<_>, _>>()?;
+            let succeeded = |name: &str| tasks.iter().any(|t| t.name == name && t.status == TaskStatus::Succeeded);
+            let held = tasks.iter().find(|t| {
+                t.kind == GATE_KIND && t.status == TaskStatus::Waiting && t.depends_on.iter().all(|d| succeeded(d))
+            });
+            let Some(held) = held else {
+                return Err(DbError::Invalid(format!("job `{job_id}` was marked waiting with no gate held")));
+            };
+            sqlx::query(
+                "UPDATE tasks SET status = 'ready', input = $1, not_before = $2, updated_at = $2                  WHERE id = $3 AND status = 'waiting'",
+            )
+            .bind(&input)
+            .bind(now)
+            .bind(&held.id)
+            .execute(&mut *tx)
+            .await?;
+            let mut data = decision.clone();
+            if let Some(map) = data.as_object_mut() {
+                map.insert("gate".into(), serde_json::Value::String(held.name.clone()));
+            }
+            event_in(&mut tx, job_id, kind, &data).await?;
+            tx.commit().await?;
+            let mut task = held.clone();
+            task.status = TaskStatus::Ready;
+            task.not_before = now;
+            task.input = crate::JsonText::of(decision);
+            Ok(GateOutcome::Decided(task))
+        })
+    }
+
     /// Leases a ready task (or one whose lease expired: its node died) for `lease_ms`, and
     /// records a `started` event with it: `None` if it is not ready (held under a live lease,
     /// cancelled, not due) or its job is over.
@@ -642,6 +722,16 @@ impl crate::Db {
             let mut ready = Vec::new();
             for task in tasks.iter().filter(|t| t.status == TaskStatus::Waiting) {
                 if !task.depends_on.iter().all(|d| succeeded(d)) {
+                    continue;
+                }
+                if task.kind == GATE_KIND {
+                    // Held for a person's decision: no lease, no slot; the job says it waits.
+                    sqlx::query("UPDATE jobs SET waiting_at = $1 WHERE id = $2")
+                        .bind(now)
+                        .bind(&lease.job_id)
+                        .execute(&mut *tx)
+                        .await?;
+                    event_in(&mut tx, &lease.job_id, "waiting", &serde_json::json!({ "gate": task.name })).await?;
                     continue;
                 }
                 let mut task = task.clone();

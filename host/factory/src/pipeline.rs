@@ -25,6 +25,8 @@ pub const MAX_STEPS: usize = 32;
 pub const MAX_PER_STEP: usize = 16;
 /// The most rounds of model tool calls a step may allow.
 pub const MAX_TOOL_ROUNDS: u32 = 16;
+/// The prefix of an approval gate's task name: `approve-<step>`.
+pub const GATE_PREFIX: &str = "approve-";
 /// Rounds of model tool calls a step allows when it does not say.
 pub const DEFAULT_TOOL_ROUNDS: u32 = 4;
 /// The most repair rounds a pipeline may ask for.
@@ -94,6 +96,16 @@ pub struct Step {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub options: Option<serde_json::Map<String, serde_json::Value>>,
+    /// An approval gate: the run pauses after this step and its validators (status `waiting`)
+    /// until a person approves (`POST /v1/runs/{id}/approve`) or rejects it with a comment
+    /// (`.../reject`), which goes back to the step as feedback in the next repair round; the
+    /// steps after it wait. A gated step, and every step after it, must repeat in repair rounds.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub gate: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// The repair policy.
@@ -241,6 +253,8 @@ pub enum TaskRole<'a> {
         /// The validator's reference, as the step gives it.
         validator: &'a str,
     },
+    /// The approval gate after a step.
+    Gate(&'a Step),
     /// The end of a round.
     Review,
 }
@@ -323,10 +337,11 @@ impl Pipeline {
             let reserved = step.name == "review"
                 || step.name.starts_with("review-")
                 || step.name.starts_with("validate-")
+                || step.name.starts_with(GATE_PREFIX)
                 || step.name.contains("-repair-");
             if !valid_name(&step.name, 48) || reserved {
                 return Err(format!(
-                    "{}: name: use 1-48 of a-z, 0-9, `-`, `_`; not `review`, `review-…`, `validate-…` or `…-repair-…`",
+                    "{}: name: use 1-48 of a-z, 0-9, `-`, `_`; not `review`, `review-…`, `validate-…`, `approve-…` or `…-repair-…`",
                     at(i, step)
                 ));
             }
@@ -385,6 +400,21 @@ impl Pipeline {
                 }
             }
         }
+        for (i, step) in self.steps.iter().enumerate().filter(|(_, s)| s.gate) {
+            if !self.repeats(&step.name) {
+                return Err(format!(
+                    "{}: gate: a gated step must repeat in repair rounds (name it in repair.steps), so that a rejection's comment reaches it",
+                    at(i, step)
+                ));
+            }
+            if let Some(after) = self.descendants(step).into_iter().find(|d| !self.repeats(&d.name)) {
+                return Err(format!(
+                    "{}: gate: `{}` runs after this gate and must repeat in repair rounds too (name it in repair.steps)",
+                    at(i, step),
+                    after.name
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -439,6 +469,21 @@ impl Pipeline {
         self.steps.iter().filter(|s| found.contains(s.name.as_str())).collect()
     }
 
+    /// Every step that waits for `step`, directly or not, in pipeline order.
+    pub fn descendants(&self, step: &Step) -> Vec<&Step> {
+        self.steps.iter().filter(|s| self.ancestors(s).iter().any(|a| a.name == step.name)).collect()
+    }
+
+    /// The base name of the approval gate after `step`: `approve-<step>`.
+    pub fn gate_task(step: &Step) -> String {
+        format!("{GATE_PREFIX}{}", step.name)
+    }
+
+    /// The gated steps before `step` (its ancestors with `gate`).
+    pub fn gates_before(&self, step: &Step) -> Vec<&Step> {
+        self.ancestors(step).into_iter().filter(|s| s.gate).collect()
+    }
+
     /// The base name of the task of validator `validator` after `step`: `validate-<name>`, or
     /// `validate-<name>-<step>` when more than one step names a validator of that name.
     pub fn validator_task(&self, step: &Step, validator: &str) -> String {
@@ -457,6 +502,9 @@ impl Pipeline {
         if base == "review" {
             return Some((TaskRole::Review, round));
         }
+        if let Some(gated) = base.strip_prefix(GATE_PREFIX).and_then(|name| self.step(name)).filter(|s| s.gate) {
+            return Some((TaskRole::Gate(gated), round));
+        }
         if let Some(step) = self.step(base) {
             return Some((TaskRole::Agent(step), round));
         }
@@ -473,22 +521,38 @@ impl Pipeline {
         let mut tasks = Vec::new();
         for step in steps {
             let this = round_name(&step.name, round);
+            // A step after a gate waits for the gate's decision (gated steps always repeat).
             let mut after: Vec<String> = step
                 .after
                 .iter()
-                .map(|dep| if round > 0 && self.repeats(dep) { round_name(dep, round) } else { dep.clone() })
+                .map(|dep| match self.step(dep) {
+                    Some(d) if d.gate => round_name(&Pipeline::gate_task(d), round),
+                    _ if round > 0 && self.repeats(dep) => round_name(dep, round),
+                    _ => dep.clone(),
+                })
                 .collect();
             if round > 0 {
                 after.push(round_name(&step.name, round - 1));
                 after.push(round_name("review", round - 1));
             }
             tasks.push(PlannedTask { name: this.clone(), kind: "agent", plugin: step.role.clone(), after });
+            let mut checked = vec![this.clone()];
             for validator in &step.validators {
+                let name = round_name(&self.validator_task(step, validator), round);
+                checked.push(name.clone());
                 tasks.push(PlannedTask {
-                    name: round_name(&self.validator_task(step, validator), round),
+                    name,
                     kind: "validate",
                     plugin: validator.clone(),
                     after: vec![this.clone()],
+                });
+            }
+            if step.gate {
+                tasks.push(PlannedTask {
+                    name: round_name(&Pipeline::gate_task(step), round),
+                    kind: "gate",
+                    plugin: "factory".into(),
+                    after: checked,
                 });
             }
         }
@@ -622,7 +686,16 @@ mod tests {
                 "[[steps]]\nname = \"a\"\nrole = \"developer\"\nafter = [\"pm\"]\n",
                 "steps[0] (`a`): after: no step is named `pm`",
             ),
-            ("[[steps]]\nname = \"a\"\nrole = \"developer\"\ngate = true\n", "unknown field `gate`"),
+            ("[[steps]]\nname = \"a\"\nrole = \"developer\"\ngated = true\n", "unknown field `gated`"),
+            (
+                "[[steps]]\nname = \"a\"\nrole = \"developer\"\ngate = true\n[repair]\nsteps = []\n",
+                "steps[0] (`a`): gate: a gated step must repeat",
+            ),
+            (
+                "[[steps]]\nname = \"a\"\nrole = \"developer\"\ngate = true\n[[steps]]\nname = \"b\"\nrole = \"developer\"\nafter = [\"a\"]\n[repair]\nsteps = [\"a\"]\n",
+                "steps[0] (`a`): gate: `b` runs after this gate and must repeat",
+            ),
+            ("[[steps]]\nname = \"approve-a\"\nrole = \"developer\"\n", "steps[0] (`approve-a`): name"),
             ("[[steps]]\nname = \"review\"\nrole = \"developer\"\n", "steps[0] (`review`): name"),
             (
                 "[[steps]]\nname = \"a\"\nrole = \"developer\"\n[[steps]]\nname = \"a\"\nrole = \"developer\"\n",
@@ -649,6 +722,29 @@ mod tests {
         let e = Pipeline::from_json(serde_json::json!({"steps": [{"name": "a", "role": "developer", "colour": 1}]}))
             .unwrap_err();
         assert!(e.starts_with("steps[0]") && e.contains("unknown field `colour`"), "{e}");
+    }
+
+    #[test]
+    fn a_gate_waits_for_its_step_and_validators_and_the_steps_after_it_wait_for_the_gate() {
+        let p = Pipeline::from_toml(
+            "[[steps]]\nname = \"pm\"\nrole = \"product-manager\"\n\
+             [[steps]]\nname = \"dev\"\nrole = \"developer\"\nafter = [\"pm\"]\nvalidators = [\"syntax\"]\ngate = true\n\
+             [[steps]]\nname = \"qa\"\nrole = \"qa-engineer\"\nafter = [\"dev\"]\n\
+             [repair]\nsteps = [\"dev\", \"qa\"]\n",
+        )
+        .unwrap();
+        let round0 = p.round(0);
+        assert_eq!(names(&round0), ["pm", "dev", "validate-syntax", "approve-dev", "qa", "review"]);
+        assert_eq!(round0[3].kind, "gate");
+        assert_eq!(round0[3].after, ["dev", "validate-syntax"]);
+        assert_eq!(round0[4].after, ["approve-dev"]);
+        let round1 = p.round(1);
+        assert_eq!(round1[2].name, "approve-dev-repair-1");
+        assert_eq!(round1[3].after, ["approve-dev-repair-1", "qa", "review"]);
+        assert!(matches!(p.task("approve-dev-repair-1"), Some((TaskRole::Gate(s), 1)) if s.name == "dev"));
+        assert_eq!(p.task("approve-pm"), None, "pm has no gate");
+        assert_eq!(p.gates_before(p.step("qa").unwrap())[0].name, "dev");
+        assert_eq!(Pipeline::from_json(serde_json::to_value(&p).unwrap()).unwrap(), p, "a gate survives storage");
     }
 
     #[test]

@@ -34,7 +34,7 @@ use qlayer_runtime::{
     Artifact, CallError, CallErrorKind, Grants, Installed, Kind, Plugin, PluginError, Runtime, ToolHandler, ToolInfo,
 };
 use qlayer_scheduler::{Execute, Scheduler, SchedulerConfig, SubmitError, TaskContext, TaskError, TaskResult};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -619,7 +619,7 @@ impl Execute for PluginExecutor {
         Box::pin(async move {
             match task.kind.as_str() {
                 "call" => self.call(task, &ctx).await.map(TaskResult::from),
-                "agent" | "validate" | "review" => self.step(task, &ctx).await,
+                "agent" | "validate" | "review" | "gate" => self.step(task, &ctx).await,
                 // A run stored as one task (before runs were DAGs of their steps) becomes one.
                 "run" => Ok(TaskResult {
                     output: serde_json::json!({ "planned": "the run's steps" }).into(),
@@ -641,6 +641,47 @@ struct StepOutput {
     diagnostics: Vec<DiagnosticReport>,
     #[serde(default)]
     feedback: Vec<DiagnosticReport>,
+    /// Set on a step that did not run: a gate before it was rejected in its round.
+    #[serde(default)]
+    skipped: Option<String>,
+    /// A gate's decision.
+    #[serde(default)]
+    decision: Option<GateDecision>,
+}
+
+/// A person's decision at an approval gate: the gate task's input, and its output.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GateDecision {
+    /// Whether the step's work may go on.
+    pub approved: bool,
+    /// What the person said: for a rejection, the feedback the step gets in the next round.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+    /// Who decided (an API key's id, or `cli`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+}
+
+/// The rule of the error a rejection at a gate becomes (its validator is the gate's task).
+pub const REJECTED: &str = "rejected";
+
+/// The longest comment a gate decision may carry, in characters.
+pub const MAX_GATE_COMMENT_CHARS: usize = 16 * 1024;
+
+impl GateDecision {
+    /// Checks a decision a person gave: a rejection says why (its comment is the step's
+    /// feedback); a comment has at most [`MAX_GATE_COMMENT_CHARS`] characters.
+    pub fn check(&self) -> Result<(), String> {
+        let comment = self.comment.as_deref().unwrap_or_default();
+        if !self.approved && comment.trim().is_empty() {
+            return Err("a rejection needs a `comment`: it is the feedback the step gets in its next round".into());
+        }
+        if comment.chars().count() > MAX_GATE_COMMENT_CHARS {
+            return Err(format!("`comment` is longer than {MAX_GATE_COMMENT_CHARS} characters"));
+        }
+        Ok(())
+    }
 }
 
 /// What a run's finished tasks produced, by task name: what every step works from. A step's
@@ -656,7 +697,10 @@ impl RunOutputs {
         for task in tasks.iter().filter(|t| t.status == TaskStatus::Succeeded && t.kind != "call") {
             let Some(output) = &task.output else { continue };
             let step: StepOutput = output.read().map_err(|e| format!("the output of step `{}`: {e}", task.name))?;
-            done.insert(task.name.clone(), step);
+            // A step a rejected gate skipped left nothing: its latest output is an earlier round's.
+            if step.skipped.is_none() {
+                done.insert(task.name.clone(), step);
+            }
         }
         Ok(RunOutputs { done })
     }
@@ -886,6 +930,7 @@ impl PluginExecutor {
                 self.validate(&run, ctx, step, validator, round).await
             }
             ("review", Some((TaskRole::Review, round))) => self.review(&run, round).await,
+            ("gate", Some((TaskRole::Gate(step), _))) => Self::gate(task, step),
             (kind, _) => Err(fatal(format!("task `{}` ({kind}) is not a step of the run's pipeline", task.name))),
         }
     }
@@ -958,6 +1003,9 @@ impl PluginExecutor {
     /// are its to fix, the tools its step grants.
     async fn agent(&self, run: &Run<'_>, ctx: &TaskContext, step: &Step, round: u32) -> Result<TaskResult, TaskError> {
         let Run { task, input, pipeline, outputs, .. } = *run;
+        if let Some(skipped) = rejected_before(pipeline, outputs, step, round) {
+            return Ok(skipped);
+        }
         let tenant = self.tenant_name(&task.tenant_id).await.map_err(TaskError::fatal)?;
         // What earlier steps spent counts against the run's budget.
         let budget = match input.token_budget {
@@ -1010,9 +1058,19 @@ impl PluginExecutor {
                 // step owns (or in no file) goes to every repeated step.
                 errors
                     .iter()
-                    .filter(|d| match d.path.as_ref().and_then(|p| owners.get(p)) {
-                        Some(owner) => owner == &step.name || !pipeline.repeats(owner),
-                        None => true,
+                    .filter(|d| {
+                        // A rejection's validator is its gate (`approve-<step>`); a validator
+                        // plugin may have a name like that too, so the rule is checked as well.
+                        let gated = d
+                            .validator
+                            .strip_prefix(pipeline::GATE_PREFIX)
+                            .filter(|g| d.rule == REJECTED && pipeline.step(g).is_some_and(|s| s.gate));
+                        match (gated, d.path.as_ref().and_then(|p| owners.get(p))) {
+                            // A rejection at a gate is the gated step's to answer.
+                            (Some(gated), _) => gated == step.name,
+                            (None, Some(owner)) => owner == &step.name || !pipeline.repeats(owner),
+                            (None, None) => true,
+                        }
                     })
                     .map(DiagnosticReport::diagnostic)
                     .collect()
@@ -1093,6 +1151,9 @@ impl PluginExecutor {
         round: u32,
     ) -> Result<TaskResult, TaskError> {
         let Run { task, pipeline, outputs, .. } = *run;
+        if let Some(skipped) = rejected_before(pipeline, outputs, step, round) {
+            return Ok(skipped);
+        }
         let tenant = self.tenant_name(&task.tenant_id).await.map_err(TaskError::fatal)?;
         let plugin = within(self.pipeline_plugin(&tenant, validator, Kind::Validator).await?, ctx);
         let mut steps = pipeline.ancestors(step);
@@ -1122,6 +1183,22 @@ impl PluginExecutor {
                 if !diagnostics.iter().any(|seen| seen == d) {
                     diagnostics.push(d.clone());
                 }
+            }
+        }
+        // A gate rejected in this round: its comment is an error, the gated step's to answer.
+        for step in pipeline.steps.iter().filter(|s| s.gate) {
+            let gate = round_name(&Pipeline::gate_task(step), round);
+            if let Some(GateDecision { approved: false, comment, .. }) =
+                outputs.done.get(&gate).and_then(|o| o.decision.clone())
+            {
+                diagnostics.push(DiagnosticReport {
+                    severity: "error".into(),
+                    rule: REJECTED.into(),
+                    path: None,
+                    line: None,
+                    message: format!("rejected at the gate after `{}`: {}", step.name, comment.unwrap_or_default()),
+                    validator: Pipeline::gate_task(step),
+                });
             }
         }
         let errors: Vec<&DiagnosticReport> = diagnostics.iter().filter(|d| d.is_error()).collect();
@@ -1174,6 +1251,28 @@ impl PluginExecutor {
             artifact: Some(qlayer_db::Artifact { media_type: "application/gzip".into(), bytes: capsule }),
             then: vec![],
         })
+    }
+}
+
+/// The output of a step that does not run because a gate before it was rejected in `round`
+/// (the next round repeats it), or `None` when it runs.
+fn rejected_before(pipeline: &Pipeline, outputs: &RunOutputs, step: &Step, round: u32) -> Option<TaskResult> {
+    let rejected = pipeline.gates_before(step).into_iter().find(|gated| {
+        let gate = round_name(&Pipeline::gate_task(gated), round);
+        outputs.done.get(&gate).and_then(|o| o.decision.as_ref()).is_some_and(|d| !d.approved)
+    })?;
+    let why = format!("the gate after `{}` was rejected in this round", rejected.name);
+    Some(serde_json::json!({ "skipped": why }).into())
+}
+
+impl PluginExecutor {
+    /// An approval gate, once a person decided (the decision is its input): it records the
+    /// decision; on a rejection the steps after it skip this round, and the review sends the
+    /// comment back to the gated step.
+    fn gate(task: &Task, step: &Step) -> Result<TaskResult, TaskError> {
+        let decision: GateDecision =
+            task.input.read().map_err(|e| fatal(format!("the gate after `{}` has no decision: {e}", step.name)))?;
+        Ok(serde_json::json!({ "decision": decision }).into())
     }
 }
 

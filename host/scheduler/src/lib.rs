@@ -482,6 +482,23 @@ impl Scheduler {
         Ok((job, created))
     }
 
+    /// Decides at the approval gate a job of `tenant_id` waits at (see
+    /// [`Db::decide_gate`](qlayer_db::Db::decide_gate)), and offers the gate task to run.
+    pub async fn decide_gate(
+        &self,
+        tenant_id: &str,
+        job_id: &str,
+        decision: &serde_json::Value,
+        kind: &str,
+    ) -> Result<qlayer_db::GateOutcome, DbError> {
+        let outcome = self.db.decide_gate(tenant_id, job_id, decision, kind).await?;
+        if let qlayer_db::GateOutcome::Decided(task) = &outcome {
+            self.offer(std::slice::from_ref(task)).await;
+            self.announce(job_id);
+        }
+        Ok(outcome)
+    }
+
     /// Stops a cancelled job's work here: its queued tasks are dropped and its running plugin
     /// calls stopped (its status is already `cancelled` in the store; other nodes notice at
     /// their next heartbeat).

@@ -1151,6 +1151,16 @@ async fn grpc_every_method_checks_the_caller_and_the_other_tenant_sees_nothing()
                 ("SubmitRun", code(r.submit_run(proto::SubmitRunRequest::default()).await.map(drop))),
                 ("GetRun", code(r.get_run(id(&run)).await.map(drop))),
                 ("GetCapsule", code(r.get_capsule(id(&run)).await.map(drop))),
+                (
+                    "ApproveRun",
+                    code(r.approve_run(proto::GateRequest { id: run.clone(), comment: None }).await.map(drop)),
+                ),
+                (
+                    "RejectRun",
+                    code(
+                        r.reject_run(proto::GateRequest { id: run.clone(), comment: Some("x".into()) }).await.map(drop),
+                    ),
+                ),
             ]
         }
     };

@@ -17,6 +17,10 @@ async fn gateway_service(tweak: impl FnOnce(&mut qlayer_api::serve::ServeConfig)
         // The test server is on loopback, which the operator opens here as one would for a
         // local Ollama.
         c.network.allow = vec!["127.0.0.1".into()];
+        // The install below pushes, pulls and compiles the provider while other tests share the
+        // machine's two cores (factory runs compile seven plugins in a debug build): under that
+        // load it has taken over the default 30 s. What these tests check is not install time.
+        c.limits.request_timeout_ms = 120_000;
         tweak(c);
     })
     .await;

@@ -3,6 +3,7 @@
 
 mod api;
 mod cache;
+mod gates;
 mod gateway;
 mod limits;
 mod mcp;

@@ -168,7 +168,11 @@ async fn a_bad_pipeline_is_refused_before_anything_runs_naming_its_step() {
             one(json!({"name": "a", "role": "developer", "validators": ["installed:text-stats"]})),
             "steps[0] (`a`): validators: installed plugin `text-stats` is of kind `tool`, not `validator`",
         ),
-        (one(json!({"name": "a", "role": "developer", "gate": true})), "unknown field `gate`"),
+        (one(json!({"name": "a", "role": "developer", "gated": true})), "unknown field `gated`"),
+        (
+            json!({"steps": [{"name": "a", "role": "developer", "gate": true}], "repair": {"steps": []}}),
+            "steps[0] (`a`): gate: a gated step must repeat in repair rounds",
+        ),
         (json!({"steps": []}), "steps: a pipeline has 1 to 32 steps, not 0"),
     ];
     for (pipeline, expected) in cases {

@@ -491,3 +491,63 @@ fn serve_answers_health_and_readiness_bootstraps_an_admin_once_and_stops_on_sigt
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("rest-adress") && stderr.contains("line 2"), "{stderr}");
 }
+
+/// A gated step: `qlayer run` asks on the terminal (here, standard input): a rejection's comment
+/// goes back to the step, the repaired step's gate asks again; `--approve-all` does not ask; with
+/// standard input closed the run stops and says what to do.
+#[test]
+fn run_asks_at_a_gate_and_a_rejection_goes_back_to_the_step() {
+    use std::io::Write as _;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let pipeline = tmp.path().join("gated.toml");
+    std::fs::write(
+        &pipeline,
+        "[[steps]]\nname = \"pm\"\nrole = \"product-manager\"\n\
+         [[steps]]\nname = \"dev\"\nrole = \"developer\"\nafter = [\"pm\"]\nvalidators = [\"syntax\"]\ngate = true\n\
+         [repair]\nrounds = 1\nsteps = [\"dev\"]\n",
+    )
+    .unwrap();
+    let script = tmp.path().join("script.json");
+    let tabs = qlayer_tests::files_json("fn main() {\n\tprintln!(\"tabs\");\n}\n");
+    let rules = serde_json::json!({"rules": [{"role": "developer", "contains": "indent with tabs", "reply": tabs}]});
+    std::fs::write(&script, rules.to_string()).unwrap();
+    let run = |out: &str, extra: &[&str], stdin: &str| {
+        let out = tmp.path().join(out);
+        let mut args = vec!["run", "a CLI", "--out", out.to_str().unwrap(), "--pipeline", pipeline.to_str().unwrap()];
+        args.extend(["--script", script.to_str().unwrap()]);
+        args.extend(extra);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_qlayer"))
+            .args(&args)
+            .env("QLAYER_DATA_DIR", &data)
+            .env_remove("QLAYER_BASE_URL")
+            .env_remove("QLAYER_PROVIDER")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+        (child.wait_with_output().unwrap(), out)
+    };
+
+    let (o, out) = run("asked", &[], "maybe\nn: indent with tabs\ny\n");
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "{stdout}{stderr}");
+    assert_eq!(stdout.matches("⏸ gate after `dev`").count(), 2, "asked again after the repair: {stdout}");
+    let main = std::fs::read_to_string(out.join("src/main.rs")).unwrap();
+    assert!(main.contains("\tprintln!"), "the comment reached the developer: {main}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("qlayer-run.json")).unwrap()).unwrap();
+    assert_eq!((report["status"].as_str(), report["repair_rounds"].as_u64()), (Some("passed"), Some(1)), "{report}");
+
+    let (o, _) = run("all", &["--approve-all"], "");
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "{stdout}{stderr}");
+    assert!(!stdout.contains("approve?"), "{stdout}");
+
+    let (o, _) = run("closed", &[], "");
+    let (stdout, stderr) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(stderr.contains("standard input is closed") && stderr.contains("--approve-all"), "{stderr}");
+}

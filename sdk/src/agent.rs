@@ -246,18 +246,21 @@ pub fn files_text(task: &Task, except: &[&str]) -> String {
         .collect()
 }
 
-/// The paths the architect's file plan (the task's `docs/DESIGN.json` input) gives to `owner`;
-/// `None` when there is no design, or it has no file plan.
-pub fn planned_files(task: &Task, owner: &str) -> Option<Vec<String>> {
-    let design: serde_json::Value = serde_json::from_str(input(task, DESIGN_PATH)?).ok()?;
-    let files = design.get("files")?.as_array()?;
-    Some(
-        files
-            .iter()
-            .filter(|f| f.get("owner").and_then(serde_json::Value::as_str) == Some(owner))
-            .filter_map(|f| f.get("path")?.as_str().map(str::to_string))
-            .collect(),
-    )
+/// The architect's file plan (the task's `docs/DESIGN.json` input), split for `owner`: the
+/// paths it gives `owner`, and those it gives anyone else. Both empty when there is no design or
+/// it has no file plan.
+pub fn file_plan(task: &Task, owner: &str) -> (Vec<String>, Vec<String>) {
+    let design = input(task, DESIGN_PATH).and_then(|d| serde_json::from_str::<serde_json::Value>(d).ok());
+    let files = design.as_ref().and_then(|d| d.get("files")?.as_array().cloned()).unwrap_or_default();
+    let (mut mine, mut theirs) = (Vec::new(), Vec::new());
+    for f in &files {
+        let Some(path) = f.get("path").and_then(serde_json::Value::as_str) else { continue };
+        match f.get("owner").and_then(serde_json::Value::as_str) == Some(owner) {
+            true => mine.push(path.to_string()),
+            false => theirs.push(path.to_string()),
+        }
+    }
+    (mine, theirs)
 }
 
 /// Checks written files against the file plan: each of `mine` is written, and none that the plan
@@ -281,24 +284,6 @@ pub fn check_plan(files: &[FileReply], mine: &[String], theirs: &[String]) -> Re
 /// ```
 pub fn normal_path(path: &str) -> String {
     path.split(['/', '\\']).filter(|p| !p.is_empty() && *p != ".").collect::<Vec<_>>().join("/")
-}
-
-/// The paths the file plan gives to anyone but `owner`.
-pub fn others_files(task: &Task, owner: &str) -> Vec<String> {
-    let Some(design) = input(task, DESIGN_PATH).and_then(|d| serde_json::from_str::<serde_json::Value>(d).ok()) else {
-        return vec![];
-    };
-    design
-        .get("files")
-        .and_then(serde_json::Value::as_array)
-        .map(|files| {
-            files
-                .iter()
-                .filter(|f| f.get("owner").and_then(serde_json::Value::as_str) != Some(owner))
-                .filter_map(|f| f.get("path")?.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// Diagnostics as a list for a prompt: `- [rule] path:line: message`.

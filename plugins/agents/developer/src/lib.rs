@@ -7,8 +7,8 @@
 //! rules is sent back to the model with the problem, at most three times in all.
 
 use qlayer_sdk::agent::{
-    Agent, DESIGN_PATH, FileReply, PRD_PATH, check_files, check_plan, complete_json, feedback_text, files_text, input,
-    options_line, others_files, planned_files,
+    Agent, DESIGN_PATH, FileReply, PRD_PATH, check_files, check_plan, complete_json, feedback_text, file_plan,
+    files_text, input, options_line,
 };
 use qlayer_sdk::*;
 use serde::Deserialize;
@@ -37,8 +37,7 @@ impl Agent for Developer {
 
     fn run(task: Task) -> Result<AgentOutput, PluginError> {
         let (prd, _) = qlayer_sdk::agent::prd(&task)?;
-        let mine = planned_files(&task, "developer").unwrap_or_default();
-        let theirs = others_files(&task, "developer");
+        let (mine, theirs) = file_plan(&task, "developer");
         let mut prompt = format!("Requirement: {}{}\n\nPRD:\n{prd}", task.requirement, options_line(&task));
         if let Some(design) = input(&task, DESIGN_PATH) {
             prompt.push_str(&format!("\n\nDesign:\n{design}"));

@@ -6,8 +6,8 @@
 //! for every deployment asked) and sent back with the problem, at most three times in all.
 
 use qlayer_sdk::agent::{
-    Agent, DESIGN_PATH, FileReply, PRD_PATH, check_files, check_plan, complete_json, feedback_text, files_text, input,
-    options_line, others_files, planned_files,
+    Agent, DESIGN_PATH, FileReply, PRD_PATH, check_files, check_plan, complete_json, feedback_text, file_plan,
+    files_text, input, options_line,
 };
 use qlayer_sdk::*;
 use serde::Deserialize;
@@ -94,8 +94,7 @@ impl Agent for Devops {
         if asked.is_empty() {
             asked = DEFAULT_DEPLOYMENT.iter().map(|d| d.to_string()).collect();
         }
-        let mine = planned_files(&task, "devops").unwrap_or_default();
-        let theirs = others_files(&task, "devops");
+        let (mine, theirs) = file_plan(&task, "devops");
         // Sources, tests and documents are other steps'; deployment files (its own previous ones
         // on a repair round) are its to write.
         let taken: Vec<String> =

@@ -7,8 +7,8 @@
 //! with the problem, at most three times in all.
 
 use qlayer_sdk::agent::{
-    Agent, DESIGN_PATH, FileReply, PRD_PATH, check_files, check_plan, complete_json, feedback_text, files_text, input,
-    options_line, others_files, planned_files,
+    Agent, DESIGN_PATH, FileReply, PRD_PATH, check_files, check_plan, complete_json, feedback_text, file_plan,
+    files_text, input, options_line,
 };
 use qlayer_sdk::*;
 use serde::{Deserialize, Serialize};
@@ -85,8 +85,7 @@ impl Agent for QaEngineer {
     fn run(task: Task) -> Result<AgentOutput, PluginError> {
         let (prd, parsed) = qlayer_sdk::agent::prd(&task)?;
         let criteria = qlayer_sdk::agent::strings(&parsed, "acceptance_criteria");
-        let mine = planned_files(&task, "qa-engineer").unwrap_or_default();
-        let theirs = others_files(&task, "qa-engineer");
+        let (mine, theirs) = file_plan(&task, "qa-engineer");
         // Files of earlier steps are theirs; on a repair round, this step's own previous files
         // (its test plan lists them) are among the inputs too, and are its to rewrite.
         let previous: Vec<String> = input(&task, TEST_PLAN_PATH)

@@ -10,10 +10,12 @@
 //! local [`BlobStore`]. A mismatch stores nothing.
 
 pub mod auth;
+pub mod capsule;
 pub mod sign;
 pub mod store;
 
 pub use auth::Credentials;
+pub use capsule::PulledCapsule;
 pub use oci_client::Reference;
 pub use sign::{PrivateKey, PublicKey, SignaturePolicy, Verification};
 pub use store::{BlobStore, digest_of};
@@ -302,6 +304,14 @@ impl Registry {
                 }) =>
             {
                 RegistryError::Unauthorized { reference: reference.whole(), message: envelope.to_string() }
+            }
+            // The client checks what it downloads against the digest it asked for.
+            E::DigestError(oci_client::errors::DigestError::VerificationError { expected, actual }) => {
+                RegistryError::DigestMismatch {
+                    what: format!("blob {expected} of {}", reference.whole()),
+                    expected,
+                    actual,
+                }
             }
             E::ServerError { code: 404, .. } => RegistryError::NotFound(reference.whole()),
             E::ServerError { code: 403, message, .. } if message.starts_with(EGRESS_REFUSED) => {
@@ -620,12 +630,19 @@ impl Registry {
 
     /// Checks the signatures attached to `resolved` against `keys`.
     pub async fn verify(&self, resolved: &Resolved, keys: &[PublicKey]) -> Result<Verification, RegistryError> {
-        let tag = sign::signature_tag(&resolved.digest);
-        let target = Reference::with_tag(
-            resolved.reference.registry().to_string(),
-            resolved.reference.repository().to_string(),
-            tag,
-        );
+        self.verify_digest(&resolved.reference, &resolved.digest, keys).await
+    }
+
+    /// Checks the signatures attached to the artifact `digest` in `repository` (any reference
+    /// into it) against `keys`.
+    pub async fn verify_digest(
+        &self,
+        repository: &Reference,
+        digest: &str,
+        keys: &[PublicKey],
+    ) -> Result<Verification, RegistryError> {
+        let tag = sign::signature_tag(digest);
+        let target = Reference::with_tag(repository.registry().to_string(), repository.repository().to_string(), tag);
         let (oci, _) = match self.fetch_manifest(&target).await {
             Ok(found) => found,
             Err(RegistryError::NotFound(_)) => return Ok(Verification::Unsigned),
@@ -643,7 +660,7 @@ impl Registry {
                 continue;
             };
             let payload = self.blob_in_memory(&target, layer, MAX_SIGNATURE_BYTES).await?;
-            match sign::check(&payload, signature, &resolved.digest, keys) {
+            match sign::check(&payload, signature, digest, keys) {
                 Verification::Verified { key } => return Ok(Verification::Verified { key }),
                 Verification::WrongKey { .. } => {}
                 other => outcome = other,

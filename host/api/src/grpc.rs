@@ -452,6 +452,13 @@ impl runs_server::Runs for Grpc {
         let GateRequest { id, comment } = request.into_inner();
         Ok(Response::new(job(job_ops::gate_op(&self.state, &caller, &id, false, comment).await?)))
     }
+
+    async fn publish_run(&self, request: Request<PublishRequest>) -> Result<Response<Published>, Status> {
+        let caller = self.caller(&request, "PublishRun").await?;
+        let PublishRequest { id, reference } = request.into_inner();
+        let done = job_ops::publish_op(&self.state, &caller, &id, &reference).await?;
+        Ok(Response::new(Published { reference: done.reference, digest: done.digest, signed: done.signed }))
+    }
 }
 
 #[tonic::async_trait]

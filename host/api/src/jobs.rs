@@ -560,6 +560,122 @@ pub async fn capsule_op(state: &AppState, caller: &Caller, id: &str) -> Result<q
     }
 }
 
+/// `[capsules]` as the service holds it: where each tenant may publish, and the signing key.
+#[derive(Default)]
+pub struct Capsules {
+    /// Repository prefixes (`{tenant}` stands for the tenant's name).
+    pub publish_to: Vec<String>,
+    /// The key every published capsule is signed with.
+    pub key: Option<std::sync::Arc<qlayer_registry::PrivateKey>>,
+}
+
+impl std::fmt::Debug for Capsules {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Capsules").field("publish_to", &self.publish_to).field("signs", &self.key.is_some()).finish()
+    }
+}
+
+impl Capsules {
+    /// Whether `tenant` may push to `reference` (`registry/repository:tag`): under one of its
+    /// prefixes, at a path boundary. The error says where it may.
+    fn check(&self, tenant: &str, reference: &str) -> Result<(), ApiError> {
+        if self.publish_to.is_empty() {
+            return Err(ApiError::forbidden(
+                "publishing capsules is off on this service: the operator has not set [capsules] publish-to",
+            ));
+        }
+        let parsed = qlayer_registry::parse_reference(reference).map_err(|e| ApiError::invalid(e.to_string()))?;
+        if parsed.tag().is_none() || parsed.digest().is_some() {
+            return Err(ApiError::invalid(format!(
+                "`{reference}`: give a tag and no digest, e.g. registry.example.com/capsules/{tenant}/todo:1"
+            )));
+        }
+        let repository = format!("{}/{}", parsed.registry(), parsed.repository());
+        let allowed: Vec<String> = self.publish_to.iter().map(|p| p.replace("{tenant}", tenant)).collect();
+        if allowed
+            .iter()
+            .any(|prefix| repository.strip_prefix(prefix.as_str()).is_some_and(|rest| rest.starts_with('/')))
+        {
+            return Ok(());
+        }
+        Err(ApiError::forbidden(format!(
+            "`{reference}` is not where this tenant may publish: use a repository under {}",
+            allowed.iter().map(|p| format!("{p}/")).collect::<Vec<_>>().join(" or ")
+        )))
+    }
+}
+
+/// Where to publish a run's capsule.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PublishBody {
+    /// An OCI reference with a tag, under a repository the operator lets the tenant publish to
+    /// (`[capsules] publish-to`), e.g. `registry.example.com/capsules/acme/todo:1`.
+    #[schema(min_length = 1, max_length = 1024)]
+    pub reference: String,
+}
+
+/// A published capsule.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Published {
+    /// The reference pushed to.
+    pub reference: String,
+    /// `sha256:<hex>` of the OCI manifest (what a signature signs; pull by `<repository>@<digest>`).
+    pub digest: String,
+    /// Whether the service signed it (`[capsules] signing-key`).
+    pub signed: bool,
+}
+
+/// Publishes a run's capsule (REST and gRPC): checked (every file against its report), pushed
+/// as an OCI artifact (the files as a tar.gz layer, the report as the config), signed with the
+/// service's key when it has one.
+pub async fn publish_op(state: &AppState, caller: &Caller, id: &str, reference: &str) -> Result<Published, ApiError> {
+    caller.require_write()?;
+    let outcome = async {
+        // Another tenant's run answers 404 whatever the reference.
+        find(state, caller, id, Some(JobKind::Run)).await?;
+        state.capsules.check(caller.tenant_name(), reference)?;
+        let artifact = capsule_op(state, caller, id).await?;
+        let (report, annotations) =
+            qlayer_jobs::capsule_publication(id, &artifact.bytes).map_err(|e| ApiError::internal(format!("{e:#}")))?;
+        let market = state.runner.marketplace();
+        market
+            .check_registry(state.runner.runtime(), reference)
+            .await
+            .map_err(|e| crate::resources::install_error(e, reference))?;
+        let key = state.capsules.key.as_deref();
+        let digest = market
+            .push_capsule(reference, &report, &artifact.bytes, annotations, key)
+            .await
+            .map_err(|e| crate::resources::install_error(e, reference))?;
+        Ok(Published { reference: reference.to_string(), digest, signed: key.is_some() })
+    }
+    .await;
+    state.audit(caller, "run.publish", id, &outcome).await;
+    outcome
+}
+
+/// Pushes a run's capsule to an OCI registry: the files as a tar.gz layer
+/// (`application/vnd.quantumlayer.capsule.layer.v1.tar+gzip`), the run report (every plugin with
+/// its digest, the validators' findings) as the config
+/// (`application/vnd.quantumlayer.capsule.config.v1+json`), signed with the service's key when
+/// the operator set one. `qlayer capsule pull` verifies and unpacks it.
+#[utoipa::path(post, path = "/v1/runs/{id}/publish", tag = "runs", params(("id" = String, Path, description = "run id")),
+    request_body = PublishBody,
+    responses((status = 200, body = Published), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody, description = "a viewer key, publishing is off, or the reference is outside the tenant's repositories"),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "the run has no capsule"),
+        (status = 422, body = ErrorBody), (status = 502, body = ErrorBody, description = "the registry refused or could not be reached")),
+    security(("api_key" = [])))]
+pub async fn publish_run(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath,
+    ApiJson(body): ApiJson<PublishBody>,
+) -> Result<axum::Json<Published>, ApiError> {
+    publish_op(&state, &caller, &id, &body.reference).await.map(axum::Json)
+}
+
 /// The generated project as a tar.gz (files under `<run id>/`, with `qlayer-run.json`).
 #[utoipa::path(get, path = "/v1/runs/{id}/capsule", tag = "runs", params(("id" = String, Path, description = "run id")),
     responses((status = 200, content_type = "application/gzip", body = Vec<u8>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
@@ -580,4 +696,31 @@ pub async fn run_capsule(
         artifact.bytes,
     )
         .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_tenant_publishes_only_under_its_own_prefixes_and_nowhere_when_publishing_is_off() {
+        let off = Capsules::default();
+        let e = off.check("acme", "r.example.com/capsules/acme/todo:1").unwrap_err();
+        assert!(e.message().contains("[capsules] publish-to"), "{e:?}");
+        let on = Capsules { publish_to: vec!["r.example.com/capsules/{tenant}".into()], key: None };
+        assert!(on.check("acme", "r.example.com/capsules/acme/todo:1").is_ok());
+        assert!(on.check("acme", "r.example.com/capsules/acme/a/b:2").is_ok());
+        for refused in [
+            "r.example.com/capsules/acme:1",
+            "r.example.com/capsules/acme-x/todo:1",
+            "r.example.com/capsules/globex/todo:1",
+            "evil.example.com/capsules/acme/todo:1",
+        ] {
+            let e = on.check("acme", refused).unwrap_err();
+            assert!(e.message().contains("r.example.com/capsules/acme/"), "{refused}: {e:?}");
+        }
+        assert!(on.check("acme", "not a reference!").is_err());
+        assert!(on.check("acme", &format!("r.example.com/capsules/acme/todo@sha256:{}", "a".repeat(64))).is_err());
+    }
 }

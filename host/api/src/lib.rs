@@ -58,6 +58,8 @@ pub struct AppState {
     pub gateway: Option<Arc<qlayer_gateway::service::Gateway>>,
     /// `[mcp]`: which Host names and browser origins `/mcp` answers.
     pub mcp: mcp::McpSection,
+    /// `[capsules]`: where tenants may publish runs' capsules, and the key that signs them.
+    pub capsules: Arc<jobs::Capsules>,
 }
 
 impl AppState {
@@ -92,7 +94,7 @@ impl AppState {
         resources::create_key, resources::list_keys, resources::revoke_key,
         resources::list_plugins, resources::install_plugin, resources::get_plugin, resources::remove_plugin,
         jobs::submit_job, jobs::list_jobs, jobs::get_job, jobs::cancel_job, jobs::job_events, jobs::job_tasks,
-        jobs::submit_run, jobs::get_run, jobs::run_capsule, jobs::approve_run, jobs::reject_run,
+        jobs::submit_run, jobs::get_run, jobs::run_capsule, jobs::publish_run, jobs::approve_run, jobs::reject_run,
         pipelines::put_pipeline, pipelines::get_pipeline, pipelines::list_pipelines, pipelines::delete_pipeline,
         gateway::chat_completions, gateway::messages, gateway::count_tokens, gateway::embeddings, gateway::list_models, gateway::get_model,
         gateway::put_model, gateway::delete_model, gateway::usage,
@@ -275,6 +277,7 @@ pub fn router(state: AppState) -> axum::Router {
         .route("/v1/runs", post(jobs::submit_run))
         .route("/v1/runs/{id}", get(jobs::get_run))
         .route("/v1/runs/{id}/capsule", get(jobs::run_capsule))
+        .route("/v1/runs/{id}/publish", post(jobs::publish_run))
         .route("/v1/runs/{id}/approve", post(jobs::approve_run))
         .route("/v1/runs/{id}/reject", post(jobs::reject_run))
         .route("/v1/pipelines", get(pipelines::list_pipelines))

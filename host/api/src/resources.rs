@@ -499,7 +499,7 @@ pub async fn remove_plugin_op(state: &AppState, caller: &Caller, name: &str) -> 
 
 /// Maps marketplace errors to the API's: the registry's and the install policy's errors are the
 /// caller's to see; anything else is internal.
-fn install_error(e: anyhow::Error, what: &str) -> ApiError {
+pub(crate) fn install_error(e: anyhow::Error, what: &str) -> ApiError {
     use qlayer_marketplace::InstallError;
     use qlayer_registry::RegistryError;
     if let Some(e) = e.downcast_ref::<InstallError>() {

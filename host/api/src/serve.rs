@@ -41,6 +41,44 @@ pub struct ServeConfig {
     /// The MCP server at `/mcp`.
     #[serde(default)]
     pub mcp: crate::mcp::McpSection,
+    /// Where runs' capsules may be published (`POST /v1/runs/{id}/publish`).
+    #[serde(default)]
+    pub capsules: CapsulesSection,
+}
+
+/// `[capsules]`: publishing runs' capsules to OCI registries.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct CapsulesSection {
+    /// Repositories a tenant may publish under, `{tenant}` standing for its name:
+    /// `registry.example.com/capsules/{tenant}` lets tenant `acme` push to
+    /// `registry.example.com/capsules/acme/<name>:<tag>`. The service pushes with its own
+    /// registry credentials, so nothing else is allowed. Empty (the default): publishing is off.
+    #[serde(default)]
+    pub publish_to: Vec<String>,
+    /// A private key (PEM, from `qlayer plugin keygen`) the service signs every capsule it
+    /// publishes with.
+    #[serde(default)]
+    pub signing_key: Option<PathBuf>,
+}
+
+impl CapsulesSection {
+    /// Reads the signing key (at start, so a bad path stops the service with the key named).
+    pub fn load(&self) -> anyhow::Result<crate::jobs::Capsules> {
+        for prefix in &self.publish_to {
+            let probe = format!("{}/x:1", prefix.replace("{tenant}", "t"));
+            qlayer_registry::parse_reference(&probe)
+                .map_err(|e| anyhow::anyhow!("[capsules] publish-to `{prefix}` is not a repository: {e}"))?;
+        }
+        let key = match &self.signing_key {
+            Some(path) => Some(std::sync::Arc::new(
+                qlayer_marketplace::read_key(path)
+                    .with_context(|| format!("[capsules] signing-key {}", path.display()))?,
+            )),
+            None => None,
+        };
+        Ok(crate::jobs::Capsules { publish_to: self.publish_to.clone(), key })
+    }
 }
 
 /// `[cache]`.
@@ -681,6 +719,7 @@ pub async fn start(config: ServeConfig, data_dir: PathBuf) -> anyhow::Result<Run
         metrics: crate::metrics_handle(),
         gateway: Some(gateway.clone()),
         mcp: config.mcp.clone(),
+        capsules: std::sync::Arc::new(config.capsules.load()?),
     };
     let (health, health_service) = tonic_health::server::health_reporter();
     let grpc_routes =

@@ -4,6 +4,8 @@
 //! `qlayer`: the QuantumLayer plugin host's command line.
 #![allow(clippy::print_stdout)] // this is the CLI's own output code
 
+mod capsule;
+mod eval;
 mod local;
 mod scaffold;
 mod telemetry;
@@ -45,6 +47,12 @@ enum Command {
     /// devops → qa-engineer → reviewer → validators → review, with bounded repair rounds, run as a job through the core scheduler in this
     /// process. Writes the files and qlayer-run.json into --out.
     Run(RunArgs),
+    /// Run a suite of requirements (a TOML file of `[[case]]` tables with `name` and
+    /// `requirement`) through one pipeline and provider, each as `qlayer run` would (every gate
+    /// approved), and print a row per requirement and the totals: validators passed, files
+    /// checked, errors left, repair rounds, tokens, cost, time. Writes each project and
+    /// eval.json into --out. Exits 3 when a requirement did not pass.
+    Eval(EvalArgs),
     /// Run the factory's validators on any directory (every bundled one by default, or those
     /// named), each in its own sandbox; print their findings and the files none could check.
     /// Exits 3 when errors remain.
@@ -63,6 +71,9 @@ enum Command {
     /// Write, build and inspect plugins.
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// Run capsules as OCI artifacts (`qlayer run --push REF` pushes one).
+    #[command(subcommand)]
+    Capsule(CapsuleCommand),
     /// The audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -133,6 +144,25 @@ enum Command {
         /// http://127.0.0.1:11434/v1 for a local Ollama ([gateway] upstream).
         #[arg(long)]
         upstream: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CapsuleCommand {
+    /// Pull a run's capsule from a registry, check it (the manifest's and blobs' digests, the
+    /// signature under the signature policy, every file against the run report) and write its
+    /// files and qlayer-run.json into --out. Nothing is written from a capsule that fails.
+    Pull {
+        /// The capsule's reference, e.g. registry.example.com/capsules/todo:1 or …@sha256:<hex>.
+        reference: String,
+        /// Directory for the files (created if missing; must be empty).
+        #[arg(long, short)]
+        out: PathBuf,
+        /// Overwrite files in a non-empty --out.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        market: MarketArgs,
     },
 }
 
@@ -233,15 +263,46 @@ enum KeysCommand {
 }
 
 #[derive(clap::Args)]
-struct RunArgs {
-    /// What to build, in plain words.
-    requirement: String,
-    /// Directory for the generated files and the report (created if missing; must be empty).
+struct EvalArgs {
+    /// The suite: `[[case]]` tables with `name`, `requirement` and optionally `language`, and an
+    /// optional top-level `language` for every case.
+    suite: PathBuf,
+    /// Directory for each case's project (`<out>/<name>/`) and eval.json (created if missing;
+    /// must be empty).
     #[arg(long, short)]
     out: PathBuf,
     /// Overwrite files in a non-empty --out.
     #[arg(long)]
     force: bool,
+    #[command(flatten)]
+    llm: LlmArgs,
+    /// A pipeline definition (TOML, or JSON for a `.json` file) instead of the bundled default.
+    #[arg(long)]
+    pipeline: Option<PathBuf>,
+    /// Repair rounds after the first validation (default: the pipeline's).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=qlayer_jobs::MAX_REPAIR_ROUNDS as i64))]
+    max_repair_rounds: Option<u32>,
+    /// Tokens each run may spend.
+    #[arg(long, default_value_t = 500_000, value_parser = clap::value_parser!(u64).range(1..))]
+    token_budget: u64,
+    /// Print the results as JSON (what eval.json holds) instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Where compiled plugins are cached (and installed plugins live).
+    #[arg(long, env = "QLAYER_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// The tenant the runs belong to (and whose installed plugins they may use).
+    #[arg(long, default_value = embedded::LOCAL_TENANT)]
+    tenant: String,
+    /// Where the install records are: sqlite://<path> or postgres://... (default: the data dir's
+    /// qlayer.db).
+    #[arg(long, env = "QLAYER_DATABASE_URL")]
+    database: Option<String>,
+}
+
+/// The model provider of a run (or of every run of an eval).
+#[derive(clap::Args)]
+struct LlmArgs {
     /// `scripted` (offline test double), `openai` (any OpenAI-compatible endpoint), or
     /// `installed:<name>` (a provider installed with `qlayer plugin install`). Defaults to openai
     /// when a base URL is given, else scripted.
@@ -259,6 +320,20 @@ struct RunArgs {
     /// A script (JSON) for the scripted provider.
     #[arg(long)]
     script: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// What to build, in plain words.
+    requirement: String,
+    /// Directory for the generated files and the report (created if missing; must be empty).
+    #[arg(long, short)]
+    out: PathBuf,
+    /// Overwrite files in a non-empty --out.
+    #[arg(long)]
+    force: bool,
+    #[command(flatten)]
+    llm: LlmArgs,
     /// Programming language to ask for (passed to the agents as an option).
     #[arg(long)]
     language: Option<String>,
@@ -286,6 +361,18 @@ struct RunArgs {
     /// postgres://... (default: the data dir's qlayer.db).
     #[arg(long, env = "QLAYER_DATABASE_URL")]
     database: Option<String>,
+    /// Push the capsule of a run that passed to this OCI reference (a tag, e.g.
+    /// registry.example.com/capsules/todo:1): the files as a tar.gz layer, the run report (every
+    /// plugin with its digest, the validators' findings) as the config. `qlayer capsule pull`
+    /// reads it back.
+    #[arg(long, value_name = "REF")]
+    push: Option<String>,
+    /// Sign the pushed capsule with this private key (PEM, from `qlayer plugin keygen`).
+    #[arg(long, value_name = "KEY", requires = "push")]
+    sign: Option<PathBuf>,
+    /// A registry (host:port) that may be used over plain HTTP, for --push.
+    #[arg(long, env = "QLAYER_INSECURE_REGISTRIES", value_delimiter = ',')]
+    insecure_registry: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -518,7 +605,18 @@ fn main() -> ExitCode {
     init_logging(&cli, serving, otlp.as_ref());
     let result = match cli.command {
         Command::Run(args) => run(args),
+        Command::Eval(args) => eval_suite(args),
         Command::Plugin(cmd) => plugin(cmd).map(|()| ExitCode::SUCCESS),
+        Command::Capsule(CapsuleCommand::Pull { reference, out, force, market }) => {
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| {
+                    rt.block_on(async { capsule::pull(&market.open().await?, &reference, &out, force).await })
+                })
+                .map(|()| ExitCode::SUCCESS)
+        }
         Command::Validate { dir, validators, tenant, market } => validate_dir(&dir, validators, &tenant, &market),
         Command::Audit(cmd) => audit(cmd),
         Command::Keys(cmd) => keys(cmd).map(|()| ExitCode::SUCCESS),
@@ -867,35 +965,37 @@ fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
     })
 }
 
-fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let script = match &args.script {
+/// The provider `llm` names, for a run of `tenant`.
+fn provider_choice(llm: &LlmArgs, tenant: &str) -> anyhow::Result<ProviderChoice> {
+    let script = match &llm.script {
         Some(path) => {
             Some(std::fs::read_to_string(path).with_context(|| format!("reading --script {}", path.display()))?)
         }
         None => None,
     };
-    let provider = args
+    let provider = llm
         .provider
         .clone()
-        .unwrap_or_else(|| if args.base_url.is_some() { "openai".into() } else { "scripted".into() });
+        .unwrap_or_else(|| if llm.base_url.is_some() { "openai".into() } else { "scripted".into() });
     let choice = match provider.strip_prefix("installed:") {
         Some(name) => {
-            if args.base_url.is_some() || script.is_some() {
+            if llm.base_url.is_some() || script.is_some() {
                 anyhow::bail!(
                     "--base-url and --script are for the bundled providers; an installed one has its own grants"
                 );
             }
-            ProviderChoice::Installed { name: name.to_string(), tenant: args.tenant.clone() }
+            ProviderChoice::Installed { name: name.to_string(), tenant: tenant.to_string() }
         }
-        None => ProviderChoice::from_flags(
-            &provider,
-            args.base_url.clone(),
-            args.model.clone(),
-            args.api_key.clone(),
-            script,
-        )?,
+        None => {
+            ProviderChoice::from_flags(&provider, llm.base_url.clone(), llm.model.clone(), llm.api_key.clone(), script)?
+        }
     };
-    let pipeline = match &args.pipeline {
+    Ok(choice)
+}
+
+/// A `--pipeline` file (TOML, or JSON for a `.json` file), checked.
+fn read_pipeline(path: Option<&std::path::Path>) -> anyhow::Result<Option<qlayer_jobs::PipelineChoice>> {
+    let pipeline = match path {
         Some(path) => {
             let text =
                 std::fs::read_to_string(path).with_context(|| format!("reading --pipeline {}", path.display()))?;
@@ -909,6 +1009,20 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
         None => None,
     };
+    Ok(pipeline)
+}
+
+fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let choice = provider_choice(&args.llm, &args.tenant)?;
+    let pipeline = read_pipeline(args.pipeline.as_deref())?;
+    // A push's reference and key are checked before anything runs.
+    if let Some(reference) = &args.push {
+        let parsed = qlayer_registry::parse_reference(reference).map_err(|e| anyhow::anyhow!("--push: {e}"))?;
+        if parsed.tag().is_none() || parsed.digest().is_some() {
+            anyhow::bail!("--push {reference}: give a tag and no digest, e.g. registry.example.com/capsules/todo:1");
+        }
+    }
+    let signing_key = args.sign.as_deref().map(marketplace::read_key).transpose().context("--sign")?;
     factory::prepare(&args.requirement, &args.out, args.force)?;
     let input = RunInput {
         requirement: args.requirement.clone(),
@@ -925,18 +1039,8 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     tokio.block_on(async {
         let data_dir = args.data_dir.clone().unwrap_or_else(embedded::default_data_dir);
         let runtime = Runtime::new(RuntimeConfig { cache_dir: Some(data_dir.join("cache")), ..Default::default() })?;
-        let marketplace = MarketArgs {
-            data_dir: Some(data_dir.clone()),
-            database: args.database.clone(),
-            insecure_registry: vec![],
-            signature_policy: None,
-            trusted_key: vec![],
-            network_allow: std::env::var("QLAYER_NETWORK_ALLOW")
-                .map(|v| v.split(',').map(|a| a.trim().to_string()).collect())
-                .unwrap_or_default(),
-        }
-        .open()
-        .await?;
+        let market_args = local_market(&data_dir, args.database.clone(), args.insecure_registry.clone());
+        let marketplace = market_args.open().await?;
         // An installed provider is checked before anything runs.
         if let ProviderChoice::Installed { name, tenant } = &choice {
             let install = marketplace.get(tenant, name).await?;
@@ -954,27 +1058,32 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             input,
             gate: if args.approve_all { Box::new(|_: &str| Ok(approve_all())) } else { Box::new(ask_at_gate) },
         };
-        let progress = |update: Update| match update {
-            Update::Started { task, attempt } if attempt > 1 => println!("  … {task} (attempt {attempt})"),
-            Update::Started { task, .. } => println!("  … {task}"),
-            Update::Step(s) => println!(
-                "  {} {:<24} {}  [{} ms, {} tokens]",
-                if s.outcome == "ok" { "✓" } else { "✗" },
-                s.step,
-                s.summary,
-                s.duration_ms,
-                s.tokens.total()
-            ),
-            Update::Repair { round, errors } => {
-                println!("  ↻ repair round {round}: {errors} error(s) to fix")
-            }
-            Update::Failed { task, error } => println!("  ✗ {task}: {error}"),
-        };
-        let finished = local::run(run, &progress).await?;
+        let finished = local::run(run, &print_update).await?;
         let report = finished.report;
+        let mut pushed = None;
         match &finished.capsule {
             Some(capsule) => {
-                factory::unpack(capsule, &args.out)?;
+                let contents = factory::unpack(capsule, &args.out)?;
+                if let Some(reference) = &args.push {
+                    if report.passed() {
+                        let name = run_name(&args.out);
+                        let digest = capsule::push(
+                            &market_args.open().await?,
+                            reference,
+                            signing_key.as_ref(),
+                            capsule,
+                            &contents,
+                            &name,
+                        )
+                        .await?;
+                        pushed = Some(format!(
+                            "pushed the capsule to {reference}@{digest}{}",
+                            if signing_key.is_some() { " (signed)" } else { "" }
+                        ));
+                    } else {
+                        pushed = Some(format!("not pushed to {reference}: the run did not pass"));
+                    }
+                }
             }
             None => {
                 let path = args.out.join(factory::REPORT_FILE);
@@ -1000,8 +1109,144 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             report.tokens.total(),
             report.duration_ms as f64 / 1000.0
         );
+        if let Some(pushed) = pushed {
+            println!("{pushed}");
+        }
         Ok(if report.passed() { ExitCode::SUCCESS } else { ExitCode::from(3) })
     })
+}
+
+/// A run's progress on standard output, a line per step.
+fn print_update(update: Update) {
+    match update {
+        Update::Started { task, attempt } if attempt > 1 => println!("  … {task} (attempt {attempt})"),
+        Update::Started { task, .. } => println!("  … {task}"),
+        Update::Step(s) => println!(
+            "  {} {:<24} {}  [{} ms, {} tokens]",
+            if s.outcome == "ok" { "✓" } else { "✗" },
+            s.step,
+            s.summary,
+            s.duration_ms,
+            s.tokens.total()
+        ),
+        Update::Repair { round, errors } => {
+            println!("  ↻ repair round {round}: {errors} error(s) to fix")
+        }
+        Update::Failed { task, error } => println!("  ✗ {task}: {error}"),
+    }
+}
+
+/// The marketplace of a local run: the data dir's, with the database and insecure registries given.
+fn local_market(data_dir: &std::path::Path, database: Option<String>, insecure_registry: Vec<String>) -> MarketArgs {
+    MarketArgs {
+        data_dir: Some(data_dir.to_path_buf()),
+        database,
+        insecure_registry,
+        signature_policy: None,
+        trusted_key: vec![],
+        network_allow: std::env::var("QLAYER_NETWORK_ALLOW")
+            .map(|v| v.split(',').map(|a| a.trim().to_string()).collect())
+            .unwrap_or_default(),
+    }
+}
+
+/// A capsule's title: the name of the directory the run wrote.
+fn run_name(out: &std::path::Path) -> String {
+    std::path::absolute(out)
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "run".into())
+}
+
+/// `qlayer eval`: every case of the suite through a scheduler in this process, one after the
+/// other, sharing one runtime (plugins compile once); a line per case as it ends, then the table.
+fn eval_suite(args: EvalArgs) -> anyhow::Result<ExitCode> {
+    let suite = eval::Suite::load(&args.suite)?;
+    let choice = provider_choice(&args.llm, &args.tenant)?;
+    let pipeline = read_pipeline(args.pipeline.as_deref())?;
+    capsule::check_out_dir(&args.out, args.force)?;
+    let mut inputs = Vec::new();
+    for case in &suite.cases {
+        let language = case.language.as_ref().or(suite.language.as_ref());
+        let input = RunInput {
+            requirement: case.requirement.clone(),
+            provider: None,
+            script: None,
+            options: language.map(|language| serde_json::json!({ "language": language })),
+            max_repair_rounds: args.max_repair_rounds,
+            token_budget: Some(args.token_budget),
+            pipeline: pipeline.clone(),
+        };
+        input.check().map_err(|e| anyhow::anyhow!("case `{}`: {e}", case.name))?;
+        inputs.push(input);
+    }
+    let tokio = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let results = tokio.block_on(async {
+        let data_dir = args.data_dir.clone().unwrap_or_else(embedded::default_data_dir);
+        let runtime = std::sync::Arc::new(Runtime::new(RuntimeConfig {
+            cache_dir: Some(data_dir.join("cache")),
+            ..Default::default()
+        })?);
+        let market_args = local_market(&data_dir, args.database.clone(), vec![]);
+        if let ProviderChoice::Installed { name, tenant } = &choice {
+            let install = market_args.open().await?.get(tenant, name).await?;
+            if install.kind != Kind::Provider {
+                anyhow::bail!("installed plugin `{name}` is a {} plugin, not a provider", install.kind);
+            }
+        }
+        if !args.json {
+            println!("qlayer eval: {} case(s) from {}", suite.cases.len(), args.suite.display());
+            println!("  provider: {}", choice.label());
+        }
+        let mut rows = Vec::new();
+        for (n, (case, input)) in suite.cases.iter().zip(inputs).enumerate() {
+            let out = args.out.join(&case.name);
+            factory::prepare(&case.requirement, &out, args.force)?;
+            let run = LocalRun {
+                runtime: runtime.clone(),
+                marketplace: market_args.open().await?,
+                provider: choice.clone(),
+                tenant: args.tenant.clone(),
+                input,
+                gate: Box::new(|_: &str| Ok(approve_all())),
+            };
+            let finished = local::run(run, &|_| {}).await.with_context(|| format!("case `{}`", case.name))?;
+            match &finished.capsule {
+                Some(capsule) => {
+                    factory::unpack(capsule, &out)?;
+                }
+                None => {
+                    let path = out.join(factory::REPORT_FILE);
+                    std::fs::write(&path, serde_json::to_vec_pretty(&finished.report)?)
+                        .with_context(|| format!("writing {}", path.display()))?;
+                }
+            }
+            let row = eval::CaseResult::of(&case.name, &finished.report);
+            if !args.json {
+                println!(
+                    "  [{}/{}] {}: {} — {} ({:.1}s)",
+                    n + 1,
+                    suite.cases.len(),
+                    case.name,
+                    row.status,
+                    row.stop_reason,
+                    row.duration_ms as f64 / 1000.0
+                );
+            }
+            rows.push(row);
+        }
+        Ok(eval::Results::new(choice.label(), rows))
+    })?;
+    let json = serde_json::to_string_pretty(&results)?;
+    let path = args.out.join("eval.json");
+    std::fs::write(&path, &json).with_context(|| format!("writing {}", path.display()))?;
+    if args.json {
+        println!("{json}");
+    } else {
+        print!("\n{}", results.table());
+        println!("projects and eval.json in {}", args.out.display());
+    }
+    Ok(if results.all_passed() { ExitCode::SUCCESS } else { ExitCode::from(3) })
 }
 
 /// `--approve-all`'s decision.

@@ -547,27 +547,142 @@ pub fn capsule(name: &str, files: &[Artifact], report: &RunReport) -> anyhow::Re
     Ok(tar.into_inner()?.finish()?)
 }
 
-/// Writes a capsule's files and report into `out` (without the capsule's top folder), under the
-/// same path rules as a run's files. Returns how many files it wrote.
-pub fn unpack(capsule: &[u8], out: &Path) -> anyhow::Result<usize> {
+/// The capsule manifest's annotation with the run's status (`passed`, `failed-validation`).
+pub const CAPSULE_STATUS_ANNOTATION: &str = "dev.quantumlayer.capsule.status";
+
+/// The annotations of a capsule pushed as an OCI artifact: its title (the run's name), the
+/// requirement as its description (the first 256 characters), the run's status and pipeline.
+pub fn capsule_annotations(name: &str, report: &RunReport) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::new();
+    out.insert("org.opencontainers.image.title".to_string(), name.to_string());
+    out.insert("org.opencontainers.image.description".to_string(), report.requirement.chars().take(256).collect());
+    out.insert(CAPSULE_STATUS_ANNOTATION.to_string(), report.status.clone());
+    if let Some(pipeline) = &report.pipeline {
+        out.insert("dev.quantumlayer.capsule.pipeline".to_string(), pipeline.clone());
+    }
+    out
+}
+
+/// The most entries a capsule may hold.
+pub const MAX_CAPSULE_FILES: usize = 10_000;
+/// The most bytes a capsule's files may unpack to (a gzip bomb stops here).
+pub const MAX_CAPSULE_UNPACKED_BYTES: u64 = 512 * 1024 * 1024;
+
+/// What a capsule holds, read into memory and checked: its report and its files.
+#[derive(Debug, Clone)]
+pub struct CapsuleContents {
+    /// The bytes of `qlayer-run.json`.
+    pub report_bytes: Vec<u8>,
+    /// The report they hold.
+    pub report: RunReport,
+    /// The files (relative paths, without the capsule's top folder), in the capsule's order.
+    pub files: Vec<(String, Vec<u8>)>,
+}
+
+/// Reads a capsule (from a run, a download or a registry: it is not trusted) and checks it: one
+/// top folder; regular files only (a symlink, hard link or device is refused, naming it); every
+/// path relative and inside the folder, none twice; at most [`MAX_CAPSULE_FILES`] entries and
+/// [`MAX_CAPSULE_UNPACKED_BYTES`] bytes; a `qlayer-run.json` report; and exactly the files the
+/// report lists, each with the size and sha256 it gives.
+pub fn read_capsule(capsule: &[u8]) -> anyhow::Result<CapsuleContents> {
     let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(capsule));
-    let mut written = 0;
+    let mut top: Option<std::ffi::OsString> = None;
+    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut report_bytes = None;
+    let mut seen = std::collections::BTreeSet::new();
+    let mut total: u64 = 0;
+    let mut entries = 0usize;
     for entry in archive.entries().context("reading the capsule")? {
         let mut entry = entry.context("reading the capsule")?;
+        entries += 1;
+        if entries > MAX_CAPSULE_FILES {
+            bail!("the capsule holds more than {MAX_CAPSULE_FILES} entries");
+        }
         let path = entry.path().context("reading the capsule")?.into_owned();
+        let shown = path.display().to_string();
+        let kind = entry.header().entry_type();
+        if kind.is_dir() {
+            continue;
+        }
+        if !(kind.is_file() || kind == tar::EntryType::Continuous) {
+            let what = if kind.is_symlink() {
+                "a symbolic link"
+            } else if kind.is_hard_link() {
+                "a hard link"
+            } else {
+                "not a regular file"
+            };
+            bail!("the capsule's entry `{shown}` is {what}: a capsule holds only regular files");
+        }
         let mut parts = path.components();
-        parts.next();
-        let relative = parts.as_path().to_str().context("a capsule path is not UTF-8")?;
+        match (parts.next(), &top) {
+            (Some(Component::Normal(first)), None) => top = Some(first.to_os_string()),
+            (Some(Component::Normal(first)), Some(top)) if first == top.as_os_str() => {}
+            _ => bail!("the capsule's entry `{shown}` is not inside its one top folder"),
+        }
+        let relative = parts.as_path().to_str().context("a capsule path is not UTF-8")?.to_string();
+        safe_join(Path::new("."), &relative).with_context(|| format!("the capsule's entry `{shown}`"))?;
+        let relative = canonical_path(&relative).map_err(|e| anyhow::anyhow!("the capsule's entry `{shown}`: {e}"))?;
+        if !seen.insert(relative.clone()) {
+            bail!("the capsule holds `{relative}` twice");
+        }
+        let size = entry.header().size().context("reading the capsule")?;
+        total = total.saturating_add(size);
+        if total > MAX_CAPSULE_UNPACKED_BYTES {
+            bail!("the capsule unpacks to more than {MAX_CAPSULE_UNPACKED_BYTES} bytes");
+        }
+        let mut bytes = Vec::with_capacity(size.min(1 << 20) as usize);
+        std::io::Read::read_to_end(&mut std::io::Read::take(&mut entry, size), &mut bytes)
+            .with_context(|| format!("reading `{shown}` from the capsule"))?;
+        if relative == REPORT_FILE {
+            report_bytes = Some(bytes);
+        } else {
+            files.push((relative, bytes));
+        }
+    }
+    let report_bytes = report_bytes.with_context(|| format!("the capsule has no {REPORT_FILE}"))?;
+    let report: RunReport = serde_json::from_slice(&report_bytes)
+        .with_context(|| format!("the capsule's {REPORT_FILE} is not a run report"))?;
+    let listed: std::collections::BTreeMap<&str, &FileReport> =
+        report.files.iter().map(|f| (f.path.as_str(), f)).collect();
+    for (path, bytes) in &files {
+        let Some(entry) = listed.get(path.as_str()) else {
+            bail!("the capsule holds `{path}`, which its report does not list");
+        };
+        let sha256 = format!("sha256:{}", hex::encode(Sha256::digest(bytes)));
+        if entry.sha256 != sha256 || entry.bytes != bytes.len() {
+            bail!(
+                "`{path}` in the capsule is not the file its report lists ({} bytes, {}): it is {} bytes, {sha256}",
+                entry.bytes,
+                entry.sha256,
+                bytes.len()
+            );
+        }
+    }
+    if let Some(missing) = report.files.iter().find(|f| !seen.contains(&f.path)) {
+        bail!("the capsule lacks `{}`, which its report lists", missing.path);
+    }
+    Ok(CapsuleContents { report_bytes, report, files })
+}
+
+/// Writes a capsule's files and report into `out` (without the capsule's top folder), after
+/// [`read_capsule`] has checked all of it (nothing is written from a capsule that fails).
+/// Returns the checked contents.
+pub fn unpack(capsule: &[u8], out: &Path) -> anyhow::Result<CapsuleContents> {
+    let contents = read_capsule(capsule)?;
+    let report = (REPORT_FILE.to_string(), contents.report_bytes.clone());
+    for (relative, bytes) in contents.files.iter().chain(std::iter::once(&report)) {
         let target = safe_join(out, relative)?;
         if let Some(parent) = target.parent() {
             std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
         }
-        let mut bytes = Vec::new();
-        std::io::Read::read_to_end(&mut entry, &mut bytes).context("reading the capsule")?;
+        // A link already in `out` is replaced, never followed.
+        if std::fs::symlink_metadata(&target).is_ok_and(|m| m.file_type().is_symlink()) {
+            std::fs::remove_file(&target).with_context(|| format!("replacing {}", target.display()))?;
+        }
         std::fs::write(&target, bytes).with_context(|| format!("writing {}", target.display()))?;
-        written += 1;
     }
-    Ok(written)
+    Ok(contents)
 }
 
 #[cfg(test)]
@@ -635,5 +750,100 @@ mod tests {
         for bad in ["../x", "/etc/passwd", "a/../../b", ""] {
             assert!(safe_join(root, bad).is_err(), "{bad}");
         }
+    }
+
+    fn sample_report(files: &[Artifact]) -> RunReport {
+        RunReport {
+            requirement: "a todo list".into(),
+            status: "passed".into(),
+            stop_reason: "every validator passed".into(),
+            provider: "scripted".into(),
+            pipeline: None,
+            repair_rounds: 0,
+            steps: vec![],
+            diagnostics: vec![],
+            files: file_reports(files).unwrap(),
+            unchecked: vec![],
+            tokens: TokenCount::default(),
+            cost: None,
+            currency: None,
+            duration_ms: 1,
+            started_at: 0,
+        }
+    }
+
+    /// A tar.gz with the entries given as they are (path, type, content), for capsules no run
+    /// would write.
+    fn raw_capsule(entries: &[(&str, tar::EntryType, &[u8])]) -> Vec<u8> {
+        let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+        for (path, kind, data) in entries {
+            let mut header = tar::Header::new_gnu();
+            header.set_entry_type(*kind);
+            header.set_mode(0o644);
+            if kind.is_symlink() || kind.is_hard_link() {
+                header.set_size(0);
+                tar.append_link(&mut header, path, std::str::from_utf8(data).unwrap()).unwrap();
+            } else {
+                header.set_size(data.len() as u64);
+                // Raw names: `append_data` refuses `..`, which an attacker's tar has.
+                let name = header.as_old_mut();
+                name.name[..path.len()].copy_from_slice(path.as_bytes());
+                header.set_cksum();
+                tar.append(&header, *data).unwrap();
+            }
+        }
+        tar.into_inner().unwrap().finish().unwrap()
+    }
+
+    #[test]
+    fn a_capsule_unpacks_only_when_every_entry_is_a_listed_regular_file_inside_it() {
+        let art = |p: &str, c: &str| Artifact { path: p.into(), media_type: "text/plain".into(), content: c.into() };
+        let files = vec![art("src/main.rs", "fn main() {}\n"), art("README.md", "# todo\n")];
+        let report = sample_report(&files);
+        let packed = capsule("run-1", &files, &report).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let contents = unpack(&packed, out.path()).unwrap();
+        assert_eq!(contents.files.len(), 2);
+        assert_eq!(std::fs::read_to_string(out.path().join("src/main.rs")).unwrap(), "fn main() {}\n");
+        let written: RunReport = serde_json::from_slice(&std::fs::read(out.path().join(REPORT_FILE)).unwrap()).unwrap();
+        assert_eq!(written.files.len(), 2);
+
+        let json = serde_json::to_vec(&report).unwrap();
+        let regular = tar::EntryType::Regular;
+        let refused = |entries: &[(&str, tar::EntryType, &[u8])], expected: &str| {
+            let dir = tempfile::tempdir().unwrap();
+            let err = format!("{:#}", unpack(&raw_capsule(entries), dir.path()).unwrap_err());
+            assert!(err.contains(expected), "{expected:?} not in {err}");
+            assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "nothing written: {err}");
+        };
+        let main: &[u8] = b"fn main() {}\n";
+        let readme: &[u8] = b"# todo\n";
+        let base = [
+            ("r/qlayer-run.json", regular, json.as_slice()),
+            ("r/src/main.rs", regular, main),
+            ("r/README.md", regular, readme),
+        ];
+        // As packed by hand, the same capsule is accepted.
+        assert!(read_capsule(&raw_capsule(&base)).is_ok());
+        refused(
+            &[base[0], base[1], ("r/README.md", tar::EntryType::Symlink, b"/etc/passwd")],
+            "`r/README.md` is a symbolic link",
+        );
+        refused(&[base[0], base[1], ("r/README.md", tar::EntryType::Link, b"r/src/main.rs")], "is a hard link");
+        refused(&[base[0], base[1], base[2], ("r/../evil", regular, b"x")], "`r/../evil`");
+        refused(&[base[0], base[1], base[2], ("other/x", regular, b"x")], "not inside its one top folder");
+        refused(
+            &[base[0], base[1], base[2], ("r/extra.txt", regular, b"x")],
+            "`extra.txt`, which its report does not list",
+        );
+        refused(
+            &[base[0], base[1], ("r/README.md", regular, b"# tampered")],
+            "`README.md` in the capsule is not the file its report lists",
+        );
+        refused(&[base[0], base[1]], "lacks `README.md`");
+        refused(&[base[1], base[2]], "has no qlayer-run.json");
+        refused(&[base[0], base[1], base[2], base[2]], "holds `README.md` twice");
+        let dir = tempfile::tempdir().unwrap();
+        assert!(unpack(b"not a tar.gz", dir.path()).is_err());
     }
 }

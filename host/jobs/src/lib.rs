@@ -38,6 +38,19 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// What a run's capsule is published as (`POST /v1/runs/{id}/publish`): the OCI config (the
+/// report in the capsule, byte for byte) and the manifest's annotations. The capsule is checked
+/// first (every file against its report).
+pub fn capsule_publication(
+    run_id: &str,
+    capsule: &[u8],
+) -> anyhow::Result<(Vec<u8>, std::collections::BTreeMap<String, String>)> {
+    let contents = factory::read_capsule(capsule)?;
+    let annotations = factory::capsule_annotations(run_id, &contents.report);
+    Ok((contents.report_bytes, annotations))
+}
+
 use tokio::sync::broadcast;
 
 /// The input of a `call` job.

@@ -310,6 +310,17 @@ pub struct InstallOutcome {
     pub replaced: Option<String>,
 }
 
+/// A capsule pulled from a registry, with its signature check.
+#[derive(Debug, Clone)]
+pub struct PulledCapsuleOutcome {
+    /// The capsule, its blobs checked against their digests.
+    pub capsule: qlayer_registry::PulledCapsule,
+    /// The signature check (none under policy `off`).
+    pub verification: Option<Verification>,
+    /// A warning to show (policy `warn` and a signature that did not verify).
+    pub warning: Option<String>,
+}
+
 /// What `info` shows about a reference.
 #[derive(Debug, Clone)]
 pub struct Info {
@@ -477,6 +488,47 @@ impl Marketplace {
             self.registry.sign(&reference, &digest, key).await?;
         }
         Ok(digest)
+    }
+
+    /// Pushes a run's capsule (its report and its files' tar.gz; see
+    /// [`qlayer_registry::capsule`]) to `reference` and, with `key`, signs it. Returns the
+    /// manifest digest.
+    pub async fn push_capsule(
+        &self,
+        reference: &str,
+        report: &[u8],
+        files: &[u8],
+        annotations: BTreeMap<String, String>,
+        key: Option<&PrivateKey>,
+    ) -> anyhow::Result<String> {
+        let reference = parse_reference(reference)?;
+        let digest = self.registry.push_capsule(&reference, report, files, annotations).await?;
+        if let Some(key) = key {
+            self.registry.sign(&reference, &digest, key).await?;
+        }
+        Ok(digest)
+    }
+
+    /// Pulls the capsule at `reference` (every blob checked against its digest) and checks its
+    /// signature with the trusted keys under `policy`: `require` refuses one no trusted key
+    /// signed; `warn` returns it with a warning that says why.
+    pub async fn pull_capsule(&self, reference: &str, policy: SignaturePolicy) -> anyhow::Result<PulledCapsuleOutcome> {
+        let parsed = parse_reference(reference)?;
+        let capsule = self.registry.pull_capsule(&parsed).await?;
+        let (verification, warning) = match policy {
+            SignaturePolicy::Off => (None, None),
+            SignaturePolicy::Require | SignaturePolicy::Warn => {
+                let verification = self.registry.verify_capsule(&capsule, &self.keys).await?;
+                let verified = matches!(verification, Verification::Verified { .. });
+                if !verified && policy == SignaturePolicy::Require {
+                    bail!("refused the capsule {reference}: {verification} (signature policy `require`)");
+                }
+                let warning = (!verified)
+                    .then(|| format!("the capsule {reference}: {verification} (accepted: signature policy `warn`)"));
+                (Some(verification), warning)
+            }
+        };
+        Ok(PulledCapsuleOutcome { capsule, verification, warning })
     }
 
     /// The plugins in `registry`, optionally filtered by `text`.

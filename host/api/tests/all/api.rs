@@ -65,6 +65,12 @@ pub(crate) async fn service(backend: Backend, with_registry: bool, tweak: impl F
         }
     };
     tweak(&mut config);
+    // `{registry}` in `[capsules] publish-to` stands for the test registry's address.
+    if let Some(r) = &registry {
+        for prefix in &mut config.capsules.publish_to {
+            *prefix = prefix.replace("{registry}", &r.addr);
+        }
+    }
     let running = qlayer_api::serve::start(config, dir.path().to_path_buf()).await.unwrap();
     let base = format!("http://{}", running.rest_addr);
     Svc {
@@ -1159,6 +1165,17 @@ async fn grpc_every_method_checks_the_caller_and_the_other_tenant_sees_nothing()
                     "RejectRun",
                     code(
                         r.reject_run(proto::GateRequest { id: run.clone(), comment: Some("x".into()) }).await.map(drop),
+                    ),
+                ),
+                (
+                    "PublishRun",
+                    code(
+                        r.publish_run(proto::PublishRequest {
+                            id: run.clone(),
+                            reference: "127.0.0.1:1/capsules/x:1".into(),
+                        })
+                        .await
+                        .map(drop),
                     ),
                 ),
             ]

@@ -3,6 +3,7 @@
 
 mod api;
 mod cache;
+mod capsules;
 mod gates;
 mod gateway;
 mod limits;

@@ -551,3 +551,80 @@ fn run_asks_at_a_gate_and_a_rejection_goes_back_to_the_step() {
     assert_eq!(o.status.code(), Some(1), "{stdout}{stderr}");
     assert!(stderr.contains("standard input is closed") && stderr.contains("--approve-all"), "{stderr}");
 }
+
+/// `qlayer eval`: a suite's cases run one after the other through the same pipeline and provider;
+/// the table has a row per case and the totals; each project and eval.json are written; a case
+/// that does not pass makes the exit code 3. A bad suite is refused before anything runs.
+#[test]
+fn eval_runs_a_suite_and_prints_a_row_per_requirement_and_the_totals() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let pipeline = tmp.path().join("short.toml");
+    std::fs::write(
+        &pipeline,
+        "[[steps]]\nname = \"pm\"\nrole = \"product-manager\"\n\
+         [[steps]]\nname = \"dev\"\nrole = \"developer\"\nafter = [\"pm\"]\nvalidators = [\"syntax\"]\n\
+         [repair]\nrounds = 1\nsteps = [\"dev\"]\n",
+    )
+    .unwrap();
+    let script = tmp.path().join("script.json");
+    let broken = qlayer_tests::files_json("fn main( {");
+    let rules = serde_json::json!({"rules": [{"role": "developer", "contains": "a broken parser", "reply": broken}]});
+    std::fs::write(&script, rules.to_string()).unwrap();
+    let suite = tmp.path().join("suite.toml");
+    std::fs::write(
+        &suite,
+        "[[case]]\nname = \"todo\"\nrequirement = \"a todo list CLI\"\n\
+         [[case]]\nname = \"parser\"\nrequirement = \"a broken parser CLI\"\n",
+    )
+    .unwrap();
+    let out = tmp.path().join("results");
+    let args = ["eval", suite.to_str().unwrap(), "--out", out.to_str().unwrap()];
+    let more = ["--pipeline", pipeline.to_str().unwrap(), "--script", script.to_str().unwrap()];
+    let o = qlayer(&[&args[..], &more[..]].concat(), &data);
+    let (stdout, stderr) = text(&o);
+    assert_eq!(o.status.code(), Some(3), "{stdout}{stderr}");
+    assert!(stdout.contains("[1/2] todo: passed") && stdout.contains("[2/2] parser: failed-validation"), "{stdout}");
+    let row = |name: &str| stdout.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name}: {stdout}"));
+    assert!(row("case").contains("checked") && row("case").contains("tokens"), "{stdout}");
+    assert!(row("todo ").contains("passed"), "{stdout}");
+    assert!(row("parser").contains("failed-validation"), "{stdout}");
+    assert!(row("total").contains("1/2 passed"), "{stdout}");
+    let results: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("eval.json")).unwrap()).unwrap();
+    assert_eq!(results["cases"][0]["status"], "passed", "{results}");
+    assert_eq!(results["cases"][0]["errors"], 0, "{results}");
+    assert!(results["cases"][0]["tokens"].as_u64().unwrap() > 0, "{results}");
+    assert_eq!(
+        (results["cases"][1]["errors"].as_u64(), results["cases"][1]["repair_rounds"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert_eq!(results["total"]["status"], "1/2 passed");
+    assert!(out.join("todo/src/main.rs").is_file() && out.join("parser/qlayer-run.json").is_file());
+    assert_eq!(std::fs::read_to_string(out.join("parser/src/main.rs")).unwrap(), "fn main( {");
+
+    // --json: the same results on standard output.
+    let again = tmp.path().join("again");
+    let o = qlayer(
+        &[
+            "eval",
+            suite.to_str().unwrap(),
+            "--out",
+            again.to_str().unwrap(),
+            "--json",
+            "--pipeline",
+            pipeline.to_str().unwrap(),
+        ],
+        &data,
+    );
+    let (stdout, stderr) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "without the script both pass: {stdout}{stderr}");
+    let printed: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(printed["total"]["status"], "2/2 passed");
+
+    // A bad suite: refused naming the case, nothing run.
+    std::fs::write(&suite, "[[case]]\nname = \"a\"\nrequirement = \"x\"\nrequirment = \"typo\"\n").unwrap();
+    let o = qlayer(&["eval", suite.to_str().unwrap(), "--out", tmp.path().join("bad").to_str().unwrap()], &data);
+    let (_, stderr) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("unknown field `requirment`"), "{stderr}");
+}

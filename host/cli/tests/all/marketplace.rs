@@ -264,3 +264,125 @@ fn qlayer_mcp_serves_a_tenants_tools_over_stdio_to_the_python_sdk() {
         assert!(got["other"].as_str().unwrap().contains("unknown tool `url-check`"), "{mode}: {got}");
     }
 }
+
+/// `qlayer run --push REF --sign KEY` publishes the run's capsule (the files as a tar.gz layer, the
+/// report as the config); `qlayer capsule pull` verifies digest and signature and writes the same
+/// files. A capsule whose blob was altered in the registry, one signed by no trusted key, and a
+/// plugin pulled as a capsule are refused, and nothing is written.
+#[test]
+fn a_run_pushes_its_capsule_and_pull_verifies_and_unpacks_it() {
+    let registry = TestRegistry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let prefix = tmp.path().join("alice");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_qlayer"))
+        .args(["plugin", "keygen"])
+        .arg(&prefix)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (key, public) = (prefix.with_extension("key"), prefix.with_extension("pub"));
+    let capsule = format!("{}/capsules/todo:1", registry.addr);
+    let built = tmp.path().join("built");
+
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_qlayer"))
+        .args(["run", "a todo list CLI", "--approve-all", "--out"])
+        .arg(&built)
+        .args(["--push", &capsule, "--sign", key.to_str().unwrap(), "--insecure-registry", &registry.addr])
+        .env("QLAYER_DATA_DIR", &data)
+        .env_remove("QLAYER_BASE_URL")
+        .env_remove("QLAYER_PROVIDER")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(run.status.success(), "{stdout}{}", String::from_utf8_lossy(&run.stderr));
+    assert!(
+        stdout.contains(&format!("pushed the capsule to {capsule}@sha256:")) && stdout.contains("(signed)"),
+        "{stdout}"
+    );
+
+    let pull = |out: &Path, extra: &[&str]| {
+        let mut args = vec!["capsule", "pull", capsule.as_str(), "--out", out.to_str().unwrap()];
+        args.extend(extra);
+        cli(&args, &data, &registry)
+    };
+    let trusted = ["--signature-policy", "require", "--trusted-key", public.to_str().unwrap()];
+    let pulled = tmp.path().join("pulled");
+    let (ok, stdout, stderr) = pull(&pulled, &trusted);
+    assert!(ok, "{stdout}{stderr}");
+    assert!(stdout.contains("signed by trusted key") && stdout.contains("passed:"), "{stdout}");
+    // The same files, and the same report.
+    let listing = |dir: &Path| {
+        let mut files = Vec::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    files.push((p.strip_prefix(dir).unwrap().to_path_buf(), std::fs::read(&p).unwrap()));
+                }
+            }
+        }
+        files.sort();
+        files
+    };
+    let built_files = listing(&built);
+    assert!(built_files.len() > 5, "{built_files:?}");
+    assert_eq!(listing(&pulled), built_files);
+
+    // Another publisher's key only: refused under `require`, nothing written.
+    let stranger = tmp.path().join("mallory");
+    std::process::Command::new(env!("CARGO_BIN_EXE_qlayer"))
+        .args(["plugin", "keygen"])
+        .arg(&stranger)
+        .output()
+        .unwrap();
+    let stranger_public = stranger.with_extension("pub");
+    let strange = ["--signature-policy", "require", "--trusted-key", stranger_public.to_str().unwrap()];
+    let refused = tmp.path().join("refused");
+    let (ok, _, stderr) = pull(&refused, &strange);
+    assert!(!ok && stderr.contains("refused the capsule") && stderr.contains("none of its 1 signature"), "{stderr}");
+    assert_eq!(std::fs::read_dir(&refused).map(|d| d.count()).unwrap_or(0), 0);
+
+    // A plugin is not a capsule.
+    let plugin = format!("{}/tools/text-stats:1.0.0", registry.addr);
+    let wasm = tmp.path().join("text-stats.wasm");
+    std::fs::write(&wasm, marketplace_plugin("text-stats")).unwrap();
+    assert!(cli(&["plugin", "push", wasm.to_str().unwrap(), &plugin], &data, &registry).0);
+    let (ok, _, stderr) =
+        cli(&["capsule", "pull", &plugin, "--out", tmp.path().join("p").to_str().unwrap()], &data, &registry);
+    assert!(!ok && stderr.contains("is not a run capsule") && stderr.contains("config media type"), "{stderr}");
+
+    // The files' blob altered in the registry: its digest no longer matches, nothing is written.
+    let manifest = capsule_manifest(&registry, "capsules/todo", "1");
+    let layer = manifest["layers"][0]["digest"].as_str().unwrap().to_string();
+    assert_eq!(manifest["layers"][0]["mediaType"], "application/vnd.quantumlayer.capsule.layer.v1.tar+gzip");
+    assert_eq!(manifest["config"]["mediaType"], "application/vnd.quantumlayer.capsule.config.v1+json");
+    assert_eq!(manifest["annotations"]["dev.quantumlayer.capsule.status"], "passed");
+    let path = registry.blob_path(&layer);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&path, bytes).unwrap();
+    let tampered = tmp.path().join("tampered");
+    let (ok, _, stderr) = pull(&tampered, &trusted);
+    assert!(!ok && stderr.contains("does not match its digest"), "{stderr}");
+    assert_eq!(std::fs::read_dir(&tampered).map(|d| d.count()).unwrap_or(0), 0);
+}
+
+/// The OCI manifest at `repository:tag`, read over the distribution API.
+fn capsule_manifest(registry: &TestRegistry, repository: &str, tag: &str) -> serde_json::Value {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(&registry.addr).unwrap();
+    write!(
+        stream,
+        "GET /v2/{repository}/manifests/{tag} HTTP/1.0\r\nAccept: application/vnd.oci.image.manifest.v1+json\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let body = response.split("\r\n\r\n").nth(1).unwrap();
+    serde_json::from_str(body).unwrap()
+}

@@ -117,7 +117,10 @@ impl Registry {
         let layer = match oci.layers.as_slice() {
             [one] if one.media_type == CAPSULE_LAYER_MEDIA_TYPE => one.clone(),
             [one] => {
-                return Err(not_capsule(format!("its layer is `{}`, not `{CAPSULE_LAYER_MEDIA_TYPE}`", one.media_type)));
+                return Err(not_capsule(format!(
+                    "its layer is `{}`, not `{CAPSULE_LAYER_MEDIA_TYPE}`",
+                    one.media_type
+                )));
             }
             many => return Err(not_capsule(format!("it has {} layers; a capsule has exactly one", many.len()))),
         };

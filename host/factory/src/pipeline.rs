@@ -293,8 +293,10 @@ fn at(i: usize, step: &Step) -> String {
 impl Pipeline {
     /// The bundled default pipeline.
     pub fn default_pipeline() -> Pipeline {
+        // Parsed once per process: every step of a run on the default pipeline asks for it.
+        static PARSED: std::sync::OnceLock<Pipeline> = std::sync::OnceLock::new();
         #[allow(clippy::expect_used)] // The bundled text is checked by a test.
-        Pipeline::from_toml(DEFAULT).expect("the bundled default pipeline is valid")
+        PARSED.get_or_init(|| Pipeline::from_toml(DEFAULT).expect("the bundled default pipeline is valid")).clone()
     }
 
     /// Reads and checks a pipeline from TOML; the message names the key or step at fault.

@@ -21,6 +21,8 @@
 //!
 //! `cargo bench -p qlayer-jobs --bench scheduler` (docs/PERFORMANCE.md records the figures);
 //! `-- throughput fairness factory takeover` runs only the sections named.
+//! `QLAYER_BENCH_TIMELINE=1` prints each scheduled factory run's events with their offsets in ms
+//! (one at a time only): where a run's time goes between its steps.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
 use futures::future::BoxFuture;
@@ -521,6 +523,15 @@ async fn scheduled_runs(
                 let steps = report["steps"].as_array().unwrap();
                 step_ms.push(steps.iter().map(|s| s["duration_ms"].as_u64().unwrap()).sum::<u64>());
                 step_count = steps.len();
+                if std::env::var("QLAYER_BENCH_TIMELINE").is_ok() && parallel == 1 {
+                    let events = db.job_events(&tenant, &id, 0).await.unwrap();
+                    let t0 = events[0].at;
+                    let line: Vec<String> = events
+                        .iter()
+                        .map(|e| format!("{}+{} {}", e.kind, e.at - t0, e.data["task"].as_str().unwrap_or("")))
+                        .collect();
+                    println!("    timeline: {}", line.join(" | "));
+                }
                 pending.remove(&id);
             }
         }

@@ -608,12 +608,36 @@ pub struct PluginExecutor {
     provider: Option<ProviderChoice>,
     /// The first-party plugins the factory's steps use, loaded once.
     bundled: Mutex<HashMap<String, Arc<Plugin>>>,
+    /// Runs' inputs and pipelines, read once per run (a job's input never changes), by
+    /// `<tenant id>/<job id>`; at most [`MAX_CACHED`], then emptied.
+    plans: Mutex<HashMap<String, Arc<RunPlan>>>,
+    /// Tenants' names by id (a tenant is never renamed); at most [`MAX_CACHED`], then emptied.
+    tenant_names: Mutex<HashMap<String, String>>,
     /// The gateway, through which a step that names a model of the tenant's table asks it (set
     /// once the service has one; weak, since the gateway's providers hold the runner).
     gateway: std::sync::OnceLock<std::sync::Weak<Gateway>>,
     /// The scheduler's fair sharing of interactive work: a step's tool calls take their turn in
     /// it, as the tenant's MCP calls do.
     admission: std::sync::OnceLock<Arc<qlayer_scheduler::interactive::Admission>>,
+}
+
+/// The most entries each of the executor's caches holds.
+const MAX_CACHED: usize = 1024;
+
+/// What every step of a run reads first: its input, its pipeline, when it was submitted.
+struct RunPlan {
+    created_at: i64,
+    input: RunInput,
+    pipeline: Pipeline,
+}
+
+/// Inserts into a bounded cache: emptied when full (the entries are cheap to read again).
+fn remember<V>(cache: &Mutex<HashMap<String, V>>, key: String, value: V) {
+    let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+    if cache.len() >= MAX_CACHED {
+        cache.clear();
+    }
+    cache.insert(key, value);
 }
 
 /// How a failed plugin call counts for the scheduler.
@@ -835,6 +859,8 @@ impl PluginExecutor {
             marketplace,
             provider: None,
             bundled: Mutex::default(),
+            plans: Mutex::default(),
+            tenant_names: Mutex::default(),
             gateway: Default::default(),
             admission: Default::default(),
         }
@@ -852,11 +878,37 @@ impl PluginExecutor {
     }
 
     async fn tenant_name(&self, tenant_id: &str) -> Result<String, String> {
+        if let Some(name) = self.tenant_names.lock().unwrap_or_else(|e| e.into_inner()).get(tenant_id) {
+            return Ok(name.clone());
+        }
         match self.db.tenant(tenant_id).await {
-            Ok(Some(t)) => Ok(t.name),
+            Ok(Some(t)) => {
+                remember(&self.tenant_names, tenant_id.to_string(), t.name.clone());
+                Ok(t.name)
+            }
             Ok(None) => Err("the tenant no longer exists".into()),
             Err(e) => Err(format!("{e}")),
         }
+    }
+
+    /// A run's input and pipeline, checked, read from its job once.
+    async fn plan(&self, task: &Task) -> Result<Arc<RunPlan>, TaskError> {
+        let key = format!("{}/{}", task.tenant_id, task.job_id);
+        if let Some(plan) = self.plans.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            return Ok(plan.clone());
+        }
+        let job = self
+            .db
+            .job(&task.tenant_id, &task.job_id)
+            .await
+            .map_err(fatal)?
+            .ok_or_else(|| fatal("the job no longer exists"))?;
+        let input: RunInput = serde_json::from_value(job.input).map_err(|e| fatal(format!("input: {e}")))?;
+        input.check().map_err(TaskError::fatal)?;
+        let pipeline = input.pipeline().map_err(TaskError::fatal)?;
+        let plan = Arc::new(RunPlan { created_at: job.created_at, input, pipeline });
+        remember(&self.plans, key, plan.clone());
+        Ok(plan)
     }
 
     async fn call(&self, task: &Task, ctx: &TaskContext) -> Result<JsonText, TaskError> {
@@ -925,18 +977,11 @@ impl PluginExecutor {
 
     /// Runs one step of a factory run.
     async fn step(&self, task: &Task, ctx: &TaskContext) -> Result<TaskResult, TaskError> {
-        let job = self
-            .db
-            .job(&task.tenant_id, &task.job_id)
-            .await
-            .map_err(fatal)?
-            .ok_or_else(|| fatal("the job no longer exists"))?;
-        let input: RunInput = serde_json::from_value(job.input.clone()).map_err(|e| fatal(format!("input: {e}")))?;
-        input.check().map_err(TaskError::fatal)?;
-        let pipeline = input.pipeline().map_err(TaskError::fatal)?;
+        let plan = self.plan(task).await?;
+        let (input, pipeline) = (&plan.input, &plan.pipeline);
         let tasks = self.db.job_tasks(&task.tenant_id, &task.job_id).await.map_err(fatal)?;
         let outputs = RunOutputs::read(&tasks).map_err(TaskError::fatal)?;
-        let run = Run { task, job: &job, input: &input, pipeline: &pipeline, outputs: &outputs, all: &tasks };
+        let run = Run { task, created_at: plan.created_at, input, pipeline, outputs: &outputs, all: &tasks };
         match (task.kind.as_str(), pipeline.task(&task.name)) {
             ("agent", Some((TaskRole::Agent(step), round))) => self.agent(&run, ctx, step, round).await,
             ("validate", Some((TaskRole::Validate { step, validator }, round))) => {
@@ -1185,7 +1230,7 @@ impl PluginExecutor {
     /// The end of a round: another round while validator errors remain and rounds are left,
     /// else the report and the capsule.
     async fn review(&self, run: &Run<'_>, round: u32) -> Result<TaskResult, TaskError> {
-        let Run { task, job, input, pipeline, outputs, .. } = *run;
+        let Run { task, created_at, input, pipeline, outputs, .. } = *run;
         // The validators' diagnostics and the agents' findings (a reviewer's), each at its
         // latest round; one of each when two validators report the same.
         let mut diagnostics: Vec<DiagnosticReport> = Vec::new();
@@ -1253,8 +1298,8 @@ impl PluginExecutor {
             diagnostics,
             files: file_reports,
             unchecked,
-            duration_ms: (now_ms() - job.created_at).max(0) as u64,
-            started_at: (job.created_at / 1000).max(0) as u64,
+            duration_ms: (now_ms() - created_at).max(0) as u64,
+            started_at: (created_at / 1000).max(0) as u64,
         };
         let capsule = factory::capsule(&task.job_id, &files, &report)
             .map_err(|e| fatal(format!("packing the capsule: {e:#}")))?;
@@ -1310,7 +1355,8 @@ impl qlayer_runtime::LlmHandler for UpstreamModel {
 #[derive(Clone, Copy)]
 struct Run<'a> {
     task: &'a Task,
-    job: &'a Job,
+    /// When the run's job was submitted (unix ms).
+    created_at: i64,
     input: &'a RunInput,
     pipeline: &'a Pipeline,
     outputs: &'a RunOutputs,

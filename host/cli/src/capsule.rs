@@ -29,7 +29,7 @@ pub async fn push(
 /// report in its config is the one in its files and that every file is the one the report lists,
 /// and only then writes the files and `qlayer-run.json` into `out`.
 pub async fn pull(market: &Marketplace, reference: &str, out: &Path, force: bool) -> anyhow::Result<()> {
-    check_out_dir(out, force)?;
+    factory::prepare_out(out, force)?;
     let policy = market.config().signature_policy;
     let pulled = market.pull_capsule(reference, policy).await?;
     let capsule = &pulled.capsule;
@@ -58,21 +58,5 @@ pub async fn pull(market: &Marketplace, reference: &str, out: &Path, force: bool
         factory::REPORT_FILE,
         out.display()
     );
-    Ok(())
-}
-
-/// `out` may be created, or is an empty directory (or `force`).
-pub(crate) fn check_out_dir(out: &Path, force: bool) -> anyhow::Result<()> {
-    if out.exists() && !out.is_dir() {
-        bail!("--out {} exists and is not a directory", out.display());
-    }
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create the output directory {}", out.display()))?;
-    let non_empty = std::fs::read_dir(out)
-        .with_context(|| format!("cannot read the output directory {}", out.display()))?
-        .next()
-        .is_some();
-    if non_empty && !force {
-        bail!("the output directory {} is not empty; choose another or pass --force to overwrite", out.display());
-    }
     Ok(())
 }

@@ -276,26 +276,35 @@ struct EvalArgs {
     force: bool,
     #[command(flatten)]
     llm: LlmArgs,
-    /// A pipeline definition (TOML, or JSON for a `.json` file) instead of the bundled default.
-    #[arg(long)]
-    pipeline: Option<PathBuf>,
-    /// Repair rounds after the first validation (default: the pipeline's).
-    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=qlayer_jobs::MAX_REPAIR_ROUNDS as i64))]
-    max_repair_rounds: Option<u32>,
-    /// Tokens each run may spend.
-    #[arg(long, default_value_t = 500_000, value_parser = clap::value_parser!(u64).range(1..))]
-    token_budget: u64,
     /// Print the results as JSON (what eval.json holds) instead of the table.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    settings: RunSettings,
+}
+
+/// How a run (or each run of an eval) goes: its pipeline, repair rounds, token budget, and where
+/// its plugins and install records are.
+#[derive(clap::Args)]
+struct RunSettings {
+    /// A pipeline definition (TOML, or JSON for a `.json` file) instead of the bundled default:
+    /// its steps, their role plugins (bundled or installed), validators, tools and repair policy.
+    #[arg(long)]
+    pipeline: Option<PathBuf>,
+    /// Repair rounds after the first validation (default: the pipeline's, 2 in the default one).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=qlayer_jobs::MAX_REPAIR_ROUNDS as i64))]
+    max_repair_rounds: Option<u32>,
+    /// Tokens a run may spend.
+    #[arg(long, default_value_t = 500_000, value_parser = clap::value_parser!(u64).range(1..))]
+    token_budget: u64,
     /// Where compiled plugins are cached (and installed plugins live).
     #[arg(long, env = "QLAYER_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// The tenant the runs belong to (and whose installed plugins they may use).
+    /// The tenant a run belongs to (and whose installed plugins it may use).
     #[arg(long, default_value = embedded::LOCAL_TENANT)]
     tenant: String,
-    /// Where the install records are: sqlite://<path> or postgres://... (default: the data dir's
-    /// qlayer.db).
+    /// Where the install records are (for `installed:` plugins): sqlite://<path> or
+    /// postgres://... (default: the data dir's qlayer.db).
     #[arg(long, env = "QLAYER_DATABASE_URL")]
     database: Option<String>,
 }
@@ -337,30 +346,12 @@ struct RunArgs {
     /// Programming language to ask for (passed to the agents as an option).
     #[arg(long)]
     language: Option<String>,
-    /// Repair rounds after the first validation (default: the pipeline's, 2 in the default one).
-    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=qlayer_jobs::MAX_REPAIR_ROUNDS as i64))]
-    max_repair_rounds: Option<u32>,
+    #[command(flatten)]
+    settings: RunSettings,
     /// Approve every approval gate of the pipeline without asking (by default the run asks at
     /// each gate on the terminal: approve, or reject with a comment for the step).
     #[arg(long)]
     approve_all: bool,
-    /// A pipeline definition (TOML, or JSON for a `.json` file) instead of the bundled default:
-    /// its steps, their role plugins (bundled or installed), validators, tools and repair policy.
-    #[arg(long)]
-    pipeline: Option<PathBuf>,
-    /// Tokens the whole run may spend.
-    #[arg(long, default_value_t = 500_000, value_parser = clap::value_parser!(u64).range(1..))]
-    token_budget: u64,
-    /// Where compiled plugins are cached (and installed plugins live).
-    #[arg(long, env = "QLAYER_DATA_DIR")]
-    data_dir: Option<PathBuf>,
-    /// The tenant the run belongs to (and whose installed plugins it may use).
-    #[arg(long, default_value = embedded::LOCAL_TENANT)]
-    tenant: String,
-    /// Where the install records are (for `--provider installed:<name>`): sqlite://<path> or
-    /// postgres://... (default: the data dir's qlayer.db).
-    #[arg(long, env = "QLAYER_DATABASE_URL")]
-    database: Option<String>,
     /// Push the capsule of a run that passed to this OCI reference (a tag, e.g.
     /// registry.example.com/capsules/todo:1): the files as a tar.gz layer, the run report (every
     /// plugin with its digest, the validators' findings) as the config. `qlayer capsule pull`
@@ -1013,8 +1004,8 @@ fn read_pipeline(path: Option<&std::path::Path>) -> anyhow::Result<Option<qlayer
 }
 
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let choice = provider_choice(&args.llm, &args.tenant)?;
-    let pipeline = read_pipeline(args.pipeline.as_deref())?;
+    let choice = provider_choice(&args.llm, &args.settings.tenant)?;
+    let pipeline = read_pipeline(args.settings.pipeline.as_deref())?;
     // A push's reference and key are checked before anything runs.
     if let Some(reference) = &args.push {
         let parsed = qlayer_registry::parse_reference(reference).map_err(|e| anyhow::anyhow!("--push: {e}"))?;
@@ -1029,17 +1020,17 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         provider: None,
         script: None,
         options: args.language.as_ref().map(|language| serde_json::json!({ "language": language })),
-        max_repair_rounds: args.max_repair_rounds,
-        token_budget: Some(args.token_budget),
+        max_repair_rounds: args.settings.max_repair_rounds,
+        token_budget: Some(args.settings.token_budget),
         pipeline,
     };
     input.check().map_err(anyhow::Error::msg)?;
 
     let tokio = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     tokio.block_on(async {
-        let data_dir = args.data_dir.clone().unwrap_or_else(embedded::default_data_dir);
+        let data_dir = args.settings.data_dir.clone().unwrap_or_else(embedded::default_data_dir);
         let runtime = Runtime::new(RuntimeConfig { cache_dir: Some(data_dir.join("cache")), ..Default::default() })?;
-        let market_args = local_market(&data_dir, args.database.clone(), args.insecure_registry.clone());
+        let market_args = local_market(&data_dir, args.settings.database.clone(), args.insecure_registry.clone());
         let marketplace = market_args.open().await?;
         // An installed provider is checked before anything runs.
         if let ProviderChoice::Installed { name, tenant } = &choice {
@@ -1054,7 +1045,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             runtime: std::sync::Arc::new(runtime),
             marketplace,
             provider: choice,
-            tenant: args.tenant.clone(),
+            tenant: args.settings.tenant.clone(),
             input,
             gate: if args.approve_all { Box::new(|_: &str| Ok(approve_all())) } else { Box::new(ask_at_gate) },
         };
@@ -1162,9 +1153,9 @@ fn run_name(out: &std::path::Path) -> String {
 /// other, sharing one runtime (plugins compile once); a line per case as it ends, then the table.
 fn eval_suite(args: EvalArgs) -> anyhow::Result<ExitCode> {
     let suite = eval::Suite::load(&args.suite)?;
-    let choice = provider_choice(&args.llm, &args.tenant)?;
-    let pipeline = read_pipeline(args.pipeline.as_deref())?;
-    capsule::check_out_dir(&args.out, args.force)?;
+    let choice = provider_choice(&args.llm, &args.settings.tenant)?;
+    let pipeline = read_pipeline(args.settings.pipeline.as_deref())?;
+    factory::prepare_out(&args.out, args.force)?;
     let mut inputs = Vec::new();
     for case in &suite.cases {
         let language = case.language.as_ref().or(suite.language.as_ref());
@@ -1173,8 +1164,8 @@ fn eval_suite(args: EvalArgs) -> anyhow::Result<ExitCode> {
             provider: None,
             script: None,
             options: language.map(|language| serde_json::json!({ "language": language })),
-            max_repair_rounds: args.max_repair_rounds,
-            token_budget: Some(args.token_budget),
+            max_repair_rounds: args.settings.max_repair_rounds,
+            token_budget: Some(args.settings.token_budget),
             pipeline: pipeline.clone(),
         };
         input.check().map_err(|e| anyhow::anyhow!("case `{}`: {e}", case.name))?;
@@ -1182,12 +1173,12 @@ fn eval_suite(args: EvalArgs) -> anyhow::Result<ExitCode> {
     }
     let tokio = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let results = tokio.block_on(async {
-        let data_dir = args.data_dir.clone().unwrap_or_else(embedded::default_data_dir);
+        let data_dir = args.settings.data_dir.clone().unwrap_or_else(embedded::default_data_dir);
         let runtime = std::sync::Arc::new(Runtime::new(RuntimeConfig {
             cache_dir: Some(data_dir.join("cache")),
             ..Default::default()
         })?);
-        let market_args = local_market(&data_dir, args.database.clone(), vec![]);
+        let market_args = local_market(&data_dir, args.settings.database.clone(), vec![]);
         if let ProviderChoice::Installed { name, tenant } = &choice {
             let install = market_args.open().await?.get(tenant, name).await?;
             if install.kind != Kind::Provider {
@@ -1206,7 +1197,7 @@ fn eval_suite(args: EvalArgs) -> anyhow::Result<ExitCode> {
                 runtime: runtime.clone(),
                 marketplace: market_args.open().await?,
                 provider: choice.clone(),
-                tenant: args.tenant.clone(),
+                tenant: args.settings.tenant.clone(),
                 input,
                 gate: Box::new(|_: &str| Ok(approve_all())),
             };

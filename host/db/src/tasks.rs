@@ -232,6 +232,14 @@ async fn lock_live_job(tx: &mut Transaction<'_, Any>, job_id: &str, now: i64) ->
     row.map(|r| r.try_get::<i32, _>("task_count")).transpose().map_err(DbError::from)
 }
 
+/// The gate task a waiting job holds: a gate task still waiting whose dependencies all succeeded.
+fn held_gate(tasks: &[Task]) -> Option<&Task> {
+    let succeeded = |name: &str| tasks.iter().any(|t| t.name == name && t.status == TaskStatus::Succeeded);
+    tasks
+        .iter()
+        .find(|t| t.kind == GATE_KIND && t.status == TaskStatus::Waiting && t.depends_on.iter().all(|d| succeeded(d)))
+}
+
 /// Inserts a job's tasks (in the submitting transaction, or a running task's), numbered from
 /// `first`; `all_wait`: every one starts `waiting` (tasks added by a running job, made ready by
 /// the caller's readiness pass).
@@ -483,11 +491,7 @@ impl crate::Db {
                 .fetch_all(&mut *tx)
                 .await?;
             let tasks = rows.iter().map(task_of).collect::<Result<Vec<_>, _>>()?;
-            let succeeded = |name: &str| tasks.iter().any(|t| t.name == name && t.status == TaskStatus::Succeeded);
-            let held = tasks.iter().find(|t| {
-                t.kind == GATE_KIND && t.status == TaskStatus::Waiting && t.depends_on.iter().all(|d| succeeded(d))
-            });
-            let Some(held) = held else {
+            let Some(held) = held_gate(&tasks) else {
                 return Err(DbError::Invalid(format!("job `{job_id}` was marked waiting with no gate held")));
             };
             sqlx::query(
@@ -510,6 +514,26 @@ impl crate::Db {
             task.input = crate::JsonText::of(decision);
             Ok(GateOutcome::Decided(task))
         })
+    }
+
+    /// The gate tasks held by jobs whose deadline passed while they waited for a decision (a
+    /// waiting job holds no lease, so no lease check ever sees its deadline). Each job has at
+    /// most one held gate: the one whose dependencies all succeeded.
+    pub async fn overdue_gates(&self) -> Result<Vec<Task>, DbError> {
+        let rows = sqlx::query(
+            "SELECT id, tenant_id FROM jobs WHERE status = 'running' AND waiting_at IS NOT NULL \
+             AND deadline_at IS NOT NULL AND deadline_at <= $1 ORDER BY id",
+        )
+        .bind(now_ms())
+        .fetch_all(self.pool())
+        .await?;
+        let mut held = Vec::new();
+        for row in &rows {
+            let (id, tenant): (String, String) = (row.try_get("id")?, row.try_get("tenant_id")?);
+            let tasks = self.job_tasks(&tenant, &id).await?;
+            held.extend(held_gate(&tasks).cloned());
+        }
+        Ok(held)
     }
 
     /// Leases a ready task (or one whose lease expired: its node died) for `lease_ms`, and

@@ -156,6 +156,11 @@ pub fn prepare(requirement: &str, out: &Path, force: bool) -> anyhow::Result<()>
     if chars > MAX_REQUIREMENT_CHARS {
         bail!("the requirement is {chars} characters; the limit is {MAX_REQUIREMENT_CHARS}");
     }
+    prepare_out(out, force)
+}
+
+/// Prepares an output directory: created if missing, empty unless `force`, writable.
+pub fn prepare_out(out: &Path, force: bool) -> anyhow::Result<()> {
     if out.exists() && !out.is_dir() {
         bail!("--out {} exists and is not a directory", out.display());
     }

@@ -820,6 +820,24 @@ impl Scheduler {
                     Err(e) => tracing::error!(error = %e, "taking over expired leases failed"),
                 }
             }
+            // A job waiting at a gate holds no lease, so its deadline is checked here.
+            match self.db.overdue_gates().await {
+                Ok(gates) => {
+                    for gate in gates {
+                        let error =
+                            format!("the job's deadline passed while it waited at `{}` for a decision", gate.name);
+                        match self.db.fail_task(&gate.id, None, &error).await {
+                            Ok(true) => {
+                                metrics::counter!("qlayer_jobs_finished_total", "status" => "failed").increment(1);
+                                self.announce(&gate.job_id);
+                            }
+                            Ok(false) => {}
+                            Err(e) => tracing::error!(task = %gate.id, error = %e, "ending an overdue gate failed"),
+                        }
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "looking for gates past their job's deadline failed"),
+            }
             if self.nats().is_some() && beats.is_multiple_of(30) {
                 match self.db.idle_ready_tasks(self.config.lease_ms * 10).await {
                     Ok(idle) if !idle.is_empty() => self.offer(&idle).await,

@@ -1,7 +1,8 @@
 //! Approval gates over the REST API: a gated step pauses its run (status `waiting`, a `waiting`
 //! event) at no cost until a person decides; a rejection's comment reaches the step in the next
 //! repair round while the steps after the gate skip the round; the wait survives a restart; a
-//! viewer's decision, a second decision and a rejection without a comment are refused. The
+//! viewer's decision, a second decision and a rejection without a comment are refused; a run
+//! whose deadline passes at a gate ends. The
 //! model is the `scripted` provider (a test double) answering from a script.
 
 use crate::api::{Svc, service};
@@ -133,6 +134,27 @@ async fn a_gate_pauses_the_run_until_a_person_decides_and_a_rejection_reaches_th
         .map(|r| (r.action.as_str(), r.outcome.as_str()))
         .collect();
     assert!(decided.contains(&("run.reject", "ok")) && decided.contains(&("run.approve", "ok")), "{decided:?}");
+
+    // A run whose deadline passes while it waits at a gate ends, naming the gate (a waiting run
+    // holds no lease, so no lease check would ever see its deadline); a decision then finds it
+    // over.
+    let gated_pm = json!({
+        "steps": [
+            {"name": "pm", "role": "product-manager", "gate": true},
+            {"name": "dev", "role": "developer", "after": ["pm"]},
+        ],
+        "repair": {"rounds": 1, "steps": ["pm", "dev"]},
+    });
+    let body = json!({"requirement": "a CLI", "pipeline": gated_pm, "deadline_ms": 10_000});
+    let r = svc.post("/v1/runs", &acme, body).await;
+    assert_eq!(r.status, 201, "{r:?}");
+    let late = r.body["id"].as_str().unwrap().to_string();
+    assert_eq!(until(&svc, &acme, &late, "waiting").await["status"], "waiting");
+    let over = svc.wait(&acme, &late).await;
+    assert_eq!(over["status"], "failed", "{over}");
+    assert!(over["error"].as_str().unwrap().contains("deadline passed while it waited at `approve-pm`"), "{over}");
+    let r = svc.post(&format!("/v1/runs/{late}/approve"), &acme, json!({})).await;
+    assert_eq!(r.status, 409, "{r:?}");
     svc.stop().await;
 }
 

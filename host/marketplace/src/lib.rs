@@ -515,19 +515,12 @@ impl Marketplace {
     pub async fn pull_capsule(&self, reference: &str, policy: SignaturePolicy) -> anyhow::Result<PulledCapsuleOutcome> {
         let parsed = parse_reference(reference)?;
         let capsule = self.registry.pull_capsule(&parsed).await?;
-        let (verification, warning) = match policy {
-            SignaturePolicy::Off => (None, None),
-            SignaturePolicy::Require | SignaturePolicy::Warn => {
-                let verification = self.registry.verify_capsule(&capsule, &self.keys).await?;
-                let verified = matches!(verification, Verification::Verified { .. });
-                if !verified && policy == SignaturePolicy::Require {
-                    bail!("refused the capsule {reference}: {verification} (signature policy `require`)");
-                }
-                let warning = (!verified)
-                    .then(|| format!("the capsule {reference}: {verification} (accepted: signature policy `warn`)"));
-                (Some(verification), warning)
-            }
+        let verification = match policy {
+            SignaturePolicy::Off => None,
+            _ => Some(self.registry.verify_capsule(&capsule, &self.keys).await?),
         };
+        let warning = under_policy(policy, verification.as_ref(), &format!("the capsule {reference}"), "accepted")
+            .map_err(|v| anyhow::anyhow!("refused the capsule {reference}: {v} (signature policy `require`)"))?;
         Ok(PulledCapsuleOutcome { capsule, verification, warning })
     }
 
@@ -582,28 +575,16 @@ impl Marketplace {
         runtime_grants.check(&manifest)?;
 
         let policy = self.config.policy_for(tenant);
-        let (verification, warning) = match policy {
-            SignaturePolicy::Off => (None, None),
-            SignaturePolicy::Require | SignaturePolicy::Warn => {
-                let verification = self.registry.verify(&resolved, &self.keys).await?;
-                let verified = matches!(verification, Verification::Verified { .. });
-                if !verified && policy == SignaturePolicy::Require {
-                    return Err(InstallError::Signature {
-                        reference: resolved.reference.whole(),
-                        tenant: tenant.to_string(),
-                        verification,
-                    }
-                    .into());
-                }
-                let warning = (!verified).then(|| {
-                    format!(
-                        "{}: {verification} (installed anyway: signature policy `warn`)",
-                        resolved.reference.whole()
-                    )
-                });
-                (Some(verification), warning)
-            }
+        let verification = match policy {
+            SignaturePolicy::Off => None,
+            _ => Some(self.registry.verify(&resolved, &self.keys).await?),
         };
+        let warning = under_policy(policy, verification.as_ref(), &resolved.reference.whole(), "installed anyway")
+            .map_err(|verification| InstallError::Signature {
+                reference: resolved.reference.whole(),
+                tenant: tenant.to_string(),
+                verification,
+            })?;
 
         let was_stored = self.store.contains(&resolved.layer.digest);
         let wasm = self.registry.fetch(&resolved, &self.store).await?;
@@ -823,6 +804,22 @@ fn record_of(install: &Install) -> anyhow::Result<String> {
 
 fn parse_record(text: &str) -> anyhow::Result<Install> {
     serde_json::from_str(text).context("a stored install record is unreadable")
+}
+
+/// Applies a signature policy to a check (`None` under `off`): `Err` with the check when
+/// `require` refuses it; otherwise the warning to show when `warn` lets through one that did not
+/// verify (`what` names the artifact, `done` what happened anyway).
+fn under_policy(
+    policy: SignaturePolicy,
+    verification: Option<&Verification>,
+    what: &str,
+    done: &str,
+) -> Result<Option<String>, Verification> {
+    match verification {
+        None | Some(Verification::Verified { .. }) => Ok(None),
+        Some(v) if policy == SignaturePolicy::Require => Err(v.clone()),
+        Some(v) => Ok(Some(format!("{what}: {v} ({done}: signature policy `warn`)"))),
+    }
 }
 
 /// Writes a new key pair: `<prefix>.key` (private, mode 0600) and `<prefix>.pub`.

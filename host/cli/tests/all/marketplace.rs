@@ -4,6 +4,17 @@
 use qlayer_tests::{TestRegistry, marketplace_plugin};
 use std::path::Path;
 
+/// `qlayer plugin keygen PREFIX`: the private and public key files.
+fn keygen(prefix: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_qlayer"))
+        .args(["plugin", "keygen"])
+        .arg(prefix)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    (prefix.with_extension("key"), prefix.with_extension("pub"))
+}
+
 fn cli(args: &[&str], data: &Path, registry: &TestRegistry) -> (bool, String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_qlayer"))
         .args(args)
@@ -32,13 +43,7 @@ fn the_cli_publishes_searches_installs_calls_and_removes() {
     let scripted = format!("{}/first-party/scripted:0.1.0", registry.addr);
     let prefix = keys.path().join("alice");
 
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_qlayer"))
-        .args(["plugin", "keygen"])
-        .arg(&prefix)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let (key, public) = (prefix.with_extension("key"), prefix.with_extension("pub"));
+    let (key, public) = keygen(&prefix);
 
     let (ok, stdout, stderr) = cli(&["plugin", "push", stats_file.to_str().unwrap(), &stats], d, &registry);
     assert!(ok && stdout.contains("pushed"), "{stdout}{stderr}");
@@ -275,13 +280,7 @@ fn a_run_pushes_its_capsule_and_pull_verifies_and_unpacks_it() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     let prefix = tmp.path().join("alice");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_qlayer"))
-        .args(["plugin", "keygen"])
-        .arg(&prefix)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let (key, public) = (prefix.with_extension("key"), prefix.with_extension("pub"));
+    let (key, public) = keygen(&prefix);
     let capsule = format!("{}/capsules/todo:1", registry.addr);
     let built = tmp.path().join("built");
 
@@ -333,13 +332,7 @@ fn a_run_pushes_its_capsule_and_pull_verifies_and_unpacks_it() {
     assert_eq!(listing(&pulled), built_files);
 
     // Another publisher's key only: refused under `require`, nothing written.
-    let stranger = tmp.path().join("mallory");
-    std::process::Command::new(env!("CARGO_BIN_EXE_qlayer"))
-        .args(["plugin", "keygen"])
-        .arg(&stranger)
-        .output()
-        .unwrap();
-    let stranger_public = stranger.with_extension("pub");
+    let (_, stranger_public) = keygen(&tmp.path().join("mallory"));
     let strange = ["--signature-policy", "require", "--trusted-key", stranger_public.to_str().unwrap()];
     let refused = tmp.path().join("refused");
     let (ok, _, stderr) = pull(&refused, &strange);

@@ -978,6 +978,19 @@ mod tests {
     }
 
     #[test]
+    fn capsule_settings_are_checked_at_start_naming_the_key() {
+        let ok = ServeConfig::from_toml("[capsules]\npublish-to = [\"r.example.com/capsules/{tenant}\"]\n").unwrap();
+        assert_eq!(ok.capsules.load().unwrap().publish_to, ["r.example.com/capsules/{tenant}"]);
+        let bad = ServeConfig::from_toml("[capsules]\npublish-to = [\"not a repo!\"]\n").unwrap();
+        let message = format!("{:#}", bad.capsules.load().unwrap_err());
+        assert!(message.contains("[capsules] publish-to `not a repo!`"), "{message}");
+        let missing = ServeConfig::from_toml("[capsules]\nsigning-key = \"/nonexistent/capsules.key\"\n").unwrap();
+        let message = format!("{:#}", missing.capsules.load().unwrap_err());
+        assert!(message.contains("[capsules] signing-key /nonexistent/capsules.key"), "{message}");
+        assert!(ServeConfig::from_toml("[capsules]\npublish = []\n").is_err(), "unknown keys too");
+    }
+
+    #[test]
     fn network_allow_entries_are_checked_when_the_config_is_read() {
         let ok = ServeConfig::from_toml("[network]\nallow = [\"10.0.0.0/8\", \"llm.lan:8000\"]\n").unwrap();
         assert_eq!(ok.network.allow.len(), 2);

@@ -284,6 +284,29 @@ fn a_run_pushes_its_capsule_and_pull_verifies_and_unpacks_it() {
     let capsule = format!("{}/capsules/todo:1", registry.addr);
     let built = tmp.path().join("built");
 
+    // A bad reference or key is refused before anything runs (nothing is written).
+    let refused_run = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_qlayer"))
+            .args(["run", "a todo list CLI", "--out"])
+            .arg(&built)
+            .args(extra)
+            .env("QLAYER_DATA_DIR", &data)
+            .output()
+            .unwrap();
+        assert!(!built.exists(), "nothing ran");
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, stderr) = refused_run(&["--push", "not a ref!"]);
+    assert!(code == Some(1) && stderr.contains("--push") && stderr.contains("not a valid OCI reference"), "{stderr}");
+    let pinned = format!("{}/capsules/todo@sha256:{}", registry.addr, "a".repeat(64));
+    let (code, stderr) = refused_run(&["--push", &pinned]);
+    assert!(code == Some(1) && stderr.contains("give a tag and no digest"), "{stderr}");
+    let (code, stderr) = refused_run(&["--push", &capsule, "--sign", "/nonexistent.key"]);
+    assert!(code == Some(1) && stderr.contains("--sign"), "{stderr}");
+    let (ok, _, stderr) =
+        cli(&["capsule", "pull", "not a ref!", "--out", tmp.path().join("x").to_str().unwrap()], &data, &registry);
+    assert!(!ok && stderr.contains("not a valid OCI reference"), "{stderr}");
+
     let run = std::process::Command::new(env!("CARGO_BIN_EXE_qlayer"))
         .args(["run", "a todo list CLI", "--approve-all", "--out"])
         .arg(&built)

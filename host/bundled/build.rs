@@ -21,6 +21,8 @@ const PLUGINS: &[(&str, &str)] = &[
     ("qlayer-agent-reviewer", "plugins/agents/reviewer"),
     ("qlayer-agent-devops", "plugins/agents/devops"),
     ("qlayer-validator-syntax", "plugins/validators/syntax"),
+    ("qlayer-validator-tests", "plugins/validators/tests"),
+    ("qlayer-validator-secrets", "plugins/validators/secrets"),
 ];
 
 fn main() {

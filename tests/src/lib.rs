@@ -76,7 +76,9 @@ pub fn loopback_allowed() -> qlayer_runtime::NetworkPolicy {
 /// A runtime with a small pool whose plugins may reach loopback (see [`loopback_allowed`]).
 pub fn runtime() -> Runtime {
     Runtime::new(RuntimeConfig {
-        cache_dir: None,
+        // The workspace's shared compile cache (`.cargo/config.toml`), so the big bundled plugins
+        // (the `tests` validator's Python interpreter) compile once per machine, not per test.
+        cache_dir: std::env::var_os("QLAYER_CACHE_DIR").map(std::path::PathBuf::from),
         policy: qlayer_runtime::HostPolicy { max_instances: 64, ..Default::default() },
         network: loopback_allowed(),
     })

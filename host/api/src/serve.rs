@@ -676,7 +676,7 @@ pub async fn start(config: ServeConfig, data_dir: PathBuf) -> anyhow::Result<Run
     }
     let network = network_config.policy()?;
     let runtime = std::sync::Arc::new(qlayer_runtime::Runtime::new(qlayer_runtime::RuntimeConfig {
-        cache_dir: Some(data_dir.join("cache")),
+        cache_dir: Some(qlayer_runtime::cache_dir(&data_dir)),
         network: network.clone(),
         policy: qlayer_runtime::HostPolicy { warm_instances: config.gateway.warm_instances, ..Default::default() },
     })?);

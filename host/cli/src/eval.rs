@@ -94,6 +94,8 @@ pub struct CaseResult {
     pub files: usize,
     /// Files a validator checked.
     pub checked: usize,
+    /// The project's tests run in the sandbox (by a `tests` validator), when one ran.
+    pub tests: Option<qlayer_factory::TestsRun>,
     /// Errors left (validators' and agents' findings).
     pub errors: usize,
     /// Warnings left.
@@ -118,6 +120,7 @@ impl CaseResult {
             stop_reason: report.stop_reason.clone(),
             files: report.files.len(),
             checked: report.files.len().saturating_sub(report.unchecked.len()),
+            tests: qlayer_factory::tests_summary(&report.diagnostics),
             errors: count("error"),
             warnings: count("warning"),
             repair_rounds: report.repair_rounds,
@@ -150,6 +153,11 @@ impl Results {
             stop_reason: String::new(),
             files: cases.iter().map(|c| c.files).sum(),
             checked: cases.iter().map(|c| c.checked).sum(),
+            tests: cases.iter().filter_map(|c| c.tests).reduce(|a, b| qlayer_factory::TestsRun {
+                ran: a.ran + b.ran,
+                passed: a.passed + b.passed,
+                not_run: a.not_run + b.not_run,
+            }),
             errors: cases.iter().map(|c| c.errors).sum(),
             warnings: cases.iter().map(|c| c.warnings).sum(),
             repair_rounds: cases.iter().map(|c| c.repair_rounds).sum(),
@@ -167,12 +175,13 @@ impl Results {
 
     /// The table, a row per case and the totals, columns aligned.
     pub fn table(&self) -> String {
-        let header = ["case", "status", "checked", "errors", "warnings", "rounds", "tokens", "cost", "time"];
+        let header = ["case", "status", "checked", "tests", "errors", "warnings", "rounds", "tokens", "cost", "time"];
         let row = |c: &CaseResult| -> Vec<String> {
             vec![
                 c.name.clone(),
                 c.status.clone(),
                 format!("{}/{}", c.checked, c.files),
+                c.tests.map(|t| format!("{}/{}", t.passed, t.ran)).unwrap_or_else(|| "-".into()),
                 c.errors.to_string(),
                 c.warnings.to_string(),
                 c.repair_rounds.to_string(),
@@ -221,6 +230,7 @@ mod tests {
             stop_reason: String::new(),
             files: 4,
             checked: 3,
+            tests: (status == "passed").then_some(qlayer_factory::TestsRun { ran: 3, passed: 3, not_run: 0 }),
             errors: usize::from(status != "passed"),
             warnings: 0,
             repair_rounds: 1,
@@ -242,7 +252,9 @@ mod tests {
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines.len(), 5, "{table}");
         assert!(lines[0].starts_with("case ") && lines[0].ends_with("time"), "{table}");
-        assert!(lines[1].contains("todo") && lines[1].contains("3/4") && lines[1].contains("0.5000"), "{table}");
+        assert!(lines[0].contains(" tests "), "{table}");
+        assert!(lines[1].contains("todo") && lines[1].contains("3/4") && lines[1].contains("3/3"), "{table}");
+        assert!(lines[1].contains("0.5000"), "{table}");
         assert!(lines[2].contains("failed-validation") && lines[2].contains(" - "), "{table}");
         assert!(lines[3].starts_with("-----"), "{table}");
         assert!(lines[4].contains("1/2 passed") && lines[4].contains("6/8") && lines[4].ends_with("3.0s"), "{table}");

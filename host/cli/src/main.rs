@@ -565,7 +565,11 @@ impl MarketArgs {
         let allow: Vec<&String> = self.network_allow.iter().filter(|a| !a.is_empty()).collect();
         let network =
             qlayer_runtime::NetworkPolicy::new(&allow).map_err(|e| anyhow::anyhow!("--network-allow: {e}"))?;
-        Runtime::new(RuntimeConfig { cache_dir: Some(self.data_dir().join("cache")), network, ..Default::default() })
+        Runtime::new(RuntimeConfig {
+            cache_dir: Some(qlayer_runtime::cache_dir(&self.data_dir())),
+            network,
+            ..Default::default()
+        })
     }
 }
 
@@ -672,6 +676,9 @@ fn validate_dir(
             _ => String::new(),
         };
         println!("  {} [{}] {place} {} ({})", d.severity, d.rule, d.message, d.validator);
+    }
+    if let Some(t) = qlayer_factory::tests_summary(&found.diagnostics) {
+        println!("  tests: {} of {} passed in the sandbox, {} not run", t.passed, t.ran, t.not_run);
     }
     if !found.unchecked.is_empty() {
         println!("  not checked (no validator reads them): {}", found.unchecked.join(", "));
@@ -1029,7 +1036,10 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let tokio = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     tokio.block_on(async {
         let data_dir = args.settings.data_dir.clone().unwrap_or_else(embedded::default_data_dir);
-        let runtime = Runtime::new(RuntimeConfig { cache_dir: Some(data_dir.join("cache")), ..Default::default() })?;
+        let runtime = Runtime::new(RuntimeConfig {
+            cache_dir: Some(qlayer_runtime::cache_dir(&data_dir)),
+            ..Default::default()
+        })?;
         let market_args = local_market(&data_dir, args.settings.database.clone(), args.insecure_registry.clone());
         let marketplace = market_args.open().await?;
         // An installed provider is checked before anything runs.
@@ -1175,7 +1185,7 @@ fn eval_suite(args: EvalArgs) -> anyhow::Result<ExitCode> {
     let results = tokio.block_on(async {
         let data_dir = args.settings.data_dir.clone().unwrap_or_else(embedded::default_data_dir);
         let runtime = std::sync::Arc::new(Runtime::new(RuntimeConfig {
-            cache_dir: Some(data_dir.join("cache")),
+            cache_dir: Some(qlayer_runtime::cache_dir(&data_dir)),
             ..Default::default()
         })?);
         let market_args = local_market(&data_dir, args.settings.database.clone(), vec![]);

@@ -3,8 +3,8 @@
 //! instance with the project's files as its input; nothing of the project runs on the host.
 
 use anyhow::{Context as _, bail};
+use qlayer_factory::DiagnosticReport;
 use qlayer_factory::pipeline::{self, PluginRef};
-use qlayer_factory::{DiagnosticReport, UNCHECKED};
 use qlayer_marketplace::Marketplace;
 use qlayer_runtime::{Artifact, Grants, Installed, Kind, Runtime};
 use std::collections::BTreeSet;
@@ -119,9 +119,7 @@ pub async fn validate(validators: &[Installed], tenant: &str, files: &[Artifact]
         let name = validator.plugin().manifest().name.clone();
         let (_, found) = qlayer_factory::validate_step(&name, validator, tenant, files).await;
         let found = found.map_err(|e| anyhow::anyhow!("validator `{name}`: {e}"))?;
-        let skipped: BTreeSet<&str> =
-            found.iter().filter(|d| d.rule == UNCHECKED && !d.is_error()).filter_map(|d| d.path.as_deref()).collect();
-        checked.extend(files.iter().map(|f| f.path.clone()).filter(|p| !skipped.contains(p.as_str())));
+        checked.extend(qlayer_factory::checked_files(&found, files).into_iter().map(str::to_string));
         diagnostics.extend(found);
     }
     let unchecked = files.iter().map(|f| f.path.clone()).filter(|p| !checked.contains(p)).collect();

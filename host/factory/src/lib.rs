@@ -31,6 +31,22 @@ pub const MAX_REQUIREMENT_CHARS: usize = 16 * 1024;
 /// The rule of a validator's `info` diagnostic that names a file it did not check (its type is
 /// not one it reads): a file that no validator checked is named in the run's report and status.
 pub const UNCHECKED: &str = "unchecked";
+
+/// The files of `given` that a validator's findings `found` say it checked: all but those it
+/// named with an `info` diagnostic of rule [`UNCHECKED`]. A validator that reads files for
+/// something other than their language (tests, secrets, words) says so with one such diagnostic
+/// without a path: it checks none, so it never hides a file no parser read.
+pub fn checked_files<'a>(found: &[DiagnosticReport], given: &'a [Artifact]) -> Vec<&'a str> {
+    let skipped: Vec<&str> = found
+        .iter()
+        .filter(|d| d.rule == UNCHECKED && !d.is_error())
+        .map(|d| d.path.as_deref().unwrap_or(""))
+        .collect();
+    if skipped.contains(&"") {
+        return Vec::new();
+    }
+    given.iter().map(|f| f.path.as_str()).filter(|p| !skipped.contains(p)).collect()
+}
 /// The media type of an agent's findings artifact (as the SDK's
 /// `qlayer_sdk::agent::FINDINGS_MEDIA_TYPE`): `{"findings": [{"severity", "rule", "path", "line",
 /// "message"}]}`. A reviewer writes one; the run treats its findings as validators' diagnostics.
@@ -395,16 +411,89 @@ pub async fn validate_step(
         v.validate(all).await
     }
     .await
-    .map(|found| found.into_iter().map(|d| DiagnosticReport::new(d, &name)).collect::<Vec<_>>());
+    .map(|found| found.into_iter().map(|d| DiagnosticReport::new(d, &name)).collect::<Vec<_>>())
+    .or_else(|e| stopped(e, &name));
     let summary = result.as_ref().map(|found| {
         let errors = found.iter().filter(|d| d.is_error()).count();
-        format!("{errors} errors, {} findings", found.len())
+        let warnings = found.iter().filter(|d| d.severity == "warning").count();
+        match tests_summary(found) {
+            Some(t) => {
+                format!("{errors} errors, {warnings} warnings; {} of {} tests passed in the sandbox", t.passed, t.ran)
+            }
+            None => format!("{errors} errors, {warnings} warnings"),
+        }
     });
     let outcome = match &summary {
         Ok(s) => Ok(s.as_str()),
         Err(e) => Err(e.to_string()),
     };
     (step_report(step, validator, began, TokenCount::default(), outcome), result)
+}
+
+/// The rule of the error a validator stopped at its instance's limits leaves.
+pub const VALIDATOR_STOPPED: &str = "validator-stopped";
+
+/// A validator the sandbox stopped at its limits (time, memory, a trap such as a stack
+/// overflow) is a finding about the project it read (what it ran or parsed made it so: a
+/// generated test that loops in code the test runner's budgets cannot see, a file nested deeper
+/// than a parser's stack), not a failed step: the run keeps its data, and the error goes to the
+/// repair rounds like any other. Other failures (a plugin's own error) stay errors.
+fn stopped(e: CallError, validator: &str) -> Result<Vec<DiagnosticReport>, CallError> {
+    use qlayer_runtime::CallErrorKind::{OutOfMemory, Timeout, Trap};
+    let why = match &e.kind {
+        Timeout(d) => format!("ran past its time limit of {} ms", d.as_millis()),
+        OutOfMemory { limit, .. } => format!("ran out of its memory limit of {} MiB", limit >> 20),
+        Trap(m) => format!("trapped ({})", m.lines().next().unwrap_or("")),
+        _ => return Err(e),
+    };
+    Ok(vec![DiagnosticReport {
+        severity: "error".into(),
+        rule: VALIDATOR_STOPPED.into(),
+        path: None,
+        line: None,
+        message: format!("the sandbox stopped validator `{validator}` on this project: it {why}"),
+        validator: validator.to_string(),
+    }])
+}
+
+/// The rule of a failing test's assertion (the `tests` validator's): the test's file and line,
+/// though the code it tests may be what is wrong, so every repeated step sees it.
+pub const TEST_FAILED: &str = "test-failed";
+
+/// The rule of the summary the `tests` validator (the project's tests run in the sandbox) leaves.
+pub const TESTS_SUMMARY: &str = "tests-summary";
+
+/// What the project's tests did in the sandbox, read from the `tests` validator's summary
+/// (`4 tests ran in the sandbox: 3 passed, 1 failed, 0 skipped; 0 not run`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TestsRun {
+    /// Tests run (passed, failed and skipped).
+    pub ran: u32,
+    /// Tests passed.
+    pub passed: u32,
+    /// Tests not run (they need what the sandbox lacks).
+    pub not_run: u32,
+}
+
+/// The sandboxed tests' counts in `diagnostics`, when a `tests` validator ran (summed over its
+/// summaries: one per validator step).
+pub fn tests_summary(diagnostics: &[DiagnosticReport]) -> Option<TestsRun> {
+    let mut total: Option<TestsRun> = None;
+    for d in diagnostics.iter().filter(|d| d.rule == TESTS_SUMMARY && !d.is_error()) {
+        let numbers: Vec<u32> = d
+            .message
+            .split(|c: char| !c.is_ascii_digit())
+            .filter(|w| !w.is_empty())
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        // ran, passed, failed, skipped, not run
+        let [ran, passed, _, _, not_run] = numbers[..] else { continue };
+        let t = total.get_or_insert_with(TestsRun::default);
+        t.ran += ran;
+        t.passed += passed;
+        t.not_run += not_run;
+    }
+    total
 }
 
 /// How a run that got through its steps ends: `passed` without errors (validators' diagnostics
@@ -425,6 +514,12 @@ pub fn verdict(diagnostics: &[DiagnosticReport], rounds: u32, unchecked: &[Strin
             format!("{errors} errors remain (found by {from}) after {rounds} repair rounds (the limit)"),
         )
     };
+    if let Some(t) = tests_summary(diagnostics) {
+        reason.push_str(&format!("; {} of {} tests passed in the sandbox", t.passed, t.ran));
+        if t.not_run > 0 {
+            reason.push_str(&format!(" ({} not run)", t.not_run));
+        }
+    }
     if !unchecked.is_empty() {
         let mut named: Vec<&str> = unchecked.iter().take(5).map(String::as_str).collect();
         if unchecked.len() > 5 {

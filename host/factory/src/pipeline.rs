@@ -610,6 +610,8 @@ mod tests {
                 "qa-engineer",
                 "reviewer",
                 "validate-syntax",
+                "validate-tests",
+                "validate-secrets",
                 "review"
             ]
         );
@@ -618,7 +620,8 @@ mod tests {
         assert_eq!(after(&round0, "devops"), ["architect"], "devops runs beside the developer");
         assert_eq!(after(&round0, "reviewer"), ["qa-engineer", "devops"]);
         assert_eq!(after(&round0, "validate-syntax"), ["reviewer"]);
-        assert_eq!(after(&round0, "review").len(), 7);
+        assert_eq!(after(&round0, "validate-tests"), ["reviewer"]);
+        assert_eq!(after(&round0, "review").len(), 9);
         let syntax = p.step("reviewer").unwrap();
         let mut checked: Vec<&str> = p.ancestors(syntax).iter().map(|s| s.name.as_str()).collect();
         checked.push("reviewer");
@@ -631,6 +634,8 @@ mod tests {
                 "qa-engineer-repair-1",
                 "reviewer-repair-1",
                 "validate-syntax-repair-1",
+                "validate-tests-repair-1",
+                "validate-secrets-repair-1",
                 "review-repair-1"
             ]
         );

@@ -3,7 +3,8 @@
 //! passed in and the diagnostics read back), on a generated file of about 10,000 valid lines per
 //! language. The baseline, from the same run, is the same call on a one-line file of that
 //! language: the fixed cost of a call (instance, copying, the step's report), which the
-//! per-line rate leaves out.
+//! per-line rate leaves out. Then the `secrets` validator over the same files, and the `tests`
+//! validator's sandboxed test run of a generated sample project with its baselines.
 //!
 //! `cargo bench -p qlayer-jobs --bench validators` (docs/PERFORMANCE.md records the figures).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
@@ -99,5 +100,71 @@ fn main() {
                 base.as_secs_f64() * 1e3
             );
         }
+
+        // The secrets validator over the same ~10,000-line files (every line against every rule).
+        let secrets = runtime
+            .load(qlayer_bundled::bundled_plugin("secrets").unwrap())
+            .unwrap()
+            .install(Grants::default())
+            .unwrap();
+        let mut lines = 0;
+        let mut files = Vec::new();
+        for (language, path, unit, _) in SAMPLES {
+            let text = file(language, unit, 10_000);
+            lines += text.lines().count();
+            files.push(Artifact { path: path.to_string(), media_type: "text/plain".into(), content: text.into() });
+        }
+        let mut times = Vec::new();
+        for _ in 0..5 {
+            let began = Instant::now();
+            let (_, found) = qlayer_factory::validate_step("bench", &secrets, "t", &files).await;
+            assert!(!found.unwrap().iter().any(|d| d.is_error()));
+            times.push(began.elapsed());
+        }
+        times.sort();
+        let t = times[2];
+        println!(
+            "secrets validator: {lines} lines in {} files, {:.1} ms (median of 5), {:.0} lines/s",
+            files.len(),
+            t.as_secs_f64() * 1e3,
+            lines as f64 / t.as_secs_f64()
+        );
+
+        // The tests validator: the project's Python tests run in the sandbox (RustPython). The
+        // baselines, in the same run: the call on a project without Python (the instance alone)
+        // and on one trivial test (plus the interpreter's start and the driver).
+        let tests =
+            runtime.load(qlayer_bundled::bundled_plugin("tests").unwrap()).unwrap().install(Grants::default()).unwrap();
+        let art = |p: &str, c: &str| Artifact { path: p.into(), media_type: "text/plain".into(), content: c.into() };
+        let sample = vec![
+            art("main.py", SAMPLE_MAIN),
+            art("tests/test_acceptance.py", SAMPLE_TESTS),
+            art("pyproject.toml", "[project]\nname = \"todo\"\nversion = \"0.1.0\"\n"),
+        ];
+        let projects = [
+            ("no Python (the call alone)", vec![art("README.md", "# todo\n")], 0),
+            ("one trivial test", vec![art("test_one.py", "def test_one():\n    assert 1 + 1 == 2\n")], 1),
+            ("the scripted double's Python project", sample, 3),
+        ];
+        println!("tests validator: the project's tests in the sandbox, median of 5 calls");
+        for (name, files, expected) in projects {
+            let mut times = Vec::new();
+            for _ in 0..5 {
+                let began = Instant::now();
+                let (_, found) = qlayer_factory::validate_step("bench", &tests, "t", &files).await;
+                let found = found.unwrap();
+                assert!(!found.iter().any(|d| d.is_error()), "{name}: {found:?}");
+                let ran = qlayer_factory::tests_summary(&found).map(|t| t.passed).unwrap_or(0);
+                assert_eq!(ran, expected, "{name}: {found:?}");
+                times.push(began.elapsed());
+            }
+            times.sort();
+            println!("  {name:<38} {:>8.1} ms", times[2].as_secs_f64() * 1e3);
+        }
     });
 }
+
+/// The scripted test double's Python template for "a todo list CLI in Python" (main.py and
+/// its acceptance tests, as `qlayer run` writes them).
+const SAMPLE_MAIN: &str = "\"\"\"Todo: a todo list CLI\"\"\"\nimport sys\n\nCOMMANDS = {\n    \"add\": \"adds a todo\",\n    \"list\": \"lists todos\",\n    \"done\": \"marks a todo done\",\n}\n\n\ndef main(argv):\n    if len(argv) < 2 or argv[1] not in COMMANDS:\n        print(\"usage: todo <command>\", file=sys.stderr)\n        return 2\n    print(argv[1] + \": \" + COMMANDS[argv[1]])\n    return 0\n\n\nif __name__ == \"__main__\":\n    sys.exit(main(sys.argv))\n";
+const SAMPLE_TESTS: &str = "import os\nimport sys\nimport unittest\n\nsys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), \"..\"))\n\nimport main  # noqa: E402\n\nFEATURES = [\"add\", \"list\", \"done\"]\n\n\nclass AcceptanceTest(unittest.TestCase):\n    def test_usage(self):\n        self.assertEqual(main.main([\"todo\"]), 2)\n\n    def test_commands(self):\n        for feature in FEATURES:\n            self.assertIn(feature, main.COMMANDS)\n            self.assertEqual(main.main([\"todo\", feature]), 0)\n\n    def test_unknown(self):\n        self.assertEqual(main.main([\"todo\", \"no-such-command\"]), 2)\n\n\nif __name__ == \"__main__\":\n    unittest.main()\n";

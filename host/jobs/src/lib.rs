@@ -759,16 +759,10 @@ impl RunOutputs {
         let mut checked = std::collections::HashSet::new();
         for (base, step) in pipeline.validator_tasks() {
             let Some((at, out)) = self.latest_round(&base, round) else { continue };
-            let skipped: std::collections::HashSet<&str> = out
-                .diagnostics
-                .iter()
-                .filter(|d| d.rule == factory::UNCHECKED && !d.is_error())
-                .filter_map(|d| d.path.as_deref())
-                .collect();
             let mut steps = pipeline.ancestors(step);
             steps.push(step);
             let (given, _) = self.files(&steps, at, None)?;
-            checked.extend(given.into_iter().map(|f| f.path).filter(|p| !skipped.contains(p.as_str())));
+            checked.extend(factory::checked_files(&out.diagnostics, &given).into_iter().map(str::to_string));
         }
         let mut unchecked: Vec<String> =
             files.iter().map(|f| f.path.clone()).filter(|p| !checked.contains(p)).collect();
@@ -1113,7 +1107,8 @@ impl PluginExecutor {
                 let review = outputs.latest(&round_name("review", round - 1), 0);
                 let errors = review.map(|r| r.feedback.as_slice()).unwrap_or_default();
                 // An error in a file this step owns is its to fix; one in a file no repeated
-                // step owns (or in no file) goes to every repeated step.
+                // step owns (or in no file), or a failing test's assertion, goes to every
+                // repeated step.
                 errors
                     .iter()
                     .filter(|d| {
@@ -1126,6 +1121,9 @@ impl PluginExecutor {
                         match (gated, d.path.as_ref().and_then(|p| owners.get(p))) {
                             // A rejection at a gate is the gated step's to answer.
                             (Some(gated), _) => gated == step.name,
+                            // A failing assertion sits in the test, but the code it tests
+                            // may be what is wrong: every repeated step sees it.
+                            (None, Some(_)) if d.rule == factory::TEST_FAILED => true,
                             (None, Some(owner)) => owner == &step.name || !pipeline.repeats(owner),
                             (None, None) => true,
                         }

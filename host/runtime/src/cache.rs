@@ -56,6 +56,15 @@ impl CompiledCache {
                 Err(e) => tracing::warn!(path = %path.display(), "ignoring unusable compile cache entry: {e:#}"),
             }
         }
+        // One compilation per entry at a time, across threads and processes sharing the cache:
+        // the others wait and load what it wrote (a big component takes tens of seconds).
+        let lock = std::fs::File::create(path.with_extension("lock")).and_then(|f| f.lock().map(|()| f));
+        if lock.is_ok()
+            && path.exists()
+            && let Ok(component) = deserialize(engine, &path)
+        {
+            return Ok(component);
+        }
         let component = Component::new(engine, wasm).map_err(anyhow::Error::from)?;
         match component.serialize() {
             Ok(bytes) => {

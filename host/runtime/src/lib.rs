@@ -107,6 +107,17 @@ impl Default for HostPolicy {
     }
 }
 
+/// Where a data directory's compiled plugins are cached: `$QLAYER_CACHE_DIR` when set (several
+/// data directories on one machine, or a read-only root with the cache on a volume, may share
+/// one), else `<data dir>/cache`. Entries are keyed by the component's digest and the engine's
+/// settings, so sharing is safe.
+pub fn cache_dir(data_dir: &std::path::Path) -> PathBuf {
+    match std::env::var_os("QLAYER_CACHE_DIR") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => data_dir.join("cache"),
+    }
+}
+
 /// How to build a [`Runtime`].
 #[derive(Debug, Clone, Default)]
 pub struct RuntimeConfig {

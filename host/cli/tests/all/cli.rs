@@ -23,7 +23,7 @@ fn run_builds_a_validated_project_offline_with_progress_and_a_report() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("todo");
     let o = qlayer(
-        &["run", "A todo list CLI, with due dates and tags", "--out", out.to_str().unwrap()],
+        &["run", "A todo list CLI in Python, with due dates and tags", "--out", out.to_str().unwrap()],
         &tmp.path().join("data"),
     );
     let (stdout, stderr) = text(&o);
@@ -33,17 +33,24 @@ fn run_builds_a_validated_project_offline_with_progress_and_a_report() {
         assert!(stdout.contains(&format!("✓ {role}")), "{role}: {stdout}");
     }
     let last = stdout.lines().last().unwrap();
-    assert!(last.starts_with("passed: every validator passed —"), "every file was checked: {stdout}");
+    // Every file was checked, and the project's own tests passed inside the sandbox.
+    assert!(
+        last.starts_with("passed: every validator passed; 3 of 3 tests passed in the sandbox —"),
+        "every file was checked: {stdout}"
+    );
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("qlayer-run.json")).unwrap()).unwrap();
     assert_eq!(report["status"], "passed");
-    assert!(out.join("tests/acceptance.rs").is_file() && out.join("Dockerfile").is_file());
+    assert!(out.join("tests/test_acceptance.py").is_file() && out.join("Dockerfile").is_file());
     assert!(report["tokens"]["prompt"].as_u64().unwrap() > 0);
     for file in report["files"].as_array().unwrap() {
         assert!(out.join(file["path"].as_str().unwrap()).is_file(), "{file}");
     }
-    // The compile cache was filled: a second run loads compiled plugins from disk.
-    assert!(std::fs::read_dir(tmp.path().join("data/cache")).unwrap().count() >= 4);
+    // The compile cache was filled: a second run loads compiled plugins from disk. (`cargo test`
+    // points QLAYER_CACHE_DIR at the checkout's shared cache; without it, it is the data dir's.)
+    let cache = std::env::var_os("QLAYER_CACHE_DIR").map(std::path::PathBuf::from);
+    let cache = cache.unwrap_or_else(|| tmp.path().join("data/cache"));
+    assert!(std::fs::read_dir(cache).unwrap().count() >= 4);
     let again = qlayer(
         &["run", "A todo list CLI", "--out", tmp.path().join("second").to_str().unwrap()],
         &tmp.path().join("data"),
@@ -151,7 +158,7 @@ fn files_no_validator_checked_are_named_in_the_status_line_and_the_report() {
     assert_eq!(report.get("unchecked"), None, "{report}");
     assert!(out.join("main.py").is_file() && out.join("tests/test_acceptance.py").is_file());
     let line = stdout.lines().last().unwrap();
-    assert!(line.starts_with("passed: every validator passed —"), "{stdout}");
+    assert!(line.starts_with("passed: every validator passed; 3 of 3 tests passed in the sandbox —"), "{stdout}");
 
     // A developer that also writes C, which no bundled validator reads.
     let mut files: serde_json::Value = serde_json::from_str(&qlayer_tests::files_json("fn main() {}\n")).unwrap();
@@ -217,6 +224,68 @@ fn validate_checks_any_directory_and_exits_3_on_errors() {
         assert_eq!(o.status.code(), Some(1), "{args:?}: {stderr}");
         assert!(stderr.contains(expected), "{args:?}: expected {expected:?} in {stderr}");
     }
+}
+
+/// The `tests` validator runs a project's Python tests inside its wasm sandbox: passing tests
+/// count, a failing assertion is an error at its line naming the test, a test that loops or
+/// allocates without end is stopped at its budget and fails alone (the tests after it still run),
+/// one that tries the network gets no connection, and tests needing what the sandbox lacks are
+/// named as not run. Nothing of the project runs on the host.
+#[test]
+fn validate_runs_python_tests_in_the_sandbox_each_under_its_limits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, project) = (tmp.path().join("data"), tmp.path().join("project"));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let host_marker = tmp.path().join("ran-on-the-host");
+    let files = [
+        ("shortener/__init__.py", String::new()),
+        (
+            "shortener/codes.py",
+            "import hashlib\n\n\ndef code(url):\n    return hashlib.sha256(url.encode()).hexdigest()[:7]\n".into(),
+        ),
+        (
+            "tests/test_codes.py",
+            "import unittest\n\nfrom shortener.codes import code\n\n\nclass CodeTest(unittest.TestCase):\n    def test_length(self):\n        self.assertEqual(len(code(\"https://example.com\")), 7)\n\n    def test_stable(self):\n        self.assertEqual(code(\"a\"), code(\"b\"))\n".into(),
+        ),
+        (
+            "tests/test_limits.py",
+            format!(
+                "import os\n\n\ndef test_loops():\n    while True:\n        pass\n\n\ndef test_allocates():\n    held = []\n    while True:\n        held.append(bytearray(1 << 20))\n\n\ndef test_network():\n    import socket\n    socket.create_connection((\"127.0.0.1\", {port}), timeout=2)\n\n\ndef test_host_files():\n    open({marker:?}, \"w\").write(\"escaped\")\n\n\ndef test_prints_then_passes():\n    for i in range(2000):\n        print(\"line\", i)\n\n\ndef test_needs_a_fixture(tmp_path):\n    pass\n",
+                marker = host_marker.to_str().unwrap()
+            ),
+        ),
+        ("tests/test_web.py", "import fastapi\n\n\ndef test_app():\n    pass\n".into()),
+    ];
+    for (path, text) in &files {
+        let path = project.join(path);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+    let o = qlayer(&["validate", project.to_str().unwrap(), "--validator", "tests"], &data);
+    let (stdout, stderr) = text(&o);
+    assert_eq!(o.status.code(), Some(3), "{stdout}{stderr}");
+    let line =
+        |needle: &str| stdout.lines().find(|l| l.contains(needle)).unwrap_or_else(|| panic!("{needle}: {stdout}"));
+    assert!(line("tests/test_codes.py::CodeTest::test_stable").contains("error [test-failed] tests/test_codes.py:11"));
+    assert!(line("test_codes.py::CodeTest::test_stable").contains("AssertionError"));
+    assert!(!stdout.contains("test_length"), "a passing test is only counted: {stdout}");
+    let looped = line("tests/test_limits.py::test_loops");
+    assert!(looped.contains("error [test-timeout] tests/test_limits.py:") && looped.contains("time limit"), "{looped}");
+    let grew = line("tests/test_limits.py::test_allocates");
+    assert!(grew.contains("error [test-memory] tests/test_limits.py:") && grew.contains("memory limit"), "{grew}");
+    let network = line("tests/test_limits.py::test_network");
+    assert!(network.contains("error [test-error]") && network.contains("getaddrinfo is not available"), "{stdout}");
+    assert!(listener.accept().is_err(), "a test reached the host's network");
+    assert!(line("tests/test_limits.py::test_host_files").contains("error [test-error]"));
+    assert!(!host_marker.exists(), "a test wrote a host file");
+    assert!(!stdout.contains("test_prints_then_passes"), "{stdout}");
+    let fixture = line("tests/test_limits.py::test_needs_a_fixture");
+    assert!(fixture.contains("warning [test-not-run]") && fixture.contains("pytest fixtures (tmp_path)"), "{fixture}");
+    let web = line("tests/test_web.py");
+    assert!(web.contains("warning [test-not-run]") && web.contains("`fastapi`"), "{web}");
+    assert!(stdout.contains("tests: 2 of 7 passed in the sandbox, 2 not run"), "{stdout}");
 }
 
 /// `--pipeline FILE` runs the steps a pipeline lists; a bad one is refused before anything runs,

@@ -39,6 +39,11 @@ async fn finished(db: &Db, tenant: &str, job: &str) -> Job {
 
 /// Runs the factory on `choice` as a `run` job through a scheduler on a fresh SQLite database.
 async fn run(choice: ProviderChoice, rounds: u32, budget: Option<u64>) -> Finished {
+    run_for("A todo list CLI, with due dates and tags", choice, rounds, budget).await
+}
+
+/// Runs the factory on `requirement`, as [`run`].
+async fn run_for(requirement: &str, choice: ProviderChoice, rounds: u32, budget: Option<u64>) -> Finished {
     let dir = tempfile::tempdir().unwrap();
     let db = Db::open(&format!("sqlite://{}", dir.path().join("q.db").display())).await.unwrap();
     let tenant = db.create_tenant("t").await.unwrap();
@@ -47,7 +52,7 @@ async fn run(choice: ProviderChoice, rounds: u32, budget: Option<u64>) -> Finish
     let config = SchedulerConfig { node_id: "test".into(), ..Default::default() };
     let scheduler = Scheduler::new(db.clone(), config, Arc::new(executor));
     scheduler.start().await.unwrap();
-    let mut input = json!({"requirement": "A todo list CLI, with due dates and tags", "max_repair_rounds": rounds});
+    let mut input = json!({"requirement": requirement, "max_repair_rounds": rounds});
     if let Some(budget) = budget {
         input["token_budget"] = json!(budget);
     }
@@ -74,8 +79,17 @@ async fn run(choice: ProviderChoice, rounds: u32, budget: Option<u64>) -> Finish
 }
 
 /// The default pipeline's steps, as its report lists them.
-const EVERY_ROLE: [&str; 7] =
-    ["product-manager", "architect", "developer", "devops", "qa-engineer", "reviewer", "validate: syntax"];
+const EVERY_ROLE: [&str; 9] = [
+    "product-manager",
+    "architect",
+    "developer",
+    "devops",
+    "qa-engineer",
+    "reviewer",
+    "validate: syntax",
+    "validate: tests",
+    "validate: secrets",
+];
 
 fn steps(report: &serde_json::Value) -> Vec<&str> {
     report["steps"].as_array().unwrap().iter().map(|s| s["step"].as_str().unwrap()).collect()
@@ -128,6 +142,71 @@ async fn a_run_on_the_scripted_provider_writes_validated_files_and_a_report() {
     let written: serde_json::Value =
         serde_json::from_slice(&std::fs::read(run.out.path().join(qlayer_factory::REPORT_FILE)).unwrap()).unwrap();
     assert_eq!(&written, report, "the capsule's report is the job's output");
+}
+
+/// Issue 17 items 5 and 7: a Python project from the default pipeline offline, every file read
+/// by a validator, and its own tests run and passed inside the sandbox (the `tests` validator).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_run_passes_its_own_tests_inside_the_sandbox() {
+    let run = run_for(
+        "A todo list CLI in Python, with due dates and tags",
+        ProviderChoice::Scripted { script: None },
+        2,
+        None,
+    )
+    .await;
+    let report = &run.report();
+    assert_eq!(report["status"], "passed", "{report:#}");
+    assert_eq!(steps(report), EVERY_ROLE);
+    assert_eq!(report.get("unchecked"), None, "{report:#}");
+    let reason = report["stop_reason"].as_str().unwrap();
+    assert!(reason.contains("3 of 3 tests passed in the sandbox"), "{reason}");
+    for file in ["main.py", "pyproject.toml", "tests/test_acceptance.py", "Dockerfile"] {
+        assert!(run.out.path().join(file).is_file(), "{file} missing from the capsule");
+    }
+    let warnings: Vec<&serde_json::Value> =
+        report["diagnostics"].as_array().unwrap().iter().filter(|d| d["severity"] != "info").collect();
+    assert_eq!(warnings, Vec::<&serde_json::Value>::new(), "{report:#}");
+}
+
+/// A generated test that fails is an error at its line naming the test; it reaches the developer
+/// (the assertion is in the QA engineer's file, the bug in the developer's), whose repaired code
+/// passes in the next round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_generated_test_goes_back_to_the_developer_until_it_passes() {
+    let files = |commands: &str| {
+        json!({"files": [
+            {"path": "pyproject.toml", "content": "[project]\nname = \"a-url-shortener-in-python\"\nversion = \"0.1.0\"\n"},
+            {"path": "README.md", "content": "# A URL shortener\n"},
+            {"path": "main.py", "content": format!("import sys\n\nCOMMANDS = {{{commands}}}\n\n\ndef main(argv):\n    if len(argv) < 2 or argv[1] not in COMMANDS:\n        return 2\n    return 0\n")},
+        ]})
+        .to_string()
+    };
+    let script = json!({"rules": [
+        {"role": "developer", "contains": "test-failed", "reply": files("\"a_url_shortener_in_python\": \"shortens\"")},
+        {"role": "developer", "reply": files("")},
+    ]});
+    let run =
+        run_for("a URL shortener in Python", ProviderChoice::Scripted { script: Some(script.to_string()) }, 2, None)
+            .await;
+    let report = &run.report();
+    assert_eq!(report["status"], "passed", "{report:#}");
+    assert_eq!(report["repair_rounds"], 1, "{report:#}");
+    assert!(steps(report).contains(&"developer (repair 1)"), "{report:#}");
+    assert!(report["stop_reason"].as_str().unwrap().contains("3 of 3 tests passed"), "{report:#}");
+    // The first round's review sent the failing test back.
+    let review = run.tasks.iter().find(|t| t.name == "review").unwrap();
+    let feedback = review.output.as_ref().unwrap().to_value();
+    let failed = feedback["feedback"].as_array().unwrap().iter().find(|d| d["rule"] == "test-failed");
+    let failed = failed.unwrap_or_else(|| panic!("no failing test in the feedback: {feedback:#}"));
+    assert_eq!(failed["path"], "tests/test_acceptance.py", "{failed}");
+    assert!(failed["line"].as_u64().unwrap() > 1, "{failed}");
+    let message = failed["message"].as_str().unwrap();
+    assert!(
+        message
+            .starts_with("tests/test_acceptance.py::AcceptanceTest::test_every_feature_has_a_command: AssertionError"),
+        "{message}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -279,7 +358,7 @@ async fn a_factory_run_resumes_from_its_last_finished_step_after_its_host_dies()
     let tasks = db.job_tasks(&acme.id, &job.id).await.unwrap();
     let runs: Vec<(&str, i32, bool)> = tasks.iter().map(|t| (t.name.as_str(), t.attempts, t.resumed)).collect();
     assert_eq!(
-        runs,
+        runs[..7],
         [
             ("product-manager", 1, false),
             ("architect", 1, false),
@@ -288,10 +367,18 @@ async fn a_factory_run_resumes_from_its_last_finished_step_after_its_host_dies()
             ("qa-engineer", 1, false),
             ("reviewer", 1, false),
             ("validate-syntax", 2, true),
-            ("review", 1, false)
         ],
         "finished steps are not run again"
     );
+    // The other validators ran beside `validate-syntax`: each either finished before the host
+    // died or was leased by it and resumed on the other node.
+    for (name, attempts, resumed) in &runs[7..9] {
+        assert!(
+            name.starts_with("validate-") && (*attempts, *resumed) == (1, false) || (*attempts, *resumed) == (2, true),
+            "{runs:?}"
+        );
+    }
+    assert_eq!(runs[9], ("review", 1, false), "{runs:?}");
     assert_eq!(steps(&output), EVERY_ROLE);
     assert!(db.artifact(&acme.id, &job.id).await.unwrap().is_some(), "the capsule is stored with the job");
     b.shutdown(Duration::from_secs(1)).await;

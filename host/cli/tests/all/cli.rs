@@ -257,6 +257,15 @@ fn validate_runs_python_tests_in_the_sandbox_each_under_its_limits() {
             ),
         ),
         ("tests/test_web.py", "import fastapi\n\n\ndef test_app():\n    pass\n".into()),
+        ("config/settings.json", "{\"length\": 7}\n".into()),
+        (
+            "tests/test_settings.py",
+            "import json\n\nfrom shortener.codes import code\n\n\ndef test_reads_the_projects_own_files():\n    with open(\"config/settings.json\") as f:\n        assert len(code(\"a\")) == json.load(f)[\"length\"]\n".into(),
+        ),
+        (
+            "tests/test_pytest_style.py",
+            "import pytest\n\nfrom shortener.codes import code\n\n\n@pytest.fixture\ndef url():\n    return \"https://example.com\"\n\n\n@pytest.mark.parametrize(\"size\", [7, 8])\ndef test_size(url, size):\n    assert len(code(url)) == size\n\n\ndef test_raises():\n    with pytest.raises(AttributeError):\n        code(None)\n".into(),
+        ),
     ];
     for (path, text) in &files {
         let path = project.join(path);
@@ -266,6 +275,7 @@ fn validate_runs_python_tests_in_the_sandbox_each_under_its_limits() {
     let o = qlayer(&["validate", project.to_str().unwrap(), "--validator", "tests"], &data);
     let (stdout, stderr) = text(&o);
     assert_eq!(o.status.code(), Some(3), "{stdout}{stderr}");
+    assert!(stdout.contains("8 files in"), "{stdout}");
     let line =
         |needle: &str| stdout.lines().find(|l| l.contains(needle)).unwrap_or_else(|| panic!("{needle}: {stdout}"));
     assert!(line("tests/test_codes.py::CodeTest::test_stable").contains("error [test-failed] tests/test_codes.py:11"));
@@ -285,7 +295,14 @@ fn validate_runs_python_tests_in_the_sandbox_each_under_its_limits() {
     assert!(fixture.contains("warning [test-not-run]") && fixture.contains("pytest fixtures (tmp_path)"), "{fixture}");
     let web = line("tests/test_web.py");
     assert!(web.contains("warning [test-not-run]") && web.contains("`fastapi`"), "{web}");
-    assert!(stdout.contains("tests: 2 of 7 passed in the sandbox, 2 not run"), "{stdout}");
+    // pytest-style tests get the sandbox's small pytest: fixtures, parametrize, raises.
+    let size = line("tests/test_pytest_style.py::test_size[8]");
+    assert!(size.contains("error [test-failed] tests/test_pytest_style.py:13"), "{size}");
+    assert!(size.contains("AssertionError: assert len(code(url)) == size"), "{size}");
+    assert!(!stdout.contains("test_size[7]") && !stdout.contains("test_raises"), "{stdout}");
+    // A test reads the project's own files (read-only, from memory): `test_reads_the_projects_own_files`.
+    assert!(!stdout.contains("test_reads_the_projects_own_files"), "{stdout}");
+    assert!(stdout.contains("tests: 5 of 11 passed in the sandbox, 2 not run"), "{stdout}");
 }
 
 /// `--pipeline FILE` runs the steps a pipeline lists; a bad one is refused before anything runs,

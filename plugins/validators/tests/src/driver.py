@@ -20,6 +20,7 @@ import _qlayer
 
 _INPUT = json.loads(__qlayer_input__)
 FILES = _INPUT["files"]
+DATA = _INPUT.get("data", {})
 TESTS = _INPUT["tests"]
 LIMITS = _INPUT["limits"]
 ROOT = "/project/"
@@ -202,7 +203,14 @@ def _run_one(test_id, default_path, call):
         outcome = "failed"
     else:
         outcome = "error"
-    _record(test_id, outcome, path or default_path, line, _describe(failure), output)
+    message = _describe(failure)
+    if isinstance(failure, AssertionError) and not str(failure) and path in FILES and line:
+        # A bare `assert`: say which (pytest rewrites it to show the values; the source line
+        # is what this runner can give).
+        lines = FILES[path].splitlines()
+        if line <= len(lines):
+            message = "AssertionError: " + lines[line - 1].strip()
+    _record(test_id, outcome, path or default_path, line, message, output)
     _release(failure)
 
 
@@ -319,9 +327,10 @@ def _collect_and_run(path):
         _run_one(test_id, path, lambda case=case: _run_case(case))
 
     # pytest-style: module-level `test*` functions and `Test*` classes that are not TestCases.
+    fixtures = _fixtures(module)
     for attr, value in list(vars(module).items()):
         if attr.startswith("test") and isinstance(value, types.FunctionType) and value.__module__ == module.__name__:
-            _run_function(path, attr, value, None)
+            _run_function(path, attr, value, None, fixtures)
         elif (
             attr.startswith("Test")
             and isinstance(value, type)
@@ -329,13 +338,39 @@ def _collect_and_run(path):
             and value.__module__ == module.__name__
         ):
             for method in sorted(m for m in vars(value) if m.startswith("test") and callable(getattr(value, m))):
-                _run_function(path, method, getattr(value, method), value)
+                _run_function(path, method, getattr(value, method), value, fixtures)
 
 
-def _run_function(path, name, func, cls):
+def _marks(func):
+    return list(getattr(func, "pytestmark", []))
+
+
+def _fixtures(module):
+    """The pytest fixtures a test of `module` may ask for: the module's own over its conftest's."""
+    found = {}
+    for conftest in _conftests(module.__name__):
+        found.update({n: f for n, f in vars(conftest).items() if getattr(f, "_qlayer_fixture", False)})
+    found.update({n: f for n, f in vars(module).items() if getattr(f, "_qlayer_fixture", False)})
+    return found
+
+
+def _conftests(module_name):
+    """The conftest.py modules above a test module (the root's first), imported once."""
+    out = []
+    for path in sorted(p for p in FILES if p.rsplit("/", 1)[-1] == "conftest.py"):
+        root, name = _module_of(path)
+        if root not in ROOTS:
+            ROOTS.append(root)
+        try:
+            out.append(importlib.import_module(name))
+        except BaseException as e:
+            _release(e)
+    return out
+
+
+def _parameters(func, cls):
     import inspect
 
-    test_id = "%s::%s::%s" % (path, cls.__name__, name) if cls else "%s::%s" % (path, name)
     try:
         params = [
             p.name
@@ -344,30 +379,205 @@ def _run_function(path, name, func, cls):
         ]
     except (TypeError, ValueError):
         params = []
-    if cls is not None:
-        params = params[1:]
-    if params:
-        code = func.__code__
-        _record(test_id, "not-run", _rel(code.co_filename) or path, code.co_firstlineno,
-                "not run: it asks for pytest fixtures (%s), which the sandbox's runner does not provide" % ", ".join(params))
-        return
+    return params[1:] if cls is not None else params
 
-    def call():
-        if cls is None:
-            func()
+
+def _cases(func):
+    """The parameter sets of a test from its `pytest.mark.parametrize` marks: (id, {name: value})."""
+    cases = [("", {})]
+    for name, args, kwargs in _marks(func):
+        if name != "parametrize" or len(args) < 2:
+            continue
+        names = [n.strip() for n in args[0].split(",")] if isinstance(args[0], str) else list(args[0])
+        ids = kwargs.get("ids")
+        expanded = []
+        for i, values in enumerate(args[1]):
+            values = values if len(names) > 1 else (values,)
+            label = str(ids[i]) if ids and i < len(ids) else "-".join(_label(v) for v in values)
+            for base, bound in cases:
+                expanded.append((base + "-" + label if base else label, dict(bound, **dict(zip(names, values)))))
+        cases = expanded
+    return cases
+
+
+def _label(value):
+    if isinstance(value, (int, float, bool, type(None))) or (isinstance(value, str) and len(value) <= 20):
+        return str(value)
+    return type(value).__name__
+
+
+def _run_function(path, name, func, cls, fixtures):
+    base_id = "%s::%s::%s" % (path, cls.__name__, name) if cls else "%s::%s" % (path, name)
+    code = func.__code__
+    for mark, args, kwargs in _marks(func):
+        if mark == "skip" or (mark == "skipif" and args and args[0]):
+            _record(base_id, "skipped", path, None, kwargs.get("reason", ""))
             return
-        instance = cls()
-        setup = getattr(instance, "setup_method", None)
-        if setup is not None:
-            setup(getattr(instance, name))
-        try:
-            getattr(instance, name)()
-        finally:
-            teardown = getattr(instance, "teardown_method", None)
-            if teardown is not None:
-                teardown(getattr(instance, name))
+    for label, bound in _cases(func):
+        test_id = base_id + ("[%s]" % label if label else "")
+        missing = [p for p in _parameters(func, cls) if p not in bound and p not in fixtures]
+        if missing:
+            _record(test_id, "not-run", _rel(code.co_filename) or path, code.co_firstlineno,
+                    "not run: it asks for pytest fixtures (%s) that neither the project nor the sandbox's runner provides"
+                    % ", ".join(missing))
+            continue
+        _run_one(test_id, path, lambda bound=bound: _call(func, cls, name, bound, fixtures))
 
-    _run_one(test_id, path, call)
+
+def _call(func, cls, name, bound, fixtures):
+    """Calls a pytest-style test with its parameters and fixtures (function scope; a generator
+    fixture's code after `yield` runs after the test)."""
+    finalizers = []
+    values = {}
+
+    def resolve(fixture_name, depth=0):
+        if fixture_name in values:
+            return values[fixture_name]
+        if depth > 32:
+            raise RecursionError("pytest fixtures depend on each other in a cycle at `%s`" % fixture_name)
+        fixture = fixtures[fixture_name]
+        kwargs = {p: resolve(p, depth + 1) for p in _parameters(fixture, None)}
+        result = fixture(**kwargs)
+        if isinstance(result, types.GeneratorType):
+            finalizers.append(result)
+            result = next(result)
+        values[fixture_name] = result
+        return result
+
+    try:
+        target = func
+        instance = None
+        if cls is not None:
+            instance = cls()
+            target = getattr(instance, name)
+            setup = getattr(instance, "setup_method", None)
+            if setup is not None:
+                setup(target)
+        kwargs = {p: bound[p] if p in bound else resolve(p) for p in _parameters(func, cls)}
+        try:
+            target(**kwargs)
+        finally:
+            teardown = getattr(instance, "teardown_method", None) if instance is not None else None
+            if teardown is not None:
+                teardown(target)
+    finally:
+        for generator in reversed(finalizers):
+            try:
+                next(generator)
+            except StopIteration:
+                pass
+
+
+def _pytest():
+    """A small `pytest` for tests that import it (the sandbox has no third-party packages):
+    `raises`, `approx`, `fail`, `skip`, `fixture` and the marks `parametrize`, `skip`, `skipif`."""
+    import re
+
+    module = types.ModuleType("pytest")
+    module.__doc__ = "the sandbox's small pytest (qlayer's tests validator)"
+
+    class _Raises:
+        def __init__(self, expected, match):
+            self.expected, self.match, self.value = expected, match, None
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, kind, value, tb):
+            if kind is None:
+                raise AssertionError("DID NOT RAISE %r" % (self.expected,))
+            if not issubclass(kind, self.expected):
+                return False
+            if self.match is not None and not re.search(self.match, str(value)):
+                raise AssertionError("the exception %r does not match %r" % (str(value), self.match))
+            self.value = value
+            return True
+
+    def raises(expected, *args, match=None, **kwargs):
+        context = _Raises(expected, match)
+        if not args:
+            return context
+        with context:
+            args[0](*args[1:], **kwargs)
+        return context
+
+    class approx:
+        def __init__(self, expected, rel=None, abs=None):
+            self.expected, self.rel, self.abs = expected, 1e-6 if rel is None else rel, 1e-12 if abs is None else abs
+
+        def _close(self, a, b):
+            return a == b or _abs(a - b) <= max(self.rel * _abs(b), self.abs)
+
+        def __eq__(self, actual):
+            if isinstance(self.expected, (list, tuple)):
+                return len(actual) == len(self.expected) and all(self._close(a, b) for a, b in zip(actual, self.expected))
+            if isinstance(self.expected, dict):
+                return actual.keys() == self.expected.keys() and all(self._close(actual[k], v) for k, v in self.expected.items())
+            return self._close(actual, self.expected)
+
+        def __repr__(self):
+            return "approx(%r)" % (self.expected,)
+
+    class _Mark:
+        def __init__(self, name, args=(), kwargs=None):
+            self.name, self.args, self.kwargs = name, args, kwargs or {}
+
+        def __call__(self, *args, **kwargs):
+            configured = self.args or self.kwargs
+            bare = len(args) == 1 and not kwargs and callable(args[0]) and self.name not in ("skipif", "parametrize")
+            if configured or bare:
+                target = args[0]
+                target.pytestmark = _marks(target) + [(self.name, self.args, self.kwargs)]
+                return target
+            return _Mark(self.name, args, kwargs)
+
+    class _Marks:
+        def __getattr__(self, name):
+            return _Mark(name)
+
+    def fixture(func=None, **options):
+        def mark(f):
+            f._qlayer_fixture = True
+            return f
+
+        return mark(func) if callable(func) else mark
+
+    def fail(message=""):
+        raise AssertionError(message)
+
+    def skip(reason=""):
+        raise unittest.SkipTest(reason)
+
+    module.raises, module.approx, module.mark, module.fixture = raises, approx, _Marks(), fixture
+    module.fail, module.skip = fail, skip
+    return module
+
+
+_abs = abs
+
+
+def _project_open():
+    """`open` that reads the project's own files from memory (read-only; the sandbox has no
+    filesystem), relative to the project's root as when its tests run from there; anything else
+    goes to the real `open`, which has nothing to reach."""
+    import builtins
+    import posixpath
+
+    real = builtins.open
+
+    def project_open(file, mode="r", *args, **kwargs):
+        if isinstance(file, str) or hasattr(file, "__fspath__"):
+            path = posixpath.normpath(posixpath.join(ROOT, str(file) if not hasattr(file, "__fspath__") else file.__fspath__()))
+            rel = path[len(ROOT):] if path.startswith(ROOT) else None
+            text = None if rel is None else FILES.get(rel, DATA.get(rel))
+            if text is not None and set(mode) <= set("rbt"):
+                if "b" in mode:
+                    return io.BytesIO(text.encode("utf-8"))
+                return io.StringIO(text)
+        return real(file, mode, *args, **kwargs)
+
+    builtins.open = project_open
+    io.open = project_open
 
 
 def _main():
@@ -375,6 +585,9 @@ def _main():
     for path, source in FILES.items():
         linecache.cache[ROOT + path] = (len(source), None, source.splitlines(True), ROOT + path)
     sys.meta_path.insert(1, _Finder())
+    _project_open()
+    if _Finder().find_spec("pytest") is None:
+        sys.modules["pytest"] = _pytest()
     for path in TESTS:
         _collect_and_run(path)
 

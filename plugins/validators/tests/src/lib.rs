@@ -190,6 +190,8 @@ impl Validator for Tests {
             "runs the project's tests; checks no file's syntax".into(),
         )];
         let mut python = serde_json::Map::new();
+        // The project's other text files, which its tests may read (`open`, read-only).
+        let mut data = serde_json::Map::new();
         let mut tests = Vec::new();
         for a in &artifacts {
             let is_python = a.path.ends_with(".py");
@@ -207,7 +209,10 @@ impl Validator for Tests {
                     None,
                     "not UTF-8: Python cannot import it".into(),
                 )),
-                (false, _) => {
+                (false, text) => {
+                    if let Ok(text) = text {
+                        data.insert(a.path.clone(), text.into());
+                    }
                     if let Some(lang) = other_test(&a.path) {
                         found.push(diagnostic(
                             Severity::Warning,
@@ -236,6 +241,7 @@ impl Validator for Tests {
         tests.sort();
         let input = serde_json::json!({
             "files": python,
+            "data": data,
             "tests": tests,
             "limits": {
                 "test_seconds": TEST_SECONDS,

@@ -69,9 +69,11 @@ pub struct ToolSpec {
 
 /// A tool's input schema, compiled once per loaded plugin; the host checks every call's input
 /// with it before the plugin runs.
+#[cfg(feature = "schema")]
 #[derive(Debug)]
 pub struct InputChecker(jsonschema::Validator);
 
+#[cfg(feature = "schema")]
 impl InputChecker {
     /// The input `input_json` as JSON, if it matches the schema; else what is wrong, naming the
     /// field (at most three problems).
@@ -96,11 +98,13 @@ impl InputChecker {
 
 impl ToolSpec {
     /// The compiled input schema, when there is one (a validated manifest's always compiles).
+    #[cfg(feature = "schema")]
     pub fn input_checker(&self) -> Option<InputChecker> {
         jsonschema::validator_for(self.input_schema.as_ref()?).ok().map(InputChecker)
     }
 
-    /// Checks the description's length and that the schema is a valid JSON Schema of an object.
+    /// Checks the description's length and that the schema is a valid JSON Schema of an object
+    /// (without the `schema` feature, only that it describes an object).
     pub fn validate(&self) -> Result<(), ManifestError> {
         let invalid = |field, problem: String| Err(ManifestError::Invalid { field, problem });
         if let Some(d) = &self.description
@@ -115,13 +119,16 @@ impl ToolSpec {
                 "must describe an object (`type = \"object\"`): a tool's input is a JSON object".into(),
             );
         }
-        if let Err(e) = jsonschema::meta::validate(schema) {
-            let at = e.instance_path().to_string();
-            let at = if at.is_empty() { String::new() } else { format!(" at `{at}`") };
-            return invalid("tool.input-schema", format!("is not a valid JSON Schema{at}: {e}"));
-        }
-        if let Err(e) = jsonschema::validator_for(schema) {
-            return invalid("tool.input-schema", format!("cannot be used: {e}"));
+        #[cfg(feature = "schema")]
+        {
+            if let Err(e) = jsonschema::meta::validate(schema) {
+                let at = e.instance_path().to_string();
+                let at = if at.is_empty() { String::new() } else { format!(" at `{at}`") };
+                return invalid("tool.input-schema", format!("is not a valid JSON Schema{at}: {e}"));
+            }
+            if let Err(e) = jsonschema::validator_for(schema) {
+                return invalid("tool.input-schema", format!("cannot be used: {e}"));
+            }
         }
         Ok(())
     }

@@ -160,9 +160,9 @@ fn files_no_validator_checked_are_named_in_the_status_line_and_the_report() {
     let line = stdout.lines().last().unwrap();
     assert!(line.starts_with("passed: every validator passed; 3 of 3 tests passed in the sandbox —"), "{stdout}");
 
-    // A developer that also writes C, which no bundled validator reads.
+    // A developer that also writes Ruby, which no bundled validator reads.
     let mut files: serde_json::Value = serde_json::from_str(&qlayer_tests::files_json("fn main() {}\n")).unwrap();
-    files["files"].as_array_mut().unwrap().push(serde_json::json!({"path": "src/native.c", "content": "int x;\n"}));
+    files["files"].as_array_mut().unwrap().push(serde_json::json!({"path": "lib/app.rb", "content": "puts 1\n"}));
     let script = tmp.path().join("script.json");
     let rules = serde_json::json!({"rules": [{"role": "developer", "reply": files.to_string()}]});
     std::fs::write(&script, rules.to_string()).unwrap();
@@ -173,12 +173,9 @@ fn files_no_validator_checked_are_named_in_the_status_line_and_the_report() {
     assert!(o.status.success(), "{stdout}{stderr}");
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("qlayer-run.json")).unwrap()).unwrap();
-    assert_eq!(report["unchecked"], serde_json::json!(["src/native.c"]), "{report}");
+    assert_eq!(report["unchecked"], serde_json::json!(["lib/app.rb"]), "{report}");
     let line = stdout.lines().last().unwrap();
-    assert!(
-        line.starts_with("passed: every validator passed; but no validator checked 1 file: src/native.c"),
-        "{line}"
-    );
+    assert!(line.starts_with("passed: every validator passed; but no validator checked 1 file: lib/app.rb"), "{line}");
 }
 
 /// `qlayer validate DIR`: the validators on a project the factory did not write; exit 3 while
@@ -192,22 +189,41 @@ fn validate_checks_any_directory_and_exits_3_on_errors() {
     std::fs::write(project.join("src/main.rs"), "fn main() {\n    let x = ;\n}\n").unwrap();
     std::fs::write(project.join("ok.json"), "{\"a\": 1}").unwrap();
     std::fs::write(project.join("main.py"), "def f(:\n    pass\n").unwrap();
-    std::fs::write(project.join("native.c"), "int x;").unwrap();
+    std::fs::write(
+        project.join("native.c"),
+        "#if FAST\nint f(void) {\n#else\nint f(int x) {\n#endif\n  return 0;\n}\n",
+    )
+    .unwrap();
+    std::fs::write(project.join("app.rb"), "puts 1").unwrap();
+    std::fs::create_dir_all(project.join("web")).unwrap();
+    std::fs::write(project.join("web/index.html"), "<main>\n<div>\n<script>let t = `${a}`;</script>\n</main>\n")
+        .unwrap();
+    std::fs::write(project.join("web/app.js"), "export function f() {\n  return `a ${b\n}\n").unwrap();
     std::fs::write(project.join("logo.png"), [0xff, 0xfe, 0x00]).unwrap();
     std::fs::write(project.join(".git/HEAD"), "not a project file {").unwrap();
     let dir = project.to_str().unwrap();
     let o = qlayer(&["validate", dir], &data);
     let (stdout, stderr) = text(&o);
     assert_eq!(o.status.code(), Some(3), "{stdout}{stderr}");
-    assert!(stdout.contains("4 files in"), "{stdout}");
+    assert!(stdout.contains("7 files in"), "{stdout}");
     assert!(stdout.contains("error [rust-syntax] src/main.rs:2"), "{stdout}");
     assert!(stdout.contains("error [python-syntax] main.py:1"), "{stdout}");
-    assert!(stdout.contains("not checked (no validator reads them): native.c"), "{stdout}");
+    // Lexical checks: C's `#else` branch opens no second brace; a `<div>` is left open, and so is a
+    // template literal, named at the line where it began.
+    assert!(stdout.contains("error [html-syntax] web/index.html:2 `<div>` is never closed"), "{stdout}");
+    assert!(
+        stdout.contains("error [javascript-syntax] web/app.js:2 this template literal is never closed"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("native.c"), "{stdout}");
+    assert!(stdout.contains("not checked (no validator reads them): app.rb"), "{stdout}");
     assert!(stdout.contains("not checked (not UTF-8 text): logo.png"), "{stdout}");
     assert!(!stdout.contains(".git"), "{stdout}");
 
     std::fs::write(project.join("src/main.rs"), "fn main() {}\n").unwrap();
     std::fs::write(project.join("main.py"), "def f():\n    pass\n").unwrap();
+    std::fs::write(project.join("web/index.html"), "<main>\n<div></div>\n</main>\n").unwrap();
+    std::fs::write(project.join("web/app.js"), "export function f() {\n  return `a ${b}`;\n}\n").unwrap();
     let o = qlayer(&["validate", dir, "--validator", "syntax"], &data);
     let (stdout, stderr) = text(&o);
     assert!(o.status.success(), "{stdout}{stderr}");

@@ -23,6 +23,8 @@ const PLUGINS: &[(&str, &str)] = &[
     ("qlayer-validator-syntax", "plugins/validators/syntax"),
     ("qlayer-validator-tests", "plugins/validators/tests"),
     ("qlayer-validator-secrets", "plugins/validators/secrets"),
+    ("qlayer-validator-deps", "plugins/validators/deps"),
+    ("qlayer-validator-hap", "plugins/validators/hap"),
 ];
 
 fn main() {

@@ -20,7 +20,7 @@ pub mod bundled {
 /// The bundled agent plugins: the roles a pipeline step may name without `installed:`.
 pub const AGENTS: &[&str] = &["product-manager", "architect", "developer", "qa-engineer", "reviewer", "devops"];
 /// The bundled validator plugins.
-pub const VALIDATORS: &[&str] = &["syntax", "tests", "secrets"];
+pub const VALIDATORS: &[&str] = &["syntax", "tests", "secrets", "deps", "hap"];
 
 /// The baked-in component of a first-party plugin, by manifest name.
 pub fn bundled_plugin(name: &str) -> Option<&'static [u8]> {

@@ -612,6 +612,8 @@ mod tests {
                 "validate-syntax",
                 "validate-tests",
                 "validate-secrets",
+                "validate-deps",
+                "validate-hap",
                 "review"
             ]
         );
@@ -621,7 +623,7 @@ mod tests {
         assert_eq!(after(&round0, "reviewer"), ["qa-engineer", "devops"]);
         assert_eq!(after(&round0, "validate-syntax"), ["reviewer"]);
         assert_eq!(after(&round0, "validate-tests"), ["reviewer"]);
-        assert_eq!(after(&round0, "review").len(), 9);
+        assert_eq!(after(&round0, "review").len(), 11);
         let syntax = p.step("reviewer").unwrap();
         let mut checked: Vec<&str> = p.ancestors(syntax).iter().map(|s| s.name.as_str()).collect();
         checked.push("reviewer");
@@ -636,6 +638,8 @@ mod tests {
                 "validate-syntax-repair-1",
                 "validate-tests-repair-1",
                 "validate-secrets-repair-1",
+                "validate-deps-repair-1",
+                "validate-hap-repair-1",
                 "review-repair-1"
             ]
         );

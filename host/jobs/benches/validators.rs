@@ -3,7 +3,7 @@
 //! passed in and the diagnostics read back), on a generated file of about 10,000 valid lines per
 //! language. The baseline, from the same run, is the same call on a one-line file of that
 //! language: the fixed cost of a call (instance, copying, the step's report), which the
-//! per-line rate leaves out. Then the `secrets` validator over the same files, and the `tests`
+//! per-line rate leaves out. Then the `secrets`, `deps` and `hap` validators over the same files, and the `tests`
 //! validator's sandboxed test run of a generated sample project with its baselines.
 //!
 //! `cargo bench -p qlayer-jobs --bench validators` (docs/PERFORMANCE.md records the figures).
@@ -37,6 +37,32 @@ const SAMPLES: &[(&str, &str, &str, &str)] = &[
     ("YAML", "config.yaml", "item_{n}:\n  id: {n}\n  name: item {n}\n  tags: [a, b]\n", "a: 1\n"),
     ("Dockerfile", "Dockerfile", "RUN echo step {n} && \\\n    true\nENV STEP_{n}={n}\n", "FROM debian\n"),
     ("Markdown", "README.md", "## Section {n}\n\nSome text for section {n}.\n\n```sh\necho {n}\n```\n\n", "# a\n"),
+    // Lexical checks (strings, comments, nesting).
+    (
+        "C",
+        "src/util.c",
+        "int add_{n}(int a, int b) {\n    /* adds */\n    int c = a + b;\n    return c > 10 ? c - 1 : c + 1;\n}\n\n",
+        "int a;\n",
+    ),
+    (
+        "JavaScript",
+        "web/app.js",
+        "export function add{n}(a, b) {\n  const c = a + b; // adds\n  return c > 10 ? `${c - 1}` : String(c + 1);\n}\n\n",
+        "let a = 1;\n",
+    ),
+    (
+        "HTML",
+        "web/index.html",
+        "<section id=\"s{n}\">\n  <h2>Section {n}</h2>\n  <p>Some <em>text</em> for section {n}.<br>\n  <img src=\"a.png\" alt=\"a\">\n</section>\n",
+        "<p>a</p>\n",
+    ),
+    ("Bash", "run.sh", "if [ -n \"$A{n}\" ]; then\n  echo \"step {n}: $(date)\"\nfi\n", "echo a\n"),
+    (
+        "SQL",
+        "schema.sql",
+        "CREATE TABLE t{n} (\n  id INTEGER PRIMARY KEY,\n  name TEXT NOT NULL DEFAULT 'it''s'\n);\n\n",
+        "SELECT 1;\n",
+    ),
 ];
 
 fn file(language: &str, unit: &str, lines: usize) -> String {
@@ -101,12 +127,9 @@ fn main() {
             );
         }
 
-        // The secrets validator over the same ~10,000-line files (every line against every rule).
-        let secrets = runtime
-            .load(qlayer_bundled::bundled_plugin("secrets").unwrap())
-            .unwrap()
-            .install(Grants::default())
-            .unwrap();
+        // The validators that read every file (secrets: every line against every rule; deps: the
+        // Python and Rust files parsed for their imports; hap: every word against the list) over
+        // the same ~10,000-line files.
         let mut lines = 0;
         let mut files = Vec::new();
         for (language, path, unit, _) in SAMPLES {
@@ -114,21 +137,29 @@ fn main() {
             lines += text.lines().count();
             files.push(Artifact { path: path.to_string(), media_type: "text/plain".into(), content: text.into() });
         }
-        let mut times = Vec::new();
-        for _ in 0..5 {
-            let began = Instant::now();
-            let (_, found) = qlayer_factory::validate_step("bench", &secrets, "t", &files).await;
-            assert!(!found.unwrap().iter().any(|d| d.is_error()));
-            times.push(began.elapsed());
+        for name in ["secrets", "deps", "hap"] {
+            let validator = runtime
+                .load(qlayer_bundled::bundled_plugin(name).unwrap())
+                .unwrap()
+                .install(Grants::default())
+                .unwrap();
+            let mut times = Vec::new();
+            for _ in 0..5 {
+                let began = Instant::now();
+                let (_, found) = qlayer_factory::validate_step("bench", &validator, "t", &files).await;
+                let found = found.unwrap();
+                assert!(!found.iter().any(|d| d.is_error()), "{name}: {found:?}");
+                times.push(began.elapsed());
+            }
+            times.sort();
+            let t = times[2];
+            println!(
+                "{name} validator: {lines} lines in {} files, {:.1} ms (median of 5), {:.0} lines/s",
+                files.len(),
+                t.as_secs_f64() * 1e3,
+                lines as f64 / t.as_secs_f64()
+            );
         }
-        times.sort();
-        let t = times[2];
-        println!(
-            "secrets validator: {lines} lines in {} files, {:.1} ms (median of 5), {:.0} lines/s",
-            files.len(),
-            t.as_secs_f64() * 1e3,
-            lines as f64 / t.as_secs_f64()
-        );
 
         // The tests validator: the project's Python tests run in the sandbox (RustPython). The
         // baselines, in the same run: the call on a project without Python (the instance alone)

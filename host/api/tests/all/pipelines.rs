@@ -64,7 +64,10 @@ async fn a_stored_pipeline_runs_an_installed_role_with_granted_tools_and_the_mod
     assert_eq!(list.status, 200, "{list:?}");
     assert_eq!(list.body["items"][0]["name"], "default");
     assert_eq!(list.body["items"][0]["bundled"], true);
-    assert_eq!(list.body["items"][0]["definition"]["steps"][5]["validators"], json!(["syntax", "tests", "secrets"]));
+    assert_eq!(
+        list.body["items"][0]["definition"]["steps"][5]["validators"],
+        json!(["syntax", "tests", "secrets", "deps", "hap"])
+    );
 
     let pipeline = json!({
         "description": "an installed agent uses a tool itself; the product manager's model calls it",

@@ -388,11 +388,11 @@ async fn a_factory_run_is_a_dag_of_its_steps_with_repair_rounds_added_as_needed(
     assert_eq!(done["output"]["repair_rounds"], 1);
     let steps: Vec<&str> =
         done["output"]["steps"].as_array().unwrap().iter().map(|s| s["step"].as_str().unwrap()).collect();
-    let validators = ["validate: syntax", "validate: tests", "validate: secrets"];
+    let validators = ["validate: syntax", "validate: tests", "validate: secrets", "validate: deps", "validate: hap"];
     let roles = ["product-manager", "architect", "developer", "devops", "qa-engineer", "reviewer"];
     let repaired = ["developer (repair 1)", "qa-engineer (repair 1)", "reviewer (repair 1)"];
     assert_eq!(steps, [&roles[..], &validators[..], &repaired[..], &validators[..]].concat());
-    assert_eq!(done["task_count"], 17);
+    assert_eq!(done["task_count"], 21);
     let tasks = svc.get(&format!("/v1/jobs/{run}/tasks"), &acme).await;
     let items = tasks.body["items"].as_array().unwrap();
     let names: Vec<&str> = items.iter().map(|t| t["name"].as_str().unwrap()).collect();
@@ -408,6 +408,8 @@ async fn a_factory_run_is_a_dag_of_its_steps_with_repair_rounds_added_as_needed(
             "validate-syntax",
             "validate-tests",
             "validate-secrets",
+            "validate-deps",
+            "validate-hap",
             "review",
             "developer-repair-1",
             "qa-engineer-repair-1",
@@ -415,12 +417,14 @@ async fn a_factory_run_is_a_dag_of_its_steps_with_repair_rounds_added_as_needed(
             "validate-syntax-repair-1",
             "validate-tests-repair-1",
             "validate-secrets-repair-1",
+            "validate-deps-repair-1",
+            "validate-hap-repair-1",
             "review-repair-1"
         ]
     );
     assert!(items.iter().all(|t| t["status"] == "succeeded" && t["attempts"] == 1), "{tasks:?}");
-    assert_eq!(items[9]["output"]["errors"], 1, "the review names what goes back to the developer");
-    assert_eq!(items[10]["depends_on"], json!(["architect", "developer", "review"]));
+    assert_eq!(items[11]["output"]["errors"], 1, "the review names what goes back to the developer");
+    assert_eq!(items[12]["depends_on"], json!(["architect", "developer", "review"]));
     // The capsule holds the repaired file and the report.
     let files = svc.capsule(&acme, &run).await;
     assert_eq!(files[&format!("{run}/src/main.rs")], "fn main() {}\n");
@@ -434,7 +438,7 @@ async fn a_factory_run_is_a_dag_of_its_steps_with_repair_rounds_added_as_needed(
         .await;
     let done = svc.wait(&acme, r.body["id"].as_str().unwrap()).await;
     assert_eq!(done["output"]["status"], "failed-validation", "{done}");
-    assert_eq!((done["output"]["repair_rounds"].as_u64(), done["task_count"].as_u64()), (Some(1), Some(17)));
+    assert_eq!((done["output"]["repair_rounds"].as_u64(), done["task_count"].as_u64()), (Some(1), Some(21)));
     assert!(done["output"]["stop_reason"].as_str().unwrap().contains("after 1 repair rounds"), "{done}");
 
     // The run's token budget counts every step: once the product manager has spent it, the next

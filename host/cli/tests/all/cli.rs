@@ -242,6 +242,41 @@ fn validate_checks_any_directory_and_exits_3_on_errors() {
     }
 }
 
+/// The `deps` and `hap` validators, through the sandbox: imports no manifest declares, a
+/// standard-library module and a malformed range declared as packages, and profanity in a
+/// README, each at its file and line, the word masked.
+#[test]
+fn validate_checks_imports_against_the_manifests_and_text_for_hap() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, project) = (tmp.path().join("data"), tmp.path().join("project"));
+    std::fs::create_dir_all(project.join("web/src")).unwrap();
+    let files = [
+        ("pyproject.toml", "[project]\nname = \"short\"\ndependencies = [\"fastapi>=0.110\", \"sqlite3\"]\n"),
+        ("app.py", "import sqlite3\nfrom fastapi import FastAPI\nimport requests\n"),
+        ("web/package.json", "{\"name\": \"web\", \"dependencies\": {\"react\": \"=> 18\"}}\n"),
+        ("web/src/app.js", "import React from 'react';\nconst express = require('express');\n"),
+        ("README.md", "# Short\n\nThis shit works.\n"),
+    ];
+    for (path, text) in files {
+        std::fs::write(project.join(path), text).unwrap();
+    }
+    let dir = project.to_str().unwrap();
+    let o = qlayer(&["validate", dir, "--validator", "deps", "--validator", "hap"], &data);
+    let (stdout, stderr) = text(&o);
+    assert_eq!(o.status.code(), Some(3), "{stdout}{stderr}");
+    for expected in [
+        "error [stdlib-dependency] pyproject.toml:3 `sqlite3` is declared as a package",
+        "error [undeclared-import] app.py:3 `requests` is imported but pyproject.toml does not declare it (deps)",
+        "error [invalid-dependency] web/package.json:1 `react`: `=> 18` is not a version range",
+        "error [undeclared-import] web/src/app.js:2 `express` is imported but web/package.json does not declare it",
+        "error [hap-profanity] README.md:3 s*** (profanity)",
+    ] {
+        assert!(stdout.contains(expected), "expected {expected:?} in\n{stdout}");
+    }
+    assert!(!stdout.contains("shit"), "the word is masked: {stdout}");
+    assert!(stdout.lines().last().unwrap().starts_with("failed: 5 errors"), "{stdout}");
+}
+
 /// The `tests` validator runs a project's Python tests inside its wasm sandbox: passing tests
 /// count, a failing assertion is an error at its line naming the test, a test that loops or
 /// allocates without end is stopped at its budget and fails alone (the tests after it still run),

@@ -79,7 +79,7 @@ async fn run_for(requirement: &str, choice: ProviderChoice, rounds: u32, budget:
 }
 
 /// The default pipeline's steps, as its report lists them.
-const EVERY_ROLE: [&str; 9] = [
+const EVERY_ROLE: [&str; 11] = [
     "product-manager",
     "architect",
     "developer",
@@ -89,6 +89,8 @@ const EVERY_ROLE: [&str; 9] = [
     "validate: syntax",
     "validate: tests",
     "validate: secrets",
+    "validate: deps",
+    "validate: hap",
 ];
 
 fn steps(report: &serde_json::Value) -> Vec<&str> {
@@ -372,13 +374,13 @@ async fn a_factory_run_resumes_from_its_last_finished_step_after_its_host_dies()
     );
     // The other validators ran beside `validate-syntax`: each either finished before the host
     // died or was leased by it and resumed on the other node.
-    for (name, attempts, resumed) in &runs[7..9] {
+    for (name, attempts, resumed) in &runs[7..11] {
         assert!(
             name.starts_with("validate-") && (*attempts, *resumed) == (1, false) || (*attempts, *resumed) == (2, true),
             "{runs:?}"
         );
     }
-    assert_eq!(runs[9], ("review", 1, false), "{runs:?}");
+    assert_eq!(runs[11], ("review", 1, false), "{runs:?}");
     assert_eq!(steps(&output), EVERY_ROLE);
     assert!(db.artifact(&acme.id, &job.id).await.unwrap().is_some(), "the capsule is stored with the job");
     b.shutdown(Duration::from_secs(1)).await;

@@ -1,8 +1,10 @@
 //! Token-level checks for the languages no pure-Rust parser here reads: C, C++, C#, Java, Go,
-//! JavaScript, TypeScript, PHP, CSS, SQL, Bash and HTML.
+//! Kotlin, Swift, Dart, Scala, JavaScript, TypeScript, PHP, CSS, SQL, Bash and HTML.
 //!
-//! Each file is scanned as its language's lexer would: comments, every kind of string literal
-//! (raw strings, text blocks, template literals with their `${…}`, heredocs, dollar quoting),
+//! Each file is scanned as its language's lexer would: comments (nested where the language nests
+//! them), every kind of string literal (raw strings, text blocks, template literals and
+//! interpolated strings with the code in their holes, `${…}` or Swift's `\(…)`, heredocs,
+//! dollar quoting),
 //! JavaScript's regular expressions, and the nesting of brackets (of `if`/`fi`, `case`/`esac`
 //! and `do`/`done` in Bash, of elements in HTML). What this finds is what goes wrong in generated
 //! code: a file cut off mid-way, a string or comment never closed, a bracket closed by the wrong
@@ -25,6 +27,10 @@ pub enum Lang {
     Sql,
     Bash,
     Html,
+    Kotlin,
+    Swift,
+    Dart,
+    Scala,
 }
 
 impl Lang {
@@ -43,6 +49,10 @@ impl Lang {
             "sql" => Lang::Sql,
             "sh" | "bash" => Lang::Bash,
             "html" | "htm" => Lang::Html,
+            "kt" | "kts" => Lang::Kotlin,
+            "swift" => Lang::Swift,
+            "dart" => Lang::Dart,
+            "scala" | "sc" => Lang::Scala,
             _ if name == ".bashrc" || name == ".profile" => Lang::Bash,
             _ => return None,
         })
@@ -63,6 +73,10 @@ impl Lang {
             Lang::Sql => "sql-syntax",
             Lang::Bash => "bash-syntax",
             Lang::Html => "html-syntax",
+            Lang::Kotlin => "kotlin-syntax",
+            Lang::Swift => "swift-syntax",
+            Lang::Dart => "dart-syntax",
+            Lang::Scala => "scala-syntax",
         }
     }
 
@@ -72,7 +86,10 @@ impl Lang {
 
     /// `'` opens a character literal (one line, escaped) rather than a string.
     fn char_literals(self) -> bool {
-        matches!(self, Lang::C | Lang::Cpp | Lang::CSharp | Lang::Java | Lang::Go)
+        matches!(
+            self,
+            Lang::C | Lang::Cpp | Lang::CSharp | Lang::Java | Lang::Go | Lang::Kotlin | Lang::Scala | Lang::Swift
+        )
     }
 
     /// Strings may run over several lines.
@@ -106,14 +123,28 @@ fn closer(open: u8) -> u8 {
     }
 }
 
+/// A string literal with interpolation holes, or without: what ends it, what opens and closes a
+/// hole (`${`…`}`, Swift's `\(`…`)`), whether `\` escapes and whether it may span lines.
+#[derive(Clone, Copy, PartialEq, Debug)]
+struct Quoted {
+    close: &'static str,
+    hole: Option<(&'static str, u8)>,
+    escapes: bool,
+    multiline: bool,
+    what: &'static str,
+}
+
+const TEMPLATE: Quoted =
+    Quoted { close: "`", hole: Some(("${", b'}')), escapes: true, multiline: true, what: "template literal" };
+
 /// What an open bracket on the stack is.
 #[derive(Clone, Copy, PartialEq)]
 enum Frame {
     /// `(`, `[` or `{`.
     Bracket(u8),
-    /// The `${` of a JavaScript template literal (which began at this line): its `}` goes back
-    /// into the template.
-    TemplateExpr(u32),
+    /// The hole of an interpolated string (which began at this line): its closer goes back into
+    /// the string.
+    Hole(u32, Quoted),
 }
 
 /// The open brackets, each with the line it opened on.
@@ -179,7 +210,7 @@ impl<'a> Scanner<'a> {
             Some((frame, line)) => {
                 let what = match frame {
                     Frame::Bracket(b) => format!("`{}`", *b as char),
-                    Frame::TemplateExpr(_) => "the `${` of a template literal".into(),
+                    Frame::Hole(_, q) => format!("the `{}` of a {}", q.hole.map_or("", |h| h.0), q.what),
                 };
                 let depth = self.stack.len();
                 let inside =
@@ -245,10 +276,10 @@ impl<'a> Scanner<'a> {
                 b')' | b']' | b'}' => {
                     match self.stack.pop() {
                         Some((Frame::Bracket(open), _)) if closer(open) == b => {}
-                        Some((Frame::TemplateExpr(template), _)) if b == b'}' => {
-                            // Back into the template literal.
+                        Some((Frame::Hole(began, quoted), _)) if quoted.hole.is_some_and(|h| h.1 == b) => {
+                            // Back into the string.
                             self.pos += 1;
-                            self.template_rest(template)?;
+                            self.quoted_rest(quoted, began)?;
                             self.prev = Some(b'"');
                             self.prev_word = b"";
                             continue;
@@ -259,16 +290,28 @@ impl<'a> Scanner<'a> {
                                 format!("`{}` closes the `{}` opened at line {line}", b as char, open as char),
                             ));
                         }
-                        Some((Frame::TemplateExpr(_), line)) => {
+                        Some((Frame::Hole(_, q), line)) => {
                             return Err((
                                 start_line,
-                                format!("`{}` closes the `${{` of the template literal at line {line}", b as char),
+                                format!(
+                                    "`{}` closes the `{}` of the {} at line {line}",
+                                    b as char,
+                                    q.hole.map_or("", |h| h.0),
+                                    q.what
+                                ),
                             ));
                         }
                         None => return Err((start_line, format!("`{}` closes nothing", b as char))),
                     }
                     self.pos += 1;
                     self.set_prev(b);
+                }
+                b'#' if self.lang == Lang::Swift
+                    && self.src[self.pos..].iter().find(|c| **c != b'#') == Some(&b'"') =>
+                {
+                    self.swift_raw()?;
+                    self.prev = Some(b'"');
+                    self.prev_word = b"";
                 }
                 b'$' if self.lang == Lang::Sql && self.sql_dollar_quote()? => {
                     self.prev = Some(b'"');
@@ -362,14 +405,23 @@ impl<'a> Scanner<'a> {
         }
         if self.at("/*") {
             let start = self.line;
+            let nested = matches!(self.lang, Lang::Kotlin | Lang::Swift | Lang::Scala | Lang::Dart);
+            let mut depth = 1;
             self.pos += 2;
-            while !self.at("*/") {
+            while depth > 0 {
                 if self.pos >= self.src.len() {
                     return Err((start, "this `/*` comment is never closed".into()));
                 }
-                self.bump();
+                if self.at("*/") {
+                    depth -= 1;
+                    self.pos += 2;
+                } else if nested && self.at("/*") {
+                    depth += 1;
+                    self.pos += 2;
+                } else {
+                    self.bump();
+                }
             }
-            self.pos += 2;
             return Ok(true);
         }
         Ok(false)
@@ -410,6 +462,31 @@ impl<'a> Scanner<'a> {
                 // Interpolated strings: the holes are skipped as string text.
                 return self.string(b'"');
             }
+            if self.lang == Lang::Scala {
+                // `s"…${x}…"`, `f"…"`, `raw"…"`: an interpolator names the string's kind.
+                let start = self.line;
+                let triple = self.at("\"\"\"");
+                let close = if triple { "\"\"\"" } else { "\"" };
+                let hole = Some(("${", b'}'));
+                let q = Quoted { close, hole, escapes: !triple, multiline: triple, what: "string" };
+                self.pos += close.len();
+                return self.quoted_rest(q, start);
+            }
+        }
+        if self.lang == Lang::Dart && word == b"r" && matches!(self.peek(0), Some(b'"' | b'\'')) {
+            // Raw strings: no escapes, no holes.
+            let start = self.line;
+            let q = self.src[self.pos];
+            let triple = self.src[self.pos..].starts_with(&[q, q, q]);
+            let close = match (q, triple) {
+                (b'"', true) => "\"\"\"",
+                (b'"', false) => "\"",
+                (_, true) => "\'\'\'",
+                _ => "\'",
+            };
+            self.pos += close.len();
+            let raw = Quoted { close, hole: None, escapes: false, multiline: triple, what: "raw string" };
+            return self.quoted_rest(raw, start);
         }
         self.prev = Some(b'a');
         self.prev_word = word;
@@ -540,10 +617,16 @@ impl<'a> Scanner<'a> {
                 Lang::Go | Lang::Sql => self.raw_until(b'`', start),
                 Lang::JavaScript | Lang::TypeScript => {
                     self.pos += 1;
-                    self.template_rest(start)
+                    self.quoted_rest(TEMPLATE, start)
                 }
+                // Scala's and Kotlin's backquoted names.
+                Lang::Scala | Lang::Kotlin | Lang::Swift => self.raw_until(b'`', start),
                 _ => Err((start, "a stray ` in the source".into())),
             };
+        }
+        if let Some(quoted) = self.interpolated(q) {
+            self.pos += quoted.close.len();
+            return self.quoted_rest(quoted, start);
         }
         let what = if q == b'\'' && lang.char_literals() { "character literal" } else { "string" };
         // SQL doubles its quotes and has no backslash escapes.
@@ -609,32 +692,80 @@ impl<'a> Scanner<'a> {
         }
     }
 
-    /// A template literal's text after its opening `` ` `` (or after a `}` that ends a `${…}`):
-    /// to its closing `` ` ``, or into the next `${`, which goes on the stack.
-    fn template_rest(&mut self, start: u32) -> Found {
+    /// The kind of string the quote `q` at the position opens, in the languages whose strings
+    /// have holes (Kotlin, Swift, Dart; Scala's `"""`), with its triple-quoted form.
+    fn interpolated(&self, q: u8) -> Option<Quoted> {
+        let triple = self.src[self.pos..].starts_with(&[q, q, q]);
+        let (close, hole) = match (self.lang, q, triple) {
+            (Lang::Kotlin, b'"', true) => ("\"\"\"", ("${", b'}')),
+            (Lang::Kotlin, b'"', false) => ("\"", ("${", b'}')),
+            (Lang::Dart, b'"', true) => ("\"\"\"", ("${", b'}')),
+            (Lang::Dart, b'"', false) => ("\"", ("${", b'}')),
+            (Lang::Dart, b'\'', true) => ("\'\'\'", ("${", b'}')),
+            (Lang::Dart, b'\'', false) => ("\'", ("${", b'}')),
+            (Lang::Swift, b'"', true) => ("\"\"\"", ("\\(", b')')),
+            (Lang::Swift, b'"', false) => ("\"", ("\\(", b')')),
+            (Lang::Scala, b'"', true) => {
+                return Some(Quoted { close: "\"\"\"", hole: None, escapes: false, multiline: true, what: "string" });
+            }
+            _ => return None,
+        };
+        // Kotlin's raw strings take no escapes.
+        let escapes = !(self.lang == Lang::Kotlin && triple);
+        Some(Quoted { close, hole: Some(hole), escapes, multiline: triple, what: "string" })
+    }
+
+    /// A string's text after its opening quote (or after the closer of one of its holes): to its
+    /// closing quote, or into its next hole, which goes on the stack.
+    fn quoted_rest(&mut self, q: Quoted, start: u32) -> Found {
         loop {
-            match self.peek(0) {
-                None => return Err((start, "this template literal is never closed".into())),
-                Some(b'\\') => {
+            if self.pos >= self.src.len() {
+                return Err((start, format!("this {} is never closed", q.what)));
+            }
+            if let Some((open, _)) = q.hole.filter(|(open, _)| self.at(open)) {
+                self.stack.push((Frame::Hole(start, q), self.line));
+                self.pos += open.len();
+                self.prev = Some(b'{');
+                self.prev_word = b"";
+                return Ok(());
+            }
+            if self.at(q.close) {
+                self.pos += q.close.len();
+                return Ok(());
+            }
+            match self.src[self.pos] {
+                b'\\' if q.escapes => {
                     self.pos += 1;
                     if self.pos < self.src.len() {
                         self.bump();
                     }
                 }
-                Some(b'`') => {
-                    self.pos += 1;
-                    return Ok(());
-                }
-                Some(b'$') if self.peek(1) == Some(b'{') => {
-                    self.stack.push((Frame::TemplateExpr(start), self.line));
-                    self.pos += 2;
-                    self.prev = Some(b'{');
-                    self.prev_word = b"";
-                    return Ok(());
-                }
-                Some(_) => self.bump(),
+                b'\n' if !q.multiline => return Err((start, format!("this {} is never closed on its line", q.what))),
+                _ => self.bump(),
             }
         }
+    }
+
+    /// Swift's raw strings, `#"…"#` (as many `#` on each side; `"""` for more lines).
+    fn swift_raw(&mut self) -> Found {
+        let start = self.line;
+        let hashes = self.src[self.pos..].iter().take_while(|b| **b == b'#').count();
+        self.pos += hashes;
+        let triple = self.at("\"\"\"");
+        let quote = if triple { "\"\"\"" } else { "\"" };
+        self.pos += quote.len();
+        let close = format!("{quote}{}", "#".repeat(hashes));
+        while !self.at(&close) {
+            if self.pos >= self.src.len() {
+                return Err((start, format!("this raw string is never closed (by `{close}`)")));
+            }
+            if !triple && self.src[self.pos] == b'\n' {
+                return Err((start, "this raw string is never closed on its line".into()));
+            }
+            self.bump();
+        }
+        self.pos += close.len();
+        Ok(())
     }
 }
 
@@ -1238,6 +1369,31 @@ mod tests {
             "closes the `(` opened at line 3",
         );
         bad(Lang::JavaScript, "```js\nconst a = 1;\n```\n", 1, "Markdown code fence");
+    }
+
+    #[test]
+    fn kotlin_swift_dart_scala_strings_with_holes() {
+        ok(
+            Lang::Kotlin,
+            "fun main() {\n  val m = mapOf(\"k\" to 1)\n  println(\"${m[\"k\"]} } $x\")\n  println(\"${f(\"}\")}\")\n  val raw = \"\"\"\n  { \\ ${m.size}\n  \"\"\"\n  /* a /* nested */ } */\n  val c = '}'\n}\n",
+        );
+        bad(Lang::Kotlin, "fun main() {\n  println(\"${a(\")\n}\n", 2, "never closed on its line");
+        bad(Lang::Kotlin, "class A {\n  fun f() {\n}\n", 1, "never closed");
+        ok(
+            Lang::Swift,
+            "let d = [\"k\": 1]\nprint(\"\\(d[\"k\"]!) }\")\nprint(\"\\(f(\")\"))\")\nlet r = #\"a \" } \\(x)\"#\nlet m = \"\"\"\n  ( \\(f(1))\n  \"\"\"\nfunc f() { }\n",
+        );
+        bad(Lang::Swift, "func f() {\n  print(\"\\(x\")\n}\n", 2, "never closed on its line");
+        ok(
+            Lang::Dart,
+            "void main() {\n  var m = {'k': 1};\n  print('${m['k']} }');\n  print('${f('}')}');\n  var r = r'\\d{';\n  var t = '''\n  { ${m.length}\n  ''';\n}\n",
+        );
+        bad(Lang::Dart, "void main() {\n  print('a);\n}\n", 2, "never closed on its line");
+        ok(
+            Lang::Scala,
+            "object A {\n  val m = Map(\"k\" -> 1)\n  val s = s\"${m(\"k\")} }\"\n  val t = \"\"\"{ \"\"\"\n  val `type` = '}'\n}\n",
+        );
+        bad(Lang::Scala, "object A {\n  def f = {\n    1\n}\n", 1, "never closed");
     }
 
     #[test]

@@ -202,7 +202,7 @@ fn check(path: &str, text: &str) -> Option<Vec<Diagnostic>> {
 
 /// What it reads, for the `unchecked` diagnostic.
 const READS: &str = "Rust, Python, JSON, TOML, YAML, Markdown and Dockerfiles, and the tokens and nesting of C, C++, \
-                     C#, Java, Go, JavaScript, TypeScript, PHP, CSS, SQL, Bash and HTML";
+                     C#, Java, Go, Kotlin, Swift, Dart, Scala, JavaScript, TypeScript, PHP, CSS, SQL, Bash and HTML";
 
 impl Validator for Syntax {
     fn validate(artifacts: Vec<Artifact>) -> Result<Vec<Diagnostic>, PluginError> {

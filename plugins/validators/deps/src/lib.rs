@@ -12,13 +12,15 @@
 //!   version requirement must be valid.
 //! - **Go**: imports against `go.mod`'s `require`s; each version must be a valid module version.
 //!
-//! A module of the language's standard library (or Node's built-ins) declared as a package is an
-//! error too: `sqlite3` in requirements.txt installs nothing useful, `fs` in package.json is a
+//! A dependency the manifest declares that the lock file beside it (package-lock.json, Cargo.lock,
+//! go.sum, uv.lock, poetry.lock) does not hold is an error: the lock is out of date. A module of
+//! the language's standard library (or Node's built-ins) declared as a package is an error too: `sqlite3` in requirements.txt installs nothing useful, `fs` in package.json is a
 //! placeholder package. Each file is checked against its nearest manifest (a monorepo's packages
 //! each have theirs), and each undeclared package is reported once, at its first import.
 
 mod go;
 mod js;
+mod locks;
 mod python;
 mod rust;
 
@@ -103,6 +105,7 @@ pub fn check(project: &Project) -> Vec<Diagnostic> {
     found.extend(js::check(project));
     found.extend(rust::check(project));
     found.extend(go::check(project));
+    found.extend(locks::check(project));
     found.sort_by(|a, b| (&a.path, a.line).cmp(&(&b.path, b.line)));
     found
 }

@@ -160,9 +160,9 @@ fn files_no_validator_checked_are_named_in_the_status_line_and_the_report() {
     let line = stdout.lines().last().unwrap();
     assert!(line.starts_with("passed: every validator passed; 3 of 3 tests passed in the sandbox —"), "{stdout}");
 
-    // A developer that also writes Ruby, which no bundled validator reads.
+    // A developer that also writes Lua, which no bundled validator reads.
     let mut files: serde_json::Value = serde_json::from_str(&qlayer_tests::files_json("fn main() {}\n")).unwrap();
-    files["files"].as_array_mut().unwrap().push(serde_json::json!({"path": "lib/app.rb", "content": "puts 1\n"}));
+    files["files"].as_array_mut().unwrap().push(serde_json::json!({"path": "lib/app.lua", "content": "print(1)\n"}));
     let script = tmp.path().join("script.json");
     let rules = serde_json::json!({"rules": [{"role": "developer", "reply": files.to_string()}]});
     std::fs::write(&script, rules.to_string()).unwrap();
@@ -173,9 +173,9 @@ fn files_no_validator_checked_are_named_in_the_status_line_and_the_report() {
     assert!(o.status.success(), "{stdout}{stderr}");
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("qlayer-run.json")).unwrap()).unwrap();
-    assert_eq!(report["unchecked"], serde_json::json!(["lib/app.rb"]), "{report}");
+    assert_eq!(report["unchecked"], serde_json::json!(["lib/app.lua"]), "{report}");
     let line = stdout.lines().last().unwrap();
-    assert!(line.starts_with("passed: every validator passed; but no validator checked 1 file: lib/app.rb"), "{line}");
+    assert!(line.starts_with("passed: every validator passed; but no validator checked 1 file: lib/app.lua"), "{line}");
 }
 
 /// `qlayer validate DIR`: the validators on a project the factory did not write; exit 3 while
@@ -194,7 +194,7 @@ fn validate_checks_any_directory_and_exits_3_on_errors() {
         "#if FAST\nint f(void) {\n#else\nint f(int x) {\n#endif\n  return 0;\n}\n",
     )
     .unwrap();
-    std::fs::write(project.join("app.rb"), "puts 1").unwrap();
+    std::fs::write(project.join("app.lua"), "print(1)").unwrap();
     std::fs::create_dir_all(project.join("web")).unwrap();
     std::fs::write(project.join("web/index.html"), "<main>\n<div>\n<script>let t = `${a}`;</script>\n</main>\n")
         .unwrap();
@@ -216,7 +216,7 @@ fn validate_checks_any_directory_and_exits_3_on_errors() {
         "{stdout}"
     );
     assert!(!stdout.contains("native.c"), "{stdout}");
-    assert!(stdout.contains("not checked (no validator reads them): app.rb"), "{stdout}");
+    assert!(stdout.contains("not checked (no validator reads them): app.lua"), "{stdout}");
     assert!(stdout.contains("not checked (not UTF-8 text): logo.png"), "{stdout}");
     assert!(!stdout.contains(".git"), "{stdout}");
 

@@ -1,16 +1,15 @@
 //! Token-level checks for the languages no pure-Rust parser here reads: C, C++, C#, Java, Go,
-//! Kotlin, Swift, Dart, Scala, JavaScript, TypeScript, PHP, CSS, SQL, Bash and HTML.
+//! Kotlin, Swift, Dart, Scala, JavaScript, TypeScript, PHP, Ruby, CSS, SQL, Bash and HTML.
 //!
 //! Each file is scanned as its language's lexer would: comments (nested where the language nests
 //! them), every kind of string literal (raw strings, text blocks, template literals and
 //! interpolated strings with the code in their holes, `${…}` or Swift's `\(…)`, heredocs,
-//! dollar quoting),
-//! JavaScript's regular expressions, and the nesting of brackets (of `if`/`fi`, `case`/`esac`
-//! and `do`/`done` in Bash, of elements in HTML). What this finds is what goes wrong in generated
-//! code: a file cut off mid-way, a string or comment never closed, a bracket closed by the wrong
-//! one or never closed, a Markdown code fence left in the source. It is not a grammar: a
-//! statement in the wrong place passes. The first error of a file is reported, at the line where
-//! the thing that is wrong began.
+//! dollar quoting), JavaScript's regular expressions, and the nesting of brackets (of `if`/`fi`,
+//! `case`/`esac` and `do`/`done` in Bash, of `end` and its openers in Ruby, of elements in HTML).
+//! What this finds is what goes wrong in generated code: a file cut off mid-way, a string or
+//! comment never closed, a bracket closed by the wrong one or never closed, a Markdown code fence
+//! left in the source. It is not a grammar: a statement in the wrong place passes. The first
+//! error of a file is reported, at the line where the thing that is wrong began.
 
 /// A language this module scans.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -31,6 +30,7 @@ pub enum Lang {
     Swift,
     Dart,
     Scala,
+    Ruby,
 }
 
 impl Lang {
@@ -53,6 +53,8 @@ impl Lang {
             "swift" => Lang::Swift,
             "dart" => Lang::Dart,
             "scala" | "sc" => Lang::Scala,
+            "rb" | "rake" | "gemspec" => Lang::Ruby,
+            _ if name == "Gemfile" || name == "Rakefile" => Lang::Ruby,
             _ if name == ".bashrc" || name == ".profile" => Lang::Bash,
             _ => return None,
         })
@@ -77,6 +79,7 @@ impl Lang {
             Lang::Swift => "swift-syntax",
             Lang::Dart => "dart-syntax",
             Lang::Scala => "scala-syntax",
+            Lang::Ruby => "ruby-syntax",
         }
     }
 
@@ -104,6 +107,7 @@ pub fn check(lang: Lang, text: &str) -> Option<(u32, String)> {
         Lang::Bash => bash(text),
         Lang::Html => html(text),
         Lang::Php => php(text),
+        Lang::Ruby => ruby(text),
         _ => Scanner::new(lang, text.as_bytes(), 1).run(),
     }
     .err()
@@ -879,6 +883,440 @@ fn find(hay: &[u8], from: usize, needle: &[u8]) -> Option<usize> {
     hay.get(from..)?.windows(needle.len()).position(|w| w == needle).map(|p| p + from)
 }
 
+/// Ruby: the pairing of `end` with `def`, `class`, `module`, `if`, `unless`, `while`, `until`,
+/// `case`, `begin`, `for` and `do` (`if` and its kin only where a statement or an expression
+/// starts: `return x if y` is a modifier; `def f = x` has no `end`; the `do` of `while x do`
+/// belongs to the loop); brackets; comments (`#`, `=begin`…`=end`, `__END__`); strings with
+/// `#{…}` holes (the code inside scanned), `'…'`, `%w[…]` and the other percent literals,
+/// regular expressions, heredocs (`<<~EOS`), symbols (`:end`) and labels (`if:`), which are no
+/// keywords, nor is a method call (`x.class`).
+fn ruby(text: &str) -> Found {
+    let mut r = Ruby {
+        src: text.as_bytes(),
+        pos: 0,
+        line: 1,
+        stack: Vec::new(),
+        expr_start: true,
+        heredocs: Vec::new(),
+        loop_do: None,
+        depth: 0,
+    };
+    r.line_start()?;
+    r.code(false)?;
+    match r.stack.last() {
+        Some((closer, line, what)) => Err((*line, format!("this `{what}` is never closed by `{closer}`"))),
+        None => Ok(()),
+    }
+}
+
+struct Ruby<'a> {
+    src: &'a [u8],
+    pos: usize,
+    line: u32,
+    /// Open constructs: the closer (`end`, `)`, `]`, `}`, or `#{` for a string's hole), the line
+    /// and what opened it.
+    stack: Vec<(&'static str, u32, String)>,
+    /// Whether an expression may start here (after a newline, `;`, an operator or an opening
+    /// bracket): `if` there opens a block, elsewhere it is a modifier.
+    expr_start: bool,
+    /// Heredocs whose bodies start after this line: (name, indented end allowed, line).
+    heredocs: Vec<(Vec<u8>, bool, u32)>,
+    /// The line of a `while`, `until` or `for` whose optional `do` has not come yet.
+    loop_do: Option<u32>,
+    /// How deep `#{…}` holes nest (bounded: each is a recursion).
+    depth: usize,
+}
+
+/// Words after which an expression starts.
+/// (`return if x` and `puts if x` are modifiers, as Ruby parses them.)
+const RUBY_EXPR_WORDS: &[&[u8]] =
+    &[b"and", b"or", b"not", b"then", b"do", b"else", b"elsif", b"begin", b"when", b"in", b"ensure"];
+
+impl Ruby<'_> {
+    fn at(&self, s: &[u8]) -> bool {
+        self.src[self.pos..].starts_with(s)
+    }
+
+    fn peek(&self, ahead: usize) -> Option<u8> {
+        self.src.get(self.pos + ahead).copied()
+    }
+
+    fn newline(&mut self) -> Found {
+        self.pos += 1;
+        self.line += 1;
+        self.expr_start = true;
+        self.loop_do = None;
+        for (name, indented, opened) in std::mem::take(&mut self.heredocs) {
+            loop {
+                if self.pos >= self.src.len() {
+                    let name = String::from_utf8_lossy(&name);
+                    return Err((opened, format!("this heredoc is never closed (no line `{name}`)")));
+                }
+                let end = find(self.src, self.pos, b"\n").unwrap_or(self.src.len());
+                let mut body = &self.src[self.pos..end];
+                if indented {
+                    body = &body[body.iter().take_while(|b| **b == b' ' || **b == b'\t').count()..];
+                }
+                let done = body == name.as_slice() || body.strip_suffix(b"\r") == Some(name.as_slice());
+                self.pos = (end + 1).min(self.src.len());
+                self.line += 1;
+                if done {
+                    break;
+                }
+            }
+        }
+        self.line_start()
+    }
+
+    /// `=begin` … `=end` comments and `__END__`, which start at a line's start.
+    fn line_start(&mut self) -> Found {
+        if self.at(b"=begin") {
+            let start = self.line;
+            loop {
+                let end = find(self.src, self.pos, b"\n").unwrap_or(self.src.len());
+                let is_end = self.src[self.pos..end].starts_with(b"=end");
+                self.pos = (end + 1).min(self.src.len());
+                self.line += 1;
+                if is_end {
+                    break;
+                }
+                if self.pos >= self.src.len() {
+                    return Err((start, "this `=begin` comment is never closed by `=end`".into()));
+                }
+            }
+        }
+        if self.at(b"__END__") && matches!(self.peek(7), None | Some(b'\n' | b'\r')) {
+            self.pos = self.src.len();
+        }
+        Ok(())
+    }
+
+    /// Code to the end, or (in a hole) to the `}` that closes it.
+    fn code(&mut self, hole: bool) -> Found {
+        let base = self.stack.len();
+        while self.pos < self.src.len() {
+            let b = self.src[self.pos];
+            match b {
+                b'\n' => self.newline()?,
+                b' ' | b'\t' | b'\r' => self.pos += 1,
+                b'\\' => {
+                    // A continued line.
+                    if self.peek(1) == Some(b'\n') {
+                        self.line += 1;
+                    }
+                    self.pos += 2;
+                }
+                b'#' => {
+                    while self.pos < self.src.len() && self.src[self.pos] != b'\n' {
+                        self.pos += 1;
+                    }
+                }
+                b'"' | b'`' => {
+                    self.pos += 1;
+                    self.string(b, None, true)?;
+                    self.expr_start = false;
+                }
+                b'\'' => {
+                    self.pos += 1;
+                    self.string(b'\'', None, false)?;
+                    self.expr_start = false;
+                }
+                b'%' if self.expr_start && self.percent_literal()? => self.expr_start = false,
+                b'/' if self.expr_start => {
+                    self.pos += 1;
+                    self.string(b'/', None, true)?;
+                    while self.peek(0).is_some_and(|c| c.is_ascii_alphabetic()) {
+                        self.pos += 1;
+                    }
+                    self.expr_start = false;
+                }
+                b'<' if self.heredoc() => self.expr_start = false,
+                b'?' if self.expr_start
+                    && self.peek(1).is_some_and(|c| c.is_ascii_graphic())
+                    && !self.peek(2).is_some_and(is_ident) =>
+                {
+                    // A character literal, `?a`.
+                    self.pos += 2;
+                    self.expr_start = false;
+                }
+                b':' if self.peek(1) == Some(b'"') => {
+                    self.pos += 2;
+                    self.string(b'"', None, true)?;
+                    self.expr_start = false;
+                }
+                b':' if self.peek(1).is_some_and(|c| c.is_ascii_alphabetic() || c == b'_')
+                    && self.pos > 0
+                    && self.src[self.pos - 1] != b':' =>
+                {
+                    // A symbol: its word is no keyword.
+                    self.pos += 1;
+                    while self.peek(0).is_some_and(is_ident) {
+                        self.pos += 1;
+                    }
+                    if matches!(self.peek(0), Some(b'?' | b'!' | b'=')) && self.peek(1) != Some(b'=') {
+                        self.pos += 1;
+                    }
+                    self.expr_start = false;
+                }
+                b'(' | b'[' | b'{' => {
+                    let closer = match b {
+                        b'(' => ")",
+                        b'[' => "]",
+                        _ => "}",
+                    };
+                    self.stack.push((closer, self.line, (b as char).to_string()));
+                    self.pos += 1;
+                    self.expr_start = true;
+                }
+                b')' | b']' | b'}' => {
+                    let found = (b as char).to_string();
+                    if hole && b == b'}' && self.stack.len() == base {
+                        self.pos += 1;
+                        return Ok(());
+                    }
+                    match self.stack.pop() {
+                        Some((closer, _, _)) if closer == found => {}
+                        Some((closer, line, what)) => {
+                            return Err((
+                                self.line,
+                                format!("`{found}` where `{closer}` was expected (for the `{what}` at line {line})"),
+                            ));
+                        }
+                        None => return Err((self.line, format!("`{found}` closes nothing"))),
+                    }
+                    self.pos += 1;
+                    self.expr_start = false;
+                }
+                _ if is_ident(b) || b == b'@' => self.word()?,
+                b'.' | b'&' if self.peek(1) == Some(b'.') || b == b'.' => {
+                    // `.`, `&.`, `..`: a method name may follow, which is no keyword.
+                    self.pos += if b == b'&' { 2 } else { 1 };
+                    while self.peek(0) == Some(b'.') {
+                        self.pos += 1;
+                    }
+                    if self.peek(0).is_some_and(|c| c.is_ascii_alphabetic() || c == b'_') {
+                        while self.peek(0).is_some_and(is_ident) {
+                            self.pos += 1;
+                        }
+                        self.expr_start = false;
+                    } else {
+                        self.expr_start = true;
+                    }
+                }
+                b':' if self.peek(1) == Some(b':') => {
+                    self.pos += 2;
+                    while self.peek(0).is_some_and(is_ident) {
+                        self.pos += 1;
+                    }
+                    self.expr_start = false;
+                }
+                _ => {
+                    self.pos += 1;
+                    self.expr_start = true;
+                }
+            }
+        }
+        if hole {
+            return Err((self.line, "a `#{` hole is never closed".into()));
+        }
+        Ok(())
+    }
+
+    fn word(&mut self) -> Found {
+        let start = self.pos;
+        let line = self.line;
+        while self.peek(0).is_some_and(|c| is_ident(c) || c == b'@') {
+            self.pos += 1;
+        }
+        let word = &self.src[start..self.pos];
+        // `end?`, `if:` (a label) are no keywords.
+        if matches!(self.peek(0), Some(b'?' | b'!')) && self.peek(1) != Some(b'=') {
+            self.pos += 1;
+            self.expr_start = false;
+            return Ok(());
+        }
+        if self.peek(0) == Some(b':') && self.peek(1) != Some(b':') {
+            self.pos += 1;
+            self.expr_start = true;
+            return Ok(());
+        }
+        let name = String::from_utf8_lossy(word).into_owned();
+        match word {
+            b"def" => {
+                self.def(line)?;
+                return Ok(());
+            }
+            b"class" | b"module" | b"case" | b"begin" => self.stack.push(("end", line, name)),
+            b"if" | b"unless" if self.expr_start => self.stack.push(("end", line, name)),
+            b"while" | b"until" | b"for" if self.expr_start => {
+                self.stack.push(("end", line, name));
+                self.loop_do = Some(line);
+            }
+            b"do" => {
+                if self.loop_do == Some(line) {
+                    self.loop_do = None;
+                } else {
+                    self.stack.push(("end", line, name));
+                }
+            }
+            b"end" => match self.stack.pop() {
+                Some(("end", _, _)) => {}
+                Some((closer, opened, what)) => {
+                    return Err((
+                        line,
+                        format!("`end` where `{closer}` was expected (for the `{what}` at line {opened})"),
+                    ));
+                }
+                None => return Err((line, "`end` closes nothing".into())),
+            },
+            _ => {}
+        }
+        self.expr_start = RUBY_EXPR_WORDS.contains(&word);
+        Ok(())
+    }
+
+    /// After `def`: the name (`self.x`, `x=`, `==`, `[]`), the parameters, and whether an `=`
+    /// makes it an endless method (`def f(x) = x + 1`), which has no `end`.
+    fn def(&mut self, line: u32) -> Found {
+        while self.peek(0).is_some_and(|c| c == b' ' || c == b'\t') {
+            self.pos += 1;
+        }
+        while self.peek(0).is_some_and(|c| !matches!(c, b' ' | b'\t' | b'\n' | b'(' | b';')) {
+            self.pos += 1;
+        }
+        if self.peek(0) == Some(b'(') {
+            let mut depth = 0;
+            while let Some(c) = self.peek(0) {
+                match c {
+                    b'(' => depth += 1,
+                    b')' => depth -= 1,
+                    b'\n' => self.line += 1,
+                    _ => {}
+                }
+                self.pos += 1;
+                if depth == 0 {
+                    break;
+                }
+            }
+        }
+        while self.peek(0).is_some_and(|c| c == b' ' || c == b'\t') {
+            self.pos += 1;
+        }
+        let endless = self.peek(0) == Some(b'=') && !matches!(self.peek(1), Some(b'=' | b'~' | b'>'));
+        if !endless {
+            self.stack.push(("end", line, "def".into()));
+        }
+        self.expr_start = endless;
+        if endless {
+            self.pos += 1;
+        }
+        Ok(())
+    }
+
+    /// A string's text after its opening `open` (or delimiter), to `close`; with holes, `#{…}`
+    /// scanned as code. Nested pairs of a bracket delimiter count (`%w[a [b]]`).
+    fn string(&mut self, close: u8, open: Option<u8>, holes: bool) -> Found {
+        let start = self.line;
+        let mut nest = 0;
+        loop {
+            let Some(c) = self.peek(0) else {
+                let what = if close == b'/' { "regular expression" } else { "string" };
+                return Err((start, format!("this {what} is never closed")));
+            };
+            match c {
+                b'\\' => {
+                    if self.peek(1) == Some(b'\n') {
+                        self.line += 1;
+                    }
+                    self.pos += 2;
+                }
+                b'\n' => {
+                    self.pos += 1;
+                    self.line += 1;
+                }
+                b'#' if holes && self.peek(1) == Some(b'{') => {
+                    self.depth += 1;
+                    if self.depth > 64 {
+                        return Err((self.line, "`#{` holes nest more than 64 deep".into()));
+                    }
+                    self.pos += 2;
+                    let saved = std::mem::take(&mut self.stack);
+                    let hole_line = self.line;
+                    let r = self.code(true);
+                    self.stack = saved;
+                    self.depth -= 1;
+                    r.map_err(|(l, m)| if m.starts_with("a `#{`") { (hole_line, m) } else { (l, m) })?;
+                }
+                _ if Some(c) == open => {
+                    nest += 1;
+                    self.pos += 1;
+                }
+                _ if c == close => {
+                    self.pos += 1;
+                    if nest == 0 {
+                        return Ok(());
+                    }
+                    nest -= 1;
+                }
+                _ => self.pos += 1,
+            }
+        }
+    }
+
+    /// `%w[…]`, `%i(…)`, `%q{…}`, `%Q<…>`, `%r{…}`, `%(…)`, … at a `%`; whether there was one.
+    fn percent_literal(&mut self) -> Result<bool, (u32, String)> {
+        let (kind, at) = match self.peek(1) {
+            Some(k @ (b'w' | b'W' | b'i' | b'I' | b'q' | b'Q' | b'r' | b'x' | b's')) => (k, 2),
+            _ => (b'Q', 1),
+        };
+        let Some(delim) = self.peek(at).filter(|d| d.is_ascii_punctuation() && !matches!(d, b'=' | b'_')) else {
+            return Ok(false);
+        };
+        let (open, close) = match delim {
+            b'(' => (Some(b'('), b')'),
+            b'[' => (Some(b'['), b']'),
+            b'{' => (Some(b'{'), b'}'),
+            b'<' => (Some(b'<'), b'>'),
+            d => (None, d),
+        };
+        self.pos += at + 1;
+        self.string(close, open, matches!(kind, b'W' | b'I' | b'Q' | b'r' | b'x'))?;
+        if kind == b'r' {
+            while self.peek(0).is_some_and(|c| c.is_ascii_alphabetic()) {
+                self.pos += 1;
+            }
+        }
+        Ok(true)
+    }
+
+    /// A heredoc's start at `<<`: `<<~EOS`, `<<-EOS`, `<<EOS`, `<<~'EOS'`; whether there was
+    /// one (its body is skipped after the line ends).
+    fn heredoc(&mut self) -> bool {
+        if !self.at(b"<<") {
+            return false;
+        }
+        let mut at = self.pos + 2;
+        let indented = matches!(self.src.get(at), Some(b'~' | b'-'));
+        if indented {
+            at += 1;
+        }
+        let quote = self.src.get(at).copied().filter(|q| matches!(q, b'\'' | b'"' | b'`'));
+        let name_start = at + quote.is_some() as usize;
+        let first = self.src.get(name_start).copied();
+        let plain_ok = indented || first.is_some_and(|c| c.is_ascii_uppercase() || c == b'_') || quote.is_some();
+        if !plain_ok || !first.is_some_and(|c| c.is_ascii_alphabetic() || c == b'_') {
+            return false;
+        }
+        let mut end = name_start;
+        while self.src.get(end).is_some_and(|c| is_ident(*c)) {
+            end += 1;
+        }
+        self.heredocs.push((self.src[name_start..end].to_vec(), indented, self.line));
+        self.pos = end + quote.is_some() as usize;
+        true
+    }
+}
+
 /// Bash: quotes, `$(…)` and backquotes (with quotes inside them), comments, heredocs, and the
 /// keywords that must pair at a command's start: `if`/`fi`, `case`/`esac`, `do`/`done`, `{`/`}`.
 fn bash(text: &str) -> Found {
@@ -1394,6 +1832,72 @@ mod tests {
             "object A {\n  val m = Map(\"k\" -> 1)\n  val s = s\"${m(\"k\")} }\"\n  val t = \"\"\"{ \"\"\"\n  val `type` = '}'\n}\n",
         );
         bad(Lang::Scala, "object A {\n  def f = {\n    1\n}\n", 1, "never closed");
+    }
+
+    #[test]
+    fn ruby_pairs_end_with_its_openers() {
+        let good = r##"# frozen_string_literal: true
+=begin
+if a comment
+=end
+require "json"
+
+module Todo
+  class Item < Struct.new(:title, :due)
+    attr_accessor :end_date, :class_name
+    validates :title, presence: true, if: :active?
+
+    def initialize(title, due: nil)
+      @title = title
+      @tags = %w[a b] + %i(c d)
+      @re = %r{^/items/(\d+)}
+    end
+
+    def overdue?(today) = due && due < today
+
+    def self.parse(line)
+      return nil if line.empty?
+      name, rest = line.split(":", 2)
+      puts "item #{name.upcase} #{rest["x"] || "}"}" unless rest.nil?
+      x = if rest then 1 else 2 end
+      items.each do |i|
+        next unless i
+        i.class.end_with?("x") ? i : nil
+      end
+      while line = gets do
+        break if line.strip == "end"
+      end
+      for i in 1..3 do puts i end
+      begin
+        JSON.parse(line)
+      rescue JSON::ParserError => e
+        raise ArgumentError, "bad: #{e.message}"
+      ensure
+        cleanup
+      end until done
+      sql = <<~SQL.strip
+        SELECT * FROM items WHERE end > 1 -- if (
+      SQL
+      value = case rest
+              when /\A\d+\z/ then rest.to_i
+              else rest
+              end
+      [1, 2].map { |v| v * 2 }
+    end
+  end
+end
+
+__END__
+if unbalanced (
+"##;
+        ok(Lang::Ruby, good);
+        bad(Lang::Ruby, "class A\n  def f\n    1\n  end\n", 1, "`class` is never closed by `end`");
+        bad(Lang::Ruby, "def f\n  if x\n    1\nend\n", 1, "`def` is never closed by `end`");
+        bad(Lang::Ruby, "def f\n  x = [1, 2\nend\n", 3, "`end` where `]` was expected");
+        bad(Lang::Ruby, "def f\n  1\nend\nend\n", 4, "`end` closes nothing");
+        bad(Lang::Ruby, "puts \"a #{b\nc\n", 1, "never closed");
+        bad(Lang::Ruby, "x = <<~EOS\n  text\n", 1, "heredoc is never closed");
+        bad(Lang::Ruby, "items.each do |i|\n  puts i\n", 1, "`do` is never closed");
     }
 
     #[test]

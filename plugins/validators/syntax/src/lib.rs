@@ -202,7 +202,7 @@ fn check(path: &str, text: &str) -> Option<Vec<Diagnostic>> {
 
 /// What it reads, for the `unchecked` diagnostic.
 const READS: &str = "Rust, Python, JSON, TOML, YAML, Markdown and Dockerfiles, and the tokens and nesting of C, C++, \
-                     C#, Java, Go, Kotlin, Swift, Dart, Scala, JavaScript, TypeScript, PHP, CSS, SQL, Bash and HTML";
+                     C#, Java, Go, Kotlin, Swift, Dart, Scala, JavaScript, TypeScript, PHP, Ruby, CSS, SQL, Bash and HTML";
 
 impl Validator for Syntax {
     fn validate(artifacts: Vec<Artifact>) -> Result<Vec<Diagnostic>, PluginError> {
@@ -249,17 +249,17 @@ mod tests {
         assert_eq!(check("a.json", "{\n\"a\": }").unwrap()[0].line, Some(2));
         assert_eq!(check("Cargo.toml", "[package]\nname = \n").unwrap()[0].line, Some(2));
         assert!(check("ok.toml", "a = 1").unwrap().is_empty());
-        assert!(check("x.rb", "puts 1").is_none());
+        assert!(check("x.lua", "print(1)").is_none());
     }
 
     #[test]
     fn names_each_file_it_cannot_read() {
         let art = |p: &str, c: &str| Artifact { path: p.into(), media_type: "text/plain".into(), content: c.into() };
-        let files = vec![art("main.rb", "puts 1"), art("LICENSE", "MIT"), art("ok.toml", "a = 1")];
+        let files = vec![art("main.lua", "print(1)"), art("LICENSE", "MIT"), art("ok.toml", "a = 1")];
         let found = Syntax::validate(files).unwrap();
         let unchecked: Vec<_> =
             found.iter().filter(|d| d.rule == "unchecked").map(|d| d.path.clone().unwrap()).collect();
-        assert_eq!(unchecked, ["main.rb", "LICENSE"]);
+        assert_eq!(unchecked, ["main.lua", "LICENSE"]);
         assert!(found.iter().all(|d| d.severity == Severity::Info));
     }
 

@@ -3,7 +3,7 @@
 //! the lock is out of date, and an install from it (`npm ci`, `cargo build --locked`, `uv sync
 //! --locked`) fails or installs something else.
 
-use crate::{Project, error, join, line_of, parent, python};
+use crate::{Project, error, join, line_of, parent, python, rust};
 use qlayer_sdk::Diagnostic;
 use std::collections::BTreeSet;
 
@@ -30,6 +30,12 @@ fn missing(
             )
         })
         .collect()
+}
+
+/// The `name` of each `[[package]]` of a TOML lock (Cargo.lock, uv.lock, poetry.lock).
+fn toml_lock_names(lock: &toml::Table, spell: impl Fn(&str) -> String) -> BTreeSet<String> {
+    let packages = lock.get("package").and_then(toml::Value::as_array).into_iter().flatten();
+    packages.filter_map(|p| p.get("name").and_then(toml::Value::as_str).map(&spell)).collect()
 }
 
 fn npm(project: &Project, path: &str, text: &str) -> Vec<Diagnostic> {
@@ -69,24 +75,11 @@ fn cargo(project: &Project, path: &str, text: &str) -> Vec<Diagnostic> {
     else {
         return Vec::new();
     };
-    let locked: BTreeSet<String> = lock
-        .get("package")
-        .and_then(toml::Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(|p| p.get("name").and_then(toml::Value::as_str).map(str::to_string))
-        .collect();
-    let mut tables: Vec<&toml::Table> = Vec::new();
-    for kind in ["dependencies", "dev-dependencies", "build-dependencies"] {
-        tables.extend(doc.get(kind).and_then(toml::Value::as_table));
-        for (_, target) in doc.get("target").and_then(toml::Value::as_table).into_iter().flatten() {
-            tables.extend(target.get(kind).and_then(toml::Value::as_table));
-        }
-    }
+    let locked = toml_lock_names(&lock, str::to_string);
     // `[workspace.dependencies]` may list what no member uses: the lock need not hold it.
-    let names = tables
+    let names = rust::dependency_tables(&doc)
         .into_iter()
-        .flatten()
+        .flat_map(|(_, t)| t)
         .map(|(key, spec)| {
             let package = spec.get("package").and_then(toml::Value::as_str).unwrap_or(key);
             (package.to_string(), key.clone())
@@ -136,34 +129,14 @@ fn pyproject(project: &Project, path: &str, text: &str) -> Vec<Diagnostic> {
     let (Ok(doc), Ok(lock)) = (toml::from_str::<toml::Table>(text), toml::from_str::<toml::Table>(lock)) else {
         return Vec::new();
     };
-    let locked: BTreeSet<String> = lock
-        .get("package")
-        .and_then(toml::Value::as_array)
+    let locked = toml_lock_names(&lock, python::normalise);
+    let names = python::pyproject_requirements(&doc)
         .into_iter()
-        .flatten()
-        .filter_map(|p| p.get("name").and_then(toml::Value::as_str).map(python::normalise))
+        .filter_map(|(req, bare)| {
+            let name = if bare { Ok(python::normalise(req)) } else { python::check_requirement(req) };
+            name.ok().map(|name| (name, req.to_string()))
+        })
         .collect();
-    let project_table = doc.get("project");
-    let mut lists: Vec<&toml::Value> = project_table.and_then(|p| p.get("dependencies")).into_iter().collect();
-    for group in [project_table.and_then(|p| p.get("optional-dependencies")), doc.get("dependency-groups")] {
-        lists.extend(group.and_then(toml::Value::as_table).into_iter().flat_map(|t| t.values()));
-    }
-    let mut names: Vec<(String, String)> = lists
-        .into_iter()
-        .filter_map(toml::Value::as_array)
-        .flatten()
-        .filter_map(toml::Value::as_str)
-        .filter_map(|req| python::check_requirement(req).ok().map(|name| (name, req.to_string())))
-        .collect();
-    let poetry = doc.get("tool").and_then(|t| t.get("poetry"));
-    let mut tables: Vec<&toml::Value> = poetry.and_then(|p| p.get("dependencies")).into_iter().collect();
-    tables.extend(poetry.and_then(|p| p.get("dev-dependencies")));
-    for (_, g) in poetry.and_then(|p| p.get("group")).and_then(toml::Value::as_table).into_iter().flatten() {
-        tables.extend(g.get("dependencies"));
-    }
-    for name in tables.iter().filter_map(|t| t.as_table()).flat_map(|t| t.keys()).filter(|n| *n != "python") {
-        names.push((python::normalise(name), name.clone()));
-    }
     missing(path, text, &lock_path, &locked, names, fix)
 }
 

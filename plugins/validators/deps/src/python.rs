@@ -399,6 +399,39 @@ struct Requirement {
     text: String,
 }
 
+/// What a pyproject.toml declares, as written: each PEP 508 requirement of `[project]`
+/// dependencies, its optional dependencies and `[dependency-groups]`, and each name of Poetry's
+/// tables (`python` left out). `(text, is a bare name)`.
+pub fn pyproject_requirements(doc: &toml::Table) -> Vec<(&str, bool)> {
+    let project = doc.get("project");
+    let mut lists: Vec<&toml::Value> = project.and_then(|p| p.get("dependencies")).into_iter().collect();
+    for group in [project.and_then(|p| p.get("optional-dependencies")), doc.get("dependency-groups")] {
+        lists.extend(group.and_then(toml::Value::as_table).into_iter().flat_map(|t| t.values()));
+    }
+    let mut out: Vec<(&str, bool)> = lists
+        .into_iter()
+        .filter_map(toml::Value::as_array)
+        .flatten()
+        .filter_map(toml::Value::as_str)
+        .map(|s| (s, false))
+        .collect();
+    let poetry = doc.get("tool").and_then(|t| t.get("poetry"));
+    let mut tables: Vec<&toml::Value> = poetry.and_then(|p| p.get("dependencies")).into_iter().collect();
+    tables.extend(poetry.and_then(|p| p.get("dev-dependencies")));
+    for (_, g) in poetry.and_then(|p| p.get("group")).and_then(toml::Value::as_table).into_iter().flatten() {
+        tables.extend(g.get("dependencies"));
+    }
+    out.extend(
+        tables
+            .iter()
+            .filter_map(|t| t.as_table())
+            .flat_map(|t| t.keys())
+            .filter(|n| *n != "python")
+            .map(|n| (n.as_str(), true)),
+    );
+    out
+}
+
 /// The requirements of the manifests in `dir`, and findings in them.
 fn manifests(project: &Project, dir: &str, found: &mut Vec<Diagnostic>) -> Option<Declared> {
     let mut requirements = Vec::new();
@@ -408,34 +441,11 @@ fn manifests(project: &Project, dir: &str, found: &mut Vec<Diagnostic>) -> Optio
         declared.sources.push(pyproject.clone());
         if let Ok(doc) = toml::from_str::<toml::Table>(text) {
             let at = |needle: &str| text.find(needle).map_or(1, |o| line_of(text, o));
-            let mut strings = |value: Option<&toml::Value>| {
-                for v in value.and_then(toml::Value::as_array).into_iter().flatten() {
-                    if let Some(s) = v.as_str() {
-                        requirements.push(Requirement { path: pyproject.clone(), line: at(s), text: s.to_string() });
-                    }
-                }
-            };
-            let project_table = doc.get("project");
-            strings(project_table.and_then(|p| p.get("dependencies")));
-            for group in [project_table.and_then(|p| p.get("optional-dependencies")), doc.get("dependency-groups")] {
-                for (_, list) in group.and_then(toml::Value::as_table).into_iter().flatten() {
-                    strings(Some(list));
-                }
-            }
-            // Poetry: names are keys.
-            let poetry = doc.get("tool").and_then(|t| t.get("poetry"));
-            let mut tables: Vec<&toml::Value> = poetry.and_then(|p| p.get("dependencies")).into_iter().collect();
-            tables.extend(poetry.and_then(|p| p.get("dev-dependencies")));
-            for (_, g) in poetry.and_then(|p| p.get("group")).and_then(toml::Value::as_table).into_iter().flatten() {
-                tables.extend(g.get("dependencies"));
-            }
-            for name in tables.iter().filter_map(|t| t.as_table()).flat_map(|t| t.keys()) {
-                if name != "python" {
-                    requirements.push(Requirement { path: pyproject.clone(), line: at(name), text: name.clone() });
-                }
+            for (req, _) in pyproject_requirements(&doc) {
+                requirements.push(Requirement { path: pyproject.clone(), line: at(req), text: req.to_string() });
             }
             // The project's own name: its modules import it.
-            if let Some(name) = project_table.and_then(|p| p.get("name")).and_then(toml::Value::as_str) {
+            if let Some(name) = doc.get("project").and_then(|p| p.get("name")).and_then(toml::Value::as_str) {
                 declared.names.insert(normalise(name));
             }
         }

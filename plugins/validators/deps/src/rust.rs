@@ -72,17 +72,10 @@ pub fn valid_requirement(req: &str) -> bool {
     })
 }
 
-fn manifest(path: &str, text: &str, found: &mut Vec<Diagnostic>) -> Declared {
-    let mut declared = Declared::default();
-    let Ok(doc) = toml::from_str::<toml::Table>(text) else { return declared };
-    let at = |needle: &str| text.find(needle).map_or(1, |o| line_of(text, o));
-    if let Some(name) = doc.get("package").and_then(|p| p.get("name")).and_then(toml::Value::as_str) {
-        declared.names.insert(name.replace('-', "_"));
-    }
-    if let Some(name) = doc.get("lib").and_then(|p| p.get("name")).and_then(toml::Value::as_str) {
-        declared.names.insert(name.replace('-', "_"));
-    }
-    let mut tables: Vec<(String, &toml::Table)> = Vec::new();
+/// A Cargo.toml's dependency tables of every kind and target, with their names
+/// (`target.'cfg(unix)'.dev-dependencies`); not `[workspace.dependencies]`.
+pub fn dependency_tables(doc: &toml::Table) -> Vec<(String, &toml::Table)> {
+    let mut tables = Vec::new();
     for kind in ["dependencies", "dev-dependencies", "build-dependencies"] {
         if let Some(t) = doc.get(kind).and_then(toml::Value::as_table) {
             tables.push((kind.to_string(), t));
@@ -93,6 +86,20 @@ fn manifest(path: &str, text: &str, found: &mut Vec<Diagnostic>) -> Declared {
             }
         }
     }
+    tables
+}
+
+fn manifest(path: &str, text: &str, found: &mut Vec<Diagnostic>) -> Declared {
+    let mut declared = Declared::default();
+    let Ok(doc) = toml::from_str::<toml::Table>(text) else { return declared };
+    let at = |needle: &str| text.find(needle).map_or(1, |o| line_of(text, o));
+    if let Some(name) = doc.get("package").and_then(|p| p.get("name")).and_then(toml::Value::as_str) {
+        declared.names.insert(name.replace('-', "_"));
+    }
+    if let Some(name) = doc.get("lib").and_then(|p| p.get("name")).and_then(toml::Value::as_str) {
+        declared.names.insert(name.replace('-', "_"));
+    }
+    let mut tables = dependency_tables(&doc);
     if let Some(t) = doc.get("workspace").and_then(|w| w.get("dependencies")).and_then(toml::Value::as_table) {
         tables.push(("workspace.dependencies".into(), t));
     }

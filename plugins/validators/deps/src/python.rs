@@ -584,13 +584,17 @@ pub fn check(project: &Project) -> Vec<Diagnostic> {
             local.insert(part.to_string());
         }
     }
-    let is_manifest_dir = |dir: &str| {
-        project.get(&join(dir, "pyproject.toml")).is_some()
-            || project.files.keys().any(|p| {
-                parent(p) == dir
-                    && p.rsplit('/').next().is_some_and(|n| n.starts_with("requirements") && n.ends_with(".txt"))
-            })
-    };
+    // The folders that hold a manifest, found once (a large tree has many files to ask about).
+    let manifest_dirs: BTreeSet<String> = project
+        .files
+        .keys()
+        .filter(|p| {
+            let name = p.rsplit('/').next().unwrap_or(p);
+            name == "pyproject.toml" || name.starts_with("requirements") && name.ends_with(".txt")
+        })
+        .map(|p| parent(p))
+        .collect();
+    let is_manifest_dir = |dir: &str| manifest_dirs.contains(dir);
     let mut by_dir: BTreeMap<Option<String>, Option<Declared>> = BTreeMap::new();
     // Each undeclared package once per manifest folder, at its first import.
     let mut reported = BTreeSet::new();

@@ -4,8 +4,9 @@
 //! Each file is scanned as its language's lexer would: comments (nested where the language nests
 //! them), every kind of string literal (raw strings, text blocks, template literals and
 //! interpolated strings with the code in their holes, `${…}` or Swift's `\(…)`, heredocs,
-//! dollar quoting), JavaScript's regular expressions, and the nesting of brackets (of `if`/`fi`,
-//! `case`/`esac` and `do`/`done` in Bash, of `end` and its openers in Ruby, of elements in HTML).
+//! dollar quoting), JavaScript's regular expressions and JSX elements (in `.js`, `.jsx`, `.tsx`),
+//! and the nesting of brackets (of `if`/`fi`, `case`/`esac` and `do`/`done` in Bash, of `end`
+//! and its openers in Ruby, of elements in HTML and JSX).
 //! What this finds is what goes wrong in generated code: a file cut off mid-way, a string or
 //! comment never closed, a bracket closed by the wrong one or never closed, a Markdown code fence
 //! left in the source. It is not a grammar: a statement in the wrong place passes. The first
@@ -31,6 +32,8 @@ pub enum Lang {
     Dart,
     Scala,
     Ruby,
+    /// TypeScript with JSX (`.tsx`).
+    Tsx,
 }
 
 impl Lang {
@@ -42,8 +45,9 @@ impl Lang {
             "cs" => Lang::CSharp,
             "java" => Lang::Java,
             "go" => Lang::Go,
-            "js" | "mjs" | "cjs" => Lang::JavaScript,
+            "js" | "mjs" | "cjs" | "jsx" => Lang::JavaScript,
             "ts" | "mts" | "cts" => Lang::TypeScript,
+            "tsx" => Lang::Tsx,
             "php" => Lang::Php,
             "css" => Lang::Css,
             "sql" => Lang::Sql,
@@ -69,7 +73,7 @@ impl Lang {
             Lang::Java => "java-syntax",
             Lang::Go => "go-syntax",
             Lang::JavaScript => "javascript-syntax",
-            Lang::TypeScript => "typescript-syntax",
+            Lang::TypeScript | Lang::Tsx => "typescript-syntax",
             Lang::Php => "php-syntax",
             Lang::Css => "css-syntax",
             Lang::Sql => "sql-syntax",
@@ -84,7 +88,13 @@ impl Lang {
     }
 
     fn is_js(self) -> bool {
-        matches!(self, Lang::JavaScript | Lang::TypeScript)
+        matches!(self, Lang::JavaScript | Lang::TypeScript | Lang::Tsx)
+    }
+
+    /// JSX elements may stand where an expression starts (`.js`, `.jsx`, `.tsx`; not `.ts`,
+    /// where `<T>x` is a type assertion).
+    fn jsx(self) -> bool {
+        matches!(self, Lang::JavaScript | Lang::Tsx)
     }
 
     /// `'` opens a character literal (one line, escaped) rather than a string.
@@ -149,6 +159,20 @@ enum Frame {
     /// The hole of an interpolated string (which began at this line): its closer goes back into
     /// the string.
     Hole(u32, Quoted),
+    /// An open JSX element: the line of its tag and its name's span in the source.
+    JsxElement(u32, usize, usize),
+    /// A `{…}` in a JSX tag's attributes (the tag's line and name): its `}` goes back to them.
+    JsxAttrHole(u32, usize, usize),
+    /// A `{…}` among a JSX element's children: its `}` goes back to them.
+    JsxChildHole,
+}
+
+/// Where a JSX scan goes on: in a tag's attributes (its line and name's span), or among the
+/// children of the element on top of the stack.
+#[derive(Clone, Copy)]
+enum Jsx {
+    Attrs(u32, usize, usize),
+    Children,
 }
 
 /// The open brackets, each with the line it opened on.
@@ -215,6 +239,8 @@ impl<'a> Scanner<'a> {
                 let what = match frame {
                     Frame::Bracket(b) => format!("`{}`", *b as char),
                     Frame::Hole(_, q) => format!("the `{}` of a {}", q.hole.map_or("", |h| h.0), q.what),
+                    Frame::JsxElement(_, a, b) => format!("the JSX element `<{}>`", self.text(*a, *b)),
+                    Frame::JsxAttrHole(..) | Frame::JsxChildHole => "the `{` of a JSX expression".into(),
                 };
                 let depth = self.stack.len();
                 let inside =
@@ -267,6 +293,12 @@ impl<'a> Scanner<'a> {
                     self.prev = Some(b'"');
                     self.prev_word = b"";
                 }
+                // (Not the second `<` of a shift, `x<<y`.)
+                b'<' if self.lang.jsx() && self.prev != Some(b'<') && self.regex_allowed() && self.jsx_starts() => {
+                    self.pos += 1;
+                    let (a, b) = self.jsx_name();
+                    self.jsx(Jsx::Attrs(start_line, a, b))?;
+                }
                 b'/' if self.lang.is_js() && self.regex_allowed() => {
                     self.regex()?;
                     self.prev = Some(b'"');
@@ -292,6 +324,29 @@ impl<'a> Scanner<'a> {
                             return Err((
                                 start_line,
                                 format!("`{}` closes the `{}` opened at line {line}", b as char, open as char),
+                            ));
+                        }
+                        Some((Frame::JsxAttrHole(line, a, z), _)) if b == b'}' => {
+                            self.pos += 1;
+                            self.jsx(Jsx::Attrs(line, a, z))?;
+                            continue;
+                        }
+                        Some((Frame::JsxChildHole, _)) if b == b'}' => {
+                            self.pos += 1;
+                            self.jsx(Jsx::Children)?;
+                            continue;
+                        }
+                        Some((Frame::JsxElement(line, a, z), _)) => {
+                            let name = self.text(a, z);
+                            return Err((
+                                start_line,
+                                format!("`{}` inside the JSX element `<{name}>` of line {line}", b as char),
+                            ));
+                        }
+                        Some((Frame::JsxAttrHole(..) | Frame::JsxChildHole, line)) => {
+                            return Err((
+                                start_line,
+                                format!("`{}` closes the `{{` of the JSX expression at line {line}", b as char),
                             ));
                         }
                         Some((Frame::Hole(_, q), line)) => {
@@ -429,6 +484,136 @@ impl<'a> Scanner<'a> {
             return Ok(true);
         }
         Ok(false)
+    }
+
+    fn text(&self, a: usize, b: usize) -> String {
+        String::from_utf8_lossy(&self.src[a..b]).into_owned()
+    }
+
+    /// Whether the `<` here opens a JSX element: a name or `>` (a fragment) follows, and not a
+    /// TypeScript generic (`<T,>` or `<T extends U>`).
+    fn jsx_starts(&self) -> bool {
+        let Some(next) = self.peek(1) else { return false };
+        if next == b'>' {
+            return true;
+        }
+        if !next.is_ascii_alphabetic() {
+            return false;
+        }
+        let rest = &self.src[self.pos + 1..];
+        let name =
+            rest.iter().take_while(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b':' | b'-')).count();
+        let after = &rest[name..];
+        !(after.starts_with(b",") || after.starts_with(b" extends "))
+    }
+
+    /// A JSX tag's name after its `<` (empty for a fragment), as a span.
+    fn jsx_name(&mut self) -> (usize, usize) {
+        let start = self.pos;
+        while self.peek(0).is_some_and(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b':' | b'-' | b'$')) {
+            self.pos += 1;
+        }
+        (start, self.pos)
+    }
+
+    /// JSX: a tag's attributes (quoted values, `{…}` values and spreads, `/>` or `>`), then its
+    /// children (text, `{…}`, elements) to the end tag, which must name the element. A `{…}`
+    /// goes on the stack and returns to the scan; its `}` comes back here. Returns when the
+    /// outermost element is closed (a value follows) or a hole opens.
+    fn jsx(&mut self, mut at: Jsx) -> Found {
+        loop {
+            match at {
+                Jsx::Attrs(line, a, z) => loop {
+                    let Some(c) = self.peek(0) else {
+                        return Err((line, format!("the JSX tag `<{}` is never closed by `>`", self.text(a, z))));
+                    };
+                    match c {
+                        b'/' if self.peek(1) == Some(b'>') => {
+                            self.pos += 2;
+                            if !matches!(self.stack.last(), Some((Frame::JsxElement(..), _))) {
+                                self.prev = Some(b'"');
+                                self.prev_word = b"";
+                                return Ok(());
+                            }
+                            at = Jsx::Children;
+                            break;
+                        }
+                        b'>' => {
+                            self.pos += 1;
+                            self.stack.push((Frame::JsxElement(line, a, z), line));
+                            at = Jsx::Children;
+                            break;
+                        }
+                        b'{' => {
+                            self.stack.push((Frame::JsxAttrHole(line, a, z), self.line));
+                            self.pos += 1;
+                            self.set_prev(b'{');
+                            return Ok(());
+                        }
+                        b'"' | b'\'' => {
+                            let start = self.line;
+                            self.pos += 1;
+                            while self.peek(0).is_some_and(|d| d != c) {
+                                self.bump();
+                            }
+                            if self.peek(0).is_none() {
+                                return Err((start, "this JSX attribute's string is never closed".into()));
+                            }
+                            self.pos += 1;
+                        }
+                        _ => self.bump(),
+                    }
+                },
+                Jsx::Children => loop {
+                    let Some(c) = self.peek(0) else {
+                        // The finish names the innermost open element.
+                        return Ok(());
+                    };
+                    match c {
+                        b'{' => {
+                            self.stack.push((Frame::JsxChildHole, self.line));
+                            self.pos += 1;
+                            self.set_prev(b'{');
+                            return Ok(());
+                        }
+                        b'<' if self.peek(1) == Some(b'/') => {
+                            let close_line = self.line;
+                            self.pos += 2;
+                            let (a, z) = self.jsx_name();
+                            while self.peek(0).is_some_and(|d| d != b'>') {
+                                self.bump();
+                            }
+                            self.pos += 1;
+                            let closing = self.text(a, z);
+                            match self.stack.pop() {
+                                Some((Frame::JsxElement(_, oa, oz), _)) if self.src[oa..oz] == self.src[a..z] => {}
+                                Some((Frame::JsxElement(line, oa, oz), _)) => {
+                                    let open = self.text(oa, oz);
+                                    return Err((
+                                        close_line,
+                                        format!("`</{closing}>` closes the JSX element `<{open}>` of line {line}"),
+                                    ));
+                                }
+                                _ => return Err((close_line, format!("`</{closing}>` closes no JSX element"))),
+                            }
+                            if !matches!(self.stack.last(), Some((Frame::JsxElement(..), _))) {
+                                self.prev = Some(b'"');
+                                self.prev_word = b"";
+                                return Ok(());
+                            }
+                        }
+                        b'<' => {
+                            let line = self.line;
+                            self.pos += 1;
+                            let (a, z) = self.jsx_name();
+                            at = Jsx::Attrs(line, a, z);
+                            break;
+                        }
+                        _ => self.bump(),
+                    }
+                },
+            }
+        }
     }
 
     /// A number, with C++'s and C23's `'` digit separators and any suffix.
@@ -619,7 +804,7 @@ impl<'a> Scanner<'a> {
         if q == b'`' {
             return match lang {
                 Lang::Go | Lang::Sql => self.raw_until(b'`', start),
-                Lang::JavaScript | Lang::TypeScript => {
+                Lang::JavaScript | Lang::TypeScript | Lang::Tsx => {
                     self.pos += 1;
                     self.quoted_rest(TEMPLATE, start)
                 }
@@ -1898,6 +2083,52 @@ if unbalanced (
         bad(Lang::Ruby, "puts \"a #{b\nc\n", 1, "never closed");
         bad(Lang::Ruby, "x = <<~EOS\n  text\n", 1, "heredoc is never closed");
         bad(Lang::Ruby, "items.each do |i|\n  puts i\n", 1, "`do` is never closed");
+    }
+
+    #[test]
+    fn jsx_elements_in_js_jsx_and_tsx() {
+        let component = r#"import React, { useState } from 'react';
+
+export default function TodoList({ items, onAdd }) {
+  const [text, setText] = useState('');
+  return (
+    <div className="todo" data-x='a "q"'>
+      <h1>Don't forget: {items.length > 0 ? `${items.length} items` : "nothing"}</h1>
+      {/* a comment } */}
+      <ul>
+        {items.map((item) => (
+          <li key={item.id} onClick={() => onAdd({ ...item, done: !item.done })}>
+            {item.title} (due {item.due})
+          </li>
+        ))}
+      </ul>
+      <input value={text} onChange={(e) => setText(e.target.value)} />
+      <>
+        <Foo.Bar {...props} />
+      </>
+    </div>
+  );
+}
+const cmp = a < b && c > d;
+const bits = (x[1])<<part;
+const ok = <T,>(x) => x;
+"#;
+        ok(Lang::JavaScript, component);
+        ok(Lang::Tsx, "export const A = (p: { n: number }): JSX.Element => <p>It's {p.n}</p>;\n");
+        bad(
+            Lang::JavaScript,
+            "const a = (\n  <div>\n    <span>x</div>\n);\n",
+            3,
+            "`</div>` closes the JSX element `<span>` of line 3",
+        );
+        bad(
+            Lang::JavaScript,
+            "const a = (\n  <div>\n    <p>x</p>\n);\n",
+            2,
+            "the JSX element `<div>` opened here is never closed",
+        );
+        bad(Lang::Tsx, "const a = <div onClick={() => f(}>x</div>;\n", 1, "closes the `(`");
+        bad(Lang::JavaScript, "const a = <div className=\"x>\n", 1, "attribute's string is never closed");
     }
 
     #[test]

@@ -1088,6 +1088,10 @@ fn ruby(text: &str) -> Found {
     };
     r.line_start()?;
     r.code(false)?;
+    // A heredoc opened on the last line, whose body never came.
+    if let Some((name, _, opened)) = r.heredocs.first() {
+        return Err((*opened, format!("this heredoc is never closed (no line `{}`)", String::from_utf8_lossy(name))));
+    }
     match r.stack.last() {
         Some((closer, line, what)) => Err((*line, format!("this `{what}` is never closed by `{closer}`"))),
         None => Ok(()),
@@ -2082,6 +2086,7 @@ if unbalanced (
         bad(Lang::Ruby, "def f\n  1\nend\nend\n", 4, "`end` closes nothing");
         bad(Lang::Ruby, "puts \"a #{b\nc\n", 1, "never closed");
         bad(Lang::Ruby, "x = <<~EOS\n  text\n", 1, "heredoc is never closed");
+        bad(Lang::Ruby, "puts 1\ny = <<~SQL", 2, "heredoc is never closed (no line `SQL`)");
         bad(Lang::Ruby, "items.each do |i|\n  puts i\n", 1, "`do` is never closed");
     }
 

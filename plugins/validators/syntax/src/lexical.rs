@@ -1136,23 +1136,8 @@ impl Ruby<'_> {
         self.expr_start = true;
         self.loop_do = None;
         for (name, indented, opened) in std::mem::take(&mut self.heredocs) {
-            loop {
-                if self.pos >= self.src.len() {
-                    let name = String::from_utf8_lossy(&name);
-                    return Err((opened, format!("this heredoc is never closed (no line `{name}`)")));
-                }
-                let end = find(self.src, self.pos, b"\n").unwrap_or(self.src.len());
-                let mut body = &self.src[self.pos..end];
-                if indented {
-                    body = &body[body.iter().take_while(|b| **b == b' ' || **b == b'\t').count()..];
-                }
-                let done = body == name.as_slice() || body.strip_suffix(b"\r") == Some(name.as_slice());
-                self.pos = (end + 1).min(self.src.len());
-                self.line += 1;
-                if done {
-                    break;
-                }
-            }
+            let indent: &[u8] = if indented { b" \t" } else { b"" };
+            heredoc_body(self.src, &mut self.pos, &mut self.line, &name, indent, opened)?;
         }
         self.line_start()
     }
@@ -1506,6 +1491,29 @@ impl Ruby<'_> {
     }
 }
 
+/// A heredoc's body from `pos` (a line's start) through its end line: a line that is `name`,
+/// after any of the bytes `indent` (Bash's `<<-` strips tabs, Ruby's `<<~` and `<<-` any
+/// indentation). An error at `opened` when the text ends first.
+fn heredoc_body(src: &[u8], pos: &mut usize, line: &mut u32, name: &[u8], indent: &[u8], opened: u32) -> Found {
+    loop {
+        if *pos >= src.len() {
+            return Err((
+                opened,
+                format!("this heredoc is never closed (no line `{}`)", String::from_utf8_lossy(name)),
+            ));
+        }
+        let end = find(src, *pos, b"\n").unwrap_or(src.len());
+        let body = &src[*pos..end];
+        let body = &body[body.iter().take_while(|b| indent.contains(b)).count()..];
+        let done = body == name || body.strip_suffix(b"\r") == Some(name);
+        *pos = (end + 1).min(src.len());
+        *line += 1;
+        if done {
+            return Ok(());
+        }
+    }
+}
+
 /// Bash: quotes, `$(…)` and backquotes (with quotes inside them), comments, heredocs, and the
 /// keywords that must pair at a command's start: `if`/`fi`, `case`/`esac`, `do`/`done`, `{`/`}`.
 fn bash(text: &str) -> Found {
@@ -1552,25 +1560,8 @@ fn bash(text: &str) -> Found {
                 line += 1;
                 command_start = true;
                 for (name, strip, opened) in std::mem::take(&mut heredocs) {
-                    loop {
-                        if pos >= src.len() {
-                            return Err((
-                                opened,
-                                format!("this heredoc is never closed (no line `{}`)", String::from_utf8_lossy(&name)),
-                            ));
-                        }
-                        let end = find(src, pos, b"\n").unwrap_or(src.len());
-                        let mut body = &src[pos..end];
-                        if strip {
-                            body = &body[body.iter().take_while(|b| **b == b'\t').count()..];
-                        }
-                        let done = body == name.as_slice() || body.strip_suffix(b"\r") == Some(name.as_slice());
-                        pos = (end + 1).min(src.len());
-                        line += 1;
-                        if done {
-                            break;
-                        }
-                    }
+                    let indent: &[u8] = if strip { b"\t" } else { b"" };
+                    heredoc_body(src, &mut pos, &mut line, &name, indent, opened)?;
                 }
             }
             b' ' | b'\t' | b'\r' => pos += 1,

@@ -246,21 +246,111 @@ pub fn files_text(task: &Task, except: &[&str]) -> String {
         .collect()
 }
 
+/// Which of a fanned-out step's agents this task is (the pipeline's `fan-out`): shard `index`
+/// (1-based) of `of`, each writing its share of the file plan at the same time as the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    /// 1 to `of`.
+    pub index: u32,
+    /// How many shards the step runs as.
+    pub of: u32,
+}
+
+/// The task's shard (its options' `shard`: `{"index": i, "of": n}`), when its step fans out.
+pub fn shard(task: &Task) -> Option<Shard> {
+    let options: serde_json::Value = serde_json::from_str(&task.options_json).ok()?;
+    let shard = options.get("shard")?;
+    let (index, of) = (shard.get("index")?.as_u64()?, shard.get("of")?.as_u64()?);
+    let (index, of) = (u32::try_from(index).ok()?, u32::try_from(of).ok()?);
+    (of > 1 && (1..=of).contains(&index)).then_some(Shard { index, of })
+}
+
 /// The architect's file plan (the task's `docs/DESIGN.json` input), split for `owner`: the
 /// paths it gives `owner`, and those it gives anyone else. Both empty when there is no design or
 /// it has no file plan.
+///
+/// When the task is a shard of a fanned-out step ([`shard`]), `owner`'s files are split by
+/// module ([`shard_modules`]) and only this shard's are its own: the other shards' go with
+/// everyone else's ([`split_plan`] keeps them apart).
 pub fn file_plan(task: &Task, owner: &str) -> (Vec<String>, Vec<String>) {
+    let SplitPlan { mine, mut others, siblings } = split_plan(task, owner);
+    others.extend(siblings);
+    (mine, others)
+}
+
+/// A file plan split for one owner's task ([`split_plan`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SplitPlan {
+    /// The files this task writes.
+    pub mine: Vec<String>,
+    /// The files the other shards of its step write (empty when the step does not fan out).
+    pub siblings: Vec<String>,
+    /// The files other steps write.
+    pub others: Vec<String>,
+}
+
+/// [`file_plan`], with the files of the task's sibling shards apart from other steps'.
+pub fn split_plan(task: &Task, owner: &str) -> SplitPlan {
     let design = input(task, DESIGN_PATH).and_then(|d| serde_json::from_str::<serde_json::Value>(d).ok());
     let files = design.as_ref().and_then(|d| d.get("files")?.as_array().cloned()).unwrap_or_default();
-    let (mut mine, mut theirs) = (Vec::new(), Vec::new());
+    let (mut owned, mut split) = (Vec::new(), SplitPlan::default());
     for f in &files {
         let Some(path) = f.get("path").and_then(serde_json::Value::as_str) else { continue };
         match f.get("owner").and_then(serde_json::Value::as_str) == Some(owner) {
-            true => mine.push(path.to_string()),
-            false => theirs.push(path.to_string()),
+            true => {
+                let module = f.get("module").and_then(serde_json::Value::as_str).unwrap_or_default();
+                owned.push((path.to_string(), module.to_string()));
+            }
+            false => split.others.push(path.to_string()),
         }
     }
-    (mine, theirs)
+    let Some(shard) = shard(task) else {
+        split.mine = owned.into_iter().map(|(p, _)| p).collect();
+        return split;
+    };
+    let shards = shard_modules(&owned, shard.of);
+    for (path, module) in owned {
+        match shards.get(&module) == Some(&shard.index) {
+            true => split.mine.push(path),
+            false => split.siblings.push(path),
+        }
+    }
+    split
+}
+
+/// Which shard (1 to `of`) writes each module of `files` (path, module): whole modules, the
+/// largest first (ties in plan order) to the shard with the fewest files so far (ties to the
+/// lowest). Files with no module are one module, `""`, and always shard 1's (a project's
+/// manifest and README belong together). The same plan always gives the same split, so every
+/// shard computes it alike.
+///
+/// ```
+/// let files = [("Cargo.toml", ""), ("src/a.rs", "a"), ("src/a/x.rs", "a"), ("src/b.rs", "b")]
+///     .map(|(p, m)| (p.to_string(), m.to_string()));
+/// let split = qlayer_sdk::agent::shard_modules(&files, 2);
+/// assert_eq!((split[""], split["a"], split["b"]), (1, 2, 1));
+/// ```
+pub fn shard_modules(files: &[(String, String)], of: u32) -> std::collections::BTreeMap<String, u32> {
+    let mut modules: Vec<(&str, usize)> = Vec::new();
+    for (_, module) in files {
+        match modules.iter_mut().find(|entry| entry.0 == module.as_str()) {
+            Some(entry) => entry.1 += 1,
+            None => modules.push((module.as_str(), 1)),
+        }
+    }
+    let project = modules.iter().position(|(m, _)| m.is_empty()).map(|i| modules.remove(i));
+    modules.sort_by_key(|m| std::cmp::Reverse(m.1));
+    let mut load = vec![0usize; of.max(1) as usize];
+    let mut split = std::collections::BTreeMap::new();
+    for (module, n) in project.into_iter().chain(modules) {
+        let least = match module.is_empty() {
+            true => 0,
+            false => (0..load.len()).min_by_key(|&i| (load[i], i)).unwrap_or(0),
+        };
+        load[least] += n;
+        split.insert(module.to_string(), least as u32 + 1);
+    }
+    split
 }
 
 /// Checks written files against the file plan: each of `mine` is written, and none that the plan
@@ -302,9 +392,16 @@ pub fn feedback_text(feedback: &[crate::Diagnostic]) -> String {
         .join("\n")
 }
 
-/// The run's options (the task's `options_json`) as a prompt line, or nothing when there are none.
+/// The run's options (the task's `options_json`) as a prompt line, or nothing when there are
+/// none. A shard's place (`shard`, see [`shard`]) is for the agent, not the model, and is left out.
 pub fn options_line(task: &Task) -> String {
-    match task.options_json.trim() {
+    let mut options = task.options_json.trim().to_string();
+    if let Ok(serde_json::Value::Object(mut map)) = serde_json::from_str(&options)
+        && map.remove("shard").is_some()
+    {
+        options = serde_json::Value::Object(map).to_string();
+    }
+    match options.as_str() {
         "" | "{}" => String::new(),
         options => format!("\nOptions (honour them): {options}"),
     }
@@ -332,4 +429,76 @@ macro_rules! export_agent {
     ($agent:ty) => {
         $crate::__export_world!(agent, Agent, __export_agent_world, $agent);
     };
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::Artifact;
+
+    fn task(design: serde_json::Value, options: &str) -> Task {
+        Task {
+            requirement: "r".into(),
+            inputs: vec![Artifact::text(DESIGN_PATH, design.to_string())],
+            feedback: vec![],
+            options_json: options.into(),
+        }
+    }
+
+    #[test]
+    fn a_shard_owns_whole_modules_and_the_others_are_theirs() {
+        let design = serde_json::json!({"files": [
+            {"path": "Cargo.toml", "owner": "developer", "purpose": "p"},
+            {"path": "src/store.rs", "owner": "developer", "purpose": "p", "module": "store"},
+            {"path": "src/store/sql.rs", "owner": "developer", "purpose": "p", "module": "store"},
+            {"path": "src/api.rs", "owner": "developer", "purpose": "p", "module": "api"},
+            {"path": "src/cli.rs", "owner": "developer", "purpose": "p", "module": "cli"},
+            {"path": "tests/it.rs", "owner": "qa-engineer", "purpose": "p"},
+        ]});
+        let whole = file_plan(&task(design.clone(), "{}"), "developer");
+        assert_eq!(whole.0.len(), 5);
+        assert_eq!(whole.1, ["tests/it.rs"]);
+        let shard = |i: u32| {
+            file_plan(
+                &task(design.clone(), &format!(r#"{{"language":"rust","shard":{{"index":{i},"of":3}}}}"#)),
+                "developer",
+            )
+        };
+        // `store` (2 files) to the emptiest shard after the manifest's, then `api` and `cli`.
+        assert_eq!(shard(1).0, ["Cargo.toml", "src/cli.rs"]);
+        assert_eq!(shard(2).0, ["src/store.rs", "src/store/sql.rs"]);
+        assert_eq!(shard(3).0, ["src/api.rs"]);
+        let t = task(design.clone(), r#"{"shard":{"index":3,"of":3}}"#);
+        assert_eq!(
+            split_plan(&t, "developer").siblings,
+            ["Cargo.toml", "src/store.rs", "src/store/sql.rs", "src/cli.rs"]
+        );
+        assert_eq!(split_plan(&t, "developer").others, ["tests/it.rs"]);
+        for i in 1..=3 {
+            let (mine, theirs) = shard(i);
+            assert_eq!(mine.len() + theirs.len(), 6, "every file is someone's");
+            assert!(mine.iter().all(|p| !theirs.contains(p)));
+        }
+        let t = task(design, r#"{"language":"rust","shard":{"index":2,"of":3}}"#);
+        assert_eq!(super::shard(&t), Some(Shard { index: 2, of: 3 }));
+        assert_eq!(options_line(&t), "\nOptions (honour them): {\"language\":\"rust\"}", "the model is not told");
+        let only = Task { options_json: r#"{"shard":{"index":1,"of":2}}"#.into(), ..t };
+        assert_eq!(options_line(&only), "");
+        for bad in [
+            r#"{"shard":{"index":3,"of":2}}"#,
+            r#"{"shard":{"index":0,"of":2}}"#,
+            r#"{"shard":{"index":1,"of":1}}"#,
+            "x",
+        ] {
+            assert_eq!(super::shard(&Task { options_json: bad.into(), ..only.clone() }), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn more_shards_than_modules_leave_some_with_nothing() {
+        let files = [("README.md", ""), ("a.py", "a")].map(|(p, m)| (p.to_string(), m.to_string()));
+        let split = shard_modules(&files, 4);
+        assert_eq!(split.values().copied().collect::<Vec<_>>(), [1, 2]);
+    }
 }

@@ -275,7 +275,9 @@ impl StoredArtifact {
     }
 }
 
-fn step_report(
+/// The report of `step`, run by `plugin` since `began`, having spent `tokens`: `outcome` is its
+/// summary, or why it failed.
+pub fn step_report(
     step: &str,
     plugin: &Installed,
     began: Instant,

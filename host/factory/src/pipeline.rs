@@ -31,6 +31,11 @@ pub const GATE_PREFIX: &str = "approve-";
 pub const DEFAULT_TOOL_ROUNDS: u32 = 4;
 /// The most repair rounds a pipeline may ask for.
 pub const MAX_REPAIR_ROUNDS: u32 = 5;
+/// The most agent tasks one step may fan out to.
+pub const MAX_FAN_OUT: u32 = 16;
+/// What joins a fanned-out step's name and its shard's number in a task name:
+/// `developer-shard-2`.
+pub const SHARD_INFIX: &str = "-shard-";
 /// Repair rounds when neither the pipeline nor the run says.
 pub const DEFAULT_REPAIR_ROUNDS: u32 = 2;
 
@@ -102,6 +107,44 @@ pub struct Step {
     /// steps after it wait. A gated step, and every step after it, must repeat in repair rounds.
     #[serde(default, skip_serializing_if = "is_false")]
     pub gate: bool,
+    /// Runs the step as this many agent tasks at once (1-16, default 1), `<step>-shard-1` to
+    /// `<step>-shard-<n>`. Each is told its shard (`{"shard": {"index": i, "of": n}}` in its
+    /// options) and writes its share of the file plan: the SDK's `file_plan` splits the step's
+    /// files by module, whole modules to a shard, the most files first to the least loaded
+    /// shard. The steps and validators after it wait for every shard; in a repair round, an
+    /// error in a file goes back to the shard that wrote it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 16)]
+    pub fan_out: Option<u32>,
+}
+
+/// Which of a fanned-out step's agent tasks one is: `index` (1-based) of `of`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    /// 1 to `of`.
+    pub index: u32,
+    /// The step's `fan-out`.
+    pub of: u32,
+}
+
+impl Step {
+    /// How many agent tasks the step runs as: its `fan-out`, else 1.
+    pub fn shards(&self) -> u32 {
+        self.fan_out.unwrap_or(1).max(1)
+    }
+
+    /// The base name of shard `index` (1-based) of this step: `<step>-shard-<index>`.
+    pub fn shard_task(&self, index: u32) -> String {
+        format!("{}{SHARD_INFIX}{index}", self.name)
+    }
+
+    /// The base names of the step's agent tasks: its name, or one per shard when it fans out.
+    pub fn agent_tasks(&self) -> Vec<String> {
+        match self.shards() {
+            1 => vec![self.name.clone()],
+            n => (1..=n).map(|i| self.shard_task(i)).collect(),
+        }
+    }
 }
 
 fn is_false(b: &bool) -> bool {
@@ -246,6 +289,8 @@ pub fn tool_ref(text: &str) -> Result<PluginRef<'_>, String> {
 pub enum TaskRole<'a> {
     /// A step's agent.
     Agent(&'a Step),
+    /// One shard of a fanned-out step's agent.
+    Shard(&'a Step, Shard),
     /// A validator after a step.
     Validate {
         /// The step it checks the files of.
@@ -340,10 +385,11 @@ impl Pipeline {
                 || step.name.starts_with("review-")
                 || step.name.starts_with("validate-")
                 || step.name.starts_with(GATE_PREFIX)
-                || step.name.contains("-repair-");
+                || step.name.contains("-repair-")
+                || step.name.contains(SHARD_INFIX);
             if !valid_name(&step.name, 48) || reserved {
                 return Err(format!(
-                    "{}: name: use 1-48 of a-z, 0-9, `-`, `_`; not `review`, `review-…`, `validate-…`, `approve-…` or `…-repair-…`",
+                    "{}: name: use 1-48 of a-z, 0-9, `-`, `_`; not `review`, `review-…`, `validate-…`, `approve-…`, `…-repair-…` or `…-shard-…`",
                     at(i, step)
                 ));
             }
@@ -385,6 +431,9 @@ impl Pipeline {
             }
             if step.tool_rounds.is_some_and(|n| n == 0 || n > MAX_TOOL_ROUNDS) {
                 return Err(format!("{}: tool-rounds: 1 to {MAX_TOOL_ROUNDS}", at(i, step)));
+            }
+            if step.fan_out.is_some_and(|n| n == 0 || n > MAX_FAN_OUT) {
+                return Err(format!("{}: fan-out: 1 to {MAX_FAN_OUT} agent tasks", at(i, step)));
             }
         }
         self.check_acyclic()?;
@@ -507,8 +556,17 @@ impl Pipeline {
         if let Some(gated) = base.strip_prefix(GATE_PREFIX).and_then(|name| self.step(name)).filter(|s| s.gate) {
             return Some((TaskRole::Gate(gated), round));
         }
-        if let Some(step) = self.step(base) {
+        if let Some(step) = self.step(base).filter(|s| s.shards() == 1) {
             return Some((TaskRole::Agent(step), round));
+        }
+        if let Some((name, index)) = base.rsplit_once(SHARD_INFIX)
+            && let Some(step) = self.step(name)
+            && let Ok(index) = index.parse::<u32>()
+            && (1..=step.shards()).contains(&index)
+            && step.shards() > 1
+            && step.shard_task(index) == base
+        {
+            return Some((TaskRole::Shard(step, Shard { index, of: step.shards() }), round));
         }
         self.steps.iter().find_map(|step| {
             let validator = step.validators.iter().find(|v| self.validator_task(step, v) == base)?;
@@ -520,34 +578,37 @@ impl Pipeline {
     /// validators after it; the round's review after all of them.
     pub fn round(&self, round: u32) -> Vec<PlannedTask> {
         let steps: Vec<&Step> = if round == 0 { self.steps.iter().collect() } else { self.repair_steps() };
+        let at = |names: Vec<String>, round: u32| names.into_iter().map(move |n| round_name(&n, round));
         let mut tasks = Vec::new();
         for step in steps {
-            let this = round_name(&step.name, round);
-            // A step after a gate waits for the gate's decision (gated steps always repeat).
-            let mut after: Vec<String> = step
+            // A step after a gate waits for the gate's decision (gated steps always repeat); a
+            // step after a fanned-out one waits for every shard.
+            let waits: Vec<String> = step
                 .after
                 .iter()
-                .map(|dep| match self.step(dep) {
-                    Some(d) if d.gate => round_name(&Pipeline::gate_task(d), round),
-                    _ if round > 0 && self.repeats(dep) => round_name(dep, round),
-                    _ => dep.clone(),
+                .flat_map(|dep| match self.step(dep) {
+                    Some(d) if d.gate => vec![round_name(&Pipeline::gate_task(d), round)],
+                    Some(d) if round > 0 && self.repeats(dep) => at(d.agent_tasks(), round).collect(),
+                    Some(d) => d.agent_tasks(),
+                    None => vec![dep.clone()],
                 })
                 .collect();
-            if round > 0 {
-                after.push(round_name(&step.name, round - 1));
-                after.push(round_name("review", round - 1));
+            let mut checked = Vec::new();
+            for base in step.agent_tasks() {
+                let this = round_name(&base, round);
+                let mut after = waits.clone();
+                if round > 0 {
+                    after.push(round_name(&base, round - 1));
+                    after.push(round_name("review", round - 1));
+                }
+                tasks.push(PlannedTask { name: this.clone(), kind: "agent", plugin: step.role.clone(), after });
+                checked.push(this);
             }
-            tasks.push(PlannedTask { name: this.clone(), kind: "agent", plugin: step.role.clone(), after });
-            let mut checked = vec![this.clone()];
+            let agents = checked.clone();
             for validator in &step.validators {
                 let name = round_name(&self.validator_task(step, validator), round);
                 checked.push(name.clone());
-                tasks.push(PlannedTask {
-                    name,
-                    kind: "validate",
-                    plugin: validator.clone(),
-                    after: vec![this.clone()],
-                });
+                tasks.push(PlannedTask { name, kind: "validate", plugin: validator.clone(), after: agents.clone() });
             }
             if step.gate {
                 tasks.push(PlannedTask {
@@ -568,6 +629,14 @@ impl Pipeline {
         tasks
     }
 
+    /// The step whose agent task (a step's own, or one of its shards') has base name `base`.
+    pub fn agent_step(&self, base: &str) -> Option<&Step> {
+        match self.task(base)? {
+            (TaskRole::Agent(step) | TaskRole::Shard(step, _), 0) => Some(step),
+            _ => None,
+        }
+    }
+
     /// Each base task name of a validator, with the step it follows.
     pub fn validator_tasks(&self) -> Vec<(String, &Step)> {
         self.steps
@@ -576,13 +645,17 @@ impl Pipeline {
             .collect()
     }
 
-    /// Options for `step`'s agent: the run's (a JSON object's text), with the step's over them.
-    pub fn options_for(&self, step: &Step, run_options: &str) -> String {
-        let Some(extra) = &step.options else {
+    /// Options for `step`'s agent: the run's (a JSON object's text), with the step's over them,
+    /// and for a shard of a fanned-out step, `{"shard": {"index": i, "of": n}}`.
+    pub fn options_for(&self, step: &Step, run_options: &str, shard: Option<Shard>) -> String {
+        if step.options.is_none() && shard.is_none() {
             return run_options.to_string();
-        };
+        }
         let mut merged: BTreeMap<String, serde_json::Value> = serde_json::from_str(run_options).unwrap_or_default();
-        merged.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
+        merged.extend(step.options.iter().flatten().map(|(k, v)| (k.clone(), v.clone())));
+        if let Some(Shard { index, of }) = shard {
+            merged.insert("shard".into(), serde_json::json!({"index": index, "of": of}));
+        }
         serde_json::to_string(&merged).unwrap_or_else(|_| run_options.to_string())
     }
 }
@@ -759,11 +832,76 @@ mod tests {
     }
 
     #[test]
+    fn a_fanned_out_step_runs_as_shards_and_what_follows_waits_for_all_of_them() {
+        let p = Pipeline::from_toml(
+            "[[steps]]\nname = \"architect\"\nrole = \"architect\"\n\
+             [[steps]]\nname = \"developer\"\nrole = \"developer\"\nafter = [\"architect\"]\nfan-out = 3\nvalidators = [\"syntax\"]\n\
+             [[steps]]\nname = \"qa\"\nrole = \"qa-engineer\"\nafter = [\"developer\"]\n\
+             [repair]\nsteps = [\"developer\", \"qa\"]\n",
+        )
+        .unwrap();
+        let round0 = p.round(0);
+        assert_eq!(
+            names(&round0),
+            [
+                "architect",
+                "developer-shard-1",
+                "developer-shard-2",
+                "developer-shard-3",
+                "validate-syntax",
+                "qa",
+                "review"
+            ]
+        );
+        let shards = ["developer-shard-1", "developer-shard-2", "developer-shard-3"];
+        for t in &round0[1..4] {
+            assert_eq!(t.after, ["architect"], "the shards run at once");
+            assert_eq!(t.kind, "agent");
+        }
+        assert_eq!(round0[4].after, shards, "the validator waits for every shard");
+        assert_eq!(round0[5].after, shards, "so does the next step");
+        let round1 = p.round(1);
+        assert_eq!(round1[1].name, "developer-shard-2-repair-1");
+        assert_eq!(round1[1].after, ["architect", "developer-shard-2", "review"], "a shard repairs its own files");
+        assert_eq!(
+            round1[4].after,
+            ["developer-shard-1-repair-1", "developer-shard-2-repair-1", "developer-shard-3-repair-1", "qa", "review"]
+        );
+        let developer = p.step("developer").unwrap();
+        assert!(matches!(
+            p.task("developer-shard-3-repair-1"),
+            Some((TaskRole::Shard(s, Shard { index: 3, of: 3 }), 1)) if s.name == "developer"
+        ));
+        assert_eq!(p.task("developer"), None, "a fanned-out step has no task of its own name");
+        assert_eq!(p.task("developer-shard-4"), None);
+        assert_eq!(p.task("developer-shard-0"), None);
+        assert_eq!(p.task("developer-shard-01"), None);
+        assert_eq!(p.agent_step("developer-shard-2").map(|s| &s.name), Some(&developer.name));
+        assert_eq!(p.agent_step("qa").map(|s| s.name.as_str()), Some("qa"));
+        assert_eq!(p.agent_step("validate-syntax"), None);
+        assert_eq!(Pipeline::from_json(serde_json::to_value(&p).unwrap()).unwrap(), p, "fan-out survives storage");
+        for (text, expected) in [
+            ("[[steps]]\nname = \"a\"\nrole = \"developer\"\nfan-out = 0\n", "steps[0] (`a`): fan-out: 1 to 16"),
+            ("[[steps]]\nname = \"a\"\nrole = \"developer\"\nfan-out = 17\n", "steps[0] (`a`): fan-out: 1 to 16"),
+            ("[[steps]]\nname = \"a-shard-1\"\nrole = \"developer\"\n", "steps[0] (`a-shard-1`): name"),
+        ] {
+            let e = Pipeline::from_toml(text).unwrap_err();
+            assert!(e.contains(expected), "{text}\n→ {e}");
+        }
+        let one = Pipeline::from_toml("[[steps]]\nname = \"a\"\nrole = \"developer\"\nfan-out = 1\n").unwrap();
+        assert_eq!(names(&one.round(0)), ["a", "review"], "a fan-out of 1 is the step itself");
+    }
+
+    #[test]
     fn a_steps_options_go_over_the_runs() {
         let p =
             Pipeline::from_toml("[[steps]]\nname = \"a\"\nrole = \"developer\"\n[steps.options]\nlanguage = \"go\"\n")
                 .unwrap();
         let step = p.step("a").unwrap();
-        assert_eq!(p.options_for(step, r#"{"language":"python","x":1}"#), r#"{"language":"go","x":1}"#);
+        assert_eq!(p.options_for(step, r#"{"language":"python","x":1}"#, None), r#"{"language":"go","x":1}"#);
+        assert_eq!(
+            p.options_for(step, "{}", Some(Shard { index: 2, of: 3 })),
+            r#"{"language":"go","shard":{"index":2,"of":3}}"#
+        );
     }
 }

@@ -394,7 +394,7 @@ impl Direct {
                     requirement: requirement.clone(),
                     inputs,
                     feedback: vec![],
-                    options_json: self.pipeline.options_for(step, "{}"),
+                    options_json: self.pipeline.options_for(step, "{}", None),
                 };
                 let access = Access::router(router.clone());
                 async move { agent_step(&step.name, &self.plugins[&role], access, "t", task).await }

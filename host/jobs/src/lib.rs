@@ -23,7 +23,7 @@
 use futures::future::BoxFuture;
 use qlayer_bundled::{self as embedded, ProviderChoice};
 use qlayer_db::{Db, Job, JobKind, JsonText, NewJob, NewTask, Task, TaskStatus};
-use qlayer_factory::pipeline::{self, PluginRef, Step, TaskRole, round_name};
+use qlayer_factory::pipeline::{self, PluginRef, Shard, Step, TaskRole, round_name};
 pub use qlayer_factory::pipeline::{Pipeline, valid_pipeline_name};
 use qlayer_factory::{self as factory, DiagnosticReport, RunReport, StepReport, StoredArtifact};
 use qlayer_gateway::service::{Caller, Gateway, TableModel};
@@ -770,8 +770,9 @@ impl RunOutputs {
         Ok(unchecked)
     }
 
-    /// The files of `steps` (in pipeline order), each at its latest round up to `round`, one
-    /// owner per path; `own` adds a step at another round (a repaired step's previous files).
+    /// The files of `steps` (in pipeline order; a fanned-out step's shards in order), each at its
+    /// latest round up to `round`, one owner per path (the task's base name: the step's, or its
+    /// shard's); `own` adds a step at another round (a repaired step's previous files).
     fn files(
         &self,
         steps: &[&Step],
@@ -781,9 +782,11 @@ impl RunOutputs {
         let mut outputs = Vec::new();
         let at = steps.iter().map(|s| (*s, round)).chain(own);
         for (step, round) in at {
-            if let Some(out) = self.latest(&step.name, round) {
-                let files = out.artifacts.iter().map(StoredArtifact::artifact).collect::<Result<Vec<_>, _>>()?;
-                outputs.push((step.name.clone(), files));
+            for base in step.agent_tasks() {
+                if let Some(out) = self.latest(&base, round) {
+                    let files = out.artifacts.iter().map(StoredArtifact::artifact).collect::<Result<Vec<_>, _>>()?;
+                    outputs.push((base, files));
+                }
             }
         }
         Ok(factory::merge_files(outputs))
@@ -977,7 +980,10 @@ impl PluginExecutor {
         let outputs = RunOutputs::read(&tasks).map_err(TaskError::fatal)?;
         let run = Run { task, created_at: plan.created_at, input, pipeline, outputs: &outputs, all: &tasks };
         match (task.kind.as_str(), pipeline.task(&task.name)) {
-            ("agent", Some((TaskRole::Agent(step), round))) => self.agent(&run, ctx, step, round).await,
+            ("agent", Some((TaskRole::Agent(step), round))) => self.agent(&run, ctx, step, None, round).await,
+            ("agent", Some((TaskRole::Shard(step, shard), round))) => {
+                self.agent(&run, ctx, step, Some(shard), round).await
+            }
             ("validate", Some((TaskRole::Validate { step, validator }, round))) => {
                 self.validate(&run, ctx, step, validator, round).await
             }
@@ -1023,6 +1029,15 @@ impl PluginExecutor {
         };
         for (i, step) in pipeline.steps.iter().enumerate() {
             let at = format!("steps[{i}] (`{}`)", step.name);
+            if let Ok(PluginRef::Bundled(role)) = pipeline::plugin_ref(&step.role)
+                && step.shards() > 1
+                && !FANS_OUT.contains(&role)
+            {
+                return Err(RunRefused::Invalid(format!(
+                    "{at}: fan-out: the bundled `{role}` role does not split its work into shards (of the bundled roles, {} does); an installed role may, by reading its `shard` option",
+                    FANS_OUT.join(", ")
+                )));
+            }
             let checks = std::iter::once(("role", step.role.as_str(), Kind::Agent))
                 .chain(step.validators.iter().map(|v| ("validators", v.as_str(), Kind::Validator)))
                 .chain(step.tools.iter().map(|t| ("tools", t.as_str(), Kind::Tool)));
@@ -1051,9 +1066,18 @@ impl PluginExecutor {
         Ok(())
     }
 
-    /// A step's agent: its ancestors' files (and, repairing, its own), the review's errors that
-    /// are its to fix, the tools its step grants.
-    async fn agent(&self, run: &Run<'_>, ctx: &TaskContext, step: &Step, round: u32) -> Result<TaskResult, TaskError> {
+    /// A step's agent (or one shard of it): its ancestors' files (and, repairing, its step's), the
+    /// review's errors that are its to fix, the tools its step grants.
+    async fn agent(
+        &self,
+        run: &Run<'_>,
+        ctx: &TaskContext,
+        step: &Step,
+        shard: Option<Shard>,
+        round: u32,
+    ) -> Result<TaskResult, TaskError> {
+        // The task's base name: the step's, or its shard's (`developer-shard-2`).
+        let base = shard.map_or_else(|| step.name.clone(), |s| step.shard_task(s.index));
         let Run { task, input, pipeline, outputs, .. } = *run;
         if let Some(skipped) = rejected_before(pipeline, outputs, step, round) {
             return Ok(skipped);
@@ -1119,12 +1143,20 @@ impl PluginExecutor {
                             .strip_prefix(pipeline::GATE_PREFIX)
                             .filter(|g| d.rule == REJECTED && pipeline.step(g).is_some_and(|s| s.gate));
                         match (gated, d.path.as_ref().and_then(|p| owners.get(p))) {
-                            // A rejection at a gate is the gated step's to answer.
+                            // A rejection at a gate is the gated step's to answer (each shard's).
                             (Some(gated), _) => gated == step.name,
                             // A failing assertion sits in the test, but the code it tests
                             // may be what is wrong: every repeated step sees it.
                             (None, Some(_)) if d.rule == factory::TEST_FAILED => true,
-                            (None, Some(owner)) => owner == &step.name || !pipeline.repeats(owner),
+                            // The owner is the task that wrote the file: a step, or one shard.
+                            // A message that names a file of this task's (an import that
+                            // `pyproject.toml` does not declare) is its to fix too: with a
+                            // fanned-out step, the manifest may be another shard's.
+                            (None, Some(owner)) => {
+                                owner == &base
+                                    || !pipeline.agent_step(owner).is_some_and(|s| pipeline.repeats(&s.name))
+                                    || owners.iter().any(|(path, o)| o == &base && names_file(&d.message, path))
+                            }
                             (None, None) => true,
                         }
                     })
@@ -1132,12 +1164,33 @@ impl PluginExecutor {
                     .collect()
             }
         };
+        let label = factory::step_label(&base, round);
+        // A shard with nothing to fix in a repair round keeps its files: its share of the plan
+        // was written against the design, and asking the model again would only spend tokens.
+        if let Some(s) = shard
+            && round > 0
+            && feedback.is_empty()
+            && let Some(previous) = outputs.latest(&base, round - 1)
+        {
+            let summary = format!(
+                "shard {} of {}: no finding is its to fix; its {} files are kept",
+                s.index,
+                s.of,
+                previous.artifacts.len()
+            );
+            let report =
+                factory::step_report(&label, &agent, Instant::now(), TokenCount::default(), Ok(summary.as_str()));
+            return Ok(serde_json::json!({
+                "step": report, "artifacts": previous.artifacts, "diagnostics": previous.diagnostics,
+            })
+            .into());
+        }
         let run_options = input.options.as_ref().map(|o| o.to_string()).unwrap_or_else(|| "{}".into());
         let job_task = qlayer_runtime::Task {
             requirement: input.requirement.clone(),
             inputs,
             feedback,
-            options_json: pipeline.options_for(step, &run_options),
+            options_json: pipeline.options_for(step, &run_options, shard),
         };
         let tools = match step.tools.is_empty() {
             true => None,
@@ -1155,7 +1208,6 @@ impl PluginExecutor {
                 tools: Some(tools.clone()),
             },
         };
-        let label = factory::step_label(&step.name, round);
         let (mut report, result) = factory::agent_step(&label, &agent, access, &task.tenant_id, job_task).await;
         report.tool_calls = tools.as_ref().map_or(0, |t| t.calls());
         report.cost = priced.as_ref().map(|t| t.cost_nanos() as f64 / 1e9);
@@ -1233,8 +1285,8 @@ impl PluginExecutor {
         // latest round; one of each when two validators report the same.
         let mut diagnostics: Vec<DiagnosticReport> = Vec::new();
         let bases = pipeline.validator_tasks().into_iter().map(|(base, _)| base);
-        for out in bases.chain(pipeline.steps.iter().map(|s| s.name.clone())).filter_map(|b| outputs.latest(&b, round))
-        {
+        let agents = pipeline.steps.iter().flat_map(Step::agent_tasks);
+        for out in bases.chain(agents).filter_map(|b| outputs.latest(&b, round)) {
             for d in &out.diagnostics {
                 if !diagnostics.iter().any(|seen| seen == d) {
                     diagnostics.push(d.clone());
@@ -1308,6 +1360,26 @@ impl PluginExecutor {
             then: vec![],
         })
     }
+}
+
+/// The bundled roles that write only their shard's share of the file plan when their step fans
+/// out.
+const FANS_OUT: &[&str] = &["developer"];
+
+/// Whether `message` names the file `path` as a whole (`pyproject.toml`, not `x/pyproject.toml`).
+fn names_file(message: &str, path: &str) -> bool {
+    let part = |c: char| c.is_alphanumeric() || matches!(c, '_' | '-' | '.' | '/');
+    message.match_indices(path).any(|(at, _)| {
+        let before_ok = !message[..at].chars().next_back().is_some_and(part);
+        let rest = &message[at + path.len()..];
+        let after_ok = match rest.chars().next() {
+            None => true,
+            // A sentence's full stop ends the name.
+            Some('.') => !rest[1..].chars().next().is_some_and(part),
+            Some(c) => !part(c),
+        };
+        before_ok && after_ok
+    })
 }
 
 /// The output of a step that does not run because a gate before it was rejected in `round`
@@ -1413,5 +1485,21 @@ impl ToolHandler for StepTools {
             record_tool_call(name, outcome.is_ok(), started.elapsed());
             outcome
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::names_file;
+
+    #[test]
+    fn a_message_names_a_file_only_as_a_whole() {
+        let m = "`requests` is imported but pyproject.toml does not declare it";
+        assert!(names_file(m, "pyproject.toml"));
+        assert!(names_file("declare it in `pyproject.toml`.", "pyproject.toml"));
+        assert!(names_file("declare it in pyproject.toml.", "pyproject.toml"));
+        assert!(!names_file(m, "toml"));
+        assert!(!names_file("declare it in app/pyproject.toml", "pyproject.toml"));
+        assert!(!names_file("see pyproject.toml.bak", "pyproject.toml"));
     }
 }

@@ -177,6 +177,11 @@ async fn a_bad_pipeline_is_refused_before_anything_runs_naming_its_step() {
             "steps[0] (`a`): gate: a gated step must repeat in repair rounds",
         ),
         (json!({"steps": []}), "steps: a pipeline has 1 to 32 steps, not 0"),
+        (one(json!({"name": "a", "role": "developer", "fan-out": 17})), "steps[0] (`a`): fan-out: 1 to 16"),
+        (
+            one(json!({"name": "a", "role": "qa-engineer", "fan-out": 2})),
+            "steps[0] (`a`): fan-out: the bundled `qa-engineer` role does not split its work",
+        ),
     ];
     for (pipeline, expected) in cases {
         // Inline in a run: nothing is stored, nothing runs.

@@ -44,6 +44,15 @@ async fn run(choice: ProviderChoice, rounds: u32, budget: Option<u64>) -> Finish
 
 /// Runs the factory on `requirement`, as [`run`].
 async fn run_for(requirement: &str, choice: ProviderChoice, rounds: u32, budget: Option<u64>) -> Finished {
+    let mut input = json!({"requirement": requirement, "max_repair_rounds": rounds});
+    if let Some(budget) = budget {
+        input["token_budget"] = json!(budget);
+    }
+    run_input(input, choice).await
+}
+
+/// Runs the factory on the run input `input`, as [`run`].
+async fn run_input(input: serde_json::Value, choice: ProviderChoice) -> Finished {
     let dir = tempfile::tempdir().unwrap();
     let db = Db::open(&format!("sqlite://{}", dir.path().join("q.db").display())).await.unwrap();
     let tenant = db.create_tenant("t").await.unwrap();
@@ -52,10 +61,6 @@ async fn run_for(requirement: &str, choice: ProviderChoice, rounds: u32, budget:
     let config = SchedulerConfig { node_id: "test".into(), ..Default::default() };
     let scheduler = Scheduler::new(db.clone(), config, Arc::new(executor));
     scheduler.start().await.unwrap();
-    let mut input = json!({"requirement": requirement, "max_repair_rounds": rounds});
-    if let Some(budget) = budget {
-        input["token_budget"] = json!(budget);
-    }
     let (job, _) = scheduler
         .submit(NewJob {
             tenant_id: &tenant.id,
@@ -224,6 +229,84 @@ async fn validator_findings_go_back_to_the_developer_until_fixed() {
     assert_eq!(report["repair_rounds"], 1);
     assert!(steps(report).contains(&"developer (repair 1)"), "{report:#}");
     assert_eq!(std::fs::read_to_string(run.out.path().join("src/main.rs")).unwrap(), "fn main() {}\n");
+}
+
+/// A pipeline of product manager, architect and a developer step fanned out to `shards`, with
+/// `validators` after it; the developer repeats in repair rounds.
+fn fanned_out(shards: u32, validators: serde_json::Value) -> serde_json::Value {
+    json!({"steps": [
+        {"name": "product-manager", "role": "product-manager"},
+        {"name": "architect", "role": "architect", "after": ["product-manager"]},
+        {"name": "developer", "role": "developer", "after": ["architect"], "fan-out": shards, "validators": validators},
+    ], "repair": {"steps": ["developer"]}})
+}
+
+/// The report's entry for the step labelled `label`.
+fn step<'a>(report: &'a serde_json::Value, label: &str) -> &'a serde_json::Value {
+    let found = report["steps"].as_array().unwrap().iter().find(|s| s["step"] == label);
+    found.unwrap_or_else(|| panic!("no step `{label}`: {report:#}"))
+}
+
+/// Issue 17 items 1 and 2: a developer step with `fan-out = 3` runs as three agents at once,
+/// each writing whole modules of the file plan (the scripted double's plan: the manifest, the
+/// `cli` module's source and the `docs` module's README); an error goes back only to the shard
+/// that wrote the file, and the others keep their files without asking a model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fanned_out_developer_writes_whole_modules_at_once_and_only_the_broken_shard_repairs() {
+    let main_rs = |text: &str| json!({"files": [{"path": "src/main.rs", "content": text}]}).to_string();
+    let script = json!({"rules": [
+        {"role": "developer", "contains": "rust-syntax", "reply": main_rs("fn main() {}\n")},
+        {"role": "developer", "contains": "Files to write: src/main.rs", "reply": main_rs("fn main() {\n    let x = ;\n}\n")},
+    ]});
+    let input = json!({"requirement": "A todo list CLI, with due dates and tags", "max_repair_rounds": 2,
+        "pipeline": fanned_out(3, json!(["syntax"]))});
+    let run = run_input(input, ProviderChoice::Scripted { script: Some(script.to_string()) }).await;
+    let report = &run.report();
+    assert_eq!((report["status"].as_str(), report["repair_rounds"].as_u64()), (Some("passed"), Some(1)), "{report:#}");
+    let shards = ["developer-shard-1", "developer-shard-2", "developer-shard-3"];
+    for (i, shard) in shards.iter().enumerate() {
+        let task = run.tasks.iter().find(|t| t.name == *shard).unwrap();
+        assert_eq!(task.depends_on, ["architect"], "the shards wait for the design only, not for each other");
+        assert_eq!(step(report, shard)["summary"], format!("1 files, shard {} of 3", i + 1), "{report:#}");
+    }
+    let validate = run.tasks.iter().find(|t| t.name == "validate-syntax").unwrap();
+    assert_eq!(validate.depends_on, shards, "the validator waits for every shard");
+    // Only the shard that wrote the broken file asked a model again.
+    let repaired = step(report, "developer-shard-2 (repair 1)");
+    assert!(repaired["summary"].as_str().unwrap().contains("fixing 1 findings"), "{repaired}");
+    assert!(repaired["tokens"]["prompt"].as_u64().unwrap() > 0, "{repaired}");
+    for kept in ["developer-shard-1 (repair 1)", "developer-shard-3 (repair 1)"] {
+        let kept = step(report, kept);
+        assert!(kept["summary"].as_str().unwrap().contains("no finding is its to fix; its 1 files are kept"), "{kept}");
+        assert_eq!(kept["tokens"]["prompt"], 0, "{kept}");
+    }
+    assert_eq!(std::fs::read_to_string(run.out.path().join("src/main.rs")).unwrap(), "fn main() {}\n");
+    for file in ["Cargo.toml", "README.md"] {
+        assert!(run.out.path().join(file).is_file(), "{file} missing from the capsule");
+    }
+    let design = std::fs::read_to_string(run.out.path().join("docs/DESIGN.json")).unwrap();
+    assert!(design.contains("\"module\": \"cli\""), "{design}");
+}
+
+/// An error whose message names another shard's file reaches that shard too: an import that
+/// `pyproject.toml` does not declare is the manifest's shard's to fix as well as the importer's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undeclared_import_reaches_the_shard_that_wrote_the_manifest() {
+    let main_py = json!({"files": [{"path": "main.py", "content": "import requests\n\nprint(requests.__name__)\n"}]});
+    let script =
+        json!({"rules": [{"role": "developer", "contains": "Files to write: main.py", "reply": main_py.to_string()}]});
+    let input = json!({"requirement": "A todo list CLI in Python", "max_repair_rounds": 1,
+        "pipeline": fanned_out(2, json!(["deps"]))});
+    let run = run_input(input, ProviderChoice::Scripted { script: Some(script.to_string()) }).await;
+    let report = &run.report();
+    assert_eq!(report["status"], "failed-validation", "the test double never declares it: {report:#}");
+    let found = report["diagnostics"].as_array().unwrap().iter().find(|d| d["rule"] == "undeclared-import");
+    assert_eq!(found.map(|d| &d["path"]), Some(&json!("main.py")), "{report:#}");
+    assert_eq!(step(report, "developer-shard-1")["summary"], "2 files, shard 1 of 2", "the manifest and the README");
+    for shard in ["developer-shard-1 (repair 1)", "developer-shard-2 (repair 1)"] {
+        let s = step(report, shard);
+        assert!(s["summary"].as_str().unwrap().contains("fixing 1 findings"), "{s}");
+    }
 }
 
 /// Issue 14 item 22: a developer file at `./docs/PRD.json` is the same path as the PRD, and does

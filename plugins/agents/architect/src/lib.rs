@@ -60,6 +60,9 @@ struct PlannedFile {
     path: String,
     owner: String,
     purpose: String,
+    /// The component it belongs to: a fanned-out step gives whole modules to each of its shards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    module: Option<String>,
 }
 
 const SYSTEM: &str = "Role: architect.
@@ -68,9 +71,10 @@ Reply with only a JSON object of this shape:
 {\"overview\": string,
  \"components\": [{\"name\": string, \"responsibility\": string}],
  \"data_model\": [{\"name\": string, \"fields\": [{\"name\": string, \"type\": string}]}],
- \"files\": [{\"path\": relative path, \"owner\": \"developer\" | \"qa-engineer\" | \"devops\", \"purpose\": string}],
+ \"files\": [{\"path\": relative path, \"owner\": \"developer\" | \"qa-engineer\" | \"devops\", \"purpose\": string, \"module\": the component's name}],
  \"api\": an OpenAPI 3 document (object) of the HTTP API when the PRD's kind is service, else null}
 The file plan lists every file of the project once: the developer owns the build manifest, the sources and the README;
+each source file names the component (module) it belongs to, since modules may be written by different developers at the same time, and the manifest and README name none;
 the qa-engineer the tests of the acceptance criteria; the devops engineer the Dockerfile, compose or Kubernetes manifests and CI workflow the PRD's deployment asks for.";
 
 fn check_api(api: &serde_json::Value) -> Result<(), String> {
@@ -114,6 +118,11 @@ fn check(design: &Design, service: bool) -> Result<(), String> {
         }
         if !OWNERS.contains(&f.owner.as_str()) {
             return Err(format!("`{}` has owner {:?}; the owners are {OWNERS:?}", f.path, f.owner));
+        }
+        if let Some(module) = &f.module
+            && (module.trim().is_empty() || module.chars().count() > 64 || module.chars().any(char::is_control))
+        {
+            return Err(format!("`{}` has module {module:?}; a module is a component's name, 1-64 characters", f.path));
         }
         if DOCUMENTS.contains(&f.path.as_str()) {
             return Err(format!("`{}` is written by the role that owns it; leave it out of the file plan", f.path));
@@ -214,5 +223,12 @@ mod tests {
         let no_responses =
             serde_json::json!({"openapi": "3.1.0", "info": {"title": "t"}, "paths": {"/x": {"get": {}}}});
         assert!(check(&design(one, no_responses), true).unwrap_err().contains("responses"));
+        let modules = serde_json::json!([
+            {"path": "Cargo.toml", "owner": "developer", "purpose": "p"},
+            {"path": "src/cli.rs", "owner": "developer", "purpose": "p", "module": "cli"}
+        ]);
+        assert!(check(&design(modules, serde_json::Value::Null), false).is_ok());
+        let blank = serde_json::json!([{"path": "a.py", "owner": "developer", "purpose": "p", "module": " "}]);
+        assert!(check(&design(blank, serde_json::Value::Null), false).unwrap_err().contains("module"));
     }
 }

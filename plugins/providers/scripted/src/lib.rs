@@ -279,8 +279,18 @@ mod builtin {
         json!(files.into_iter().map(|(p, c)| json!({"path": p, "content": c})).collect::<Vec<_>>())
     }
 
+    /// The template project; only the files a `Files to write: a, b` line names, when the
+    /// developer's prompt has one (a shard of a fanned-out developer step writes its share).
     pub fn project(conversation: &str) -> String {
-        json!({ "files": files_json(project_files(&prd_in(conversation))) }).to_string()
+        let wanted: Option<Vec<&str>> = conversation
+            .lines()
+            .find_map(|l| l.strip_prefix("Files to write: "))
+            .map(|list| list.split(", ").map(str::trim).collect());
+        let mut files = project_files(&prd_in(conversation));
+        if let Some(wanted) = wanted {
+            files.retain(|(path, _)| wanted.contains(&path.as_str()));
+        }
+        json!({ "files": files_json(files) }).to_string()
     }
 
     /// The project's name (its package's), the language and the features of a PRD.
@@ -310,10 +320,25 @@ mod builtin {
         let mut components =
             vec![json!({"name": "cli", "responsibility": "reads the command line and runs a command"})];
         components.extend(features.iter().map(|(n, d)| json!({"name": n, "responsibility": d})));
+        components.push(json!({"name": "docs", "responsibility": "tells a user how to build and run it"}));
+        // The developer's sources are the `cli` component's, its README the `docs`; the
+        // manifest is the project's own (no module).
         fn plan(owner: &str, paths: Vec<String>) -> Vec<serde_json::Value> {
             paths
                 .into_iter()
-                .map(|p| json!({"path": p, "owner": owner, "purpose": format!("written by the {owner}")}))
+                .map(|p| {
+                    let mut file = json!({"path": p, "owner": owner, "purpose": format!("written by the {owner}")});
+                    let module = match p.as_str() {
+                        "README.md" => Some("docs"),
+                        "Cargo.toml" | "pyproject.toml" => None,
+                        _ if owner == "developer" => Some("cli"),
+                        _ => None,
+                    };
+                    if let Some(module) = module {
+                        file["module"] = json!(module);
+                    }
+                    file
+                })
                 .collect()
         }
         let developer: Vec<String> = project_files(&prd).into_iter().map(|(p, _)| p).collect();
@@ -585,6 +610,19 @@ mod tests {{
             assert!(planned.contains(&("main.py", "developer")), "{planned:?}");
             assert!(planned.contains(&("tests/test_acceptance.py", "qa-engineer")), "{planned:?}");
             let with_design = format!("{prompt}\n\nDesign:\n{design}");
+            let module = |path: &str| {
+                design["files"].as_array().unwrap().iter().find(|f| f["path"] == path).unwrap()["module"].clone()
+            };
+            assert_eq!(
+                (module("main.py"), module("README.md"), module("pyproject.toml")),
+                (json!("cli"), json!("docs"), json!(null))
+            );
+            let share: serde_json::Value =
+                serde_json::from_str(&project(&format!("{with_design}\n\nFiles to write: pyproject.toml, README.md")))
+                    .unwrap();
+            let written: Vec<&str> =
+                share["files"].as_array().unwrap().iter().map(|f| f["path"].as_str().unwrap()).collect();
+            assert_eq!(written, ["pyproject.toml", "README.md"], "a shard's share only");
             let tests: serde_json::Value = serde_json::from_str(&tests(&with_design)).unwrap();
             assert_eq!(tests["covers"].as_array().unwrap().len(), CRITERIA.len());
             assert!(tests["files"][0]["content"].as_str().unwrap().contains("rename_photos"));

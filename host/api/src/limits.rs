@@ -172,8 +172,8 @@ pub async fn set_tenant_limits_op(
     outcome
 }
 
-/// Sets the gateway limits and budgets of one of the tenant's API keys (admins); none may be
-/// above the tenant's own.
+/// Sets the gateway limits and budgets of one of the tenant's API keys (admins; an operator, of
+/// any tenant's key); none may be above the tenant's own.
 #[utoipa::path(put, path = "/v1/keys/{id}/limits", tag = "keys", request_body = Limits,
     params(("id" = String, Path, description = "key id")),
     responses((status = 200, body = LimitsView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
@@ -196,7 +196,7 @@ pub async fn set_key_limits_op(
     body: &Limits,
 ) -> Result<LimitsView, ApiError> {
     caller.require_admin()?;
-    let tenant_id = caller.tenant_id();
+    let tenant_id = &crate::resources::key_scope(state, caller, id).await?;
     let currency = currency(state);
     let outcome = async {
         let limits = checked(body, &currency)?;

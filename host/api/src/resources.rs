@@ -257,8 +257,8 @@ pub async fn list_keys_op(state: &AppState, caller: &Caller) -> Result<KeyList, 
     Ok(KeyList { items: state.db.keys(caller.tenant_id()).await? })
 }
 
-/// Revokes a key of the caller's tenant (admins). The tenant's last admin key is not revoked
-/// (409): create another first.
+/// Revokes a key of the caller's tenant (admins; an operator, any tenant's key). The tenant's last
+/// admin key is not revoked (409): create another first.
 #[utoipa::path(delete, path = "/v1/keys/{id}", tag = "keys", params(("id" = String, Path, description = "key id")),
     responses((status = 204), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
     security(("api_key" = [])))]
@@ -273,7 +273,8 @@ pub async fn revoke_key(
 /// Revokes a key (REST and gRPC).
 pub async fn revoke_key_op(state: &AppState, caller: &Caller, id: &str) -> Result<(), ApiError> {
     caller.require_admin()?;
-    let outcome = match state.db.revoke_key(caller.tenant_id(), id).await {
+    let tenant_id = key_scope(state, caller, id).await?;
+    let outcome = match state.db.revoke_key(&tenant_id, id).await {
         Ok(true) => {
             state.auth_guard.forget_key(id);
             Ok(())
@@ -283,6 +284,18 @@ pub async fn revoke_key_op(state: &AppState, caller: &Caller, id: &str) -> Resul
     };
     state.audit(caller, "key.revoke", id, &outcome).await;
     outcome
+}
+
+/// The tenant whose key `id` a caller addresses: its own; for an operator (who issues keys for
+/// any tenant with `POST /v1/keys {"tenant_id"}`), the key's own tenant, so that what it issued
+/// it can also limit and revoke. Another tenant's key stays a missing one for everyone else.
+pub async fn key_scope(state: &AppState, caller: &Caller, id: &str) -> Result<String, ApiError> {
+    if caller.is_operator()
+        && let Some(tenant) = state.db.key_tenant(id).await?
+    {
+        return Ok(tenant);
+    }
+    Ok(caller.tenant_id().to_string())
 }
 
 /// An installed plugin.

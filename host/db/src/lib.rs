@@ -523,6 +523,13 @@ impl Db {
         rows.iter().map(key_of).collect()
     }
 
+    /// The tenant a key (live or revoked) belongs to, if the key exists.
+    pub async fn key_tenant(&self, key_id: &str) -> Result<Option<String>, DbError> {
+        let row =
+            sqlx::query("SELECT tenant_id FROM api_keys WHERE id = $1").bind(key_id).fetch_optional(&self.pool).await?;
+        Ok(row.map(|r| r.try_get("tenant_id")).transpose()?)
+    }
+
     /// Revokes a key of `tenant_id`. `false` when there is no such live key in that tenant.
     ///
     /// A tenant's last admin key is not revoked ([`DbError::Conflict`]): nothing could mint it a

@@ -69,6 +69,18 @@ async fn limits_refuse_with_openai_headers_budgets_say_when_they_reset_and_usage
     let (_, beta) = svc.tenant("beta").await;
     let r = svc.put(&format!("/v1/keys/{dev_id}/limits"), &beta, json!({"rpm": 1})).await;
     assert_eq!(r.status, 404, "another tenant's key is a missing one: {r:?}");
+    // An operator limits and revokes what it issued for a tenant (schemathesis's stateful phase
+    // found the key it had just created answering 404); other tenants still see nothing.
+    let issued = svc.post("/v1/keys", ADMIN, json!({"name": "ci", "role": "developer", "tenant_id": tenant})).await;
+    assert_eq!(issued.status, 201, "{issued:?}");
+    let issued = issued.body["key"]["id"].as_str().unwrap().to_string();
+    let r = svc.put(&format!("/v1/keys/{issued}/limits"), ADMIN, json!({"rpm": 2})).await;
+    assert_eq!((r.status, &r.body["key_id"]), (200, &json!(issued)), "{r:?}");
+    assert_eq!(svc.delete(&format!("/v1/keys/{issued}"), &beta).await.status, 404);
+    assert_eq!(svc.delete(&format!("/v1/keys/{issued}"), ADMIN).await.status, 204);
+    let listed = svc.get("/v1/keys", &acme).await;
+    let row = listed.body["items"].as_array().unwrap().iter().find(|k| k["id"] == issued).cloned();
+    assert!(row.is_some_and(|k| k["revoked_at"].is_number()), "{listed:?}");
 
     let mut answered = 0;
     let refused = loop {

@@ -19,7 +19,7 @@ use qlayer_runtime::{Runtime, RuntimeConfig};
 use sqlx::Connection as _;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -603,21 +603,21 @@ static APT: Mutex<()> = Mutex::new(());
 /// Makes sure a Debian package's program exists, installing the package with apt-get when it is
 /// missing (the test machines are Debian; tests run as root there). Panics with what to do.
 pub fn ensure_program(program: &str, package: &str) -> PathBuf {
-    let path = PathBuf::from("/usr/bin").join(program);
+    let found = || ["/usr/bin", "/usr/sbin"].iter().map(|dir| Path::new(dir).join(program)).find(|p| p.exists());
     let _guard = APT.lock().unwrap_or_else(|e| e.into_inner());
-    if !path.exists() {
-        let status = std::process::Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends", package])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status();
-        if !matches!(status, Ok(s) if s.success()) || !path.exists() {
-            panic!(
-                "{} is needed by this test: install the Debian package `{package}` (apt-get install {package})",
-                path.display()
-            );
-        }
+    if let Some(path) = found() {
+        return path;
     }
-    path
+    let status = std::process::Command::new("apt-get")
+        .args(["install", "-y", "--no-install-recommends", package])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status();
+    match found() {
+        Some(path) if matches!(status, Ok(s) if s.success()) => path,
+        _ => panic!(
+            "{program} is needed by this test: install the Debian package `{package}` (apt-get install {package})"
+        ),
+    }
 }
 
 static PIP: Mutex<()> = Mutex::new(());

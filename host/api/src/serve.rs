@@ -590,7 +590,8 @@ impl ServeConfig {
         Ok(config)
     }
 
-    /// Applies `QLAYER_REST_ADDR`, `QLAYER_GRPC_ADDR`, `QLAYER_DATABASE_URL`, `QLAYER_ADMIN_KEY`,
+    /// Applies `QLAYER_REST_ADDR`, `QLAYER_GRPC_ADDR`, `QLAYER_DATABASE_URL`, `QLAYER_ADMIN_KEY` (when
+    /// not empty),
     /// `QLAYER_QUEUE`, `QLAYER_UPSTREAM` (`[gateway] upstream`) and `QLAYER_NETWORK_ALLOW`
     /// (comma-separated, added to `[network] allow`).
     pub fn apply_env(&mut self) -> anyhow::Result<()> {
@@ -611,7 +612,11 @@ impl ServeConfig {
         if let Ok(url) = std::env::var("QLAYER_DATABASE_URL") {
             self.database.url = Some(url);
         }
-        if let Ok(key) = std::env::var("QLAYER_ADMIN_KEY") {
+        // Empty is unset: a Kubernetes Secret or compose variable left blank means "generate one
+        // at first start", not an invalid key.
+        if let Ok(key) = std::env::var("QLAYER_ADMIN_KEY")
+            && !key.is_empty()
+        {
             self.auth.admin_key = Some(key);
         }
         if let Ok(queue) = std::env::var("QLAYER_QUEUE") {

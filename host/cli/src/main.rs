@@ -7,6 +7,7 @@
 mod capsule;
 mod eval;
 mod local;
+mod probe;
 mod scaffold;
 mod telemetry;
 mod validate;
@@ -114,6 +115,16 @@ enum Command {
         tenant: String,
         #[command(flatten)]
         market: MarketArgs,
+    },
+    /// Ask a running service whether it is ready: one HTTP GET; exit 0 on a 2xx answer, 1
+    /// otherwise. For container health checks where the image has no shell or curl.
+    Probe {
+        /// The URL to ask.
+        #[arg(default_value = "http://127.0.0.1:8080/readyz")]
+        url: String,
+        /// Milliseconds to wait for each of connecting, sending and reading.
+        #[arg(long, default_value_t = 3000)]
+        timeout_ms: u64,
     },
     /// Run the multi-tenant service (REST and gRPC). Config: --config file, then QLAYER_* environment,
     /// then flags.
@@ -620,6 +631,7 @@ fn main() -> ExitCode {
             usage(&tenant, group_by, from, to, model, &db).map(|()| ExitCode::SUCCESS)
         }
         Command::Mcp { tenant, market } => mcp_stdio(tenant, market).map(|()| ExitCode::SUCCESS),
+        Command::Probe { url, timeout_ms } => Ok(probe::probe(&url, timeout_ms)),
         Command::Serve { config, rest_addr, grpc_addr, database, data_dir, queue, otlp_endpoint: _, upstream } => {
             match &tokio {
                 Some(rt) => {

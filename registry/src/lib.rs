@@ -223,7 +223,9 @@ pub struct CatalogEntry {
 
 /// A registry client for plugin artifacts.
 pub struct Registry {
-    client: Client,
+    /// The client, or why none could be made (no CA certificates on the system, say): the
+    /// error is each operation's, so what never reaches a registry (a local `qlayer run`) works.
+    client: Result<Client, String>,
     config: RegistryConfig,
 }
 
@@ -254,7 +256,9 @@ impl Registry {
     /// A client with `config`.
     pub fn new(config: RegistryConfig) -> Self {
         install_tls_provider();
-        let client = Client::new(ClientConfig {
+        // `Client::new` falls back to a default client when the configured one cannot be made,
+        // and that one panics for the same reason (no CA certificates): the error is kept instead.
+        let client = Client::try_from(ClientConfig {
             protocol: ClientProtocol::HttpsExcept(config.insecure.clone()),
             connect_timeout: Some(Duration::from_secs(10)),
             read_timeout: Some(Duration::from_secs(60)),
@@ -262,8 +266,18 @@ impl Registry {
             http_proxy: config.proxy.clone(),
             https_proxy: config.proxy.clone(),
             ..Default::default()
+        })
+        .map_err(|e| {
+            format!(
+                "no registry client could be made: {e} (is the system's CA certificate store there? \
+                 On Debian: apt-get install ca-certificates; or set SSL_CERT_FILE to a PEM bundle)"
+            )
         });
         Registry { client, config }
+    }
+
+    fn client(&self) -> Result<&Client, RegistryError> {
+        self.client.as_ref().map_err(|e| RegistryError::Transport(e.clone()))
     }
 
     fn max_blob(&self) -> u64 {
@@ -421,16 +435,19 @@ impl Registry {
         manifest_bytes: Vec<u8>,
     ) -> Result<String, RegistryError> {
         let auth = self.auth(reference);
-        self.client.auth(reference, &auth, RegistryOperation::Push).await.map_err(|e| self.error(reference, e))?;
+        self.client()?.auth(reference, &auth, RegistryOperation::Push).await.map_err(|e| self.error(reference, e))?;
         for (bytes, digest) in blobs {
-            let exists = self.client.blob_exists(reference, digest).await.unwrap_or(false);
+            let exists = self.client()?.blob_exists(reference, digest).await.unwrap_or(false);
             if !exists {
-                self.client.push_blob(reference, bytes.clone(), digest).await.map_err(|e| self.error(reference, e))?;
+                self.client()?
+                    .push_blob(reference, bytes.clone(), digest)
+                    .await
+                    .map_err(|e| self.error(reference, e))?;
             }
         }
         let digest = digest_of(&manifest_bytes);
         let content_type = http::HeaderValue::from_static(OCI_IMAGE_MEDIA_TYPE);
-        self.client
+        self.client()?
             .push_manifest_raw(reference, manifest_bytes, content_type)
             .await
             .map_err(|e| self.error(reference, e))?;
@@ -488,7 +505,7 @@ impl Registry {
     async fn fetch_manifest(&self, reference: &Reference) -> Result<(ImageManifest, String), RegistryError> {
         let auth = self.auth(reference);
         let (bytes, _header_digest) = self
-            .client
+            .client()?
             .pull_manifest_raw(reference, &auth, &[OCI_IMAGE_MEDIA_TYPE])
             .await
             .map_err(|e| self.error(reference, e))?;
@@ -576,7 +593,7 @@ impl Registry {
                 ..Default::default()
             };
             let stream = self
-                .client
+                .client()?
                 .pull_blob_stream(&resolved.pinned, &descriptor)
                 .await
                 .map_err(|e| self.error(&resolved.pinned, e))?;
@@ -616,7 +633,7 @@ impl Registry {
             ..Default::default()
         };
         let mut out = Vec::new();
-        self.client.pull_blob(reference, &oci_descriptor, &mut out).await.map_err(|e| self.error(reference, e))?;
+        self.client()?.pull_blob(reference, &oci_descriptor, &mut out).await.map_err(|e| self.error(reference, e))?;
         let actual = digest_of(&out);
         if actual != descriptor.digest || out.len() as u64 != descriptor.size {
             return Err(RegistryError::DigestMismatch {
@@ -679,7 +696,7 @@ impl Registry {
         let mut last: Option<String> = None;
         loop {
             let page = self
-                .client
+                .client()?
                 .list_tags(repository, &auth, Some(1000), last.as_deref())
                 .await
                 .map_err(|e| self.error(repository, e))?;
@@ -703,7 +720,7 @@ impl Registry {
         let mut last: Option<String> = None;
         loop {
             let page = self
-                .client
+                .client()?
                 .catalog(&probe, &auth, Some(1000), last.as_deref())
                 .await
                 .map_err(|e| self.error(&probe, e))?;

@@ -765,3 +765,33 @@ fn eval_runs_a_suite_and_prints_a_row_per_requirement_and_the_totals() {
     assert_eq!(o.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("unknown field `requirment`"), "{stderr}");
 }
+
+/// On a system without CA certificates (an empty `SSL_CERT_FILE`, as in a scratch image) the
+/// main job still runs, since it reaches no registry, and a command that does reach one says
+/// what is missing. Both panicked before: the registry client was made up front and panicked.
+#[test]
+fn without_ca_certificates_the_main_job_runs_and_a_registry_command_says_what_is_missing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let no_cas = tmp.path().join("no-cas.pem");
+    std::fs::write(&no_cas, "").unwrap();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_qlayer"))
+            .args(args)
+            .env("QLAYER_DATA_DIR", tmp.path().join("data"))
+            .env("SSL_CERT_FILE", &no_cas)
+            .env("SSL_CERT_DIR", tmp.path().join("no-certs"))
+            .env_remove("QLAYER_BASE_URL")
+            .env_remove("QLAYER_PROVIDER")
+            .output()
+            .unwrap()
+    };
+    let out = tmp.path().join("todo");
+    let o = run(&["run", "a todo list CLI", "--out", out.to_str().unwrap()]);
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(out.join("qlayer-run.json").is_file());
+    let o = run(&["plugin", "search", "registry.example.com"]);
+    let (stdout, stderr) = text(&o);
+    assert!(!o.status.success() && !stderr.contains("panicked"), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stderr.contains("CA certificate"), "{stderr}");
+}

@@ -915,6 +915,9 @@ async fn preface_arrived(stream: &tokio::net::TcpStream) -> bool {
 
 /// Runs the service until SIGINT or SIGTERM, then stops as [`Running::stop`] does.
 pub async fn serve(config: ServeConfig, data_dir: PathBuf) -> anyhow::Result<()> {
+    // The handlers first: a SIGTERM that comes once the service answers must stop it cleanly
+    // (registered after `start`, one that came in between killed the process).
+    let signals = ShutdownSignals::install()?;
     let running = start(config, data_dir).await?;
     if let Some(secret) = &running.first_admin_key {
         // Shown once, to the operator's terminal; never through the logs.
@@ -933,30 +936,44 @@ pub async fn serve(config: ServeConfig, data_dir: PathBuf) -> anyhow::Result<()>
     {
         println!("qlayer serve: REST on http://{}, gRPC on {}", running.rest_addr, running.grpc_addr);
     }
-    shutdown_signal().await;
+    signals.wait().await;
     tracing::info!("qlayer serve: shutting down");
     running.stop().await
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// SIGINT and SIGTERM, registered when made (tokio's `ctrl_c()` registers only once polled).
+struct ShutdownSignals {
     #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+    interrupt: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn install() -> anyhow::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(ShutdownSignals {
+                interrupt: signal(SignalKind::interrupt()).context("listening for SIGINT")?,
+                terminate: signal(SignalKind::terminate()).context("listening for SIGTERM")?,
+            })
         }
+        #[cfg(not(unix))]
+        Ok(ShutdownSignals {})
     }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
+
+    /// Until one of them comes.
+    async fn wait(mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 

@@ -47,7 +47,18 @@ pub enum Update {
         attempt: i64,
     },
     /// A step finished.
-    Step(StepReport),
+    Step {
+        /// The task's name.
+        task: String,
+        /// What it did.
+        report: StepReport,
+    },
+    /// A task that is not a step finished (a gate, a round's review, a step a rejected gate
+    /// skipped).
+    Ended {
+        /// The task's name.
+        task: String,
+    },
     /// The review found errors and planned another round.
     Repair {
         /// The round planned.
@@ -199,8 +210,11 @@ pub async fn run(run: LocalRun, on: &(dyn Fn(Update) + Send + Sync)) -> anyhow::
             let output = task.output.as_ref().map(JsonText::to_value);
             let output = output.as_ref();
             match (task.status, output.and_then(|o| o.get("step"))) {
-                (TaskStatus::Succeeded, Some(step)) => on(Update::Step(serde_json::from_value(step.clone())?)),
+                (TaskStatus::Succeeded, Some(step)) => {
+                    on(Update::Step { task: task.name.clone(), report: serde_json::from_value(step.clone())? })
+                }
                 (TaskStatus::Succeeded, None) => {
+                    on(Update::Ended { task: task.name.clone() });
                     if let Some(errors) = output.and_then(|o| o.get("errors")).and_then(|e| e.as_u64()) {
                         let round = output.and_then(|o| o["round"].as_u64()).unwrap_or(0) as u32 + 1;
                         on(Update::Repair { round, errors });

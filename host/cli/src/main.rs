@@ -8,6 +8,7 @@ mod capsule;
 mod eval;
 mod local;
 mod probe;
+mod progress;
 mod scaffold;
 mod telemetry;
 mod validate;
@@ -1063,15 +1064,22 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
         println!("qlayer run: {:?}", args.requirement);
         println!("  provider: {}", choice.label());
+        let progress = std::sync::Arc::new(progress::Progress::new());
         let run = LocalRun {
             runtime: std::sync::Arc::new(runtime),
             marketplace,
             provider: choice,
             tenant: args.settings.tenant.clone(),
             input,
-            gate: if args.approve_all { Box::new(|_: &str| Ok(approve_all())) } else { Box::new(ask_at_gate) },
+            gate: if args.approve_all {
+                Box::new(|_: &str| Ok(approve_all()))
+            } else {
+                // The question is asked with the spinners out of the way.
+                let progress = progress.clone();
+                Box::new(move |gate: &str| progress.suspend(|| ask_at_gate(gate)))
+            },
         };
-        let finished = local::run(run, &print_update).await?;
+        let finished = local::run(run, &|update| print_update(&progress, update)).await?;
         let report = finished.report;
         let mut pushed = None;
         match &finished.capsule {
@@ -1112,6 +1120,10 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             };
             println!("  {} [{}] {place} {}", d.severity, d.rule, d.message);
         }
+        // What was built, checked and spent; the verdict stays the last line.
+        for line in run_summary(&report, &args.out) {
+            println!("{line}");
+        }
         println!(
             "{}: {} — {} files and {} in {} ({} tokens, {:.2}s)",
             report.status,
@@ -1130,23 +1142,122 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// A run's progress on standard output, a line per step.
-fn print_update(update: Update) {
+fn print_update(progress: &progress::Progress, update: Update) {
     match update {
-        Update::Started { task, attempt } if attempt > 1 => println!("  … {task} (attempt {attempt})"),
-        Update::Started { task, .. } => println!("  … {task}"),
-        Update::Step(s) => println!(
-            "  {} {:<24} {}  [{} ms, {} tokens]",
-            if s.outcome == "ok" { "✓" } else { "✗" },
-            s.step,
-            s.summary,
-            s.duration_ms,
-            s.tokens.total()
-        ),
-        Update::Repair { round, errors } => {
-            println!("  ↻ repair round {round}: {errors} error(s) to fix")
+        Update::Started { task, attempt } if attempt > 1 => {
+            progress.start(&task, &format!("{task} (attempt {attempt})"))
         }
-        Update::Failed { task, error } => println!("  ✗ {task}: {error}"),
+        Update::Started { task, .. } => progress.start(&task, &task),
+        Update::Step { task, report: s } => progress.finish(
+            &task,
+            &format!(
+                "  {} {:<24} {}  [{} ms, {} tokens]",
+                if s.outcome == "ok" { "✓" } else { "✗" },
+                s.step,
+                s.summary,
+                s.duration_ms,
+                s.tokens.total()
+            ),
+        ),
+        Update::Ended { task } => progress.finish_quietly(&task),
+        Update::Repair { round, errors } => {
+            progress.line(&format!("  ↻ repair round {round}: {errors} error(s) to fix"))
+        }
+        Update::Failed { task, error } => progress.finish(&task, &format!("  ✗ {task}: {error}")),
     }
+}
+
+/// The one-screen summary above a run's status line: what was built, checked and spent.
+fn run_summary(report: &factory::RunReport, out: &std::path::Path) -> Vec<String> {
+    let mut kinds: std::collections::BTreeMap<&str, usize> = Default::default();
+    for f in &report.files {
+        let p = f.path.to_ascii_lowercase();
+        let name = p.rsplit('/').next().unwrap_or_default();
+        let kind = if p.starts_with("docs/") || name.ends_with(".md") {
+            "documents"
+        } else if name.starts_with("dockerfile")
+            || name.starts_with("compose")
+            || name.starts_with("docker-compose")
+            || p.starts_with(".github/")
+            || p.starts_with("k8s/")
+            || p.starts_with("kubernetes/")
+            || p.starts_with("deploy/")
+        {
+            "deployment"
+        } else if p.starts_with("tests/")
+            || p.contains("/tests/")
+            || name.starts_with("test_")
+            || name.contains("_test.")
+            || name.contains(".test.")
+        {
+            "tests"
+        } else {
+            "sources"
+        };
+        *kinds.entry(kind).or_default() += 1;
+    }
+    let kinds: Vec<String> = ["sources", "tests", "deployment", "documents"]
+        .iter()
+        .filter_map(|k| kinds.get(k).map(|n| format!("{n} {k}")))
+        .collect();
+    let validators: Vec<&str> = report
+        .steps
+        .iter()
+        .filter_map(|s| s.step.strip_prefix("validate: "))
+        .map(|v| v.split(' ').next().unwrap_or(v))
+        .collect();
+    let mut unique: Vec<&str> = Vec::new();
+    for v in validators {
+        if !unique.contains(&v) {
+            unique.push(v);
+        }
+    }
+    let count = |severity: &str| report.diagnostics.iter().filter(|d| d.severity == severity).count();
+    let read = match report.unchecked.len() {
+        0 => "every file read".to_string(),
+        n => format!("{n} file{} read by none", if n == 1 { "" } else { "s" }),
+    };
+    let agents = report.steps.iter().filter(|s| !s.step.starts_with("validate: ")).count();
+    let cost = match (report.cost, &report.currency) {
+        (Some(cost), Some(currency)) => format!(", {cost:.4} {currency}"),
+        _ => String::new(),
+    };
+    let mut lines = vec![
+        format!(
+            "  built    {} files in {}: {} (and {})",
+            report.files.len(),
+            out.display(),
+            if kinds.is_empty() { "none".to_string() } else { kinds.join(", ") },
+            factory::REPORT_FILE
+        ),
+        format!(
+            "  checked  {} validator{}{}: {} errors, {} warnings; {read}",
+            unique.len(),
+            if unique.len() == 1 { "" } else { "s" },
+            if unique.is_empty() { String::new() } else { format!(" ({})", unique.join(", ")) },
+            count("error"),
+            count("warning"),
+        ),
+    ];
+    if let Some(tests) = factory::tests_summary(&report.diagnostics) {
+        lines.push(format!(
+            "  tests    {} of {} passed in the sandbox{}",
+            tests.passed,
+            tests.ran,
+            if tests.not_run > 0 { format!(", {} not run", tests.not_run) } else { String::new() }
+        ));
+    }
+    lines.push(format!(
+        "  spent    {} tokens ({} prompt, {} completion) over {agents} agent step{}{cost}; {} repair round{}; {:.2} s",
+        report.tokens.total(),
+        report.tokens.prompt,
+        report.tokens.completion,
+        if agents == 1 { "" } else { "s" },
+        report.repair_rounds,
+        if report.repair_rounds == 1 { "" } else { "s" },
+        report.duration_ms as f64 / 1000.0
+    ));
+    lines
 }
 
 /// The marketplace of a local run: the data dir's, with the database and insecure registries given.
@@ -1212,6 +1323,8 @@ fn eval_suite(args: EvalArgs) -> anyhow::Result<ExitCode> {
             println!("  provider: {}", choice.label());
         }
         let mut rows = Vec::new();
+        // A spinner per case on a terminal (saying its current step); its line once it ends.
+        let progress = progress::Progress::quiet_start();
         for (n, (case, input)) in suite.cases.iter().zip(inputs).enumerate() {
             let out = args.out.join(&case.name);
             factory::prepare(&case.requirement, &out, args.force)?;
@@ -1223,7 +1336,16 @@ fn eval_suite(args: EvalArgs) -> anyhow::Result<ExitCode> {
                 input,
                 gate: Box::new(|_: &str| Ok(approve_all())),
             };
-            let finished = local::run(run, &|_| {}).await.with_context(|| format!("case `{}`", case.name))?;
+            let label = format!("[{}/{}] {}", n + 1, suite.cases.len(), case.name);
+            if !args.json {
+                progress.start(&case.name, &label);
+            }
+            let on = |update: Update| {
+                if let (false, Update::Started { task, .. }) = (args.json, &update) {
+                    progress.message(&case.name, &format!("{label}: {task}"));
+                }
+            };
+            let finished = local::run(run, &on).await.with_context(|| format!("case `{}`", case.name))?;
             match &finished.capsule {
                 Some(capsule) => {
                     factory::unpack(capsule, &out)?;
@@ -1236,14 +1358,17 @@ fn eval_suite(args: EvalArgs) -> anyhow::Result<ExitCode> {
             }
             let row = eval::CaseResult::of(&case.name, &finished.report);
             if !args.json {
-                println!(
-                    "  [{}/{}] {}: {} — {} ({:.1}s)",
-                    n + 1,
-                    suite.cases.len(),
-                    case.name,
-                    row.status,
-                    row.stop_reason,
-                    row.duration_ms as f64 / 1000.0
+                progress.finish(
+                    &case.name,
+                    &format!(
+                        "  [{}/{}] {}: {} — {} ({:.1}s)",
+                        n + 1,
+                        suite.cases.len(),
+                        case.name,
+                        row.status,
+                        row.stop_reason,
+                        row.duration_ms as f64 / 1000.0
+                    ),
                 );
             }
             rows.push(row);
@@ -1414,7 +1539,11 @@ async fn market(cmd: PluginCommand) -> anyhow::Result<()> {
                 None => std::fs::read(&file).with_context(|| format!("reading {file}"))?,
             };
             let key = sign.as_deref().map(marketplace::read_key).transpose()?;
-            let digest = market.open().await?.push(&wasm, &reference, key.as_ref()).await?;
+            let progress = progress::Progress::quiet_start();
+            progress.start("push", &format!("pushing to {reference}"));
+            let digest = async { market.open().await?.push(&wasm, &reference, key.as_ref()).await }.await;
+            progress.finish_quietly("push");
+            let digest = digest?;
             println!("pushed {reference}@{digest}{}", if key.is_some() { " (signed)" } else { "" });
         }
         PluginCommand::Search { registry, text, json, market } => {
@@ -1456,7 +1585,12 @@ async fn market(cmd: PluginCommand) -> anyhow::Result<()> {
         }
         PluginCommand::Install { reference, tenant, grant, market } => {
             let grants = GrantSpec::parse(&grant)?;
-            let outcome = market.open().await?.install(&market.runtime()?, &reference, &tenant, &grants).await?;
+            let progress = progress::Progress::quiet_start();
+            progress.start("install", &format!("installing {reference}: pull, verify, compile"));
+            let outcome =
+                async { market.open().await?.install(&market.runtime()?, &reference, &tenant, &grants).await }.await;
+            progress.finish_quietly("install");
+            let outcome = outcome?;
             print_manifest(&outcome.manifest);
             if let Some(w) = &outcome.warning {
                 eprintln!("warning: {w}");

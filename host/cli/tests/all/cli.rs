@@ -32,6 +32,29 @@ fn run_builds_a_validated_project_offline_with_progress_and_a_report() {
     for role in ["product-manager", "architect", "developer", "devops", "qa-engineer", "reviewer"] {
         assert!(stdout.contains(&format!("✓ {role}")), "{role}: {stdout}");
     }
+    // Piped, progress is plain lines (no spinner, no escape codes), and the summary says what
+    // was built, checked and spent.
+    assert!(stdout.contains("  … developer") && !stdout.contains('\u{1b}'), "{stdout}");
+    let summary: Vec<&str> = stdout
+        .lines()
+        .filter(|l| {
+            l.starts_with("  built ")
+                || l.starts_with("  checked ")
+                || l.starts_with("  tests ")
+                || l.starts_with("  spent ")
+        })
+        .collect();
+    assert_eq!(summary.len(), 4, "{stdout}");
+    assert!(
+        summary[0].contains(" files in ") && summary[0].contains("sources") && summary[0].contains("tests"),
+        "{stdout}"
+    );
+    assert!(
+        summary[1].contains("5 validators (syntax, tests, secrets, deps, hap): 0 errors, 0 warnings; every file read"),
+        "{stdout}"
+    );
+    assert_eq!(summary[2], "  tests    3 of 3 passed in the sandbox");
+    assert!(summary[3].contains(" tokens (") && summary[3].contains("over 6 agent steps"), "{stdout}");
     let last = stdout.lines().last().unwrap();
     // Every file was checked, and the project's own tests passed inside the sandbox.
     assert!(
@@ -794,4 +817,28 @@ fn without_ca_certificates_the_main_job_runs_and_a_registry_command_says_what_is
     let (stdout, stderr) = text(&o);
     assert!(!o.status.success() && !stderr.contains("panicked"), "stdout:\n{stdout}\nstderr:\n{stderr}");
     assert!(stderr.contains("CA certificate"), "{stderr}");
+}
+
+/// On a terminal (a pseudo-terminal from `script`), `qlayer run` draws spinners for the running
+/// steps instead of the plain `  … step` lines, and still prints each finished step and the
+/// summary.
+#[test]
+fn on_a_terminal_run_shows_spinners_instead_of_plain_start_lines() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("todo");
+    let command = format!("{} run 'A todo list CLI in Python' --out {}", env!("CARGO_BIN_EXE_qlayer"), out.display());
+    let o = Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env("QLAYER_DATA_DIR", tmp.path().join("data"))
+        .env("TERM", "xterm-256color")
+        .env_remove("QLAYER_BASE_URL")
+        .env_remove("QLAYER_PROVIDER")
+        .output()
+        .unwrap();
+    let (screen, stderr) = text(&o);
+    assert!(o.status.success(), "screen:\n{screen}\nstderr:\n{stderr}");
+    assert!(screen.contains('\u{1b}'), "a terminal gets the spinners' escape codes: {screen}");
+    assert!(!screen.contains("  … developer"), "no plain start lines on a terminal: {screen}");
+    assert!(screen.contains("✓ developer") && screen.contains("  spent "), "{screen}");
+    assert!(screen.contains("passed: every validator passed"), "{screen}");
 }

@@ -16,6 +16,7 @@ pub mod mcp;
 pub mod pipelines;
 pub mod resources;
 pub mod serve;
+pub mod ui;
 
 use auth::{Caller, RateLimiter};
 use axum::extract::{MatchedPath, Request, State};
@@ -304,6 +305,7 @@ pub fn router(state: AppState) -> axum::Router {
         )
         .merge(v1)
         .merge(mcp::router(&state))
+        .merge(ui::router(&state))
         .fallback(|req: Request| async move {
             ApiError::not_found(format!("no route for {} {}", req.method(), req.uri().path()))
         })

@@ -20,6 +20,7 @@ mod jobs;
 mod json;
 mod pipelines;
 mod quota;
+mod sessions;
 mod tasks;
 
 pub use gateway::{ModelEntry, UsageFilter, UsageGroup, UsageRecord, UsageSum};
@@ -27,6 +28,7 @@ pub use jobs::{Artifact, Job, JobEvent, JobKind, JobStatus};
 pub use json::JsonText;
 pub use pipelines::PipelineEntry;
 pub use quota::{GrantAsk, GrantOutcome, QuotaLimits};
+pub use sessions::{NewSession, Session};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 use std::fmt;

@@ -10,3 +10,4 @@ mod limits;
 mod mcp;
 mod pipelines;
 mod scheduler;
+mod ui;

@@ -31,7 +31,11 @@ pub async fn push(
 pub async fn pull(market: &Marketplace, reference: &str, out: &Path, force: bool) -> anyhow::Result<()> {
     factory::prepare_out(out, force)?;
     let policy = market.config().signature_policy;
-    let pulled = market.pull_capsule(reference, policy).await?;
+    let progress = crate::progress::Progress::quiet_start();
+    progress.start("pull", &format!("pulling {reference}: manifest, layers, signature"));
+    let pulled = market.pull_capsule(reference, policy).await;
+    progress.finish_quietly("pull");
+    let pulled = pulled?;
     let capsule = &pulled.capsule;
     let contents = factory::read_capsule(&capsule.files).with_context(|| format!("the capsule {reference}"))?;
     if contents.report_bytes != capsule.report {

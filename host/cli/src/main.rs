@@ -1465,6 +1465,9 @@ fn plugin(cmd: PluginCommand) -> anyhow::Result<()> {
         }
         PluginCommand::Build { dir, out } => {
             let dir = dir.unwrap_or_else(|| PathBuf::from("."));
+            // The language's toolchain shows its own progress on the terminal (a spinner over
+            // it would garble it); this line says what runs.
+            eprintln!("building the plugin in {} (the toolchain's own progress follows)", dir.display());
             let path = scaffold::build_plugin(&dir, out.as_deref())?;
             let info = scaffold::inspect(&path)?;
             println!("built {} ({} bytes, {})", path.display(), info.size, info.digest);
@@ -1623,7 +1626,12 @@ async fn market(cmd: PluginCommand) -> anyhow::Result<()> {
         }
         PluginCommand::Upgrade { name, tenant, grant, market } => {
             let grants = GrantSpec::parse(&grant)?;
-            match market.open().await?.upgrade(&market.runtime()?, &tenant, &name, &grants).await? {
+            let progress = progress::Progress::quiet_start();
+            progress.start("upgrade", &format!("upgrading {name}: newer tags, pull, verify, compile"));
+            let upgraded =
+                async { market.open().await?.upgrade(&market.runtime()?, &tenant, &name, &grants).await }.await;
+            progress.finish_quietly("upgrade");
+            match upgraded? {
                 Some(outcome) => {
                     if let Some(w) = &outcome.warning {
                         eprintln!("warning: {w}");

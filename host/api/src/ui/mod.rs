@@ -242,6 +242,22 @@ pub(crate) fn check_form(
     Ok(())
 }
 
+/// A signed-in form's fields, once [`check_form`] passed: what every dashboard `POST` takes.
+pub(crate) struct Posted(pub HashMap<String, String>);
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for Posted {
+    type Rejection = Response;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Response> {
+        let visitor = req.extensions().get::<Visitor>().cloned().ok_or_else(|| see_other("/ui/sign-in"))?;
+        let headers = req.headers().clone();
+        let body = axum::body::Bytes::from_request(req, state).await.map_err(IntoResponse::into_response)?;
+        let fields = form(&body);
+        check_form(&visitor, &headers, &fields).map_err(IntoResponse::into_response)?;
+        Ok(Posted(fields))
+    }
+}
+
 /// The anti-forgery field of a form.
 pub(crate) fn csrf_field(visitor: &Visitor) -> Markup {
     html! { input type="hidden" name="csrf" value=(visitor.csrf); }
@@ -256,6 +272,21 @@ pub(crate) enum Section {
     Usage,
     Operators,
     None,
+}
+
+/// A page's head: its title, the style sheet, and (signed in) the script.
+fn head(title: &str, script: bool) -> Markup {
+    html! {
+        head {
+            meta charset="utf-8";
+            meta name="viewport" content="width=device-width, initial-scale=1";
+            title { (title) " · qlayer" }
+            link rel="stylesheet" href="/ui/assets/app.css";
+            @if script {
+                script src="/ui/assets/app.js" defer {}
+            }
+        }
+    }
 }
 
 /// A signed-in page.
@@ -273,13 +304,7 @@ pub(crate) fn layout(visitor: &Visitor, section: Section, title: &str, body: Mar
     html! {
         (DOCTYPE)
         html lang="en" {
-            head {
-                meta charset="utf-8";
-                meta name="viewport" content="width=device-width, initial-scale=1";
-                title { (title) " · qlayer" }
-                link rel="stylesheet" href="/ui/assets/app.css";
-                script src="/ui/assets/app.js" defer {}
-            }
+            (head(title, true))
             body {
                 a.skip href="#main" { "Skip to content" }
                 header.top {
@@ -319,12 +344,7 @@ fn bare(title: &str, body: Markup) -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {
-            head {
-                meta charset="utf-8";
-                meta name="viewport" content="width=device-width, initial-scale=1";
-                title { (title) " · qlayer" }
-                link rel="stylesheet" href="/ui/assets/app.css";
-            }
+            (head(title, false))
             body {
                 main #main.narrow {
                     h1 { (title) }
@@ -465,16 +485,7 @@ async fn sign_in(State(state): State<AppState>, req: Request) -> Response {
     }
 }
 
-async fn sign_out(
-    State(state): State<AppState>,
-    visitor: Visitor,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Response {
-    let fields = form(&body);
-    if let Err(refused) = check_form(&visitor, &headers, &fields) {
-        return refused.into_response();
-    }
+async fn sign_out(State(state): State<AppState>, visitor: Visitor, headers: HeaderMap, _: Posted) -> Response {
     let ended = match cookie(&headers, COOKIE) {
         Some(token) => state.db.end_session(token).await.map(|_| ()).map_err(ApiError::from),
         None => Ok(()),
@@ -490,27 +501,14 @@ pub(crate) fn when(ms: i64) -> String {
     let secs = ms.div_euclid(1000);
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);
-    let (y, m, d) = civil(days);
+    let (y, m, d) = qlayer_gateway::quota::civil_from_days(days);
     format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
 /// Unix ms as `YYYY-MM-DD` (UTC).
 pub(crate) fn day(ms: i64) -> String {
-    let (y, m, d) = civil(ms.div_euclid(86_400_000));
+    let (y, m, d) = qlayer_gateway::quota::civil_from_days(ms.div_euclid(86_400_000));
     format!("{y:04}-{m:02}-{d:02}")
-}
-
-/// Days since 1970-01-01 to (year, month, day) (Howard Hinnant's `civil_from_days`).
-fn civil(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 #[cfg(test)]

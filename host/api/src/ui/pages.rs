@@ -2,9 +2,7 @@
 //! jobs and their tasks, plugins (installs, registry search, install, upgrade, remove), usage,
 //! and the operators' pages. Each goes through the REST API's operations.
 
-use super::{
-    Section, Visitor, check_form, csrf_field, day, error_page, form, layout, not_found, page, see_other, when,
-};
+use super::{Posted, Section, Visitor, csrf_field, day, error_page, layout, not_found, page, see_other, when};
 use crate::AppState;
 use crate::error::ApiError;
 use axum::extract::{Path, Query, State};
@@ -146,16 +144,7 @@ async fn runs_page(
     (status, axum::response::Html(layout(visitor, Section::Runs, "Runs", body).into_string())).into_response()
 }
 
-pub(crate) async fn start_run(
-    State(state): State<AppState>,
-    visitor: Visitor,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Response {
-    let fields = form(&body);
-    if let Err(refused) = check_form(&visitor, &headers, &fields) {
-        return refused.into_response();
-    }
+pub(crate) async fn start_run(State(state): State<AppState>, visitor: Visitor, Posted(fields): Posted) -> Response {
     let typed = RunForm {
         requirement: fields.get("requirement").cloned().unwrap_or_default(),
         pipeline: fields.get("pipeline").cloned().unwrap_or_else(|| "default".into()),
@@ -542,20 +531,17 @@ pub(crate) async fn capsule(State(state): State<AppState>, visitor: Visitor, Pat
     }
 }
 
+/// A decision at the gate the run waits at. A rejection's comment is required (`gate_op` says
+/// so); an approval's is optional.
 async fn decide(
     state: AppState,
     visitor: Visitor,
-    headers: HeaderMap,
     id: String,
-    body: axum::body::Bytes,
+    fields: HashMap<String, String>,
     approved: bool,
 ) -> Response {
-    let fields = form(&body);
-    if let Err(refused) = check_form(&visitor, &headers, &fields) {
-        return refused.into_response();
-    }
-    let comment = fields.get("comment").map(|c| c.trim().to_string()).filter(|c| !c.is_empty() || !approved);
-    let comment = if approved { comment } else { Some(comment.unwrap_or_default()) };
+    let comment = fields.get("comment").map(|c| c.trim().to_string());
+    let comment = if approved { comment.filter(|c| !c.is_empty()) } else { Some(comment.unwrap_or_default()) };
     match crate::jobs::gate_op(&state, &visitor.caller, &id, approved, comment).await {
         Ok(_) => see_other(&format!("/ui/runs/{id}")),
         Err(e) => error_page(&visitor, &e),
@@ -565,21 +551,19 @@ async fn decide(
 pub(crate) async fn approve(
     State(state): State<AppState>,
     visitor: Visitor,
-    headers: HeaderMap,
     Path(id): Path<String>,
-    body: axum::body::Bytes,
+    Posted(fields): Posted,
 ) -> Response {
-    decide(state, visitor, headers, id, body, true).await
+    decide(state, visitor, id, fields, true).await
 }
 
 pub(crate) async fn reject(
     State(state): State<AppState>,
     visitor: Visitor,
-    headers: HeaderMap,
     Path(id): Path<String>,
-    body: axum::body::Bytes,
+    Posted(fields): Posted,
 ) -> Response {
-    decide(state, visitor, headers, id, body, false).await
+    decide(state, visitor, id, fields, false).await
 }
 
 pub(crate) async fn jobs(State(state): State<AppState>, visitor: Visitor, Query(q): Query<ListQuery>) -> Response {
@@ -858,16 +842,7 @@ async fn search(
         .map_err(|e| crate::resources::install_error(e, registry).message().to_string())
 }
 
-pub(crate) async fn install(
-    State(state): State<AppState>,
-    visitor: Visitor,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Response {
-    let fields = form(&body);
-    if let Err(refused) = check_form(&visitor, &headers, &fields) {
-        return refused.into_response();
-    }
+pub(crate) async fn install(State(state): State<AppState>, visitor: Visitor, Posted(fields): Posted) -> Response {
     let typed = InstallForm {
         reference: fields.get("reference").map(|r| r.trim().to_string()).unwrap_or_default(),
         hosts: fields.get("hosts").cloned().unwrap_or_default(),
@@ -914,14 +889,9 @@ pub(crate) async fn install(
 pub(crate) async fn remove(
     State(state): State<AppState>,
     visitor: Visitor,
-    headers: HeaderMap,
     Path(name): Path<String>,
-    body: axum::body::Bytes,
+    _: Posted,
 ) -> Response {
-    let fields = form(&body);
-    if let Err(refused) = check_form(&visitor, &headers, &fields) {
-        return refused.into_response();
-    }
     match crate::resources::remove_plugin_op(&state, &visitor.caller, &name).await {
         Ok(()) => see_other("/ui/plugins"),
         Err(e) => error_page(&visitor, &e),
@@ -931,14 +901,9 @@ pub(crate) async fn remove(
 pub(crate) async fn upgrade(
     State(state): State<AppState>,
     visitor: Visitor,
-    headers: HeaderMap,
     Path(name): Path<String>,
-    body: axum::body::Bytes,
+    _: Posted,
 ) -> Response {
-    let fields = form(&body);
-    if let Err(refused) = check_form(&visitor, &headers, &fields) {
-        return refused.into_response();
-    }
     if let Err(e) = visitor.caller.require_write() {
         return error_page(&visitor, &e);
     }

@@ -139,6 +139,16 @@ impl Svc {
 
     /// [`Svc::install`] with grants.
     pub(crate) async fn install_with(&self, key: &str, repo: &str, wasm: &[u8], grants: Option<Value>) -> Reply {
+        let reference = self.push(repo, wasm).await;
+        let mut body = json!({"reference": reference});
+        if let Some(grants) = grants {
+            body["grants"] = grants;
+        }
+        self.post("/v1/plugins", key, body).await
+    }
+
+    /// Pushes a plugin to the test registry as `<repo>:1.0.0`; returns the reference.
+    pub(crate) async fn push(&self, repo: &str, wasm: &[u8]) -> String {
         let registry = self.registry.as_ref().unwrap();
         let reference = format!("{}/{repo}:1.0.0", registry.addr);
         let market = qlayer_marketplace::Marketplace::open_local(
@@ -151,11 +161,7 @@ impl Svc {
         .await
         .unwrap();
         market.push(wasm, &reference, None).await.unwrap();
-        let mut body = json!({"reference": reference});
-        if let Some(grants) = grants {
-            body["grants"] = grants;
-        }
-        self.post("/v1/plugins", key, body).await
+        reference
     }
 
     /// Polls a job until it is over (the bound only keeps a broken build from hanging CI).

@@ -146,23 +146,6 @@ fn gated_pipeline() -> Value {
     ], "repair": {"rounds": 1, "steps": ["pm", "dev"]}})
 }
 
-/// Pushes a marketplace plugin to the test registry; returns its reference.
-async fn push(svc: &Svc, repo: &str, name: &str) -> String {
-    let registry = svc.registry.as_ref().unwrap();
-    let reference = format!("{}/{repo}:1.0.0", registry.addr);
-    let market = qlayer_marketplace::Marketplace::open_local(
-        svc._dir.path().join("pusher"),
-        qlayer_marketplace::MarketplaceConfig {
-            insecure_registries: vec![registry.addr.clone()],
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    market.push(&marketplace_plugin(name), &reference, None).await.unwrap();
-    reference
-}
-
 /// Events of a run as a plain SSE client receives them: (seq, event's `at`, unix ms received).
 fn follow_events(svc: &Svc, key: &str, run: &str) -> tokio::task::JoinHandle<Vec<(i64, i64, i64)>> {
     let (http, url, key) = (svc.http.clone(), format!("{}/v1/jobs/{run}/events", svc.base), key.to_string());
@@ -330,7 +313,7 @@ async fn the_dashboard_in_a_real_browser() {
     browser.find(Locator::Css("svg.dag")).await.unwrap();
 
     // Plugins: search the registry (what each asks for), install one, see it listed.
-    let reference = push(&svc, "tools/text-stats", "text-stats").await;
+    let reference = svc.push("tools/text-stats", &marketplace_plugin("text-stats")).await;
     browser.goto(&format!("{base}/ui/plugins")).await.unwrap();
     let registry = svc.registry.as_ref().unwrap().addr.clone();
     browser.find(Locator::Id("registry")).await.unwrap().send_keys(&registry).await.unwrap();

@@ -700,6 +700,8 @@ pub(crate) struct PluginQuery {
     registry: Option<String>,
     q: Option<String>,
     installed: Option<String>,
+    upgraded: Option<String>,
+    newest: Option<String>,
 }
 
 pub(crate) async fn plugins(State(state): State<AppState>, visitor: Visitor, Query(q): Query<PluginQuery>) -> Response {
@@ -725,6 +727,8 @@ async fn plugins_page(
     let status = refused.as_ref().map(|(s, _)| *s).unwrap_or(StatusCode::OK);
     let body = html! {
         @if let Some(name) = &q.installed { p.notice #installed-note role="status" { "Installed " code { (name) } "." } }
+        @if let Some(name) = &q.upgraded { p.notice #upgraded-note role="status" { "Upgraded " code { (name) } "." } }
+        @if let Some(name) = &q.newest { p.notice #newest-note role="status" { code { (name) } " is already the newest version." } }
         section aria-labelledby="installed-title" {
             h2 #installed-title { "Installed for this tenant" }
             @if installs.is_empty() { p { "Nothing installed yet." } }
@@ -913,8 +917,10 @@ pub(crate) async fn upgrade(
         .await
         .map_err(|e| crate::resources::install_error(e, &name));
     state.audit(&visitor.caller, "plugin.upgrade", &name, &outcome).await;
+    let name = url::form_urlencoded::byte_serialize(name.as_bytes()).collect::<String>();
     match outcome {
-        Ok(_) => see_other("/ui/plugins"),
+        Ok(Some(_)) => see_other(&format!("/ui/plugins?upgraded={name}")),
+        Ok(None) => see_other(&format!("/ui/plugins?newest={name}")),
         Err(e) => error_page(&visitor, &e),
     }
 }
@@ -936,6 +942,34 @@ fn bars(id: &str, title: &str, unit: &str, values: &[(String, f64)]) -> Markup {
                         title { (label) ": " (v) " " (unit) }
                     }
                     text.axis x=(x) y=(height as usize + 20) { (label.get(5..).unwrap_or(label)) }
+                }
+            }
+        }
+    }
+}
+
+/// A horizontal bar chart of `values` (name, value), largest first, for names of any length.
+fn hbars(id: &str, title: &str, unit: &str, values: &[(String, f64)]) -> Markup {
+    let mut values: Vec<&(String, f64)> = values.iter().collect();
+    values.sort_by(|a, b| b.1.total_cmp(&a.1));
+    values.truncate(20);
+    let max = values.iter().map(|(_, v)| *v).fold(0.0f64, f64::max);
+    let (label_w, bar_w, row) = (220usize, 360f64, 24usize);
+    let width = label_w + bar_w as usize + 110;
+    let height = values.len().max(1) * row + 8;
+    html! {
+        figure.chart {
+            figcaption { (title) }
+            svg id=(id) role="img" aria-labelledby={(id) "-title"} width=(width) height=(height) viewBox={"0 0 " (width) " " (height)} {
+                title id={(id) "-title"} { (title) }
+                @for (i, (name, v)) in values.iter().enumerate() {
+                    @let w = if max > 0.0 { (v / max * bar_w).max(1.0) } else { 0.0 };
+                    @let y = 4 + i * row;
+                    text.axis.name x="0" y=(y + 15) { (name.chars().take(32).collect::<String>()) }
+                    rect.bar x=(label_w) y=(y + 3) width=(format!("{w:.1}")) height=(row - 8) data-value=(v) {
+                        title { (name) ": " (v) " " (unit) }
+                    }
+                    text.axis x=(format!("{:.1}", label_w as f64 + w + 6.0)) y=(y + 15) { (v) }
                 }
             }
         }
@@ -998,8 +1032,10 @@ pub(crate) async fn usage(State(state): State<AppState>, visitor: Visitor) -> Re
             (bars("chart-cost", "Cost per day", "", &series(&|r| r.cost)))
         }
         h2 { "Per model" }
+        (hbars("chart-models", "Tokens per model", "tokens", &models.data.iter().map(|r| (r.group.clone(), r.total_tokens as f64)).collect::<Vec<_>>()))
         table #usage-models { (head("Model")) tbody { (rows(&models.data)) } }
         h2 { "Per key" }
+        (hbars("chart-keys", "Tokens per key", "tokens", &keys.data.iter().map(|r| (r.group.clone(), r.total_tokens as f64)).collect::<Vec<_>>()))
         table #usage-keys { (head("Key")) tbody { (rows(&keys.data)) } }
         h2 { "Limits" }
         @if days.limits.is_empty() { p { "No gateway limits or budgets are set for this tenant." } }

@@ -326,6 +326,25 @@ async fn the_dashboard_in_a_real_browser() {
     assert_eq!(svc.get("/v1/plugins/text-stats", &acme).await.status, 200, "installed for the tenant");
     accessible(&browser).await;
     shot(&browser, shots.path(), "plugins").await;
+    // Upgrade (1.0.0 is the newest there), then remove.
+    browser
+        .find(Locator::Css("tr[data-plugin=text-stats] button[aria-label='Upgrade text-stats']"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    browser.wait().for_element(Locator::Id("newest-note")).await.unwrap();
+    browser
+        .find(Locator::Css("tr[data-plugin=text-stats] button[aria-label='Remove text-stats']"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    browser.wait().for_element(Locator::Id("install")).await.unwrap();
+    assert!(browser.find(Locator::Css("tr[data-plugin=text-stats]")).await.is_err(), "removed from the list");
+    assert_eq!(svc.get("/v1/plugins/text-stats", &acme).await.status, 404, "removed for the tenant");
 
     // Usage: a chart per day from what the gateway recorded.
     let now = unix_ms();
@@ -354,6 +373,11 @@ async fn the_dashboard_in_a_real_browser() {
     assert_eq!(bars.len(), 30, "30 days");
     assert_eq!(&bars[26..], &[1350.0, 0.0, 270.0, 450.0], "tokens per day, today last");
     assert!(text(&browser, "#usage-models").await.contains("gpt-test"));
+    let per_model: Value = browser
+        .execute("return Array.from(document.querySelectorAll('#chart-models rect.bar')).map(b => Number(b.getAttribute('data-value')));", vec![])
+        .await
+        .unwrap();
+    assert_eq!(per_model, json!([2070]), "one model, all its tokens");
     accessible(&browser).await;
     shot(&browser, shots.path(), "usage").await;
 

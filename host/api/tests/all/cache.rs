@@ -280,7 +280,8 @@ async fn the_semantic_cache_on_qdrant_is_shared_by_nodes_and_qdrant_down_only_lo
     // Kept off the request's path: wait until node b finds it (asking with no-store, so that
     // an early miss is not kept in node b's own exact cache).
     let mut found = String::new();
-    for _ in 0..100 {
+    // Up to 30 s: under load (a CI build beside it) 5 s was seen to be too short.
+    for _ in 0..600 {
         found = ask(&b, &acme, &q("which planet is the largest"), Some("no-store")).await.cache;
         if found == "semantic-hit" {
             break;

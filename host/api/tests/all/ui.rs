@@ -109,8 +109,19 @@ async fn accessible(browser: &Client) {
     assert_eq!(first.as_deref(), Some("skip"), "Tab first reaches the skip link");
 }
 
+/// The text of `css` once it is on the page (a click's navigation may still be under way).
 async fn text(browser: &Client, css: &str) -> String {
-    browser.find(Locator::Css(css)).await.unwrap().text().await.unwrap()
+    match browser.wait().at_most(Duration::from_secs(30)).for_element(Locator::Css(css)).await {
+        Ok(element) => element.text().await.unwrap(),
+        Err(e) => {
+            let url = browser.current_url().await.map(|u| u.to_string()).unwrap_or_default();
+            let main = match browser.find(Locator::Css("main")).await {
+                Ok(m) => m.text().await.unwrap_or_default(),
+                Err(_) => String::new(),
+            };
+            panic!("{css} never showed on {url}: {e}\n{main}")
+        }
+    }
 }
 
 /// Reloads `path` until `css` is on it.
@@ -342,8 +353,16 @@ async fn the_dashboard_in_a_real_browser() {
         .click()
         .await
         .unwrap();
+    let mut listed = true;
+    for _ in 0..300 {
+        listed = browser.find(Locator::Css("tr[data-plugin=text-stats]")).await.is_ok();
+        if !listed {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!listed, "removed from the list");
     browser.wait().for_element(Locator::Id("install")).await.unwrap();
-    assert!(browser.find(Locator::Css("tr[data-plugin=text-stats]")).await.is_err(), "removed from the list");
     assert_eq!(svc.get("/v1/plugins/text-stats", &acme).await.status, 404, "removed for the tenant");
 
     // Usage: a chart per day from what the gateway recorded.
@@ -391,6 +410,7 @@ async fn the_dashboard_in_a_real_browser() {
 
     // Sign-out ends the session: the pages send the browser to sign in again.
     browser.find(Locator::Id("sign-out")).await.unwrap().click().await.unwrap();
+    text(&browser, "main.narrow #key + button").await;
     browser.goto(&format!("{base}/ui/runs")).await.unwrap();
     assert!(browser.current_url().await.unwrap().path().starts_with("/ui/sign-in"));
     shot(&browser, shots.path(), "signed-out").await;

@@ -124,6 +124,17 @@ async fn text(browser: &Client, css: &str) -> String {
     }
 }
 
+/// Waits until `css` is no longer on the page (a click's navigation has replaced it).
+async fn gone(browser: &Client, css: &str) {
+    for _ in 0..300 {
+        if browser.find(Locator::Css(css)).await.is_err() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{css} is still on the page")
+}
+
 /// Reloads `path` until `css` is on it.
 async fn until_shown(browser: &Client, base: &str, path: &str, css: &str) {
     for _ in 0..600 {
@@ -292,6 +303,8 @@ async fn the_dashboard_in_a_real_browser() {
     assert!(text(&browser, "#files").await.contains("src/main.rs"), "the files are on the page");
     browser.find(Locator::Id("approve-comment")).await.unwrap().send_keys("looks right").await.unwrap();
     browser.find(Locator::Id("approve")).await.unwrap().click().await.unwrap();
+    // The decision's post leads back to the run's page, without the gate's forms.
+    gone(&browser, "#gate #approve").await;
     until_shown(&browser, &base, &format!("/ui/runs/{run}"), "#capsule").await;
     assert_eq!(text(&browser, "#run-status").await, "succeeded");
     assert!(text(&browser, "#run-verdict").await.starts_with("passed"));
@@ -353,15 +366,7 @@ async fn the_dashboard_in_a_real_browser() {
         .click()
         .await
         .unwrap();
-    let mut listed = true;
-    for _ in 0..300 {
-        listed = browser.find(Locator::Css("tr[data-plugin=text-stats]")).await.is_ok();
-        if !listed {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(!listed, "removed from the list");
+    gone(&browser, "tr[data-plugin=text-stats]").await;
     browser.wait().for_element(Locator::Id("install")).await.unwrap();
     assert_eq!(svc.get("/v1/plugins/text-stats", &acme).await.status, 404, "removed for the tenant");
 

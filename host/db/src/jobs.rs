@@ -286,6 +286,39 @@ pub(crate) async fn event_in(
     Ok(())
 }
 
+/// Appends events, in order, inside a transaction, in one statement.
+pub(crate) async fn events_in(
+    tx: &mut Transaction<'_, Any>,
+    job_id: &str,
+    events: &[(&str, serde_json::Value)],
+) -> Result<(), DbError> {
+    if let [(kind, data)] = events {
+        return event_in(tx, job_id, kind, data).await;
+    }
+    if events.is_empty() {
+        return Ok(());
+    }
+    // The sequence numbers follow the job's last one, read once (before any row goes in).
+    let rows: Vec<String> = (0..events.len())
+        .map(|i| {
+            format!("SELECT {} AS n, CAST(${} AS TEXT) AS kind, CAST(${} AS TEXT) AS data", i + 1, 3 + 2 * i, 4 + 2 * i)
+        })
+        .collect();
+    let sql = format!(
+        "INSERT INTO job_events (job_id, seq, at, kind, data) \
+         SELECT $1, last.seq + new.n, $2, new.kind, new.data \
+         FROM (SELECT COALESCE(MAX(seq), 0) AS seq FROM job_events WHERE job_id = $1) AS last, ({}) AS new",
+        rows.join(" UNION ALL ")
+    );
+    let mut query = sqlx::query(&sql).bind(job_id).bind(now_ms());
+    for (kind, data) in events {
+        let data = serde_json::to_string(data).map_err(|e| DbError::Invalid(e.to_string()))?;
+        query = query.bind(*kind).bind(data);
+    }
+    query.execute(&mut **tx).await?;
+    Ok(())
+}
+
 /// Ends a job inside a transaction (the job row is already locked).
 pub(crate) async fn finish_job_in(
     tx: &mut Transaction<'_, Any>,

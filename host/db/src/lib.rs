@@ -34,7 +34,7 @@ use sqlx::{AnyPool, Row};
 use std::fmt;
 use std::time::Duration;
 pub use tasks::{
-    CancelOutcome, GATE_KIND, GateOutcome, Lease, NewJob, NewTask, Recorded, Task, TaskResult, TaskStatus,
+    CancelOutcome, GATE_KIND, GateOutcome, Lease, NewJob, NewTask, Recorded, Takeover, Task, TaskResult, TaskStatus,
 };
 
 /// What went wrong with the store.

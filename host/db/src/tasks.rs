@@ -11,7 +11,7 @@
 //! Submitting and cancelling a job live here too, since both write its tasks. This module builds
 //! on `jobs` (the job rows, their events and how a job ends); `jobs` knows nothing of tasks.
 
-use crate::jobs::{JOB_COLUMNS, Job, JobKind, JobStatus, event_in, finish_job_in, job_of};
+use crate::jobs::{JOB_COLUMNS, Job, JobKind, JobStatus, event_in, events_in, finish_job_in, job_of};
 use crate::{DbError, now_ms, random_hex, sha256_hex};
 use sqlx::any::AnyRow;
 use sqlx::{Any, Row, Transaction};
@@ -193,6 +193,25 @@ pub struct Recorded {
     pub ready: Vec<Task>,
     /// The job's end, if it ended.
     pub job_finished: Option<JobStatus>,
+    /// The ready task leased in the same transaction, when the caller asked to take one (see
+    /// [`Takeover`]); it is not in `ready`.
+    pub taken: Option<Task>,
+    /// The job's tasks as the transaction left them, outputs included, when a task was taken:
+    /// what the taken task's run reads, handed over without reading them again.
+    pub tasks: Vec<Task>,
+}
+
+/// A node's offer to run one of the tasks a completion makes ready itself, leased in the
+/// completion's transaction: one transaction instead of two, and no trip through the ready
+/// queue (the scheduler offers this only when no other task waits for a slot).
+pub struct Takeover<'a> {
+    /// The node.
+    pub owner: &'a str,
+    /// The lease's length.
+    pub lease_ms: i64,
+    /// Whether the node may start this task now (its plugin's circuit is closed, say); the
+    /// first ready task it accepts is taken.
+    pub accepts: &'a (dyn Fn(&Task) -> bool + Send + Sync),
 }
 
 pub(crate) const TASK_COLUMNS: &str = "id, job_id, tenant_id, name, kind, plugin, input, depends_on, priority, status, \
@@ -563,8 +582,7 @@ impl crate::Db {
             .await?;
             let Some(row) = row else { return Ok(None) };
             let task = task_of(&row)?;
-            let started = serde_json::json!({ "task": task.name, "attempt": task.attempts, "resumed": task.resumed, "node": owner });
-            event_in(&mut tx, job_id, "started", &started).await?;
+            event_in(&mut tx, job_id, "started", &started(&task, owner)).await?;
             tx.commit().await?;
             Ok(Some(task))
         })
@@ -672,6 +690,18 @@ impl crate::Db {
     /// when the result says so, else every task's output by name). A task of a larger job gets a
     /// `progress` event saying it succeeded.
     pub async fn complete_task(&self, lease: &Lease, result: &TaskResult) -> Result<Recorded, DbError> {
+        self.complete_and_take(lease, result, None).await
+    }
+
+    /// [`Self::complete_task`], and with `takeover`, one of the tasks it makes ready is leased
+    /// to the taking node in the same transaction (with its `started` event), and the job's
+    /// tasks come back with it.
+    pub async fn complete_and_take(
+        &self,
+        lease: &Lease,
+        result: &TaskResult,
+        takeover: Option<Takeover<'_>>,
+    ) -> Result<Recorded, DbError> {
         let text = result.output.get();
         retrying!(async {
             let now = now_ms();
@@ -729,21 +759,22 @@ impl crate::Db {
                 finish_job_in(&mut tx, &lease.job_id, JobStatus::Succeeded, Some(text), None, now).await?;
                 event_in(&mut tx, &lease.job_id, "succeeded", &serde_json::json!({})).await?;
                 tx.commit().await?;
-                return Ok(Recorded { recorded: true, ready: vec![], job_finished: Some(JobStatus::Succeeded) });
+                return Ok(Recorded { recorded: true, job_finished: Some(JobStatus::Succeeded), ..Default::default() });
             }
             let rows = sqlx::query(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE job_id = $1 ORDER BY id"))
                 .bind(&lease.job_id)
                 .fetch_all(&mut *tx)
                 .await?;
-            let tasks = rows.iter().map(task_of).collect::<Result<Vec<_>, _>>()?;
+            let mut tasks = rows.iter().map(task_of).collect::<Result<Vec<_>, _>>()?;
             // A step of a larger job says it is done, in the same transaction, so the event comes
-            // before anything its dependants record.
+            // before anything its dependants record. The events go in at the end, in one statement.
+            let mut events = Vec::new();
             if let Some(done) = tasks.iter().find(|t| t.id == lease.task_id) {
                 let data = serde_json::json!({ "task": done.name, "state": "succeeded", "attempt": lease.attempt });
-                event_in(&mut tx, &lease.job_id, "progress", &data).await?;
+                events.push(("progress", data));
             }
             let succeeded = |name: &str| tasks.iter().any(|t| t.name == name && t.status == TaskStatus::Succeeded);
-            let mut ready = Vec::new();
+            let (mut ready, mut taken) = (Vec::new(), None);
             for task in tasks.iter().filter(|t| t.status == TaskStatus::Waiting) {
                 if !task.depends_on.iter().all(|d| succeeded(d)) {
                     continue;
@@ -755,12 +786,36 @@ impl crate::Db {
                         .bind(&lease.job_id)
                         .execute(&mut *tx)
                         .await?;
-                    event_in(&mut tx, &lease.job_id, "waiting", &serde_json::json!({ "gate": task.name })).await?;
+                    events.push(("waiting", serde_json::json!({ "gate": task.name })));
                     continue;
                 }
                 let mut task = task.clone();
                 if task.input.is_null() && !task.depends_on.is_empty() {
                     task.input = by_name(tasks.iter().filter(|t| task.depends_on.contains(&t.name)));
+                }
+                task.not_before = now;
+                // The first ready task the taking node accepts is leased to it by the same
+                // update that makes it ready (as `lease_task` would lease it).
+                if let Some(takeover) = takeover.as_ref().filter(|t| taken.is_none() && (t.accepts)(&task)) {
+                    let row = sqlx::query(&format!(
+                        "UPDATE tasks SET status = 'leased', input = $1, not_before = $2, updated_at = $2, \
+                         lease_owner = $3, lease_expires = $4, attempts = attempts + 1 \
+                         WHERE id = $5 AND status = 'waiting' RETURNING {TASK_COLUMNS}"
+                    ))
+                    .bind(task.input.get())
+                    .bind(now)
+                    .bind(takeover.owner)
+                    .bind(now + takeover.lease_ms)
+                    .bind(&task.id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    // (The job's row is locked: nothing else moves its tasks meanwhile.)
+                    if let Some(row) = row {
+                        let task = task_of(&row)?;
+                        events.push(("started", started(&task, takeover.owner)));
+                        taken = Some(task);
+                    }
+                    continue;
                 }
                 sqlx::query(
                     "UPDATE tasks SET status = 'ready', input = $1, not_before = $2, updated_at = $2 \
@@ -772,7 +827,6 @@ impl crate::Db {
                 .execute(&mut *tx)
                 .await?;
                 task.status = TaskStatus::Ready;
-                task.not_before = now;
                 ready.push(task);
             }
             let mut job_finished = None;
@@ -781,11 +835,22 @@ impl crate::Db {
                 let all = (tasks.len() > 1 && !result.job_output).then(|| by_name(tasks.iter()));
                 let output = all.as_ref().map_or(text, crate::JsonText::get);
                 finish_job_in(&mut tx, &lease.job_id, JobStatus::Succeeded, Some(output), None, now).await?;
-                event_in(&mut tx, &lease.job_id, "succeeded", &serde_json::json!({})).await?;
+                events.push(("succeeded", serde_json::json!({})));
                 job_finished = Some(JobStatus::Succeeded);
             }
+            events_in(&mut tx, &lease.job_id, &events).await?;
             tx.commit().await?;
-            Ok(Recorded { recorded: true, ready, job_finished })
+            if let Some(taken) = &taken {
+                // The job's tasks as they now stand, for the taken task's run.
+                for task in &mut tasks {
+                    if let Some(fresh) = ready.iter().chain(std::iter::once(taken)).find(|t| t.id == task.id) {
+                        *task = fresh.clone();
+                    }
+                }
+            } else {
+                tasks.clear();
+            }
+            Ok(Recorded { recorded: true, ready, job_finished, taken, tasks })
         })
     }
 
@@ -941,6 +1006,11 @@ impl crate::Db {
 
 /// The outputs of `tasks` by name (`null` for one without), as one JSON object, built from their
 /// text.
+/// A `started` event's data: the task, its attempt, and the node that took it.
+fn started(task: &Task, owner: &str) -> serde_json::Value {
+    serde_json::json!({ "task": task.name, "attempt": task.attempts, "resumed": task.resumed, "node": owner })
+}
+
 fn by_name<'a>(tasks: impl Iterator<Item = &'a Task>) -> crate::JsonText {
     let all: std::collections::BTreeMap<&str, &serde_json::value::RawValue> = tasks
         .map(|t| (t.name.as_str(), t.output.as_ref().map_or(serde_json::value::RawValue::NULL, |o| o.as_raw())))

@@ -976,7 +976,12 @@ impl PluginExecutor {
     async fn step(&self, task: &Task, ctx: &TaskContext) -> Result<TaskResult, TaskError> {
         let plan = self.plan(task).await?;
         let (input, pipeline) = (&plan.input, &plan.pipeline);
-        let tasks = self.db.job_tasks(&task.tenant_id, &task.job_id).await.map_err(fatal)?;
+        // The run's tasks as the previous step's completion left them, when it handed this step
+        // to the same slot; else as stored.
+        let tasks: Arc<[Task]> = match &ctx.job_tasks {
+            Some(tasks) => tasks.clone(),
+            None => self.db.job_tasks(&task.tenant_id, &task.job_id).await.map_err(fatal)?.into(),
+        };
         let outputs = RunOutputs::read(&tasks).map_err(TaskError::fatal)?;
         let run = Run { task, created_at: plan.created_at, input, pipeline, outputs: &outputs, all: &tasks };
         match (task.kind.as_str(), pipeline.task(&task.name)) {

@@ -197,13 +197,39 @@ impl FairQueue {
                 continue;
             }
             self.held.remove(&entry.task_id);
-            // The virtual clock is the start tag of the task entering service.
-            self.vtime = self.vtime.max(tenant.finish);
-            let estimate_ms = tenant.cost_ms;
-            tenant.finish += estimate_ms / tenant.weight;
-            tenant.running += 1;
-            return Some((entry, Charge { tenant_id: chosen, estimate_ms }));
+            let charge = self.charge(&chosen);
+            return Some((entry, charge));
         }
+    }
+
+    /// Starts a task of `tenant_id`: the virtual clock is the start tag of the task entering
+    /// service, and the tenant is charged its estimate.
+    fn charge(&mut self, tenant_id: &Arc<str>) -> Charge {
+        let tenant = self.tenant(tenant_id);
+        let start = tenant.finish;
+        let estimate_ms = tenant.cost_ms;
+        tenant.finish += estimate_ms / tenant.weight;
+        tenant.running += 1;
+        self.vtime = self.vtime.max(start);
+        Charge { tenant_id: tenant_id.clone(), estimate_ms }
+    }
+
+    /// Whether another tenant than `tenant_id` has a task ready to start (due now).
+    pub fn others_ready(&mut self, tenant_id: &str, now: i64) -> bool {
+        self.promote(now);
+        self.tenants.iter().any(|(id, t)| &**id != tenant_id && !t.ready.is_empty())
+    }
+
+    /// Starts `entry`, which never waited here: a task its predecessor's slot took over (see
+    /// [`FairQueue::others_ready`]), charged as [`FairQueue::pop`] charges.
+    pub fn start(&mut self, entry: &Entry) -> Charge {
+        let vtime = self.vtime;
+        let tenant = self.tenant(&entry.tenant_id);
+        if !tenant.active() {
+            // Back from idle, as in `make_ready`: no credit for having waited.
+            tenant.finish = tenant.finish.max(vtime);
+        }
+        self.charge(&entry.tenant_id)
     }
 
     /// Hands back a dispatched task's ticket with what it really cost (slot milliseconds).

@@ -23,12 +23,12 @@ pub mod fair;
 pub mod interactive;
 pub mod nats;
 
-use breaker::{BreakerPolicy, Breakers, Transition};
+use breaker::{BreakerPolicy, Breakers, State, Transition};
 use fair::{Charge, Entry, FairQueue};
 use futures::StreamExt as _;
 use futures::future::BoxFuture;
 pub use qlayer_db::TaskResult;
-use qlayer_db::{Db, DbError, Job, Lease, NewJob, Task};
+use qlayer_db::{Db, DbError, Job, Lease, NewJob, Takeover, Task};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -110,6 +110,10 @@ impl TaskError {
 pub struct TaskContext {
     /// When the job's deadline passes, if it has one.
     pub deadline: Option<Instant>,
+    /// The job's tasks (outputs included) as the completion that handed this task over left
+    /// them, when the slot that ran its predecessor took it over: what its run would otherwise
+    /// read from the store. Tasks outside its ancestry may have moved on since.
+    pub job_tasks: Option<Arc<[Task]>>,
 }
 
 /// Runs tasks: the host's plugin calls, or a test's stand-in.
@@ -137,6 +141,13 @@ pub enum SubmitError {
 struct RunningTask {
     job_id: Arc<str>,
     stop: watch::Sender<Stop>,
+}
+
+/// A task a completion leased for the slot that ran its predecessor, with the job's tasks as
+/// that completion left them.
+struct Taken {
+    task: Task,
+    job_tasks: Arc<[Task]>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -551,21 +562,64 @@ impl Scheduler {
     }
 
     async fn work(self: Arc<Self>, entry: Entry, charge: Charge, _permit: OwnedSemaphorePermit) {
-        let began = Instant::now();
-        let span =
-            tracing::info_span!("task", task = %entry.task_id, tenant = %entry.tenant_id, plugin = %entry.plugin);
-        // The tenant is charged for the time its task held the slot running, not for the
-        // store's bookkeeping around it (waiting for a write lock says nothing about the tenant).
-        let ran = tracing::Instrument::instrument(self.run(&entry), span).await;
-        let cost = ran.unwrap_or_else(|| began.elapsed());
-        self.lock().queue.done(&charge, cost.as_secs_f64() * 1000.0);
-        self.wake.notify_one();
+        let mut next = Some((entry, charge, None));
+        while let Some((entry, charge, handed)) = next.take() {
+            let began = Instant::now();
+            let span =
+                tracing::info_span!("task", task = %entry.task_id, tenant = %entry.tenant_id, plugin = %entry.plugin);
+            // The tenant is charged for the time its task held the slot running, not for the
+            // store's bookkeeping around it (waiting for a write lock says nothing about the tenant).
+            let (ran, taken) = tracing::Instrument::instrument(self.run(&entry, handed), span).await;
+            let cost = ran.unwrap_or_else(|| began.elapsed());
+            {
+                let mut inner = self.lock();
+                inner.queue.done(&charge, cost.as_secs_f64() * 1000.0);
+                // A task its completion took over runs next in this slot, charged as if the
+                // queue had handed it out.
+                next = taken.map(|taken| {
+                    let entry = entry_of(&taken.task);
+                    let charge = inner.queue.start(&entry);
+                    (entry, charge, Some(taken))
+                });
+            }
+            self.wake.notify_one();
+        }
     }
 
-    /// Leases and runs one task; returns how long it ran, if it did.
-    async fn run(&self, entry: &Entry) -> Option<Duration> {
-        let leased = match self.db.lease_task(&entry.task_id, &self.config.node_id, self.config.lease_ms).await {
-            Ok(Some(task)) => task,
+    /// Whether the slot finishing a task of `tenant_id` may take over one of the tasks its
+    /// completion makes ready, leased in the same transaction, instead of offering it to the
+    /// queue: only on a node that is its own queue (not in scale mode), not stopping, and when no
+    /// other tenant's task waits for a slot, so fair sharing between tenants is kept.
+    fn may_take_over(&self, tenant_id: &str) -> bool {
+        self.nats().is_none() && !*self.stopping.borrow() && !self.lock().queue.others_ready(tenant_id, now_ms())
+    }
+
+    /// Whether this node may start `task` now, taken over by its predecessor's slot: its
+    /// plugin's circuit is closed (a probe goes through the queue) and it is not running here.
+    fn takes(&self, task: &Task) -> bool {
+        let inner = self.lock();
+        matches!(inner.breakers.state(&task.tenant_id, &task.plugin), State::Closed { .. })
+            && !inner.running.contains_key(task.id.as_str())
+            && !inner.queue.holds(&task.id)
+    }
+
+    /// Leases and runs one task (or runs the one its predecessor's completion leased for this
+    /// slot); returns how long it ran, if it did, and the task its completion took over.
+    async fn run(&self, entry: &Entry, handed: Option<Taken>) -> (Option<Duration>, Option<Taken>) {
+        let (leased, job_tasks) = match handed {
+            Some(Taken { task, job_tasks }) => (task, Some(job_tasks)),
+            None => match self.lease(entry).await {
+                Some(task) => (task, None),
+                None => return (None, None),
+            },
+        };
+        self.run_leased(entry, leased, job_tasks).await
+    }
+
+    /// Leases `entry`'s task: `None` if it is not this node's to run now (taken, over, not due).
+    async fn lease(&self, entry: &Entry) -> Option<Task> {
+        match self.db.lease_task(&entry.task_id, &self.config.node_id, self.config.lease_ms).await {
+            Ok(Some(task)) => Some(task),
             Ok(None) => {
                 self.lock().breakers.release_probe(&entry.tenant_id, &entry.plugin, now_ms());
                 if self.nats().is_some() {
@@ -586,14 +640,23 @@ impl Scheduler {
                         _ => self.settled(&entry.task_id).await,
                     }
                 }
-                return None;
+                None
             }
             Err(e) => {
                 tracing::error!(task = %entry.task_id, error = %e, "leasing a task failed; trying again in 1 s");
                 self.lock().queue.push(entry.clone(), now_ms() + 1_000, now_ms());
-                return None;
+                None
             }
-        };
+        }
+    }
+
+    /// Runs a task this node leased; see [`Scheduler::run`].
+    async fn run_leased(
+        &self,
+        entry: &Entry,
+        leased: Task,
+        job_tasks: Option<Arc<[Task]>>,
+    ) -> (Option<Duration>, Option<Taken>) {
         let lease = Lease {
             task_id: leased.id.clone(),
             job_id: leased.job_id.clone(),
@@ -606,7 +669,7 @@ impl Scheduler {
                 leased.name, leased.max_attempts
             );
             self.give_up(&leased, &lease, &error, true).await;
-            return None;
+            return (None, None);
         }
         if let Some(delivered) = self.nats().and_then(|q| q.delivered(&leased.id))
             && delivered >= self.config.max_deliver
@@ -616,7 +679,7 @@ impl Scheduler {
                 leased.name
             );
             self.give_up(&leased, &lease, &error, true).await;
-            return None;
+            return (None, None);
         }
         let now = now_ms();
         if let Some(deadline_at) = leased.deadline_at
@@ -624,7 +687,7 @@ impl Scheduler {
         {
             let error = format!("the job's deadline passed before task `{}` could run", leased.name);
             self.give_up(&leased, &lease, &error, false).await;
-            return None;
+            return (None, None);
         }
         // The lease recorded the `started` event.
         self.announce(&leased.job_id);
@@ -632,7 +695,7 @@ impl Scheduler {
         let (stop_tx, mut stop_rx) = watch::channel(Stop::Go);
         self.lock().running.insert(entry.task_id.clone(), RunningTask { job_id: entry.job_id.clone(), stop: stop_tx });
         let deadline = leased.deadline_at.map(|d| Instant::now() + Duration::from_millis((d - now).max(0) as u64));
-        let ctx = TaskContext { deadline };
+        let ctx = TaskContext { deadline, job_tasks };
         let started = Instant::now();
         enum Ended {
             Done(Result<TaskResult, TaskError>),
@@ -655,6 +718,7 @@ impl Scheduler {
         };
         self.lock().running.remove(&entry.task_id);
         let elapsed = started.elapsed();
+        let mut taken = None;
         let plugin_label = leased.plugin.clone();
         metrics::histogram!("qlayer_task_duration_seconds", "plugin" => plugin_label.clone())
             .record(elapsed.as_secs_f64());
@@ -682,7 +746,13 @@ impl Scheduler {
                     tracing::info!(tenant = %leased.tenant_id, plugin = %leased.plugin, "circuit closed: the probe succeeded");
                 }
                 metrics::counter!("qlayer_tasks_total", "outcome" => "succeeded").increment(1);
-                match self.db.complete_task(&lease, &output).await {
+                let accepts = |task: &Task| self.takes(task);
+                let takeover = self.may_take_over(&entry.tenant_id).then_some(Takeover {
+                    owner: &self.config.node_id,
+                    lease_ms: self.config.lease_ms,
+                    accepts: &accepts,
+                });
+                match self.db.complete_and_take(&lease, &output, takeover).await {
                     Ok(recorded) if recorded.recorded => {
                         self.offer(&recorded.ready).await;
                         if recorded.job_finished.is_some() {
@@ -690,6 +760,9 @@ impl Scheduler {
                         }
                         self.settled(&leased.id).await;
                         self.announce(&leased.job_id);
+                        if let Some(task) = recorded.taken {
+                            taken = Some(Taken { task, job_tasks: recorded.tasks.into() });
+                        }
                     }
                     Ok(_) => {
                         tracing::warn!(task = %leased.id, "the task's lease was lost before its result was recorded; the result is dropped");
@@ -705,7 +778,7 @@ impl Scheduler {
             }
             Ended::Done(Err(error)) => self.failed(&leased, &lease, error).await,
         }
-        Some(elapsed)
+        (Some(elapsed), taken)
     }
 
     async fn failed(&self, task: &Task, lease: &Lease, error: TaskError) {
@@ -978,6 +1051,140 @@ impl NodeIdentity {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use qlayer_db::{JobKind, NewTask};
+
+    /// Runs every task at once, recording the order, whether its run was handed the job's tasks,
+    /// and what the handed tasks said its dependencies output.
+    #[derive(Default)]
+    struct Recording {
+        ran: Mutex<Vec<(String, bool, Vec<String>)>>,
+        /// A task that waits, once it is recorded, until it is let go.
+        hold: Mutex<Option<(String, Arc<Notify>)>>,
+    }
+
+    impl Execute for Recording {
+        fn execute<'a>(&'a self, task: &'a Task, ctx: TaskContext) -> BoxFuture<'a, Result<TaskResult, TaskError>> {
+            Box::pin(async move {
+                let seen = ctx.job_tasks.as_deref().map_or_else(Vec::new, |tasks| {
+                    tasks
+                        .iter()
+                        .filter(|t| task.depends_on.contains(&t.name))
+                        .map(|t| t.output.as_ref().map_or_else(|| "none".into(), |o| o.get().to_string()))
+                        .collect()
+                });
+                self.ran.lock().unwrap_or_else(|p| p.into_inner()).push((
+                    task.name.clone(),
+                    ctx.job_tasks.is_some(),
+                    seen,
+                ));
+                let hold = self.hold.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                if let Some((name, until)) = hold
+                    && name == task.name
+                {
+                    until.notified().await;
+                }
+                Ok(serde_json::json!(format!("{} done", task.name)).into())
+            })
+        }
+    }
+
+    fn chain(names: &[&str]) -> Vec<NewTask> {
+        names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| NewTask {
+                name: name.to_string(),
+                kind: "call".into(),
+                plugin: "p".into(),
+                input: serde_json::json!({}),
+                depends_on: if i == 0 { vec![] } else { vec![names[i - 1].to_string()] },
+                max_attempts: 3,
+            })
+            .collect()
+    }
+
+    async fn submit(scheduler: &Scheduler, tenant: &str, names: &[&str]) -> Job {
+        let input = serde_json::json!({});
+        let new = NewJob {
+            tenant_id: tenant,
+            kind: JobKind::Call,
+            input: &input,
+            priority: 0,
+            idempotency_key: None,
+            deadline_ms: None,
+            tasks: chain(names),
+        };
+        scheduler.submit(new).await.map(|(job, _)| job).unwrap_or_else(|e| panic!("submit: {e}"))
+    }
+
+    async fn finish(db: &Db, tenant: &str, job: &Job) {
+        for _ in 0..600 {
+            let now = db.job(tenant, &job.id).await.ok().flatten().map(|j| j.status);
+            if now.is_some_and(|s| s.is_terminal()) {
+                assert_eq!(now, Some(qlayer_db::JobStatus::Succeeded));
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("job {} did not finish", job.id);
+    }
+
+    /// A finished task's slot takes over its successor, leased in the completion's transaction and
+    /// handed the job's tasks (with the outputs it needs), when no other tenant waits; when one
+    /// waits, the successor goes back to the queue and the other tenant's task runs first.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slot_takes_over_its_successor_only_when_no_other_tenant_waits() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let db = Db::open(&format!("sqlite://{}", dir.path().join("q.db").display()))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let a = db.create_tenant("a").await.unwrap_or_else(|e| panic!("{e}")).id;
+        let b = db.create_tenant("b").await.unwrap_or_else(|e| panic!("{e}")).id;
+        let recording = Arc::new(Recording::default());
+        let config = SchedulerConfig { node_id: "n".into(), concurrency: 1, ..Default::default() };
+        let scheduler = Scheduler::new(db.clone(), config, recording.clone());
+
+        // Alone: one, two, three run in one slot; two and three were handed the job's tasks.
+        let job = submit(&scheduler, &a, &["one", "two", "three"]).await;
+        scheduler.start().await.unwrap_or_else(|e| panic!("{e}"));
+        finish(&db, &a, &job).await;
+        let ran = std::mem::take(&mut *recording.ran.lock().unwrap_or_else(|p| p.into_inner()));
+        assert_eq!(
+            ran,
+            [
+                ("one".to_string(), false, vec![]),
+                ("two".to_string(), true, vec!["\"one done\"".to_string()]),
+                ("three".to_string(), true, vec!["\"two done\"".to_string()]),
+            ]
+        );
+        let events = db.job_events(&a, &job.id, 0).await.unwrap_or_else(|e| panic!("{e}"));
+        let kinds: Vec<String> = events.iter().map(|e| e.kind.clone()).collect();
+        assert_eq!(
+            kinds,
+            ["queued", "started", "progress", "started", "progress", "started", "progress", "succeeded"],
+            "each taken-over task still records its start, after its predecessor's progress"
+        );
+
+        // With tenant b's task waiting when a's first task ends, a's successor is queued, not
+        // taken over, and b's task runs first.
+        let held = Arc::new(tokio::sync::Notify::new());
+        *recording.hold.lock().unwrap_or_else(|p| p.into_inner()) = Some(("a1".into(), held.clone()));
+        let job_a = submit(&scheduler, &a, &["a1", "a2"]).await;
+        for _ in 0..600 {
+            if recording.ran.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|(name, ..)| name == "a1") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let job_b = submit(&scheduler, &b, &["b1"]).await;
+        held.notify_one();
+        finish(&db, &a, &job_a).await;
+        finish(&db, &b, &job_b).await;
+        let ran = std::mem::take(&mut *recording.ran.lock().unwrap_or_else(|p| p.into_inner()));
+        let order: Vec<(&str, bool)> = ran.iter().map(|(name, handed, _)| (name.as_str(), *handed)).collect();
+        assert_eq!(order, [("a1", false), ("b1", false), ("a2", false)]);
+        scheduler.shutdown(Duration::from_secs(5)).await;
+    }
 
     #[test]
     fn backoff_grows_is_jittered_capped_and_honours_retry_after() {

@@ -214,14 +214,23 @@ impl FairQueue {
         Charge { tenant_id: tenant_id.clone(), estimate_ms }
     }
 
-    /// Whether another tenant than `tenant_id` has a task ready to start (due now).
-    pub fn others_ready(&mut self, tenant_id: &str, now: i64) -> bool {
+    /// Whether a ready task (due now) would start before a next task of `job_id` (of
+    /// `tenant_id`, at `priority`): any other tenant's, or one of the same tenant's that ranks
+    /// higher (a higher priority, or an older job at the same priority).
+    pub fn ready_ahead_of(&mut self, tenant_id: &str, job_id: &str, priority: i32, now: i64) -> bool {
         self.promote(now);
-        self.tenants.iter().any(|(id, t)| &**id != tenant_id && !t.ready.is_empty())
+        self.tenants.iter().any(|(id, t)| match t.ready.peek() {
+            None => false,
+            Some(_) if &**id != tenant_id => true,
+            Some(best) => {
+                best.priority > priority
+                    || (best.priority == priority && *best.job_id != *job_id && *best.task_id < *job_id)
+            }
+        })
     }
 
     /// Starts `entry`, which never waited here: a task its predecessor's slot took over (see
-    /// [`FairQueue::others_ready`]), charged as [`FairQueue::pop`] charges.
+    /// [`FairQueue::ready_ahead_of`]), charged as [`FairQueue::pop`] charges.
     pub fn start(&mut self, entry: &Entry) -> Charge {
         let vtime = self.vtime;
         let tenant = self.tenant(&entry.tenant_id);
@@ -361,6 +370,26 @@ mod tests {
         assert_eq!(&*q.pop(0, |_| None).unwrap().0.tenant_id, "b");
         q.done(&first.1, 5.0);
         assert_eq!(&*q.pop(0, |_| None).unwrap().0.tenant_id, "a");
+    }
+
+    #[test]
+    fn what_waits_ahead_of_a_jobs_next_task() {
+        let mut q = FairQueue::new(0);
+        assert!(!q.ready_ahead_of("a", "job_a_000005", 0, 0), "nothing waits");
+        // The same job's sibling, a newer job and a lower priority rank below it.
+        q.push(entry("a", 5, 0), 0, 0);
+        q.push(entry("a", 7, 0), 0, 0);
+        q.push(entry("a", 8, -1), 0, 0);
+        assert!(!q.ready_ahead_of("a", "job_a_000005", 0, 0));
+        // An older job at the same priority, and a higher priority, rank above it.
+        assert!(q.ready_ahead_of("a", "job_a_000006", 0, 0));
+        q.push(entry("a", 9, 3), 0, 0);
+        assert!(q.ready_ahead_of("a", "job_a_000005", 0, 0));
+        // Another tenant's task always waits ahead; a delayed one not until it is due.
+        let mut q = FairQueue::new(0);
+        q.push(entry("b", 1, -5), 100, 0);
+        assert!(!q.ready_ahead_of("a", "job_a_000001", 0, 0));
+        assert!(q.ready_ahead_of("a", "job_a_000001", 0, 100));
     }
 
     #[test]

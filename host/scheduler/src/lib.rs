@@ -586,12 +586,15 @@ impl Scheduler {
         }
     }
 
-    /// Whether the slot finishing a task of `tenant_id` may take over one of the tasks its
-    /// completion makes ready, leased in the same transaction, instead of offering it to the
-    /// queue: only on a node that is its own queue (not in scale mode), not stopping, and when no
-    /// other tenant's task waits for a slot, so fair sharing between tenants is kept.
-    fn may_take_over(&self, tenant_id: &str) -> bool {
-        self.nats().is_none() && !*self.stopping.borrow() && !self.lock().queue.others_ready(tenant_id, now_ms())
+    /// Whether the slot finishing `entry`'s task may take over one of the tasks its completion
+    /// makes ready, leased in the same transaction, instead of offering it to the queue: only on
+    /// a node that is its own queue (not in scale mode), not stopping, and when no queued task
+    /// would start first (another tenant's, or a higher-ranked one of the same tenant's), so
+    /// fair sharing and priorities are kept.
+    fn may_take_over(&self, entry: &Entry) -> bool {
+        self.nats().is_none()
+            && !*self.stopping.borrow()
+            && !self.lock().queue.ready_ahead_of(&entry.tenant_id, &entry.job_id, entry.priority, now_ms())
     }
 
     /// Whether this node may start `task` now, taken over by its predecessor's slot: its
@@ -747,7 +750,7 @@ impl Scheduler {
                 }
                 metrics::counter!("qlayer_tasks_total", "outcome" => "succeeded").increment(1);
                 let accepts = |task: &Task| self.takes(task);
-                let takeover = self.may_take_over(&entry.tenant_id).then_some(Takeover {
+                let takeover = self.may_take_over(entry).then_some(Takeover {
                     owner: &self.config.node_id,
                     lease_ms: self.config.lease_ms,
                     accepts: &accepts,

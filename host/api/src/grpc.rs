@@ -187,6 +187,16 @@ fn kind(name: &str, text: &str) -> Result<qlayer_db::JobKind, Status> {
     }
 }
 
+fn job_status(name: &str, text: &str) -> Result<qlayer_db::JobStatus, Status> {
+    serde_json::from_value(serde_json::Value::String(text.to_string())).map_err(|_| {
+        ApiError::invalid(format!(
+            "{name}: unknown job status `{}`: expected queued, running, waiting, succeeded, failed or cancelled",
+            text.escape_debug()
+        ))
+        .into()
+    })
+}
+
 #[tonic::async_trait]
 impl tenants_server::Tenants for Grpc {
     async fn create_tenant(&self, request: Request<CreateTenantRequest>) -> Result<Response<TenantCreated>, Status> {
@@ -347,6 +357,7 @@ impl jobs_server::Jobs for Grpc {
             limit: (r.limit != 0).then_some(r.limit),
             after: (!r.after.is_empty()).then_some(r.after),
             kind: if r.kind.is_empty() { None } else { Some(kind("kind", &r.kind)?) },
+            status: if r.status.is_empty() { None } else { Some(job_status("status", &r.status)?) },
         };
         let p = job_ops::list_jobs_op(&self.state, &caller, query).await?;
         Ok(Response::new(JobPage { items: p.items.into_iter().map(job).collect(), next: p.next.unwrap_or_default() }))

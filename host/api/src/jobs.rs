@@ -8,7 +8,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use qlayer_db::{CancelOutcome, Job, JobEvent, JobKind, Task};
+use qlayer_db::{CancelOutcome, Job, JobEvent, JobKind, JobStatus, Task};
 use qlayer_jobs::{CallPlan, JobLimits, RunInput};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -109,6 +109,8 @@ pub struct JobQuery {
     pub after: Option<String>,
     /// Only jobs of this kind.
     pub kind: Option<JobKind>,
+    /// Only jobs in this status (`waiting`: paused at an approval gate).
+    pub status: Option<JobStatus>,
 }
 
 fn check_priority(priority: Option<i32>) -> Result<i32, ApiError> {
@@ -257,7 +259,7 @@ pub async fn list_jobs(
 /// Lists jobs (REST and gRPC).
 pub async fn list_jobs_op(state: &AppState, caller: &Caller, query: JobQuery) -> Result<JobPage, ApiError> {
     let limit = super::error::page_size(query.limit)?;
-    let items = state.db.jobs(caller.tenant_id(), query.kind, query.after.as_deref(), limit).await?;
+    let items = state.db.jobs(caller.tenant_id(), query.kind, query.status, query.after.as_deref(), limit).await?;
     let next = (items.len() == limit as usize).then(|| items.last().map(|j| j.id.clone())).flatten();
     Ok(JobPage { items, next })
 }

@@ -152,16 +152,24 @@ impl crate::Db {
     }
 
     /// Jobs of `tenant_id`, newest first, older than `before` (keyset pagination), optionally of
-    /// one kind, at most `limit`.
+    /// one kind and in one status, at most `limit`.
     pub async fn jobs(
         &self,
         tenant_id: &str,
         kind: Option<JobKind>,
+        status: Option<JobStatus>,
         before: Option<&str>,
         limit: u32,
     ) -> Result<Vec<Job>, DbError> {
+        // As `job_of` tells them apart: a job waiting at a gate is stored as running.
+        let status = match status {
+            None => String::new(),
+            Some(JobStatus::Waiting) => " AND status = 'running' AND waiting_at IS NOT NULL".into(),
+            Some(JobStatus::Running) => " AND status = 'running' AND waiting_at IS NULL".into(),
+            Some(other) => format!(" AND status = '{}'", other.as_str()),
+        };
         let rows = sqlx::query(&format!(
-            "SELECT {JOB_COLUMNS} FROM jobs WHERE tenant_id = $1 AND ($2 = '' OR id < $2) AND ($3 = '' OR kind = $3) ORDER BY id DESC LIMIT $4"
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE tenant_id = $1 AND ($2 = '' OR id < $2) AND ($3 = '' OR kind = $3){status} ORDER BY id DESC LIMIT $4"
         ))
         .bind(tenant_id)
         .bind(before.unwrap_or(""))

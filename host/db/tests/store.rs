@@ -414,7 +414,7 @@ async fn concurrent_submissions_never_take_a_tenant_past_its_open_task_limit(bac
         }
     }
     assert_eq!(accepted, 5);
-    assert_eq!(t.db.jobs(&acme.id, None, None, 100).await.unwrap().len(), 5);
+    assert_eq!(t.db.jobs(&acme.id, None, None, None, 100).await.unwrap().len(), 5);
     let input = serde_json::json!({});
     let new = NewJob {
         tenant_id: &beta.id,
@@ -471,14 +471,29 @@ async fn jobs_are_persisted_idempotent_paginated_and_scoped_to_their_tenant(back
         ids.push(submit(call(&acme.id, n, None)).await.unwrap().0.id);
     }
     ids.reverse();
-    let page1 = t.db.jobs(&acme.id, None, None, 2).await.unwrap();
-    let page2 = t.db.jobs(&acme.id, None, Some(&page1[1].id), 2).await.unwrap();
-    let page3 = t.db.jobs(&acme.id, None, Some(&page2[1].id), 2).await.unwrap();
+    let page1 = t.db.jobs(&acme.id, None, None, None, 2).await.unwrap();
+    let page2 = t.db.jobs(&acme.id, None, None, Some(&page1[1].id), 2).await.unwrap();
+    let page3 = t.db.jobs(&acme.id, None, None, Some(&page2[1].id), 2).await.unwrap();
     let seen: Vec<String> = page1.iter().chain(&page2).chain(&page3).map(|j| j.id.clone()).collect();
     assert_eq!(seen, ids);
-    assert!(t.db.jobs(&acme.id, Some(JobKind::Run), None, 10).await.unwrap().is_empty());
-    assert_eq!(t.db.jobs(&beta.id, None, None, 10).await.unwrap().len(), 1);
-    assert_eq!(t.db.unfinished_jobs().await.unwrap().len(), 6);
+    assert!(t.db.jobs(&acme.id, Some(JobKind::Run), None, None, 10).await.unwrap().is_empty());
+    assert_eq!(t.db.jobs(&beta.id, None, None, None, 10).await.unwrap().len(), 1);
+    // By status.
+    assert!(matches!(t.db.cancel_job(&acme.id, &ids[1], "x").await.unwrap(), CancelOutcome::Cancelled(_)));
+    let in_status = |status| {
+        let db = t.db.clone();
+        let acme = acme.id.clone();
+        async move {
+            let jobs = db.jobs(&acme, None, Some(status), None, 10).await.unwrap();
+            jobs.into_iter().map(|j| j.id).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(in_status(JobStatus::Cancelled).await, [ids[1].clone()]);
+    let queued: Vec<String> = ids.iter().filter(|id| **id != ids[1]).cloned().collect();
+    assert_eq!(in_status(JobStatus::Queued).await, queued);
+    assert!(in_status(JobStatus::Running).await.is_empty());
+    assert!(in_status(JobStatus::Waiting).await.is_empty());
+    assert_eq!(t.db.unfinished_jobs().await.unwrap().len(), 5);
 }
 
 async fn job_lifecycle_events_cancellation_and_artifacts(backend: Backend) {

@@ -65,7 +65,7 @@ async fn runs_page(
     refused: Option<(StatusCode, String)>,
 ) -> Response {
     let tenant = visitor.caller.tenant_id();
-    let items = match state.db.jobs(tenant, Some(JobKind::Run), after, PAGE).await {
+    let items = match state.db.jobs(tenant, Some(JobKind::Run), None, after, PAGE).await {
         Ok(items) => items,
         Err(e) => return error_page(visitor, &e.into()),
     };
@@ -579,12 +579,24 @@ pub(crate) async fn jobs(State(state): State<AppState>, visitor: Visitor, Query(
         }
     };
     let status = q.status.clone().filter(|s| !s.is_empty());
-    let items = match state.db.jobs(visitor.caller.tenant_id(), kind, q.after.as_deref(), PAGE).await {
+    let wanted = match status.as_deref().map(|s| serde_json::from_value(serde_json::Value::String(s.into()))) {
+        None => None,
+        Some(Ok(wanted)) => Some(wanted),
+        Some(Err(_)) => {
+            return error_page(
+                &visitor,
+                &ApiError::invalid(format!(
+                    "status `{}` is not queued, running, waiting, succeeded, failed or cancelled",
+                    status.as_deref().unwrap_or_default().escape_debug()
+                )),
+            );
+        }
+    };
+    let items = match state.db.jobs(visitor.caller.tenant_id(), kind, wanted, q.after.as_deref(), PAGE).await {
         Ok(items) => items,
         Err(e) => return error_page(&visitor, &e.into()),
     };
     let next = (items.len() == PAGE as usize).then(|| items.last().map(|j| j.id.clone())).flatten();
-    let shown: Vec<&Job> = items.iter().filter(|j| status.as_deref().is_none_or(|s| j.status.as_str() == s)).collect();
     let query = |after: &str| {
         let mut q = url::form_urlencoded::Serializer::new(String::new());
         if let Some(k) = kind {
@@ -616,7 +628,7 @@ pub(crate) async fn jobs(State(state): State<AppState>, visitor: Visitor, Query(
             caption.visually-hidden { "Jobs, newest first" }
             thead { tr { th scope="col" { "Job" } th scope="col" { "Kind" } th scope="col" { "Status" } th scope="col" { "Tasks" } th scope="col" { "Created" } th scope="col" { "Error" } } }
             tbody {
-                @for job in &shown {
+                @for job in &items {
                     tr {
                         td { a href={"/ui/jobs/" (job.id)} { code { (job.id) } } }
                         td { (job.kind.as_str()) }
@@ -628,7 +640,7 @@ pub(crate) async fn jobs(State(state): State<AppState>, visitor: Visitor, Query(
                 }
             }
         }
-        @if shown.is_empty() { p { "No jobs on this page match." } }
+        @if items.is_empty() { p { "No jobs match." } }
         @if let Some(next) = &next { p { a rel="next" href={"/ui/jobs?" (query(next))} { "Older jobs →" } } }
     };
     page(layout(&visitor, Section::Jobs, "Jobs", body))

@@ -59,6 +59,17 @@ async fn a_gate_pauses_the_run_until_a_person_decides_and_a_rejection_reaches_th
     let events = svc.db().job_events(&acme_id, &run, 0).await.unwrap();
     let held = events.iter().find(|e| e.kind == "waiting").expect("a waiting event");
     assert_eq!(held.data["gate"], "approve-dev");
+    // The tenant's jobs by status: the run waits (stored as running, with `waiting_at`).
+    let ids = |page: &Value| -> Vec<String> {
+        page["items"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap().to_string()).collect()
+    };
+    assert_eq!(ids(&svc.get("/v1/jobs?status=waiting", &acme).await.body), [run.clone()]);
+    assert_eq!(ids(&svc.get("/v1/jobs?status=waiting&kind=call", &acme).await.body), Vec::<String>::new());
+    assert_eq!(ids(&svc.get("/v1/jobs?status=running", &acme).await.body), Vec::<String>::new());
+    assert_eq!(ids(&svc.get("/v1/jobs?status=waiting", &other).await.body), Vec::<String>::new());
+    let r = svc.get("/v1/jobs?status=paused", &acme).await;
+    assert_eq!(r.status, 400, "{r:?}");
+    assert!(r.body.to_string().contains("status"), "the error names the parameter: {r:?}");
 
     // Refused: a viewer, another tenant (as if the run did not exist), a rejection without a
     // comment, an unknown field; none of them changes anything.

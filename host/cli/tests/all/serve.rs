@@ -262,7 +262,7 @@ async fn sigkill_mid_run_then_restart_completes_every_job_once(backend: Backend)
     .unwrap();
     for _ in 0..600 {
         let succeeded = db
-            .jobs(&tenant, None, None, 100)
+            .jobs(&tenant, None, None, None, 100)
             .await
             .unwrap()
             .iter()
@@ -276,7 +276,7 @@ async fn sigkill_mid_run_then_restart_completes_every_job_once(backend: Backend)
     child.kill().unwrap();
     child.wait().unwrap();
     let running_at_kill: Vec<String> = db
-        .jobs(&tenant, None, None, 100)
+        .jobs(&tenant, None, None, None, 100)
         .await
         .unwrap()
         .into_iter()
@@ -284,13 +284,13 @@ async fn sigkill_mid_run_then_restart_completes_every_job_once(backend: Backend)
         .map(|j| j.id)
         .collect();
     let finished_at_kill =
-        db.jobs(&tenant, None, None, 100).await.unwrap().iter().filter(|j| j.status.is_terminal()).count();
+        db.jobs(&tenant, None, None, None, 100).await.unwrap().iter().filter(|j| j.status.is_terminal()).count();
     assert!(finished_at_kill < 60, "the kill came mid-run");
     assert!(!running_at_kill.is_empty(), "some jobs were running at the kill");
 
     let (mut child, _base, _http) = serve_process_in(data.path(), &[], &extra, std::process::Stdio::null()).await;
     for _ in 0..3000 {
-        let jobs = db.jobs(&tenant, None, None, 100).await.unwrap();
+        let jobs = db.jobs(&tenant, None, None, None, 100).await.unwrap();
         if jobs.len() == 60 && jobs.iter().all(|j| j.status.is_terminal()) {
             break;
         }

@@ -63,7 +63,7 @@ async fn a_gate_pauses_the_run_until_a_person_decides_and_a_rejection_reaches_th
     let ids = |page: &Value| -> Vec<String> {
         page["items"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap().to_string()).collect()
     };
-    assert_eq!(ids(&svc.get("/v1/jobs?status=waiting", &acme).await.body), [run.clone()]);
+    assert_eq!(ids(&svc.get("/v1/jobs?status=waiting", &acme).await.body), std::slice::from_ref(&run));
     assert_eq!(ids(&svc.get("/v1/jobs?status=waiting&kind=call", &acme).await.body), Vec::<String>::new());
     assert_eq!(ids(&svc.get("/v1/jobs?status=running", &acme).await.body), Vec::<String>::new());
     assert_eq!(ids(&svc.get("/v1/jobs?status=waiting", &other).await.body), Vec::<String>::new());

@@ -58,7 +58,17 @@ pub struct Pipeline {
     /// Which steps repeat, and how often, while validator errors remain.
     #[serde(default, deserialize_with = "table")]
     pub repair: Repair,
+    /// Configuration for bundled plugins, by plugin name: the keys each reads through
+    /// `host.config` (its manifest names them), such as `[config.hap] words = "abuse:darn"`. An
+    /// installed plugin's configuration is its install's grants.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub config: BTreeMap<String, BTreeMap<String, String>>,
 }
+
+/// Plugins a pipeline may configure, keys per plugin, and the length of a value (bytes).
+const MAX_CONFIGURED: usize = 16;
+const MAX_CONFIG_KEYS: usize = 32;
+const MAX_CONFIG_VALUE: usize = 64 * 1024;
 
 /// One step: an agent plugin's run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -375,6 +385,17 @@ impl Pipeline {
         }
         if self.description.as_ref().is_some_and(|d| d.chars().count() > 1024) {
             return Err("description: at most 1,024 characters".into());
+        }
+        if self.config.len() > MAX_CONFIGURED {
+            return Err(format!("config: at most {MAX_CONFIGURED} plugins, not {}", self.config.len()));
+        }
+        for (plugin, keys) in &self.config {
+            if keys.len() > MAX_CONFIG_KEYS {
+                return Err(format!("config.{plugin}: at most {MAX_CONFIG_KEYS} keys, not {}", keys.len()));
+            }
+            if let Some((key, _)) = keys.iter().find(|(_, v)| v.len() > MAX_CONFIG_VALUE) {
+                return Err(format!("config.{plugin}.{key}: at most {} KiB", MAX_CONFIG_VALUE / 1024));
+            }
         }
         if self.steps.is_empty() || self.steps.len() > MAX_STEPS {
             return Err(format!("steps: a pipeline has 1 to {MAX_STEPS} steps, not {}", self.steps.len()));

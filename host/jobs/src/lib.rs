@@ -1000,9 +1000,20 @@ impl PluginExecutor {
 
     /// A plugin a pipeline names, for `tenant`: bundled, or the tenant's install (of `kind`,
     /// with the pinned digest).
-    async fn pipeline_plugin(&self, tenant: &str, reference: &str, kind: Kind) -> Result<Installed, TaskError> {
+    async fn pipeline_plugin(
+        &self,
+        tenant: &str,
+        pipeline: &Pipeline,
+        reference: &str,
+        kind: Kind,
+    ) -> Result<Installed, TaskError> {
         match pipeline::plugin_ref(reference).map_err(fatal)? {
-            PluginRef::Bundled(name) => self.bundled(name).await?.install(Grants::default()).map_err(fatal),
+            PluginRef::Bundled(name) => {
+                // A bundled plugin gets the configuration its pipeline gives it, and nothing else.
+                let grants =
+                    Grants { config: pipeline.config.get(name).cloned().unwrap_or_default(), ..Grants::default() };
+                self.bundled(name).await?.install(grants).map_err(fatal)
+            }
             PluginRef::Installed { name, digest } => self.installed(tenant, name, kind, digest).await,
         }
     }
@@ -1032,6 +1043,22 @@ impl PluginExecutor {
                 ))
             }
         };
+        for (name, keys) in &pipeline.config {
+            let at = format!("config.{name}");
+            if !embedded::AGENTS.contains(&name.as_str()) && !embedded::VALIDATORS.contains(&name.as_str()) {
+                return Err(RunRefused::Invalid(format!(
+                    "{at}: `{name}` is not a bundled plugin; an installed plugin's configuration is its install's grants"
+                )));
+            }
+            let plugin = self.bundled(name).await.map_err(|e| RunRefused::Store(e.message))?;
+            let asked = &plugin.manifest().capabilities.config;
+            if let Some(key) = keys.keys().find(|k| !asked.contains(k)) {
+                let asked = if asked.is_empty() { "none".to_string() } else { asked.join(", ") };
+                return Err(RunRefused::Invalid(format!(
+                    "{at}: `{name}` reads no config key `{key}` (it reads: {asked})"
+                )));
+            }
+        }
         for (i, step) in pipeline.steps.iter().enumerate() {
             let at = format!("steps[{i}] (`{}`)", step.name);
             if let Ok(PluginRef::Bundled(role)) = pipeline::plugin_ref(&step.role)
@@ -1103,7 +1130,7 @@ impl PluginExecutor {
             }
             None => None,
         };
-        let agent = within(self.pipeline_plugin(&tenant, &step.role, Kind::Agent).await?, ctx);
+        let agent = within(self.pipeline_plugin(&tenant, pipeline, &step.role, Kind::Agent).await?, ctx);
         let mut priced = None;
         let router = Arc::new(match (&step.model, self.gateway()) {
             (Some(model), Some(gateway)) => {
@@ -1268,7 +1295,7 @@ impl PluginExecutor {
             return Ok(skipped);
         }
         let tenant = self.tenant_name(&task.tenant_id).await.map_err(TaskError::fatal)?;
-        let plugin = within(self.pipeline_plugin(&tenant, validator, Kind::Validator).await?, ctx);
+        let plugin = within(self.pipeline_plugin(&tenant, pipeline, validator, Kind::Validator).await?, ctx);
         let mut steps = pipeline.ancestors(step);
         steps.push(step);
         let (files, _) = outputs.files(&steps, round, None).map_err(TaskError::fatal)?;

@@ -214,6 +214,57 @@ async fn a_bad_pipeline_is_refused_before_anything_runs_naming_its_step() {
     svc.stop().await;
 }
 
+/// A pipeline configures a bundled plugin with the keys its manifest names (`hap`'s word list),
+/// and nothing else: a key the plugin does not read, or a plugin that is not bundled, is refused
+/// before anything runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_configures_a_bundled_validator() {
+    let svc = service(Backend::Sqlite, true, |_| {}).await;
+    let (_, acme) = svc.tenant("acme").await;
+    let steps = json!([
+        {"name": "pm", "role": "product-manager"},
+        {"name": "arch", "role": "architect", "after": ["pm"]},
+        {"name": "dev", "role": "developer", "after": ["arch"], "validators": ["hap"]},
+    ]);
+    // Without configuration, the bundled list finds nothing in the scripted todo CLI.
+    let plain = json!({"steps": steps, "repair": {"rounds": 0}});
+    let job = run_and_wait(&svc, &acme, json!({"requirement": "a todo list CLI", "pipeline": plain})).await;
+    let found = |job: &Value| -> Vec<String> {
+        // (The report leaves out an empty list.)
+        let all = job["output"]["diagnostics"].as_array().cloned().unwrap_or_default();
+        all.iter().filter(|d| d["severity"] == "error").map(|d| d["rule"].as_str().unwrap().into()).collect()
+    };
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert!(found(&job).is_empty(), "{job}");
+    // With `todo` as the only entry, each file that says it is a finding.
+    let configured = json!({"steps": steps, "repair": {"rounds": 0},
+        "config": {"hap": {"words": "abuse:todo", "words-mode": "replace"}}});
+    assert_eq!(svc.put("/v1/pipelines/strict", &acme, configured.clone()).await.status, 201);
+    let stored = svc.get("/v1/pipelines/strict", &acme).await;
+    assert_eq!(stored.body["definition"]["config"]["hap"]["words"], "abuse:todo", "{stored:?}");
+    let job = run_and_wait(&svc, &acme, json!({"requirement": "a todo list CLI", "pipeline": "strict"})).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let rules = found(&job);
+    assert!(!rules.is_empty() && rules.iter().all(|r| r == "hap-abuse"), "{job}");
+    // Refused, naming the plugin and key.
+    let cases = [
+        (
+            json!({"hap": {"word": "x"}}),
+            "config.hap: `hap` reads no config key `word` (it reads: words, words-mode, allow)",
+        ),
+        (json!({"syntax": {"words": "x"}}), "config.syntax: `syntax` reads no config key `words` (it reads: none)"),
+        (json!({"text-stats": {"a": "b"}}), "config.text-stats: `text-stats` is not a bundled plugin"),
+        (json!({"hap": {"words": "x".repeat(64 * 1024 + 1)}}), "config.hap.words: at most 64 KiB"),
+    ];
+    for (config, expected) in cases {
+        let pipeline = json!({"steps": steps, "config": config});
+        let r = svc.post("/v1/runs", &acme, json!({"requirement": "a todo CLI", "pipeline": pipeline})).await;
+        assert_eq!(r.status, 400, "{r:?}");
+        assert!(r.text.contains(expected), "{r:?}\n(expected {expected})");
+    }
+    svc.stop().await;
+}
+
 /// A step that names a model of the tenant's table asks it through the gateway: its routing,
 /// limits and prices, its usage metered under the run (key id `run:<run id>`). The table's one
 /// deployment is the scripted test double, installed from the registry as a provider plugin.

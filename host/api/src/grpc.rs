@@ -188,7 +188,7 @@ fn kind(name: &str, text: &str) -> Result<qlayer_db::JobKind, Status> {
 }
 
 fn job_status(name: &str, text: &str) -> Result<qlayer_db::JobStatus, Status> {
-    serde_json::from_value(serde_json::Value::String(text.to_string())).map_err(|_| {
+    qlayer_db::JobStatus::named(text).ok_or_else(|| {
         ApiError::invalid(format!(
             "{name}: unknown job status `{}`: expected queued, running, waiting, succeeded, failed or cancelled",
             text.escape_debug()

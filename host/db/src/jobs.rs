@@ -63,15 +63,27 @@ impl JobStatus {
         matches!(self, JobStatus::Succeeded | JobStatus::Failed | JobStatus::Cancelled)
     }
 
+    /// Every status, in the order a job may pass through them.
+    pub const ALL: [JobStatus; 6] = [
+        JobStatus::Queued,
+        JobStatus::Running,
+        JobStatus::Waiting,
+        JobStatus::Succeeded,
+        JobStatus::Failed,
+        JobStatus::Cancelled,
+    ];
+
+    /// The status named `name` (as [`JobStatus::as_str`] spells it).
+    pub fn named(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+
+    /// A stored status (`waiting` is stored as `running`, with `waiting_at`).
     fn parse(s: &str) -> Result<Self, DbError> {
-        Ok(match s {
-            "queued" => JobStatus::Queued,
-            "running" => JobStatus::Running,
-            "succeeded" => JobStatus::Succeeded,
-            "failed" => JobStatus::Failed,
-            "cancelled" => JobStatus::Cancelled,
-            other => return Err(DbError::Invalid(format!("stored job status `{other}` is unknown"))),
-        })
+        match Self::named(s) {
+            Some(JobStatus::Waiting) | None => Err(DbError::Invalid(format!("stored job status `{s}` is unknown"))),
+            Some(status) => Ok(status),
+        }
     }
 }
 

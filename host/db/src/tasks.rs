@@ -203,7 +203,7 @@ pub struct Recorded {
 
 /// A node's offer to run one of the tasks a completion makes ready itself, leased in the
 /// completion's transaction: one transaction instead of two, and no trip through the ready
-/// queue (the scheduler offers this only when no other task waits for a slot).
+/// queue (the scheduler offers this only when no queued task would have started first).
 pub struct Takeover<'a> {
     /// The node.
     pub owner: &'a str,
@@ -1004,13 +1004,13 @@ impl crate::Db {
     }
 }
 
-/// The outputs of `tasks` by name (`null` for one without), as one JSON object, built from their
-/// text.
 /// A `started` event's data: the task, its attempt, and the node that took it.
 fn started(task: &Task, owner: &str) -> serde_json::Value {
     serde_json::json!({ "task": task.name, "attempt": task.attempts, "resumed": task.resumed, "node": owner })
 }
 
+/// The outputs of `tasks` by name (`null` for one without), as one JSON object, built from their
+/// text.
 fn by_name<'a>(tasks: impl Iterator<Item = &'a Task>) -> crate::JsonText {
     let all: std::collections::BTreeMap<&str, &serde_json::value::RawValue> = tasks
         .map(|t| (t.name.as_str(), t.output.as_ref().map_or(serde_json::value::RawValue::NULL, |o| o.as_raw())))

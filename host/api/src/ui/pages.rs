@@ -579,10 +579,10 @@ pub(crate) async fn jobs(State(state): State<AppState>, visitor: Visitor, Query(
         }
     };
     let status = q.status.clone().filter(|s| !s.is_empty());
-    let wanted = match status.as_deref().map(|s| serde_json::from_value(serde_json::Value::String(s.into()))) {
+    let wanted = match status.as_deref().map(JobStatus::named) {
         None => None,
-        Some(Ok(wanted)) => Some(wanted),
-        Some(Err(_)) => {
+        Some(Some(wanted)) => Some(wanted),
+        Some(None) => {
             return error_page(
                 &visitor,
                 &ApiError::invalid(format!(

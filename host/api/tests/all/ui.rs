@@ -604,6 +604,13 @@ async fn sessions_cookies_forms_and_headers(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(r.status(), 403);
+    // The jobs page filters by status in the store; an unknown status is named.
+    let r = http.get(format!("{base}/ui/jobs?status=cancelled")).header("cookie", &cookie).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("No jobs match."));
+    let r = http.get(format!("{base}/ui/jobs?status=paused")).header("cookie", &cookie).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("status `paused` is not queued"));
     // Operators' pages are missing for everyone else, and there for the system tenant.
     let r = http.get(format!("{base}/ui/operators")).header("cookie", &cookie).send().await.unwrap();
     assert_eq!(r.status(), 404);

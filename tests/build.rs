@@ -9,8 +9,13 @@ use std::path::PathBuf;
 use wasm_build::{built, cargo_build, env, fail, plugin_target, with_manifest};
 
 /// Component test guests, by package.
-const GUESTS: &[&str] =
-    &["qlayer-test-hostile", "qlayer-test-fetcher", "qlayer-test-provider-v0-1", "qlayer-test-tool-user"];
+const GUESTS: &[&str] = &[
+    "qlayer-test-hostile",
+    "qlayer-test-fetcher",
+    "qlayer-test-provider-v0-1",
+    "qlayer-test-validator-v0-2",
+    "qlayer-test-tool-user",
+];
 
 /// Extism test guests (core modules, no WASI).
 const EXTISM_GUESTS: &[&str] = &["qlayer-test-extism-hostile"];

@@ -27,10 +27,13 @@ use std::marker::PhantomData;
 pub mod bindings {
     wit_bindgen::generate!({
         path: "../wit",
-        world: "quantumlayer:plugin/agent-plugin",
+        world: "quantumlayer:plugin/agent-plugin@0.3.0",
         with: {
-            "quantumlayer:plugin/types@0.2.0": crate::__bindings::quantumlayer::plugin::types,
-            "quantumlayer:plugin/host@0.2.0": crate::__bindings::quantumlayer::plugin::host,
+            "quantumlayer:plugin/types@0.2.0": crate::__bindings::quantumlayer::plugin0_2_0::types,
+            "quantumlayer:plugin/host@0.2.0": crate::__bindings::quantumlayer::plugin0_2_0::host,
+            "quantumlayer:plugin/types@0.3.0": crate::__bindings::quantumlayer::plugin0_3_0::types,
+            "quantumlayer:plugin/llm@0.2.0": generate,
+            "quantumlayer:plugin/tools@0.2.0": generate,
         },
         pub_export_macro: true,
         export_macro_name: "__export_agent_world",
@@ -57,14 +60,14 @@ pub trait Agent: 'static {
 /// # Ok::<(), PluginError>(())
 /// ```
 pub fn complete(request: &CompletionRequest) -> Result<Completion, PluginError> {
-    bindings::quantumlayer::plugin::llm::complete(request)
+    bindings::quantumlayer::plugin0_2_0::llm::complete(request)
 }
 
-pub use bindings::quantumlayer::plugin::tools::ToolInfo;
+pub use bindings::quantumlayer::plugin0_2_0::tools::ToolInfo;
 
 /// The tools this step was granted (the pipeline names them); empty when none are.
 pub fn tools() -> Vec<ToolInfo> {
-    bindings::quantumlayer::plugin::tools::list()
+    bindings::quantumlayer::plugin0_2_0::tools::list()
 }
 
 /// Invokes granted tool `name` with JSON input and returns its JSON output. The host runs it in
@@ -75,7 +78,7 @@ pub fn tools() -> Vec<ToolInfo> {
 /// # Ok::<(), qlayer_sdk::PluginError>(())
 /// ```
 pub fn invoke_tool(name: &str, input_json: &str) -> Result<String, PluginError> {
-    bindings::quantumlayer::plugin::tools::invoke(name, input_json)
+    bindings::quantumlayer::plugin0_2_0::tools::invoke(name, input_json)
 }
 
 /// A value parsed from the model's JSON reply, with the usage of every attempt.
@@ -376,13 +379,16 @@ pub fn normal_path(path: &str) -> String {
     path.split(['/', '\\']).filter(|p| !p.is_empty() && *p != ".").collect::<Vec<_>>().join("/")
 }
 
-/// Diagnostics as a list for a prompt: `- [rule] path:line: message`.
+/// Diagnostics as a list for a prompt: `- [rule] path:line:column: message`.
 pub fn feedback_text(feedback: &[crate::Diagnostic]) -> String {
     feedback
         .iter()
         .map(|d| {
             let place = match (&d.path, d.line) {
-                (Some(p), Some(l)) => format!("{p}:{l}"),
+                (Some(p), Some(l)) => match d.column {
+                    Some(c) => format!("{p}:{l}:{c}"),
+                    None => format!("{p}:{l}"),
+                },
                 (Some(p), None) => p.clone(),
                 _ => "project".into(),
             };
@@ -410,7 +416,7 @@ pub fn options_line(task: &Task) -> String {
 #[doc(hidden)]
 pub struct Adapter<T>(PhantomData<T>);
 
-impl<T: Agent> bindings::exports::quantumlayer::plugin::agent::Guest for Adapter<T> {
+impl<T: Agent> bindings::exports::quantumlayer::plugin0_3_0::agent::Guest for Adapter<T> {
     fn role() -> String {
         T::role()
     }

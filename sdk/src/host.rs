@@ -2,7 +2,7 @@
 //! granted. A plugin has no filesystem, no environment and no network beyond granted hosts; this
 //! is how it learns its settings.
 
-use crate::__bindings::quantumlayer::plugin::host as imports;
+use crate::__bindings::quantumlayer::plugin0_2_0::host as imports;
 use crate::LogLevel;
 
 /// Writes to the host's log, tagged with the tenant and plugin.

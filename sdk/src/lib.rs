@@ -1,5 +1,5 @@
 //! Write QuantumLayer plugins in Rust: LLM providers, role agents, validators and tools, built as
-//! WebAssembly components for the `quantumlayer:plugin@0.2.0` contract.
+//! WebAssembly components for the `quantumlayer:plugin@0.3.0` contract.
 //!
 //! Enable the feature of the one world your plugin targets (`provider`, `agent`, `validator` or
 //! `tool`), implement its trait, and export it with its macro:
@@ -28,9 +28,10 @@
 #[allow(missing_docs, unsafe_code, clippy::all)]
 pub mod __bindings {
     // The shared types and the `host` import, generated once; each world module below reuses
-    // them so that one `Completion` type serves every world.
+    // them so that one `Completion` type serves every world. 0.3.0 uses 0.2.0's types but for
+    // `diagnostic` and `task`.
     wit_bindgen::generate!({
-        inline: "package qlayer:sdk; world base { import quantumlayer:plugin/host@0.2.0; }",
+        inline: "package qlayer:sdk; world base { import quantumlayer:plugin/host@0.2.0; import quantumlayer:plugin/types@0.3.0; }",
         path: "../wit",
         world: "qlayer:sdk/base",
         generate_all,
@@ -39,11 +40,12 @@ pub mod __bindings {
     });
 }
 
-pub use __bindings::quantumlayer::plugin::types::{
-    AgentOutput, Artifact, Completion, CompletionChunk, CompletionRequest, ContentPart, Diagnostic, EmbeddingRequest,
-    Embeddings, FinishReason, ImageUrl, JsonSchema, LogLevel, Message, ModelInfo, PluginError, ResponseFormat, Role,
-    Severity, Task, ToolCall, ToolCallDelta, ToolChoice, ToolDefinition, Usage,
+pub use __bindings::quantumlayer::plugin0_2_0::types::{
+    AgentOutput, Artifact, Completion, CompletionChunk, CompletionRequest, ContentPart, EmbeddingRequest, Embeddings,
+    FinishReason, ImageUrl, JsonSchema, LogLevel, Message, ModelInfo, PluginError, ResponseFormat, Role, Severity,
+    ToolCall, ToolCallDelta, ToolChoice, ToolDefinition, Usage,
 };
+pub use __bindings::quantumlayer::plugin0_3_0::types::{Diagnostic, Task};
 
 pub mod host;
 pub mod json;

@@ -36,10 +36,11 @@ use std::marker::PhantomData;
 pub mod bindings {
     wit_bindgen::generate!({
         path: "../wit",
-        world: "quantumlayer:plugin/provider-plugin",
+        world: "quantumlayer:plugin/provider-plugin@0.3.0",
         with: {
-            "quantumlayer:plugin/types@0.2.0": crate::__bindings::quantumlayer::plugin::types,
-            "quantumlayer:plugin/host@0.2.0": crate::__bindings::quantumlayer::plugin::host,
+            "quantumlayer:plugin/types@0.2.0": crate::__bindings::quantumlayer::plugin0_2_0::types,
+            "quantumlayer:plugin/host@0.2.0": crate::__bindings::quantumlayer::plugin0_2_0::host,
+            "quantumlayer:plugin/provider@0.2.0": generate,
         },
         pub_export_macro: true,
         export_macro_name: "__export_provider_world",
@@ -47,7 +48,7 @@ pub mod bindings {
     });
 }
 
-use bindings::exports::quantumlayer::plugin::provider as wit;
+use bindings::exports::quantumlayer::plugin0_2_0::provider as wit;
 
 /// An LLM provider. Each function is one call from the host.
 pub trait Provider: 'static {

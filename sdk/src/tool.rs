@@ -9,10 +9,11 @@ use std::marker::PhantomData;
 pub mod bindings {
     wit_bindgen::generate!({
         path: "../wit",
-        world: "quantumlayer:plugin/tool-plugin",
+        world: "quantumlayer:plugin/tool-plugin@0.3.0",
         with: {
-            "quantumlayer:plugin/types@0.2.0": crate::__bindings::quantumlayer::plugin::types,
-            "quantumlayer:plugin/host@0.2.0": crate::__bindings::quantumlayer::plugin::host,
+            "quantumlayer:plugin/types@0.2.0": crate::__bindings::quantumlayer::plugin0_2_0::types,
+            "quantumlayer:plugin/host@0.2.0": crate::__bindings::quantumlayer::plugin0_2_0::host,
+            "quantumlayer:plugin/tool@0.2.0": generate,
         },
         pub_export_macro: true,
         export_macro_name: "__export_tool_world",
@@ -29,7 +30,7 @@ pub trait Tool: 'static {
 #[doc(hidden)]
 pub struct Adapter<T>(PhantomData<T>);
 
-impl<T: Tool> bindings::exports::quantumlayer::plugin::tool::Guest for Adapter<T> {
+impl<T: Tool> bindings::exports::quantumlayer::plugin0_2_0::tool::Guest for Adapter<T> {
     fn invoke(input_json: String) -> Result<String, PluginError> {
         T::invoke(input_json)
     }

@@ -8,7 +8,7 @@
 //!     fn validate(artifacts: Vec<Artifact>) -> Result<Vec<Diagnostic>, PluginError> {
 //!         Ok(artifacts.iter().filter(|a| a.content.contains(&b'\t')).map(|a| Diagnostic {
 //!             severity: Severity::Warning, rule: "no-tabs".into(), path: Some(a.path.clone()),
-//!             line: None, message: "contains a tab".into(),
+//!             line: None, column: None, message: "contains a tab".into(),
 //!         }).collect())
 //!     }
 //! }
@@ -23,10 +23,11 @@ use std::marker::PhantomData;
 pub mod bindings {
     wit_bindgen::generate!({
         path: "../wit",
-        world: "quantumlayer:plugin/validator-plugin",
+        world: "quantumlayer:plugin/validator-plugin@0.3.0",
         with: {
-            "quantumlayer:plugin/types@0.2.0": crate::__bindings::quantumlayer::plugin::types,
-            "quantumlayer:plugin/host@0.2.0": crate::__bindings::quantumlayer::plugin::host,
+            "quantumlayer:plugin/types@0.2.0": crate::__bindings::quantumlayer::plugin0_2_0::types,
+            "quantumlayer:plugin/host@0.2.0": crate::__bindings::quantumlayer::plugin0_2_0::host,
+            "quantumlayer:plugin/types@0.3.0": crate::__bindings::quantumlayer::plugin0_3_0::types,
         },
         pub_export_macro: true,
         export_macro_name: "__export_validator_world",
@@ -43,7 +44,7 @@ pub trait Validator: 'static {
 #[doc(hidden)]
 pub struct Adapter<T>(PhantomData<T>);
 
-impl<T: Validator> bindings::exports::quantumlayer::plugin::validator::Guest for Adapter<T> {
+impl<T: Validator> bindings::exports::quantumlayer::plugin0_3_0::validator::Guest for Adapter<T> {
     fn validate(artifacts: Vec<Artifact>) -> Result<Vec<Diagnostic>, PluginError> {
         T::validate(artifacts)
     }

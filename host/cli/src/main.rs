@@ -683,12 +683,7 @@ fn validate_dir(
     })?;
     println!("qlayer validate: {} files in {} (validators: {})", project.files.len(), dir.display(), names.join(", "));
     for d in found.diagnostics.iter().filter(|d| d.severity != "info") {
-        let place = match (&d.path, d.line) {
-            (Some(p), Some(l)) => format!("{p}:{l}"),
-            (Some(p), None) => p.clone(),
-            _ => String::new(),
-        };
-        println!("  {} [{}] {place} {} ({})", d.severity, d.rule, d.message, d.validator);
+        println!("  {} [{}] {} {} ({})", d.severity, d.rule, d.place(), d.message, d.validator);
     }
     if let Some(t) = qlayer_factory::tests_summary(&found.diagnostics) {
         println!("  tests: {} of {} passed in the sandbox, {} not run", t.passed, t.ran, t.not_run);
@@ -1113,12 +1108,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             }
         }
         for d in report.diagnostics.iter().filter(|d| d.severity != "info") {
-            let place = match (&d.path, d.line) {
-                (Some(p), Some(l)) => format!("{p}:{l}"),
-                (Some(p), None) => p.clone(),
-                _ => String::new(),
-            };
-            println!("  {} [{}] {place} {}", d.severity, d.rule, d.message);
+            println!("  {} [{}] {} {}", d.severity, d.rule, d.place(), d.message);
         }
         // What was built, checked and spent; the verdict stays the last line.
         for line in run_summary(&report, &args.out) {

@@ -14,8 +14,17 @@ use std::process::Command;
 /// same compiler and the wasm32-wasip2 target.
 const TOOLCHAIN: &str = include_str!("../../../rust-toolchain.toml");
 
-/// The contract the Python and JavaScript scaffolds build against (their `wit/plugin.wit`).
+/// The contract the Python and JavaScript scaffolds build against (their `wit/plugin.wit`), and the
+/// 0.2.0 it uses (their `wit/deps/plugin-0.2.0/plugin.wit`).
 const CONTRACT: &str = include_str!("../../../wit/plugin.wit");
+const CONTRACT_0_2: &str = include_str!("../../../wit/deps/plugin-0.2.0/plugin.wit");
+
+/// Writes the contract into the scaffold's `wit/`, the layout componentize-py and jco read.
+fn write_contract(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir.join("wit/deps/plugin-0.2.0"))?;
+    write(dir, "wit/plugin.wit", CONTRACT)?;
+    write(dir, "wit/deps/plugin-0.2.0/plugin.wit", CONTRACT_0_2)
+}
 
 /// The language of a scaffolded plugin.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -132,14 +141,12 @@ debug = false
             write(dir, "src/lib.rs", template(kind))?;
         }
         Lang::Python => {
-            std::fs::create_dir_all(dir.join("wit"))?;
-            write(dir, "wit/plugin.wit", CONTRACT)?;
+            write_contract(dir)?;
             write(dir, "app.py", python_template(kind))?;
             write(dir, ".gitignore", "/target\n__pycache__/\n/wit_world/\n/componentize_py_*\n/poll_loop.py\n")?;
         }
         Lang::Js => {
-            std::fs::create_dir_all(dir.join("wit"))?;
-            write(dir, "wit/plugin.wit", CONTRACT)?;
+            write_contract(dir)?;
             write(dir, "app.js", js_template(kind))?;
             let package = serde_json::json!({
                 "name": name,
@@ -219,8 +226,8 @@ fn readme(kind: Kind, name: &str, lang: Lang) -> String {
     };
     format!(
         "# {name}\n\n\
-         A QuantumLayer `{kind}` plugin (world `{world}` of `quantumlayer:plugin@0.2.0`, in \
-         `wit/plugin.wit` of the qlayer repository).\n\n\
+         A QuantumLayer `{kind}` plugin (world `{world}` of `quantumlayer:plugin@0.3.0`, in \
+         `wit/plugin.wit`, which uses 0.2.0 in `wit/deps/`).\n\n\
          ## Build\n\n\
          Needs: {setup}\n\n\
          ```sh\n\
@@ -286,6 +293,7 @@ impl Validator for Plugin {
                         rule: "todo-marker".into(),
                         path: Some(a.path.clone()),
                         line: Some(i as u32 + 1),
+                        column: line.find("TODO").map(|at| line[..at].chars().count() as u32 + 1),
                         message: "a TODO marker is left in the file".into(),
                     });
                 }

@@ -148,8 +148,11 @@ pub struct DiagnosticReport {
     pub rule: String,
     /// The file.
     pub path: Option<String>,
-    /// The line.
+    /// The line (1-based).
     pub line: Option<u32>,
+    /// The column within the line (1-based, in characters), when the validator gave one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub column: Option<u32>,
     /// What is wrong.
     pub message: String,
     /// The validator that found it.
@@ -210,8 +213,19 @@ impl DiagnosticReport {
             rule: d.rule,
             path: d.path,
             line: d.line,
+            column: d.line.and(d.column),
             message: d.message,
             validator: validator.to_string(),
+        }
+    }
+
+    /// Where it is: `path:line:column`, `path:line`, `path`, or empty for the whole project.
+    pub fn place(&self) -> String {
+        match (&self.path, self.line, self.column) {
+            (Some(p), Some(l), Some(c)) => format!("{p}:{l}:{c}"),
+            (Some(p), Some(l), None) => format!("{p}:{l}"),
+            (Some(p), None, _) => p.clone(),
+            _ => String::new(),
         }
     }
 
@@ -231,6 +245,7 @@ impl DiagnosticReport {
             rule: self.rule.clone(),
             path: self.path.clone(),
             line: self.line,
+            column: self.column,
             message: self.message.clone(),
         }
     }
@@ -367,6 +382,8 @@ pub fn findings(artifacts: &[Artifact], step: &str) -> Result<Vec<DiagnosticRepo
         path: Option<String>,
         #[serde(default)]
         line: Option<u32>,
+        #[serde(default)]
+        column: Option<u32>,
         message: String,
     }
     let mut out = Vec::new();
@@ -391,6 +408,7 @@ pub fn findings(artifacts: &[Artifact], step: &str) -> Result<Vec<DiagnosticRepo
                 rule: f.rule,
                 path,
                 line: f.line,
+                column: f.line.and(f.column),
                 message: f.message,
                 validator: step.to_string(),
             });
@@ -453,6 +471,7 @@ fn stopped(e: CallError, validator: &str) -> Result<Vec<DiagnosticReport>, CallE
         rule: VALIDATOR_STOPPED.into(),
         path: None,
         line: None,
+        column: None,
         message: format!("the sandbox stopped validator `{validator}` on this project: it {why}"),
         validator: validator.to_string(),
     }])

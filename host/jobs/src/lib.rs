@@ -1336,6 +1336,7 @@ impl PluginExecutor {
                     rule: REJECTED.into(),
                     path: None,
                     line: None,
+                    column: None,
                     message: format!("rejected at the gate after `{}`: {}", step.name, comment.unwrap_or_default()),
                     validator: Pipeline::gate_task(step),
                 });

@@ -1,11 +1,13 @@
-//! Conversions between the contract versions the host binds: a 0.1.0 component is called with
-//! 0.2.0 values turned into 0.1.0 ones, and its answers turned into 0.2.0 ones.
+//! Conversions between the contract versions the host binds: an older component is called with
+//! the runtime's values (0.2.0's, with 0.3.0's diagnostics and tasks) turned into its version's,
+//! and its answers turned into the runtime's.
 //!
-//! Going up (0.1.0 to 0.2.0) never loses anything. Going down, a request that uses what 0.1.0
-//! cannot express (tools, images, a JSON schema, `top-p`, `seed`) is refused with the feature's
-//! name: never sent with the feature silently dropped.
+//! Going up never loses anything (a 0.1.0 or 0.2.0 diagnostic has no column). Going down, a
+//! request that uses what 0.1.0 cannot express (tools, images, a JSON schema, `top-p`, `seed`) is
+//! refused with the feature's name: never sent with the feature silently dropped. The one thing
+//! dropped going down is a feedback diagnostic's column, for an agent that has nowhere to put it.
 
-use crate::bindings::{v0_1::types as v1, v0_2::types as v2};
+use crate::bindings::{v0_1::types as v1, v0_2::types as v2, v0_3::types as v3};
 
 /// A conversion between the two versions' types (`From` cannot be implemented for `Vec`s and
 /// `Option`s of them).
@@ -59,11 +61,27 @@ record!(v2 => v1: EmbeddingRequest { model, inputs });
 record!(v1 => v2: Embeddings { model, vectors, usage });
 record!(v1 => v2: Artifact { path, media_type, content });
 record!(v2 => v1: Artifact { path, media_type, content });
-record!(v1 => v2: Diagnostic { severity, rule, path, line, message });
-record!(v2 => v1: Diagnostic { severity, rule, path, line, message });
-record!(v2 => v1: Task { requirement, inputs, feedback, options_json });
+record!(v3 => v1: Diagnostic { severity, rule, path, line, message });
+record!(v3 => v2: Diagnostic { severity, rule, path, line, message });
+record!(v3 => v1: Task { requirement, inputs, feedback, options_json });
+record!(v3 => v2: Task { requirement, inputs, feedback, options_json });
 record!(v1 => v2: AgentOutput { artifacts, summary });
 cases!(v1 => v2: Severity { Error, Warning, Info });
+identity!(v2::Severity, v2::Artifact);
+
+impl Conv<v3::Diagnostic> for v1::Diagnostic {
+    fn conv(self) -> v3::Diagnostic {
+        let v1::Diagnostic { severity, rule, path, line, message } = self;
+        v3::Diagnostic { severity: severity.conv(), rule, path, line, column: None, message }
+    }
+}
+
+impl Conv<v3::Diagnostic> for v2::Diagnostic {
+    fn conv(self) -> v3::Diagnostic {
+        let v2::Diagnostic { severity, rule, path, line, message } = self;
+        v3::Diagnostic { severity, rule, path, line, column: None, message }
+    }
+}
 cases!(v2 => v1: Severity { Error, Warning, Info });
 cases!(v1 => v2: Role { System, User, Assistant, Tool });
 cases!(v2 => v1: Role { System, User, Assistant, Tool });

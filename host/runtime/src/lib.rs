@@ -48,7 +48,7 @@ pub use network::NetworkPolicy;
 pub use qlayer_manifest::{Format, HostPattern, InputChecker, Kind, Manifest, ToolSpec};
 
 use anyhow::Context as _;
-use bindings::{v0_1, v0_2};
+use bindings::{v0_1, v0_2, v0_3};
 use compat::Conv;
 use futures::future::BoxFuture;
 use sha2::{Digest, Sha256};
@@ -582,12 +582,28 @@ impl Runtime {
             stub_http(&mut linker, &self.shared.engine, &component)?;
             linker.instantiate_pre(&component)
         };
-        // The world's typed pre-linked component, of the contract version it exports.
+        // The world's typed pre-linked component, of the contract version it exports (a world
+        // 0.3.0 did not change has no 0.3.0 binding: `check_world` refuses such an export).
         macro_rules! bind {
             ($world:ident :: $pre_ty:ident, $pre:expr) => {
                 match contract {
                     Contract::V0_1 => Bound::V0_1(v0_1::$world::$pre_ty::new($pre).map_err(wrong)?),
                     Contract::V0_2 => Bound::V0_2(v0_2::$world::$pre_ty::new($pre).map_err(wrong)?),
+                    Contract::V0_3 => {
+                        return Err(LoadError::WrongWorld {
+                            plugin: manifest.name.clone(),
+                            kind: manifest.kind,
+                            world: manifest.kind.world(),
+                            problem: format!("{} has no 0.3.0 `{}` interface", Contract::V0_3, manifest.kind.export()),
+                        });
+                    }
+                }
+            };
+            ($world:ident :: $pre_ty:ident, $pre:expr, v0_3) => {
+                match contract {
+                    Contract::V0_1 => Bound::V0_1(v0_1::$world::$pre_ty::new($pre).map_err(wrong)?),
+                    Contract::V0_2 => Bound::V0_2(v0_2::$world::$pre_ty::new($pre).map_err(wrong)?),
+                    Contract::V0_3 => Bound::V0_3(v0_3::$world::$pre_ty::new($pre).map_err(wrong)?),
                 }
             };
         }
@@ -596,8 +612,8 @@ impl Runtime {
                 open: bind!(provider::ProviderPluginPre, pre),
                 closed: bind!(provider::ProviderPluginPre, closed().map_err(wrong)?),
             },
-            Kind::Agent => Pre::Agent(bind!(agent::AgentPluginPre, pre)),
-            Kind::Validator => Pre::Validator(bind!(validator::ValidatorPluginPre, pre)),
+            Kind::Agent => Pre::Agent(bind!(agent::AgentPluginPre, pre, v0_3)),
+            Kind::Validator => Pre::Validator(bind!(validator::ValidatorPluginPre, pre, v0_3)),
             Kind::Tool => Pre::Tool {
                 open: bind!(tool::ToolPluginPre, pre),
                 closed: bind!(tool::ToolPluginPre, closed().map_err(wrong)?),
@@ -643,7 +659,9 @@ fn base_linker(engine: &Engine) -> anyhow::Result<Linker<StoreState>> {
     // the context behind them grants nothing: no preopened directories, no environment, no
     // sockets.
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
-    // Both contract versions: their interfaces have different names, so one linker serves both.
+    // Every contract version: their interfaces have different names, so one linker serves all.
+    // (0.3.0 uses 0.2.0's `host`, and adds its own `types`.)
+    v0_3::types::add_to_linker::<_, HasSelf<StoreState>>(&mut linker, |s| s)?;
     v0_2::host::add_to_linker::<_, HasSelf<StoreState>>(&mut linker, |s| s)?;
     v0_2::types::add_to_linker::<_, HasSelf<StoreState>>(&mut linker, |s| s)?;
     v0_1::host::add_to_linker::<_, HasSelf<StoreState>>(&mut linker, |s| s)?;
@@ -780,20 +798,22 @@ fn check_world(engine: &Engine, component: &Component, manifest: &Manifest) -> R
     let ty = component.component_type();
     let want = format!("quantumlayer:plugin/{}", kind.export());
     let exports: Vec<(String, ComponentItem)> = ty.exports(engine).map(|(n, i)| (n.to_string(), i.ty)).collect();
+    let bound = Contract::of_kind(kind);
+    let versions = || bound.iter().map(|c| c.version()).collect::<Vec<_>>().join(", ");
     let Some((name, item)) = exports.iter().find(|(n, _)| n.split('@').next() == Some(&want)) else {
         let names: Vec<&str> = exports.iter().map(|(n, _)| n.as_str()).collect();
         return Err(wrong(format!(
             "does not export `{want}@{}` (or another version the host binds: {}); it exports: {}",
-            Contract::LATEST.version(),
-            Contract::ALL.map(Contract::version).join(", "),
+            bound.last().map_or("", |c| c.version()),
+            versions(),
             if names.is_empty() { "nothing".to_string() } else { names.join(", ") }
         )));
     };
     let version = name.split('@').nth(1).unwrap_or("");
-    let Some(contract) = Contract::ALL.into_iter().find(|c| c.version() == version) else {
+    let Some(contract) = bound.iter().copied().find(|c| c.version() == version) else {
         return Err(wrong(format!(
             "exports `{name}`, a contract version this host does not bind (it binds {})",
-            Contract::ALL.map(Contract::version).join(", ")
+            versions()
         )));
     };
     let ComponentItem::ComponentInstance(instance) = item else {
@@ -818,19 +838,31 @@ pub enum Contract {
     V0_1,
     /// `quantumlayer:plugin@0.2.0`: tools, content parts, response formats, typed finish reasons.
     V0_2,
+    /// `quantumlayer:plugin@0.3.0`: a column in diagnostics (validators, and agents' feedback).
+    V0_3,
 }
 
 impl Contract {
     /// Every version bound, oldest first.
-    pub const ALL: [Contract; 2] = [Contract::V0_1, Contract::V0_2];
+    pub const ALL: [Contract; 3] = [Contract::V0_1, Contract::V0_2, Contract::V0_3];
     /// The version the SDK and first-party plugins build against.
-    pub const LATEST: Contract = Contract::V0_2;
+    pub const LATEST: Contract = Contract::V0_3;
 
-    /// `0.1.0`, `0.2.0`.
+    /// `0.1.0`, `0.2.0`, `0.3.0`.
     pub fn version(self) -> &'static str {
         match self {
             Contract::V0_1 => "0.1.0",
             Contract::V0_2 => "0.2.0",
+            Contract::V0_3 => "0.3.0",
+        }
+    }
+
+    /// The versions of `kind`'s export interface, oldest first. 0.3.0 changed only validators'
+    /// and agents' (diagnostics gained a column): its providers and tools export 0.2.0's.
+    pub fn of_kind(kind: Kind) -> &'static [Contract] {
+        match kind {
+            Kind::Agent | Kind::Validator => &Contract::ALL,
+            Kind::Provider | Kind::Tool => &[Contract::V0_1, Contract::V0_2],
         }
     }
 }
@@ -841,37 +873,59 @@ impl fmt::Display for Contract {
     }
 }
 
-/// One of a pair of things that exist per contract version: pre-linked components, bindings.
+/// One of the things that exist per contract version: pre-linked components, bindings. A world
+/// that 0.3.0 did not change (provider, tool) has no 0.3.0 thing: its `C` is uninhabited.
 #[derive(Clone)]
-pub enum Bound<A, B> {
+pub enum Bound<A, B, C = std::convert::Infallible> {
     /// For a `quantumlayer:plugin@0.1.0` component.
     V0_1(A),
     /// For a `quantumlayer:plugin@0.2.0` component.
     V0_2(B),
+    /// For a `quantumlayer:plugin@0.3.0` component.
+    V0_3(C),
 }
 
-impl<A, B> Bound<A, B> {
+impl<A, B, C> Bound<A, B, C> {
     fn contract(&self) -> Contract {
         match self {
             Bound::V0_1(_) => Contract::V0_1,
             Bound::V0_2(_) => Contract::V0_2,
+            Bound::V0_3(_) => Contract::V0_3,
         }
     }
 }
 
 type ProviderPre = Bound<v0_1::provider::ProviderPluginPre<StoreState>, v0_2::provider::ProviderPluginPre<StoreState>>;
-type AgentPre = Bound<v0_1::agent::AgentPluginPre<StoreState>, v0_2::agent::AgentPluginPre<StoreState>>;
-type ValidatorPre =
-    Bound<v0_1::validator::ValidatorPluginPre<StoreState>, v0_2::validator::ValidatorPluginPre<StoreState>>;
+type AgentPre = Bound<
+    v0_1::agent::AgentPluginPre<StoreState>,
+    v0_2::agent::AgentPluginPre<StoreState>,
+    v0_3::agent::AgentPluginPre<StoreState>,
+>;
+type ValidatorPre = Bound<
+    v0_1::validator::ValidatorPluginPre<StoreState>,
+    v0_2::validator::ValidatorPluginPre<StoreState>,
+    v0_3::validator::ValidatorPluginPre<StoreState>,
+>;
 type ToolPre = Bound<v0_1::tool::ToolPluginPre<StoreState>, v0_2::tool::ToolPluginPre<StoreState>>;
 
-/// Instantiates a [`Bound`] pre-linked component in `store`, keeping its version.
+/// Instantiates a [`Bound`] pre-linked component in `store`, keeping its version (`v0_3` for the
+/// worlds that have a 0.3.0 one).
 macro_rules! instantiate {
     ($pre:expr, $store:expr) => {
         async {
             Ok::<_, wasmtime::Error>(match $pre {
                 Bound::V0_1(p) => Bound::V0_1(Arc::new(p.instantiate_async($store).await?)),
                 Bound::V0_2(p) => Bound::V0_2(Arc::new(p.instantiate_async($store).await?)),
+                Bound::V0_3(never) => match *never {},
+            })
+        }
+    };
+    ($pre:expr, $store:expr, v0_3) => {
+        async {
+            Ok::<_, wasmtime::Error>(match $pre {
+                Bound::V0_1(p) => Bound::V0_1(Arc::new(p.instantiate_async($store).await?)),
+                Bound::V0_2(p) => Bound::V0_2(Arc::new(p.instantiate_async($store).await?)),
+                Bound::V0_3(p) => Bound::V0_3(Arc::new(p.instantiate_async($store).await?)),
             })
         }
     };
@@ -1233,7 +1287,7 @@ impl Installed {
         let Pre::Agent(pre) = &*self.plugin.pre else { return Err(self.wrong_kind(tenant, Kind::Agent)) };
         let (mut begun, deadline) = self.begin(tenant, Some(llm)).await;
         begun.1.data_mut().tools = tools;
-        let outcome = bounded(deadline, instantiate!(pre, &mut begun.1)).await;
+        let outcome = bounded(deadline, instantiate!(pre, &mut begun.1, v0_3)).await;
         self.finish(begun, outcome)
     }
 
@@ -1241,7 +1295,7 @@ impl Installed {
     pub async fn validator(&self, tenant: &str) -> Result<ValidatorInstance, CallError> {
         let Pre::Validator(pre) = &*self.plugin.pre else { return Err(self.wrong_kind(tenant, Kind::Validator)) };
         let (mut begun, deadline) = self.begin(tenant, None).await;
-        let outcome = bounded(deadline, instantiate!(pre, &mut begun.1)).await;
+        let outcome = bounded(deadline, instantiate!(pre, &mut begun.1, v0_3)).await;
         self.finish(begun, outcome)
     }
 
@@ -1401,10 +1455,16 @@ pub struct Instance<B> {
 /// A live provider.
 pub type ProviderInstance = Instance<Bound<Arc<v0_1::provider::ProviderPlugin>, Arc<v0_2::provider::ProviderPlugin>>>;
 /// A live agent.
-pub type AgentInstance = Instance<Bound<Arc<v0_1::agent::AgentPlugin>, Arc<v0_2::agent::AgentPlugin>>>;
+pub type AgentInstance =
+    Instance<Bound<Arc<v0_1::agent::AgentPlugin>, Arc<v0_2::agent::AgentPlugin>, Arc<v0_3::agent::AgentPlugin>>>;
 /// A live validator.
-pub type ValidatorInstance =
-    Instance<Bound<Arc<v0_1::validator::ValidatorPlugin>, Arc<v0_2::validator::ValidatorPlugin>>>;
+pub type ValidatorInstance = Instance<
+    Bound<
+        Arc<v0_1::validator::ValidatorPlugin>,
+        Arc<v0_2::validator::ValidatorPlugin>,
+        Arc<v0_3::validator::ValidatorPlugin>,
+    >,
+>;
 /// A live tool.
 pub type ToolInstance = Instance<Bound<Arc<v0_1::tool::ToolPlugin>, Arc<v0_2::tool::ToolPlugin>>>;
 
@@ -1498,7 +1558,7 @@ impl<B: Send + Sync> Instance<B> {
     }
 }
 
-impl<A, B> Instance<Bound<A, B>> {
+impl<A, B, C> Instance<Bound<A, B, C>> {
     /// The contract version of the component behind this instance.
     pub fn contract(&self) -> Contract {
         self.bindings.contract()
@@ -1709,6 +1769,7 @@ impl AgentInstance {
         let outcome = match self.bindings.clone() {
             Bound::V0_1(b) => bounded(deadline, b.quantumlayer_plugin_agent().call_role(&mut self.store)).await,
             Bound::V0_2(b) => bounded(deadline, b.quantumlayer_plugin_agent().call_role(&mut self.store)).await,
+            Bound::V0_3(b) => bounded(deadline, b.quantumlayer_plugin0_3_0_agent().call_role(&mut self.store)).await,
         };
         self.finish(outcome.map(|r| r.map(Ok)))
     }
@@ -1720,7 +1781,11 @@ impl AgentInstance {
                 let old = task.clone().conv();
                 guest_call!(self, b.quantumlayer_plugin_agent().call_run(&mut self.store, &old), up)?
             }
-            Bound::V0_2(b) => guest_call!(self, b.quantumlayer_plugin_agent().call_run(&mut self.store, task))?,
+            Bound::V0_2(b) => {
+                let old = task.clone().conv();
+                guest_call!(self, b.quantumlayer_plugin_agent().call_run(&mut self.store, &old))?
+            }
+            Bound::V0_3(b) => guest_call!(self, b.quantumlayer_plugin0_3_0_agent().call_run(&mut self.store, task))?,
         };
         let size = out.summary.len() + out.artifacts.iter().map(|a| a.path.len() + a.content.len()).sum::<usize>();
         self.within_output(size)?;
@@ -1737,7 +1802,11 @@ impl ValidatorInstance {
                 guest_call!(self, b.quantumlayer_plugin_validator().call_validate(&mut self.store, &old), up)
             }
             Bound::V0_2(b) => {
-                guest_call!(self, b.quantumlayer_plugin_validator().call_validate(&mut self.store, artifacts))
+                guest_call!(self, b.quantumlayer_plugin_validator().call_validate(&mut self.store, artifacts), |r| r
+                    .map(|found| found.map(Conv::conv)))
+            }
+            Bound::V0_3(b) => {
+                guest_call!(self, b.quantumlayer_plugin0_3_0_validator().call_validate(&mut self.store, artifacts))
             }
         }
     }

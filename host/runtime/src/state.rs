@@ -3,7 +3,7 @@
 //! host imports (`host`, `llm`).
 
 use super::LlmHandler;
-use super::bindings::{host, llm, types, v0_1};
+use super::bindings::{host, llm, v0_1, v0_2::types, v0_3};
 use super::compat::Conv;
 use super::grants::Grants;
 use super::logs::{self, LogMeter, TenantBudgets};
@@ -342,6 +342,8 @@ impl Drop for LineLogger {
 }
 
 impl types::Host for StoreState {}
+
+impl v0_3::types::Host for StoreState {}
 
 impl host::Host for StoreState {
     async fn log(&mut self, level: types::LogLevel, message: String) {

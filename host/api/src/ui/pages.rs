@@ -427,7 +427,7 @@ pub(crate) async fn run(State(state): State<AppState>, visitor: Visitor, Path(id
                         @for d in &findings {
                             tr {
                                 td { (status_badge(d["severity"].as_str().unwrap_or("info"))) }
-                                td { code { (d["path"].as_str().unwrap_or("")) @if let Some(l) = d["line"].as_u64() { ":" (l) } } }
+                                td { code { (d["path"].as_str().unwrap_or("")) @if let Some(l) = d["line"].as_u64() { ":" (l) } @if let Some(c) = d["column"].as_u64() { ":" (c) } } }
                                 td { (d["rule"].as_str().unwrap_or("")) }
                                 td { (d["message"].as_str().unwrap_or("")) }
                                 td { (d["validator"].as_str().unwrap_or("")) }

@@ -229,8 +229,8 @@ fn validate_checks_any_directory_and_exits_3_on_errors() {
     let (stdout, stderr) = text(&o);
     assert_eq!(o.status.code(), Some(3), "{stdout}{stderr}");
     assert!(stdout.contains("7 files in"), "{stdout}");
-    assert!(stdout.contains("error [rust-syntax] src/main.rs:2"), "{stdout}");
-    assert!(stdout.contains("error [python-syntax] main.py:1"), "{stdout}");
+    assert!(stdout.contains("error [rust-syntax] src/main.rs:2:13 "), "{stdout}");
+    assert!(stdout.contains("error [python-syntax] main.py:1:"), "{stdout}");
     // Lexical checks: C's `#else` branch opens no second brace; a `<div>` is left open, and so is a
     // template literal, named at the line where it began.
     assert!(stdout.contains("error [html-syntax] web/index.html:2 `<div>` is never closed"), "{stdout}");
@@ -292,7 +292,7 @@ fn validate_checks_imports_against_the_manifests_and_text_for_hap() {
         "error [undeclared-import] app.py:3 `requests` is imported but pyproject.toml does not declare it (deps)",
         "error [invalid-dependency] web/package.json:1 `react`: `=> 18` is not a version range",
         "error [undeclared-import] web/src/app.js:2 `express` is imported but web/package.json does not declare it",
-        "error [hap-profanity] README.md:3 s*** (profanity)",
+        "error [hap-profanity] README.md:3:6 s*** (profanity)",
     ] {
         assert!(stdout.contains(expected), "expected {expected:?} in\n{stdout}");
     }

@@ -154,7 +154,7 @@ fn python_and_javascript_plugins_scaffold_build_install_and_run_in_the_sandbox()
             qlayer_runtime::Artifact {
                 path: "a.py".into(),
                 media_type: "text/x-python".into(),
-                content: b"x = 1\n# TODO: y\n".to_vec(),
+                content: "x = 1\n# é TODO: y\n".as_bytes().to_vec(),
             },
             qlayer_runtime::Artifact {
                 path: "b.bin".into(),
@@ -169,6 +169,8 @@ fn python_and_javascript_plugins_scaffold_build_install_and_run_in_the_sandbox()
     assert_eq!(diagnostics[0].rule, "todo-marker");
     assert_eq!(diagnostics[0].path.as_deref(), Some("a.py"));
     assert_eq!(diagnostics[0].line, Some(2));
+    // 0.3.0's column, in characters (`é` is two bytes).
+    assert_eq!(diagnostics[0].column, Some(5));
 }
 
 #[test]
@@ -271,11 +273,15 @@ fn the_python_and_javascript_provider_and_validator_templates_run_in_the_host() 
         let artifacts = vec![qlayer_runtime::Artifact {
             path: "x.js".into(),
             media_type: "text/javascript".into(),
-            content: b"a();\n\n// TODO later\n".to_vec(),
+            content: "a();\n\n// ü TODO later\n".as_bytes().to_vec(),
         }];
         let found =
             tokio.block_on(async { installed.validator("t").await.unwrap().validate(&artifacts).await.unwrap() });
         assert_eq!(found.len(), 1, "{lang}: {found:?}");
-        assert_eq!((found[0].line, found[0].rule.as_str()), (Some(3), "todo-marker"), "{lang}");
+        assert_eq!(
+            (found[0].line, found[0].column, found[0].rule.as_str()),
+            (Some(3), Some(6), "todo-marker"),
+            "{lang}"
+        );
     }
 }

@@ -656,6 +656,36 @@ async fn an_https_request_goes_through_the_egress_proxy_as_the_registry_client_s
     assert!(err.is_connect(), "refused at the tunnel, before any TLS: {err:?}");
 }
 
+/// A validator built against contract 0.2.0 (with wit-bindgen alone, as before 0.3.0) loads and
+/// runs: its findings come back as 0.3.0 diagnostics without a column. A tool built with the
+/// SDK (0.3.0) exports 0.2.0's unchanged `tool` interface, and is bound as such.
+#[tokio::test]
+async fn a_validator_built_against_contract_0_2_0_still_runs() {
+    use qlayer_runtime::{Artifact, Contract, Severity};
+    let rt = runtime();
+    let wasm = guest_with(
+        "qlayer-test-validator-v0-2",
+        "name = \"todos-v0-2\"\nversion = \"0.1.0\"\nkind = \"validator\"\ndescription = \"d\"\n",
+    );
+    let plugin = rt.load(&wasm).unwrap();
+    assert_eq!(plugin.contract(), Some(Contract::V0_2));
+    let installed = plugin.install(Grants::default()).unwrap();
+    let mut v = installed.validator("t").await.unwrap();
+    assert_eq!(v.contract(), Contract::V0_2);
+    let artifacts =
+        [Artifact { path: "a.py".into(), media_type: "text/x-python".into(), content: b"x\n  y # TODO\n".to_vec() }];
+    let found = v.validate(&artifacts).await.unwrap();
+    assert_eq!(found.len(), 1, "{found:?}");
+    let d = &found[0];
+    assert_eq!(
+        (d.severity, d.rule.as_str(), d.path.as_deref(), d.line, d.column),
+        (Severity::Warning, "todo-v0-2", Some("a.py"), Some(2), None)
+    );
+
+    let tool = rt.load(&hostile(64, 1000)).unwrap();
+    assert_eq!(tool.contract(), Some(Contract::V0_2));
+}
+
 /// A provider built against contract 0.1.0 (with wit-bindgen alone, as before 0.2.0) loads and
 /// serves through the 0.2.0 types: completions, streams, models and embeddings, its 0.1.0 `host`
 /// import working; a request 0.1.0 cannot express is refused naming the feature and the plugin,

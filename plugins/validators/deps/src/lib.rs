@@ -72,8 +72,9 @@ fn join(dir: &str, name: &str) -> String {
     if dir.is_empty() { name.to_string() } else { format!("{dir}/{name}") }
 }
 
+/// An error at a line: an import or a dependency is a statement of its own, so no column.
 pub fn error(rule: &str, path: &str, line: Option<u32>, message: String) -> Diagnostic {
-    Diagnostic { severity: Severity::Error, rule: rule.into(), path: Some(path.into()), line, message }
+    Diagnostic { severity: Severity::Error, rule: rule.into(), path: Some(path.into()), line, column: None, message }
 }
 
 /// The `undeclared-import` error at `path:line`: `subject` ("`requests` is imported") and where
@@ -121,6 +122,7 @@ impl Validator for Deps {
             rule: "unchecked".into(),
             path: None,
             line: None,
+            column: None,
             message: "checks imports against the dependency manifests; checks no file's syntax".into(),
         }];
         found.extend(check(&project));

@@ -60,11 +60,13 @@ impl List {
         let mut found = Vec::new();
         let mut i = 0;
         while i < words.len() {
-            let (line, word) = &words[i];
+            let (line, column, word) = &words[i];
             let matched = self.by_first.get(word.as_str()).and_then(|entries| {
                 entries
                     .iter()
-                    .filter(|(e, _)| words.len() - i >= e.len() && e.iter().zip(&words[i..]).all(|(a, (_, b))| a == b))
+                    .filter(|(e, _)| {
+                        words.len() - i >= e.len() && e.iter().zip(&words[i..]).all(|(a, (_, _, b))| a == b)
+                    })
                     .max_by_key(|(e, _)| e.len())
             });
             match matched {
@@ -75,6 +77,7 @@ impl List {
                         rule: format!("hap-{category}"),
                         path: Some(path.into()),
                         line: Some(*line),
+                        column: Some(*column),
                         message: format!(
                             "{} ({category}): generated text must carry no hate, abuse or profanity",
                             masked.join(" ")
@@ -95,28 +98,34 @@ fn mask(word: &str) -> String {
     chars.next().map(|c| c.to_string()).unwrap_or_default() + &"*".repeat(chars.count())
 }
 
-/// A text's words, lower case, with their lines: runs of letters and digits, split at camel case.
-fn words(text: &str) -> Vec<(u32, String)> {
+/// A text's words, lower case, with their lines and columns (1-based, in characters): runs of
+/// letters and digits, split at camel case.
+fn words(text: &str) -> Vec<(u32, u32, String)> {
     let mut out = Vec::new();
     for (n, line) in text.lines().enumerate() {
+        let line_no = n as u32 + 1;
         let mut current = String::new();
+        let mut start = 0u32;
         let mut prev_lower = false;
-        for c in line.chars() {
+        for (col, c) in (1u32..).zip(line.chars()) {
             if c.is_alphanumeric() {
                 if c.is_uppercase() && prev_lower && !current.is_empty() {
-                    out.push((n as u32 + 1, std::mem::take(&mut current)));
+                    out.push((line_no, start, std::mem::take(&mut current)));
+                }
+                if current.is_empty() {
+                    start = col;
                 }
                 prev_lower = c.is_lowercase() || c.is_ascii_digit();
                 current.extend(c.to_lowercase());
             } else {
                 if !current.is_empty() {
-                    out.push((n as u32 + 1, std::mem::take(&mut current)));
+                    out.push((line_no, start, std::mem::take(&mut current)));
                 }
                 prev_lower = false;
             }
         }
         if !current.is_empty() {
-            out.push((n as u32 + 1, current));
+            out.push((line_no, start, current));
         }
     }
     out
@@ -133,6 +142,7 @@ impl Validator for Hap {
             rule: "unchecked".into(),
             path: None,
             line: None,
+            column: None,
             message: "reads text for hate, abuse and profanity; checks no file's syntax".into(),
         }];
         for a in &artifacts {
@@ -151,8 +161,8 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    fn rules(list: &List, text: &str) -> Vec<(String, u32, String)> {
-        list.scan("a.md", text).into_iter().map(|d| (d.rule, d.line.unwrap(), d.message)).collect()
+    fn rules(list: &List, text: &str) -> Vec<(String, (u32, u32), String)> {
+        list.scan("a.md", text).into_iter().map(|d| (d.rule, (d.line.unwrap(), d.column.unwrap()), d.message)).collect()
     }
 
     #[test]
@@ -162,8 +172,12 @@ mod tests {
             &list,
             "# Title\nThis is SHIT.\nlet shit_list = 1;\nconst stupidUser = f(); // you stupid thing\nassess the scunthorpe class\nHeil   Hitler\n",
         );
-        let short: Vec<(&str, u32)> = found.iter().map(|(r, l, _)| (r.as_str(), *l)).collect();
-        assert_eq!(short, [("hap-profanity", 2), ("hap-profanity", 3), ("hap-abuse", 4), ("hap-hate", 6)], "{found:?}");
+        let short: Vec<(&str, (u32, u32))> = found.iter().map(|(r, at, _)| (r.as_str(), *at)).collect();
+        assert_eq!(
+            short,
+            [("hap-profanity", (2, 9)), ("hap-profanity", (3, 5)), ("hap-abuse", (4, 28)), ("hap-hate", (6, 1))],
+            "{found:?}"
+        );
         assert!(found[0].2.starts_with("s*** (profanity)"), "{}", found[0].2);
         assert!(found[3].2.starts_with("h*** h***** (hate)"), "{}", found[3].2);
         assert!(found.iter().all(|(_, _, m)| !m.contains("shit") && !m.contains("hitler")));

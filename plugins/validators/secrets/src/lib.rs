@@ -216,8 +216,9 @@ pub fn scan(path: &str, text: &str) -> Vec<Diagnostic> {
                     rule: rule.name.into(),
                     path: Some(path.into()),
                     line: line_no,
+                    column: Some(column as u32),
                     message: format!(
-                        "column {column}: {} {} is written into the file; read it from the environment or a secret store instead",
+                        "{} {} is written into the file; read it from the environment or a secret store instead",
                         rule.what,
                         redacted(secret)
                     ),
@@ -238,6 +239,7 @@ impl Validator for Secrets {
             rule: "unchecked".into(),
             path: None,
             line: None,
+            column: None,
             message: "reads files for secrets; checks no file's syntax".into(),
         }];
         for a in &artifacts {
@@ -261,21 +263,25 @@ mod tests {
     }
 
     #[test]
-    fn each_rule_finds_its_secret_with_the_line_and_never_repeats_it() {
-        let cases: &[(&str, &str)] = &[
-            ("key = open('k')\n-----BEGIN RSA PRIVATE KEY-----\nMIIE\n", "private-key"),
-            ("x = 1\nAWS_KEY = 'AKIAIOSFODNN7QWERT2Z'\n", "aws-access-key-id"),
-            ("x = 1\naws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYzEXAMPLEKZ\n", "aws-secret-access-key"),
-            ("x = 1\nTOKEN = 'ghp_aB3dE5fG7hI9jK1lM3nO5pQ7rS9tU1vW3xY5'\n", "github-token"),
-            ("x = 1\nSTRIPE = 'sk_live_4eC39HqLyjWDarjtT1zdp7dc'\n", "stripe-key"),
-            ("x = 1\nk = 'AIzaSyD3xAmP1e-kEy_0123456789abcdefghij'\n", "google-api-key"),
-            ("x = 1\nDB = 'postgres://app:Zx8#kq2Lm@db.internal:5432/app'\n", "url-credentials"),
-            ("x = 1\nclient_secret = \"q8Vd2LmZ7xKp4TfR\"\n", "generic-secret"),
+    fn each_rule_finds_its_secret_with_the_line_and_column_and_never_repeats_it() {
+        let cases: &[(&str, &str, u32)] = &[
+            ("key = open('k')\n-----BEGIN RSA PRIVATE KEY-----\nMIIE\n", "private-key", 1),
+            ("x = 1\nAWS_KEY = 'AKIAIOSFODNN7QWERT2Z'\n", "aws-access-key-id", 12),
+            ("x = 1\naws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYzEXAMPLEKZ\n", "aws-secret-access-key", 25),
+            ("x = 1\nTOKEN = 'ghp_aB3dE5fG7hI9jK1lM3nO5pQ7rS9tU1vW3xY5'\n", "github-token", 10),
+            ("x = 1\nSTRIPE = 'sk_live_4eC39HqLyjWDarjtT1zdp7dc'\n", "stripe-key", 11),
+            ("x = 1\nk = 'AIzaSyD3xAmP1e-kEy_0123456789abcdefghij'\n", "google-api-key", 6),
+            ("x = 1\nDB = 'postgres://app:Zx8#kq2Lm@db.internal:5432/app'\n", "url-credentials", 22),
+            ("x = 1\nclient_secret = \"q8Vd2LmZ7xKp4TfR\"\n", "generic-secret", 18),
         ];
-        for (text, rule) in cases {
+        for (text, rule, column) in cases {
             let found = scan("config.py", text);
             assert_eq!(found.len(), 1, "{rule}: {found:?}");
-            assert_eq!((found[0].rule.as_str(), found[0].line), (*rule, Some(2)), "{text}");
+            assert_eq!(
+                (found[0].rule.as_str(), found[0].line, found[0].column),
+                (*rule, Some(2), Some(*column)),
+                "{text}"
+            );
             let secret_tail: String = text.lines().nth(1).unwrap().chars().rev().take(8).collect();
             assert!(!found[0].message.contains(&secret_tail.chars().rev().collect::<String>()), "{:?}", found[0]);
         }

@@ -144,8 +144,9 @@ fn other_test(path: &str) -> Option<&'static str> {
     Some(lang)
 }
 
+/// A finding at a line: a traceback names lines, not columns.
 fn diagnostic(severity: Severity, rule: &str, path: Option<String>, line: Option<u32>, message: String) -> Diagnostic {
-    Diagnostic { severity, rule: rule.into(), path, line, message }
+    Diagnostic { severity, rule: rule.into(), path, line, column: None, message }
 }
 
 fn interpreter() -> Interpreter {

@@ -18,6 +18,7 @@ export const validator = {
             rule: "todo-marker",
             path: artifact.path,
             line: i + 1,
+            column: [...line.slice(0, line.indexOf("TODO"))].length + 1,
             message: "a TODO marker is left in the file",
           });
         }

@@ -1,6 +1,8 @@
 """An agent plugin: asks the model (through the host) to summarise the requirement."""
 from wit_world import exports
-from wit_world.imports import llm, types
+from wit_world.imports import llm
+from wit_world.imports import quantumlayer_plugin_types_0_2_0 as types
+from wit_world.imports import quantumlayer_plugin_types_0_3_0 as types3  # 0.3.0's task and diagnostic
 
 
 def message(role: types.Role, text: str) -> types.Message:
@@ -13,7 +15,7 @@ class Agent(exports.Agent):
     def role(self) -> str:
         return "summariser"
 
-    def run(self, task: types.Task) -> types.AgentOutput:
+    def run(self, task: types3.Task) -> types.AgentOutput:
         request = types.CompletionRequest(
             model="",  # empty: the model the host routes this step to
             messages=[
